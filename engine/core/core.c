@@ -1,0 +1,218 @@
+/*
+ * core: allocation wrappers, byte buffers, logging, clocks, ids. See core.h.
+ */
+#include "core/core.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+ms_log_level_t ms_log_min_level = MS_LOG_INFO;
+static char log_role[64] = "controller";
+
+static void die_oom(size_t n, const char *file, int line)
+{
+    fprintf(stderr, "moonserve: out of memory allocating %zu bytes at %s:%d\n", n, file, line);
+    abort();
+}
+
+void *ms__malloc(size_t n, const char *file, int line)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        die_oom(n, file, line);
+    return p;
+}
+
+void *ms__calloc(size_t c, size_t n, const char *file, int line)
+{
+    void *p = calloc(c ? c : 1, n ? n : 1);
+    if (!p)
+        die_oom(c * n, file, line);
+    return p;
+}
+
+void *ms__realloc(void *p, size_t n, const char *file, int line)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (!q)
+        die_oom(n, file, line);
+    return q;
+}
+
+char *ms__strndup(const char *s, size_t n, const char *file, int line)
+{
+    if (!s)
+        return NULL;
+    char *d = ms__malloc(n + 1, file, line);
+    memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}
+
+void ms_buf_reserve(ms_buf_t *b, size_t extra)
+{
+    size_t need = b->len + extra + 1; /* +1 keeps room for the terminating NUL */
+    if (need <= b->cap)
+        return;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < need)
+        cap *= 2;
+    b->data = ms_realloc(b->data, cap);
+    b->cap = cap;
+}
+
+void ms_buf_append(ms_buf_t *b, const void *p, size_t n)
+{
+    ms_buf_reserve(b, n);
+    if (n)
+        memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+void ms_buf_appendf(ms_buf_t *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    va_list ap2;
+    va_copy(ap2, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n > 0) {
+        ms_buf_reserve(b, (size_t)n);
+        vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap2);
+        b->len += (size_t)n;
+    }
+    va_end(ap2);
+}
+
+void ms_buf_consume(ms_buf_t *b, size_t n)
+{
+    if (n >= b->len) {
+        b->len = 0;
+    } else {
+        memmove(b->data, b->data + n, b->len - n);
+        b->len -= n;
+    }
+    if (b->data)
+        b->data[b->len] = '\0';
+}
+
+void ms_buf_reset(ms_buf_t *b)
+{
+    b->len = 0;
+    if (b->data)
+        b->data[0] = '\0';
+}
+
+void ms_buf_free(ms_buf_t *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+void ms_log_set_role(const char *role)
+{
+    snprintf(log_role, sizeof log_role, "%s", role);
+}
+
+int ms_log_parse_level(const char *name, ms_log_level_t *out)
+{
+    static const char *names[] = {"DEBUG", "INFO", "WARNING", "ERROR"};
+    for (int i = 0; i < 4; i++) {
+        if (strcasecmp(name, names[i]) == 0) {
+            *out = (ms_log_level_t)i;
+            return 0;
+        }
+    }
+    if (strcasecmp(name, "WARN") == 0) {
+        *out = MS_LOG_WARN;
+        return 0;
+    }
+    return -1;
+}
+
+static void log_v(ms_log_level_t level, const char *fmt, va_list ap)
+{
+    static const char *tags[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+    char line[4096];
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s [%s %d] ",
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+                     tm.tm_sec, ts.tv_nsec / 1000000, tags[level], log_role, (int)getpid());
+    if (n < 0 || (size_t)n >= sizeof line)
+        n = 0;
+    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
+    if (len > sizeof line - 2)
+        len = sizeof line - 2;
+    line[len++] = '\n';
+    /* One write per line keeps lines from different processes from interleaving. */
+    ssize_t w = write(STDERR_FILENO, line, len);
+    (void)w;
+}
+
+void ms__log(ms_log_level_t level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_v(level, fmt, ap);
+    va_end(ap);
+}
+
+void ms__fatal(const char *file, int line, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    ms__log(MS_LOG_ERROR, "fatal at %s:%d: %s", file, line, msg);
+    abort();
+}
+
+uint64_t ms_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+uint64_t ms_now_ms(void)
+{
+    return ms_now_us() / 1000u;
+}
+
+double ms_wall_time(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void ms_random_id(char *out)
+{
+    static uint64_t state;
+    if (!state)
+        state = ms_now_us() ^ ((uint64_t)getpid() << 32) ^ 0x9e3779b97f4a7c15ull;
+    static const char hex[] = "0123456789abcdef";
+    for (int half = 0; half < 2; half++) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        uint64_t v = state;
+        for (int i = 0; i < 16; i++) {
+            out[half * 16 + i] = hex[v & 15];
+            v >>= 4;
+        }
+    }
+    out[32] = '\0';
+}

@@ -1,0 +1,81 @@
+/*
+ * core: process-wide basics shared by every module — abort-on-OOM allocation, growable byte
+ * buffers, logging with a level check before argument evaluation, and a monotonic clock.
+ *
+ * Nothing here touches the event loop, and nothing here may block.
+ */
+#ifndef MS_CORE_H
+#define MS_CORE_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MS_VERSION "0.1.0"
+
+/* ---- allocation ----------------------------------------------------------------------------
+ * ms_malloc/ms_calloc/ms_realloc/ms_strdup never return NULL: they abort with file and line on
+ * failure, so call sites need no checks. Use plain malloc where running out must become a 503.
+ */
+#define ms_malloc(n)      ms__malloc((n), __FILE__, __LINE__)
+#define ms_calloc(c, n)   ms__calloc((c), (n), __FILE__, __LINE__)
+#define ms_realloc(p, n)  ms__realloc((p), (n), __FILE__, __LINE__)
+#define ms_strdup(s)      ms__strndup((s), (s) ? __builtin_strlen(s) : 0, __FILE__, __LINE__)
+#define ms_strndup(s, n)  ms__strndup((s), (n), __FILE__, __LINE__)
+void *ms__malloc(size_t n, const char *file, int line);
+void *ms__calloc(size_t c, size_t n, const char *file, int line);
+void *ms__realloc(void *p, size_t n, const char *file, int line);
+char *ms__strndup(const char *s, size_t n, const char *file, int line);
+
+/* ---- byte buffer ---------------------------------------------------------------------------
+ * A growable buffer. `data` is always NUL-terminated after an append (one spare byte), so text
+ * held in it can be passed to C string functions.
+ */
+typedef struct ms_buf {
+    char *data;
+    size_t len;
+    size_t cap;
+} ms_buf_t;
+
+void ms_buf_reserve(ms_buf_t *b, size_t extra);
+void ms_buf_append(ms_buf_t *b, const void *p, size_t n);
+void ms_buf_appendf(ms_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void ms_buf_consume(ms_buf_t *b, size_t n); /* drop n bytes from the front */
+void ms_buf_reset(ms_buf_t *b);             /* len = 0, keep the memory */
+void ms_buf_free(ms_buf_t *b);
+
+/* ---- logging -------------------------------------------------------------------------------
+ * Lines go to stderr as `TIME LEVEL [role pid] message`. The level is checked before the
+ * arguments are evaluated, so a filtered-out debug line costs one comparison.
+ */
+typedef enum { MS_LOG_DEBUG, MS_LOG_INFO, MS_LOG_WARN, MS_LOG_ERROR } ms_log_level_t;
+extern ms_log_level_t ms_log_min_level;
+void ms_log_set_role(const char *role); /* "controller", "replica Model#2", ... (copied) */
+int ms_log_parse_level(const char *name, ms_log_level_t *out); /* 0 ok, -1 unknown name */
+void ms__log(ms_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define ms_log(level, ...)                                                                         \
+    do {                                                                                           \
+        if ((level) >= ms_log_min_level)                                                           \
+            ms__log((level), __VA_ARGS__);                                                         \
+    } while (0)
+#define ms_debug(...) ms_log(MS_LOG_DEBUG, __VA_ARGS__)
+#define ms_info(...)  ms_log(MS_LOG_INFO, __VA_ARGS__)
+#define ms_warn(...)  ms_log(MS_LOG_WARN, __VA_ARGS__)
+#define ms_error(...) ms_log(MS_LOG_ERROR, __VA_ARGS__)
+
+/* Unrecoverable invariant breach: logs file and line, then aborts. */
+#define ms_fatal(...) ms__fatal(__FILE__, __LINE__, __VA_ARGS__)
+void ms__fatal(const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4), noreturn));
+
+/* ---- time ---------------------------------------------------------------------------------- */
+uint64_t ms_now_ms(void); /* monotonic milliseconds */
+uint64_t ms_now_us(void); /* monotonic microseconds */
+double ms_wall_time(void); /* seconds since the epoch, for status and logs */
+
+/* ---- misc ---------------------------------------------------------------------------------- */
+/* Fills `out` (at least 33 bytes) with a random 32-hex-digit id, NUL-terminated. Not a secret:
+ * it is drawn from a per-process xorshift generator seeded from the clock and the pid. */
+void ms_random_id(char *out);
+
+#endif
