@@ -17,11 +17,11 @@
  * ms_malloc/ms_calloc/ms_realloc/ms_strdup never return NULL: they abort with file and line on
  * failure, so call sites need no checks. Use plain malloc where running out must become a 503.
  */
-#define ms_malloc(n)      ms__malloc((n), __FILE__, __LINE__)
-#define ms_calloc(c, n)   ms__calloc((c), (n), __FILE__, __LINE__)
-#define ms_realloc(p, n)  ms__realloc((p), (n), __FILE__, __LINE__)
-#define ms_strdup(s)      ms__strndup((s), (s) ? __builtin_strlen(s) : 0, __FILE__, __LINE__)
-#define ms_strndup(s, n)  ms__strndup((s), (n), __FILE__, __LINE__)
+#define ms_malloc(n)     ms__malloc((n), __FILE__, __LINE__)
+#define ms_calloc(c, n)  ms__calloc((c), (n), __FILE__, __LINE__)
+#define ms_realloc(p, n) ms__realloc((p), (n), __FILE__, __LINE__)
+#define ms_strdup(s)     ms__strndup((s), (s) ? __builtin_strlen(s) : 0, __FILE__, __LINE__)
+#define ms_strndup(s, n) ms__strndup((s), (n), __FILE__, __LINE__)
 void *ms__malloc(size_t n, const char *file, int line);
 void *ms__calloc(size_t c, size_t n, const char *file, int line);
 void *ms__realloc(void *p, size_t n, const char *file, int line);
@@ -69,8 +69,8 @@ void ms__fatal(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4), noreturn));
 
 /* ---- time ---------------------------------------------------------------------------------- */
-uint64_t ms_now_ms(void); /* monotonic milliseconds */
-uint64_t ms_now_us(void); /* monotonic microseconds */
+uint64_t ms_now_ms(void);  /* monotonic milliseconds */
+uint64_t ms_now_us(void);  /* monotonic microseconds */
 double ms_wall_time(void); /* seconds since the epoch, for status and logs */
 
 /* ---- misc ---------------------------------------------------------------------------------- */

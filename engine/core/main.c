@@ -1,2 +1,5 @@
 /* placeholder main; replaced below */
-int main(void) { return 0; }
+int main(void)
+{
+    return 0;
+}

@@ -1,0 +1,38 @@
+/*
+ * http internals shared by server.c and client.c: header collection across split reads and
+ * stream writes that try a direct write before queueing a copy.
+ */
+#ifndef MS_HTTP_INTERNAL_H
+#define MS_HTTP_INTERNAL_H
+
+#include <llhttp.h>
+
+#include "http/http.h"
+
+/* Collects header names and values arriving in pieces. Everything lands in one buffer; the
+ * array of ms_http_header_t is built from offsets once the head is complete, because the
+ * buffer may move while it grows. */
+typedef struct ms__header_collector {
+    ms_buf_t text;   /* all header bytes, each name and value NUL-terminated */
+    size_t *offsets; /* name_off, name_len, value_off, value_len per header */
+    size_t n, cap;   /* headers collected, capacity in headers */
+    int in_value;    /* last piece was a value */
+    ms_http_header_t *array;
+    size_t array_cap;
+} ms__header_collector_t;
+
+void ms__headers_reset(ms__header_collector_t *hc);
+void ms__headers_free(ms__header_collector_t *hc);
+void ms__headers_add_name(ms__header_collector_t *hc, const char *p, size_t n);
+void ms__headers_add_value(ms__header_collector_t *hc, const char *p, size_t n);
+/* Terminates the strings and builds hc->array (valid until the next reset). */
+void ms__headers_finish(ms__header_collector_t *hc);
+
+/* Writes bufs to the stream: tries uv_try_write first (no allocation when the socket takes it
+ * all) and queues a single copy of the rest otherwise. `pending` is incremented per queued
+ * write and decremented when it completes; done_cb runs then with `data` (may be NULL). */
+typedef void (*ms__write_done_cb)(void *data, int status);
+int ms__stream_write(uv_stream_t *stream, const uv_buf_t *bufs, unsigned nbufs, int *pending,
+                     ms__write_done_cb done_cb, void *data);
+
+#endif

@@ -1,0 +1,804 @@
+/*
+ * http/server: HTTP/1.1 server connections on libuv streams (TCP or Unix sockets).
+ *
+ * One request per connection is owed a response at a time. Pipelined requests that arrive
+ * meanwhile stay unparsed in the connection's input buffer (the parser is paused after each
+ * message) and are handed over once the response before them is finished, so responses go out
+ * in order without the server holding more than one request's state per connection.
+ *
+ * Memory: every buffer of a connection (input, target, headers, body, response head) is reused
+ * from request to request; a steady stream of small keep-alive requests allocates nothing.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "http/internal.h"
+
+/* Unparsed input kept while a response is owed; past this the connection stops reading so a
+ * client cannot make us buffer without bound by pipelining. */
+#define PIPELINE_BUFFER_LIMIT (256 * 1024)
+#define READ_BUFFER_SIZE      (64 * 1024)
+
+typedef union any_stream {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+} any_stream_t;
+
+typedef struct conn conn_t;
+
+struct ms_http_server {
+    uv_loop_t *loop;
+    any_stream_t listener;
+    ms_http_server_config_t cfg;
+    char *unix_path; /* unlinked on close */
+    conn_t *conns;   /* intrusive list of live connections */
+    size_t inflight;
+    int listener_open;
+    int stopping; /* no new connections; close each after its current response */
+    int closing;  /* ms_http_server_close called; freed when the last handle closes */
+    size_t open_handles;
+};
+
+struct conn {
+    any_stream_t h;
+    uv_timer_t timer;
+    ms_http_server_t *srv;
+    conn_t *prev, *next;
+    llhttp_t parser;
+    ms_buf_t in;     /* received bytes not yet parsed */
+    ms_buf_t target; /* request target, then path and query, NUL-separated */
+    ms__header_collector_t hc;
+    ms_buf_t body;
+    ms_buf_t out; /* response head scratch */
+    size_t head_bytes;
+    int error_status; /* 413/431 chosen inside a parser callback */
+    ms_http_request_t req;
+    unsigned paused : 1;     /* parser paused after a complete message */
+    unsigned in_message : 1; /* bytes of a request arrived, not yet complete */
+    unsigned req_active : 1; /* request handed to the owner, response owed */
+    unsigned keep_alive : 1; /* of the active request */
+    unsigned head_only : 1;  /* HEAD: no body bytes in the response */
+    unsigned resp_started : 1;
+    unsigned resp_chunked : 1;
+    unsigned close_after_write : 1;
+    unsigned closing : 1;
+    unsigned reading : 1;
+    unsigned in_respond : 1;
+    unsigned body_phase : 1; /* head parsed, body still arriving */
+    int parsing;             /* depth of parse loops on the stack */
+    int pending_writes;
+    int open_handles;
+};
+
+static const llhttp_settings_t *request_settings(void);
+static void conn_close(conn_t *c);
+static void conn_drain_input(conn_t *c);
+
+/* ---- timers ------------------------------------------------------------------------------- */
+
+static void on_conn_timeout(uv_timer_t *t)
+{
+    conn_t *c = t->data;
+    if (c->req_active)
+        return; /* the owner bounds the time a request may take */
+    ms_debug("http: closing %s connection after timeout", c->in_message ? "slow" : "idle");
+    conn_close(c);
+}
+
+static void conn_arm_timer(conn_t *c, double seconds)
+{
+    if (c->closing)
+        return;
+    uint64_t ms = seconds > 0 ? (uint64_t)(seconds * 1000.0) : 0;
+    if (ms == 0) {
+        uv_timer_stop(&c->timer);
+        return;
+    }
+    uv_timer_start(&c->timer, on_conn_timeout, ms, 0);
+}
+
+/* ---- closing ------------------------------------------------------------------------------ */
+
+static void server_handle_closed(ms_http_server_t *srv)
+{
+    if (--srv->open_handles == 0 && srv->closing) {
+        if (srv->unix_path)
+            unlink(srv->unix_path);
+        free(srv->unix_path);
+        free(srv);
+    }
+}
+
+static void on_conn_handle_closed(uv_handle_t *h)
+{
+    conn_t *c = h->data;
+    if (--c->open_handles > 0)
+        return;
+    ms_http_server_t *srv = c->srv;
+    ms_buf_free(&c->in);
+    ms_buf_free(&c->target);
+    ms_buf_free(&c->body);
+    ms_buf_free(&c->out);
+    ms__headers_free(&c->hc);
+    free(c);
+    server_handle_closed(srv);
+}
+
+static void conn_close(conn_t *c)
+{
+    if (c->closing)
+        return;
+    c->closing = 1;
+    ms_http_server_t *srv = c->srv;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    if (c->req_active) {
+        c->req_active = 0;
+        srv->inflight--;
+        if (srv->cfg.on_abort)
+            srv->cfg.on_abort(&c->req, srv->cfg.data);
+    }
+    uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+    uv_close(&c->h.handle, on_conn_handle_closed);
+}
+
+/* ---- writing ------------------------------------------------------------------------------ */
+
+static void on_conn_write_done(void *data, int status)
+{
+    conn_t *c = data;
+    if (c->closing)
+        return;
+    if (status < 0) {
+        /* Closing here while the owner is inside a respond call would abort a request under
+         * its feet; finish_request closes instead. */
+        if (c->in_respond)
+            c->close_after_write = 1;
+        else
+            conn_close(c);
+        return;
+    }
+    if (c->close_after_write && c->pending_writes == 0 && !c->req_active)
+        conn_close(c);
+}
+
+static void conn_write(conn_t *c, const uv_buf_t *bufs, unsigned n)
+{
+    if (c->closing)
+        return;
+    int r = ms__stream_write(&c->h.stream, bufs, n, &c->pending_writes, on_conn_write_done, c);
+    if (r < 0)
+        on_conn_write_done(c, r);
+}
+
+static int header_is(const ms_http_header_t *h, const char *name)
+{
+    size_t n = strlen(name);
+    return h->name_len == n && strncasecmp(h->name, name, n) == 0;
+}
+
+/* Builds the status line and headers into c->out. content_length < 0 means a streamed body. */
+static void build_head(conn_t *c, int status, const ms_http_header_t *headers, size_t n_headers,
+                       long long content_length)
+{
+    ms_buf_t *b = &c->out;
+    ms_buf_reset(b);
+    ms_buf_appendf(b, "HTTP/1.%d %d %s\r\n", c->req.http_minor == 0 ? 0 : 1, status,
+                   ms_http_status_text(status));
+    for (size_t i = 0; i < n_headers; i++) {
+        const ms_http_header_t *h = &headers[i];
+        /* Framing and the request id are the server's business, whatever the owner passes. */
+        if (header_is(h, "content-length") || header_is(h, "transfer-encoding") ||
+            header_is(h, "connection") || header_is(h, "x-request-id"))
+            continue;
+        ms_buf_append(b, h->name, h->name_len);
+        ms_buf_append(b, ": ", 2);
+        ms_buf_append(b, h->value, h->value_len);
+        ms_buf_append(b, "\r\n", 2);
+    }
+    ms_buf_appendf(b, "X-Request-ID: %s\r\n", c->req.request_id);
+    if (content_length >= 0)
+        ms_buf_appendf(b, "Content-Length: %lld\r\n", content_length);
+    else if (c->resp_chunked)
+        ms_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
+    if (c->srv->stopping)
+        c->keep_alive = 0;
+    if (!c->keep_alive)
+        ms_buf_append(b, "Connection: close\r\n", 19);
+    else if (c->req.http_minor == 0)
+        ms_buf_append(b, "Connection: keep-alive\r\n", 24);
+    ms_buf_append(b, "\r\n", 2);
+}
+
+static void reset_request_state(conn_t *c)
+{
+    ms_buf_reset(&c->target);
+    ms_buf_reset(&c->body);
+    ms__headers_reset(&c->hc);
+    c->head_bytes = 0;
+    c->error_status = 0;
+    c->resp_started = 0;
+    c->resp_chunked = 0;
+    c->head_only = 0;
+    c->req.user = NULL;
+}
+
+static void conn_start_reading(conn_t *c);
+
+/* The response of the active request is fully queued: release the request and move on to the
+ * next pipelined one, or wait for it. */
+static void finish_request(conn_t *c)
+{
+    ms_http_server_t *srv = c->srv;
+    c->req_active = 0;
+    srv->inflight--;
+    reset_request_state(c);
+    if (c->closing)
+        return;
+    if (!c->keep_alive || srv->stopping || c->close_after_write) {
+        c->close_after_write = 1;
+        uv_read_stop(&c->h.stream);
+        c->reading = 0;
+        if (c->pending_writes == 0)
+            conn_close(c);
+        return;
+    }
+    conn_start_reading(c);
+    if (c->parsing == 0 && c->in.len > 0)
+        conn_drain_input(c);
+    if (!c->req_active && !c->closing && !c->in_message)
+        conn_arm_timer(c, srv->cfg.limits.keep_alive_timeout_s);
+}
+
+int ms_http_response_started(const ms_http_request_t *req)
+{
+    const conn_t *c = (const conn_t *)((const char *)req - offsetof(conn_t, req));
+    return c->resp_started;
+}
+
+static conn_t *conn_of(ms_http_request_t *req)
+{
+    return (conn_t *)((char *)req - offsetof(conn_t, req));
+}
+
+void ms_http_respond(ms_http_request_t *req, int status, const ms_http_header_t *headers,
+                     size_t n_headers, const char *body, size_t body_len)
+{
+    conn_t *c = conn_of(req);
+    c->in_respond = 1;
+    c->resp_started = 1;
+    build_head(c, status, headers, n_headers, (long long)body_len);
+    uv_buf_t bufs[2] = {uv_buf_init(c->out.data, (unsigned)c->out.len),
+                        uv_buf_init((char *)body, (unsigned)body_len)};
+    conn_write(c, bufs, (c->head_only || body_len == 0) ? 1 : 2);
+    c->in_respond = 0;
+    finish_request(c);
+}
+
+static size_t json_escape_into(char *out, size_t cap, const char *s)
+{
+    size_t n = 0;
+    for (; *s && n + 7 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') {
+            out[n++] = '\\';
+            out[n++] = (char)ch;
+        } else if (ch < 0x20) {
+            n += (size_t)snprintf(out + n, cap - n, "\\u%04x", ch);
+        } else {
+            out[n++] = (char)ch;
+        }
+    }
+    out[n] = '\0';
+    return n;
+}
+
+void ms_http_respond_error(ms_http_request_t *req, int status, const char *message)
+{
+    char escaped[1024];
+    json_escape_into(escaped, sizeof escaped, message);
+    char body[1280];
+    int n = snprintf(body, sizeof body, "{\"error\": \"%s\", \"request_id\": \"%s\"}", escaped,
+                     req->request_id);
+    static const ms_http_header_t json_type = {"Content-Type", 12, "application/json", 16};
+    ms_http_respond(req, status, &json_type, 1, body, (size_t)n);
+}
+
+void ms_http_response_start(ms_http_request_t *req, int status, const ms_http_header_t *headers,
+                            size_t n_headers)
+{
+    conn_t *c = conn_of(req);
+    c->in_respond = 1;
+    c->resp_started = 1;
+    if (req->http_minor == 0)
+        c->keep_alive = 0; /* HTTP/1.0 has no chunked encoding: the close ends the body */
+    else
+        c->resp_chunked = 1;
+    build_head(c, status, headers, n_headers, -1);
+    uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
+    conn_write(c, &b, 1);
+    c->in_respond = 0;
+}
+
+void ms_http_response_chunk(ms_http_request_t *req, const char *data, size_t len)
+{
+    conn_t *c = conn_of(req);
+    if (len == 0 || c->head_only)
+        return;
+    c->in_respond = 1;
+    if (c->resp_chunked) {
+        char size_line[24];
+        int n = snprintf(size_line, sizeof size_line, "%zx\r\n", len);
+        uv_buf_t bufs[3] = {uv_buf_init(size_line, (unsigned)n), uv_buf_init((char *)data, len),
+                            uv_buf_init("\r\n", 2)};
+        conn_write(c, bufs, 3);
+    } else {
+        uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+        conn_write(c, &b, 1);
+    }
+    c->in_respond = 0;
+}
+
+void ms_http_response_end(ms_http_request_t *req)
+{
+    conn_t *c = conn_of(req);
+    if (c->resp_chunked && !c->head_only) {
+        uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
+        c->in_respond = 1;
+        conn_write(c, &b, 1);
+        c->in_respond = 0;
+    }
+    finish_request(c);
+}
+
+void ms_http_response_abort(ms_http_request_t *req)
+{
+    conn_t *c = conn_of(req);
+    c->keep_alive = 0;
+    c->close_after_write = 1;
+    /* Without the terminating chunk the client sees a truncated body, not a complete one. */
+    c->resp_chunked = 0;
+    finish_request(c);
+}
+
+/* Answers a request that could not be parsed (400/413/431) and closes the connection. */
+static void fail_connection(conn_t *c, int status, const char *message)
+{
+    ms_http_server_t *srv = c->srv;
+    if (c->req.request_id[0] == '\0')
+        ms_random_id(c->req.request_id);
+    c->req.http_minor = 1;
+    c->req_active = 1; /* respond's bookkeeping expects an active request */
+    srv->inflight++;
+    c->keep_alive = 0;
+    ms_info("http: %d %s (request %s)", status, message, c->req.request_id);
+    ms_http_respond_error(&c->req, status, message);
+}
+
+/* ---- parsing ------------------------------------------------------------------------------ */
+
+static conn_t *conn_of_parser(llhttp_t *p)
+{
+    return (conn_t *)((char *)p - offsetof(conn_t, parser));
+}
+
+static int count_head_bytes(conn_t *c, size_t n)
+{
+    c->head_bytes += n;
+    if (c->head_bytes > c->srv->cfg.limits.max_header_bytes) {
+        c->error_status = 431;
+        return -1;
+    }
+    return 0;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    conn_t *c = conn_of_parser(p);
+    c->in_message = 1;
+    c->req.request_id[0] = '\0';
+    conn_arm_timer(c, c->srv->cfg.limits.header_timeout_s);
+    return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t n)
+{
+    conn_t *c = conn_of_parser(p);
+    if (count_head_bytes(c, n))
+        return -1;
+    ms_buf_append(&c->target, at, n);
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    conn_t *c = conn_of_parser(p);
+    if (count_head_bytes(c, n + 4)) /* ": " and CRLF count too */
+        return -1;
+    ms__headers_add_name(&c->hc, at, n);
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    conn_t *c = conn_of_parser(p);
+    if (count_head_bytes(c, n))
+        return -1;
+    ms__headers_add_value(&c->hc, at, n);
+    return 0;
+}
+
+/* A client-supplied id is kept only if it is short and plain, since it is echoed in headers and
+ * embedded in JSON bodies and logs. */
+static void take_request_id(conn_t *c)
+{
+    size_t len = 0;
+    const char *v = ms_http_request_header(&c->req, "x-request-id", &len);
+    if (v && len > 0 && len < sizeof c->req.request_id) {
+        size_t i = 0;
+        for (; i < len; i++) {
+            unsigned char ch = (unsigned char)v[i];
+            if (ch <= 0x20 || ch >= 0x7f || ch == '"' || ch == '\\')
+                break;
+        }
+        if (i == len) {
+            memcpy(c->req.request_id, v, len);
+            c->req.request_id[len] = '\0';
+            return;
+        }
+    }
+    ms_random_id(c->req.request_id);
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    conn_t *c = conn_of_parser(p);
+    ms__headers_finish(&c->hc);
+    c->req.headers = c->hc.array;
+    c->req.n_headers = c->hc.n;
+    take_request_id(c);
+    if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->cfg.limits.max_body_bytes) {
+        c->error_status = 413;
+        return -1;
+    }
+    size_t elen = 0;
+    const char *expect = ms_http_request_header(&c->req, "expect", &elen);
+    if (expect && elen == 12 && strncasecmp(expect, "100-continue", 12) == 0) {
+        uv_buf_t b = uv_buf_init("HTTP/1.1 100 Continue\r\n\r\n", 25);
+        conn_write(c, &b, 1);
+    }
+    /* From here on the timer bounds inactivity while the body arrives. */
+    c->body_phase = 1;
+    conn_arm_timer(c, c->srv->cfg.limits.header_timeout_s);
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n)
+{
+    conn_t *c = conn_of_parser(p);
+    if (c->body.len + n > c->srv->cfg.limits.max_body_bytes) {
+        c->error_status = 413;
+        return -1;
+    }
+    ms_buf_append(&c->body, at, n);
+    return 0;
+}
+
+static void split_target(conn_t *c)
+{
+    ms_buf_t *t = &c->target;
+    size_t tlen = t->len;
+    ms_buf_append(t, "", 1);
+    const char *q = memchr(t->data, '?', tlen);
+    size_t plen = q ? (size_t)(q - t->data) : tlen;
+    size_t path_off = t->len;
+    ms_buf_append(t, t->data, plen);
+    ms_buf_append(t, "", 1);
+    size_t query_off = t->len;
+    if (q)
+        ms_buf_append(t, q + 1, tlen - plen - 1);
+    ms_buf_append(t, "", 1);
+    c->req.target = t->data;
+    c->req.target_len = tlen;
+    c->req.path = t->data + path_off;
+    c->req.path_len = plen;
+    c->req.query = t->data + query_off;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    conn_t *c = conn_of_parser(p);
+    ms_http_request_t *r = &c->req;
+    split_target(c);
+    if (c->body.len == 0)
+        ms_buf_append(&c->body, "", 0);
+    r->method = llhttp_method_name((llhttp_method_t)p->method);
+    r->headers = c->hc.array;
+    r->n_headers = c->hc.n;
+    r->body = c->body.data ? c->body.data : "";
+    r->body_len = c->body.len;
+    r->http_minor = p->http_minor;
+    c->keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
+    c->head_only = p->method == HTTP_HEAD;
+    c->in_message = 0;
+    c->body_phase = 0;
+    /* Stop here so pipelined bytes behind this request stay unparsed until it is answered. */
+    return HPE_PAUSED;
+}
+
+static const llhttp_settings_t *request_settings(void)
+{
+    static llhttp_settings_t s;
+    static int ready;
+    if (!ready) {
+        llhttp_settings_init(&s);
+        s.on_message_begin = on_message_begin;
+        s.on_url = on_url;
+        s.on_header_field = on_header_field;
+        s.on_header_value = on_header_value;
+        s.on_headers_complete = on_headers_complete;
+        s.on_body = on_body;
+        s.on_message_complete = on_message_complete;
+        ready = 1;
+    }
+    return &s;
+}
+
+static void dispatch_request(conn_t *c)
+{
+    ms_http_server_t *srv = c->srv;
+    uv_timer_stop(&c->timer);
+    c->req_active = 1;
+    srv->inflight++;
+    srv->cfg.on_request(&c->req, srv->cfg.data);
+}
+
+/* Parses requests out of data until one is owed a response, the data ends, or the connection
+ * fails. Returns the number of bytes consumed. */
+static size_t parse_region(conn_t *c, const char *data, size_t len)
+{
+    size_t off = 0;
+    c->parsing++;
+    while (off < len && !c->req_active && !c->closing && !c->close_after_write) {
+        if (c->paused) {
+            llhttp_resume(&c->parser);
+            c->paused = 0;
+        }
+        llhttp_errno_t e = llhttp_execute(&c->parser, data + off, len - off);
+        if (e == HPE_OK) {
+            off = len;
+        } else if (e == HPE_PAUSED) {
+            off = (size_t)(llhttp_get_error_pos(&c->parser) - data);
+            c->paused = 1;
+            dispatch_request(c);
+        } else {
+            int status = c->error_status ? c->error_status : 400;
+            const char *msg = status == 431   ? "request header fields too large"
+                              : status == 413 ? "request body too large"
+                                              : llhttp_get_error_reason(&c->parser);
+            char buf[256];
+            snprintf(buf, sizeof buf, "%s%s", status == 400 ? "malformed request: " : "",
+                     msg ? msg : "parse error");
+            fail_connection(c, status, buf);
+            off = len;
+        }
+    }
+    c->parsing--;
+    return off;
+}
+
+static void conn_drain_input(conn_t *c)
+{
+    while (c->in.len > 0 && !c->req_active && !c->closing && !c->close_after_write) {
+        size_t used = parse_region(c, c->in.data, c->in.len);
+        ms_buf_consume(&c->in, used);
+    }
+}
+
+static void alloc_read_buffer(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    /* Reads are parsed (or copied into the connection's buffer) before the next read, so one
+     * buffer per thread serves every connection. */
+    static _Thread_local char read_buffer[READ_BUFFER_SIZE];
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(read_buffer, sizeof read_buffer);
+}
+
+static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    conn_t *c = s->data;
+    if (nread < 0) {
+        conn_close(c);
+        return;
+    }
+    if (nread == 0 || c->close_after_write)
+        return;
+    size_t n = (size_t)nread;
+    if (c->req_active || c->in.len > 0) {
+        ms_buf_append(&c->in, buf->base, n);
+        if (!c->req_active)
+            conn_drain_input(c);
+        else if (c->in.len > PIPELINE_BUFFER_LIMIT) {
+            uv_read_stop(s);
+            c->reading = 0;
+        }
+    } else {
+        size_t used = parse_region(c, buf->base, n);
+        if (!c->closing && used < n)
+            ms_buf_append(&c->in, buf->base + used, n - used);
+        if (!c->req_active && !c->closing)
+            conn_drain_input(c);
+    }
+    if (!c->closing && c->in_message && c->body_phase)
+        conn_arm_timer(c, c->srv->cfg.limits.header_timeout_s);
+}
+
+static void conn_start_reading(conn_t *c)
+{
+    if (c->reading || c->closing)
+        return;
+    if (uv_read_start(&c->h.stream, alloc_read_buffer, on_conn_read) == 0)
+        c->reading = 1;
+}
+
+/* ---- accepting ---------------------------------------------------------------------------- */
+
+static void on_connection(uv_stream_t *listener, int status)
+{
+    ms_http_server_t *srv = listener->data;
+    if (status < 0) {
+        ms_warn("http: accept failed: %s", uv_strerror(status));
+        return;
+    }
+    conn_t *c = ms_calloc(1, sizeof *c);
+    c->srv = srv;
+    if (listener->type == UV_TCP)
+        uv_tcp_init(srv->loop, &c->h.tcp);
+    else
+        uv_pipe_init(srv->loop, &c->h.pipe, 0);
+    c->h.handle.data = c;
+    uv_timer_init(srv->loop, &c->timer);
+    c->timer.data = c;
+    c->open_handles = 2;
+    srv->open_handles++;
+    c->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = c;
+    srv->conns = c;
+    llhttp_init(&c->parser, HTTP_REQUEST, request_settings());
+    if (uv_accept(listener, &c->h.stream) != 0 || srv->stopping) {
+        conn_close(c);
+        return;
+    }
+    if (listener->type == UV_TCP)
+        uv_tcp_nodelay(&c->h.tcp, 1);
+    conn_start_reading(c);
+    conn_arm_timer(c, srv->cfg.limits.header_timeout_s);
+}
+
+static ms_http_server_t *server_new(uv_loop_t *loop, const ms_http_server_config_t *cfg)
+{
+    ms_http_server_t *srv = ms_calloc(1, sizeof *srv);
+    srv->loop = loop;
+    srv->cfg = *cfg;
+    srv->listener.handle.data = srv;
+    srv->open_handles = 1;
+    srv->listener_open = 1;
+    return srv;
+}
+
+static void on_listener_closed(uv_handle_t *h)
+{
+    server_handle_closed(h->data);
+}
+
+static void listener_close(ms_http_server_t *srv)
+{
+    if (!srv->listener_open)
+        return;
+    srv->listener_open = 0;
+    uv_close(&srv->listener.handle, on_listener_closed);
+}
+
+static int server_fail(ms_http_server_t *srv, int r)
+{
+    srv->closing = 1;
+    listener_close(srv);
+    return r;
+}
+
+int ms_http_server_listen_tcp(uv_loop_t *loop, const char *host, int port,
+                              const ms_http_server_config_t *cfg, ms_http_server_t **out)
+{
+    struct sockaddr_storage addr;
+    int r = uv_ip4_addr(host, port, (struct sockaddr_in *)&addr);
+    if (r != 0)
+        r = uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr);
+    if (r != 0)
+        return r;
+    ms_http_server_t *srv = server_new(loop, cfg);
+    uv_tcp_init(loop, &srv->listener.tcp);
+    if ((r = uv_tcp_bind(&srv->listener.tcp, (struct sockaddr *)&addr, 0)) != 0 ||
+        (r = uv_listen(&srv->listener.stream, 1024, on_connection)) != 0)
+        return server_fail(srv, r);
+    *out = srv;
+    return 0;
+}
+
+int ms_http_server_listen_unix(uv_loop_t *loop, const char *path,
+                               const ms_http_server_config_t *cfg, ms_http_server_t **out)
+{
+    ms_http_server_t *srv = server_new(loop, cfg);
+    uv_pipe_init(loop, &srv->listener.pipe, 0);
+    unlink(path);
+    int r;
+    if ((r = uv_pipe_bind(&srv->listener.pipe, path)) != 0 ||
+        (r = uv_listen(&srv->listener.stream, 1024, on_connection)) != 0)
+        return server_fail(srv, r);
+    srv->unix_path = ms_strdup(path);
+    *out = srv;
+    return 0;
+}
+
+int ms_http_server_port(ms_http_server_t *srv)
+{
+    struct sockaddr_storage addr;
+    int len = sizeof addr;
+    if (uv_tcp_getsockname(&srv->listener.tcp, (struct sockaddr *)&addr, &len) != 0)
+        return -1;
+    if (addr.ss_family == AF_INET6)
+        return ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
+    return ntohs(((struct sockaddr_in *)&addr)->sin_port);
+}
+
+void ms_http_server_stop_accepting(ms_http_server_t *srv)
+{
+    srv->stopping = 1;
+    listener_close(srv);
+    conn_t *next;
+    for (conn_t *c = srv->conns; c; c = next) {
+        next = c->next;
+        if (!c->req_active && !c->in_message && c->pending_writes == 0)
+            conn_close(c);
+    }
+}
+
+size_t ms_http_server_inflight(ms_http_server_t *srv)
+{
+    return srv->inflight;
+}
+
+void ms_http_server_close(ms_http_server_t *srv)
+{
+    srv->stopping = 1;
+    srv->closing = 1;
+    srv->open_handles++; /* hold the server while the list is walked */
+    listener_close(srv);
+    while (srv->conns)
+        conn_close(srv->conns);
+    server_handle_closed(srv);
+}
+
+const char *ms_http_request_header(const ms_http_request_t *req, const char *name, size_t *len)
+{
+    size_t n = strlen(name);
+    for (size_t i = 0; i < req->n_headers; i++) {
+        const ms_http_header_t *h = &req->headers[i];
+        if (h->name_len == n && strncasecmp(h->name, name, n) == 0) {
+            if (len)
+                *len = h->value_len;
+            return h->value;
+        }
+    }
+    return NULL;
+}
