@@ -1,0 +1,82 @@
+/*
+ * runtime internals shared by the module's files: the Lua VM and JSON bridge (vm.c, luajson.c,
+ * usable without a uv loop, so inspect needs no HTTP), and the replica's task machinery
+ * (tasks.c) driven by the replica main (replica.c).
+ */
+#ifndef MS_RUNTIME_INTERNAL_H
+#define MS_RUNTIME_INTERNAL_H
+
+#include <jansson.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <uv.h>
+
+#include "http/http.h"
+
+/* ---- JSON <-> Lua (luajson.c) ----------------------------------------------------------------
+ * null is the lightuserdata serve.json.null; decoded arrays carry a marker metatable so an empty
+ * array encodes back as []; other tables are arrays when their keys are exactly 1..n. */
+void rt_json_push(lua_State *L, const json_t *v);
+/* NULL on failure with the reason in err. */
+json_t *rt_json_from_lua(lua_State *L, int idx, char *err, size_t errlen);
+/* Registers json_encode, json_decode, json_null and json_array into the table at the top. */
+void rt_json_register(lua_State *L);
+
+/* ---- VM (vm.c) ------------------------------------------------------------------------------ */
+/* A fresh VM whose package.path covers the engine's lua/ folder and the application file's
+ * folder; `extra` (may be NULL) is added to the "moonserve.core" module. The moonserve module is
+ * loaded and left in the registry (rt_vm_module pushes it). */
+lua_State *rt_vm_new(const char *app_file, const luaL_Reg *extra, char **err);
+void rt_vm_push_module(lua_State *L);
+/* Loads `file`, resolves `attr` (calling a builder with `args`) and pushes the root node.
+ * Returns 0, or -1 with *err set (malloc'd, `file:line: message` when Lua gave a position). */
+int rt_vm_load_app(lua_State *L, const char *file, const char *attr, json_t *args, char **err);
+/* The message of the error value at the top of L's stack (never NULL; valid while it stays). */
+const char *rt_vm_error_text(lua_State *L, int idx);
+
+/* ---- replica state and tasks (tasks.c) -------------------------------------------------------
+ * A task is one coroutine run to completion across loop iterations: a request, the constructor,
+ * or a control call. It is suspended in at most one wait (a timer or a handle call) at a time. */
+typedef struct rt_task rt_task_t;
+typedef struct rt_call rt_call_t;
+typedef struct rt rt_t;
+
+/* Called once the coroutine returned (ok=1, results on co's stack) or failed (ok=0, message on
+ * top). The callback owns the task and must rt_task_free it. */
+typedef void (*rt_task_done_cb)(rt_task_t *t, int ok);
+
+struct rt_task {
+    rt_t *rt;
+    lua_State *co;
+    int co_ref;             /* registry anchor of co */
+    uv_timer_t *timer;      /* pending serve.sleep */
+    rt_call_t *waiting;     /* future whose result() this task waits on */
+    rt_call_t *calls;       /* calls this task started and that are still in flight */
+    ms_http_request_t *req; /* request tasks only */
+    json_int_t ctl_id;      /* control tasks only */
+    rt_task_done_cb done;
+    char request_id[80];
+};
+
+struct rt {
+    uv_loop_t *loop;
+    lua_State *L;
+    int module_ref;     /* the moonserve module table */
+    int instance_ref;   /* the constructed deployment instance */
+    rt_task_t *current; /* task being resumed, if any */
+    const char *controller_path;
+    ms_http_client_t **pool; /* idle connections to the controller */
+    size_t pool_len, pool_cap;
+};
+
+extern const luaL_Reg rt_task_lib[]; /* sleep, call, result for "moonserve.core" */
+void rt_tasks_init(rt_t *rt);        /* makes rt the one the task library uses */
+/* Creates a task that will call module function `fn` with the `nargs` values on top of rt->L's
+ * stack (popped). Start it with rt_task_start. */
+rt_task_t *rt_task_new(rt_t *rt, const char *fn, int nargs, rt_task_done_cb done);
+void rt_task_start(rt_task_t *t, int nargs);
+/* Drops a task that will never be resumed: cancels its timer and its handle calls. */
+void rt_task_cancel(rt_task_t *t);
+void rt_task_free(rt_task_t *t);
+
+#endif

@@ -1,0 +1,397 @@
+-- moonserve: the deployment API that application code requires (`local serve = require "moonserve"`).
+--
+-- It owns the Lua half of a Lua replica: deployment classes and their code options, the bind
+-- graph (application nodes), request/response objects, handles and futures. The C half
+-- (engine/runtime) registers "moonserve.core" before this module loads: JSON, logging and, inside
+-- a replica only, the functions that yield the request's coroutine (sleep, handle calls).
+-- docs/lua-api.md is the user-facing reference.
+
+local core = require "moonserve.core"
+
+local M = {}
+
+M.json = {
+    encode = core.json_encode,
+    decode = core.json_decode,
+    null = core.json_null,
+    array = core.json_array,
+}
+
+M.log = {}
+for _, level in ipairs { "debug", "info", "warn", "error" } do
+    M.log[level] = function(fmt, ...)
+        core.log(level, select("#", ...) > 0 and string.format(fmt, ...) or tostring(fmt))
+    end
+end
+
+-- ---- deployments ----------------------------------------------------------------------------
+
+-- The code options serve.deployment{} accepts, with the Lua type each must have.
+local OPTION_TYPES = {
+    num_replicas = "number",
+    max_ongoing_requests = "number",
+    max_queued_requests = "number",
+    user_config = "table",
+    graceful_shutdown_wait_loop_s = "number",
+    graceful_shutdown_timeout_s = "number",
+    health_check_period_s = "number",
+    health_check_timeout_s = "number",
+}
+
+-- Class metadata lives outside the class table so user methods can use any name.
+local class_info = setmetatable({}, { __mode = "k" })
+
+local Node = {}
+Node.__index = Node
+
+local ClassBase = {}
+
+-- Class:bind(...) -> an application node holding the constructor arguments. Nodes found among
+-- the arguments (at any depth in tables) become handles when the replica constructs the class.
+function ClassBase.bind(cls, ...)
+    if not class_info[cls] then
+        error("bind must be called on a deployment class (Class:bind(...))", 2)
+    end
+    return setmetatable({ class = cls, args = { ... }, nargs = select("#", ...) }, Node)
+end
+
+function M.deployment(opts)
+    if type(opts) ~= "table" then
+        error("serve.deployment expects a table of options", 2)
+    end
+    if type(opts.name) ~= "string" or opts.name == "" or opts.name:find("/", 1, true) then
+        error("serve.deployment: 'name' must be a non-empty string without '/'", 2)
+    end
+    local options = {}
+    for k, v in pairs(opts) do
+        if k ~= "name" then
+            local want = OPTION_TYPES[k]
+            if not want then
+                error(string.format("serve.deployment %s: unknown option '%s'", opts.name, tostring(k)), 2)
+            end
+            -- num_replicas = "auto" is the one string option value.
+            if type(v) ~= want and not (k == "num_replicas" and v == "auto") then
+                error(string.format("serve.deployment %s: option '%s' must be a %s", opts.name, k, want), 2)
+            end
+            options[k] = v
+        end
+    end
+    local cls = setmetatable({}, { __index = ClassBase })
+    cls.__index = cls
+    class_info[cls] = { name = opts.name, options = options }
+    return cls
+end
+
+local function is_node(v)
+    return getmetatable(v) == Node
+end
+
+-- Calls fn(node) for every node directly reachable from v (not looking inside nested nodes).
+local function each_child_node(v, fn, seen)
+    if is_node(v) then
+        fn(v)
+    elseif type(v) == "table" and not seen[v] then
+        seen[v] = true
+        for k, x in pairs(v) do
+            each_child_node(k, fn, seen)
+            each_child_node(x, fn, seen)
+        end
+    end
+end
+
+local function node_children(node, fn)
+    local seen = {}
+    for i = 1, node.nargs do
+        each_child_node(node.args[i], fn, seen)
+    end
+end
+
+-- Walks the bind graph from the root: returns the nodes in discovery order (root first) and a
+-- name -> node map. Two different nodes may not share a deployment name.
+local function collect(root)
+    local order, by_name = {}, {}
+    local function visit(node)
+        local name = class_info[node.class].name
+        local prev = by_name[name]
+        if prev == node then
+            return
+        elseif prev then
+            error(string.format("deployment name '%s' is bound twice with different arguments", name), 0)
+        end
+        by_name[name] = node
+        order[#order + 1] = node
+        node_children(node, visit)
+    end
+    visit(root)
+    return order, by_name
+end
+
+-- Resolves an import path's attribute from what the module chunk returned: a table of
+-- attributes indexed by attr, or (when attr is "app") the node or builder itself. A builder
+-- function is called with the config's args and must return a node.
+function M._resolve(ret, attr, args, file)
+    local target
+    if (is_node(ret) or type(ret) == "function") and attr == "app" then
+        target = ret
+    elseif type(ret) == "table" and not is_node(ret) then
+        target = ret[attr]
+        if target == nil then
+            error(string.format("%s: attribute '%s' not found in the table the module returned", file, attr), 0)
+        end
+    else
+        error(string.format("%s: the module must return a table of attributes (got %s) to resolve '%s'",
+            file, type(ret), attr), 0)
+    end
+    if type(target) == "function" then
+        target = target(args)
+        if not is_node(target) then
+            error(string.format("%s: builder '%s' returned %s, not an application (Class:bind(...))",
+                file, attr, type(target)), 0)
+        end
+    elseif not is_node(target) then
+        error(string.format("%s: '%s' is a %s, not an application (Class:bind(...)) or builder function",
+            file, attr, type(target)), 0)
+    end
+    collect(target) -- reject duplicate names at load time
+    return target
+end
+
+-- The graph document ms_runtime_inspect returns (see engine/runtime/runtime.h).
+function M._graph(root)
+    local order = collect(root)
+    local deployments = {}
+    for i, node in ipairs(order) do
+        local info = class_info[node.class]
+        local handles, seen = {}, {}
+        node_children(node, function(child)
+            local name = class_info[child.class].name
+            if not seen[name] then
+                seen[name] = true
+                handles[#handles + 1] = name
+            end
+        end)
+        deployments[i] = { name = info.name, options = info.options, handles = M.json.array(handles) }
+    end
+    return { ingress = class_info[root.class].name, deployments = M.json.array(deployments) }
+end
+
+-- ---- handles and futures --------------------------------------------------------------------
+
+local Handle = {}
+Handle.__index = Handle
+local Future = {}
+Future.__index = Future
+local Request = {}
+
+local function replica_only(name)
+    return core[name] or function()
+        error("serve: " .. name .. " is only available inside a replica", 2)
+    end
+end
+local core_sleep, core_call, core_result = replica_only("sleep"), replica_only("call"), replica_only("result")
+
+-- Headers a forwarded request must not carry over: framing and routing are the new hop's own.
+local HOP_HEADERS = {
+    ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
+    host = true, ["x-request-id"] = true, ["x-moonserve-target"] = true, ["keep-alive"] = true,
+}
+
+-- handle:remote(arg) sends the call at once and returns a future. arg: a request object
+-- (forwarded as is), a string (POST body), a table (POST JSON body) or nil (POST, no body).
+function Handle:remote(arg)
+    local method, path, body, headers = "POST", "/", "", {}
+    if getmetatable(arg) == Request then
+        method, body = arg.method, arg.body
+        path = arg.path .. (arg.query_string ~= "" and ("?" .. arg.query_string) or "")
+        for k, v in pairs(arg.headers) do
+            if not HOP_HEADERS[k] then
+                headers[#headers + 1] = k
+                headers[#headers + 1] = v
+            end
+        end
+    elseif type(arg) == "string" then
+        body = arg
+        headers = { "content-type", "text/plain; charset=utf-8" }
+    elseif type(arg) == "table" then
+        body = M.json.encode(arg)
+        headers = { "content-type", "application/json" }
+    elseif arg ~= nil then
+        error("handle:remote expects a request, a string, a table or nil, got " .. type(arg), 2)
+    end
+    local target = self.app .. "/" .. self.deployment
+    return setmetatable({ target = target, call = core_call(target, method, path, headers, body) }, Future)
+end
+
+-- future:result() yields the request's coroutine until the answer arrives. A JSON answer is
+-- decoded; any other body is returned as a string; a non-2xx status raises an error.
+function Future:result()
+    if self.done then
+        return self.value
+    end
+    local status, ctype, body = core_result(self.call)
+    if status == nil then
+        error(string.format("call to %s failed: %s", self.target, ctype), 2)
+    end
+    if status < 200 or status > 299 then
+        error(string.format("call to %s failed with status %d: %s", self.target, status, body), 2)
+    end
+    local value = body
+    if ctype and ctype:lower():find("application/json", 1, true) then
+        value = M.json.decode(body)
+    end
+    self.done, self.value = true, value
+    return value
+end
+
+-- serve.sleep(seconds) suspends the calling request (other requests run meanwhile).
+function M.sleep(seconds)
+    return core_sleep(tonumber(seconds) or error("serve.sleep expects a number of seconds", 2))
+end
+
+function M.get_replica_context()
+    return M._context or error("serve.get_replica_context: not running inside a replica", 2)
+end
+
+-- ---- requests and responses -----------------------------------------------------------------
+
+local function unescape(s)
+    s = s:gsub("+", " ")
+    return (s:gsub("%%(%x%x)", function(h)
+        return string.char(tonumber(h, 16))
+    end))
+end
+
+-- Query parameters are decoded on first access; a repeated name keeps its last value.
+local function parse_query(qs)
+    local q = {}
+    for pair in qs:gmatch("[^&]+") do
+        local k, v = pair:match("^([^=]*)=?(.*)$")
+        q[unescape(k)] = unescape(v)
+    end
+    return q
+end
+
+local RequestMethods = {}
+
+function RequestMethods:json()
+    local ok, v = pcall(M.json.decode, self.body)
+    if not ok then
+        error("invalid JSON body: " .. tostring(v), 2)
+    end
+    return v
+end
+
+Request.__index = function(req, k)
+    if k == "query" then
+        local q = parse_query(rawget(req, "query_string") or "")
+        rawset(req, "query", q)
+        return q
+    end
+    return RequestMethods[k]
+end
+
+local Response = {}
+
+-- serve.response{status=, headers=, body=}: full control over the HTTP answer.
+function M.response(t)
+    t = t or {}
+    if t.status ~= nil and type(t.status) ~= "number" then
+        error("serve.response: status must be a number", 2)
+    end
+    if t.headers ~= nil and type(t.headers) ~= "table" then
+        error("serve.response: headers must be a table", 2)
+    end
+    return setmetatable(t, Response)
+end
+
+-- Turns a handler's return value into status, body, and a flat {name, value, ...} header list.
+local function to_http(res)
+    if res == nil then
+        return 200, "", {}
+    elseif type(res) == "string" then
+        return 200, res, { "Content-Type", "text/plain; charset=utf-8" }
+    elseif getmetatable(res) == Response then
+        local flat, has_ctype = {}, false
+        for k, v in pairs(res.headers or {}) do
+            flat[#flat + 1] = tostring(k)
+            flat[#flat + 1] = tostring(v)
+            has_ctype = has_ctype or tostring(k):lower() == "content-type"
+        end
+        local body = res.body or ""
+        if type(body) ~= "string" then
+            body = M.json.encode(body)
+            if not has_ctype then
+                flat[#flat + 1], flat[#flat + 2] = "Content-Type", "application/json"
+            end
+        elseif not has_ctype and body ~= "" then
+            flat[#flat + 1], flat[#flat + 2] = "Content-Type", "text/plain; charset=utf-8"
+        end
+        return res.status or 200, body, flat
+    else
+        return 200, M.json.encode(res), { "Content-Type", "application/json" }
+    end
+end
+
+-- ---- entry points the C runtime calls (one coroutine each) ----------------------------------
+
+-- Finds deployment `name` in the graph and returns its class and constructor arguments, with
+-- every bound node replaced by a handle to that deployment in application `app`.
+function M._instantiate(root, name, app)
+    local _, by_name = collect(root)
+    local node = by_name[name]
+    if not node then
+        error(string.format("deployment '%s' is not part of this application", name), 0)
+    end
+    local copies = {}
+    local function convert(v)
+        if is_node(v) then
+            return setmetatable({ app = app, deployment = class_info[v.class].name }, Handle)
+        elseif type(v) ~= "table" or getmetatable(v) ~= nil then
+            return v
+        elseif copies[v] then
+            return copies[v]
+        end
+        local c = {}
+        copies[v] = c
+        for k, x in pairs(v) do
+            c[convert(k)] = convert(x)
+        end
+        return c
+    end
+    local args = {}
+    for i = 1, node.nargs do
+        args[i] = convert(node.args[i])
+    end
+    return node.class, args, node.nargs
+end
+
+function M._construct(cls, args, nargs)
+    local self = setmetatable({}, cls)
+    if cls.init then
+        self:init(unpack(args, 1, nargs))
+    end
+    if not cls.__call then
+        error(string.format("deployment '%s' has no __call method", class_info[cls].name), 0)
+    end
+    return self
+end
+
+function M._call_method(self, name, ...)
+    local f = self[name]
+    if f then
+        return f(self, ...)
+    end
+end
+
+function M._stats(self)
+    local autoscaling = M._call_method(self, "record_autoscaling_stats") or {}
+    local routing = M._call_method(self, "record_routing_stats") or {}
+    return autoscaling, routing
+end
+
+function M._run_request(self, req)
+    setmetatable(req, Request)
+    return to_http(self:__call(req))
+end
+
+return M
