@@ -1,0 +1,165 @@
+"""Replicas are processes: spreading over num_replicas, kill -9 under load (no hung request,
+service recovers with a new process), client disconnect cancels."""
+
+import os
+import signal
+import threading
+import time
+
+import harness
+from harness import build_request, hello_app, proc_stat, run_threads, wait_until
+
+
+class ReplicaSetTest(harness.ServerTestCase):
+    APPLICATIONS = [hello_app("hello", "/hello", {"num_replicas": 3, "max_ongoing_requests": 4})]
+
+    def test_three_replica_processes(self):
+        pids = self.server.wait_replicas(3, timeout=10)
+        self.assertEqual(len(set(pids)), 3)
+        for p in pids:
+            # replicas are the same binary in replica mode
+            exe = os.path.realpath("/proc/%d/exe" % p)
+            self.assertEqual(exe, os.path.realpath(harness.BIN), "child %d is %s" % (p, exe))
+
+    def test_responses_from_three_distinct_replicas(self):
+        pids = set(self.server.wait_replicas(3, timeout=10))
+        replicas, seen_pids = set(), set()
+        # concurrent sleeping requests make the fewest-in-flight choice spread them out
+        for _round in range(5):
+            res = run_threads(lambda i: self.server.get("/hello/r%d?sleep=0.3" % i, timeout=10),
+                              [(i,) for i in range(9)], timeout=15)
+            for r, e in res:
+                self.assertIsNone(e)
+                self.assertEqual(r.status, 200, r)
+                j = r.json()
+                replicas.add(j["replica"])
+                if j.get("pid"):
+                    seen_pids.add(j["pid"])
+            if len(replicas) >= 3:
+                break
+        self.assertEqual(len(replicas), 3, "replica ids seen: %r" % replicas)
+        if seen_pids:
+            self.assertEqual(seen_pids, pids, "pids reported by replicas vs server children")
+
+
+class KillReplicaTest(harness.ServerTestCase):
+    APPLICATIONS = [hello_app("hello", "/hello", {"num_replicas": 3, "max_ongoing_requests": 4})]
+
+    def test_kill_9_under_load(self):
+        srv = self.server
+        old = srv.wait_replicas(3, timeout=10)
+        stop = threading.Event()
+        results = []  # (status or exception repr, duration)
+        lock = threading.Lock()
+
+        def load(i):
+            n = 0
+            while not stop.is_set() and n < 100:
+                n += 1
+                t0 = time.monotonic()
+                try:
+                    r = srv.get("/hello/load%d?sleep=0.3" % i, timeout=8)
+                    out = r.status
+                except Exception as e:  # noqa: a timeout here is a hung request
+                    out = repr(e)
+                with lock:
+                    results.append((out, time.monotonic() - t0))
+
+        threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.8)
+        victim = old[0]
+        victim_st = proc_stat(victim)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        time.sleep(2.5)
+        stop.set()
+        for t in threads:
+            t.join(12)
+        self.assertFalse(any(t.is_alive() for t in threads), "load threads hung")
+
+        # no hung request: everything finished (200, or 502/503 for those on the dead replica)
+        bad = [x for x in results if x[0] not in (200, 502, 503)]
+        self.assertFalse(bad, "requests failed or hung after kill -9: %r" % bad)
+        slow = [x for x in results if x[1] > 5.0]
+        self.assertFalse(slow, "requests took too long: %r" % slow)
+        self.assertGreater(sum(1 for x in results if x[0] == 200), 10, results)
+        errors = [x for x in results if x[0] != 200]
+        # at most the requests in flight on the dead replica (4) fail; queued ones are re-routed
+        self.assertLessEqual(len(errors), 8, "too many failures after one replica died: %r"
+                             % errors)
+
+        # the dead process was reaped by the controller (no zombie left behind)
+        def reaped():
+            st = proc_stat(victim)
+            return st is None or st[2] != victim_st[2]
+        self.assertTrue(wait_until(reaped, 5),
+                        "killed replica %d not reaped: %r" % (victim, proc_stat(victim)))
+
+        # service fully back: 3 replicas again, with a new process in place of the dead one
+        new = srv.wait_replicas(3, timeout=max(1.0, 10 - (time.monotonic() - killed_at)),
+                                exclude=[victim])
+        self.assertEqual(len(set(new) - set(old)), 1, "old %r new %r" % (old, new))
+        replicas = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(replicas) < 3:
+            res = run_threads(lambda i: srv.get("/hello/after%d?sleep=0.3" % i, timeout=10),
+                              [(i,) for i in range(9)], timeout=15)
+            for r, e in res:
+                self.assertIsNone(e)
+                self.assertEqual(r.status, 200, r)
+                replicas.add(r.json()["replica"])
+        self.assertEqual(len(replicas), 3, "after recovery, replicas serving: %r" % replicas)
+
+
+class DisconnectTest(harness.ServerTestCase):
+    APPLICATIONS = [
+        hello_app("one", "/one", {"num_replicas": 1, "max_ongoing_requests": 1}),
+        hello_app("other", "/other", {"num_replicas": 1}),
+    ]
+
+    def abandon(self, path, after=0.2):
+        s = self.server.connect()
+        s.sendall(build_request("GET", path))
+        time.sleep(after)
+        s.close()
+
+    def test_disconnect_others_still_served(self):
+        self.assertEqual(self.server.get("/other/warm").status, 200)
+        for i in range(3):
+            self.abandon("/other/gone%d?sleep=2" % i, after=0.1)
+        t0 = time.monotonic()
+        r = self.server.get("/other/x", timeout=5)
+        self.assertEqual(r.status, 200, r)
+        self.assertLess(time.monotonic() - t0, 1.5)
+
+    def test_disconnect_frees_replica_slot(self):
+        # one replica, one slot: while the abandoned 3 s request ran on, the next would wait
+        self.assertEqual(self.server.get("/one/warm").status, 200)
+        self.abandon("/one/gone?sleep=3", after=0.3)
+        t0 = time.monotonic()
+        r = self.server.get("/one/next", timeout=10)
+        dt = time.monotonic() - t0
+        self.assertEqual(r.status, 200, r)
+        self.assertLess(dt, 2.0, "next request waited %.2fs: the disconnected client's request "
+                                 "was not cancelled" % dt)
+
+    def test_disconnect_while_queued(self):
+        # a queued request whose client left must not take the slot when it frees up
+        self.assertEqual(self.server.get("/one/warm").status, 200)
+        holder = threading.Thread(target=lambda: self.server.get("/one/hold?sleep=1", timeout=10),
+                                  daemon=True)
+        holder.start()
+        time.sleep(0.2)
+        self.abandon("/one/queued?sleep=3", after=0.2)  # queued behind holder, then gone
+        t0 = time.monotonic()
+        r = self.server.get("/one/next", timeout=10)
+        dt = time.monotonic() - t0
+        holder.join(10)
+        self.assertEqual(r.status, 200, r)
+        self.assertLess(dt, 2.5, "next request waited %.2fs behind an abandoned one" % dt)
+
+
+if __name__ == "__main__":
+    harness.main()

@@ -1,0 +1,157 @@
+"""Graceful shutdown: SIGTERM/SIGINT drain in-flight requests, refuse new ones, exit 0 within
+graceful_shutdown_timeout_s, leave no replica processes; a SIGKILLed controller leaves no
+orphans either."""
+
+import errno
+import os
+import signal
+import socket
+import threading
+import time
+import unittest
+
+import harness
+from harness import (HTTPReader, build_request, hello_app, is_alive, read_until_closed,
+                     start_server, wait_until)
+
+
+def new_connection_outcome(server, timeout=1.5):
+    """What a brand-new client gets now: 'refused', 'closed', 'timeout', or a status code."""
+    try:
+        s = socket.create_connection((server.host, server.port), timeout=timeout)
+    except ConnectionRefusedError:
+        return "refused"
+    except socket.timeout:
+        return "timeout"
+    except OSError as e:
+        if e.errno == errno.ECONNREFUSED:
+            return "refused"
+        return "oserror:%s" % e
+    try:
+        s.settimeout(timeout)
+        try:
+            s.sendall(build_request("GET", "/hello/new"))
+            return HTTPReader(s).read_response().status
+        except (harness.ConnectionClosed, ConnectionResetError, BrokenPipeError):
+            return "closed"
+        except socket.timeout:
+            return "timeout"
+    finally:
+        s.close()
+
+
+class ShutdownTest(unittest.TestCase):
+
+    def start(self, deployment=None, **kw):
+        d = {"num_replicas": 2, "graceful_shutdown_timeout_s": 5,
+             "graceful_shutdown_wait_loop_s": 0.2}
+        d.update(deployment or {})
+        return start_server(self, [hello_app("hello", "/hello", d)], **kw)
+
+    def in_background(self, fn):
+        out = {}
+
+        def run():
+            t0 = time.monotonic()
+            try:
+                out["result"] = fn()
+            except Exception as e:  # noqa
+                out["error"] = e
+            out["dt"] = time.monotonic() - t0
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t, out
+
+    def test_sigterm_drains_in_flight(self):
+        srv = self.start()
+        srv.wait_replicas(2)
+        srv.snapshot_children()
+        t, out = self.in_background(lambda: srv.get("/hello/drain?sleep=1",
+                                                     headers={"X-Request-ID": "drain-1"},
+                                                     timeout=10))
+        time.sleep(0.2)
+        t_term = time.monotonic()
+        srv.send_signal(signal.SIGTERM)
+        # new connections are refused (or at least not served) soon after SIGTERM
+        outcome = None
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            outcome = new_connection_outcome(srv)
+            if outcome in ("refused", "closed", 503):
+                break
+        self.assertIn(outcome, ("refused", "closed", 503),
+                      "a new client after SIGTERM got %r" % (outcome,))
+        t.join(10)
+        self.assertIn("result", out, "in-flight request failed during drain: %r" % out)
+        r = out["result"]
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("x-request-id"), "drain-1")
+        self.assertGreater(out["dt"], 0.9)
+        rc = srv.wait_exit(7)
+        self.assertIsNotNone(rc, "did not exit within graceful_shutdown_timeout_s (5s) + 2s")
+        self.assertLess(time.monotonic() - t_term, 7)
+        problems = srv.stop(check=False)  # exit code, leftovers, sanitizers
+        self.assertEqual(problems, [])
+
+    def test_sigint_exits_zero(self):
+        srv = self.start()
+        srv.wait_replicas(2)
+        self.assertEqual(srv.get("/hello/x").status, 200)
+        srv.stop(sig=signal.SIGINT, timeout=8)
+
+    def test_idle_connections_do_not_delay_exit(self):
+        srv = self.start(deployment={"graceful_shutdown_timeout_s": 10})
+        s = srv.connect()
+        try:
+            s.sendall(build_request("GET", "/hello/ka"))
+            self.assertEqual(HTTPReader(s).read_response().status, 200)
+            t0 = time.monotonic()
+            srv.stop(timeout=8)
+            self.assertLess(time.monotonic() - t0, 4.0, "an idle keep-alive connection "
+                                                         "held up shutdown")
+            # the idle connection was closed by the server
+            _data, closed = read_until_closed(s, 1)
+            self.assertTrue(closed)
+        finally:
+            s.close()
+
+    def test_shutdown_bounded_by_graceful_timeout(self):
+        srv = self.start(deployment={"graceful_shutdown_timeout_s": 1.5})
+        srv.wait_replicas(2)
+        t, out = self.in_background(lambda: srv.get("/hello/long?sleep=30", timeout=20))
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        srv.send_signal(signal.SIGTERM)
+        rc = srv.wait_exit(8)
+        dt = time.monotonic() - t0
+        self.assertIsNotNone(rc, "a 30 s request kept the server alive past "
+                                 "graceful_shutdown_timeout_s=1.5 (+6.5 s)")
+        self.assertLess(dt, 6.0)
+        t.join(5)
+        self.assertFalse(t.is_alive(), "client of the cut request hung")
+        # the cut request is answered with an error or its connection closed, never a 200
+        if "result" in out:
+            self.assertNotEqual(out["result"].status, 200, out["result"])
+        srv.stop(timeout=1)
+
+    def test_controller_sigkill_leaves_no_orphans(self):
+        srv = self.start()
+        pids = srv.wait_replicas(2)
+        kids = list(srv.known_children)
+        srv.send_signal(signal.SIGKILL)
+        self.assertIsNotNone(srv.wait_exit(5))
+        wait_until(lambda: not [p for p, st in kids if is_alive(p, st)], 5)
+        survivors = [p for p, st in kids if is_alive(p, st)]
+        for p, st in kids:  # clean up by pid before failing
+            if is_alive(p, st):
+                os.kill(p, signal.SIGKILL)
+        self.assertEqual(survivors, [], "replicas survived their controller's SIGKILL")
+        self.assertTrue(pids)
+        srv.stopped = True  # exit code is -9 by construction; leftovers checked above
+        self.assertEqual(srv.check_sanitizers(), [])
+
+
+if __name__ == "__main__":
+    harness.main()
