@@ -1,0 +1,675 @@
+/*
+ * config: owns loading a Ray Serve config file (ServeConfigV2 subset) into ms_config_t — the
+ * YAML parse, the schema walk with Ray Serve's defaults and validation rules, and the error
+ * list. Every problem found is recorded as `file:line:col: message`; loading never stops at
+ * the first one, so a user fixes a config in one round. See config.h.
+ *
+ * Each mapping level (top, http_options, application, deployment) is a table of fields walked
+ * by config_fields.c. A field is either implemented here, known to Ray Serve but not
+ * implemented yet ("later": type-checked loosely, then a warning), or a legacy field that is
+ * an error. Keys not in the table are errors with a did-you-mean.
+ */
+#include "config/config_internal.h"
+#include "core/core.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- logging_config ---------------------------------------------------------------------- */
+
+static void top_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    ms_cfg_walk_logging(c, key, val, &cfg->log_level);
+}
+
+/* ---- http_options ------------------------------------------------------------------------ */
+
+static void http_host(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_http_options_t *h = obj;
+    const char *s = ms_cfg_get_str(c, key, val);
+    if (s)
+        ms_cfg_replace_str(&h->host, s);
+}
+
+static void http_port(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_http_options_t *h = obj;
+    long long v;
+    if (ms_cfg_get_int(c, key, val, 1, 65535, "an integer in 1..65535", &v))
+        h->port = (int)v;
+}
+
+static void http_request_timeout(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_http_options_t *h = obj;
+    double v;
+    if (ms_cfg_is_null(val))
+        h->request_timeout_s = 0; /* Ray's None: no timeout */
+    else if (ms_cfg_get_num(c, key, val, 0, false, "a number > 0 or null", &v))
+        h->request_timeout_s = v;
+}
+
+static void http_keep_alive(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_http_options_t *h = obj;
+    ms_cfg_get_num(c, key, val, 0, false, "a number > 0", &h->keep_alive_timeout_s);
+}
+
+static void http_header_timeout(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_http_options_t *h = obj;
+    ms_cfg_get_num(c, key, val, 0, false, "a number > 0", &h->header_timeout_s);
+}
+
+static void http_max_header(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_http_options_t *h = obj;
+    long long v;
+    if (ms_cfg_get_int(c, key, val, 1024, LLONG_MAX, "an integer >= 1024", &v))
+        h->max_header_bytes = (size_t)v;
+}
+
+static void http_max_body(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_http_options_t *h = obj;
+    long long v;
+    if (ms_cfg_get_int(c, key, val, 0, LLONG_MAX, "an integer >= 0", &v))
+        h->max_body_bytes = (size_t)v;
+}
+
+static const ms_cfg_field_t http_fields[] = {
+    {"host", http_host, MS_FIELD_OK},
+    {"port", http_port, MS_FIELD_OK},
+    {"request_timeout_s", http_request_timeout, MS_FIELD_OK},
+    {"keep_alive_timeout_s", http_keep_alive, MS_FIELD_OK},
+    {"max_header_bytes", http_max_header, MS_FIELD_OK},
+    {"max_body_bytes", http_max_body, MS_FIELD_OK},
+    {"header_timeout_s", http_header_timeout, MS_FIELD_OK},
+};
+
+static void top_http(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    if (ms_cfg_is_null(val) || !ms_cfg_want_mapping(c, key, val, true))
+        return;
+    ms_cfg_walk_fields(c, val, "in http_options", http_fields, MS_N_FIELDS(http_fields),
+                       &cfg->http);
+}
+
+/* ---- deployments ------------------------------------------------------------------------- */
+
+typedef struct dep_build {
+    ms_deployment_config_t *dep;
+    yaml_node_t *name_node;
+} dep_build_t;
+
+static void dep_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    const char *s = ms_cfg_get_str(c, key, val);
+    if (s) {
+        ms_cfg_replace_str(&db->dep->name, s);
+        db->name_node = val;
+    }
+}
+
+static void dep_num_replicas(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    long long v;
+    const char *s = ms_cfg_value_text(val);
+    if (s && !strcmp(s, "auto")) {
+        ms_cfg_error(c, val, "num_replicas: \"auto\" needs autoscaling support, not available yet");
+        return;
+    }
+    if (ms_cfg_get_int(c, key, val, 1, INT_MAX, "an integer > 0", &v)) {
+        db->dep->num_replicas = (int)v;
+        db->dep->set |= MS_SET_NUM_REPLICAS;
+    }
+}
+
+static void dep_max_ongoing(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    long long v;
+    if (ms_cfg_get_int(c, key, val, 1, INT_MAX, "an integer > 0", &v)) {
+        db->dep->max_ongoing_requests = (int)v;
+        db->dep->set |= MS_SET_MAX_ONGOING_REQUESTS;
+    }
+}
+
+static void dep_max_queued(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    long long v;
+    if (ms_cfg_get_int(c, key, val, -1, INT_MAX, "-1 or an integer >= 1", &v)) {
+        if (v == 0) {
+            ms_cfg_bad_value(c, key, val, "-1 or an integer >= 1");
+            return;
+        }
+        db->dep->max_queued_requests = (int)v;
+        db->dep->set |= MS_SET_MAX_QUEUED_REQUESTS;
+    }
+}
+
+static void dep_user_config(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    /* null is kept as JSON null with the bit set: the file explicitly clears the code's value. */
+    if (!ms_cfg_want_mapping(c, key, val, true))
+        return;
+    json_t *j = ms_cfg_to_json(c, val);
+    if (j) {
+        db->dep->user_config = j;
+        db->dep->set |= MS_SET_USER_CONFIG;
+    }
+}
+
+/* The four duration fields share one shape: a number with a bound, a default and a set bit. */
+static void dep_seconds(ms_cfg_ctx_t *c, dep_build_t *db, yaml_node_t *key, yaml_node_t *val,
+                        bool zero_ok, double *dst, unsigned bit)
+{
+    if (ms_cfg_get_num(c, key, val, 0, zero_ok, zero_ok ? "a number >= 0" : "a number > 0", dst))
+        db->dep->set |= bit;
+}
+
+static void dep_wait_loop(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    dep_seconds(c, db, key, val, true, &db->dep->graceful_shutdown_wait_loop_s,
+                MS_SET_GRACEFUL_SHUTDOWN_WAIT_LOOP_S);
+}
+
+static void dep_shutdown_timeout(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    dep_seconds(c, db, key, val, true, &db->dep->graceful_shutdown_timeout_s,
+                MS_SET_GRACEFUL_SHUTDOWN_TIMEOUT_S);
+}
+
+static void dep_health_period(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    dep_seconds(c, db, key, val, false, &db->dep->health_check_period_s,
+                MS_SET_HEALTH_CHECK_PERIOD_S);
+}
+
+static void dep_health_timeout(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    dep_seconds(c, db, key, val, false, &db->dep->health_check_timeout_s,
+                MS_SET_HEALTH_CHECK_TIMEOUT_S);
+}
+
+static const ms_cfg_field_t dep_fields[] = {
+    {"name", dep_name, MS_FIELD_OK},
+    {"num_replicas", dep_num_replicas, MS_FIELD_OK},
+    {"max_ongoing_requests", dep_max_ongoing, MS_FIELD_OK},
+    {"max_queued_requests", dep_max_queued, MS_FIELD_OK},
+    {"user_config", dep_user_config, MS_FIELD_OK},
+    {"graceful_shutdown_wait_loop_s", dep_wait_loop, MS_FIELD_OK},
+    {"graceful_shutdown_timeout_s", dep_shutdown_timeout, MS_FIELD_OK},
+    {"health_check_period_s", dep_health_period, MS_FIELD_OK},
+    {"health_check_timeout_s", dep_health_timeout, MS_FIELD_OK},
+    {"autoscaling_config", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"request_router_config", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"ray_actor_options", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
+    {"placement_group_bundles", ms_cfg_later_bundles, MS_FIELD_LATER},
+    {"placement_group_strategy", ms_cfg_later_pg_strategy, MS_FIELD_LATER},
+    {"max_replicas_per_node", ms_cfg_later_per_node, MS_FIELD_LATER},
+};
+
+static void dep_defaults(ms_deployment_config_t *d)
+{
+    d->num_replicas = MS_DEFAULT_NUM_REPLICAS;
+    d->max_ongoing_requests = MS_DEFAULT_MAX_ONGOING_REQUESTS;
+    d->max_queued_requests = MS_DEFAULT_MAX_QUEUED_REQUESTS;
+    d->graceful_shutdown_wait_loop_s = MS_DEFAULT_GRACEFUL_SHUTDOWN_WAIT_LOOP_S;
+    d->graceful_shutdown_timeout_s = MS_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S;
+    d->health_check_period_s = MS_DEFAULT_HEALTH_CHECK_PERIOD_S;
+    d->health_check_timeout_s = MS_DEFAULT_HEALTH_CHECK_TIMEOUT_S;
+}
+
+static void walk_deployment(ms_cfg_ctx_t *c, yaml_node_t *node, dep_build_t *db)
+{
+    dep_defaults(db->dep);
+    db->dep->mark = ms_cfg_mark(node);
+    if (node->type != YAML_MAPPING_NODE) {
+        char got[64];
+        ms_cfg_describe(node, got, sizeof(got));
+        ms_cfg_error(c, node, "each deployment must be a mapping, got %s", got);
+        return;
+    }
+    uint64_t seen =
+        ms_cfg_walk_fields(c, node, "in deployment", dep_fields, MS_N_FIELDS(dep_fields), db);
+    if (!ms_cfg_was_seen(seen, dep_fields, MS_N_FIELDS(dep_fields), "name"))
+        ms_cfg_error(c, node, "deployment is missing required key 'name'");
+}
+
+static void check_unique_deployments(ms_cfg_ctx_t *c, ms_app_config_t *app, dep_build_t *dbs)
+{
+    for (size_t i = 0; i < app->n_deployments; i++) {
+        for (size_t j = 0; j < i && dbs[i].name_node; j++) {
+            if (dbs[j].name_node && !strcmp(app->deployments[i].name, app->deployments[j].name)) {
+                ms_cfg_error(c, dbs[i].name_node,
+                             "duplicate deployment name '%s' in application '%s' (first at "
+                             "line %d)",
+                             app->deployments[i].name, app->name,
+                             ms_cfg_mark(dbs[j].name_node).line);
+                break;
+            }
+        }
+    }
+}
+
+/* ---- applications ------------------------------------------------------------------------ */
+
+typedef struct app_build {
+    ms_app_config_t *app;
+    yaml_node_t *name_node;   /* NULL when the name is the default */
+    yaml_node_t *prefix_node; /* NULL when the prefix is the default */
+    bool is_mapping;          /* false for a malformed entry, already reported */
+} app_build_t;
+
+static void app_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    app_build_t *ab = obj;
+    const char *s = ms_cfg_get_str(c, key, val);
+    if (s) {
+        ms_cfg_replace_str(&ab->app->name, s);
+        ab->name_node = val;
+    }
+}
+
+static bool valid_route_prefix(const char *s)
+{
+    size_t n = strlen(s);
+    if (s[0] != '/' || strpbrk(s, "{}"))
+        return false;
+    return n == 1 || s[n - 1] != '/';
+}
+
+static void app_route_prefix(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    app_build_t *ab = obj;
+    ab->prefix_node = val;
+    if (ms_cfg_is_null(val)) {
+        free(ab->app->route_prefix);
+        ab->app->route_prefix = NULL; /* not exposed over HTTP */
+        return;
+    }
+    const char *s = ms_cfg_scalar(val);
+    if (s && valid_route_prefix(s)) {
+        ms_cfg_replace_str(&ab->app->route_prefix, s);
+        return;
+    }
+    ms_cfg_bad_value(c, key, val,
+                     "null or a path starting with '/', not ending with '/' (unless exactly \"/\") "
+                     "and without '{' or '}'");
+}
+
+static void app_import_path(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    app_build_t *ab = obj;
+    ab->app->import_path_mark = ms_cfg_mark(val);
+    const char *s = ms_cfg_get_str(c, key, val);
+    if (!s)
+        return;
+    ab->app->import_path = ms_strdup(s);
+    ms_cfg_resolve_import(c, ab->app, val);
+}
+
+static void app_args(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    app_build_t *ab = obj;
+    if (ms_cfg_is_null(val) || !ms_cfg_want_mapping(c, key, val, true))
+        return; /* null keeps the default {} */
+    json_t *j = ms_cfg_to_json(c, val);
+    if (j) {
+        json_decref(ab->app->args);
+        ab->app->args = j;
+    }
+}
+
+static void app_deployments(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_app_config_t *app = ((app_build_t *)obj)->app;
+    if (ms_cfg_is_null(val))
+        return;
+    if (val->type != YAML_SEQUENCE_NODE) {
+        ms_cfg_bad_value(c, key, val, "a list");
+        return;
+    }
+    size_t n = (size_t)(val->data.sequence.items.top - val->data.sequence.items.start);
+    app->deployments = ms_calloc(n, sizeof(*app->deployments));
+    app->n_deployments = n;
+    dep_build_t *dbs = ms_calloc(n, sizeof(*dbs));
+    for (size_t i = 0; i < n; i++) {
+        dbs[i].dep = &app->deployments[i];
+        walk_deployment(c, ms_cfg_node(c, val->data.sequence.items.start[i]), &dbs[i]);
+    }
+    check_unique_deployments(c, app, dbs);
+    free(dbs);
+}
+
+static void app_legacy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    (void)val;
+    ms_cfg_error(c, key,
+                 "'%s' is a legacy single-application field and is not allowed in a "
+                 "multi-application config; use http_options.%s",
+                 ms_cfg_key_name(key), ms_cfg_key_name(key));
+}
+
+static const ms_cfg_field_t app_fields[] = {
+    {"name", app_name, MS_FIELD_OK},
+    {"route_prefix", app_route_prefix, MS_FIELD_OK},
+    {"import_path", app_import_path, MS_FIELD_OK},
+    {"args", app_args, MS_FIELD_OK},
+    {"deployments", app_deployments, MS_FIELD_OK},
+    {"runtime_env", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"autoscaling_policy", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"external_scaler_enabled", ms_cfg_later_bool, MS_FIELD_LATER},
+    {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
+    {"host", app_legacy, MS_FIELD_LEGACY},
+    {"port", app_legacy, MS_FIELD_LEGACY},
+};
+
+static void walk_app(ms_cfg_ctx_t *c, yaml_node_t *node, app_build_t *ab)
+{
+    ms_app_config_t *app = ab->app;
+    app->name = ms_strdup("default");
+    app->route_prefix = ms_strdup("/");
+    app->args = json_object();
+    app->mark = ms_cfg_mark(node);
+    if (node->type != YAML_MAPPING_NODE) {
+        char got[64];
+        ms_cfg_describe(node, got, sizeof(got));
+        ms_cfg_error(c, node, "each application must be a mapping, got %s", got);
+        return;
+    }
+    ab->is_mapping = true;
+    uint64_t seen =
+        ms_cfg_walk_fields(c, node, "in application", app_fields, MS_N_FIELDS(app_fields), ab);
+    if (!ms_cfg_was_seen(seen, app_fields, MS_N_FIELDS(app_fields), "import_path"))
+        ms_cfg_error(c, node, "application '%s' is missing required key 'import_path'", app->name);
+}
+
+/* Position to blame for a duplicate: the value when the file gave one, else the entry. */
+static ms_config_mark_t blame(const yaml_node_t *node, ms_config_mark_t entry)
+{
+    return node ? ms_cfg_mark(node) : entry;
+}
+
+static void check_unique_apps(ms_cfg_ctx_t *c, ms_config_t *cfg, app_build_t *abs)
+{
+    /* A malformed entry has only defaults; comparing them would add noise, not information. */
+    for (size_t i = 0; i < cfg->n_apps; i++) {
+        ms_app_config_t *a = &cfg->apps[i];
+        for (size_t j = 0; j < i && abs[i].is_mapping; j++) {
+            if (abs[j].is_mapping && !strcmp(a->name, cfg->apps[j].name)) {
+                ms_cfg_error_at(c, blame(abs[i].name_node, a->mark),
+                                "duplicate application name '%s' (first at line %d)", a->name,
+                                blame(abs[j].name_node, cfg->apps[j].mark).line);
+                break;
+            }
+        }
+        for (size_t j = 0; j < i && abs[i].is_mapping && a->route_prefix; j++) {
+            const char *other = cfg->apps[j].route_prefix;
+            if (abs[j].is_mapping && other && !strcmp(a->route_prefix, other)) {
+                ms_cfg_error_at(c, blame(abs[i].prefix_node, a->mark),
+                                "duplicate route_prefix '%s' (also used by application '%s')",
+                                a->route_prefix, cfg->apps[j].name);
+                break;
+            }
+        }
+    }
+}
+
+static void top_applications(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    if (val->type != YAML_SEQUENCE_NODE) {
+        ms_cfg_bad_value(c, key, val, "a list");
+        return;
+    }
+    size_t n = (size_t)(val->data.sequence.items.top - val->data.sequence.items.start);
+    cfg->apps = ms_calloc(n, sizeof(*cfg->apps));
+    cfg->n_apps = n;
+    app_build_t *abs = ms_calloc(n, sizeof(*abs));
+    for (size_t i = 0; i < n; i++) {
+        abs[i].app = &cfg->apps[i];
+        walk_app(c, ms_cfg_node(c, val->data.sequence.items.start[i]), &abs[i]);
+    }
+    check_unique_apps(c, cfg, abs);
+    free(abs);
+}
+
+/* ---- top level --------------------------------------------------------------------------- */
+
+static const ms_cfg_field_t top_fields[] = {
+    {"http_options", top_http, MS_FIELD_OK},
+    {"logging_config", top_logging, MS_FIELD_OK},
+    {"applications", top_applications, MS_FIELD_OK},
+    {"proxy_location", ms_cfg_later_proxy_location, MS_FIELD_LATER},
+    {"grpc_options", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"target_capacity", ms_cfg_later_target_capacity, MS_FIELD_LATER},
+    {"admin", ms_cfg_later_mapping, MS_FIELD_LATER},
+};
+
+static void config_defaults(ms_config_t *cfg)
+{
+    cfg->http.host = ms_strdup("0.0.0.0");
+    cfg->http.port = 8000;
+    cfg->http.request_timeout_s = 0;
+    cfg->http.keep_alive_timeout_s = MS_DEFAULT_KEEP_ALIVE_TIMEOUT_S;
+    cfg->http.max_header_bytes = MS_DEFAULT_MAX_HEADER_BYTES;
+    cfg->http.max_body_bytes = MS_DEFAULT_MAX_BODY_BYTES;
+    cfg->http.header_timeout_s = MS_DEFAULT_HEADER_TIMEOUT_S;
+    cfg->log_level = ms_strdup("INFO");
+}
+
+static void walk_root(ms_cfg_ctx_t *c, yaml_node_t *root, ms_config_t *cfg)
+{
+    if (!root) {
+        ms_cfg_error_at(c, (ms_config_mark_t){1, 1},
+                        "config is empty; expected a mapping with 'applications'");
+        return;
+    }
+    if (root->type != YAML_MAPPING_NODE) {
+        char got[64];
+        ms_cfg_describe(root, got, sizeof(got));
+        ms_cfg_error(c, root, "config must be a mapping with 'applications', got %s", got);
+        return;
+    }
+    uint64_t seen =
+        ms_cfg_walk_fields(c, root, "at the top level", top_fields, MS_N_FIELDS(top_fields), cfg);
+    if (!ms_cfg_was_seen(seen, top_fields, MS_N_FIELDS(top_fields), "applications"))
+        ms_cfg_error(c, root, "config is missing required key 'applications'");
+}
+
+/* ---- parsing ----------------------------------------------------------------------------- */
+
+static void syntax_error(ms_cfg_ctx_t *c, const yaml_parser_t *p)
+{
+    ms_config_mark_t m = {1, 1};
+    /* Reader errors (bad encoding) carry a byte offset but no line; the rest carry a mark. */
+    if (p->error != YAML_READER_ERROR && p->error != YAML_MEMORY_ERROR) {
+        m.line = (int)p->problem_mark.line + 1;
+        m.col = (int)p->problem_mark.column + 1;
+    }
+    const char *problem = p->problem ? p->problem : "cannot parse";
+    if (p->context)
+        ms_cfg_error_at(c, m, "YAML syntax error: %s %s", p->context, problem);
+    else if (p->error == YAML_READER_ERROR)
+        ms_cfg_error_at(c, m, "YAML syntax error: %s at byte %zu", problem, p->problem_offset);
+    else
+        ms_cfg_error_at(c, m, "YAML syntax error: %s", problem);
+}
+
+/* Parses the first document and rejects any second one; returns 0 with *doc loaded. */
+static int parse_document(ms_cfg_ctx_t *c, const char *text, size_t len, yaml_document_t *doc)
+{
+    yaml_parser_t p;
+    yaml_parser_initialize(&p);
+    yaml_parser_set_input_string(&p, (const unsigned char *)text, len);
+    int rc = -1;
+    if (!yaml_parser_load(&p, doc)) {
+        syntax_error(c, &p);
+        goto out;
+    }
+    yaml_document_t extra;
+    if (!yaml_parser_load(&p, &extra)) {
+        syntax_error(c, &p);
+        yaml_document_delete(doc);
+        goto out;
+    }
+    yaml_node_t *extra_root = yaml_document_get_root_node(&extra);
+    if (extra_root)
+        ms_cfg_error(c, extra_root, "config must be a single YAML document");
+    yaml_document_delete(&extra);
+    rc = 0;
+out:
+    yaml_parser_delete(&p);
+    return rc;
+}
+
+/* `dir` made absolute, so import files resolve the same whatever the cwd later becomes. */
+static char *absolute_dir(const char *dir)
+{
+    char *real = realpath(dir && *dir ? dir : ".", NULL);
+    if (real)
+        return real;
+    char cwd[PATH_MAX];
+    ms_buf_t b = {0};
+    if (dir[0] == '/' || !getcwd(cwd, sizeof(cwd)))
+        ms_buf_appendf(&b, "%s", dir);
+    else
+        ms_buf_appendf(&b, "%s/%s", cwd, dir);
+    return b.data;
+}
+
+int ms_config_load_string(const char *text, size_t len, const char *name, const char *dir,
+                          ms_config_t **out, ms_config_errors_t *errs)
+{
+    ms_cfg_ctx_t c = {.file = name ? name : "<string>", .errs = errs};
+    ms_config_t *cfg = ms_calloc(1, sizeof(*cfg));
+    cfg->path = ms_strdup(c.file);
+    cfg->dir = absolute_dir(dir);
+    c.dir = cfg->dir;
+    c.json_budget = MS_CFG_JSON_MAX_NODES;
+    config_defaults(cfg);
+    *out = NULL;
+
+    yaml_document_t doc;
+    if (parse_document(&c, text, len, &doc) == 0) {
+        c.doc = &doc;
+        walk_root(&c, yaml_document_get_root_node(&doc), cfg);
+        yaml_document_delete(&doc);
+    }
+    if (c.n_errors > 0) {
+        ms_config_free(cfg);
+        return -1;
+    }
+    *out = cfg;
+    return 0;
+}
+
+static int read_file(const char *path, ms_buf_t *b)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -1;
+    char chunk[8192];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+        ms_buf_append(b, chunk, n);
+    /* Keep fread's errno (EISDIR for a folder): fclose may overwrite it. */
+    int err = ferror(f) ? (errno ? errno : EIO) : 0;
+    fclose(f);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}
+
+/* Absolute folder of an existing file (its realpath's parent). */
+static char *file_dir(const char *path)
+{
+    char *real = realpath(path, NULL);
+    if (!real)
+        return NULL;
+    char *slash = strrchr(real, '/');
+    if (slash == real)
+        slash[1] = '\0'; /* file in "/" */
+    else
+        *slash = '\0';
+    return real;
+}
+
+int ms_config_load(const char *path, ms_config_t **out, ms_config_errors_t *errs)
+{
+    ms_buf_t b = {0};
+    *out = NULL;
+    if (read_file(path, &b) < 0) {
+        ms_config_errors_add(errs, path, (ms_config_mark_t){1, 1}, "cannot read config: %s",
+                             strerror(errno));
+        ms_buf_free(&b);
+        return -1;
+    }
+    char *dir = file_dir(path);
+    int rc = ms_config_load_string(b.data ? b.data : "", b.len, path, dir, out, errs);
+    free(dir);
+    ms_buf_free(&b);
+    return rc;
+}
+
+/* ---- freeing and lookup ------------------------------------------------------------------ */
+
+static void app_free(ms_app_config_t *app)
+{
+    free(app->name);
+    free(app->route_prefix);
+    free(app->import_path);
+    free(app->import_file);
+    free(app->import_attr);
+    json_decref(app->args);
+    for (size_t i = 0; i < app->n_deployments; i++) {
+        free(app->deployments[i].name);
+        json_decref(app->deployments[i].user_config);
+    }
+    free(app->deployments);
+}
+
+void ms_config_free(ms_config_t *cfg)
+{
+    if (!cfg)
+        return;
+    for (size_t i = 0; i < cfg->n_apps; i++)
+        app_free(&cfg->apps[i]);
+    free(cfg->apps);
+    free(cfg->http.host);
+    free(cfg->log_level);
+    free(cfg->path);
+    free(cfg->dir);
+    free(cfg);
+}
+
+const ms_deployment_config_t *ms_config_find_deployment(const ms_app_config_t *app,
+                                                        const char *name)
+{
+    for (size_t i = 0; app && name && i < app->n_deployments; i++)
+        if (app->deployments[i].name && !strcmp(app->deployments[i].name, name))
+            return &app->deployments[i];
+    return NULL;
+}

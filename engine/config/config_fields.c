@@ -1,0 +1,313 @@
+/*
+ * config (fields): the pieces every level of the schema walk shares — value checks that report
+ * `KEY must be DESC, got VALUE`, the walk of a mapping against a field table (unknown keys,
+ * duplicates, did-you-mean, "not supported yet" warnings), loose checks for the Ray Serve keys
+ * that later work will implement, and logging_config, which appears at three levels.
+ */
+#include "config/config_internal.h"
+#include "core/core.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* ---- value checks: each reports `KEY must be DESC, got VALUE` at the value ------------------ */
+
+const char *ms_cfg_key_name(yaml_node_t *key)
+{
+    return ms_cfg_scalar(key);
+}
+
+void ms_cfg_bad_value(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, const char *desc)
+{
+    char got[64];
+    ms_cfg_describe(val, got, sizeof(got));
+    ms_cfg_error(c, val, "%s must be %s, got %s", ms_cfg_key_name(key), desc, got);
+}
+
+/* Scalars that are not null; quoted numbers are accepted as Ray's pydantic models do. */
+const char *ms_cfg_value_text(yaml_node_t *val)
+{
+    return ms_cfg_is_null(val) ? NULL : ms_cfg_scalar(val);
+}
+
+bool ms_cfg_get_int(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, long long lo, long long hi,
+                    const char *desc, long long *out)
+{
+    const char *s = ms_cfg_value_text(val);
+    long long v;
+    if (s && ms_cfg_parse_int(s, &v) && v >= lo && v <= hi) {
+        *out = v;
+        return true;
+    }
+    ms_cfg_bad_value(c, key, val, desc);
+    return false;
+}
+
+/* A finite number > lo (or >= lo when `inclusive`). */
+bool ms_cfg_get_num(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, double lo, bool inclusive,
+                    const char *desc, double *out)
+{
+    const char *s = ms_cfg_value_text(val);
+    double v;
+    if (s && ms_cfg_parse_double(s, &v) && (inclusive ? v >= lo : v > lo)) {
+        *out = v;
+        return true;
+    }
+    ms_cfg_bad_value(c, key, val, desc);
+    return false;
+}
+
+bool ms_cfg_get_bool(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, bool *out)
+{
+    const char *s = ms_cfg_value_text(val);
+    if (s && ms_cfg_parse_bool(s, out))
+        return true;
+    ms_cfg_bad_value(c, key, val, "true or false");
+    return false;
+}
+
+const char *ms_cfg_get_str(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val)
+{
+    const char *s = ms_cfg_value_text(val);
+    if (s && *s)
+        return s;
+    ms_cfg_bad_value(c, key, val, "a non-empty string");
+    return NULL;
+}
+
+/* One of `choices` (NULL-terminated), compared case-insensitively when `nocase`. */
+const char *ms_cfg_get_choice(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val,
+                              const char *const *choices, bool nocase, const char *desc)
+{
+    const char *s = ms_cfg_value_text(val);
+    for (size_t i = 0; s && choices[i]; i++)
+        if (nocase ? !strcasecmp(s, choices[i]) : !strcmp(s, choices[i]))
+            return choices[i];
+    ms_cfg_bad_value(c, key, val, desc);
+    return NULL;
+}
+
+bool ms_cfg_want_mapping(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, bool null_ok)
+{
+    if (val->type == YAML_MAPPING_NODE || (null_ok && ms_cfg_is_null(val)))
+        return true;
+    ms_cfg_bad_value(c, key, val, null_ok ? "a mapping or null" : "a mapping");
+    return false;
+}
+
+void ms_cfg_replace_str(char **dst, const char *s)
+{
+    free(*dst);
+    *dst = ms_strdup(s);
+}
+
+/* ---- walking a mapping against a field table ------------------------------------------- */
+
+/* Reports an unknown key; returns the index of the suggested field, or n when none. */
+static size_t unknown_key(ms_cfg_ctx_t *c, yaml_node_t *key, const char *where,
+                          const ms_cfg_field_t *fields, size_t n)
+{
+    const char *names[64];
+    size_t k = 0;
+    for (size_t i = 0; i < n && k < MS_N_FIELDS(names); i++)
+        if (fields[i].kind != MS_FIELD_LEGACY)
+            names[k++] = fields[i].name;
+    const char *hint = ms_cfg_suggest(ms_cfg_key_name(key), names, k);
+    if (!hint) {
+        ms_cfg_error(c, key, "unknown key '%s' %s", ms_cfg_key_name(key), where);
+        return n;
+    }
+    ms_cfg_error(c, key, "unknown key '%s' %s; did you mean '%s'?", ms_cfg_key_name(key), where,
+                 hint);
+    size_t i = 0;
+    while (i < n && fields[i].name != hint)
+        i++;
+    return i;
+}
+
+/* Dispatches each key of `map` to its field; returns a bit per field index that was present.
+ * A misspelt key counts as its suggestion, so "aplications" is one error, not two. */
+uint64_t ms_cfg_walk_fields(ms_cfg_ctx_t *c, yaml_node_t *map, const char *where,
+                            const ms_cfg_field_t *fields, size_t n, void *obj)
+{
+    uint64_t seen = 0, suggested = 0;
+    for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top;
+         p++) {
+        yaml_node_t *key = ms_cfg_node(c, p->key), *val = ms_cfg_node(c, p->value);
+        if (!ms_cfg_key_name(key)) {
+            ms_cfg_error(c, key, "keys %s must be strings", where);
+            continue;
+        }
+        size_t i = 0;
+        while (i < n && strcmp(fields[i].name, ms_cfg_key_name(key)) != 0)
+            i++;
+        if (i == n) {
+            size_t hint = unknown_key(c, key, where, fields, n);
+            if (hint < n)
+                suggested |= UINT64_C(1) << hint;
+            continue;
+        }
+        if (seen & (UINT64_C(1) << i)) {
+            ms_cfg_error(c, key, "duplicate key '%s' %s", ms_cfg_key_name(key), where);
+            continue;
+        }
+        seen |= UINT64_C(1) << i;
+        if (fields[i].kind == MS_FIELD_LATER)
+            ms_cfg_warn_unsupported(c, key);
+        fields[i].fn(c, obj, key, val);
+    }
+    return seen | suggested;
+}
+
+bool ms_cfg_was_seen(uint64_t seen, const ms_cfg_field_t *fields, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(fields[i].name, name))
+            return seen & (UINT64_C(1) << i);
+    return false;
+}
+
+/* ---- loose checks for keys that later work will implement -------------------------------- */
+
+void ms_cfg_later_mapping(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    ms_cfg_want_mapping(c, key, val, true);
+}
+
+void ms_cfg_later_bool(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    bool b;
+    (void)obj;
+    ms_cfg_get_bool(c, key, val, &b);
+}
+
+void ms_cfg_later_proxy_location(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    static const char *const choices[] = {"Disabled", "HeadOnly", "EveryNode", NULL};
+    (void)obj;
+    ms_cfg_get_choice(c, key, val, choices, false, "one of Disabled, HeadOnly, EveryNode");
+}
+
+void ms_cfg_later_target_capacity(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    double v;
+    (void)obj;
+    if (ms_cfg_is_null(val))
+        return;
+    if (ms_cfg_get_num(c, key, val, 0, true, "a number in 0..100 or null", &v) && v > 100)
+        ms_cfg_bad_value(c, key, val, "a number in 0..100 or null");
+}
+
+void ms_cfg_later_bundles(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    if (ms_cfg_is_null(val))
+        return;
+    if (val->type != YAML_SEQUENCE_NODE) {
+        ms_cfg_bad_value(c, key, val, "a list of mappings");
+        return;
+    }
+    for (yaml_node_item_t *it = val->data.sequence.items.start; it < val->data.sequence.items.top;
+         it++)
+        ms_cfg_want_mapping(c, key, ms_cfg_node(c, *it), false);
+}
+
+void ms_cfg_later_pg_strategy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    static const char *const choices[] = {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", NULL};
+    (void)obj;
+    ms_cfg_get_choice(c, key, val, choices, false,
+                      "one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD");
+}
+
+void ms_cfg_later_per_node(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    long long v;
+    (void)obj;
+    if (!ms_cfg_is_null(val))
+        ms_cfg_get_int(c, key, val, 1, 100, "an integer in 1..100 or null", &v);
+}
+
+/* ---- logging_config ------------------------------------------------------------------------ */
+
+typedef struct logging_build {
+    char **level; /* where log_level goes; NULL where logging_config is not effective yet */
+} logging_build_t;
+
+static void log_level(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    static const char *const levels[] = {"DEBUG", "INFO", "WARNING", "ERROR", NULL};
+    logging_build_t *lb = obj;
+    const char *s =
+        ms_cfg_get_choice(c, key, val, levels, true, "one of DEBUG, INFO, WARNING, ERROR");
+    if (s && lb->level)
+        ms_cfg_replace_str(lb->level, s);
+}
+
+/* The remaining logging fields are checked but have no effect yet; at app and deployment level
+ * the whole logging_config already got its warning, so only the top level warns per field. */
+static void log_warn_field(ms_cfg_ctx_t *c, logging_build_t *lb, yaml_node_t *key)
+{
+    if (lb->level)
+        ms_cfg_warn_unsupported(c, key);
+}
+
+static void log_encoding(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    static const char *const encodings[] = {"TEXT", "JSON", NULL};
+    if (ms_cfg_get_choice(c, key, val, encodings, false, "TEXT or JSON"))
+        log_warn_field(c, obj, key);
+}
+
+static void log_dir(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    if (!ms_cfg_is_null(val) && ms_cfg_get_str(c, key, val))
+        log_warn_field(c, obj, key);
+}
+
+static void log_access(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    bool b;
+    if (ms_cfg_get_bool(c, key, val, &b))
+        log_warn_field(c, obj, key);
+}
+
+static void log_attrs(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    if (val->type != YAML_SEQUENCE_NODE) {
+        ms_cfg_bad_value(c, key, val, "a list of strings");
+        return;
+    }
+    bool ok = true;
+    for (yaml_node_item_t *it = val->data.sequence.items.start; it < val->data.sequence.items.top;
+         it++)
+        ok = ms_cfg_get_str(c, key, ms_cfg_node(c, *it)) && ok;
+    if (ok && val->data.sequence.items.top > val->data.sequence.items.start)
+        log_warn_field(c, obj, key);
+}
+
+static const ms_cfg_field_t logging_fields[] = {
+    {"log_level", log_level, MS_FIELD_OK},
+    {"encoding", log_encoding, MS_FIELD_OK},
+    {"logs_dir", log_dir, MS_FIELD_OK},
+    {"enable_access_log", log_access, MS_FIELD_OK},
+    {"additional_log_standard_attrs", log_attrs, MS_FIELD_OK},
+};
+
+void ms_cfg_walk_logging(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, char **level)
+{
+    logging_build_t lb = {level};
+    if (ms_cfg_is_null(val) || !ms_cfg_want_mapping(c, key, val, true))
+        return;
+    ms_cfg_walk_fields(c, val, "in logging_config", logging_fields, MS_N_FIELDS(logging_fields),
+                       &lb);
+}
+
+void ms_cfg_later_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    ms_cfg_walk_logging(c, key, val, NULL);
+}

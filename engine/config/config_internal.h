@@ -1,0 +1,111 @@
+/*
+ * config (private): the helpers shared by the config loader's source files — error reporting
+ * with node positions, scalar parsing that follows YAML 1.1 / PyYAML (which Ray Serve uses),
+ * YAML-to-JSON conversion, the did-you-mean search and import_path resolution.
+ * Nothing outside engine/config/ includes this header.
+ */
+#ifndef MS_CONFIG_INTERNAL_H
+#define MS_CONFIG_INTERNAL_H
+
+#include "config/config.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <yaml.h>
+
+/* Past this many errors a load stops recording them: a config PUT over HTTP could otherwise
+ * make us build an unbounded error list from a large garbage body. */
+#define MS_CFG_MAX_ERRORS 100
+/* YAML aliases can nest (and even recurse), so JSON conversion has a depth and a node budget. */
+#define MS_CFG_JSON_MAX_DEPTH 64
+#define MS_CFG_JSON_MAX_NODES 100000
+
+typedef struct ms_cfg_ctx {
+    yaml_document_t *doc;
+    const char *file; /* name used in messages, as given by the caller */
+    const char *dir;  /* absolute folder that relative import paths resolve against */
+    ms_config_errors_t *errs;
+    size_t n_errors;    /* errors from this load only; errs may already hold earlier ones */
+    size_t json_budget; /* nodes left for YAML-to-JSON conversion */
+} ms_cfg_ctx_t;
+
+/* ---- positions and messages (config_util.c) ---- */
+ms_config_mark_t ms_cfg_mark(const yaml_node_t *node);
+yaml_node_t *ms_cfg_node(ms_cfg_ctx_t *c, int index);
+void ms_cfg_errors_vadd(ms_config_errors_t *errs, const char *file, ms_config_mark_t mark,
+                        const char *fmt, va_list ap);
+void ms_cfg_error_at(ms_cfg_ctx_t *c, ms_config_mark_t mark, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void ms_cfg_error(ms_cfg_ctx_t *c, const yaml_node_t *node, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void ms_cfg_warn_unsupported(ms_cfg_ctx_t *c, const yaml_node_t *key);
+/* Writes a short description of a value for "got ..." in messages: "abc" quoted, null, a list. */
+void ms_cfg_describe(const yaml_node_t *node, char *out, size_t size);
+
+/* ---- scalars (config_util.c) ---- */
+const char *ms_cfg_scalar(const yaml_node_t *node); /* NULL unless a scalar */
+bool ms_cfg_is_null(const yaml_node_t *node);       /* plain ~, null, Null, NULL or empty */
+bool ms_cfg_is_plain(const yaml_node_t *node);
+bool ms_cfg_parse_int(const char *s, long long *out);
+bool ms_cfg_parse_double(const char *s, double *out);
+bool ms_cfg_parse_bool(const char *s, bool *out);
+
+/* Converts a YAML node to JSON; reports problems and returns NULL on failure. */
+json_t *ms_cfg_to_json(ms_cfg_ctx_t *c, yaml_node_t *node);
+
+/* The known key closest to `key` (edit distance <= 2, or a long shared prefix), or NULL. */
+const char *ms_cfg_suggest(const char *key, const char *const *names, size_t n);
+
+/* ---- schema walk (config_fields.c) ---- */
+/* One key of a mapping level: implemented, known to Ray Serve but not implemented yet (loosely
+ * type-checked, then warned about), or a legacy key that is an error. */
+typedef void (*ms_cfg_field_fn)(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+typedef enum { MS_FIELD_OK, MS_FIELD_LATER, MS_FIELD_LEGACY } ms_cfg_field_kind_t;
+typedef struct ms_cfg_field {
+    const char *name;
+    ms_cfg_field_fn fn;
+    ms_cfg_field_kind_t kind;
+} ms_cfg_field_t;
+#define MS_N_FIELDS(t) (sizeof(t) / sizeof((t)[0]))
+
+/* Dispatches each key of `map`; returns a bit per field index present (or suggested for a
+ * misspelt key). `where` completes "unknown key 'x' ...": "in deployment", "at the top level". */
+uint64_t ms_cfg_walk_fields(ms_cfg_ctx_t *c, yaml_node_t *map, const char *where,
+                            const ms_cfg_field_t *fields, size_t n, void *obj);
+bool ms_cfg_was_seen(uint64_t seen, const ms_cfg_field_t *fields, size_t n, const char *name);
+
+/* Value checks: on a bad value each reports `KEY must be DESC, got VALUE` at the value. */
+const char *ms_cfg_key_name(yaml_node_t *key);
+const char *ms_cfg_value_text(yaml_node_t *val); /* non-null scalar text, or NULL */
+void ms_cfg_bad_value(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, const char *desc);
+bool ms_cfg_get_int(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, long long lo, long long hi,
+                    const char *desc, long long *out);
+/* A finite number > lo, or >= lo when `inclusive`. */
+bool ms_cfg_get_num(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, double lo, bool inclusive,
+                    const char *desc, double *out);
+bool ms_cfg_get_bool(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, bool *out);
+const char *ms_cfg_get_str(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val); /* non-empty */
+const char *ms_cfg_get_choice(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val,
+                              const char *const *choices, bool nocase, const char *desc);
+bool ms_cfg_want_mapping(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, bool null_ok);
+void ms_cfg_replace_str(char **dst, const char *s);
+
+/* logging_config at any level; `level` receives log_level, NULL where it has no effect yet. */
+void ms_cfg_walk_logging(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, char **level);
+
+/* Loose checks for keys that later work will implement (field functions; obj unused). */
+void ms_cfg_later_mapping(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_bool(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_proxy_location(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_target_capacity(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_bundles(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_pg_strategy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_per_node(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+
+/* ---- import_path (config_import.c) ---- */
+/* Splits app->import_path and fills import_file (absolute, must exist) and import_attr.
+ * Reports problems at `val` and returns -1 on failure. */
+int ms_cfg_resolve_import(ms_cfg_ctx_t *c, ms_app_config_t *app, const yaml_node_t *val);
+
+#endif

@@ -1,0 +1,594 @@
+/*
+ * Unit tests for the config module: defaults, every validation rule, did-you-mean, error
+ * collection and positions, import_path resolution against a temporary folder, user_config to
+ * JSON, and YAML syntax errors.
+ */
+#include "config/config.h"
+#include "test.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static char tmpdir[PATH_MAX]; /* realpath of the mkdtemp folder holding the Lua files */
+
+static void write_file(const char *rel, const char *text)
+{
+    char path[PATH_MAX * 2];
+    snprintf(path, sizeof(path), "%s/%s", tmpdir, rel);
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        perror(path);
+        exit(1);
+    }
+    fputs(text, f);
+    fclose(f);
+}
+
+static void make_dir(const char *rel)
+{
+    char path[PATH_MAX * 2];
+    snprintf(path, sizeof(path), "%s/%s", tmpdir, rel);
+    mkdir(path, 0755);
+}
+
+static void setup_tmpdir(void)
+{
+    char tmpl[] = "/tmp/ms_test_config_XXXXXX";
+    if (!mkdtemp(tmpl) || !realpath(tmpl, tmpdir)) {
+        perror("mkdtemp");
+        exit(1);
+    }
+    write_file("app.lua", "return {}\n");
+    make_dir("pkg");
+    write_file("pkg/model.lua", "return {}\n");
+    make_dir("pkg/sub");
+    write_file("pkg/sub/init.lua", "return {}\n");
+}
+
+static void cleanup_tmpdir(void)
+{
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", tmpdir);
+}
+
+static int load(const char *yaml, ms_config_t **cfg, ms_config_errors_t *errs)
+{
+    memset(errs, 0, sizeof(*errs));
+    return ms_config_load_string(yaml, strlen(yaml), "t.yaml", tmpdir, cfg, errs);
+}
+
+static void dump_errors(const ms_config_errors_t *errs)
+{
+    for (size_t i = 0; i < errs->n; i++)
+        fprintf(stderr, "    %s\n", errs->items[i]);
+}
+
+/* Loads `yaml`, expects failure with exactly one error equal to `expected`. */
+static void expect_error(const char *yaml, const char *expected)
+{
+    ms_config_t *cfg = (ms_config_t *)1;
+    ms_config_errors_t errs;
+    ASSERT_INT_EQ(load(yaml, &cfg, &errs), -1);
+    ASSERT_TRUE(cfg == NULL);
+    ASSERT_INT_EQ(errs.n, 1);
+    if (errs.n != 1)
+        dump_errors(&errs);
+    ASSERT_STR_EQ(errs.n ? errs.items[0] : NULL, expected);
+    ms_config_errors_free(&errs);
+}
+
+/* Loads `yaml` expecting success; the caller frees the config. */
+static ms_config_t *expect_ok(const char *yaml)
+{
+    ms_config_t *cfg = NULL;
+    ms_config_errors_t errs;
+    int rc = load(yaml, &cfg, &errs);
+    ASSERT_INT_EQ(rc, 0);
+    ASSERT_INT_EQ(errs.n, 0);
+    dump_errors(&errs);
+    ms_config_errors_free(&errs);
+    return cfg;
+}
+
+static char *tmp_path(const char *rel)
+{
+    static char path[PATH_MAX * 2];
+    snprintf(path, sizeof(path), "%s/%s", tmpdir, rel);
+    return path;
+}
+
+static void test_defaults(void)
+{
+    ms_config_t *cfg = expect_ok("applications:\n"
+                                 "  - import_path: app.lua:App\n"
+                                 "    deployments:\n"
+                                 "      - name: Model\n");
+    if (!cfg)
+        return;
+    ASSERT_STR_EQ(cfg->path, "t.yaml");
+    ASSERT_STR_EQ(cfg->dir, tmpdir);
+    ASSERT_STR_EQ(cfg->http.host, "0.0.0.0");
+    ASSERT_INT_EQ(cfg->http.port, 8000);
+    ASSERT_TRUE(cfg->http.request_timeout_s == 0);
+    ASSERT_TRUE(cfg->http.keep_alive_timeout_s == 90.0);
+    ASSERT_INT_EQ(cfg->http.max_header_bytes, 32768);
+    ASSERT_INT_EQ(cfg->http.max_body_bytes, 64 * 1024 * 1024);
+    ASSERT_TRUE(cfg->http.header_timeout_s == 10.0);
+    ASSERT_STR_EQ(cfg->log_level, "INFO");
+    ASSERT_INT_EQ(cfg->n_apps, 1);
+    ms_app_config_t *app = &cfg->apps[0];
+    ASSERT_STR_EQ(app->name, "default");
+    ASSERT_STR_EQ(app->route_prefix, "/");
+    ASSERT_STR_EQ(app->import_path, "app.lua:App");
+    ASSERT_STR_EQ(app->import_file, tmp_path("app.lua"));
+    ASSERT_STR_EQ(app->import_attr, "App");
+    ASSERT_TRUE(json_is_object(app->args) && json_object_size(app->args) == 0);
+    ASSERT_INT_EQ(app->mark.line, 2);
+    ASSERT_INT_EQ(app->mark.col, 5);
+    ASSERT_INT_EQ(app->import_path_mark.line, 2);
+    ASSERT_INT_EQ(app->import_path_mark.col, 18);
+    ASSERT_INT_EQ(app->n_deployments, 1);
+    const ms_deployment_config_t *d = ms_config_find_deployment(app, "Model");
+    ASSERT_TRUE(d != NULL);
+    ASSERT_TRUE(ms_config_find_deployment(app, "Other") == NULL);
+    if (d) {
+        ASSERT_INT_EQ(d->set, 0);
+        ASSERT_INT_EQ(d->num_replicas, MS_DEFAULT_NUM_REPLICAS);
+        ASSERT_INT_EQ(d->max_ongoing_requests, 5);
+        ASSERT_INT_EQ(d->max_queued_requests, -1);
+        ASSERT_TRUE(d->user_config == NULL);
+        ASSERT_TRUE(d->graceful_shutdown_wait_loop_s == 2.0);
+        ASSERT_TRUE(d->graceful_shutdown_timeout_s == 20.0);
+        ASSERT_TRUE(d->health_check_period_s == 10.0);
+        ASSERT_TRUE(d->health_check_timeout_s == 30.0);
+        ASSERT_INT_EQ(d->mark.line, 4);
+        ASSERT_INT_EQ(d->mark.col, 9);
+    }
+    ms_config_free(cfg);
+}
+
+static void test_all_fields(void)
+{
+    ms_config_t *cfg = expect_ok("http_options:\n"
+                                 "  host: 127.0.0.1\n"
+                                 "  port: 9001\n"
+                                 "  request_timeout_s: 2.5\n"
+                                 "  keep_alive_timeout_s: 5\n"
+                                 "  max_header_bytes: 2048\n"
+                                 "  max_body_bytes: 0\n"
+                                 "  header_timeout_s: 3\n"
+                                 "logging_config:\n"
+                                 "  log_level: debug\n"
+                                 "  encoding: JSON\n"
+                                 "  logs_dir: /tmp/logs\n"
+                                 "  enable_access_log: false\n"
+                                 "  additional_log_standard_attrs: [name]\n"
+                                 "proxy_location: EveryNode\n"
+                                 "target_capacity: 50\n"
+                                 "applications:\n"
+                                 "  - name: a\n"
+                                 "    route_prefix: /api\n"
+                                 "    import_path: app.lua:App\n"
+                                 "    args: {model: small, n: 3}\n"
+                                 "    runtime_env: {}\n"
+                                 "    external_scaler_enabled: false\n"
+                                 "    deployments:\n"
+                                 "      - name: M\n"
+                                 "        num_replicas: 3\n"
+                                 "        max_ongoing_requests: 7\n"
+                                 "        max_queued_requests: 10\n"
+                                 "        graceful_shutdown_wait_loop_s: 0\n"
+                                 "        graceful_shutdown_timeout_s: 1.5\n"
+                                 "        health_check_period_s: 4\n"
+                                 "        health_check_timeout_s: 6\n"
+                                 "        user_config: {k: 1}\n"
+                                 "        ray_actor_options: {num_cpus: 1}\n"
+                                 "        max_replicas_per_node: 2\n"
+                                 "      - name: N\n"
+                                 "        max_queued_requests: -1\n"
+                                 "  - name: b\n"
+                                 "    route_prefix: /other\n"
+                                 "    import_path: pkg.model:Model\n");
+    if (!cfg)
+        return;
+    ASSERT_STR_EQ(cfg->http.host, "127.0.0.1");
+    ASSERT_INT_EQ(cfg->http.port, 9001);
+    ASSERT_TRUE(cfg->http.request_timeout_s == 2.5);
+    ASSERT_TRUE(cfg->http.keep_alive_timeout_s == 5);
+    ASSERT_INT_EQ(cfg->http.max_header_bytes, 2048);
+    ASSERT_INT_EQ(cfg->http.max_body_bytes, 0);
+    ASSERT_TRUE(cfg->http.header_timeout_s == 3);
+    ASSERT_STR_EQ(cfg->log_level, "DEBUG");
+    ASSERT_INT_EQ(cfg->n_apps, 2);
+    ms_app_config_t *a = &cfg->apps[0];
+    ASSERT_STR_EQ(a->name, "a");
+    ASSERT_STR_EQ(a->route_prefix, "/api");
+    ASSERT_STR_EQ(json_string_value(json_object_get(a->args, "model")), "small");
+    ASSERT_INT_EQ(json_integer_value(json_object_get(a->args, "n")), 3);
+    const ms_deployment_config_t *m = ms_config_find_deployment(a, "M");
+    ASSERT_TRUE(m != NULL);
+    if (m) {
+        ASSERT_INT_EQ(m->set, MS_SET_NUM_REPLICAS | MS_SET_MAX_ONGOING_REQUESTS |
+                                  MS_SET_MAX_QUEUED_REQUESTS | MS_SET_USER_CONFIG |
+                                  MS_SET_GRACEFUL_SHUTDOWN_WAIT_LOOP_S |
+                                  MS_SET_GRACEFUL_SHUTDOWN_TIMEOUT_S |
+                                  MS_SET_HEALTH_CHECK_PERIOD_S | MS_SET_HEALTH_CHECK_TIMEOUT_S);
+        ASSERT_INT_EQ(m->num_replicas, 3);
+        ASSERT_INT_EQ(m->max_ongoing_requests, 7);
+        ASSERT_INT_EQ(m->max_queued_requests, 10);
+        ASSERT_TRUE(m->graceful_shutdown_wait_loop_s == 0);
+        ASSERT_TRUE(m->graceful_shutdown_timeout_s == 1.5);
+        ASSERT_TRUE(m->health_check_period_s == 4);
+        ASSERT_TRUE(m->health_check_timeout_s == 6);
+    }
+    const ms_deployment_config_t *n = ms_config_find_deployment(a, "N");
+    ASSERT_TRUE(n && n->set == MS_SET_MAX_QUEUED_REQUESTS && n->max_queued_requests == -1);
+    ASSERT_STR_EQ(cfg->apps[1].import_file, tmp_path("pkg/model.lua"));
+    ASSERT_STR_EQ(cfg->apps[1].import_attr, "Model");
+    ms_config_free(cfg);
+}
+
+/* One failing case per rule, each checked with its full `file:line:col: message`. */
+static void test_validation_rules(void)
+{
+    const char *app = "applications:\n  - import_path: app.lua:A\n";
+    char buf[1024];
+#define WITH_HTTP(line) (snprintf(buf, sizeof(buf), "http_options:\n  " line "\n%s", app), buf)
+    expect_error(WITH_HTTP("port: 0"),
+                 "t.yaml:2:9: port must be an integer in 1..65535, got \"0\"");
+    expect_error(WITH_HTTP("port: 65536"),
+                 "t.yaml:2:9: port must be an integer in 1..65535, got \"65536\"");
+    expect_error(WITH_HTTP("host: ''"), "t.yaml:2:9: host must be a non-empty string, got \"\"");
+    expect_error(WITH_HTTP("request_timeout_s: 0"),
+                 "t.yaml:2:22: request_timeout_s must be a number > 0 or null, got \"0\"");
+    expect_error(WITH_HTTP("keep_alive_timeout_s: -1"),
+                 "t.yaml:2:25: keep_alive_timeout_s must be a number > 0, got \"-1\"");
+    expect_error(WITH_HTTP("max_header_bytes: 1023"),
+                 "t.yaml:2:21: max_header_bytes must be an integer >= 1024, got \"1023\"");
+    expect_error(WITH_HTTP("max_body_bytes: -5"),
+                 "t.yaml:2:19: max_body_bytes must be an integer >= 0, got \"-5\"");
+    expect_error(WITH_HTTP("header_timeout_s: 0"),
+                 "t.yaml:2:21: header_timeout_s must be a number > 0, got \"0\"");
+#undef WITH_HTTP
+    ms_config_t *cfg = expect_ok("http_options:\n  request_timeout_s: null\n"
+                                 "applications:\n  - import_path: app.lua:A\n");
+    ASSERT_TRUE(cfg && cfg->http.request_timeout_s == 0);
+    ms_config_free(cfg);
+
+#define WITH_LOG(line) (snprintf(buf, sizeof(buf), "logging_config:\n  " line "\n%s", app), buf)
+    expect_error(WITH_LOG("log_level: LOUD"),
+                 "t.yaml:2:14: log_level must be one of DEBUG, INFO, WARNING, ERROR, got \"LOUD\"");
+    expect_error(WITH_LOG("encoding: XML"),
+                 "t.yaml:2:13: encoding must be TEXT or JSON, got \"XML\"");
+    expect_error(WITH_LOG("enable_access_log: maybe"),
+                 "t.yaml:2:22: enable_access_log must be true or false, got \"maybe\"");
+    expect_error(WITH_LOG("additional_log_standard_attrs: x"),
+                 "t.yaml:2:34: additional_log_standard_attrs must be a list of strings, got \"x\"");
+#undef WITH_LOG
+
+    expect_error("http_options: {}\n", "t.yaml:1:1: config is missing required key 'applications'");
+    expect_error("applications: {}\n", "t.yaml:1:15: applications must be a list, got a mapping");
+    expect_error("- a\n", "t.yaml:1:1: config must be a mapping with 'applications', got a list");
+    expect_error("", "t.yaml:1:1: config is empty; expected a mapping with 'applications'");
+    expect_error("applications:\n  - name: x\n",
+                 "t.yaml:2:5: application 'x' is missing required key 'import_path'");
+    expect_error("applications:\n  - name: ''\n    import_path: app.lua:A\n",
+                 "t.yaml:2:11: name must be a non-empty string, got \"\"");
+    expect_error("applications:\n  - import_path: app.lua:A\n  - import_path: app.lua:B\n"
+                 "    route_prefix: /b\n",
+                 "t.yaml:3:5: duplicate application name 'default' (first at line 2)");
+    expect_error("applications:\n  - name: a\n    import_path: app.lua:A\n"
+                 "  - name: b\n    import_path: app.lua:A\n",
+                 "t.yaml:4:5: duplicate route_prefix '/' (also used by application 'a')");
+
+    const char *bad_prefixes[] = {"api", "/api/", "/a{b}"};
+    for (size_t i = 0; i < 3; i++) {
+        char want[256];
+        snprintf(buf, sizeof(buf),
+                 "applications:\n  - import_path: app.lua:A\n    route_prefix: '%s'\n",
+                 bad_prefixes[i]);
+        snprintf(want, sizeof(want),
+                 "t.yaml:3:19: route_prefix must be null or a path starting with '/', not ending "
+                 "with '/' (unless exactly \"/\") and without '{' or '}', got \"%s\"",
+                 bad_prefixes[i]);
+        expect_error(buf, want);
+    }
+    expect_error("applications:\n  - import_path: app.lua:A\n    args: [1]\n",
+                 "t.yaml:3:11: args must be a mapping or null, got a list");
+    expect_error("applications:\n  - import_path: app.lua:A\n    host: 0.0.0.0\n",
+                 "t.yaml:3:5: 'host' is a legacy single-application field and is not allowed in a "
+                 "multi-application config; use http_options.host");
+
+#define WITH_DEP(line)                                                                             \
+    (snprintf(buf, sizeof(buf), "%s    deployments:\n      - name: D\n        " line "\n", app),   \
+     buf)
+    expect_error(WITH_DEP("num_replicas: abc"),
+                 "t.yaml:5:23: num_replicas must be an integer > 0, got \"abc\"");
+    expect_error(WITH_DEP("num_replicas: 0"),
+                 "t.yaml:5:23: num_replicas must be an integer > 0, got \"0\"");
+    expect_error(WITH_DEP("num_replicas: 1.5"),
+                 "t.yaml:5:23: num_replicas must be an integer > 0, got \"1.5\"");
+    expect_error(
+        WITH_DEP("num_replicas: auto"),
+        "t.yaml:5:23: num_replicas: \"auto\" needs autoscaling support, not available yet");
+    expect_error(WITH_DEP("max_ongoing_requests: 0"),
+                 "t.yaml:5:31: max_ongoing_requests must be an integer > 0, got \"0\"");
+    expect_error(WITH_DEP("max_queued_requests: 0"),
+                 "t.yaml:5:30: max_queued_requests must be -1 or an integer >= 1, got \"0\"");
+    expect_error(WITH_DEP("max_queued_requests: -2"),
+                 "t.yaml:5:30: max_queued_requests must be -1 or an integer >= 1, got \"-2\"");
+    expect_error(WITH_DEP("user_config: 5"),
+                 "t.yaml:5:22: user_config must be a mapping or null, got \"5\"");
+    expect_error(WITH_DEP("graceful_shutdown_wait_loop_s: -0.5"),
+                 "t.yaml:5:40: graceful_shutdown_wait_loop_s must be a number >= 0, got \"-0.5\"");
+    expect_error(WITH_DEP("graceful_shutdown_timeout_s: x"),
+                 "t.yaml:5:38: graceful_shutdown_timeout_s must be a number >= 0, got \"x\"");
+    expect_error(WITH_DEP("health_check_period_s: 0"),
+                 "t.yaml:5:32: health_check_period_s must be a number > 0, got \"0\"");
+    expect_error(WITH_DEP("health_check_timeout_s: null"),
+                 "t.yaml:5:33: health_check_timeout_s must be a number > 0, got null");
+    expect_error(WITH_DEP("max_replicas_per_node: 101"),
+                 "t.yaml:5:32: max_replicas_per_node must be an integer in 1..100 or null, got "
+                 "\"101\"");
+    expect_error(WITH_DEP("name: E"), "t.yaml:5:9: duplicate key 'name' in deployment");
+#undef WITH_DEP
+    expect_error("applications:\n  - import_path: app.lua:A\n    deployments:\n"
+                 "      - num_replicas: 2\n",
+                 "t.yaml:4:9: deployment is missing required key 'name'");
+    expect_error("applications:\n  - import_path: app.lua:A\n    deployments:\n"
+                 "      - name: D\n      - name: D\n",
+                 "t.yaml:5:15: duplicate deployment name 'D' in application 'default' (first at "
+                 "line 4)");
+    expect_error("proxy_location: Nowhere\n"
+                 "applications: []\n",
+                 "t.yaml:1:17: proxy_location must be one of Disabled, HeadOnly, EveryNode, got "
+                 "\"Nowhere\"");
+}
+
+static void test_did_you_mean(void)
+{
+    expect_error("applications:\n  - import_path: app.lua:A\n    deployments:\n"
+                 "      - name: D\n        max_ongoing_request: 3\n",
+                 "t.yaml:5:9: unknown key 'max_ongoing_request' in deployment; did you mean "
+                 "'max_ongoing_requests'?");
+    expect_error("aplications: []\n",
+                 "t.yaml:1:1: unknown key 'aplications' at the top level; did you mean "
+                 "'applications'?");
+    /* Too far for edit distance, but a long shared prefix. */
+    expect_error("applications:\n  - import_path: app.lua:A\n    deployments:\n"
+                 "      - name: D\n        health_check: 3\n",
+                 "t.yaml:5:9: unknown key 'health_check' in deployment; did you mean "
+                 "'health_check_period_s'?");
+    /* Nothing close: no hint. */
+    expect_error("http_options:\n  colour: blue\napplications: []\n",
+                 "t.yaml:2:3: unknown key 'colour' in http_options");
+}
+
+static void test_multiple_errors(void)
+{
+    ms_config_t *cfg;
+    ms_config_errors_t errs;
+    int rc = load("http_options:\n"
+                  "  port: x\n"
+                  "applications:\n"
+                  "  - import_path: missing.lua:A\n"
+                  "    deployments:\n"
+                  "      - name: D\n"
+                  "        num_replicas: -1\n"
+                  "        bogus: 1\n",
+                  &cfg, &errs);
+    ASSERT_INT_EQ(rc, -1);
+    ASSERT_INT_EQ(errs.n, 4);
+    if (errs.n == 4) {
+        ASSERT_CONTAINS(errs.items[0], "t.yaml:2:9: port must be");
+        ASSERT_CONTAINS(errs.items[1], "t.yaml:4:18: import_path \"missing.lua:A\": file ");
+        ASSERT_CONTAINS(errs.items[2], "t.yaml:7:23: num_replicas must be an integer > 0");
+        ASSERT_STR_EQ(errs.items[3], "t.yaml:8:9: unknown key 'bogus' in deployment");
+    } else {
+        dump_errors(&errs);
+    }
+    /* The list is appended to, not reset: a second failing load adds to it. */
+    ASSERT_INT_EQ(ms_config_load_string("x: [", 4, "u.yaml", tmpdir, &cfg, &errs), -1);
+    ASSERT_INT_EQ(errs.n, 5);
+    ms_config_errors_free(&errs);
+    ASSERT_INT_EQ(errs.n, 0);
+}
+
+static void test_route_prefix_null(void)
+{
+    ms_config_t *cfg = expect_ok("applications:\n"
+                                 "  - name: a\n    import_path: app.lua:A\n    route_prefix: null\n"
+                                 "  - name: b\n    import_path: app.lua:A\n    route_prefix: ~\n"
+                                 "  - name: c\n    import_path: app.lua:A\n");
+    if (!cfg)
+        return;
+    ASSERT_TRUE(cfg->apps[0].route_prefix == NULL);
+    ASSERT_TRUE(cfg->apps[1].route_prefix == NULL);
+    ASSERT_STR_EQ(cfg->apps[2].route_prefix, "/");
+    ms_config_free(cfg);
+}
+
+static void expect_import(const char *import_path, const char *file, const char *attr)
+{
+    char yaml[512];
+    snprintf(yaml, sizeof(yaml), "applications:\n  - import_path: '%s'\n", import_path);
+    ms_config_t *cfg = expect_ok(yaml);
+    if (!cfg)
+        return;
+    ASSERT_STR_EQ(cfg->apps[0].import_path, import_path);
+    ASSERT_STR_EQ(cfg->apps[0].import_file, file);
+    ASSERT_STR_EQ(cfg->apps[0].import_attr, attr);
+    ms_config_free(cfg);
+}
+
+static void test_import_path(void)
+{
+    char abs[PATH_MAX + 32];
+    expect_import("app.lua:App", tmp_path("app.lua"), "App");
+    expect_import("./pkg/model.lua:M", tmp_path("pkg/model.lua"), "M");
+    expect_import("pkg.model:Model", tmp_path("pkg/model.lua"), "Model");
+    expect_import("pkg.model.Model", tmp_path("pkg/model.lua"), "Model");
+    expect_import("app.App", tmp_path("app.lua"), "App");
+    expect_import("pkg.sub:S", tmp_path("pkg/sub/init.lua"), "S");
+    snprintf(abs, sizeof(abs), "%s/app.lua:X", tmpdir);
+    expect_import(abs, tmp_path("app.lua"), "X");
+
+    char want[PATH_MAX * 2];
+    snprintf(want, sizeof(want),
+             "t.yaml:2:18: import_path \"nope.lua:A\": file %s/nope.lua not found", tmpdir);
+    expect_error("applications:\n  - import_path: nope.lua:A\n", want);
+    snprintf(want, sizeof(want),
+             "t.yaml:2:18: import_path \"pkg.none:A\": file %s/pkg/none.lua not found", tmpdir);
+    expect_error("applications:\n  - import_path: pkg.none:A\n", want);
+    expect_error("applications:\n  - import_path: 'a:b:c'\n",
+                 "t.yaml:2:18: import_path must contain at most one ':', got \"a:b:c\"");
+    expect_error("applications:\n  - import_path: app\n",
+                 "t.yaml:2:18: import_path must look like 'path/file.lua:attr', 'module.sub:attr' "
+                 "or 'module.attr', got \"app\"");
+    expect_error("applications:\n  - import_path: 'app.lua:'\n",
+                 "t.yaml:2:18: import_path must look like 'path/file.lua:attr', 'module.sub:attr' "
+                 "or 'module.attr', got \"app.lua:\"");
+    /* A folder is not a file. */
+    snprintf(want, sizeof(want), "t.yaml:2:18: import_path \"pkg/:A\": file %s/pkg/ not found",
+             tmpdir);
+    expect_error("applications:\n  - import_path: pkg/:A\n", want);
+}
+
+static void test_user_config_json(void)
+{
+    ms_config_t *cfg = expect_ok("applications:\n"
+                                 "  - import_path: app.lua:A\n"
+                                 "    deployments:\n"
+                                 "      - name: D\n"
+                                 "        user_config:\n"
+                                 "          i: 42\n"
+                                 "          neg: -7\n"
+                                 "          f: 0.5\n"
+                                 "          t: true\n"
+                                 "          y: yes\n"
+                                 "          n: null\n"
+                                 "          tilde: ~\n"
+                                 "          s: hello world\n"
+                                 "          qi: \"42\"\n"
+                                 "          qb: 'true'\n"
+                                 "          list: [1, two, 3.0]\n"
+                                 "          nested: {a: {b: False}}\n"
+                                 "          block: |\n"
+                                 "            12\n"
+                                 "      - name: E\n"
+                                 "        user_config: null\n");
+    if (!cfg)
+        return;
+    const ms_deployment_config_t *d = ms_config_find_deployment(&cfg->apps[0], "D");
+    ASSERT_TRUE(d && (d->set & MS_SET_USER_CONFIG));
+    if (d && d->user_config) {
+        char *s = json_dumps(d->user_config, JSON_SORT_KEYS | JSON_COMPACT);
+        ASSERT_STR_EQ(s,
+                      "{\"block\":\"12\\n\",\"f\":0.5,\"i\":42,\"list\":[1,\"two\",3.0],"
+                      "\"n\":null,\"neg\":-7,\"nested\":{\"a\":{\"b\":false}},\"qb\":\"true\","
+                      "\"qi\":\"42\",\"s\":\"hello world\",\"t\":true,\"tilde\":null,\"y\":true}");
+        free(s);
+    }
+    const ms_deployment_config_t *e = ms_config_find_deployment(&cfg->apps[0], "E");
+    ASSERT_TRUE(e && e->set == MS_SET_USER_CONFIG && json_is_null(e->user_config));
+    ms_config_free(cfg);
+
+    /* A self-referencing alias must be cut off, not recursed into forever. */
+    ms_config_errors_t errs;
+    ASSERT_INT_EQ(load("applications:\n  - import_path: app.lua:A\n    deployments:\n"
+                       "      - name: D\n        user_config: &a {x: *a}\n",
+                       &cfg, &errs),
+                  -1);
+    ASSERT_TRUE(errs.n >= 1);
+    ASSERT_CONTAINS(errs.n ? errs.items[0] : NULL, "nests deeper than");
+    ms_config_errors_free(&errs);
+}
+
+static void test_yaml_syntax_error(void)
+{
+    expect_error("applications:\n  - import_path: app.lua:A\n    name: [a, b\n",
+                 "t.yaml:4:1: YAML syntax error: while parsing a flow sequence did not find "
+                 "expected ',' or ']'");
+    ms_config_t *cfg;
+    ms_config_errors_t errs;
+    ASSERT_INT_EQ(load("a: b: c\n", &cfg, &errs), -1);
+    ASSERT_INT_EQ(errs.n, 1);
+    ASSERT_CONTAINS(errs.n ? errs.items[0] : NULL, "t.yaml:1:5: YAML syntax error: ");
+    ms_config_errors_free(&errs);
+    expect_error("applications: []\n---\napplications: []\n",
+                 "t.yaml:3:1: config must be a single YAML document");
+}
+
+static void test_load_file(void)
+{
+    write_file("serve.yaml", "applications:\n  - import_path: pkg.model:M\n");
+    char cwd[PATH_MAX];
+    ASSERT_TRUE(getcwd(cwd, sizeof(cwd)) != NULL);
+    /* A relative config path: imports still resolve against the file's folder. */
+    ASSERT_INT_EQ(chdir(tmpdir), 0);
+    ms_config_t *cfg = NULL;
+    ms_config_errors_t errs = {0};
+    ASSERT_INT_EQ(ms_config_load("serve.yaml", &cfg, &errs), 0);
+    ASSERT_INT_EQ(chdir("/"), 0);
+    if (cfg) {
+        ASSERT_STR_EQ(cfg->path, "serve.yaml");
+        ASSERT_STR_EQ(cfg->dir, tmpdir);
+        ASSERT_STR_EQ(cfg->apps[0].import_file, tmp_path("pkg/model.lua"));
+        ms_config_free(cfg);
+    }
+    ASSERT_INT_EQ(ms_config_load("/nonexistent/dir/serve.yaml", &cfg, &errs), -1);
+    ASSERT_TRUE(cfg == NULL);
+    ASSERT_INT_EQ(errs.n, 1);
+    ASSERT_STR_EQ(errs.n ? errs.items[0] : NULL,
+                  "/nonexistent/dir/serve.yaml:1:1: cannot read config: No such file or directory");
+    ms_config_errors_free(&errs);
+    ASSERT_INT_EQ(chdir(cwd), 0);
+}
+
+static void test_later_keys_accepted(void)
+{
+    /* These load (with warnings on stderr) and are type-checked loosely. */
+    ms_config_t *cfg = expect_ok("proxy_location: HeadOnly\n"
+                                 "grpc_options: {port: 9000}\n"
+                                 "admin: {}\n"
+                                 "applications:\n"
+                                 "  - import_path: app.lua:A\n"
+                                 "    autoscaling_policy: {policy_function: p.lua:f}\n"
+                                 "    logging_config: {log_level: WARNING}\n"
+                                 "    deployments:\n"
+                                 "      - name: D\n"
+                                 "        autoscaling_config: {min_replicas: 1}\n"
+                                 "        request_router_config: {}\n"
+                                 "        logging_config: {encoding: TEXT}\n"
+                                 "        placement_group_bundles: [{CPU: 1}]\n"
+                                 "        placement_group_strategy: SPREAD\n");
+    /* The app-level logging_config does not change the process log level. */
+    ASSERT_STR_EQ(cfg ? cfg->log_level : NULL, "INFO");
+    ms_config_free(cfg);
+    expect_error("grpc_options: 5\napplications: []\n",
+                 "t.yaml:1:15: grpc_options must be a mapping or null, got \"5\"");
+}
+
+int main(void)
+{
+    setup_tmpdir();
+    test_defaults();
+    test_all_fields();
+    test_validation_rules();
+    test_did_you_mean();
+    test_multiple_errors();
+    test_route_prefix_null();
+    test_import_path();
+    test_user_config_json();
+    test_yaml_syntax_error();
+    test_load_file();
+    test_later_keys_accepted();
+    cleanup_tmpdir();
+    return TEST_DONE();
+}
