@@ -25,7 +25,7 @@ void rt_json_register(lua_State *L);
 /* ---- VM (vm.c) ------------------------------------------------------------------------------ */
 /* A fresh VM whose package.path covers the engine's lua/ folder and the application file's
  * folder; `extra` (may be NULL) is added to the "moonserve.core" module. The moonserve module is
- * loaded and left in the registry (rt_vm_module pushes it). */
+ * loaded and left in the registry (rt_vm_push_module pushes it). */
 lua_State *rt_vm_new(const char *app_file, const luaL_Reg *extra, char **err);
 void rt_vm_push_module(lua_State *L);
 /* Loads `file`, resolves `attr` (calling a builder with `args`) and pushes the root node.
@@ -70,10 +70,11 @@ struct rt {
 };
 
 extern const luaL_Reg rt_task_lib[]; /* sleep, call, result for "moonserve.core" */
-void rt_tasks_init(rt_t *rt);        /* makes rt the one the task library uses */
-/* Creates a task that will call module function `fn` with the `nargs` values on top of rt->L's
- * stack (popped). Start it with rt_task_start. */
-rt_task_t *rt_task_new(rt_t *rt, const char *fn, int nargs, rt_task_done_cb done);
+/* Makes rt the one the task library uses; rt->L must exist. */
+void rt_tasks_init(rt_t *rt);
+/* Creates a task whose coroutine will call moonserve module function `fn`: push its arguments on
+ * t->co, then rt_task_start(t, nargs). */
+rt_task_t *rt_task_new(rt_t *rt, const char *fn, rt_task_done_cb done);
 void rt_task_start(rt_task_t *t, int nargs);
 /* Drops a task that will never be resumed: cancels its timer and its handle calls. */
 void rt_task_cancel(rt_task_t *t);

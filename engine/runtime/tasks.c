@@ -1,0 +1,380 @@
+/*
+ * runtime/tasks: coroutines of a Lua replica and what they wait on. Each request (and the
+ * constructor, and each control call) runs as a task: a Lua thread resumed from the uv loop. A
+ * task suspends in serve.sleep (a uv timer) or in future:result() (a handle call: an HTTP request
+ * to the controller's Unix socket over a pooled connection). Cancelling a task closes its timer
+ * and the connections of its calls, which in turn cancels the downstream requests.
+ */
+#include "runtime/internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/core.h"
+
+/* Idle controller connections kept for reuse; more are closed when they finish. */
+#define RT_POOL_MAX 64
+
+enum { CALL_INFLIGHT, CALL_DONE, CALL_FAILED };
+
+struct rt_call {
+    rt_t *rt;
+    rt_task_t *owner;         /* task that started the call, while in flight */
+    rt_call_t *next, **prevp; /* the owner's list of in-flight calls */
+    rt_task_t *waiter;        /* task suspended in result() on this call */
+    ms_http_client_t *client;
+    int state;
+    int collected; /* the future userdata is gone: free the call when it ends */
+    int status;
+    char *ctype;
+    ms_buf_t body; /* response body, or the failure reason */
+};
+
+static const char FUTURE_MT[] = "moonserve.future";
+
+/* The task library's C functions are reached from Lua without a context pointer. */
+static rt_t *the_rt;
+
+static int l_future_gc(lua_State *L);
+
+void rt_tasks_init(rt_t *rt)
+{
+    the_rt = rt;
+    luaL_newmetatable(rt->L, FUTURE_MT);
+    lua_pushcfunction(rt->L, l_future_gc);
+    lua_setfield(rt->L, -2, "__gc");
+    lua_pop(rt->L, 1);
+}
+
+/* ---- task lifecycle ---------------------------------------------------------------------------
+ */
+
+rt_task_t *rt_task_new(rt_t *rt, const char *fn, rt_task_done_cb done)
+{
+    rt_task_t *t = ms_calloc(1, sizeof *t);
+    t->rt = rt;
+    t->done = done;
+    t->co = lua_newthread(rt->L);
+    t->co_ref = luaL_ref(rt->L, LUA_REGISTRYINDEX);
+    rt_vm_push_module(t->co);
+    lua_getfield(t->co, -1, fn);
+    lua_remove(t->co, -2);
+    return t;
+}
+
+static void finish_failed(rt_task_t *t, const char *msg)
+{
+    lua_pushstring(t->co, msg);
+    t->done(t, 0);
+}
+
+/* Resumes t with nargs values on its stack, then either leaves it suspended in a wait or
+ * hands it to its done callback (which frees it: t must not be used after this returns). */
+static void resume(rt_task_t *t, int nargs)
+{
+    rt_t *rt = t->rt;
+    rt_task_t *prev = rt->current;
+    rt->current = t;
+    int st = lua_resume(t->co, nargs);
+    rt->current = prev;
+    if (st == LUA_YIELD) {
+        if (!t->timer && !t->waiting) /* a bare coroutine.yield: nothing would ever resume it */
+            finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
+        return;
+    }
+    if (st != 0) {
+        const char *msg = rt_vm_error_text(t->co, -1);
+        luaL_traceback(rt->L, t->co, msg, 0);
+        ms_debug("task failed: %s", lua_tostring(rt->L, -1));
+        lua_pop(rt->L, 1);
+    }
+    t->done(t, st == 0);
+}
+
+void rt_task_start(rt_task_t *t, int nargs)
+{
+    resume(t, nargs);
+}
+
+static void free_timer(uv_handle_t *h)
+{
+    free(h);
+}
+
+static void call_end(rt_call_t *c, int state);
+
+void rt_task_cancel(rt_task_t *t)
+{
+    if (t->timer) {
+        uv_close((uv_handle_t *)t->timer, free_timer);
+        t->timer = NULL;
+    }
+    if (t->waiting) {
+        t->waiting->waiter = NULL;
+        t->waiting = NULL;
+    }
+    while (t->calls) {
+        rt_call_t *c = t->calls;
+        ms_http_client_close(c->client); /* the controller cancels the downstream request */
+        c->client = NULL;
+        ms_buf_reset(&c->body);
+        ms_buf_appendf(&c->body, "cancelled");
+        call_end(c, CALL_FAILED);
+    }
+}
+
+void rt_task_free(rt_task_t *t)
+{
+    /* Calls still in flight outlive a task that finished normally (fire and forget). */
+    while (t->calls) {
+        rt_call_t *c = t->calls;
+        t->calls = c->next;
+        if (c->next)
+            c->next->prevp = &t->calls;
+        c->owner = NULL;
+        c->prevp = NULL;
+    }
+    luaL_unref(t->rt->L, LUA_REGISTRYINDEX, t->co_ref);
+    free(t);
+}
+
+/* ---- serve.sleep ------------------------------------------------------------------------------
+ */
+
+/* The task running the Lua code in L, or a Lua error when L is not a task's own coroutine (a
+ * user coroutine cannot be suspended on behalf of the request). */
+static rt_task_t *current_task(lua_State *L, const char *what)
+{
+    rt_task_t *t = the_rt ? the_rt->current : NULL;
+    if (!t || t->co != L)
+        luaL_error(L, "%s must be called from a request (not from a nested coroutine)", what);
+    return t;
+}
+
+static void on_sleep_done(uv_timer_t *timer)
+{
+    rt_task_t *t = timer->data;
+    t->timer = NULL;
+    uv_close((uv_handle_t *)timer, free_timer);
+    resume(t, 0);
+}
+
+static int l_sleep(lua_State *L)
+{
+    double s = luaL_checknumber(L, 1);
+    rt_task_t *t = current_task(L, "serve.sleep");
+    t->timer = ms_malloc(sizeof *t->timer);
+    uv_timer_init(t->rt->loop, t->timer);
+    t->timer->data = t;
+    uv_timer_start(t->timer, on_sleep_done, s > 0 ? (uint64_t)(s * 1000.0 + 0.5) : 0, 0);
+    return lua_yield(L, 0);
+}
+
+/* ---- handle calls -----------------------------------------------------------------------------
+ */
+
+static ms_http_client_t *pool_take(rt_t *rt)
+{
+    while (rt->pool_len > 0) {
+        ms_http_client_t *c = rt->pool[--rt->pool_len];
+        if (ms_http_client_idle(c))
+            return c;
+        ms_http_client_close(c);
+    }
+    return ms_http_client_connect(rt->loop, rt->controller_path, NULL, 0);
+}
+
+static void pool_put(rt_t *rt, ms_http_client_t *c)
+{
+    if (rt->pool_len == RT_POOL_MAX) {
+        ms_http_client_close(c);
+        return;
+    }
+    if (rt->pool_len == rt->pool_cap) {
+        rt->pool_cap = rt->pool_cap ? rt->pool_cap * 2 : 8;
+        rt->pool = ms_realloc(rt->pool, rt->pool_cap * sizeof *rt->pool);
+    }
+    rt->pool[rt->pool_len++] = c;
+}
+
+static void call_free(rt_call_t *c)
+{
+    free(c->ctype);
+    ms_buf_free(&c->body);
+    free(c);
+}
+
+/* Pushes what result() returns: status, content type, body — or nil, reason on failure. */
+static int push_result(lua_State *L, rt_call_t *c)
+{
+    if (c->state == CALL_FAILED) {
+        lua_pushnil(L);
+        lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
+        return 2;
+    }
+    lua_pushinteger(L, c->status);
+    if (c->ctype)
+        lua_pushstring(L, c->ctype);
+    else
+        lua_pushnil(L);
+    lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
+    return 3;
+}
+
+/* The call is over: unlink it from its owner, wake its waiter, free it if Lua dropped it. */
+static void call_end(rt_call_t *c, int state)
+{
+    c->state = state;
+    if (c->prevp) {
+        *c->prevp = c->next;
+        if (c->next)
+            c->next->prevp = c->prevp;
+        c->prevp = NULL;
+    }
+    c->owner = NULL;
+    rt_task_t *w = c->waiter;
+    c->waiter = NULL;
+    if (c->collected) {
+        call_free(c);
+    } else if (w) {
+        w->waiting = NULL;
+        resume(w, push_result(w->co, c)); /* may collect and free c: do not touch it after */
+    }
+}
+
+static void on_call_head(void *data, int status, const ms_http_header_t *headers, size_t n,
+                         int chunked, int64_t content_length)
+{
+    (void)chunked;
+    (void)content_length;
+    rt_call_t *c = data;
+    c->status = status;
+    for (size_t i = 0; i < n; i++) {
+        if (headers[i].name_len == 12 && strncasecmp(headers[i].name, "content-type", 12) == 0) {
+            free(c->ctype);
+            c->ctype = ms_strndup(headers[i].value, headers[i].value_len);
+        }
+    }
+}
+
+static void on_call_body(void *data, const char *p, size_t n)
+{
+    rt_call_t *c = data;
+    ms_buf_append(&c->body, p, n);
+}
+
+static void on_call_done(void *data)
+{
+    rt_call_t *c = data;
+    pool_put(c->rt, c->client);
+    c->client = NULL;
+    call_end(c, CALL_DONE);
+}
+
+static void on_call_error(void *data, const char *err)
+{
+    rt_call_t *c = data;
+    ms_http_client_close(c->client);
+    c->client = NULL;
+    ms_buf_reset(&c->body);
+    ms_buf_appendf(&c->body, "%s (controller socket %s)", err, c->rt->controller_path);
+    call_end(c, CALL_FAILED);
+}
+
+static const ms_http_client_callbacks_t call_callbacks = {
+    on_call_head,
+    on_call_body,
+    on_call_done,
+    on_call_error,
+};
+
+/* Builds the request head: the target deployment, the parent request's id, the forwarded
+ * headers (flat name, value list at index 4) and the body framing. */
+static void build_head(lua_State *L, ms_buf_t *head, const char *target, const char *rid,
+                       size_t body_len)
+{
+    ms_buf_appendf(head, "%s %s HTTP/1.1\r\nHost: moonserve\r\nX-Moonserve-Target: %s\r\n",
+                   luaL_checkstring(L, 2), luaL_checkstring(L, 3), target);
+    ms_buf_appendf(head, "X-Request-ID: %s\r\nContent-Length: %zu\r\n", rid, body_len);
+    luaL_checktype(L, 4, LUA_TTABLE);
+    int n = (int)lua_objlen(L, 4);
+    for (int i = 1; i + 1 <= n; i += 2) {
+        lua_rawgeti(L, 4, i);
+        lua_rawgeti(L, 4, i + 1);
+        const char *name = lua_tostring(L, -2), *value = lua_tostring(L, -1);
+        if (name && value && !strpbrk(name, "\r\n") && !strpbrk(value, "\r\n"))
+            ms_buf_appendf(head, "%s: %s\r\n", name, value);
+        lua_pop(L, 2);
+    }
+    ms_buf_append(head, "\r\n", 2);
+}
+
+/* core.call(target, method, path, headers, body) -> future userdata; sends at once. */
+static int l_call(lua_State *L)
+{
+    const char *target = luaL_checkstring(L, 1);
+    size_t body_len;
+    const char *body = luaL_checklstring(L, 5, &body_len);
+    rt_task_t *t = current_task(L, "handle:remote");
+    rt_t *rt = t->rt;
+    if (!rt->controller_path)
+        return luaL_error(L, "handle:remote: this replica was started without --controller");
+    ms_buf_t head = {0};
+    build_head(L, &head, target, t->request_id, body_len);
+
+    rt_call_t *c = ms_calloc(1, sizeof *c);
+    c->rt = rt;
+    c->state = CALL_INFLIGHT;
+    c->owner = t;
+    c->next = t->calls;
+    if (c->next)
+        c->next->prevp = &c->next;
+    c->prevp = &t->calls;
+    t->calls = c;
+    rt_call_t **ud = lua_newuserdata(L, sizeof *ud);
+    *ud = c;
+    luaL_getmetatable(L, FUTURE_MT);
+    lua_setmetatable(L, -2);
+
+    c->client = pool_take(rt);
+    if (ms_http_client_send(c->client, head.data, head.len, body, body_len, &call_callbacks, c) !=
+        0) {
+        ms_http_client_close(c->client);
+        c->client = NULL;
+        ms_buf_appendf(&c->body, "cannot send to the controller");
+        call_end(c, CALL_FAILED);
+    }
+    ms_buf_free(&head);
+    return 1;
+}
+
+/* core.result(future) -> status, content_type, body (or nil, reason), yielding until done. */
+static int l_result(lua_State *L)
+{
+    rt_call_t *c = *(rt_call_t **)luaL_checkudata(L, 1, FUTURE_MT);
+    if (c->state != CALL_INFLIGHT)
+        return push_result(L, c);
+    rt_task_t *t = current_task(L, "future:result");
+    if (c->waiter)
+        return luaL_error(L, "future:result: another request is already waiting on this future");
+    c->waiter = t;
+    t->waiting = c;
+    return lua_yield(L, 0);
+}
+
+static int l_future_gc(lua_State *L)
+{
+    rt_call_t *c = *(rt_call_t **)lua_touserdata(L, 1);
+    if (c->state == CALL_INFLIGHT)
+        c->collected = 1;
+    else
+        call_free(c);
+    return 0;
+}
+
+const luaL_Reg rt_task_lib[] = {
+    {"sleep", l_sleep},
+    {"call", l_call},
+    {"result", l_result},
+    {NULL, NULL},
+};
