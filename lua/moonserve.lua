@@ -107,7 +107,8 @@ local function node_children(node, fn)
 end
 
 -- Walks the bind graph from the root: returns the nodes in discovery order (root first) and a
--- name -> node map. Two different nodes may not share a deployment name.
+-- name -> node map. Two different nodes may not share a deployment name, and every class must
+-- define __call (checked here so `moonserve check` reports it without constructing anything).
 local function collect(root)
     local order, by_name = {}, {}
     local function visit(node)
@@ -117,6 +118,9 @@ local function collect(root)
             return
         elseif prev then
             error(string.format("deployment name '%s' is bound twice with different arguments", name), 0)
+        end
+        if type(node.class.__call) ~= "function" then
+            error(string.format("deployment '%s' has no __call method", name), 0)
         end
         by_name[name] = node
         order[#order + 1] = node
@@ -223,17 +227,19 @@ function Handle:remote(arg)
 end
 
 -- future:result() yields the request's coroutine until the answer arrives. A JSON answer is
--- decoded; any other body is returned as a string; a non-2xx status raises an error.
+-- decoded; any other body is returned as a string; a non-2xx status raises an error. Runtime
+-- errors here carry no position: handlers often tail-call result(), which would make level 2
+-- point into this file.
 function Future:result()
     if self.done then
         return self.value
     end
     local status, ctype, body = core_result(self.call)
     if status == nil then
-        error(string.format("call to %s failed: %s", self.target, ctype), 2)
+        error(string.format("call to %s failed: %s", self.target, ctype), 0)
     end
     if status < 200 or status > 299 then
-        error(string.format("call to %s failed with status %d: %s", self.target, status, body), 2)
+        error(string.format("call to %s failed with status %d: %s", self.target, status, body), 0)
     end
     local value = body
     if ctype and ctype:lower():find("application/json", 1, true) then
@@ -276,7 +282,7 @@ local RequestMethods = {}
 function RequestMethods:json()
     local ok, v = pcall(M.json.decode, self.body)
     if not ok then
-        error("invalid JSON body: " .. tostring(v), 2)
+        error("invalid JSON body: " .. tostring(v), 0)
     end
     return v
 end
@@ -369,9 +375,6 @@ function M._construct(cls, args, nargs)
     local self = setmetatable({}, cls)
     if cls.init then
         self:init(unpack(args, 1, nargs))
-    end
-    if not cls.__call then
-        error(string.format("deployment '%s' has no __call method", class_info[cls].name), 0)
     end
     return self
 end

@@ -131,9 +131,16 @@ static void test_errors(void)
 
     char *dup = write_tmp("dup.lua", "local serve = require 'moonserve'\n"
                                      "local A = serve.deployment{name='A'}\n"
+                                     "function A:__call() end\n"
                                      "local B = serve.deployment{name='B'}\n"
+                                     "function B:__call() end\n"
                                      "return {app = B:bind(A:bind(1), A:bind(2))}\n");
     expect_error(dup, "app", "'A' is bound twice");
+
+    char *nocall = write_tmp("nocall.lua", "local serve = require 'moonserve'\n"
+                                           "local A = serve.deployment{name='A'}\n"
+                                           "return {app = A:bind()}\n");
+    expect_error(nocall, "app", "deployment 'A' has no __call method");
 }
 
 /* A module may also return the application node itself when the attribute is "app", and
@@ -142,7 +149,9 @@ static void test_direct_node(void)
 {
     char *f = write_tmp("direct.lua", "local serve = require 'moonserve'\n"
                                       "local A = serve.deployment{name='A'}\n"
+                                      "function A:__call() end\n"
                                       "local B = serve.deployment{name='B'}\n"
+                                      "function B:__call() end\n"
                                       "local a = A:bind()\n"
                                       "return B:bind({deep = {list = {a}}}, a)\n");
     json_t *graph = NULL;
