@@ -1,5 +1,105 @@
-/* placeholder main; replaced below */
-int main(void)
+/*
+ * main: the `moonserve` command line. `run` and `check` take a config file; `__replica` is the
+ * hidden replica mode the controller spawns. Exit codes: 0 success, 1 the config or a script is
+ * invalid or the server failed, 2 usage error.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "config/config.h"
+#include "controller/controller.h"
+#include "core/core.h"
+#include "runtime/runtime.h"
+
+static const char usage[] =
+    "usage: moonserve COMMAND [ARGS]\n"
+    "\n"
+    "commands:\n"
+    "  run CONFIG.yaml     start serving the applications in CONFIG (foreground)\n"
+    "  check CONFIG.yaml   validate CONFIG and load every script it names\n"
+    "  version             print the version\n"
+    "  help                print this help\n"
+    "\n"
+    "exit codes: 0 success, 1 invalid config or server failure, 2 usage error\n";
+
+static int print_errors(ms_config_errors_t *errs)
 {
+    for (size_t i = 0; i < errs->n; i++)
+        fprintf(stderr, "%s\n", errs->items[i]);
+    ms_config_errors_free(errs);
+    return 1;
+}
+
+static int load_config(const char *path, ms_config_t **cfg)
+{
+    ms_config_errors_t errs = {0};
+    if (ms_config_load(path, cfg, &errs) != 0)
+        return print_errors(&errs);
+    ms_config_errors_free(&errs);
+    ms_log_level_t level;
+    if (ms_log_parse_level((*cfg)->log_level, &level) == 0)
+        ms_log_min_level = level;
     return 0;
+}
+
+static int cmd_check(const char *path)
+{
+    ms_config_t *cfg = NULL;
+    if (load_config(path, &cfg) != 0)
+        return 1;
+    ms_config_errors_t errs = {0};
+    int rc = ms_controller_check(cfg, &errs);
+    ms_config_free(cfg);
+    if (rc != 0)
+        return print_errors(&errs);
+    printf("%s: ok\n", path);
+    return 0;
+}
+
+static int cmd_run(const char *path)
+{
+    ms_config_t *cfg = NULL;
+    if (load_config(path, &cfg) != 0)
+        return 1;
+    char exe[4096];
+    size_t exe_len = sizeof exe;
+    if (uv_exepath(exe, &exe_len) != 0) {
+        fprintf(stderr, "moonserve: cannot find its own executable\n");
+        ms_config_free(cfg);
+        return 1;
+    }
+    int rc = ms_controller_run(cfg, exe);
+    ms_config_free(cfg);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    /* Peers vanish (clients, replicas); their sockets must fail writes, not kill us. */
+    signal(SIGPIPE, SIG_IGN);
+    const char *level = getenv("MOONSERVE_LOG_LEVEL");
+    if (level)
+        ms_log_parse_level(level, &ms_log_min_level);
+    if (argc < 2) {
+        fputs(usage, stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "__replica") == 0)
+        return ms_runtime_main(argc - 2, argv + 2);
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("moonserve %s\n", MS_VERSION);
+        return 0;
+    }
+    if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    if ((strcmp(cmd, "run") == 0 || strcmp(cmd, "check") == 0) && argc == 3)
+        return cmd[0] == 'r' ? cmd_run(argv[2]) : cmd_check(argv[2]);
+    fprintf(stderr, "moonserve: unknown command or wrong arguments: %s\n\n%s", cmd, usage);
+    return 2;
 }

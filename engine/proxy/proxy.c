@@ -1,0 +1,171 @@
+/*
+ * proxy: routes ingress requests to applications and handle calls to deployments. See proxy.h.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "proxy/proxy.h"
+
+typedef struct target {
+    char *app_name;
+    char *deployment_name;
+    char *route_prefix; /* NULL unless this deployment is an exposed ingress */
+    size_t prefix_len;
+    ms_deployment_t *dep;
+} target_t;
+
+struct ms_proxy {
+    target_t *targets;
+    size_t n_targets;
+    int draining;
+    ms_buf_t routes_json; /* /-/routes body, rebuilt when targets change */
+};
+
+ms_proxy_t *ms_proxy_new(void)
+{
+    return ms_calloc(1, sizeof(ms_proxy_t));
+}
+
+void ms_proxy_free(ms_proxy_t *p)
+{
+    for (size_t i = 0; i < p->n_targets; i++) {
+        free(p->targets[i].app_name);
+        free(p->targets[i].deployment_name);
+        free(p->targets[i].route_prefix);
+    }
+    free(p->targets);
+    ms_buf_free(&p->routes_json);
+    free(p);
+}
+
+static void rebuild_routes_json(ms_proxy_t *p)
+{
+    ms_buf_reset(&p->routes_json);
+    ms_buf_append(&p->routes_json, "{", 1);
+    int first = 1;
+    for (size_t i = 0; i < p->n_targets; i++) {
+        const target_t *t = &p->targets[i];
+        if (!t->route_prefix)
+            continue;
+        /* Names and prefixes were validated by the config loader: no quotes or controls. */
+        ms_buf_appendf(&p->routes_json, "%s\"%s\": \"%s\"", first ? "" : ", ", t->route_prefix,
+                       t->app_name);
+        first = 0;
+    }
+    ms_buf_append(&p->routes_json, "}", 1);
+}
+
+void ms_proxy_add_deployment(ms_proxy_t *p, const char *app_name, const char *deployment_name,
+                             const char *route_prefix, ms_deployment_t *d)
+{
+    p->targets = ms_realloc(p->targets, (p->n_targets + 1) * sizeof *p->targets);
+    target_t *t = &p->targets[p->n_targets++];
+    t->app_name = ms_strdup(app_name);
+    t->deployment_name = ms_strdup(deployment_name);
+    t->route_prefix = route_prefix ? ms_strdup(route_prefix) : NULL;
+    t->prefix_len = route_prefix ? strlen(route_prefix) : 0;
+    t->dep = d;
+    rebuild_routes_json(p);
+}
+
+void ms_proxy_set_draining(ms_proxy_t *p, int draining)
+{
+    p->draining = draining;
+}
+
+/* A prefix matches the path itself or the path up to a '/' boundary; "/" matches everything. */
+static int prefix_matches(const target_t *t, const char *path, size_t path_len)
+{
+    if (t->prefix_len == 1)
+        return 1;
+    if (path_len < t->prefix_len || memcmp(path, t->route_prefix, t->prefix_len) != 0)
+        return 0;
+    return path_len == t->prefix_len || path[t->prefix_len] == '/';
+}
+
+static const target_t *match_route(const ms_proxy_t *p, const char *path, size_t path_len)
+{
+    const target_t *best = NULL;
+    for (size_t i = 0; i < p->n_targets; i++) {
+        const target_t *t = &p->targets[i];
+        if (t->route_prefix && prefix_matches(t, path, path_len) &&
+            (!best || t->prefix_len > best->prefix_len))
+            best = t;
+    }
+    return best;
+}
+
+static int path_is(const ms_http_request_t *req, const char *s)
+{
+    return req->path_len == strlen(s) && memcmp(req->path, s, req->path_len) == 0;
+}
+
+static void on_ingress_request(ms_http_request_t *req, void *data)
+{
+    ms_proxy_t *p = data;
+    static const ms_http_header_t text = {"Content-Type", 12, "text/plain", 10};
+    static const ms_http_header_t json = {"Content-Type", 12, "application/json", 16};
+    if (path_is(req, "/-/healthz")) {
+        if (p->draining)
+            ms_http_respond(req, 503, &text, 1, "This node is being drained.", 27);
+        else
+            ms_http_respond(req, 200, &text, 1, "success", 7);
+        return;
+    }
+    if (path_is(req, "/-/routes")) {
+        ms_http_respond(req, 200, &json, 1, p->routes_json.data, p->routes_json.len);
+        return;
+    }
+    const target_t *t = match_route(p, req->path, req->path_len);
+    if (!t) {
+        char msg[600];
+        snprintf(msg, sizeof msg, "Path '%.500s' not found. Ping http://.../-/routes for routes.",
+                 req->path);
+        ms_http_respond_error(req, 404, msg);
+        return;
+    }
+    ms_deployment_submit(t->dep, req);
+}
+
+static void on_handle_request(ms_http_request_t *req, void *data)
+{
+    ms_proxy_t *p = data;
+    size_t len = 0;
+    const char *v = ms_http_request_header(req, "x-moonserve-target", &len);
+    const char *slash = v ? memchr(v, '/', len) : NULL;
+    if (!slash) {
+        ms_http_respond_error(req, 400, "handle call without X-Moonserve-Target: APP/DEPLOYMENT");
+        return;
+    }
+    size_t app_len = (size_t)(slash - v), dep_len = len - app_len - 1;
+    for (size_t i = 0; i < p->n_targets; i++) {
+        const target_t *t = &p->targets[i];
+        if (strlen(t->app_name) == app_len && memcmp(t->app_name, v, app_len) == 0 &&
+            strlen(t->deployment_name) == dep_len &&
+            memcmp(t->deployment_name, slash + 1, dep_len) == 0) {
+            ms_deployment_submit(t->dep, req);
+            return;
+        }
+    }
+    ms_http_respond_error(req, 404, "no such deployment for this handle");
+}
+
+static void on_abort(ms_http_request_t *req, void *data)
+{
+    (void)data;
+    ms_deployment_abort(req);
+}
+
+ms_http_server_config_t ms_proxy_ingress_config(ms_proxy_t *p)
+{
+    ms_http_server_config_t cfg = {
+        .on_request = on_ingress_request, .on_abort = on_abort, .data = p};
+    return cfg;
+}
+
+ms_http_server_config_t ms_proxy_handle_config(ms_proxy_t *p)
+{
+    ms_http_server_config_t cfg = {
+        .on_request = on_handle_request, .on_abort = on_abort, .data = p};
+    return cfg;
+}

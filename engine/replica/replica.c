@@ -1,0 +1,238 @@
+/*
+ * replica: process supervision and connection pooling for one replica. See replica.h.
+ */
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replica/replica.h"
+
+static void maybe_release(ms_replica_t *r)
+{
+    if (r->_freed && r->_open_handles == 0) {
+        ms_buf_free(&r->_ctl_in);
+        free(r->_idle);
+        free(r->_socket_path);
+        free(r->last_error);
+        free(r);
+    }
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    ms_replica_t *r = h->data;
+    r->_open_handles--;
+    maybe_release(r);
+}
+
+static void close_idle_conns(ms_replica_t *r)
+{
+    for (size_t i = 0; i < r->_n_idle; i++)
+        ms_http_client_close(r->_idle[i]);
+    r->_n_idle = 0;
+}
+
+static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
+{
+    ms_replica_t *r = p->data;
+    r->_exited = 1;
+    r->state = MS_REPLICA_DEAD;
+    close_idle_conns(r);
+    uv_timer_stop(&r->_kill_timer);
+    uv_close((uv_handle_t *)&r->_proc, on_handle_closed);
+    uv_close((uv_handle_t *)&r->_kill_timer, on_handle_closed);
+    if (!uv_is_closing((uv_handle_t *)&r->_ctl))
+        uv_close((uv_handle_t *)&r->_ctl, on_handle_closed);
+    r->_events->on_exit(r, exit_status, term_signal);
+}
+
+/* One control line from the replica: {"op":"ready"} or {"op":"failed","error":"..."}. */
+static void handle_control_line(ms_replica_t *r, const char *line, size_t len)
+{
+    json_error_t jerr;
+    json_t *msg = json_loadb(line, len, 0, &jerr);
+    const char *op = msg ? json_string_value(json_object_get(msg, "op")) : NULL;
+    if (!op) {
+        ms_warn("replica %s: unreadable control message", r->id);
+    } else if (strcmp(op, "ready") == 0 && r->state == MS_REPLICA_STARTING) {
+        r->state = MS_REPLICA_RUNNING;
+        r->_events->on_ready(r);
+    } else if (strcmp(op, "failed") == 0) {
+        const char *err = json_string_value(json_object_get(msg, "error"));
+        free(r->last_error);
+        r->last_error = ms_strdup(err ? err : "unknown error");
+        r->_events->on_failed(r, r->last_error);
+    }
+    json_decref(msg);
+}
+
+static void ctl_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    ms_replica_t *r = h->data;
+    (void)suggested;
+    ms_buf_reserve(&r->_ctl_in, 4096);
+    *buf = uv_buf_init(r->_ctl_in.data + r->_ctl_in.len,
+                       (unsigned)(r->_ctl_in.cap - r->_ctl_in.len - 1));
+}
+
+static void on_ctl_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    ms_replica_t *r = s->data;
+    (void)buf;
+    if (nread < 0) {
+        /* The process is exiting; its exit callback does the bookkeeping. */
+        uv_close((uv_handle_t *)&r->_ctl, on_handle_closed);
+        return;
+    }
+    r->_ctl_in.len += (size_t)nread;
+    r->_ctl_in.data[r->_ctl_in.len] = '\0';
+    char *nl;
+    while ((nl = memchr(r->_ctl_in.data, '\n', r->_ctl_in.len)) != NULL) {
+        size_t line_len = (size_t)(nl - r->_ctl_in.data);
+        handle_control_line(r, r->_ctl_in.data, line_len);
+        ms_buf_consume(&r->_ctl_in, line_len + 1);
+    }
+}
+
+ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec, int seq,
+                               const ms_replica_events_t *events, void *owner)
+{
+    ms_replica_t *r = ms_calloc(1, sizeof *r);
+    snprintf(r->id, sizeof r->id, "%s#%d", spec->deployment_name, seq);
+    r->owner = owner;
+    r->_events = events;
+    r->max_ongoing_requests = spec->max_ongoing_requests;
+    r->state = MS_REPLICA_STARTING;
+    static int socket_seq;
+    ms_buf_t path = {0};
+    ms_buf_appendf(&path, "%s/r%d.sock", spec->run_dir, ++socket_seq);
+    r->_socket_path = path.data;
+
+    char max_ongoing[16], wait_loop[32], replica_id[16];
+    snprintf(max_ongoing, sizeof max_ongoing, "%d", spec->max_ongoing_requests);
+    snprintf(wait_loop, sizeof wait_loop, "%g", spec->graceful_shutdown_wait_loop_s);
+    snprintf(replica_id, sizeof replica_id, "%d", seq);
+    char *args[] = {(char *)"moonserve",
+                    (char *)"__replica",
+                    (char *)"--socket",
+                    r->_socket_path,
+                    (char *)"--controller",
+                    (char *)spec->controller_socket,
+                    (char *)"--app",
+                    (char *)spec->app_name,
+                    (char *)"--deployment",
+                    (char *)spec->deployment_name,
+                    (char *)"--replica-id",
+                    replica_id,
+                    (char *)"--import",
+                    (char *)spec->import_path,
+                    (char *)"--args-json",
+                    (char *)spec->args_json,
+                    (char *)"--user-config-json",
+                    (char *)spec->user_config_json,
+                    (char *)"--max-ongoing",
+                    max_ongoing,
+                    (char *)"--wait-loop-s",
+                    wait_loop,
+                    NULL};
+
+    uv_pipe_init(loop, &r->_ctl, 0);
+    r->_ctl.data = r;
+    uv_timer_init(loop, &r->_kill_timer);
+    r->_kill_timer.data = r;
+    r->_open_handles = 2;
+
+    uv_stdio_container_t stdio[4];
+    stdio[0].flags = UV_IGNORE;
+    stdio[1].flags = UV_INHERIT_FD;
+    stdio[1].data.fd = 1;
+    stdio[2].flags = UV_INHERIT_FD;
+    stdio[2].data.fd = 2;
+    stdio[3].flags = UV_CREATE_PIPE | UV_READABLE_PIPE | UV_WRITABLE_PIPE;
+    stdio[3].data.stream = (uv_stream_t *)&r->_ctl;
+
+    uv_process_options_t opts = {0};
+    opts.file = spec->exe_path;
+    opts.args = args;
+    opts.exit_cb = on_exit_cb;
+    opts.stdio = stdio;
+    opts.stdio_count = 4;
+    /* A session of its own keeps a terminal's Ctrl-C away from replicas: the controller alone
+     * decides how they stop, so in-flight requests can drain. */
+    opts.flags = UV_PROCESS_DETACHED;
+    r->_proc.data = r;
+    int rc = uv_spawn(loop, &r->_proc, &opts);
+    if (rc != 0) {
+        ms_error("replica %s: spawn failed: %s", r->id, uv_strerror(rc));
+        r->_exited = 1;
+        r->state = MS_REPLICA_DEAD;
+        r->_freed = 1;
+        r->_open_handles++; /* uv_spawn failure still needs the process handle closed */
+        uv_close((uv_handle_t *)&r->_proc, on_handle_closed);
+        uv_close((uv_handle_t *)&r->_ctl, on_handle_closed);
+        uv_close((uv_handle_t *)&r->_kill_timer, on_handle_closed);
+        return NULL;
+    }
+    r->_open_handles++;
+    r->pid = r->_proc.pid;
+    r->start_time = ms_wall_time();
+    uv_read_start((uv_stream_t *)&r->_ctl, ctl_alloc, on_ctl_read);
+    ms_info("replica %s: started, pid %d", r->id, r->pid);
+    return r;
+}
+
+static void on_kill_timer(uv_timer_t *t)
+{
+    ms_replica_t *r = t->data;
+    ms_warn("replica %s: still running after the graceful shutdown timeout; killing it", r->id);
+    ms_replica_kill(r);
+}
+
+void ms_replica_stop(ms_replica_t *r, double timeout_s)
+{
+    if (r->_exited)
+        return;
+    r->state = MS_REPLICA_STOPPING;
+    close_idle_conns(r);
+    uv_process_kill(&r->_proc, SIGTERM);
+    uv_timer_start(&r->_kill_timer, on_kill_timer, (uint64_t)(timeout_s * 1000.0), 0);
+}
+
+void ms_replica_kill(ms_replica_t *r)
+{
+    if (!r->_exited)
+        uv_process_kill(&r->_proc, SIGKILL);
+}
+
+void ms_replica_free(ms_replica_t *r)
+{
+    r->_freed = 1;
+    maybe_release(r);
+}
+
+ms_http_client_t *ms_replica_conn_get(ms_replica_t *r, uv_loop_t *loop)
+{
+    while (r->_n_idle > 0) {
+        ms_http_client_t *c = r->_idle[--r->_n_idle];
+        if (ms_http_client_idle(c))
+            return c;
+        ms_http_client_close(c);
+    }
+    return ms_http_client_connect(loop, r->_socket_path, NULL, 0);
+}
+
+void ms_replica_conn_put(ms_replica_t *r, ms_http_client_t *c)
+{
+    if (r->state != MS_REPLICA_RUNNING || !ms_http_client_idle(c) ||
+        r->_n_idle >= (size_t)r->max_ongoing_requests) {
+        ms_http_client_close(c);
+        return;
+    }
+    if (r->_n_idle == r->_cap_idle) {
+        r->_cap_idle = r->_cap_idle ? r->_cap_idle * 2 : 4;
+        r->_idle = ms_realloc(r->_idle, r->_cap_idle * sizeof *r->_idle);
+    }
+    r->_idle[r->_n_idle++] = c;
+}

@@ -1,0 +1,88 @@
+/*
+ * replica: the controller's view of one replica process — spawning `moonserve __replica` with a
+ * control socketpair on fd 3, reading its control messages (ready / failed), stopping it
+ * (SIGTERM, then SIGKILL after a timeout), noticing its exit, and pooling kept-alive HTTP
+ * connections to its data socket.
+ *
+ * It knows nothing of queues or routing: the owner (router) decides when to start and stop
+ * replicas and what to send them, and hears back through ms_replica_events_t.
+ */
+#ifndef MS_REPLICA_H
+#define MS_REPLICA_H
+
+#include <uv.h>
+
+#include "http/http.h"
+
+typedef enum {
+    MS_REPLICA_STARTING, /* spawned, constructor running */
+    MS_REPLICA_RUNNING,  /* ready: takes requests */
+    MS_REPLICA_STOPPING, /* SIGTERM sent: draining */
+    MS_REPLICA_DEAD,     /* process gone; waiting for the owner to free it */
+} ms_replica_state_t;
+
+typedef struct ms_replica ms_replica_t;
+
+typedef struct ms_replica_events {
+    void (*on_ready)(ms_replica_t *r);
+    /* The constructor failed; the process exits right after (on_exit follows). */
+    void (*on_failed)(ms_replica_t *r, const char *error);
+    /* The process is gone. Idle pooled connections are closed; busy ones fail on their own.
+     * The owner must call ms_replica_free (now or later). */
+    void (*on_exit)(ms_replica_t *r, int64_t exit_status, int term_signal);
+} ms_replica_events_t;
+
+/* Everything a replica process needs to know; strings are copied by ms_replica_spawn. */
+typedef struct ms_replica_spec {
+    const char *exe_path; /* this binary */
+    const char *run_dir;  /* private folder for sockets */
+    const char *controller_socket;
+    const char *app_name;
+    const char *deployment_name;
+    const char *import_path; /* FILE:ATTR, FILE absolute */
+    const char *args_json;
+    const char *user_config_json; /* "null" when unset */
+    int max_ongoing_requests;
+    double graceful_shutdown_wait_loop_s;
+} ms_replica_spec_t;
+
+struct ms_replica {
+    ms_replica_state_t state;
+    char id[96]; /* "DEPLOYMENT#SEQ", unique within the controller's lifetime */
+    int pid;
+    double start_time; /* wall clock */
+    int ongoing;       /* requests sent and not yet answered: kept by the owner */
+    int max_ongoing_requests;
+    int slot;         /* owner's index for this replica (router slot) */
+    void *owner;      /* free for the owner */
+    char *last_error; /* constructor error, if any */
+    /* private */
+    uv_process_t _proc;
+    uv_pipe_t _ctl;
+    uv_timer_t _kill_timer;
+    ms_buf_t _ctl_in;
+    char *_socket_path;
+    ms_http_client_t **_idle;
+    size_t _n_idle, _cap_idle;
+    const ms_replica_events_t *_events;
+    int _open_handles;
+    unsigned _exited : 1;
+    unsigned _freed : 1;
+};
+
+/* Starts a replica process. Returns NULL (and logs) when spawning fails. `seq` makes the id. */
+ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec, int seq,
+                               const ms_replica_events_t *events, void *owner);
+/* Graceful stop: SIGTERM now, SIGKILL once timeout_s has passed. */
+void ms_replica_stop(ms_replica_t *r, double timeout_s);
+/* Immediate SIGKILL. */
+void ms_replica_kill(ms_replica_t *r);
+/* Releases the replica once its process is gone (state DEAD). Safe to call from on_exit. */
+void ms_replica_free(ms_replica_t *r);
+
+/* A kept-alive connection to the replica's data socket: an idle pooled one, or a new one. */
+ms_http_client_t *ms_replica_conn_get(ms_replica_t *r, uv_loop_t *loop);
+/* Gives a connection back after its response completed; broken ones are closed. */
+void ms_replica_conn_put(ms_replica_t *r, ms_http_client_t *c);
+
+#endif

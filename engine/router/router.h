@@ -1,0 +1,54 @@
+/*
+ * router: one deployment's request path inside the controller — its queue, admission
+ * (max_queued_requests -> 503, request_timeout_s -> 408), the choice of replica (the
+ * deployment's Lua router ranks candidates; within a rank the replica with the fewest in-flight
+ * requests below max_ongoing_requests wins), forwarding over pooled replica connections,
+ * relaying the response, and cancellation when the client goes away.
+ *
+ * It also keeps the replica set at its target size: starting replicas, replacing dead ones
+ * with exponential backoff, and stopping them all on shutdown.
+ */
+#ifndef MS_ROUTER_H
+#define MS_ROUTER_H
+
+#include <uv.h>
+
+#include "http/http.h"
+#include "replica/replica.h"
+
+typedef struct ms_deployment ms_deployment_t;
+
+typedef struct ms_deployment_settings {
+    const char *app_name;
+    const char *name;
+    int num_replicas;
+    int max_ongoing_requests;
+    int max_queued_requests;  /* -1 = unlimited */
+    double request_timeout_s; /* 0 = none */
+    double graceful_shutdown_timeout_s;
+    ms_replica_spec_t spec; /* how to start a replica (strings copied) */
+} ms_deployment_settings_t;
+
+/* Creates the deployment and starts its replicas. On failure (the router script) returns NULL
+ * with *err set (malloc'd). */
+ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings_t *settings,
+                                   char **err);
+
+/* Takes a request for this deployment. The response is always finished, one way or another;
+ * set the server's on_abort to ms_deployment_abort so client disconnects cancel it. */
+void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req);
+/* The client of a submitted request went away: drop it from the queue or cancel it at its
+ * replica. Requests not owned by any deployment are ignored. */
+void ms_deployment_abort(ms_http_request_t *req);
+
+/* Stops every replica gracefully; `done` runs once all replica processes are gone and the
+ * deployment has released them (the deployment itself is freed by ms_deployment_free). */
+void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data);
+void ms_deployment_free(ms_deployment_t *d);
+
+/* Introspection for status and tests. */
+const char *ms_deployment_name(const ms_deployment_t *d);
+size_t ms_deployment_running_replicas(const ms_deployment_t *d);
+size_t ms_deployment_queued(const ms_deployment_t *d);
+
+#endif
