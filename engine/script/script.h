@@ -52,6 +52,18 @@ int ms_router_script_choose(ms_router_script_t *s, const ms_route_request_t *req
 /* Calls on_request_routed(self, request, replica) if the script defines it. */
 void ms_router_script_on_routed(ms_router_script_t *s, const ms_route_request_t *req, int index);
 
+/* Memory cap of the script's Lua state (bytes; 0 = the default, 32 MiB). It is enforced only
+ * while script code runs; the state's footprint outside calls is the C side's own tables. */
+void ms_router_script_set_memory_limit(ms_router_script_t *s, size_t bytes);
+
+/* Replaces a replica's `multiplexed_model_ids` (a set: {[model_id] = true}) in place. */
+void ms_router_script_set_model_ids(ms_router_script_t *s, int index, const char *const *ids,
+                                    size_t n);
+
+/* Replaces a replica's `routing_stats` table in place with the decoded JSON object (what the
+ * replica's record_routing_stats returned). Returns 0, or -1 if the JSON is not an object. */
+int ms_router_script_set_routing_stats(ms_router_script_t *s, int index, const char *json);
+
 /* Counters for status and metrics. */
 uint64_t ms_router_script_failures(const ms_router_script_t *s);
 const char *ms_router_script_last_error(const ms_router_script_t *s); /* "" if none */

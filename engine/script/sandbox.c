@@ -1,0 +1,492 @@
+/*
+ * sandbox: owns the lua_State of one policy script and the rules it runs under.
+ *
+ *  - Environment: an allow-list built from scratch (base functions, string, table, math, three
+ *    os functions), never the state's real globals; reading or creating an undefined global is
+ *    an error (guard metatable), because stock LuaJIT has no read-only tables.
+ *  - Loading: text only. Bytecode is refused, both at the first byte and through the "t" mode
+ *    of luaL_loadbufferx, since LuaJIT bytecode is not verified and can corrupt the VM.
+ *  - Budget: the JIT is off for the whole state, so the count hook fires on every path (LuaJIT
+ *    does not check hooks inside compiled traces unless built with LUAJIT_ENABLE_CHECKHOOK,
+ *    which Debian's package is not). The hook aborts a call past its deadline or instruction
+ *    cap, and keeps aborting until the call unwinds, so the script's own pcall can't swallow it.
+ *  - Memory: a custom allocator counts bytes (LuaJIT here is GC64, so lua_newstate accepts an
+ *    allocator) and refuses past the cap while script code runs.
+ */
+#include "script/sandbox.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <luajit.h>
+
+#include "core/core.h"
+
+/* ---- allocator ------------------------------------------------------------------------------ */
+
+/* Plain realloc, not ms_realloc: running out must become a Lua error, not an abort. */
+static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    ms_sandbox_t *sb = ud;
+    if (nsize == 0) {
+        free(ptr);
+        sb->mem_used -= ptr ? osize : 0;
+        return NULL;
+    }
+    size_t old = ptr ? osize : 0;
+    if (sb->mem_enforced && nsize > old && sb->mem_used - old + nsize > sb->mem_limit) {
+        sb->mem_exceeded = 1; /* the hook turns this into an unswallowable abort */
+        return NULL;
+    }
+    void *p = realloc(ptr, nsize);
+    if (p)
+        sb->mem_used = sb->mem_used - old + nsize;
+    return p;
+}
+
+static ms_sandbox_t *sandbox_of(lua_State *L)
+{
+    void *ud;
+    lua_getallocf(L, &ud);
+    return ud;
+}
+
+/* ---- budget hook ---------------------------------------------------------------------------- */
+
+/* Raises the abort from inside the hook. Re-arming with a count of 1 means that if a pcall in the
+ * script catches this error, the very next instruction raises it again. */
+static int hook_abort(lua_State *L, const char *what)
+{
+    lua_Debug ar;
+    const char *src = "?";
+    int line = 0;
+    sandbox_of(L)->hook_fast = 1;
+    lua_sethook(L, lua_gethook(L), LUA_MASKCOUNT, 1);
+    if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "Sl", &ar)) {
+        src = ar.short_src;
+        line = ar.currentline;
+    }
+    return luaL_error(L, "%s:%d: %s", src, line, what);
+}
+
+static void budget_hook(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    ms_sandbox_t *sb = sandbox_of(L);
+    if (!sb->in_call)
+        return;
+    if (sb->mem_exceeded) {
+        hook_abort(L, "memory limit exceeded");
+        return;
+    }
+    /* The clock is first read here, not when the call starts: a typical routing call ends well
+     * before its first tick, and a clock read (~25 ns on this machine) would be a tenth of it. */
+    uint64_t now = ms_now_us();
+    if (sb->deadline_us == 0)
+        sb->deadline_us = now + sb->budget_us;
+    if (sb->budget_exceeded || ++sb->ticks > sb->max_ticks || now > sb->deadline_us) {
+        sb->budget_exceeded = 1;
+        hook_abort(L, "budget exceeded");
+    }
+}
+
+/* ---- sandboxed library functions ------------------------------------------------------------ */
+
+/* collectgarbage("count") only: a script may look at its footprint, never drive the collector. */
+static int sb_collectgarbage(lua_State *L)
+{
+    const char *opt = luaL_optstring(L, 1, "collect");
+    if (strcmp(opt, "count") != 0)
+        return luaL_error(L, "collectgarbage: only \"count\" is allowed in policy scripts");
+    lua_pushnumber(L, lua_gc(L, LUA_GCCOUNT, 0) + lua_gc(L, LUA_GCCOUNTB, 0) / 1024.0);
+    return 1;
+}
+
+/* load/loadstring(text [, chunkname]): strings only (no reader functions), text only, and the
+ * result runs in the sandbox environment (upvalue 1), never in the real globals. */
+static int sb_load(lua_State *L)
+{
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len);
+    const char *name = luaL_optstring(L, 2, text);
+    if (len > 0 && text[0] == LUA_SIGNATURE[0]) {
+        lua_pushnil(L);
+        lua_pushstring(L, "attempt to load a binary chunk");
+        return 2;
+    }
+    if (luaL_loadbufferx(L, text, len, name, "t") != 0) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_setfenv(L, -2);
+    return 1;
+}
+
+static int sb_guard_index(lua_State *L)
+{
+    return luaL_error(L, "attempt to read undefined global '%s'", lua_tostring(L, 2));
+}
+
+static int sb_guard_newindex(lua_State *L)
+{
+    return luaL_error(L, "attempt to create global '%s' (declare it local)", lua_tostring(L, 2));
+}
+
+/* ---- environment ---------------------------------------------------------------------------- */
+
+static const char *const base_allow[] = {
+    "assert",   "error",  "getmetatable", "ipairs",   "next",         "pairs",    "pcall",
+    "rawequal", "rawget", "rawset",       "select",   "setmetatable", "tonumber", "tostring",
+    "type",     "unpack", "xpcall",       "_VERSION", NULL,
+};
+static const char *const os_allow[] = {"time", "clock", "date", NULL};
+
+static void open_lib(lua_State *L, const char *name, lua_CFunction open)
+{
+    /* LuaJIT wants luaopen_* called through lua_call, not directly. */
+    lua_pushcfunction(L, open);
+    lua_pushstring(L, name);
+    lua_call(L, 1, 0);
+}
+
+/* env[name] = a shallow copy of the real global library `name`, minus `deny` (may be NULL). */
+static void copy_lib(lua_State *L, int env, const char *name, const char *deny)
+{
+    lua_newtable(L);
+    lua_getglobal(L, name);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        if (deny && lua_type(L, -2) == LUA_TSTRING && strcmp(lua_tostring(L, -2), deny) == 0) {
+            lua_pop(L, 1);
+            continue;
+        }
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, -5);
+    }
+    lua_pop(L, 1);
+    lua_setfield(L, env, name);
+}
+
+/* env[name] = { f = real[name][f] for f in allow } */
+static void copy_some(lua_State *L, int env, const char *name, const char *const *allow)
+{
+    lua_newtable(L);
+    lua_getglobal(L, name);
+    for (const char *const *f = allow; *f; f++) {
+        lua_getfield(L, -1, *f);
+        lua_setfield(L, -3, *f);
+    }
+    lua_pop(L, 1);
+    lua_setfield(L, env, name);
+}
+
+/* String values share one metatable whose __index is the real string library: point it at the
+ * sandbox copy (which has no string.dump) and hide the metatable from getmetatable(""). */
+static void protect_string_metatable(lua_State *L, int env)
+{
+    lua_pushliteral(L, "");
+    lua_getmetatable(L, -1);
+    lua_getfield(L, env, "string");
+    lua_setfield(L, -2, "__index");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 2);
+}
+
+static void build_env(ms_sandbox_t *sb)
+{
+    lua_State *L = sb->L;
+    lua_newtable(L);
+    int env = lua_gettop(L);
+    lua_getglobal(L, "_G");
+    for (const char *const *f = base_allow; *f; f++) {
+        lua_getfield(L, -1, *f);
+        lua_setfield(L, env, *f);
+    }
+    lua_pop(L, 1);
+    copy_lib(L, env, "string", "dump");
+    copy_lib(L, env, "table", NULL);
+    copy_lib(L, env, "math", NULL);
+    copy_some(L, env, "os", os_allow);
+    lua_pushcfunction(L, sb_collectgarbage);
+    lua_setfield(L, env, "collectgarbage");
+    lua_pushvalue(L, env);
+    lua_pushcclosure(L, sb_load, 1);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, env, "load");
+    lua_setfield(L, env, "loadstring");
+    lua_pushvalue(L, env);
+    lua_setfield(L, env, "_G");
+    protect_string_metatable(L, env);
+
+    lua_newtable(L); /* the guard goes on last: filling the table above needs no permission */
+    lua_pushcfunction(L, sb_guard_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, sb_guard_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, env);
+    sb->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* ---- calls ---------------------------------------------------------------------------------- */
+
+/* Message handler for every pcall: adds a traceback to string errors. It is a C function, so the
+ * armed count hook never fires inside it, and it lifts the memory cap so building the message
+ * can't fail. */
+static int message_handler(lua_State *L)
+{
+    ms_sandbox_t *sb = sandbox_of(L);
+    sb->mem_enforced = 0;
+    const char *msg = lua_tostring(L, 1);
+    if (!msg)
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+static void set_err(ms_sandbox_t *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_err(ms_sandbox_t *sb, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sb->err, sizeof sb->err, fmt, ap);
+    va_end(ap);
+}
+
+/* Keeps the first line of the error (`file:line: message`); the traceback goes to the debug
+ * log only, since failing calls can be frequent and the message alone identifies the spot. */
+static void record_call_error(ms_sandbox_t *sb, int rc)
+{
+    lua_State *L = sb->L;
+    const char *msg = lua_tostring(L, -1);
+    if (rc == LUA_ERRMEM || (sb->mem_exceeded && !sb->budget_exceeded)) {
+        /* The allocator refused: the message couldn't always be built, so say it from here. */
+        set_err(sb, "%s: memory limit exceeded (limit %zu KiB)", sb->chunkname,
+                sb->mem_limit >> 10);
+    } else if (sb->budget_exceeded && msg) {
+        size_t n = strcspn(msg, "\n");
+        set_err(sb, "%.*s (%llu us)", (int)n, msg, (unsigned long long)sb->budget_us);
+    } else if (msg) {
+        set_err(sb, "%.*s", (int)strcspn(msg, "\n"), msg);
+    } else {
+        set_err(sb, "unknown error (code %d)", rc);
+    }
+    ms_debug("policy script: %s", msg ? msg : sb->err);
+}
+
+static void arm(ms_sandbox_t *sb, uint64_t budget_us)
+{
+    sb->budget_us = budget_us;
+    sb->deadline_us = 0; /* set by the first tick */
+    sb->ticks = 0;
+    /* ~1000 instructions per microsecond is about what the interpreter runs; the instruction cap
+     * makes an abort deterministic on an idle machine, the clock bounds it on a busy one. */
+    sb->max_ticks = budget_us < 100 ? 100 : budget_us;
+    sb->budget_exceeded = 0;
+    sb->mem_exceeded = 0;
+    sb->mem_enforced = 1;
+    sb->in_call = 1;
+    /* The hook stays installed between calls and is idle outside them (in_call); it is re-set
+     * only to undo the count of 1 left by an abort. The count carries over from call to call, so
+     * a call's first tick may come early: harmless, it only starts the clock sooner. */
+    if (sb->hook_fast) {
+        sb->hook_fast = 0;
+        lua_sethook(sb->L, budget_hook, LUA_MASKCOUNT, MS_SANDBOX_HOOK_COUNT);
+    }
+}
+
+/* Outside calls the hook is idle (in_call is 0) and the memory cap is off. */
+static void disarm(ms_sandbox_t *sb)
+{
+    sb->in_call = 0;
+    sb->mem_enforced = 0;
+}
+
+int ms_sandbox_call(ms_sandbox_t *sb, int nargs, int nres, uint64_t budget_us)
+{
+    lua_State *L = sb->L;
+    int fn = lua_gettop(L) - nargs;
+    arm(sb, budget_us);
+    int rc = lua_pcall(L, nargs, nres, MS_SANDBOX_HANDLER_SLOT);
+    disarm(sb);
+    if (rc == 0)
+        return 0;
+    record_call_error(sb, rc);
+    lua_settop(L, fn - 1);
+    if (sb->mem_exceeded)
+        lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the aborted call back at once */
+    return -1;
+}
+
+/* ---- loading -------------------------------------------------------------------------------- */
+
+int ms_sandbox_load(ms_sandbox_t *sb, const char *buf, size_t len, const char *chunkname)
+{
+    lua_State *L = sb->L;
+    if (len > 0 && buf[0] == LUA_SIGNATURE[0]) {
+        set_err(sb, "%s: precompiled bytecode is not accepted", chunkname);
+        return -1;
+    }
+    char name[512];
+    snprintf(name, sizeof name, "@%s", chunkname);
+    snprintf(sb->chunkname, sizeof sb->chunkname, "%s", chunkname);
+    if (luaL_loadbufferx(L, buf, len, name, "t") != 0) {
+        const char *msg = lua_tostring(L, -1);
+        set_err(sb, "%s", msg ? msg : "load failed");
+        lua_pop(L, 1);
+        return -1;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sb->env_ref);
+    lua_setfenv(L, -2);
+    return 0;
+}
+
+int ms_sandbox_load_file(ms_sandbox_t *sb, const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        set_err(sb, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    ms_buf_t b = {0};
+    char chunk[8192];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        ms_buf_append(&b, chunk, n);
+    int bad = ferror(f);
+    fclose(f);
+    int rc = -1;
+    if (bad)
+        set_err(sb, "%s: read error", path);
+    else
+        rc = ms_sandbox_load(sb, b.data ? b.data : "", b.len, path);
+    ms_buf_free(&b);
+    return rc;
+}
+
+/* ---- JSON ----------------------------------------------------------------------------------- */
+
+static void push_json_value(lua_State *L, json_t *v);
+
+static void push_json_object(lua_State *L, json_t *v)
+{
+    const char *key;
+    json_t *item;
+    lua_createtable(L, 0, (int)json_object_size(v));
+    json_object_foreach(v, key, item)
+    {
+        push_json_value(L, item);
+        lua_setfield(L, -2, key);
+    }
+}
+
+static void push_json_array(lua_State *L, json_t *v)
+{
+    size_t i;
+    json_t *item;
+    lua_createtable(L, (int)json_array_size(v), 0);
+    json_array_foreach(v, i, item)
+    {
+        push_json_value(L, item);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+}
+
+static void push_json_value(lua_State *L, json_t *v)
+{
+    luaL_checkstack(L, 4, "JSON nested too deeply");
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        push_json_object(L, v);
+        break;
+    case JSON_ARRAY:
+        push_json_array(L, v);
+        break;
+    case JSON_STRING:
+        lua_pushlstring(L, json_string_value(v), json_string_length(v));
+        break;
+    case JSON_INTEGER:
+        lua_pushnumber(L, (lua_Number)json_integer_value(v));
+        break;
+    case JSON_REAL:
+        lua_pushnumber(L, json_real_value(v));
+        break;
+    case JSON_TRUE:
+        lua_pushboolean(L, 1);
+        break;
+    case JSON_FALSE:
+        lua_pushboolean(L, 0);
+        break;
+    default:
+        lua_pushnil(L);
+        break;
+    }
+}
+
+int ms_sandbox_push_json(ms_sandbox_t *sb, const char *json)
+{
+    if (!json || !*json) {
+        lua_newtable(sb->L);
+        return 0;
+    }
+    json_error_t jerr;
+    json_t *root = json_loads(json, JSON_DECODE_ANY, &jerr);
+    if (!root) {
+        set_err(sb, "kwargs:%d:%d: %s", jerr.line, jerr.column, jerr.text);
+        return -1;
+    }
+    push_json_value(sb->L, root);
+    json_decref(root);
+    return 0;
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------------ */
+
+static int panic_handler(lua_State *L)
+{
+    ms_fatal("unprotected error in policy Lua: %s", lua_tostring(L, -1));
+}
+
+ms_sandbox_t *ms_sandbox_new(size_t mem_limit, char **err)
+{
+    ms_sandbox_t *sb = ms_calloc(1, sizeof *sb);
+    sb->mem_limit = mem_limit ? mem_limit : MS_SANDBOX_DEFAULT_MEM_LIMIT;
+    sb->L = lua_newstate(sandbox_alloc, sb);
+    if (!sb->L) {
+        /* Non-GC64 x86-64 LuaJIT refuses custom allocators; this build never is (see docs). */
+        *err = ms_strdup("cannot create a Lua state with a counting allocator");
+        free(sb);
+        return NULL;
+    }
+    lua_State *L = sb->L;
+    lua_atpanic(L, panic_handler);
+    open_lib(L, "", luaopen_base);
+    open_lib(L, LUA_STRLIBNAME, luaopen_string);
+    open_lib(L, LUA_TABLIBNAME, luaopen_table);
+    open_lib(L, LUA_MATHLIBNAME, luaopen_math);
+    open_lib(L, LUA_OSLIBNAME, luaopen_os); /* only to lend os.time/clock/date to the env */
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    build_env(sb);
+    lua_settop(L, 0);
+    lua_pushcfunction(L, message_handler); /* pinned: see MS_SANDBOX_HANDLER_SLOT */
+    sb->hook_fast = 1;                     /* install the hook on the first call */
+    return sb;
+}
+
+void ms_sandbox_free(ms_sandbox_t *sb)
+{
+    if (!sb)
+        return;
+    lua_close(sb->L);
+    free(sb);
+}

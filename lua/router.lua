@@ -1,0 +1,120 @@
+-- router.lua: the built-in request router, power of two choices (Ray Serve's default policy).
+--
+-- Written on exactly the API user routers get (docs/routing.md): the chunk returns a class whose
+-- choose_replicas(self, candidates, request) returns ranks, most preferred first.
+--
+-- Two distinct candidates are sampled at random and the one with fewer requests in flight comes
+-- first, each in its own rank: the engine tries rank 1, then rank 2. When the request names a
+-- multiplexed model, the two samples are drawn from the replicas that already hold it (if any),
+-- and the rest of the candidates follow as a last rank, so a busy holder doesn't strand the
+-- request.
+--
+-- This runs on every request, so it builds no tables per call: the returned lists are reused
+-- (the engine reads the result before the next call), and the multiplex scan writes into a
+-- reused array.
+
+local random = math.random
+
+local Router = {}
+
+-- Reused result lists.
+local first, second, rest = {}, {}, {}
+local two_ranks = { first, second }
+local one_rank = { first }
+local three_ranks = { first, second, rest }
+local holders = {}
+
+function Router:initialize_state(kwargs)
+    -- Nothing to configure yet; kwargs is the decoded request_router_kwargs table.
+    self.kwargs = kwargs
+end
+
+-- Samples two distinct entries of list[1..n] (n >= 2), less loaded first.
+local function two_choices(list, n)
+    local i = random(n)
+    local j = random(n - 1)
+    if j >= i then
+        j = j + 1
+    end
+    local a, b = list[i], list[j]
+    if b.ongoing < a.ongoing then
+        return b, a
+    end
+    return a, b
+end
+
+-- Collects the candidates that hold `model` into the reused `holders` array; returns the count.
+local function find_holders(candidates, n, model)
+    local h = 0
+    for i = 1, n do
+        local c = candidates[i]
+        if c.multiplexed_model_ids[model] then
+            h = h + 1
+            holders[h] = c
+        end
+    end
+    for i = h + 1, #holders do
+        holders[i] = nil -- drop stale references so removed replicas can be collected
+    end
+    return h
+end
+
+-- Ranks among the holders of a model, then everything else.
+local function choose_multiplexed(candidates, n, model)
+    local h = find_holders(candidates, n, model)
+    if h == 0 then
+        return nil
+    end
+    local k = 0
+    for i = 1, n do
+        local c = candidates[i]
+        if not c.multiplexed_model_ids[model] then
+            k = k + 1
+            rest[k] = c
+        end
+    end
+    for i = k + 1, #rest do
+        rest[i] = nil
+    end
+    if h == 1 then
+        first[1] = holders[1]
+        second[1] = nil
+    else
+        first[1], second[1] = two_choices(holders, h)
+    end
+    return three_ranks
+end
+
+function Router:choose_replicas(candidates, request)
+    local n = #candidates
+    second[1] = nil
+    if n == 0 then
+        first[1] = nil
+        return one_rank
+    end
+    local model = request and request.multiplexed_model_id
+    if model ~= "" and model then
+        local ranks = choose_multiplexed(candidates, n, model)
+        if ranks then
+            return ranks
+        end
+    end
+    if n == 1 then
+        first[1] = candidates[1]
+        return one_rank
+    end
+    -- two_choices, inlined: this is the path every plain request takes.
+    local i = random(n)
+    local j = random(n - 1)
+    if j >= i then
+        j = j + 1
+    end
+    local a, b = candidates[i], candidates[j]
+    if b.ongoing < a.ongoing then
+        a, b = b, a
+    end
+    first[1], second[1] = a, b
+    return two_ranks
+end
+
+return Router
