@@ -124,9 +124,16 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
             found |= name && strcmp(name, dc->name) == 0;
         }
         if (!found) {
+            ms_buf_t names = {0};
+            json_array_foreach(deps, k, d)
+            {
+                ms_buf_appendf(&names, "%s%s", k ? ", " : "",
+                               json_string_value(json_object_get(d, "name")));
+            }
             ms_config_errors_add(errs, cfg->path, dc->mark,
-                                 "deployment '%s' is not part of application '%s'", dc->name,
-                                 app->name);
+                                 "deployment '%s' is not part of application '%s' (it has: %s)",
+                                 dc->name, app->name, names.data ? names.data : "");
+            ms_buf_free(&names);
             rc = -1;
         }
     }
@@ -182,6 +189,7 @@ typedef struct controller {
     uv_signal_t sigterm, sigint;
     uv_timer_t drain_timer;
     uint64_t drain_deadline_ms;
+    double drain_bound_s; /* longest graceful_shutdown_timeout_s of any deployment */
     char run_dir[64];
     char handle_socket[128];
     int shutting_down;
@@ -249,11 +257,16 @@ static void on_signal(uv_signal_t *s, int signum)
 {
     controller_t *c = s->data;
     if (c->shutting_down) {
-        ms_info("second signal: shutting down now");
-        c->drain_deadline_ms = 0;
+        /* A second Ctrl-C means "now"; a repeated SIGTERM (as `timeout` sends to the whole
+         * group) changes nothing. */
+        if (signum == SIGINT) {
+            ms_info("second SIGINT: shutting down now");
+            c->drain_deadline_ms = 0;
+        }
         return;
     }
     c->shutting_down = 1;
+    c->drain_deadline_ms = ms_now_ms() + (uint64_t)(c->drain_bound_s * 1000.0);
     ms_info("received %s: draining", signum == SIGTERM ? "SIGTERM" : "SIGINT");
     ms_proxy_set_draining(c->proxy, 1);
     ms_http_server_stop_accepting(c->ingress);
@@ -319,7 +332,10 @@ static int open_listeners(controller_t *c)
     }
     ms_http_server_config_t handles = ms_proxy_handle_config(c->proxy);
     handles.limits = limits_from(h);
-    handles.limits.header_timeout_s = 0; /* replicas are trusted peers: no slowloris guard */
+    /* Replicas are trusted peers that pool their connections: no slowloris guard, and no idle
+     * timeout that could close a connection just as a replica reuses it. */
+    handles.limits.header_timeout_s = 0;
+    handles.limits.keep_alive_timeout_s = 0;
     r = ms_http_server_listen_unix(c->loop, c->handle_socket, &handles, &c->handles);
     if (r != 0) {
         ms_error("cannot listen on %s: %s", c->handle_socket, uv_strerror(r));
@@ -366,10 +382,9 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
         uv_signal_start(&c.sigterm, on_signal, SIGTERM);
         uv_signal_start(&c.sigint, on_signal, SIGINT);
         /* The drain deadline is fixed when the signal arrives; remember the bound now. */
-        double bound = max_shutdown_timeout(&plan);
+        c.drain_bound_s = max_shutdown_timeout(&plan);
         plan_free(&plan);
         uv_run(c.loop, UV_RUN_DEFAULT);
-        (void)bound;
     } else {
         plan_free(&plan);
         if (c.ingress)
