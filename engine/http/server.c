@@ -424,7 +424,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
     conn_t *c = conn_of_parser(p);
     if (count_head_bytes(c, n + 4)) /* ": " and CRLF count too */
         return -1;
-    ms__headers_add_name(&c->hc, at, n);
+    if (!c->body_phase) /* trailers after a chunked body are counted but not kept */
+        ms__headers_add_name(&c->hc, at, n);
     return 0;
 }
 
@@ -433,7 +434,8 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n)
     conn_t *c = conn_of_parser(p);
     if (count_head_bytes(c, n))
         return -1;
-    ms__headers_add_value(&c->hc, at, n);
+    if (!c->body_phase)
+        ms__headers_add_value(&c->hc, at, n);
     return 0;
 }
 
