@@ -262,6 +262,76 @@ class HTTPIngressTest(harness.ServerTestCase):
         # framing must be valid HTTP/1.1: either chunked or an exact Content-Length
         self.assertTrue(r.chunked or int(r.header("content-length", "-1")) == 16 * n, r.headers)
 
+    def test_large_response_is_chunked(self):
+        # docs/http.md: bodies over 256 KiB are streamed to HTTP/1.1 clients chunked
+        s = self.server.connect(timeout=10)
+        try:
+            s.sendall(build_request("GET", "/hello/big?n=65536"))
+            r = HTTPReader(s).read_response()
+            self.assertEqual(r.status, 200, r)
+            self.assertTrue(r.chunked, "1 MiB response not chunked: %r" % r.headers)
+            self.assertNotIn("content-length", r.headers)
+            self.assertEqual(r.body, b"0123456789abcdef" * 65536)
+            # the chunked framing ended exactly: the same connection serves the next request
+            s.sendall(build_request("GET", "/hello/after-big"))
+            r2 = HTTPReader(s).read_response()
+            self.assertEqual(r2.status, 200, r2)
+        finally:
+            s.close()
+
+    def test_pipelined_chunked_then_small(self):
+        s = self.server.connect(timeout=10)
+        try:
+            s.sendall(build_request("GET", "/hello/big?n=32768", headers={"X-Request-ID": "b1"}) +
+                      build_request("GET", "/hello/small", headers={"X-Request-ID": "b2"}) +
+                      build_request("GET", "/hello/big?n=20000", headers={"X-Request-ID": "b3"}))
+            rd = HTTPReader(s)
+            got = [rd.read_response() for _ in range(3)]
+        finally:
+            s.close()
+        self.assertEqual([r.header("x-request-id") for r in got], ["b1", "b2", "b3"])
+        self.assertEqual(len(got[0].body), 16 * 32768)
+        self.assertTrue(got[1].json()["path"].endswith("/small"))
+        self.assertEqual(len(got[2].body), 16 * 20000)
+
+    def test_small_response_has_content_length(self):
+        s = self.server.connect()
+        try:
+            s.sendall(build_request("GET", "/hello/text"))
+            r = HTTPReader(s).read_response()
+        finally:
+            s.close()
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("content-length"), str(len(r.body)))
+
+    def test_large_response_http10_close_delimited(self):
+        s = self.server.connect(timeout=10)
+        try:
+            s.sendall(b"GET /hello/big?n=65536 HTTP/1.0\r\n\r\n")
+            data, closed = read_until_closed(s, 10)
+        finally:
+            s.close()
+        self.assertTrue(closed)
+        r = parse_response_bytes(data)
+        self.assertEqual(r.status, 200, r)
+        self.assertFalse(r.chunked, "chunked sent to an HTTP/1.0 client")
+        self.assertEqual(r.body, b"0123456789abcdef" * 65536)
+
+    def test_expect_100_continue(self):
+        s = self.server.connect()
+        try:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                      b"Expect: 100-continue\r\n\r\n")
+            rd = HTTPReader(s)
+            interim = rd.read_response()
+            self.assertEqual(interim.status, 100, interim)
+            s.sendall(b"hello")
+            r = rd.read_response()
+        finally:
+            s.close()
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.body, b"hello")
+
     # -- malformed input ------------------------------------------------------------------------
 
     def assert_400_and_close(self, raw):
