@@ -193,6 +193,7 @@ local function replica_only(name)
     end
 end
 local core_sleep, core_call, core_result = replica_only("sleep"), replica_only("call"), replica_only("result")
+local core_stream_start, core_stream_send = replica_only("stream_start"), replica_only("stream_send")
 
 -- Headers a forwarded request must not carry over: framing and routing are the new hop's own.
 local HOP_HEADERS = {
@@ -310,6 +311,49 @@ function M.response(t)
     return setmetatable(t, Response)
 end
 
+local Stream = {}
+
+-- serve.stream(producer, {status=, headers=}): a streamed response. After the handler returns
+-- it, the head is sent and producer(send) runs in the request's coroutine; each send(chunk)
+-- (a string, or a table sent as JSON) goes out at once as one HTTP chunk, and the response ends
+-- when producer returns. producer may serve.sleep or call handles between chunks.
+function M.stream(producer, opts)
+    if type(producer) ~= "function" then
+        error("serve.stream: expects a function(send)", 2)
+    end
+    opts = opts or {}
+    if opts.status ~= nil and type(opts.status) ~= "number" then
+        error("serve.stream: status must be a number", 2)
+    end
+    return setmetatable({ producer = producer, status = opts.status or 200,
+                          headers = opts.headers or {} }, Stream)
+end
+
+local function flatten_headers(headers, default_ctype)
+    local flat, has_ctype = {}, false
+    for k, v in pairs(headers) do
+        flat[#flat + 1] = tostring(k)
+        flat[#flat + 1] = tostring(v)
+        has_ctype = has_ctype or tostring(k):lower() == "content-type"
+    end
+    if not has_ctype and default_ctype then
+        flat[#flat + 1], flat[#flat + 2] = "Content-Type", default_ctype
+    end
+    return flat
+end
+
+local function send_chunk(chunk)
+    if type(chunk) ~= "string" then
+        chunk = M.json.encode(chunk)
+    end
+    core_stream_send(chunk)
+end
+
+local function run_stream(s)
+    core_stream_start(s.status, flatten_headers(s.headers, "text/plain; charset=utf-8"))
+    s.producer(send_chunk)
+end
+
 -- Turns a handler's return value into status, body, and a flat {name, value, ...} header list.
 local function to_http(res)
     if res == nil then
@@ -394,7 +438,11 @@ end
 
 function M._run_request(self, req)
     setmetatable(req, Request)
-    return to_http(self:__call(req))
+    local res = self:__call(req)
+    if getmetatable(res) == Stream then
+        return run_stream(res) -- nothing returned: the C side ends the streamed response
+    end
+    return to_http(res)
 end
 
 return M

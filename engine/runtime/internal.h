@@ -54,6 +54,7 @@ struct rt_task {
     rt_call_t *calls;       /* calls this task started and that are still in flight */
     ms_http_request_t *req; /* request tasks only */
     json_int_t ctl_id;      /* control tasks only */
+    int streaming;          /* serve.stream started the response: chunks follow */
     rt_task_done_cb done;
     char request_id[80];
 };
@@ -69,7 +70,8 @@ struct rt {
     size_t pool_len, pool_cap;
 };
 
-extern const luaL_Reg rt_task_lib[]; /* sleep, call, result for "moonserve.core" */
+/* sleep, call, result, stream_start, stream_send for "moonserve.core" */
+extern const luaL_Reg rt_task_lib[];
 /* Makes rt the one the task library uses; rt->L must exist. */
 void rt_tasks_init(rt_t *rt);
 /* Creates a task whose coroutine will call moonserve module function `fn`: push its arguments on

@@ -348,7 +348,16 @@ static void on_request_done(rt_task_t *t, int ok)
 {
     ms_http_request_t *req = t->req;
     req->user = NULL;
-    if (ok) {
+    if (t->streaming) {
+        /* The head is gone already: an error can only cut the stream short. */
+        if (ok) {
+            ms_http_response_end(req);
+        } else {
+            ms_warn("request %s failed mid-stream: %s", req->request_id,
+                    rt_vm_error_text(t->co, -1));
+            ms_http_response_abort(req);
+        }
+    } else if (ok) {
         respond_from_lua(req, t->co);
     } else {
         const char *msg = rt_vm_error_text(t->co, -1);

@@ -13,7 +13,8 @@
  *  - control plane: newline-delimited JSON over fd 3 (a socketpair from the controller).
  *    replica -> controller: {"op":"ready"} once constructed and listening, or
  *                           {"op":"failed","error":"..."} then exit(1).
- *    controller -> replica: {"op":"health","id":N}       -> {"op":"reply","id":N,"ok":bool,"error":?}
+ *    controller -> replica: {"op":"health","id":N}       ->
+ * {"op":"reply","id":N,"ok":bool,"error":?}
  *                           {"op":"reconfigure","id":N,"user_config":{...}} -> reply
  *                           {"op":"stats","id":N}        -> reply with "ongoing", "autoscaling",
  *                                                           "routing"

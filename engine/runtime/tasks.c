@@ -372,9 +372,52 @@ static int l_future_gc(lua_State *L)
     return 0;
 }
 
+/* ---- streamed responses ----------------------------------------------------------------------
+ */
+
+/* stream_start(status, {name, value, ...}): sends the response head; the body follows in chunks
+ * (Transfer-Encoding: chunked) and ends when the request's coroutine returns. */
+static int l_stream_start(lua_State *L)
+{
+    rt_task_t *t = current_task(L, "serve.stream");
+    int status = (int)luaL_checkinteger(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (!t->req || t->streaming)
+        return luaL_error(L, "serve.stream: the response has already started");
+    if (status < 100 || status > 599)
+        return luaL_error(L, "serve.stream: invalid status %d", status);
+    int n = (int)lua_objlen(L, 2) / 2;
+    ms_http_header_t *hs = ms_calloc((size_t)n + 1, sizeof *hs);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, 2, 2 * i + 1);
+        lua_rawgeti(L, 2, 2 * i + 2);
+        hs[i].name = lua_tolstring(L, -2, &hs[i].name_len);
+        hs[i].value = lua_tolstring(L, -1, &hs[i].value_len);
+        lua_pop(L, 2); /* the strings stay alive: the table at index 2 still holds them */
+    }
+    ms_http_response_start(t->req, status, hs, (size_t)n);
+    free(hs);
+    t->streaming = 1;
+    return 0;
+}
+
+/* stream_send(chunk): one piece of a streamed body, written at once. */
+static int l_stream_send(lua_State *L)
+{
+    rt_task_t *t = current_task(L, "serve.stream");
+    size_t len;
+    const char *chunk = luaL_checklstring(L, 1, &len);
+    if (!t->streaming)
+        return luaL_error(L, "serve.stream: the response has not started");
+    ms_http_response_chunk(t->req, chunk, len);
+    return 0;
+}
+
 const luaL_Reg rt_task_lib[] = {
     {"sleep", l_sleep},
     {"call", l_call},
     {"result", l_result},
+    {"stream_start", l_stream_start},
+    {"stream_send", l_stream_send},
     {NULL, NULL},
 };
