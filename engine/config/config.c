@@ -92,6 +92,12 @@ static const ms_cfg_field_t http_fields[] = {
     {"max_header_bytes", http_max_header, MS_FIELD_OK},
     {"max_body_bytes", http_max_body, MS_FIELD_OK},
     {"header_timeout_s", http_header_timeout, MS_FIELD_OK},
+    /* Ray Serve's own keys that have no effect here yet: accepted so its configs load. */
+    {"root_path", ms_cfg_later_string, MS_FIELD_LATER},
+    {"ssl_keyfile", ms_cfg_later_string, MS_FIELD_LATER},
+    {"ssl_certfile", ms_cfg_later_string, MS_FIELD_LATER},
+    {"ssl_keyfile_password", ms_cfg_later_string, MS_FIELD_LATER},
+    {"ssl_ca_certs", ms_cfg_later_string, MS_FIELD_LATER},
 };
 
 static void top_http(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)

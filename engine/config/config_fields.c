@@ -177,6 +177,13 @@ void ms_cfg_later_mapping(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_nod
     ms_cfg_want_mapping(c, key, val, true);
 }
 
+void ms_cfg_later_string(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    if (!ms_cfg_is_null(val) && !ms_cfg_scalar(val))
+        ms_cfg_error(c, val, "%s must be a string", ms_cfg_key_name(key));
+}
+
 void ms_cfg_later_bool(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     bool b;

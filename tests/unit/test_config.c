@@ -555,6 +555,7 @@ static void test_later_keys_accepted(void)
 {
     /* These load (with warnings on stderr) and are type-checked loosely. */
     ms_config_t *cfg = expect_ok("proxy_location: HeadOnly\n"
+                                 "http_options: {root_path: '', ssl_keyfile: null}\n"
                                  "grpc_options: {port: 9000}\n"
                                  "admin: {}\n"
                                  "applications:\n"
@@ -573,6 +574,8 @@ static void test_later_keys_accepted(void)
     ms_config_free(cfg);
     expect_error("grpc_options: 5\napplications: []\n",
                  "t.yaml:1:15: grpc_options must be a mapping or null, got \"5\"");
+    expect_error("http_options: {ssl_certfile: [a]}\napplications: []\n",
+                 "t.yaml:1:30: ssl_certfile must be a string");
 }
 
 int main(void)
