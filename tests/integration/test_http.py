@@ -1,12 +1,15 @@
 """HTTP ingress: routing, keep-alive, pipelining, bodies both ways, request ids, error bodies,
 the request object, response shapes, user_config, args and composition."""
 
+import http.client
 import json
 import socket
+import threading
 import time
 
 import harness
-from harness import HTTPReader, build_request, hello_app, read_until_closed, parse_response_bytes
+from harness import (HTTPReader, build_request, hello_app, parse_response_bytes, read_until_closed,
+                     run_threads)
 
 
 class HTTPIngressTest(harness.ServerTestCase):
@@ -222,6 +225,67 @@ class HTTPIngressTest(harness.ServerTestCase):
                 self.assertEqual(r.body, ("body-%d" % i).encode())
         finally:
             s.close()
+
+    def test_pipelining_many(self):
+        n = 100
+        reqs = b"".join(build_request("GET", "/hello/m%d" % i, headers={"X-Request-ID": "m-%d" % i})
+                        for i in range(n))
+        s = self.server.connect(timeout=10)
+        try:
+            s.sendall(reqs)
+            rd = HTTPReader(s)
+            for i in range(n):
+                r = rd.read_response()
+                self.assertEqual(r.status, 200, r)
+                self.assertEqual(r.header("x-request-id"), "m-%d" % i)
+        finally:
+            s.close()
+
+    def test_pipelining_more_than_buffer(self):
+        # > 256 KiB of pipelined input while responses are read concurrently: the server must
+        # apply back-pressure, not drop or reorder requests
+        n, size = 300, 1000
+        reqs = b"".join(build_request("POST", "/echo", body=(b"%04d" % i) * (size // 4))
+                        for i in range(n))
+        s = self.server.connect(timeout=15)
+        errs = []
+
+        def sender():
+            try:
+                s.sendall(reqs)
+            except OSError as e:
+                errs.append(e)
+
+        t = threading.Thread(target=sender, daemon=True)
+        t.start()
+        try:
+            rd = HTTPReader(s)
+            for i in range(n):
+                r = rd.read_response()
+                self.assertEqual(r.status, 200, r)
+                self.assertEqual(r.body, (b"%04d" % i) * (size // 4), "response %d" % i)
+        finally:
+            t.join(10)
+            s.close()
+        self.assertFalse(errs, errs)
+
+    def test_concurrent_clients(self):
+        def client(i):
+            conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=10)
+            try:
+                for j in range(20):
+                    conn.request("POST", "/echo", body=("c%d-%d" % (i, j)).encode())
+                    r = conn.getresponse()
+                    body = r.read()
+                    if r.status != 200 or body != ("c%d-%d" % (i, j)).encode():
+                        return (r.status, body)
+                return "ok"
+            finally:
+                conn.close()
+
+        res = run_threads(client, [(i,) for i in range(32)], timeout=60)
+        bad = [x for x in res if x != ("ok", None)]
+        self.assertFalse(bad, bad)
 
     # -- bodies ---------------------------------------------------------------------------------
 

@@ -224,7 +224,7 @@ class LimitsTest(harness.ServerTestCase):
         for (r, dt), _ in res:
             if r.status == 503:
                 self.assertLess(dt, 0.8, "503 was not immediate (%.2fs)" % dt)
-                self.assertTrue(r.header("x-request-id"), r)
+                self.assertErrorJSON(r, 503)
             else:
                 self.assertEqual(r.status, 200, r)
         self.assertEqual(self.server.get("/queue/after").status, 200)

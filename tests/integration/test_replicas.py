@@ -50,6 +50,7 @@ class KillReplicaTest(harness.ServerTestCase):
         old = srv.wait_replicas(3, timeout=10)
         stop = threading.Event()
         results = []  # (status or exception repr, duration)
+        error_responses = []
         lock = threading.Lock()
 
         def load(i):
@@ -60,6 +61,9 @@ class KillReplicaTest(harness.ServerTestCase):
                 try:
                     r = srv.get("/hello/load%d?sleep=0.3" % i, timeout=8)
                     out = r.status
+                    if r.status != 200:
+                        with lock:
+                            error_responses.append(r)
                 except Exception as e:  # noqa: a timeout here is a hung request
                     out = repr(e)
                 with lock:
@@ -86,6 +90,8 @@ class KillReplicaTest(harness.ServerTestCase):
         self.assertFalse(slow, "requests took too long: %r" % slow)
         self.assertGreater(sum(1 for x in results if x[0] == 200), 10, results)
         errors = [x for x in results if x[0] != 200]
+        for r in error_responses:  # 502/503 bodies are JSON errors carrying the request id
+            self.assertErrorJSON(r, r.status)
         # at most the requests in flight on the dead replica (4) fail; queued ones are re-routed
         self.assertLessEqual(len(errors), 8, "too many failures after one replica died: %r"
                              % errors)
@@ -111,6 +117,63 @@ class KillReplicaTest(harness.ServerTestCase):
                 self.assertEqual(r.status, 200, r)
                 replicas.add(r.json()["replica"])
         self.assertEqual(len(replicas), 3, "after recovery, replicas serving: %r" % replicas)
+
+
+FAILING_LUA = r'''
+local serve = require "moonserve"
+local Bad = serve.deployment { name = "Bad" }
+function Bad:init() error("init exploded") end
+function Bad:__call(req) return "never" end
+return { app = Bad:bind() }
+'''
+
+CRASHING_LUA = r'''
+local serve = require "moonserve"
+local Crash = serve.deployment { name = "Crash" }
+function Crash:__call(req)
+  if req.path:find("die") then os.exit(3) end
+  return { replica = serve.get_replica_context().replica_id }
+end
+return { app = Crash:bind() }
+'''
+
+
+class FailingReplicaTest(harness.ServerTestCase):
+    FILES = {"bad.lua": FAILING_LUA, "crash.lua": CRASHING_LUA}
+    APPLICATIONS = [
+        {"name": "bad", "route_prefix": "/bad", "import_path": "bad.lua:app"},
+        {"name": "crash", "route_prefix": "/crash", "import_path": "crash.lua:app",
+         "deployments": [{"name": "Crash", "num_replicas": 1}]},
+        hello_app("hello", "/hello", {"num_replicas": 1}),
+    ]
+
+    def test_failing_constructor_503_others_served(self):
+        t0 = time.monotonic()
+        r = self.server.get("/bad/x", timeout=15)
+        dt = time.monotonic() - t0
+        body = self.assertErrorJSON(r, 503)
+        self.assertIn("init exploded", body.get("error", ""), body)
+        self.assertLess(dt, 10)
+        self.assertEqual(self.server.get("/hello/ok").status, 200)
+        # retries of the constructor do not pile up processes
+        time.sleep(1.0)
+        self.assertLessEqual(len(self.server.replica_pids()), 3, self.server.replica_pids())
+
+    def test_replica_exit_in_handler(self):
+        self.assertEqual(self.server.get("/crash/warm", timeout=10).status, 200)
+        t0 = time.monotonic()
+        r = self.server.get("/crash/die", headers={"X-Request-ID": "die-1"}, timeout=10)
+        self.assertLess(time.monotonic() - t0, 3.0)
+        self.assertIn(r.status, (502, 503), r)
+        body = self.assertErrorJSON(r, r.status)
+        self.assertEqual(body["request_id"], "die-1")
+
+        def back():
+            try:
+                return self.server.get("/crash/again", timeout=3).status == 200
+            except OSError:
+                return False
+        self.assertTrue(wait_until(back, 10, 0.2), "crash deployment did not recover")
 
 
 class DisconnectTest(harness.ServerTestCase):
