@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "replica/replica.h"
 
@@ -34,9 +35,31 @@ static void close_idle_conns(ms_replica_t *r)
     r->_n_idle = 0;
 }
 
+static void handle_control_lines(ms_replica_t *r);
+
+/* The exit may be noticed before the last control line was read (a constructor failure is
+ * written just before exiting): read what is left before the pipe is closed. The fd is
+ * non-blocking, so this never waits. */
+static void drain_control_pipe(ms_replica_t *r)
+{
+    uv_os_fd_t fd;
+    if (uv_is_closing((uv_handle_t *)&r->_ctl) || uv_fileno((uv_handle_t *)&r->_ctl, &fd) != 0)
+        return;
+    for (;;) {
+        ms_buf_reserve(&r->_ctl_in, 4096);
+        ssize_t n = read(fd, r->_ctl_in.data + r->_ctl_in.len, r->_ctl_in.cap - r->_ctl_in.len - 1);
+        if (n <= 0)
+            break;
+        r->_ctl_in.len += (size_t)n;
+        r->_ctl_in.data[r->_ctl_in.len] = '\0';
+    }
+    handle_control_lines(r);
+}
+
 static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
 {
     ms_replica_t *r = p->data;
+    drain_control_pipe(r);
     r->_exited = 1;
     r->state = MS_REPLICA_DEAD;
     close_idle_conns(r);
@@ -88,6 +111,11 @@ static void on_ctl_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     r->_ctl_in.len += (size_t)nread;
     r->_ctl_in.data[r->_ctl_in.len] = '\0';
+    handle_control_lines(r);
+}
+
+static void handle_control_lines(ms_replica_t *r)
+{
     char *nl;
     while ((nl = memchr(r->_ctl_in.data, '\n', r->_ctl_in.len)) != NULL) {
         size_t line_len = (size_t)(nl - r->_ctl_in.data);
