@@ -367,6 +367,15 @@ function Hello:__call(req)
     return serve.response { status = 201, headers = { ["x-custom"] = "yes" }, body = "created" }
   end
   if req.path:find("text") then return "plain " .. self.greeting end
+  if req.path:find("stream") then
+    local n, gap = tonumber(req.query.n or "3"), tonumber(req.query.gap or "0")
+    return serve.stream(function(send)
+      for i = 1, n do
+        send("part-" .. i .. ";")
+        if gap > 0 then serve.sleep(gap) end
+      end
+    end)
+  end
   if req.path:find("big") then
     return string.rep("0123456789abcdef", tonumber(req.query.n or "65536"))
   end

@@ -268,6 +268,23 @@ class RequestTimeoutTest(harness.ServerTestCase):
         self.assertGreater(dt, 0.8)
         self.assertLess(dt, 3.0, "408 came only after %.2fs (request_timeout_s=1)" % dt)
 
+    def test_timeout_after_stream_started_cuts_stream(self):
+        # once the head went out, request_timeout_s cuts the stream: no 408, no final chunk
+        s = self.server.connect(timeout=10)
+        try:
+            t0 = time.monotonic()
+            s.sendall(build_request("GET", "/hello/stream?n=5&gap=0.6"))
+            data, closed = read_until_closed(s, 6)
+            dt = time.monotonic() - t0
+        finally:
+            s.close()
+        self.assertTrue(closed, "stream past request_timeout_s not cut within 6s: %r" % data)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:200])
+        self.assertIn(b"part-1;", data)
+        self.assertNotIn(b"part-5;", data)
+        self.assertFalse(data.endswith(b"0\r\n\r\n"), "cut stream ended like a complete one")
+        self.assertLess(dt, 3.0)
+
     def test_fast_request_not_timed_out(self):
         r = self.server.get("/hello/ok?sleep=0.2")
         self.assertEqual(r.status, 200, r)

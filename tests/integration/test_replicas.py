@@ -208,6 +208,25 @@ class DisconnectTest(harness.ServerTestCase):
         self.assertLess(dt, 2.0, "next request waited %.2fs: the disconnected client's request "
                                  "was not cancelled" % dt)
 
+    def test_disconnect_mid_stream_frees_slot(self):
+        self.assertEqual(self.server.get("/one/warm").status, 200)
+        s = self.server.connect()
+        try:
+            s.sendall(build_request("GET", "/one/stream?n=20&gap=0.2"))  # 4 s stream
+            got = b""
+            deadline = time.monotonic() + 3
+            while b"part-1;" not in got and time.monotonic() < deadline:
+                got += s.recv(4096)
+            self.assertIn(b"part-1;", got)
+        finally:
+            s.close()
+        t0 = time.monotonic()
+        r = self.server.get("/one/next", timeout=10)
+        dt = time.monotonic() - t0
+        self.assertEqual(r.status, 200, r)
+        self.assertLess(dt, 2.0, "next request waited %.2fs: the abandoned stream kept the "
+                                 "replica's only slot" % dt)
+
     def test_disconnect_while_queued(self):
         # a queued request whose client left must not take the slot when it frees up
         self.assertEqual(self.server.get("/one/warm").status, 200)

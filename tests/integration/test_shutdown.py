@@ -95,6 +95,24 @@ class ShutdownTest(unittest.TestCase):
         problems = srv.stop(check=False)  # exit code, leftovers, sanitizers
         self.assertEqual(problems, [])
 
+    def test_sigterm_lets_stream_finish(self):
+        srv = self.start()
+        srv.wait_replicas(2)
+        s = srv.connect(timeout=10)
+        try:
+            s.sendall(build_request("GET", "/hello/stream?n=5&gap=0.2"))
+            time.sleep(0.3)
+            srv.send_signal(signal.SIGTERM)
+            data, closed = read_until_closed(s, 8)
+        finally:
+            s.close()
+        r = harness.parse_response_bytes(data)
+        self.assertEqual(r.status, 200, r)
+        self.assertTrue(r.chunked)
+        self.assertEqual(r.body, b"part-1;part-2;part-3;part-4;part-5;")
+        self.assertIsNotNone(srv.wait_exit(7))
+        self.assertEqual(srv.stop(check=False), [])
+
     def test_sigint_exits_zero(self):
         srv = self.start()
         srv.wait_replicas(2)
