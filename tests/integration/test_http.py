@@ -67,6 +67,19 @@ class HTTPIngressTest(harness.ServerTestCase):
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.json()["app"], "hello")
 
+    def test_prefix_matches_on_segment_boundary(self):
+        r = self.server.get("/hellox")
+        self.assertEqual(r.status, 404, "/hellox must not match route_prefix /hello: %r" % r)
+        r = self.server.get("/hello/deeper")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["app"], "hello", "/hello/deeper must not match /hello/deep")
+
+    def test_query_string_does_not_affect_routing(self):
+        r = self.server.get("/hello?x=1")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["app"], "hello")
+        self.assertEqual(r.json()["query"], {"x": "1"})
+
     # -- request object -------------------------------------------------------------------------
 
     def test_request_object(self):
@@ -82,6 +95,10 @@ class HTTPIngressTest(harness.ServerTestCase):
         self.assertNotIn("X-Custom-Thing", j["headers"])
         self.assertEqual(j["body"], "payload")
         self.assertEqual(j["id"], r.header("x-request-id"))
+
+    def test_query_decoding(self):
+        j = self.server.get("/hello/q?s=a%20b%2Bc&plus=x+y&empty=").json()
+        self.assertEqual(j["query"], {"s": "a b+c", "plus": "x y", "empty": ""})
 
     def test_replica_context_and_user_config(self):
         j = self.server.get("/hello/ctx").json()
@@ -396,6 +413,16 @@ class HTTPIngressTest(harness.ServerTestCase):
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.body, b"hello")
 
+    def test_connection_close_honoured(self):
+        s = self.server.connect()
+        try:
+            s.sendall(build_request("GET", "/hello/c", headers={"Connection": "close"}))
+            data, closed = read_until_closed(s, 5)
+        finally:
+            s.close()
+        self.assertTrue(closed, "Connection: close from the client not honoured")
+        self.assertEqual(parse_response_bytes(data).status, 200)
+
     # -- malformed input ------------------------------------------------------------------------
 
     def assert_400_and_close(self, raw):
@@ -422,6 +449,19 @@ class HTTPIngressTest(harness.ServerTestCase):
     def test_400_bad_chunk_size(self):
         self.assert_400_and_close(b"POST /echo HTTP/1.1\r\nHost: x\r\n"
                                   b"Transfer-Encoding: chunked\r\n\r\nZZ\r\nabc\r\n0\r\n\r\n")
+
+    def test_400_content_length_and_chunked(self):
+        # request smuggling guard: both framings at once is refused
+        self.assert_400_and_close(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+
+    def test_400_conflicting_content_lengths(self):
+        self.assert_400_and_close(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                  b"Content-Length: 5\r\n\r\nabcde")
+
+    def test_400_negative_content_length(self):
+        self.assert_400_and_close(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n"
+                                  b"\r\n")
 
     def test_server_survives_malformed_input(self):
         for raw in (b"\x00\x01\x02\r\n\r\n", b"GET\r\n\r\n", b"\r\n\r\n\r\n" * 10):
