@@ -256,7 +256,33 @@ class LimitsTest(harness.ServerTestCase):
 class RequestTimeoutTest(harness.ServerTestCase):
     HTTP_OPTIONS = {"request_timeout_s": 1.0}
     APPLICATIONS = [hello_app("hello", "/hello", {"num_replicas": 1,
-                                                  "max_ongoing_requests": 4})]
+                                                  "max_ongoing_requests": 4}),
+                    hello_app("single", "/single", {"num_replicas": 1,
+                                                    "max_ongoing_requests": 1})]
+
+    def test_408_while_still_queued(self):
+        # one slot: the second request waits in the queue and must time out there, not hang
+        self.assertEqual(self.server.get("/single/warm").status, 200)
+        res = {}
+
+        def hold():
+            res["hold"] = self.server.get("/single/hold?sleep=3", timeout=10)
+
+        t = threading.Thread(target=hold, daemon=True)
+        t.start()
+        time.sleep(0.15)
+        t0 = time.monotonic()
+        r = self.server.get("/single/queued?sleep=3", headers={"X-Request-ID": "q-408"},
+                            timeout=10)
+        dt = time.monotonic() - t0
+        t.join(10)
+        body = self.assertErrorJSON(r, 408)
+        self.assertEqual(body["request_id"], "q-408")
+        self.assertGreater(dt, 0.8)
+        self.assertLess(dt, 2.5)
+        self.assertIn("hold", res)
+        self.assertErrorJSON(res["hold"], 408)
+        self.assertEqual(self.server.get("/single/after", timeout=5).status, 200)
 
     def test_408_when_handler_too_slow(self):
         t0 = time.monotonic()

@@ -176,6 +176,82 @@ class FailingReplicaTest(harness.ServerTestCase):
         self.assertTrue(wait_until(back, 10, 0.2), "crash deployment did not recover")
 
 
+CHAIN_LUA = r'''
+local serve = require "moonserve"
+local function self_pid()
+  local f = io.open("/proc/self/stat", "r")
+  local s = f:read("*l"); f:close()
+  return tonumber(s:match("^(%d+)"))
+end
+local Model = serve.deployment { name = "Model", max_ongoing_requests = 1 }
+function Model:__call(req)
+  local a = req:json()
+  if a.sleep then serve.sleep(a.sleep) end
+  return { pid = self_pid() }
+end
+local Front = serve.deployment { name = "Front", max_ongoing_requests = 8 }
+function Front:init(model) self.model = model end
+function Front:__call(req)
+  local out = self.model:remote({ sleep = tonumber(req.query.sleep) }):result()
+  return { model_pid = out.pid }
+end
+return { app = Front:bind(Model:bind()) }
+'''
+
+
+class CompositionFailureTest(harness.ServerTestCase):
+    FILES = {"chain.lua": CHAIN_LUA}
+    APPLICATIONS = [{"name": "chain", "route_prefix": "/chain", "import_path": "chain.lua:app",
+                     "deployments": [{"name": "Model", "num_replicas": 1},
+                                     {"name": "Front", "num_replicas": 1}]}]
+
+    def test_disconnect_cancels_downstream_call(self):
+        self.assertEqual(self.server.get("/chain/warm").status, 200)
+        s = self.server.connect()
+        s.sendall(build_request("GET", "/chain/x?sleep=3"))
+        time.sleep(0.4)
+        s.close()
+        # the Model's only slot is free again once the cancellation went downstream
+        t0 = time.monotonic()
+        r = self.server.get("/chain/next", timeout=10)
+        dt = time.monotonic() - t0
+        self.assertEqual(r.status, 200, r)
+        self.assertLess(dt, 2.0, "downstream handle call not cancelled: next call waited %.2fs"
+                        % dt)
+
+    def test_downstream_replica_killed_during_call(self):
+        model_pid = self.server.get("/chain/who").json()["model_pid"]
+        self.assertIn(model_pid, self.server.replica_pids())
+        out = {}
+
+        def call():
+            t0 = time.monotonic()
+            try:
+                out["r"] = self.server.get("/chain/x?sleep=3", headers={"X-Request-ID": "k1"},
+                                           timeout=10)
+            except Exception as e:  # noqa
+                out["e"] = e
+            out["dt"] = time.monotonic() - t0
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        os.kill(model_pid, signal.SIGKILL)
+        t.join(10)
+        self.assertIn("r", out, "caller hung or failed: %r" % out)
+        self.assertLess(out["dt"], 2.5, "error from the dead downstream came late: %r" % out)
+        self.assertIn(out["r"].status, (500, 502, 503), out["r"])
+        self.assertErrorJSON(out["r"], out["r"].status)
+
+        def back():
+            try:
+                r = self.server.get("/chain/again", timeout=3)
+                return r.status == 200 and r.json()["model_pid"] != model_pid
+            except OSError:
+                return False
+        self.assertTrue(wait_until(back, 10, 0.2), "chain did not recover with a new Model")
+
+
 class DisconnectTest(harness.ServerTestCase):
     APPLICATIONS = [
         hello_app("one", "/one", {"num_replicas": 1, "max_ongoing_requests": 1}),

@@ -113,6 +113,25 @@ class ShutdownTest(unittest.TestCase):
         self.assertIsNotNone(srv.wait_exit(7))
         self.assertEqual(srv.stop(check=False), [])
 
+    def test_sigterm_completes_queued_requests(self):
+        # one slot, three requests: one running, two queued when SIGTERM arrives; all are
+        # answered (the queue drains within graceful_shutdown_timeout_s)
+        srv = self.start(deployment={"num_replicas": 1, "max_ongoing_requests": 1})
+        srv.wait_replicas(1)
+        threads = [self.in_background(lambda i=i: srv.get("/hello/q%d?sleep=0.4" % i,
+                                                           timeout=10))
+                   for i in range(3)]
+        time.sleep(0.2)
+        srv.send_signal(signal.SIGTERM)
+        for t, _ in threads:
+            t.join(10)
+        outs = [o for _, o in threads]
+        self.assertTrue(all("result" in o for o in outs), outs)
+        statuses = sorted(o["result"].status for o in outs)
+        self.assertEqual(statuses, [200, 200, 200], outs)
+        self.assertIsNotNone(srv.wait_exit(7))
+        self.assertEqual(srv.stop(check=False), [])
+
     def test_sigint_exits_zero(self):
         srv = self.start()
         srv.wait_replicas(2)
