@@ -7,7 +7,8 @@
 # Environment: DURATION (seconds per measurement, default 10), WARMUP (seconds, default 2),
 # CONNECTIONS (default 64), THREADS (wrk threads, default 2), PIN (none|split, default none:
 # every process unpinned; split: servers on CPU 1, wrk on CPU 0), REPLICAS (list, default "1 2"),
-# SKIP_BUILD=1 to use the existing build/moonserve.
+# ROUNDS (default 1; with more, medians are reported too), SKIP_BUILD=1 to use the existing
+# build/moonserve.
 #
 # Exits non-zero only when a measurement fails (a server does not come up, wrk fails, or a
 # response is not 2xx); never because of a ratio.
@@ -21,6 +22,7 @@ CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
 PIN="${PIN:-none}"
 REPLICAS="${REPLICAS:-1 2}"
+ROUNDS="${ROUNDS:-1}"
 
 "$root/scripts/tools/bootstrap.sh" nginx libnginx-mod-http-lua
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
@@ -131,57 +133,85 @@ measure() {
 
 # --- moonserve -------------------------------------------------------------------------------
 cp "$here/noop.lua" "$tmp/noop.lua"
-for n in $REPLICAS; do
-  port="$(free_port)"
-  sed -e "s/@PORT@/$port/" -e "s/@REPLICAS@/$n/" "$here/moonserve.yaml.in" > "$tmp/moonserve-$n.yaml"
-  "${server_pin[@]}" "$moonserve" run "$tmp/moonserve-$n.yaml" > "$tmp/moonserve-$n.log" 2>&1 &
-  pid=$!; pids+=("$pid")
-  if wait_url "http://127.0.0.1:$port/-/healthz" "$tmp/moonserve-$n.log" "$pid"; then
-    # healthz answers once the controller is up; wait for every replica to report ready.
-    for _ in $(seq 100); do
-      grep -q "ready ($n of $n running)" "$tmp/moonserve-$n.log" && break
-      sleep 0.1
-    done
-    measure "moonserve-${n}r" "http://127.0.0.1:$port/" || true
-  else
-    failed=1
-  fi
-  stop "$pid"
-done
+run_moonserve() {
+  local n port pid
+  for n in $REPLICAS; do
+    port="$(free_port)"
+    sed -e "s/@PORT@/$port/" -e "s/@REPLICAS@/$n/" "$here/moonserve.yaml.in" > "$tmp/moonserve-$n.yaml"
+    "${server_pin[@]}" "$moonserve" run "$tmp/moonserve-$n.yaml" > "$tmp/moonserve-$n.log" 2>&1 &
+    pid=$!; pids+=("$pid")
+    if wait_url "http://127.0.0.1:$port/-/healthz" "$tmp/moonserve-$n.log" "$pid"; then
+      # healthz answers once the controller is up; wait for every replica to report ready.
+      for _ in $(seq 100); do
+        grep -q "ready ($n of $n running)" "$tmp/moonserve-$n.log" && break
+        sleep 0.1
+      done
+      measure "moonserve-${n}r" "http://127.0.0.1:$port/" || true
+    else
+      failed=1
+    fi
+    stop "$pid"
+  done
+}
 
 # --- nginx proxy -> nginx+Lua backend ----------------------------------------------------------
 user_line=""
 if [ "$(id -u)" -eq 0 ]; then user_line="user root;"; fi
-port="$(free_port)"
-for f in backend proxy; do
-  sed -e "s|@DIR@|$tmp|g" -e "s|@MODDIR@|$moddir|g" -e "s|@PORT@|$port|g" \
-      -e "s|@USER@|$user_line|" "$here/nginx-$f.conf.in" > "$tmp/nginx-$f.conf"
-  "${server_pin[@]}" "$nginx_bin" -p "$tmp" -e "$tmp/$f-error.log" -c "$tmp/nginx-$f.conf" \
-    > "$tmp/nginx-$f.out" 2>&1 &
-  pids+=("$!")
+run_nginx() {
+  local f port backend proxy
+  port="$(free_port)"
+  for f in backend proxy; do
+    sed -e "s|@DIR@|$tmp|g" -e "s|@MODDIR@|$moddir|g" -e "s|@PORT@|$port|g" \
+        -e "s|@USER@|$user_line|" "$here/nginx-$f.conf.in" > "$tmp/nginx-$f.conf"
+    "${server_pin[@]}" "$nginx_bin" -p "$tmp" -e "$tmp/$f-error.log" -c "$tmp/nginx-$f.conf" \
+      > "$tmp/nginx-$f.out" 2>&1 &
+    pids+=("$!")
+    if [ "$f" = backend ]; then backend=$!; else proxy=$!; fi
+  done
+  if wait_url "http://127.0.0.1:$port/" "$tmp/nginx-proxy.out" "$proxy"; then
+    measure nginx "http://127.0.0.1:$port/" || true
+  else
+    cat "$tmp"/*-error.log "$tmp/nginx-backend.out" >&2 || true
+    failed=1
+  fi
+  stop "$proxy"; stop "$backend"
+}
+
+# Rounds alternate the systems, so slow drift in the machine's load hits both alike.
+for round in $(seq "$ROUNDS"); do
+  run_moonserve
+  run_nginx
 done
-if wait_url "http://127.0.0.1:$port/" "$tmp/nginx-proxy.out" "${pids[-1]}"; then
-  measure nginx "http://127.0.0.1:$port/" || true
-else
-  cat "$tmp"/*-error.log "$tmp/nginx-backend.out" >&2 || true
-  failed=1
-fi
 
 # --- report ----------------------------------------------------------------------------------
 echo
-echo "moonserve bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $CONNECTIONS connections, $THREADS wrk threads, pinning: $PIN"
+echo "moonserve bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $CONNECTIONS connections, $THREADS wrk threads, $ROUNDS round(s), pinning: $PIN, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-14s %12s %10s %10s  %s\n' system "requests/s" "p50 ms" "p99 ms" "socket errors"
-nginx_rps=""
 for r in "${results[@]}"; do
   IFS='|' read -r label rps p50 p99 errs <<<"$r"
   printf '%-14s %12.0f %10.3f %10.3f  %s\n' "$label" "$rps" "$p50" "$p99" "$errs"
-  [ "$label" = nginx ] && nginx_rps="$rps"
 done
+# median LABEL FIELD: the median over rounds of one column (2 = requests/s, 3 = p50, 4 = p99).
+median() {
+  printf '%s\n' "${results[@]}" | awk -F'|' -v l="$1" -v f="$2" '$1 == l {print $f}' | sort -g |
+    awk '{ a[NR] = $1 } END { if (NR) print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'
+}
+labels=()
+for n in $REPLICAS; do labels+=("moonserve-${n}r"); done
+if [ "$ROUNDS" -gt 1 ]; then
+  echo "median over $ROUNDS rounds:"
+  for l in "${labels[@]}" nginx; do
+    [ -n "$(median "$l" 2)" ] || continue
+    printf '%-14s %12.0f %10.3f %10.3f\n' "$l" "$(median "$l" 2)" "$(median "$l" 3)" "$(median "$l" 4)"
+  done
+fi
+nginx_rps="$(median nginx 2)"
 if [ -n "$nginx_rps" ]; then
-  for r in "${results[@]}"; do
-    IFS='|' read -r label rps _ <<<"$r"
-    [ "$label" = nginx ] && continue
-    awk -v l="$label" -v a="$rps" -v b="$nginx_rps" 'BEGIN { printf "ratio %s / nginx: %.2fx\n", l, a / b }'
+  for l in "${labels[@]}"; do
+    rps="$(median "$l" 2)"
+    [ -n "$rps" ] || continue
+    awk -v l="$l" -v a="$rps" -v b="$nginx_rps" \
+      'BEGIN { printf "ratio %s / nginx (throughput): %.2fx\n", l, a / b }'
   done
 fi
 exit "$failed"

@@ -34,7 +34,7 @@ wait_ok() {
   for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
   echo "profile: $1 not ready" >&2; return 1
 }
-events="raw_syscalls:sys_enter"
+events="task-clock,context-switches,raw_syscalls:sys_enter"
 calls=(read write readv writev recvfrom sendto recvmsg sendmsg epoll_wait epoll_pwait accept4 close
        setsockopt getsockopt ioctl futex)
 for c in "${calls[@]}"; do events+=",syscalls:sys_enter_$c"; done
@@ -52,11 +52,13 @@ profile() {
   out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" "$url")"
   reqs="$(awk '/requests in/ {print $1}' <<<"$out")"
   for p in "${stats[@]}"; do wait "$p" || true; done
-  echo "== $label: $reqs requests, $(awk '/^Requests\/sec:/ {print $2}' <<<"$out") req/s; syscalls per request:"
+  echo "== $label: $reqs requests, $(awk '/^Requests\/sec:/ {print $2}' <<<"$out") req/s; per request (cpu_us = CPU time, ALL = all syscalls):"
   i=0
   for p in "$@"; do
     printf '  pid %-7s %-40s' "$p" "$(tr '\0' ' ' < "/proc/$p/cmdline" | cut -c1-40)"
-    awk -F, -v n="$reqs" '$1 ~ /^[0-9]+$/ && $1 > 0 {
+    awk -F, -v n="$reqs" '$3 == "task-clock" { printf " cpu_us=%.2f", $1 * 1000 / n; next }
+        $3 == "context-switches" { printf " cswitch=%.2f", $1 / n; next }
+        $1 ~ /^[0-9]+$/ && $1 > 0 {
         name = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", name); if (name == "") name = "ALL";
         printf " %s=%.2f", name, $1 / n } END { print "" }' "$tmp/stat-$label-$i.csv"
     i=$((i + 1))
