@@ -58,6 +58,10 @@ void ms_buf_reserve(ms_buf_t *b, size_t extra)
     size_t need = b->len + extra + 1; /* +1 keeps room for the terminating NUL */
     if (need <= b->cap)
         return;
+    /* A size this large can only be an arithmetic slip upstream; doubling would wrap to 0 and
+     * spin forever, so stop loudly instead. */
+    if (extra > SIZE_MAX / 4 || need < b->len)
+        ms_fatal("buffer growth by %zu bytes (have %zu): length underflow upstream", extra, b->len);
     size_t cap = b->cap ? b->cap : 256;
     while (cap < need)
         cap *= 2;

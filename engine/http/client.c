@@ -58,6 +58,18 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n)
     return 0;
 }
 
+static int on_header_field_complete(llhttp_t *p)
+{
+    ms__headers_name_done(&client_of_parser(p)->hc);
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    ms__headers_value_done(&client_of_parser(p)->hc);
+    return 0;
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     ms_http_client_t *c = client_of_parser(p);
@@ -99,6 +111,8 @@ static const llhttp_settings_t *response_settings(void)
         llhttp_settings_init(&s);
         s.on_header_field = on_header_field;
         s.on_header_value = on_header_value;
+        s.on_header_field_complete = on_header_field_complete;
+        s.on_header_value_complete = on_header_value_complete;
         s.on_headers_complete = on_headers_complete;
         s.on_body = on_body;
         s.on_message_complete = on_message_complete;

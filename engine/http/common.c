@@ -69,7 +69,7 @@ void ms__headers_reset(ms__header_collector_t *hc)
 {
     ms_buf_reset(&hc->text);
     hc->n = 0;
-    hc->in_value = 0;
+    hc->in_name = 0;
 }
 
 void ms__headers_free(ms__header_collector_t *hc)
@@ -82,9 +82,7 @@ void ms__headers_free(ms__header_collector_t *hc)
 
 void ms__headers_add_name(ms__header_collector_t *hc, const char *p, size_t n)
 {
-    if (hc->n == 0 || hc->in_value) {
-        if (hc->n) /* terminate the previous value */
-            ms_buf_append(&hc->text, "", 1);
+    if (!hc->in_name) {
         if (hc->n == hc->cap) {
             hc->cap = hc->cap ? hc->cap * 2 : 16;
             hc->offsets = ms_realloc(hc->offsets, hc->cap * 4 * sizeof(size_t));
@@ -93,33 +91,38 @@ void ms__headers_add_name(ms__header_collector_t *hc, const char *p, size_t n)
         o[0] = hc->text.len;
         o[1] = o[2] = o[3] = 0;
         hc->n++;
-        hc->in_value = 0;
+        hc->in_name = 1;
     }
     ms_buf_append(&hc->text, p, n);
     hc->offsets[(hc->n - 1) * 4 + 1] += n;
+}
+
+void ms__headers_name_done(ms__header_collector_t *hc)
+{
+    if (!hc->in_name)
+        return;
+    hc->in_name = 0;
+    ms_buf_append(&hc->text, "", 1);
+    hc->offsets[(hc->n - 1) * 4 + 2] = hc->text.len;
 }
 
 void ms__headers_add_value(ms__header_collector_t *hc, const char *p, size_t n)
 {
     if (hc->n == 0)
         return;
-    size_t *o = hc->offsets + (hc->n - 1) * 4;
-    if (!hc->in_value) {
-        ms_buf_append(&hc->text, "", 1); /* terminate the name */
-        o[2] = hc->text.len;
-        hc->in_value = 1;
-    }
     ms_buf_append(&hc->text, p, n);
-    o[3] += n;
+    hc->offsets[(hc->n - 1) * 4 + 3] += n;
+}
+
+void ms__headers_value_done(ms__header_collector_t *hc)
+{
+    if (hc->n)
+        ms_buf_append(&hc->text, "", 1);
 }
 
 void ms__headers_finish(ms__header_collector_t *hc)
 {
-    if (hc->n && !hc->in_value) { /* a name without a value */
-        ms_buf_append(&hc->text, "", 1);
-        hc->offsets[(hc->n - 1) * 4 + 2] = hc->text.len;
-    }
-    ms_buf_append(&hc->text, "", 1);
+    ms_buf_append(&hc->text, "", 1); /* text.data exists even with no headers */
     if (hc->array_cap < hc->n) {
         hc->array_cap = hc->n;
         hc->array = ms_realloc(hc->array, hc->array_cap * sizeof *hc->array);

@@ -16,16 +16,20 @@ typedef struct ms__header_collector {
     ms_buf_t text;   /* all header bytes, each name and value NUL-terminated */
     size_t *offsets; /* name_off, name_len, value_off, value_len per header */
     size_t n, cap;   /* headers collected, capacity in headers */
-    int in_value;    /* last piece was a value */
+    int in_name;     /* the last piece was part of a name still open */
     ms_http_header_t *array;
     size_t array_cap;
 } ms__header_collector_t;
 
+/* llhttp delivers names and values in pieces and calls no piece callback for an empty value, so
+ * the *_complete callbacks delimit them. */
 void ms__headers_reset(ms__header_collector_t *hc);
 void ms__headers_free(ms__header_collector_t *hc);
 void ms__headers_add_name(ms__header_collector_t *hc, const char *p, size_t n);
+void ms__headers_name_done(ms__header_collector_t *hc);
 void ms__headers_add_value(ms__header_collector_t *hc, const char *p, size_t n);
-/* Terminates the strings and builds hc->array (valid until the next reset). */
+void ms__headers_value_done(ms__header_collector_t *hc);
+/* Builds hc->array (valid until the next reset). */
 void ms__headers_finish(ms__header_collector_t *hc);
 
 /* Writes bufs to the stream: tries uv_try_write first (no allocation when the socket takes it

@@ -429,6 +429,22 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
     return 0;
 }
 
+static int on_header_field_complete(llhttp_t *p)
+{
+    conn_t *c = conn_of_parser(p);
+    if (!c->body_phase)
+        ms__headers_name_done(&c->hc);
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    conn_t *c = conn_of_parser(p);
+    if (!c->body_phase)
+        ms__headers_value_done(&c->hc);
+    return 0;
+}
+
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     conn_t *c = conn_of_parser(p);
@@ -499,6 +515,9 @@ static void split_target(conn_t *c)
 {
     ms_buf_t *t = &c->target;
     size_t tlen = t->len;
+    /* Path and query are copied from the target into the same buffer: make room first so the
+     * source does not move under the copy. */
+    ms_buf_reserve(t, tlen + 3);
     ms_buf_append(t, "", 1);
     const char *q = memchr(t->data, '?', tlen);
     size_t plen = q ? (size_t)(q - t->data) : tlen;
@@ -547,6 +566,8 @@ static const llhttp_settings_t *request_settings(void)
         s.on_url = on_url;
         s.on_header_field = on_header_field;
         s.on_header_value = on_header_value;
+        s.on_header_field_complete = on_header_field_complete;
+        s.on_header_value_complete = on_header_value_complete;
         s.on_headers_complete = on_headers_complete;
         s.on_body = on_body;
         s.on_message_complete = on_message_complete;

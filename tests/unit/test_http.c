@@ -381,6 +381,17 @@ static void test_simple_get(void)
     raw_close(c);
 }
 
+/* A header with an empty value must stay its own header, not swallow the next name. */
+static void test_empty_header_value(void)
+{
+    raw_t *c = raw_open("GET /echo HTTP/1.1\r\nX-Empty:\r\nX-Test: after\r\nHost: x\r\n\r\n");
+    resp_t r[MAX_RESP];
+    ASSERT_INT_EQ(wait_responses(c, 1, r), 1);
+    ASSERT_INT_EQ(r[0].status, 200);
+    ASSERT_STR_EQ(r[0].body, "M=GET P=/echo Q= B= H=after N=3");
+    raw_close(c);
+}
+
 static void test_expect_continue(void)
 {
     raw_t *c = raw_open("POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
@@ -854,6 +865,7 @@ int main(void)
     ASSERT_TRUE(port > 0);
 
     test_simple_get();
+    test_empty_header_value();
     test_request_id();
     test_expect_continue();
     test_pipelining();
