@@ -533,6 +533,15 @@ class Server(object):
                                                   self.stderr_tail()))
         return got
 
+    def run_dirs(self):
+        """Folders holding the replicas' sockets (from their --socket arguments)."""
+        dirs = set()
+        for p in self.replica_pids():
+            cmd = proc_cmdline(p)
+            if "--socket" in cmd[:-1]:
+                dirs.add(os.path.dirname(cmd[cmd.index("--socket") + 1]))
+        return sorted(dirs)
+
     def send_signal(self, sig):
         if self.proc.poll() is None:
             os.kill(self.pid, sig)

@@ -2,9 +2,11 @@
 service recovers with a new process), client disconnect cancels."""
 
 import os
+import shutil
 import signal
 import threading
 import time
+import unittest
 
 import harness
 from harness import build_request, hello_app, proc_stat, run_threads, wait_until
@@ -250,6 +252,23 @@ class CompositionFailureTest(harness.ServerTestCase):
             except OSError:
                 return False
         self.assertTrue(wait_until(back, 10, 0.2), "chain did not recover with a new Model")
+
+
+class ReplicaDeathCleanupTest(unittest.TestCase):
+
+    def test_run_dir_removed_after_replica_was_killed(self):
+        srv = harness.start_server(self, [hello_app("hello", "/hello", {"num_replicas": 2})])
+        old = srv.wait_replicas(2)
+        dirs = srv.run_dirs()
+        self.assertTrue(dirs, "could not find the replicas' socket folder")
+        for d in dirs:  # do not litter /tmp when the engine leaves it behind
+            self.addCleanup(shutil.rmtree, d, True)
+        os.kill(old[0], signal.SIGKILL)
+        srv.wait_replicas(2, timeout=10, exclude=[old[0]])
+        self.assertEqual(srv.get("/hello/x").status, 200)
+        srv.stop()
+        left = {d: sorted(os.listdir(d)) for d in dirs if os.path.exists(d)}
+        self.assertEqual(left, {}, "run folder left behind after a clean exit")
 
 
 class DisconnectTest(harness.ServerTestCase):
