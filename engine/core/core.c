@@ -80,18 +80,40 @@ void ms_buf_append(ms_buf_t *b, const void *p, size_t n)
 
 void ms_buf_appendf(ms_buf_t *b, const char *fmt, ...)
 {
+    /* Format into the spare room first; only a line that does not fit is formatted twice. */
+    ms_buf_reserve(b, 64);
+    size_t room = b->cap - b->len;
     va_list ap;
     va_start(ap, fmt);
-    va_list ap2;
-    va_copy(ap2, ap);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    int n = vsnprintf(b->data + b->len, room, fmt, ap);
     va_end(ap);
-    if (n > 0) {
-        ms_buf_reserve(b, (size_t)n);
-        vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap2);
-        b->len += (size_t)n;
+    if (n < 0) {
+        b->data[b->len] = '\0';
+        return;
     }
-    va_end(ap2);
+    if ((size_t)n >= room) {
+        ms_buf_reserve(b, (size_t)n);
+        va_start(ap, fmt);
+        vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+        va_end(ap);
+    }
+    b->len += (size_t)n;
+}
+
+void ms_buf_append_str(ms_buf_t *b, const char *s)
+{
+    ms_buf_append(b, s, strlen(s));
+}
+
+void ms_buf_append_uint(ms_buf_t *b, uint64_t v)
+{
+    char digits[24];
+    size_t i = sizeof digits;
+    do {
+        digits[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    ms_buf_append(b, digits + i, sizeof digits - i);
 }
 
 void ms_buf_consume(ms_buf_t *b, size_t n)

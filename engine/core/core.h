@@ -40,6 +40,9 @@ typedef struct ms_buf {
 void ms_buf_reserve(ms_buf_t *b, size_t extra);
 void ms_buf_append(ms_buf_t *b, const void *p, size_t n);
 void ms_buf_appendf(ms_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Hot-path appends that avoid printf: a C string, and an unsigned integer in decimal. */
+void ms_buf_append_str(ms_buf_t *b, const char *s);
+void ms_buf_append_uint(ms_buf_t *b, uint64_t v);
 void ms_buf_consume(ms_buf_t *b, size_t n); /* drop n bytes from the front */
 void ms_buf_reset(ms_buf_t *b);             /* len = 0, keep the memory */
 void ms_buf_free(ms_buf_t *b);

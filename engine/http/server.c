@@ -192,8 +192,11 @@ static void build_head(conn_t *c, int status, const ms_http_header_t *headers, s
 {
     ms_buf_t *b = &c->out;
     ms_buf_reset(b);
-    ms_buf_appendf(b, "HTTP/1.%d %d %s\r\n", c->req.http_minor == 0 ? 0 : 1, status,
-                   ms_http_status_text(status));
+    ms_buf_append(b, c->req.http_minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 ", 9);
+    ms_buf_append_uint(b, (uint64_t)status);
+    ms_buf_append(b, " ", 1);
+    ms_buf_append_str(b, ms_http_status_text(status));
+    ms_buf_append(b, "\r\n", 2);
     for (size_t i = 0; i < n_headers; i++) {
         const ms_http_header_t *h = &headers[i];
         /* Framing and the request id are the server's business, whatever the owner passes. */
@@ -205,10 +208,14 @@ static void build_head(conn_t *c, int status, const ms_http_header_t *headers, s
         ms_buf_append(b, h->value, h->value_len);
         ms_buf_append(b, "\r\n", 2);
     }
-    ms_buf_appendf(b, "X-Request-ID: %s\r\n", c->req.request_id);
-    if (content_length >= 0)
-        ms_buf_appendf(b, "Content-Length: %lld\r\n", content_length);
-    else if (c->resp_chunked)
+    ms_buf_append(b, "X-Request-ID: ", 14);
+    ms_buf_append_str(b, c->req.request_id);
+    ms_buf_append(b, "\r\n", 2);
+    if (content_length >= 0) {
+        ms_buf_append(b, "Content-Length: ", 16);
+        ms_buf_append_uint(b, (uint64_t)content_length);
+        ms_buf_append(b, "\r\n", 2);
+    } else if (c->resp_chunked)
         ms_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
     if (c->srv->stopping)
         c->keep_alive = 0;

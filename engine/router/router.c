@@ -494,8 +494,14 @@ static void build_forward_head(call_t *c)
     ms_http_request_t *req = c->req;
     ms_buf_t *b = &c->head;
     ms_buf_reset(b);
-    ms_buf_appendf(b, "%s %s HTTP/1.1\r\nX-Request-ID: %s\r\nContent-Length: %zu\r\n", req->method,
-                   req->target, req->request_id, req->body_len);
+    ms_buf_append_str(b, req->method);
+    ms_buf_append(b, " ", 1);
+    ms_buf_append(b, req->target, req->target_len);
+    ms_buf_append(b, " HTTP/1.1\r\nX-Request-ID: ", 25);
+    ms_buf_append_str(b, req->request_id);
+    ms_buf_append(b, "\r\nContent-Length: ", 18);
+    ms_buf_append_uint(b, req->body_len);
+    ms_buf_append(b, "\r\n", 2);
     for (size_t i = 0; i < req->n_headers; i++) {
         const ms_http_header_t *h = &req->headers[i];
         if (!forwardable(h))
