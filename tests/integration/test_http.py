@@ -107,6 +107,30 @@ class HTTPIngressTest(harness.ServerTestCase):
         self.assertTrue(j["replica"], j)
         self.assertEqual(j["suffix"], "!", "user_config did not reach reconfigure: %r" % j)
 
+    def test_methods_pass_through(self):
+        for m in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+            r = self.server.request(m, "/hello/m", body=b"x" if m in ("PUT", "PATCH") else None)
+            self.assertEqual(r.status, 200, (m, r))
+            self.assertEqual(r.json()["method"], m)
+
+    def test_many_headers(self):
+        hdrs = {"X-H-%03d" % i: "v%d" % i for i in range(400)}
+        r = self.server.get("/hello/h", headers=hdrs)
+        self.assertEqual(r.status, 200, r)
+        got = r.json()["headers"]
+        for i in (0, 199, 399):
+            self.assertEqual(got.get("x-h-%03d" % i), "v%d" % i)
+
+    def test_binary_body_into_json_reply(self):
+        # a body that is not UTF-8 returned inside a JSON table: an answer, never a crash
+        r = self.server.request("POST", "/hello/bin", body=bytes(range(256)))
+        self.assertIn(r.status, (200, 500), r)
+        if r.status == 200:
+            r.json()
+        else:
+            self.assertErrorJSON(r, 500)
+        self.assertEqual(self.server.get("/hello/after").status, 200)
+
     def test_req_json(self):
         payload = {"k": [1, 2, 3], "s": "x"}
         r = self.server.request("POST", "/hello/json", body=json.dumps(payload).encode(),
@@ -147,6 +171,29 @@ class HTTPIngressTest(harness.ServerTestCase):
         self.assertTrue(rb and rb.strip(), b)
         self.assertNotEqual(ra, rb)
         self.assertEqual(a.json()["id"], ra)
+
+    def test_request_id_with_json_special_chars(self):
+        rid = 'a"b\\c<d>'
+        r = self.server.get("/nowhere", headers={"X-Request-ID": rid})
+        self.assertEqual(r.status, 404, r)
+        got = r.header("x-request-id")
+        self.assertTrue(got, r)
+        body = r.json()  # must stay valid JSON whatever the id holds
+        self.assertEqual(body.get("request_id"), got)
+
+    def test_long_request_id(self):
+        rid = "L" * 300
+        r = self.server.get("/nowhere", headers={"X-Request-ID": rid})
+        self.assertEqual(r.status, 404, r)
+        got = r.header("x-request-id")
+        # docs/http.md: ids of 1-79 printable characters are kept, others replaced
+        self.assertRegex(got or "", r"^[0-9a-f]{32}$")
+        self.assertEqual(r.json().get("request_id"), got)
+        r79 = self.server.get("/nowhere", headers={"X-Request-ID": "K" * 79})
+        self.assertEqual(r79.header("x-request-id"), "K" * 79)
+        ok = self.server.get("/hello/x", headers={"X-Request-ID": rid})
+        self.assertEqual(ok.status, 200, ok)
+        self.assertEqual(ok.json()["id"], ok.header("x-request-id"))
 
     # -- Lua errors -----------------------------------------------------------------------------
 
