@@ -361,6 +361,8 @@ function Hello:init(greeting) self.greeting = greeting or "hi" end
 function Hello:reconfigure(cfg) self.suffix = cfg and cfg.suffix end
 function Hello:__call(req)
   if req.path:find("boom") then error("kaboom") end
+  if req.path:find("tblerr") then error({ weird = true }) end
+  if req.path:find("badstatus") then return serve.response { status = 42, body = "no" } end
   if req.query.sleep then serve.sleep(tonumber(req.query.sleep)) end
   local ctx = serve.get_replica_context()
   if req.path:find("status") then

@@ -211,6 +211,13 @@ class HTTPIngressTest(harness.ServerTestCase):
         self.assertErrorJSON(r2, 500)
         self.assertEqual(self.server.get("/hello/after").status, 200)
 
+    def test_non_string_error_and_bad_status(self):
+        r = self.server.get("/hello/tblerr")
+        self.assertErrorJSON(r, 500)
+        r = self.server.get("/hello/badstatus")
+        self.assertErrorJSON(r, 500)
+        self.assertEqual(self.server.get("/hello/after").status, 200)
+
     # -- connection handling --------------------------------------------------------------------
 
     def test_keep_alive(self):

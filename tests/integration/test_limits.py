@@ -166,6 +166,39 @@ class LimitsTest(harness.ServerTestCase):
         self.assertFalse(bad, "normal client affected by slowloris: %r" % bad)
         self.assertGreaterEqual(len(normal), 3, normal)
 
+    def test_silent_connection_closed(self):
+        # a connection that never sends a byte is closed after header_timeout_s (1 s)
+        s = self.server.connect()
+        try:
+            t0 = time.monotonic()
+            data, closed = read_until_closed(s, 5)
+            dt = time.monotonic() - t0
+        finally:
+            s.close()
+        self.assertTrue(closed, "silent connection still open after 5s")
+        self.assertLess(dt, 3.5)
+
+    def test_many_slow_clients(self):
+        socks = []
+        try:
+            for i in range(100):
+                s = self.server.connect()
+                s.sendall(b"GET /hello/slow%d HTTP/1.1\r\nHost: x\r\n" % i)
+                socks.append(s)
+            t0 = time.monotonic()
+            r = self.server.get("/hello/normal", timeout=3)
+            self.assertEqual(r.status, 200, r)
+            self.assertLess(time.monotonic() - t0, 1.0)
+            closed = 0
+            for s in socks:
+                _data, c = read_until_closed(s, max(0.1, 4 - (time.monotonic() - t0)))
+                closed += c
+            self.assertEqual(closed, len(socks), "slow clients not all cut off")
+        finally:
+            for s in socks:
+                s.close()
+        self.assertEqual(self.server.get("/hello/after").status, 200)
+
     def test_idle_keep_alive_closed(self):
         s = self.server.connect()
         try:
