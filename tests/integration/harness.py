@@ -447,13 +447,11 @@ class Server(object):
         self.tmp = tempfile.TemporaryDirectory(prefix="moonserve-it-")
         self.dir = self.tmp.name
         self.host = "127.0.0.1"
-        self.port = free_port(self.host)
-        opts = {"host": self.host, "port": self.port}
-        opts.update(http_options or {})
-        self.http_options = opts
-        cfg = {"http_options": opts, "applications": applications}
-        if extra_config:
-            cfg.update(extra_config)
+        self._applications = applications
+        self._http_options = http_options
+        self._extra_config = extra_config
+        self.config_path = os.path.join(self.dir, "config.yaml")
+        self._write_config()
         all_files = {"hello.lua": HELLO_LUA, "echo.lua": ECHO_LUA, "compose.lua": COMPOSE_LUA}
         all_files.update(files or {})
         for name, text in all_files.items():
@@ -461,9 +459,6 @@ class Server(object):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 f.write(text)
-        self.config_path = os.path.join(self.dir, "config.yaml")
-        with open(self.config_path, "w") as f:
-            f.write(to_yaml(cfg))
         self.stderr_path = os.path.join(self.dir, "stderr.log")
         self.stdout_path = os.path.join(self.dir, "stdout.log")
         self.proc = None
@@ -471,11 +466,40 @@ class Server(object):
         self.shutdown_timeout_s = shutdown_timeout_s
         self.stopped = False
 
+    def _write_config(self):
+        self.port = free_port(self.host)
+        opts = {"host": self.host, "port": self.port}
+        opts.update(self._http_options or {})
+        self.http_options = opts
+        cfg = {"http_options": opts, "applications": self._applications}
+        if self._extra_config:
+            cfg.update(self._extra_config)
+        with open(self.config_path, "w") as f:
+            f.write(to_yaml(cfg))
+
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, wait=True):
+    def start(self, wait=True, attempts=3):
+        """Start the server; if the port we picked was taken meanwhile, retry on a new one."""
         if not os.path.exists(BIN):
             raise AssertionError("MOONSERVE_BIN %r does not exist" % BIN)
+        for attempt in range(attempts):
+            self._spawn()
+            if not wait:
+                return self
+            try:
+                self.wait_healthy()
+                return self
+            except AssertionError:
+                lost_port = (self.proc.poll() is not None and
+                             "address already in use" in self.stderr_text().lower())
+                if not lost_port or attempt == attempts - 1:
+                    raise
+                self._close_files()
+                self._write_config()
+        return self
+
+    def _spawn(self):
         self._stderr = open(self.stderr_path, "wb")
         self._stdout = open(self.stdout_path, "wb")
         env = dict(os.environ)
@@ -485,9 +509,6 @@ class Server(object):
                                      stdin=subprocess.DEVNULL, stdout=self._stdout,
                                      stderr=self._stderr, env=env)
         self.pid = self.proc.pid
-        if wait:
-            self.wait_healthy()
-        return self
 
     def wait_healthy(self, timeout=HEALTH_TIMEOUT_S):
         deadline = time.monotonic() + timeout
