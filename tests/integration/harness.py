@@ -556,6 +556,24 @@ class Server(object):
                                                   self.stderr_tail()))
         return got
 
+    def wait_serving_replicas(self, path, n, timeout=10.0):
+        """Until n distinct replica ids answered `path` (a hello.lua route): all n are ready.
+        Sends n concurrent requests sleeping 0.2 s per round."""
+        seen = set()
+        deadline = time.monotonic() + timeout
+        sep = "&" if "?" in path else "?"
+        while len(seen) < n and time.monotonic() < deadline:
+            res = run_threads(lambda i: self.get("%s%ssleep=0.2&w=%d" % (path, sep, i),
+                                                 timeout=5),
+                              [(i,) for i in range(n)], timeout=10)
+            for r, e in res:
+                if r is not None and r.status == 200:
+                    seen.add(r.json().get("replica"))
+        if len(seen) < n:
+            raise AssertionError("only replicas %r answered %s within %.0fs"
+                                 % (sorted(seen), path, timeout))
+        return seen
+
     def run_dirs(self):
         """Folders holding the replicas' sockets (from their --socket arguments)."""
         dirs = set()

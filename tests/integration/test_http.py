@@ -12,6 +12,25 @@ from harness import (HTTPReader, build_request, hello_app, parse_response_bytes,
                      run_threads)
 
 
+FWD_LUA = r'''
+local serve = require "moonserve"
+local Inner = serve.deployment { name = "Inner" }
+function Inner:__call(req)
+  if req.path:find("fail") then error("inner failure") end
+  return { id = req.id, path = req.path, method = req.method, body = req.body,
+           tag = req.headers["x-tag"] }
+end
+local Outer = serve.deployment { name = "Outer" }
+function Outer:init(inner) self.inner = inner end
+function Outer:__call(req)
+  local out = self.inner:remote(req):result()
+  out.outer_id = req.id
+  return out
+end
+return { app = Outer:bind(Inner:bind()) }
+'''
+
+
 class HTTPIngressTest(harness.ServerTestCase):
     APPLICATIONS = [
         hello_app("hello", "/hello", {"num_replicas": 1, "user_config": {"suffix": "!"}}),
@@ -20,7 +39,11 @@ class HTTPIngressTest(harness.ServerTestCase):
                   args={"greeting": "from-deep"}),
         {"name": "echo", "route_prefix": "/echo", "import_path": "echo.lua:app"},
         {"name": "compose", "route_prefix": "/compose", "import_path": "compose.lua:app"},
+        {"name": "fwd", "route_prefix": "/fwd", "import_path": "fwd.lua:app"},
+        # route_prefix null: deployed but not exposed over HTTP
+        {"name": "hidden", "route_prefix": None, "import_path": "echo.lua:app"},
     ]
+    FILES = {"fwd.lua": FWD_LUA}
 
     # -- built-in routes ------------------------------------------------------------------------
 
@@ -33,7 +56,7 @@ class HTTPIngressTest(harness.ServerTestCase):
         r = self.server.get("/-/routes")
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.json(), {"/hello": "hello", "/hello/deep": "deep", "/echo": "echo",
-                                    "/compose": "compose"})
+                                    "/compose": "compose", "/fwd": "fwd"})
 
     def test_404_json_with_request_id(self):
         r = self.server.get("/no/such/route")
@@ -156,6 +179,24 @@ class HTTPIngressTest(harness.ServerTestCase):
         self.assertEqual(r.json(), {"x": 7, "y": 21, "via": "Model", "deployment": "Ingress"})
 
     # -- request ids ----------------------------------------------------------------------------
+
+    def test_forwarded_request_keeps_id_and_content(self):
+        r = self.server.request("PUT", "/fwd/some/where?q=1", body=b"fwd-body",
+                                headers={"X-Request-ID": "fwd-1", "X-Tag": "t1"})
+        self.assertEqual(r.status, 200, r)
+        j = r.json()
+        self.assertEqual(j["outer_id"], "fwd-1")
+        self.assertEqual(j["id"], "fwd-1", "handle call did not carry the parent request id")
+        self.assertEqual(j["method"], "PUT")
+        self.assertEqual(j["body"], "fwd-body")
+        self.assertEqual(j["tag"], "t1")
+        self.assertTrue(j["path"].endswith("/some/where"), j)
+
+    def test_downstream_error_becomes_500(self):
+        r = self.server.get("/fwd/fail", headers={"X-Request-ID": "fwd-fail"})
+        body = self.assertErrorJSON(r, 500)
+        self.assertEqual(body["request_id"], "fwd-fail")
+        self.assertEqual(self.server.get("/fwd/ok").status, 200)
 
     def test_request_id_echoed(self):
         r = self.server.get("/hello/rid", headers={"X-Request-ID": "my-id-123"})
@@ -516,6 +557,19 @@ class HTTPIngressTest(harness.ServerTestCase):
     def test_400_negative_content_length(self):
         self.assert_400_and_close(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n"
                                   b"\r\n")
+
+    def test_chunk_size_overflow(self):
+        s = self.server.connect()
+        try:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"FFFFFFFFFFFFFFFFFFFF\r\nabc\r\n")
+            data, closed = read_until_closed(s, 5)
+        finally:
+            s.close()
+        self.assertTrue(closed)
+        r = parse_response_bytes(data)
+        self.assertIn(r.status, (400, 413), r)
+        self.assertErrorJSON(r, r.status)
 
     def test_server_survives_malformed_input(self):
         for raw in (b"\x00\x01\x02\r\n\r\n", b"GET\r\n\r\n", b"\r\n\r\n\r\n" * 10):

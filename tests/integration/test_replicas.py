@@ -44,11 +44,44 @@ class ReplicaSetTest(harness.ServerTestCase):
             self.assertEqual(seen_pids, pids, "pids reported by replicas vs server children")
 
 
+class ReplicaCapTest(harness.ServerTestCase):
+    APPLICATIONS = [hello_app("hello", "/hello", {"num_replicas": 3, "max_ongoing_requests": 1,
+                                                  "max_queued_requests": 6})]
+
+    def test_cap_holds_across_replicas(self):
+        self.server.wait_serving_replicas("/hello/warm", 3)
+        t0 = time.monotonic()
+        res = run_threads(lambda i: self.server.get("/hello/c%d?sleep=0.5" % i, timeout=20),
+                          [(i,) for i in range(9)], timeout=25)
+        total = time.monotonic() - t0
+        self.assertEqual([r.status for r, e in res if r], [200] * 9, res)
+        # 9 requests over 3 replicas x 1 slot: three rounds
+        self.assertGreaterEqual(total, 1.4, "9 x 0.5 s over 3 single-slot replicas took %.2fs"
+                                % total)
+        self.assertEqual(len({r.json()["replica"] for r, _ in res}), 3)
+
+    def test_overflow_gets_503_rest_served(self):
+        self.server.wait_serving_replicas("/hello/warm", 3)
+        res = run_threads(lambda i: self.server.get("/hello/o%d?sleep=0.5" % i, timeout=20),
+                          [(i,) for i in range(16)], timeout=25)
+        errs = [e for _, e in res if e]
+        self.assertFalse(errs, errs)
+        statuses = [r.status for r, _ in res]
+        self.assertEqual(set(statuses) - {200, 503}, set(), statuses)
+        # 3 running + 6 queued are served; the rest is refused
+        self.assertGreaterEqual(statuses.count(200), 9, statuses)
+        self.assertGreaterEqual(statuses.count(503), 1, statuses)
+        for r, _ in res:
+            if r.status == 503:
+                self.assertErrorJSON(r, 503)
+
+
 class KillReplicaTest(harness.ServerTestCase):
     APPLICATIONS = [hello_app("hello", "/hello", {"num_replicas": 3, "max_ongoing_requests": 4})]
 
     def test_kill_9_under_load(self):
         srv = self.server
+        srv.wait_serving_replicas("/hello/warm", 3)
         old = srv.wait_replicas(3, timeout=10)
         stop = threading.Event()
         results = []  # (status or exception repr, duration)
