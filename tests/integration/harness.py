@@ -620,9 +620,25 @@ class Server(object):
             raise AssertionError("; ".join(problems) + "\nstderr tail:\n" + self.stderr_tail())
         return problems
 
+    def processes_mentioning_dir(self):
+        """Live processes whose command line names our temp dir (e.g. replicas via --import):
+        catches children we never saw in a snapshot, even once reparented to init."""
+        found = set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            pid = int(name)
+            if any(self.dir in a for a in proc_cmdline(pid)):
+                st = proc_stat(pid)
+                if st and st[1] not in ("Z", "X"):
+                    found.add((pid, st[2]))
+        return found
+
     def check_leftovers(self, timeout=3.0):
         deadline = time.monotonic() + timeout
         while True:
+            self.known_children.update(p for p in self.processes_mentioning_dir()
+                                       if self.proc is None or p[0] != self.pid)
             left = [p for p, st in self.known_children if is_alive(p, st)]
             if not left or time.monotonic() >= deadline:
                 break

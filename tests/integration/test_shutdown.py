@@ -217,6 +217,37 @@ class ShutdownTest(unittest.TestCase):
         self.assertFalse(t.is_alive())
         self.assertEqual(srv.stop(check=False), [])
 
+    def port_open(self, srv):
+        try:
+            socket.create_connection((srv.host, srv.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def test_sigterm_right_after_ingress_opens(self):
+        # once the ingress listens, SIGTERM must take the graceful path (exit 0), even while
+        # the replicas are still starting
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                srv = harness.Server([hello_app("hello", "/hello", {"num_replicas": 3})])
+                self.addCleanup(srv.cleanup)
+                srv.start(wait=False)
+                opened = wait_until(lambda: (srv.snapshot_children() or True) and
+                                    self.port_open(srv), 15, 0.005)
+                self.assertTrue(opened, "ingress never opened")
+                srv.stop(timeout=8)
+
+    def test_sigterm_while_replicas_start(self):
+        srv = harness.Server([hello_app("hello", "/hello", {"num_replicas": 3})])
+        self.addCleanup(srv.cleanup)
+        srv.start(wait=False)
+        self.assertTrue(wait_until(lambda: self.port_open(srv), 15, 0.01))
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            srv.snapshot_children()
+            time.sleep(0.01)
+        srv.stop(timeout=8)
+
     def test_sigint_exits_zero(self):
         srv = self.start()
         srv.wait_replicas(2)
