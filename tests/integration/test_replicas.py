@@ -304,6 +304,25 @@ class ReplicaDeathCleanupTest(unittest.TestCase):
         self.assertEqual(left, {}, "run folder left behind after a clean exit")
 
 
+class IdleReplicaDeathTest(harness.ServerTestCase):
+    APPLICATIONS = [hello_app("hello", "/hello", {"num_replicas": 3})]
+
+    def test_requests_after_idle_replica_died_succeed(self):
+        srv = self.server
+        srv.wait_serving_replicas("/hello/warm", 3)
+        pids = srv.wait_replicas(3)
+        os.kill(pids[1], signal.SIGKILL)
+        time.sleep(0.2)  # the death is known by now; nothing was in flight on it
+        statuses = []
+        for i in range(30):
+            statuses.append(srv.get("/hello/after%d" % i, timeout=5).status)
+        self.assertEqual(statuses, [200] * 30, "requests failed after an idle replica died")
+        res = run_threads(lambda i: srv.get("/hello/par%d?sleep=0.1" % i, timeout=5).status,
+                          [(i,) for i in range(12)], timeout=10)
+        self.assertEqual([r for r, _ in res], [200] * 12, res)
+        srv.wait_replicas(3, timeout=10, exclude=[pids[1]])
+
+
 class DisconnectTest(harness.ServerTestCase):
     APPLICATIONS = [
         hello_app("one", "/one", {"num_replicas": 1, "max_ongoing_requests": 1}),
