@@ -219,7 +219,8 @@ static void on_deployment_stopped(void *data)
     for (size_t i = 0; i < c->n_deps; i++)
         ms_deployment_free(c->deps[i]);
     c->n_deps = 0;
-    ms_http_server_close(c->handles);
+    if (c->handles)
+        ms_http_server_close(c->handles);
     close_handle((uv_handle_t *)&c->drain_timer);
     close_handle((uv_handle_t *)&c->sigterm);
     close_handle((uv_handle_t *)&c->sigint);
@@ -229,7 +230,8 @@ static void on_deployment_stopped(void *data)
 static void stop_deployments(controller_t *c)
 {
     uv_timer_stop(&c->drain_timer);
-    ms_http_server_close(c->ingress);
+    if (c->ingress)
+        ms_http_server_close(c->ingress);
     c->ingress = NULL;
     c->deps_stopping = c->n_deps;
     if (c->n_deps == 0) {
@@ -369,30 +371,26 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     }
     snprintf(c.handle_socket, sizeof c.handle_socket, "%s/controller.sock", c.run_dir);
 
-    int rc = 0;
-    if (open_listeners(&c) != 0 || start_deployments(&c, &plan, exe_path) != 0)
-        rc = 1;
-    c.drain_deadline_ms = 0;
     uv_timer_init(c.loop, &c.drain_timer);
     c.drain_timer.data = &c;
     uv_signal_init(c.loop, &c.sigterm);
     uv_signal_init(c.loop, &c.sigint);
     c.sigterm.data = c.sigint.data = &c;
-    if (rc == 0) {
-        uv_signal_start(&c.sigterm, on_signal, SIGTERM);
-        uv_signal_start(&c.sigint, on_signal, SIGINT);
-        /* The drain deadline is fixed when the signal arrives; remember the bound now. */
-        c.drain_bound_s = max_shutdown_timeout(&plan);
-        plan_free(&plan);
-        uv_run(c.loop, UV_RUN_DEFAULT);
-    } else {
-        plan_free(&plan);
+    /* Signals are handled before anything starts, so a SIGTERM during start-up drains too. */
+    uv_signal_start(&c.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&c.sigint, on_signal, SIGINT);
+    /* The drain deadline is fixed when the signal arrives; remember the bound now. */
+    c.drain_bound_s = max_shutdown_timeout(&plan);
+    int rc = 0;
+    if (open_listeners(&c) != 0 || start_deployments(&c, &plan, exe_path) != 0) {
+        rc = 1;
         if (c.ingress)
             ms_http_server_stop_accepting(c.ingress);
         c.shutting_down = 1;
         stop_deployments(&c);
-        uv_run(c.loop, UV_RUN_DEFAULT);
     }
+    plan_free(&plan);
+    uv_run(c.loop, UV_RUN_DEFAULT);
     ms_proxy_free(c.proxy);
     free(c.deps);
     rmdir(c.run_dir);

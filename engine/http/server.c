@@ -73,6 +73,7 @@ struct conn {
     int parsing;             /* depth of parse loops on the stack */
     int pending_writes;
     int open_handles;
+    uint64_t deadline_ms; /* loop time at which the connection times out; 0 = none */
 };
 
 static const llhttp_settings_t *request_settings(void);
@@ -81,11 +82,20 @@ static void conn_drain_input(conn_t *c);
 
 /* ---- timers ------------------------------------------------------------------------------- */
 
+/* Timeouts are lazy: a connection keeps one deadline (0 = none) and the uv timer is only
+ * (re)started when the deadline moves earlier than its due time. Re-arming on every request
+ * would cost a timer-heap update per request; this way a busy keep-alive connection touches the
+ * heap about once per timeout period. */
 static void on_conn_timeout(uv_timer_t *t)
 {
     conn_t *c = t->data;
-    if (c->req_active)
+    if (c->req_active || c->deadline_ms == 0)
         return; /* the owner bounds the time a request may take */
+    uint64_t now = uv_now(t->loop);
+    if (now < c->deadline_ms) {
+        uv_timer_start(&c->timer, on_conn_timeout, c->deadline_ms - now, 0);
+        return;
+    }
     ms_debug("http: closing %s connection after timeout", c->in_message ? "slow" : "idle");
     conn_close(c);
 }
@@ -96,10 +106,17 @@ static void conn_arm_timer(conn_t *c, double seconds)
         return;
     uint64_t ms = seconds > 0 ? (uint64_t)(seconds * 1000.0) : 0;
     if (ms == 0) {
-        uv_timer_stop(&c->timer);
+        c->deadline_ms = 0;
         return;
     }
-    uv_timer_start(&c->timer, on_conn_timeout, ms, 0);
+    c->deadline_ms = uv_now(c->timer.loop) + ms;
+    if (!uv_is_active((uv_handle_t *)&c->timer) || uv_timer_get_due_in(&c->timer) > ms)
+        uv_timer_start(&c->timer, on_conn_timeout, ms, 0);
+}
+
+static void conn_disarm_timer(conn_t *c)
+{
+    c->deadline_ms = 0;
 }
 
 /* ---- closing ------------------------------------------------------------------------------ */
@@ -586,7 +603,7 @@ static const llhttp_settings_t *request_settings(void)
 static void dispatch_request(conn_t *c)
 {
     ms_http_server_t *srv = c->srv;
-    uv_timer_stop(&c->timer);
+    conn_disarm_timer(c);
     c->req_active = 1;
     srv->inflight++;
     srv->cfg.on_request(&c->req, srv->cfg.data);

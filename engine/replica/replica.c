@@ -60,6 +60,8 @@ static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
 {
     ms_replica_t *r = p->data;
     drain_control_pipe(r);
+    /* A replica that was killed could not remove its own socket. */
+    unlink(r->_socket_path);
     r->_exited = 1;
     r->state = MS_REPLICA_DEAD;
     close_idle_conns(r);

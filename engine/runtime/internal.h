@@ -55,6 +55,8 @@ struct rt_task {
     ms_http_request_t *req; /* request tasks only */
     json_int_t ctl_id;      /* control tasks only */
     int streaming;          /* serve.stream started the response: chunks follow */
+    int returned;           /* the coroutine ran to completion: it can host another task */
+    rt_task_t *next_spare;  /* link in rt->spare */
     rt_task_done_cb done;
     char request_id[80];
 };
@@ -65,6 +67,8 @@ struct rt {
     int module_ref;     /* the moonserve module table */
     int instance_ref;   /* the constructed deployment instance */
     rt_task_t *current; /* task being resumed, if any */
+    rt_task_t *spare;   /* finished tasks whose coroutines are reused (no new thread per request) */
+    size_t n_spare;
     const char *controller_path;
     ms_http_client_t **pool; /* idle connections to the controller */
     size_t pool_len, pool_cap;

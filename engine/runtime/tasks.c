@@ -49,13 +49,29 @@ void rt_tasks_init(rt_t *rt)
 /* ---- task lifecycle ---------------------------------------------------------------------------
  */
 
+/* At most this many finished tasks are kept for reuse; more only happen after a burst. */
+#define MAX_SPARE_TASKS 256
+
 rt_task_t *rt_task_new(rt_t *rt, const char *fn, rt_task_done_cb done)
 {
-    rt_task_t *t = ms_calloc(1, sizeof *t);
+    rt_task_t *t = rt->spare;
+    if (t) {
+        /* A coroutine that returned normally is a clean thread again: LuaJIT's lua_resume
+         * starts a fresh call on it when its status is 0 and a function is pushed. */
+        rt->spare = t->next_spare;
+        rt->n_spare--;
+        lua_State *co = t->co;
+        int co_ref = t->co_ref;
+        memset(t, 0, sizeof *t);
+        t->co = co;
+        t->co_ref = co_ref;
+    } else {
+        t = ms_calloc(1, sizeof *t);
+        t->co = lua_newthread(rt->L);
+        t->co_ref = luaL_ref(rt->L, LUA_REGISTRYINDEX);
+    }
     t->rt = rt;
     t->done = done;
-    t->co = lua_newthread(rt->L);
-    t->co_ref = luaL_ref(rt->L, LUA_REGISTRYINDEX);
     rt_vm_push_module(t->co);
     lua_getfield(t->co, -1, fn);
     lua_remove(t->co, -2);
@@ -82,6 +98,7 @@ static void resume(rt_task_t *t, int nargs)
             finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
         return;
     }
+    t->returned = st == 0;
     if (st != 0) {
         const char *msg = rt_vm_error_text(t->co, -1);
         luaL_traceback(rt->L, t->co, msg, 0);
@@ -134,7 +151,15 @@ void rt_task_free(rt_task_t *t)
         c->owner = NULL;
         c->prevp = NULL;
     }
-    luaL_unref(t->rt->L, LUA_REGISTRYINDEX, t->co_ref);
+    rt_t *rt = t->rt;
+    if (t->returned && rt->n_spare < MAX_SPARE_TASKS) {
+        lua_settop(t->co, 0);
+        t->next_spare = rt->spare;
+        rt->spare = t;
+        rt->n_spare++;
+        return;
+    }
+    luaL_unref(rt->L, LUA_REGISTRYINDEX, t->co_ref);
     free(t);
 }
 
