@@ -16,7 +16,7 @@
 #include <lauxlib.h>
 
 #include "core/core.h"
-#include "script/sandbox.h"
+#include "sandbox/sandbox.h"
 
 /* Loading the chunk and initialize_state may build lookup tables: they get a longer budget than
  * one routing call. */

@@ -1,13 +1,12 @@
 /*
- * sandbox (private to the script module): one lua_State per policy script, with everything that
- * makes running untrusted policy code safe — the allow-listed environment, text-only loading, the
- * JIT turned off, a per-call instruction + wall-clock budget enforced by a count hook, a memory
- * cap enforced by the allocator, and one pcall helper that every entry into Lua goes through.
- *
- * Not part of the public API: script.c is the only user.
+ * sandbox: one lua_State per policy script (request routers, autoscaling policies, external
+ * scaling hooks), with everything that makes running untrusted policy code inside the controller
+ * safe — the allow-listed environment, text-only loading, the JIT turned off, a per-call
+ * instruction + wall-clock budget enforced by a count hook, a memory cap enforced by the
+ * allocator, and one pcall helper that every entry into Lua goes through.
  */
-#ifndef MS_SCRIPT_SANDBOX_H
-#define MS_SCRIPT_SANDBOX_H
+#ifndef MS_SANDBOX_H
+#define MS_SANDBOX_H
 
 #include <stddef.h>
 #include <stdint.h>

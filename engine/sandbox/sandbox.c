@@ -13,7 +13,7 @@
  *  - Memory: a custom allocator counts bytes (LuaJIT here is GC64, so lua_newstate accepts an
  *    allocator) and refuses past the cap while script code runs.
  */
-#include "script/sandbox.h"
+#include "sandbox/sandbox.h"
 
 #include <errno.h>
 #include <stdio.h>
