@@ -99,6 +99,9 @@ void ms_http_respond(ms_http_request_t *req, int status, const ms_http_header_t 
                      size_t n_headers, const char *body, size_t body_len);
 /* JSON error `{"error": message, "request_id": id}` with the given status. Finishes the request. */
 void ms_http_respond_error(ms_http_request_t *req, int status, const char *message);
+/* The same with extra headers (at most 8), e.g. Retry-After. */
+void ms_http_respond_error_headers(ms_http_request_t *req, int status, const char *message,
+                                   const ms_http_header_t *headers, size_t n_headers);
 /* Streaming response: head with Transfer-Encoding: chunked (HTTP/1.1) or close-delimited
  * (HTTP/1.0), then chunks, then end. */
 void ms_http_response_start(ms_http_request_t *req, int status, const ms_http_header_t *headers,

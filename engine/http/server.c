@@ -326,15 +326,25 @@ static size_t json_escape_into(char *out, size_t cap, const char *s)
     return n;
 }
 
-void ms_http_respond_error(ms_http_request_t *req, int status, const char *message)
+void ms_http_respond_error_headers(ms_http_request_t *req, int status, const char *message,
+                                   const ms_http_header_t *headers, size_t n_headers)
 {
     char escaped[1024];
     json_escape_into(escaped, sizeof escaped, message);
     char body[1280];
     int n = snprintf(body, sizeof body, "{\"error\": \"%s\", \"request_id\": \"%s\"}", escaped,
                      req->request_id);
-    static const ms_http_header_t json_type = {"Content-Type", 12, "application/json", 16};
-    ms_http_respond(req, status, &json_type, 1, body, (size_t)n);
+    ms_http_header_t all[9] = {{"Content-Type", 12, "application/json", 16}};
+    if (n_headers > 8)
+        n_headers = 8;
+    if (n_headers)
+        memcpy(all + 1, headers, n_headers * sizeof *headers);
+    ms_http_respond(req, status, all, n_headers + 1, body, (size_t)n);
+}
+
+void ms_http_respond_error(ms_http_request_t *req, int status, const char *message)
+{
+    ms_http_respond_error_headers(req, status, message, NULL, 0);
 }
 
 void ms_http_response_start(ms_http_request_t *req, int status, const ms_http_header_t *headers,

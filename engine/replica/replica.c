@@ -17,6 +17,8 @@ static void maybe_release(ms_replica_t *r)
         free(r->_idle);
         free(r->_socket_path);
         free(r->last_error);
+        json_decref(r->autoscaling_stats);
+        json_decref(r->routing_stats);
         free(r);
     }
 }
@@ -73,7 +75,28 @@ static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
     r->_events->on_exit(r, exit_status, term_signal);
 }
 
-/* One control line from the replica: {"op":"ready"} or {"op":"failed","error":"..."}. */
+static void handle_stats_reply(ms_replica_t *r, json_t *msg)
+{
+    json_t *id = json_object_get(msg, "id");
+    if (!json_is_integer(id) || json_integer_value(id) != r->_stats_id)
+        return; /* a late answer to a request that already timed out */
+    r->_stats_id = 0;
+    if (!json_is_true(json_object_get(msg, "ok"))) {
+        const char *err = json_string_value(json_object_get(msg, "error"));
+        ms_warn("replica %s: stats failed: %s", r->id, err ? err : "?");
+        return;
+    }
+    json_t *as = json_object_get(msg, "autoscaling"), *rs = json_object_get(msg, "routing");
+    json_decref(r->autoscaling_stats);
+    json_decref(r->routing_stats);
+    r->autoscaling_stats = json_is_object(as) ? json_incref(as) : NULL;
+    r->routing_stats = json_is_object(rs) ? json_incref(rs) : NULL;
+    r->stats_time = ms_wall_time();
+    if (r->_events->on_stats)
+        r->_events->on_stats(r);
+}
+
+/* One control line from the replica: ready, failed, or a reply to one of our requests. */
 static void handle_control_line(ms_replica_t *r, const char *line, size_t len)
 {
     json_error_t jerr;
@@ -84,6 +107,8 @@ static void handle_control_line(ms_replica_t *r, const char *line, size_t len)
     } else if (strcmp(op, "ready") == 0 && r->state == MS_REPLICA_STARTING) {
         r->state = MS_REPLICA_RUNNING;
         r->_events->on_ready(r);
+    } else if (strcmp(op, "reply") == 0) {
+        handle_stats_reply(r, msg);
     } else if (strcmp(op, "failed") == 0) {
         const char *err = json_string_value(json_object_get(msg, "error"));
         free(r->last_error);
@@ -225,6 +250,7 @@ void ms_replica_stop(ms_replica_t *r, double timeout_s)
     if (r->_exited)
         return;
     r->state = MS_REPLICA_STOPPING;
+    r->stop_requested = 1;
     close_idle_conns(r);
     uv_process_kill(&r->_proc, SIGTERM);
     uv_timer_start(&r->_kill_timer, on_kill_timer, (uint64_t)(timeout_s * 1000.0), 0);
@@ -234,6 +260,45 @@ void ms_replica_kill(ms_replica_t *r)
 {
     if (!r->_exited)
         uv_process_kill(&r->_proc, SIGKILL);
+}
+
+typedef struct ctl_write {
+    uv_write_t req;
+    char bytes[];
+} ctl_write_t;
+
+static void on_ctl_written(uv_write_t *req, int status)
+{
+    (void)status; /* a failed write means the replica is exiting; its exit is handled there */
+    free(req);
+}
+
+static void ctl_send(ms_replica_t *r, json_t *msg)
+{
+    char *text = json_dumps(msg, JSON_COMPACT);
+    json_decref(msg);
+    if (!text)
+        return;
+    size_t n = strlen(text);
+    ctl_write_t *w = ms_malloc(sizeof *w + n + 1);
+    memcpy(w->bytes, text, n);
+    w->bytes[n] = '\n';
+    free(text);
+    uv_buf_t b = uv_buf_init(w->bytes, (unsigned)n + 1);
+    if (uv_write(&w->req, (uv_stream_t *)&r->_ctl, &b, 1, on_ctl_written) != 0)
+        free(w);
+}
+
+void ms_replica_poll_stats(ms_replica_t *r, double timeout_s)
+{
+    if (r->state != MS_REPLICA_RUNNING || uv_is_closing((uv_handle_t *)&r->_ctl))
+        return;
+    uint64_t now = ms_now_ms();
+    if (r->_stats_id && now - r->_stats_sent_ms < (uint64_t)(timeout_s * 1000.0))
+        return;
+    r->_stats_id = ++r->_ctl_seq;
+    r->_stats_sent_ms = now;
+    ctl_send(r, json_pack("{s:s, s:I}", "op", "stats", "id", (json_int_t)r->_stats_id));
 }
 
 void ms_replica_free(ms_replica_t *r)

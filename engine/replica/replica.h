@@ -10,6 +10,7 @@
 #ifndef MS_REPLICA_H
 #define MS_REPLICA_H
 
+#include <jansson.h>
 #include <uv.h>
 
 #include "http/http.h"
@@ -30,6 +31,8 @@ typedef struct ms_replica_events {
     /* The process is gone. Idle pooled connections are closed; busy ones fail on their own.
      * The owner must call ms_replica_free (now or later). */
     void (*on_exit)(ms_replica_t *r, int64_t exit_status, int term_signal);
+    /* Fresh stats arrived (autoscaling_stats / routing_stats updated). May be NULL. */
+    void (*on_stats)(ms_replica_t *r);
 } ms_replica_events_t;
 
 /* Everything a replica process needs to know; strings are copied by ms_replica_spawn. */
@@ -53,9 +56,13 @@ struct ms_replica {
     double start_time; /* wall clock */
     int ongoing;       /* requests sent and not yet answered: kept by the owner */
     int max_ongoing_requests;
-    int slot;         /* owner's index for this replica (router slot) */
-    void *owner;      /* free for the owner */
-    char *last_error; /* constructor error, if any */
+    int slot;                  /* owner's index for this replica (router slot) */
+    void *owner;               /* free for the owner */
+    char *last_error;          /* constructor error, if any */
+    int stop_requested;        /* ms_replica_stop was called: its exit is no failure */
+    json_t *autoscaling_stats; /* latest record_autoscaling_stats() result, or NULL */
+    json_t *routing_stats;     /* latest record_routing_stats() result, or NULL */
+    double stats_time;         /* wall clock of the latest stats, 0 = never */
     /* private */
     uv_process_t _proc;
     uv_pipe_t _ctl;
@@ -68,6 +75,9 @@ struct ms_replica {
     int _open_handles;
     unsigned _exited : 1;
     unsigned _freed : 1;
+    long long _ctl_seq;  /* id of the last control request sent */
+    long long _stats_id; /* id of the stats request awaiting its reply, 0 = none */
+    uint64_t _stats_sent_ms;
 };
 
 /* Starts a replica process. Returns NULL (and logs) when spawning fails. `seq` makes the id. */
@@ -77,6 +87,11 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec, i
 void ms_replica_stop(ms_replica_t *r, double timeout_s);
 /* Immediate SIGKILL. */
 void ms_replica_kill(ms_replica_t *r);
+/* Asks a RUNNING replica for its stats (record_autoscaling_stats / record_routing_stats) unless
+ * a request is already outstanding for less than timeout_s; the reply lands in
+ * autoscaling_stats / routing_stats and fires on_stats. */
+void ms_replica_poll_stats(ms_replica_t *r, double timeout_s);
+
 /* Releases the replica once its process is gone (state DEAD). Safe to call from on_exit. */
 void ms_replica_free(ms_replica_t *r);
 

@@ -7,6 +7,7 @@
  * either QUEUED (in the deployment's FIFO), SENT (on a pooled connection to one replica), or
  * FREE. Every transition out of QUEUED or SENT releases the call exactly once.
  */
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,7 @@ struct call {
     call_t *prev, *next; /* queue links, or free-list link */
     call_state_t state;
     int retried;
+    uint64_t queued_at_ms; /* loop time it joined the queue (first time) */
     int status;
     int streaming;
     ms_buf_t head;      /* request head sent to the replica */
@@ -60,6 +62,10 @@ struct ms_deployment {
     int max_queued_requests;
     double request_timeout_s;
     double graceful_shutdown_timeout_s;
+    double cold_start_timeout_s;
+    void (*on_cold_start)(ms_deployment_t *d, void *data);
+    void *owner_data;
+    uv_timer_t cold_timer;  /* bounds how long requests wait with no replica running */
     ms_replica_spec_t spec; /* strings owned */
     ms_router_script_t *script;
     ms_replica_t **slots;    /* replica per router slot; NULL holes */
@@ -86,6 +92,7 @@ struct ms_deployment {
 
 static void dispatch(ms_deployment_t *d);
 static void reconcile(ms_deployment_t *d);
+static void hold_for_cold_start(ms_deployment_t *d);
 
 /* ---- replica set --------------------------------------------------------------------------- */
 
@@ -191,9 +198,14 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
     else
         ms_log(d->shutting_down ? MS_LOG_INFO : MS_LOG_WARN, "replica %s: exited with status %d",
                r->id, (int)exit_status);
+    int deliberate = r->stop_requested;
     ms_replica_free(r);
     if (d->shutting_down) {
         maybe_finish_shutdown(d);
+        return;
+    }
+    if (deliberate) { /* scaled down: nothing to replace */
+        reconcile(d);
         return;
     }
     d->consecutive_failures++;
@@ -206,10 +218,22 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
     uv_timer_start(&d->restart_timer, on_restart_timer, delay_ms, 0);
 }
 
+static void on_replica_stats(ms_replica_t *r)
+{
+    ms_deployment_t *d = r->owner;
+    if (!d->routable[r->slot] || !r->routing_stats)
+        return;
+    char *text = json_dumps(r->routing_stats, JSON_COMPACT);
+    if (text)
+        ms_router_script_set_routing_stats(d->script, r->slot, text);
+    free(text);
+}
+
 static const ms_replica_events_t replica_events = {
     .on_ready = on_replica_ready,
     .on_failed = on_replica_failed,
     .on_exit = on_replica_exit,
+    .on_stats = on_replica_stats,
 };
 
 static int free_slot(ms_deployment_t *d)
@@ -224,12 +248,37 @@ static int free_slot(ms_deployment_t *d)
     return d->n_slots++;
 }
 
-/* Starts replicas until the live count reaches the target. */
+/* The replica to stop first when scaling down: one still starting (it serves nobody yet), else
+ * the running one with the fewest requests in flight. */
+static ms_replica_t *pick_victim(const ms_deployment_t *d)
+{
+    ms_replica_t *best = NULL;
+    for (int i = 0; i < d->n_slots; i++) {
+        ms_replica_t *r = d->slots[i];
+        if (!r || (r->state != MS_REPLICA_STARTING && r->state != MS_REPLICA_RUNNING))
+            continue;
+        if (!best || (r->state == MS_REPLICA_STARTING && best->state != MS_REPLICA_STARTING) ||
+            (r->state == best->state && r->ongoing < best->ongoing))
+            best = r;
+    }
+    return best;
+}
+
+/* Starts replicas until the live count reaches the target, or stops the surplus. */
 static void reconcile(ms_deployment_t *d)
 {
     if (d->shutting_down)
         return;
-    for (int live = live_replicas(d); live < d->target_replicas; live++) {
+    int live = live_replicas(d);
+    for (; live > d->target_replicas; live--) {
+        ms_replica_t *r = pick_victim(d);
+        if (!r)
+            break;
+        ms_info("replica %s: stopping (scaling %d -> %d)", r->id, live, d->target_replicas);
+        unroute(d, r->slot); /* no new requests; the ones in flight finish */
+        ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+    }
+    for (; live < d->target_replicas; live++) {
         int slot = free_slot(d);
         ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, ++d->next_seq, &replica_events, d);
         if (!r) {
@@ -269,6 +318,7 @@ static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
     c->prev = c->next = NULL;
     c->retried = 0;
     c->streaming = 0;
+    c->queued_at_ms = uv_now(d->loop);
     req->user = c;
     if (d->request_timeout_s > 0)
         uv_timer_start(&c->timer, on_call_timeout, (uint64_t)(d->request_timeout_s * 1000.0), 0);
@@ -598,7 +648,79 @@ static void dispatch(ms_deployment_t *d)
     }
 }
 
+/* ---- cold start ------------------------------------------------------------------------------ */
+
+/* Answers 503 with Retry-After to requests that waited cold_start_timeout_s with no replica
+ * running, and keeps watching while others wait. */
+static void on_cold_timer(uv_timer_t *t)
+{
+    ms_deployment_t *d = t->data;
+    if (ms_deployment_running_replicas(d) > 0)
+        return; /* dispatch serves the queue from here */
+    uint64_t now = uv_now(d->loop), limit = (uint64_t)(d->cold_start_timeout_s * 1000.0);
+    static const ms_http_header_t retry_after = {"Retry-After", 11, "1", 1};
+    call_t *next;
+    for (call_t *c = d->queue_head; c; c = next) {
+        next = c->next;
+        if (now - c->queued_at_ms < limit)
+            continue;
+        ms_http_request_t *req = c->req;
+        queue_remove(d, c);
+        call_release(c);
+        char msg[200];
+        snprintf(msg, sizeof msg, "deployment %s has no replica running yet; retry shortly",
+                 d->name);
+        ms_http_respond_error_headers(req, 503, msg, &retry_after, 1);
+    }
+    if (d->queue_head)
+        uv_timer_start(&d->cold_timer, on_cold_timer, 100, 0);
+}
+
+/* A request is waiting and no replica runs: ask the owner to scale up from zero at once, and
+ * bound the wait. */
+static void hold_for_cold_start(ms_deployment_t *d)
+{
+    if (d->target_replicas == 0 && d->on_cold_start)
+        d->on_cold_start(d, d->owner_data);
+    if (!uv_is_active((uv_handle_t *)&d->cold_timer))
+        uv_timer_start(&d->cold_timer, on_cold_timer, 100, 0);
+}
+
 /* ---- public API ------------------------------------------------------------------------------ */
+
+void ms_deployment_set_target(ms_deployment_t *d, int n)
+{
+    if (n < 0 || n == d->target_replicas)
+        return;
+    ms_info("deployment %s: target %d -> %d replicas", d->name, d->target_replicas, n);
+    d->target_replicas = n;
+    reconcile(d);
+}
+
+int ms_deployment_target(const ms_deployment_t *d)
+{
+    return d->target_replicas;
+}
+
+size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap)
+{
+    size_t n = 0;
+    for (int i = 0; i < d->n_slots; i++) {
+        if (!d->slots[i])
+            continue;
+        if (n < cap)
+            out[n] = d->slots[i];
+        n++;
+    }
+    return n;
+}
+
+void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s)
+{
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i])
+            ms_replica_poll_stats(d->slots[i], timeout_s);
+}
 
 void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
 {
@@ -625,6 +747,8 @@ void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
     call_t *c = call_acquire(d, req);
     queue_push(d, c, 0);
     dispatch(d);
+    if (c->state == CALL_QUEUED && ms_deployment_running_replicas(d) == 0)
+        hold_for_cold_start(d);
 }
 
 void ms_deployment_abort(ms_http_request_t *req)
@@ -661,6 +785,9 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->max_queued_requests = s->max_queued_requests;
     d->request_timeout_s = s->request_timeout_s;
     d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
+    d->cold_start_timeout_s = s->cold_start_timeout_s > 0 ? s->cold_start_timeout_s : 30.0;
+    d->on_cold_start = s->on_cold_start;
+    d->owner_data = s->owner_data;
     d->spec = s->spec;
     d->spec.exe_path = dup_or_empty(s->spec.exe_path);
     d->spec.run_dir = dup_or_empty(s->spec.run_dir);
@@ -675,7 +802,9 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->backoff_timer.data = d;
     uv_timer_init(loop, &d->restart_timer);
     d->restart_timer.data = d;
-    d->open_timers = 2;
+    uv_timer_init(loop, &d->cold_timer);
+    d->cold_timer.data = d;
+    d->open_timers = 3;
     reconcile(d);
     return d;
 }
@@ -687,6 +816,7 @@ void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data
     d->shutdown_data = data;
     uv_timer_stop(&d->backoff_timer);
     uv_timer_stop(&d->restart_timer);
+    uv_timer_stop(&d->cold_timer);
     fail_queued(d, 503, "deployment is shutting down");
     for (int i = 0; i < d->n_slots; i++) {
         ms_replica_t *r = d->slots[i];
@@ -698,13 +828,8 @@ void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data
     maybe_finish_shutdown(d);
 }
 
-static void on_timer_closed(uv_handle_t *h)
+static void timer_closed(ms_deployment_t *d)
 {
-    ms_deployment_t *d = h->data;
-    if (h != (uv_handle_t *)&d->backoff_timer && h != (uv_handle_t *)&d->restart_timer) {
-        call_t *c = (call_t *)h->data;
-        d = c->dep;
-    }
     if (--d->open_timers > 0)
         return;
     for (size_t i = 0; i < d->n_calls; i++) {
@@ -731,14 +856,25 @@ static void on_timer_closed(uv_handle_t *h)
     free(d);
 }
 
+static void on_deployment_timer_closed(uv_handle_t *h)
+{
+    timer_closed(h->data);
+}
+
+static void on_call_timer_closed(uv_handle_t *h)
+{
+    timer_closed(((call_t *)h->data)->dep);
+}
+
 void ms_deployment_free(ms_deployment_t *d)
 {
     ms_router_script_free(d->script);
     d->script = NULL;
-    uv_close((uv_handle_t *)&d->backoff_timer, on_timer_closed);
-    uv_close((uv_handle_t *)&d->restart_timer, on_timer_closed);
+    uv_close((uv_handle_t *)&d->backoff_timer, on_deployment_timer_closed);
+    uv_close((uv_handle_t *)&d->restart_timer, on_deployment_timer_closed);
+    uv_close((uv_handle_t *)&d->cold_timer, on_deployment_timer_closed);
     for (size_t i = 0; i < d->n_calls; i++)
-        uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_timer_closed);
+        uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_call_timer_closed);
 }
 
 const char *ms_deployment_name(const ms_deployment_t *d)

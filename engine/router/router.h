@@ -26,7 +26,14 @@ typedef struct ms_deployment_settings {
     int max_queued_requests;  /* -1 = unlimited */
     double request_timeout_s; /* 0 = none */
     double graceful_shutdown_timeout_s;
+    /* How long a request may wait while the deployment has no replica running (scaled to zero,
+     * or all starting) before it gets 503 with Retry-After. */
+    double cold_start_timeout_s;
     ms_replica_spec_t spec; /* how to start a replica (strings copied) */
+    /* A request arrived while the target is 0 replicas: the owner should scale up now, without
+     * waiting for its next control tick. May be NULL. */
+    void (*on_cold_start)(ms_deployment_t *d, void *data);
+    void *owner_data;
 } ms_deployment_settings_t;
 
 /* Creates the deployment and starts its replicas. On failure (the router script) returns NULL
@@ -45,6 +52,20 @@ void ms_deployment_abort(ms_http_request_t *req);
  * deployment has released them (the deployment itself is freed by ms_deployment_free). */
 void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data);
 void ms_deployment_free(ms_deployment_t *d);
+
+/* Sets the number of replicas to keep. Scaling up starts replicas; scaling down stops the
+ * surplus gracefully — STARTING ones first, then the least busy; each is taken out of routing
+ * first, drains its in-flight requests, then stops. */
+void ms_deployment_set_target(ms_deployment_t *d, int n);
+int ms_deployment_target(const ms_deployment_t *d);
+
+/* Lists the replicas (every state but gone) into out; returns how many there are (may exceed
+ * cap, in which case only cap are written). */
+size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap);
+
+/* Polls every running replica's stats (see ms_replica_poll_stats); routing stats that arrive are
+ * handed to the deployment's router script. */
+void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s);
 
 /* Introspection for status and tests. */
 const char *ms_deployment_name(const ms_deployment_t *d);
