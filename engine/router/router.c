@@ -877,6 +877,11 @@ void ms_deployment_free(ms_deployment_t *d)
         uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_call_timer_closed);
 }
 
+ms_router_script_t *ms_deployment_router_script(ms_deployment_t *d)
+{
+    return d->script;
+}
+
 const char *ms_deployment_name(const ms_deployment_t *d)
 {
     return d->name;

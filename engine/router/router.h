@@ -29,6 +29,11 @@ typedef struct ms_deployment_settings {
     /* How long a request may wait while the deployment has no replica running (scaled to zero,
      * or all starting) before it gets 503 with Retry-After. */
     double cold_start_timeout_s;
+    /* The request router: request_router_class `router_file:router_attr` with its kwargs
+     * (JSON text), or the built-in power-of-two-choices router when router_file is NULL. */
+    const char *router_file;
+    const char *router_attr;
+    const char *router_kwargs_json;
     ms_replica_spec_t spec; /* how to start a replica (strings copied) */
     /* A request arrived while the target is 0 replicas: the owner should scale up now, without
      * waiting for its next control tick. May be NULL. */
@@ -66,6 +71,9 @@ size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size
 /* Polls every running replica's stats (see ms_replica_poll_stats); routing stats that arrive are
  * handed to the deployment's router script. */
 void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s);
+
+/* The deployment's router script, for reload and status. */
+struct ms_router_script *ms_deployment_router_script(ms_deployment_t *d);
 
 /* Introspection for status and tests. */
 const char *ms_deployment_name(const ms_deployment_t *d);
