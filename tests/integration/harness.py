@@ -472,8 +472,17 @@ class Server(object):
         opts.update(self._http_options or {})
         self.http_options = opts
         cfg = {"http_options": opts, "applications": self._applications}
-        if self._extra_config:
-            cfg.update(self._extra_config)
+        # Every server gets its own admin listener on a free port: the default (8265) would be
+        # shared by every test running in parallel.
+        self.admin_port = free_port(self.host)
+        admin = {"host": self.host, "port": self.admin_port}
+        extra = dict(self._extra_config or {})
+        if "admin" in extra:
+            admin.update(extra.pop("admin") or {})
+            self.admin_port = admin.get("port", self.admin_port)
+        self.admin_token = admin.get("token")
+        cfg["admin"] = admin
+        cfg.update(extra)
         with open(self.config_path, "w") as f:
             f.write(to_yaml(cfg))
 
@@ -744,6 +753,95 @@ class Server(object):
     def base(self):
         return "http://%s:%d" % (self.host, self.port)
 
+    # -- admin API ----------------------------------------------------------------------------
+
+    def admin_request(self, method, path, body=None, headers=None, timeout=10.0, token=None):
+        """One request to the admin listener; `body` may be a dict/list (sent as JSON)."""
+        hdrs = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            hdrs.setdefault("Content-Type", "application/json")
+        tok = token if token is not None else self.admin_token
+        if tok:
+            hdrs.setdefault("Authorization", "Bearer " + tok)
+        conn = http.client.HTTPConnection(self.host, self.admin_port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            r = conn.getresponse()
+            data = r.read()
+            h = {k.lower(): v for k, v in r.getheaders()}
+            return Response(r.status, r.reason, h, data,
+                            "chunked" in h.get("transfer-encoding", "").lower(),
+                            "HTTP/1.%d" % (r.version - 10), list(r.getheaders()))
+        finally:
+            conn.close()
+
+    def status(self, timeout=5.0):
+        """GET /api/serve/applications/ (must answer 200 with JSON)."""
+        r = self.admin_request("GET", "/api/serve/applications/", timeout=timeout)
+        if r.status != 200:
+            raise AssertionError("GET /api/serve/applications/ -> %r" % r)
+        return r.json()
+
+    def deployment_status(self, app, deployment):
+        """applications[app].deployments[deployment] of the status document."""
+        doc = self.status()
+        try:
+            return doc["applications"][app]["deployments"][deployment]
+        except (KeyError, TypeError):
+            raise AssertionError("no %s/%s in status: %s" % (app, deployment,
+                                                             json.dumps(doc)[:2000]))
+
+    def running_replicas(self, app, deployment):
+        """Replicas of a deployment whose state is RUNNING in status."""
+        d = self.deployment_status(app, deployment)
+        return [r for r in d.get("replicas") or [] if r.get("state") == "RUNNING"]
+
+    def wait_status(self, app, deployment, pred, timeout=10.0, what="condition"):
+        """Poll the deployment's status until pred(dep) is truthy; returns dep. Bounded."""
+        last = [None]
+
+        def ok():
+            try:
+                last[0] = self.deployment_status(app, deployment)
+            except (OSError, http.client.HTTPException, AssertionError) as e:
+                last[0] = e
+                return None
+            return last[0] if pred(last[0]) else None
+        got = wait_until(ok, timeout, 0.05)
+        if not got:
+            raise AssertionError("%s/%s: %s not reached within %.1fs; last status: %s\n"
+                                 "stderr:\n%s" % (app, deployment, what, timeout,
+                                                   json.dumps(last[0], default=str)[:3000],
+                                                   self.stderr_tail(2500)))
+        return got
+
+    def reload(self, timeout=10.0):
+        """POST /api/v1/reload: (status code, JSON body)."""
+        r = self.admin_request("POST", "/api/v1/reload", timeout=timeout)
+        try:
+            body = r.json()
+        except AssertionError:
+            body = None
+        return r.status, body
+
+    def scale(self, app, deployment, body, timeout=5.0):
+        """POST /api/v1/applications/{app}/deployments/{deployment}/scale; body: int or raw."""
+        if isinstance(body, int) and not isinstance(body, bool):
+            body = {"target_num_replicas": body}
+        return self.admin_request("POST", "/api/v1/applications/%s/deployments/%s/scale"
+                                  % (app, deployment), body=body, timeout=timeout)
+
+    def write_file(self, name, text):
+        """(Re)write a file in the server's folder (e.g. a policy script before a reload)."""
+        path = os.path.join(self.dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return path
+
 
 # --------------------------------------------------------------------------------------------
 # unittest glue
@@ -755,11 +853,13 @@ class ServerTestCase(unittest.TestCase):
     APPLICATIONS = None
     HTTP_OPTIONS = None
     FILES = None
+    EXTRA_CONFIG = None
     SHUTDOWN_TIMEOUT_S = 15.0
 
     @classmethod
     def setUpClass(cls):
         cls.server = Server(cls.APPLICATIONS, cls.HTTP_OPTIONS, cls.FILES,
+                            extra_config=cls.EXTRA_CONFIG,
                             shutdown_timeout_s=cls.SHUTDOWN_TIMEOUT_S)
         try:
             cls.server.start()
@@ -786,9 +886,11 @@ class ServerTestCase(unittest.TestCase):
 
 
 def start_server(testcase, applications, http_options=None, files=None, shutdown_timeout_s=15.0,
-                 wait=True):
-    """Start a server owned by one test; cleanup always runs (kill on failure)."""
-    srv = Server(applications, http_options, files, shutdown_timeout_s=shutdown_timeout_s)
+                 wait=True, extra_config=None):
+    """Start a server owned by one test; cleanup always runs (kill on failure).
+    `extra_config` adds top-level keys (control_loop, admin, ...)."""
+    srv = Server(applications, http_options, files, extra_config=extra_config,
+                 shutdown_timeout_s=shutdown_timeout_s)
     testcase.addCleanup(srv.cleanup)
     srv.start(wait=wait)
     return srv
@@ -815,6 +917,67 @@ def run_threads(fn, args_list, timeout):
         if t.is_alive():
             results[i] = (None, AssertionError("thread %d still running after %.1fs" % (i, timeout)))
     return results
+
+
+class LoadGen(object):
+    """`n` threads sending `path` to the server in a loop (fresh connection each) until stop().
+    Keeps every outcome: statuses (a Counter-like dict), failures (non-200s and exceptions).
+    Bounded: each request has a timeout and stop() joins with a deadline."""
+
+    def __init__(self, server, path, n, timeout=10.0, headers=None):
+        self.server = server
+        self.path = path
+        self.n = n
+        self.timeout = timeout
+        self.headers = headers
+        self.statuses = {}
+        self.failures = []
+        self.count = 0
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.threads = []
+
+    def _run(self, i):
+        k = 0
+        while not self._stop.is_set():
+            k += 1
+            path = self.path.replace("{i}", str(i)).replace("{k}", str(k))
+            try:
+                r = self.server.get(path, timeout=self.timeout, headers=self.headers)
+                with self.lock:
+                    self.count += 1
+                    self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
+                    if r.status != 200:
+                        self.failures.append(r)
+            except Exception as e:  # noqa: any failure is recorded
+                with self.lock:
+                    self.count += 1
+                    self.failures.append(e)
+                time.sleep(0.05)
+
+    def start(self):
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(self.n)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self, timeout=None):
+        self._stop.set()
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout + 5)
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t for t in self.threads if t.is_alive()]
+        if stuck:
+            self.failures.append(AssertionError("%d load threads still running" % len(stuck)))
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
 
 
 def run_cli(*args, timeout=30):
