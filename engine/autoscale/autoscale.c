@@ -1,0 +1,395 @@
+/*
+ * autoscale: one autoscaler per autoscaling deployment. A tick runs the policy for its raw
+ * answer, then applies Ray Serve's wrapper in order: cold start, scaling factors, bounds and the
+ * wall-clock delays. Every decision lands in a short history shown by status.
+ */
+#include "autoscale/autoscale.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+
+#include "autoscale/internal.h"
+#include "core/core.h"
+
+/* Ray Serve compares elapsed time to the delays with this slack. */
+#define DELAY_EPSILON 1e-6
+
+static uint64_t next_serial;
+
+/* ---- configuration -------------------------------------------------------------------------- */
+
+static ms_config_lua_ref_t *copy_ref(const ms_config_lua_ref_t *r)
+{
+    if (!r)
+        return NULL;
+    ms_config_lua_ref_t *c = ms_calloc(1, sizeof *c);
+    c->path = ms_strdup(r->path);
+    c->file = ms_strdup(r->file);
+    c->attr = ms_strdup(r->attr);
+    return c;
+}
+
+static void free_ref(ms_config_lua_ref_t *r)
+{
+    if (!r)
+        return;
+    free(r->path);
+    free(r->file);
+    free(r->attr);
+    free(r);
+}
+
+static void copy_config(ms_autoscaling_config_t *dst, const ms_autoscaling_config_t *src)
+{
+    *dst = *src;
+    dst->aggregation_function =
+        ms_strdup(src->aggregation_function ? src->aggregation_function : "mean");
+    dst->policy = copy_ref(src->policy);
+    dst->policy_kwargs = src->policy_kwargs ? json_deep_copy(src->policy_kwargs) : NULL;
+}
+
+/* Effective factors: upscaling_factor or upscale_smoothing_factor or smoothing_factor. */
+static double up_factor(const ms_autoscaling_config_t *c)
+{
+    if (c->upscaling_factor >= 0)
+        return c->upscaling_factor;
+    return c->upscale_smoothing_factor >= 0 ? c->upscale_smoothing_factor : c->smoothing_factor;
+}
+
+static double down_factor(const ms_autoscaling_config_t *c)
+{
+    if (c->downscaling_factor >= 0)
+        return c->downscaling_factor;
+    return c->downscale_smoothing_factor >= 0 ? c->downscale_smoothing_factor : c->smoothing_factor;
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------------ */
+
+static as_script_t *load_policy(const ms_autoscaling_config_t *cfg, size_t mem_limit, char sha[65],
+                                char **err)
+{
+    if (cfg->policy)
+        return as_script_load(cfg->policy->file, cfg->policy->attr, cfg->policy_kwargs, mem_limit,
+                              sha, err);
+    char *path = as_builtin_path();
+    as_script_t *s = as_script_load(path, AS_BUILTIN_FUNCTION, NULL, mem_limit, sha, err);
+    free(path);
+    if (s)
+        s->builtin = 1;
+    return s;
+}
+
+ms_autoscaler_t *ms_autoscaler_new(const char *app, const char *deployment,
+                                   const ms_autoscaling_config_t *cfg, double budget_us,
+                                   size_t mem_limit, char **err)
+{
+    as_script_t *s = load_policy(cfg, mem_limit, NULL, err);
+    if (!s)
+        return NULL;
+    ms_autoscaler_t *a = ms_calloc(1, sizeof *a);
+    a->app = ms_strdup(app);
+    a->deployment = ms_strdup(deployment);
+    a->serial = ++next_serial;
+    copy_config(&a->cfg, cfg);
+    a->budget_us = budget_us;
+    a->mem_limit = mem_limit;
+    a->script = s;
+    a->last_scale_up = a->last_scale_down = -1;
+    return a;
+}
+
+void ms_autoscaler_free(ms_autoscaler_t *a)
+{
+    if (!a)
+        return;
+    as_script_free(a->script);
+    as_script_free(a->pending);
+    as_script_free(a->fallback);
+    as_window_free(&a->win);
+    free(a->cfg.aggregation_function);
+    free_ref(a->cfg.policy);
+    json_decref(a->cfg.policy_kwargs);
+    free(a->reload_error);
+    free(a->app);
+    free(a->deployment);
+    free(a);
+}
+
+int ms_autoscaler_initial_replicas(const ms_autoscaler_t *a)
+{
+    return a->cfg.initial_replicas >= 0 ? a->cfg.initial_replicas : a->cfg.min_replicas;
+}
+
+void ms_autoscaler_record(ms_autoscaler_t *a, const ms_autoscale_sample_t *s)
+{
+    as_window_record(&a->win, s, a->cfg.look_back_period_s);
+}
+
+/* ---- failures and the built-in -------------------------------------------------------------- */
+
+void as_note_failure(const char *who, uint64_t *failures, char *last_error, size_t cap,
+                     const char *msg)
+{
+    (*failures)++;
+    if (strcmp(last_error, msg) != 0) {
+        snprintf(last_error, cap, "%s", msg);
+        ms_warn("autoscaling policy of %s failed, the built-in policy decides: %s", who, msg);
+    }
+}
+
+int as_builtin_raw(ms_autoscaler_t *a, double now, int current_target, const as_agg_t *agg,
+                   double *raw, char *err, size_t errlen)
+{
+    as_script_t *b = a->script->builtin ? a->script : a->fallback;
+    if (!b) {
+        char *lerr = NULL;
+        char *path = as_builtin_path();
+        b = a->fallback =
+            as_script_load(path, AS_BUILTIN_FUNCTION, NULL, a->mem_limit, NULL, &lerr);
+        free(path);
+        if (!b) {
+            snprintf(err, errlen, "%s", lerr);
+            free(lerr);
+            return -1;
+        }
+        b->builtin = 1;
+    }
+    return as_run_deployment(b, a, now, current_target, agg, raw, err, errlen);
+}
+
+/* ---- the wrapper: cold start, factors, bounds, delays --------------------------------------- */
+
+/* Factors relative to the running replicas, with Ray's fix for a small downscaling factor that
+ * ceil() would otherwise pin at the current count forever. Skipped at 0 replicas. */
+static int apply_factors(const ms_autoscaling_config_t *c, int running, double raw)
+{
+    if (running == 0)
+        return (int)ceil(raw);
+    double f = raw > running ? up_factor(c) : down_factor(c);
+    int scaled = (int)ceil(running + f * (raw - running));
+    if (raw < running && scaled == running && ceil(raw) < running)
+        scaled--;
+    return scaled;
+}
+
+static int clamp(int v, int lo, int hi)
+{
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
+static void reset_delay(ms_autoscaler_t *a)
+{
+    a->decision_dir = 0;
+    a->decision_ts = 0;
+}
+
+/* Wall-clock delays: a change in one direction happens once it has been wanted continuously for
+ * the delay; N -> 0 goes N -> 1 (downscale_delay_s) then 1 -> 0 (downscale_to_zero_delay_s). */
+static int apply_delays(ms_autoscaler_t *a, double now, int current_target, int desired, char *why,
+                        size_t cap)
+{
+    const ms_autoscaling_config_t *c = &a->cfg;
+    if (desired == current_target) {
+        reset_delay(a);
+        snprintf(why, cap, "hold at %d", current_target);
+        return current_target;
+    }
+    int dir = desired > current_target ? 1 : -1;
+    double delay;
+    const char *name;
+    if (dir > 0) {
+        delay = c->upscale_delay_s, name = "upscale_delay_s";
+    } else if (current_target == 1) {
+        int to_zero = c->downscale_to_zero_delay_s >= 0;
+        delay = to_zero ? c->downscale_to_zero_delay_s : c->downscale_delay_s;
+        name = to_zero ? "downscale_to_zero_delay_s" : "downscale_delay_s";
+    } else {
+        desired = desired < 1 ? 1 : desired;
+        delay = c->downscale_delay_s, name = "downscale_delay_s";
+    }
+    /* A run is consecutive decisions in one direction from one target: a change of either (the
+     * controller may have moved the target itself) starts a new one. */
+    if (a->decision_dir != dir || a->decision_from != current_target) {
+        a->decision_dir = dir;
+        a->decision_from = current_target;
+        a->decision_ts = now;
+    }
+    const char *verb = dir > 0 ? "upscale" : "downscale";
+    double waited = now - a->decision_ts;
+    if (waited >= delay - DELAY_EPSILON) {
+        reset_delay(a);
+        snprintf(why, cap, "%s %d -> %d after %s %gs", verb, current_target, desired, name, delay);
+        return desired;
+    }
+    snprintf(why, cap, "%s %d -> %d waiting: %.1fs of %s %gs", verb, current_target, desired,
+             waited, name, delay);
+    return current_target;
+}
+
+static int decide_target(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,
+                         const as_agg_t *agg, char *why, size_t cap)
+{
+    const ms_autoscaling_config_t *c = &a->cfg;
+    int running = a->win.running;
+    /* Cold start: requests wait for a replica, so no delay and at least one replica. The latest
+     * sample counts too: a request that just arrived weighs nothing yet in a time-weighted mean.
+     * Never below the target in force either: replicas may be starting already. */
+    double waiting = fmax(fmax(agg->total, agg->queued), a->win.last_total);
+    if (running == 0 && waiting > 0) {
+        int bounded = keep ? current_target
+                           : clamp(apply_factors(c, 0, raw), c->min_replicas, c->max_replicas);
+        int t = (int)ceil(1 * up_factor(c));
+        t = t > bounded ? t : bounded;
+        t = clamp(t > current_target ? t : current_target, 1, c->max_replicas);
+        reset_delay(a);
+        snprintf(why, cap, "cold start %d -> %d: %g requests waiting, no replica running",
+                 current_target, t, waiting);
+        return t;
+    }
+    if (keep) {
+        reset_delay(a);
+        snprintf(why, cap, "keep %d", current_target);
+        return current_target;
+    }
+    int bounded = clamp(apply_factors(c, running, raw), c->min_replicas, c->max_replicas);
+    if (running == 0 && bounded > current_target) {
+        reset_delay(a);
+        snprintf(why, cap, "upscale %d -> %d at once: no replica running", current_target, bounded);
+        return bounded;
+    }
+    return apply_delays(a, now, current_target, bounded, why, cap);
+}
+
+static void remember(ms_autoscaler_t *a, const ms_autoscale_decision_t *d)
+{
+    a->hist[a->hist_next] = *d;
+    a->hist_next = (a->hist_next + 1) % AS_HISTORY;
+    if (a->hist_len < AS_HISTORY)
+        a->hist_len++;
+}
+
+int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,
+                int dry_run, const as_agg_t *agg, const char *note, ms_autoscale_decision_t *out)
+{
+    char why[160];
+    int t = decide_target(a, now, current_target, raw, keep, agg, why, sizeof why);
+    ms_autoscale_decision_t d = {
+        .now = now,
+        .current_replicas = a->win.running,
+        .previous_target = current_target,
+        .total_requests = agg->total,
+        .queued_requests = agg->queued,
+        .raw_target = keep ? current_target : raw,
+        .target = t,
+        .applied = !dry_run,
+    };
+    snprintf(d.reason, sizeof d.reason, "%s%s%s%s", dry_run ? "dry_run: " : "", why,
+             note ? "; " : "", note ? note : "");
+    if (!dry_run && t > current_target)
+        a->last_scale_up = now;
+    if (!dry_run && t < current_target)
+        a->last_scale_down = now;
+    remember(a, &d);
+    if (out)
+        *out = d;
+    return dry_run ? current_target : t;
+}
+
+int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
+                         ms_autoscale_decision_t *out)
+{
+    as_agg_t agg;
+    as_window_aggregate(&a->win, now, a->cfg.look_back_period_s, a->cfg.aggregation_function, &agg);
+    double raw = 0;
+    char err[512];
+    const char *note = NULL;
+    int keep = 0;
+    if (as_run_deployment(a->script, a, now, current_target, &agg, &raw, err, sizeof err) != 0) {
+        as_note_failure(a->deployment, &a->failures, a->last_error, sizeof a->last_error, err);
+        note = "policy failed, built-in used";
+        if (a->script->builtin ||
+            as_builtin_raw(a, now, current_target, &agg, &raw, err, sizeof err) != 0) {
+            keep = 1; /* nothing to go on */
+            note = "policy failed, target kept";
+        }
+    }
+    return as_finalize(a, now, current_target, raw, keep, a->cfg.dry_run, &agg, note, out);
+}
+
+/* ---- status --------------------------------------------------------------------------------- */
+
+static json_t *decision_json(const ms_autoscale_decision_t *d)
+{
+    return json_pack("{s:f, s:i, s:i, s:f, s:f, s:f, s:i, s:b, s:s}", "now", d->now,
+                     "current_replicas", d->current_replicas, "previous_target", d->previous_target,
+                     "total_requests", d->total_requests, "queued_requests", d->queued_requests,
+                     "raw_target", d->raw_target, "target", d->target, "applied", d->applied,
+                     "reason", d->reason);
+}
+
+json_t *ms_autoscaler_status(const ms_autoscaler_t *a)
+{
+    json_t *recent = json_array();
+    for (size_t i = 0; i < a->hist_len; i++) {
+        size_t at = (a->hist_next + AS_HISTORY - a->hist_len + i) % AS_HISTORY;
+        json_array_append_new(recent, decision_json(&a->hist[at]));
+    }
+    json_t *st = json_object();
+    json_object_set_new(st, "policy", as_script_info(a->script));
+    json_object_set_new(st, "failures", json_integer((json_int_t)a->failures));
+    json_object_set_new(st, "last_error",
+                        a->last_error[0] ? json_string(a->last_error) : json_null());
+    json_object_set_new(st, "reload_error",
+                        a->reload_error ? json_string(a->reload_error) : json_null());
+    json_object_set_new(st, "dry_run", json_boolean(a->cfg.dry_run));
+    json_object_set_new(st, "recent_decisions", recent);
+    return st;
+}
+
+/* ---- hot reload ----------------------------------------------------------------------------- */
+
+/* The answer of a failed prepare: the version in force stays, the hash is the new content's. */
+static json_t *failed_info(const as_script_t *cur, const char *sha, const char *err)
+{
+    return json_pack("{s:s, s:s, s:i, s:s, s:b, s:s}", "path", cur->file, "function", cur->attr,
+                     "version", cur->version, "sha256", sha, "ok", 0, "error", err);
+}
+
+int ms_autoscaler_reload_prepare(ms_autoscaler_t *a, json_t **info)
+{
+    char sha[65] = "";
+    char *err = NULL;
+    as_script_free(a->pending);
+    a->pending = load_policy(&a->cfg, a->mem_limit, sha, &err);
+    free(a->reload_error);
+    a->reload_error = err;
+    if (!a->pending) {
+        if (info)
+            *info = failed_info(a->script, sha, err);
+        return -1;
+    }
+    a->pending->version = a->script->version + 1;
+    if (info)
+        *info = as_script_info(a->pending);
+    return 0;
+}
+
+void ms_autoscaler_reload_commit(ms_autoscaler_t *a)
+{
+    if (!a->pending)
+        return;
+    as_script_hand_over(a->script, a->pending);
+    as_script_free(a->script);
+    a->script = a->pending;
+    a->pending = NULL;
+}
+
+void ms_autoscaler_reload_abort(ms_autoscaler_t *a)
+{
+    as_script_free(a->pending);
+    a->pending = NULL;
+}
