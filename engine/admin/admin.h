@@ -1,0 +1,41 @@
+/*
+ * admin: the admin REST listener (default 127.0.0.1:8265). It authenticates (a bearer token,
+ * compared in constant time, required whenever the listener is not on loopback), parses and
+ * validates requests, and hands them to the controller through callbacks; every answer is JSON.
+ * It owns no serving state of its own.
+ */
+#ifndef MS_ADMIN_H
+#define MS_ADMIN_H
+
+#include <jansson.h>
+#include <uv.h>
+
+typedef struct ms_admin ms_admin_t;
+
+/* Callbacks into the controller. Each returns an HTTP status and sets *body (a new reference,
+ * or NULL for an empty body). */
+typedef struct ms_admin_callbacks {
+    /* GET /api/serve/applications/ */
+    int (*status)(void *data, json_t **body);
+    /* PUT /api/serve/applications/ with a config (JSON, or YAML by Content-Type) */
+    int (*deploy)(void *data, const char *text, size_t len, int is_yaml, json_t **body);
+    /* DELETE /api/serve/applications/ */
+    int (*shutdown)(void *data, json_t **body);
+    /* POST /api/v1/applications/{app}/deployments/{deployment}/scale, target already
+     * validated as an integer >= 0 */
+    int (*scale)(void *data, const char *app, const char *deployment, long long target,
+                 json_t **body);
+    /* POST /api/v1/reload */
+    int (*reload)(void *data, json_t **body);
+    /* GET /metrics: Prometheus text appended to *text (malloc'd, caller frees) */
+    int (*metrics)(void *data, char **text);
+} ms_admin_callbacks_t;
+
+/* Listens on host:port. Refuses (returns -1 with *err) a non-loopback host without a token.
+ * A NULL callback answers 501. */
+int ms_admin_start(uv_loop_t *loop, const char *host, int port, const char *token,
+                   const ms_admin_callbacks_t *cb, void *data, ms_admin_t **out, char **err);
+int ms_admin_port(ms_admin_t *a);
+void ms_admin_close(ms_admin_t *a);
+
+#endif
