@@ -7,7 +7,9 @@
  * Each mapping level (top, http_options, application, deployment) is a table of fields walked
  * by config_fields.c. A field is either implemented here, known to Ray Serve but not
  * implemented yet ("later": type-checked loosely, then a warning), or a legacy field that is
- * an error. Keys not in the table are errors with a did-you-mean.
+ * an error. Keys not in the table are errors with a did-you-mean. autoscaling_config,
+ * request_router_config and autoscaling_policy are validated by config_scaling.c, which also
+ * serves autoscaling options given in code as JSON.
  */
 #include "config/config_internal.h"
 #include "core/core.h"
@@ -114,6 +116,7 @@ static void top_http(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
 typedef struct dep_build {
     ms_deployment_config_t *dep;
     yaml_node_t *name_node;
+    yaml_node_t *as_key, *as_val; /* autoscaling_config, parsed once num_replicas is known */
 } dep_build_t;
 
 static void dep_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
@@ -131,11 +134,14 @@ static void dep_num_replicas(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_
     dep_build_t *db = obj;
     long long v;
     const char *s = ms_cfg_value_text(val);
+    if (ms_cfg_is_null(val))
+        return; /* as if left out: the code's value or the default */
     if (s && !strcmp(s, "auto")) {
-        ms_cfg_error(c, val, "num_replicas: \"auto\" needs autoscaling support, not available yet");
+        db->dep->num_replicas_auto = 1;
+        db->dep->set |= MS_SET_NUM_REPLICAS;
         return;
     }
-    if (ms_cfg_get_int(c, key, val, 1, INT_MAX, "an integer > 0", &v)) {
+    if (ms_cfg_get_int(c, key, val, 1, INT_MAX, "an integer > 0 or \"auto\"", &v)) {
         db->dep->num_replicas = (int)v;
         db->dep->set |= MS_SET_NUM_REPLICAS;
     }
@@ -214,6 +220,30 @@ static void dep_health_timeout(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yam
                 MS_SET_HEALTH_CHECK_TIMEOUT_S);
 }
 
+static void dep_autoscaling(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    if (!ms_cfg_want_mapping(c, key, val, true))
+        return;
+    /* null counts as set: the file turns off autoscaling that the code configured. */
+    db->as_key = key;
+    db->as_val = val;
+    db->dep->set |= MS_SET_AUTOSCALING_CONFIG;
+}
+
+static void dep_router(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    if (!ms_cfg_want_mapping(c, key, val, true))
+        return;
+    if (!ms_cfg_is_null(val)) {
+        db->dep->router = ms_cfg_router_yaml(c, val);
+        if (!db->dep->router)
+            return;
+    }
+    db->dep->set |= MS_SET_REQUEST_ROUTER_CONFIG; /* null: back to the built-in router */
+}
+
 static const ms_cfg_field_t dep_fields[] = {
     {"name", dep_name, MS_FIELD_OK},
     {"num_replicas", dep_num_replicas, MS_FIELD_OK},
@@ -224,8 +254,8 @@ static const ms_cfg_field_t dep_fields[] = {
     {"graceful_shutdown_timeout_s", dep_shutdown_timeout, MS_FIELD_OK},
     {"health_check_period_s", dep_health_period, MS_FIELD_OK},
     {"health_check_timeout_s", dep_health_timeout, MS_FIELD_OK},
-    {"autoscaling_config", ms_cfg_later_mapping, MS_FIELD_LATER},
-    {"request_router_config", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"autoscaling_config", dep_autoscaling, MS_FIELD_OK},
+    {"request_router_config", dep_router, MS_FIELD_OK},
     {"ray_actor_options", ms_cfg_later_mapping, MS_FIELD_LATER},
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
     {"placement_group_bundles", ms_cfg_later_bundles, MS_FIELD_LATER},
@@ -244,6 +274,27 @@ static void dep_defaults(ms_deployment_config_t *d)
     d->health_check_timeout_s = MS_DEFAULT_HEALTH_CHECK_TIMEOUT_S;
 }
 
+/* autoscaling_config after the walk, when num_replicas (which may come later) is known. */
+static void walk_deployment_scaling(ms_cfg_ctx_t *c, dep_build_t *db)
+{
+    ms_deployment_config_t *d = db->dep;
+    bool fixed = (d->set & MS_SET_NUM_REPLICAS) && !d->num_replicas_auto;
+    if (db->as_val && !ms_cfg_is_null(db->as_val)) {
+        if (fixed) {
+            ms_cfg_error(c, db->as_key,
+                         "num_replicas and autoscaling_config cannot both be set; use "
+                         "num_replicas: auto or leave it out");
+            return;
+        }
+        d->autoscaling = ms_cfg_autoscaling_yaml(c, db->as_val, d->num_replicas_auto);
+        return;
+    }
+    /* "auto" alone: Ray Serve's AutoscalingConfig.default(). MS_SET_AUTOSCALING_CONFIG stays
+     * clear, so a merge can still lay the code's autoscaling_config over these defaults. */
+    if (d->num_replicas_auto)
+        d->autoscaling = ms_config_autoscaling_default(1);
+}
+
 static void walk_deployment(ms_cfg_ctx_t *c, yaml_node_t *node, dep_build_t *db)
 {
     dep_defaults(db->dep);
@@ -258,6 +309,7 @@ static void walk_deployment(ms_cfg_ctx_t *c, yaml_node_t *node, dep_build_t *db)
         ms_cfg_walk_fields(c, node, "in deployment", dep_fields, MS_N_FIELDS(dep_fields), db);
     if (!ms_cfg_was_seen(seen, dep_fields, MS_N_FIELDS(dep_fields), "name"))
         ms_cfg_error(c, node, "deployment is missing required key 'name'");
+    walk_deployment_scaling(c, db);
 }
 
 static void check_unique_deployments(ms_cfg_ctx_t *c, ms_app_config_t *app, dep_build_t *dbs)
@@ -280,6 +332,7 @@ static void check_unique_deployments(ms_cfg_ctx_t *c, ms_app_config_t *app, dep_
 
 typedef struct app_build {
     ms_app_config_t *app;
+    yaml_node_t *ext_node;    /* external_scaler_enabled value, when true */
     yaml_node_t *name_node;   /* NULL when the name is the default */
     yaml_node_t *prefix_node; /* NULL when the prefix is the default */
     bool is_mapping;          /* false for a malformed entry, already reported */
@@ -366,6 +419,40 @@ static void app_deployments(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_n
     free(dbs);
 }
 
+static void app_autoscaling_policy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    app_build_t *ab = obj;
+    if (ms_cfg_is_null(val) || !ms_cfg_want_mapping(c, key, val, true))
+        return;
+    ms_cfg_app_policy_yaml(c, val, ab->app);
+}
+
+static void app_external_scaler(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    app_build_t *ab = obj;
+    bool b;
+    if (!ms_cfg_get_bool(c, key, val, &b))
+        return;
+    ab->app->external_scaler_enabled = b;
+    ab->ext_node = b ? val : NULL;
+}
+
+/* Ray Serve's schema rule: an external scaler and autoscaling do not mix in one application. */
+static void check_external_scaler(ms_cfg_ctx_t *c, app_build_t *ab)
+{
+    ms_app_config_t *app = ab->app;
+    if (!app->external_scaler_enabled)
+        return;
+    for (size_t i = 0; i < app->n_deployments; i++) {
+        ms_deployment_config_t *d = &app->deployments[i];
+        if (d->num_replicas_auto || d->autoscaling)
+            ms_cfg_error(c, ab->ext_node,
+                         "external_scaler_enabled cannot be combined with autoscaling "
+                         "(deployment '%s')",
+                         d->name ? d->name : "?");
+    }
+}
+
 static void app_legacy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     (void)obj;
@@ -383,8 +470,8 @@ static const ms_cfg_field_t app_fields[] = {
     {"args", app_args, MS_FIELD_OK},
     {"deployments", app_deployments, MS_FIELD_OK},
     {"runtime_env", ms_cfg_later_mapping, MS_FIELD_LATER},
-    {"autoscaling_policy", ms_cfg_later_mapping, MS_FIELD_LATER},
-    {"external_scaler_enabled", ms_cfg_later_bool, MS_FIELD_LATER},
+    {"autoscaling_policy", app_autoscaling_policy, MS_FIELD_OK},
+    {"external_scaler_enabled", app_external_scaler, MS_FIELD_OK},
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
     {"host", app_legacy, MS_FIELD_LEGACY},
     {"port", app_legacy, MS_FIELD_LEGACY},
@@ -408,6 +495,7 @@ static void walk_app(ms_cfg_ctx_t *c, yaml_node_t *node, app_build_t *ab)
         ms_cfg_walk_fields(c, node, "in application", app_fields, MS_N_FIELDS(app_fields), ab);
     if (!ms_cfg_was_seen(seen, app_fields, MS_N_FIELDS(app_fields), "import_path"))
         ms_cfg_error(c, node, "application '%s' is missing required key 'import_path'", app->name);
+    check_external_scaler(c, ab);
 }
 
 /* Position to blame for a duplicate: the value when the file gave one, else the entry. */
@@ -460,6 +548,67 @@ static void top_applications(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_
     free(abs);
 }
 
+/* ---- admin and control_loop (ours) ----------------------------------------------------------- */
+
+static void admin_host(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    const char *s = ms_cfg_get_str(c, key, val);
+    if (s)
+        ms_cfg_replace_str(&cfg->admin.host, s);
+}
+
+static void admin_port(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    long long v;
+    if (ms_cfg_get_int(c, key, val, 1, 65535, "an integer in 1..65535", &v))
+        cfg->admin.port = (int)v;
+}
+
+static void admin_token(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    if (ms_cfg_is_null(val)) {
+        free(cfg->admin.token);
+        cfg->admin.token = NULL;
+        return;
+    }
+    const char *s = ms_cfg_get_str(c, key, val);
+    if (s)
+        ms_cfg_replace_str(&cfg->admin.token, s);
+}
+
+static const ms_cfg_field_t admin_fields[] = {
+    {"host", admin_host, MS_FIELD_OK},
+    {"port", admin_port, MS_FIELD_OK},
+    {"token", admin_token, MS_FIELD_OK},
+};
+
+static void top_admin(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    if (ms_cfg_is_null(val) || !ms_cfg_want_mapping(c, key, val, true))
+        return;
+    ms_cfg_walk_fields(c, val, "in admin", admin_fields, MS_N_FIELDS(admin_fields), obj);
+}
+
+static void control_interval(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    ms_cfg_get_num(c, key, val, 0, false, "a number > 0", &cfg->control_loop_interval_s);
+}
+
+static const ms_cfg_field_t control_fields[] = {
+    {"interval_s", control_interval, MS_FIELD_OK},
+};
+
+static void top_control_loop(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    if (ms_cfg_is_null(val) || !ms_cfg_want_mapping(c, key, val, true))
+        return;
+    ms_cfg_walk_fields(c, val, "in control_loop", control_fields, MS_N_FIELDS(control_fields), obj);
+}
+
 /* ---- top level --------------------------------------------------------------------------- */
 
 static const ms_cfg_field_t top_fields[] = {
@@ -469,7 +618,8 @@ static const ms_cfg_field_t top_fields[] = {
     {"proxy_location", ms_cfg_later_proxy_location, MS_FIELD_LATER},
     {"grpc_options", ms_cfg_later_mapping, MS_FIELD_LATER},
     {"target_capacity", ms_cfg_later_target_capacity, MS_FIELD_LATER},
-    {"admin", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"admin", top_admin, MS_FIELD_OK},
+    {"control_loop", top_control_loop, MS_FIELD_OK},
 };
 
 static void config_defaults(ms_config_t *cfg)
@@ -482,6 +632,9 @@ static void config_defaults(ms_config_t *cfg)
     cfg->http.max_body_bytes = MS_DEFAULT_MAX_BODY_BYTES;
     cfg->http.header_timeout_s = MS_DEFAULT_HEADER_TIMEOUT_S;
     cfg->log_level = ms_strdup("INFO");
+    cfg->control_loop_interval_s = MS_DEFAULT_CONTROL_LOOP_INTERVAL_S;
+    cfg->admin.host = ms_strdup(MS_DEFAULT_ADMIN_HOST);
+    cfg->admin.port = MS_DEFAULT_ADMIN_PORT;
 }
 
 static void walk_root(ms_cfg_ctx_t *c, yaml_node_t *root, ms_config_t *cfg)
@@ -653,8 +806,12 @@ static void app_free(ms_app_config_t *app)
     for (size_t i = 0; i < app->n_deployments; i++) {
         free(app->deployments[i].name);
         json_decref(app->deployments[i].user_config);
+        ms_config_autoscaling_free(app->deployments[i].autoscaling);
+        ms_cfg_router_free(app->deployments[i].router);
     }
     free(app->deployments);
+    ms_cfg_lua_ref_free(app->autoscaling_policy);
+    json_decref(app->autoscaling_policy_kwargs);
 }
 
 void ms_config_free(ms_config_t *cfg)
@@ -666,6 +823,8 @@ void ms_config_free(ms_config_t *cfg)
     free(cfg->apps);
     free(cfg->http.host);
     free(cfg->log_level);
+    free(cfg->admin.host);
+    free(cfg->admin.token);
     free(cfg->path);
     free(cfg->dir);
     free(cfg);

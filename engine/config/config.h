@@ -27,6 +27,71 @@
 #define MS_DEFAULT_MAX_BODY_BYTES       (64 * 1024 * 1024)
 #define MS_DEFAULT_HEADER_TIMEOUT_S     10.0
 
+/* Ray Serve's AutoscalingConfig defaults (semantics §2). */
+#define MS_DEFAULT_AS_MIN_REPLICAS            1
+#define MS_DEFAULT_AS_MAX_REPLICAS            1
+#define MS_DEFAULT_AS_MAX_REPLICAS_AUTO       100 /* num_replicas: "auto" */
+#define MS_DEFAULT_AS_TARGET_ONGOING_REQUESTS 2.0
+#define MS_DEFAULT_AS_METRICS_INTERVAL_S      10.0
+#define MS_DEFAULT_AS_LOOK_BACK_PERIOD_S      30.0
+#define MS_DEFAULT_AS_SMOOTHING_FACTOR        1.0
+#define MS_DEFAULT_AS_DOWNSCALE_DELAY_S       600.0
+#define MS_DEFAULT_AS_UPSCALE_DELAY_S         30.0
+/* moonserve additions */
+#define MS_DEFAULT_CONTROL_LOOP_INTERVAL_S  0.1
+#define MS_DEFAULT_ROUTING_STATS_PERIOD_S   10.0
+#define MS_DEFAULT_ROUTING_STATS_TIMEOUT_S  30.0
+#define MS_DEFAULT_ADMIN_HOST               "127.0.0.1"
+#define MS_DEFAULT_ADMIN_PORT               8265
+
+/* Where a value sat in the file, for errors raised after loading (e.g. a deployment name that
+ * the application's code does not declare). */
+typedef struct ms_config_mark {
+    int line; /* 1-based */
+    int col;  /* 1-based */
+} ms_config_mark_t;
+
+/* A Lua function or class named by `file.lua:attr` or `module.sub:attr`, resolved like
+ * import_path against the config file's folder. */
+typedef struct ms_config_lua_ref {
+    char *path; /* as written */
+    char *file; /* absolute path of the Lua file */
+    char *attr;
+} ms_config_lua_ref_t;
+
+/* autoscaling_config (deployment level). Optional numbers are < 0 when unset. */
+typedef struct ms_autoscaling_config {
+    int min_replicas;
+    int initial_replicas; /* -1: start at min_replicas */
+    int max_replicas;
+    int max_replicas_given; /* max_replicas was written; else it is the default (1, or 100 under
+                             * "auto": lets a merge apply code's "auto" to a file's config) */
+    double target_ongoing_requests;
+    double metrics_interval_s;
+    double look_back_period_s;
+    double smoothing_factor;
+    double upscale_smoothing_factor;   /* < 0 unset */
+    double downscale_smoothing_factor; /* < 0 unset */
+    double upscaling_factor;           /* < 0 unset */
+    double downscaling_factor;         /* < 0 unset */
+    double downscale_delay_s;
+    double downscale_to_zero_delay_s; /* < 0 unset: falls back to downscale_delay_s */
+    double upscale_delay_s;
+    char *aggregation_function;    /* "mean", "max" or "min" (lower-cased) */
+    ms_config_lua_ref_t *policy;   /* policy.policy_function; NULL = the built-in policy */
+    json_t *policy_kwargs;         /* policy.policy_kwargs, owned; NULL when unset */
+    int dry_run;                   /* policy.dry_run (ours): decide and record, never apply */
+    ms_config_mark_t mark;
+} ms_autoscaling_config_t;
+
+/* request_router_config */
+typedef struct ms_router_config {
+    ms_config_lua_ref_t *router_class; /* request_router_class; NULL = built-in */
+    json_t *kwargs;                    /* request_router_kwargs, owned; NULL when unset */
+    double stats_period_s;             /* request_routing_stats_period_s */
+    double stats_timeout_s;            /* request_routing_stats_timeout_s */
+} ms_router_config_t;
+
 /* Bits of ms_deployment_config.set */
 enum {
     MS_SET_NUM_REPLICAS = 1 << 0,
@@ -37,14 +102,10 @@ enum {
     MS_SET_GRACEFUL_SHUTDOWN_TIMEOUT_S = 1 << 5,
     MS_SET_HEALTH_CHECK_PERIOD_S = 1 << 6,
     MS_SET_HEALTH_CHECK_TIMEOUT_S = 1 << 7,
+    MS_SET_AUTOSCALING_CONFIG = 1 << 8,
+    MS_SET_REQUEST_ROUTER_CONFIG = 1 << 9,
 };
 
-/* Where a value sat in the file, for errors raised after loading (e.g. a deployment name that
- * the application's code does not declare). */
-typedef struct ms_config_mark {
-    int line; /* 1-based */
-    int col;  /* 1-based */
-} ms_config_mark_t;
 
 typedef struct ms_deployment_config {
     char *name;
@@ -57,7 +118,10 @@ typedef struct ms_deployment_config {
     double graceful_shutdown_timeout_s;
     double health_check_period_s;
     double health_check_timeout_s;
-    ms_config_mark_t mark; /* position of this entry */
+    int num_replicas_auto;               /* num_replicas: "auto" */
+    ms_autoscaling_config_t *autoscaling; /* owned; NULL when not set */
+    ms_router_config_t *router;           /* owned; NULL when not set */
+    ms_config_mark_t mark;                /* position of this entry */
 } ms_deployment_config_t;
 
 typedef struct ms_app_config {
@@ -69,6 +133,10 @@ typedef struct ms_app_config {
     json_t *args;       /* owned; {} when not set */
     ms_deployment_config_t *deployments;
     size_t n_deployments;
+    ms_config_lua_ref_t *autoscaling_policy; /* autoscaling_policy.policy_function, or NULL */
+    json_t *autoscaling_policy_kwargs;       /* owned; NULL when unset */
+    int autoscaling_policy_dry_run;          /* autoscaling_policy.dry_run (ours) */
+    int external_scaler_enabled;
     ms_config_mark_t mark;             /* position of this application entry */
     ms_config_mark_t import_path_mark; /* position of the import_path value */
 } ms_app_config_t;
@@ -88,6 +156,12 @@ typedef struct ms_config {
     char *dir;  /* absolute folder of the file; import paths resolve against it */
     ms_http_options_t http;
     char *log_level; /* logging_config.log_level, default "INFO" */
+    double control_loop_interval_s; /* control_loop.interval_s (ours), default 0.1 */
+    struct {
+        char *host;  /* default 127.0.0.1 */
+        int port;    /* default 8265 */
+        char *token; /* bearer token, NULL when unset */
+    } admin;        /* admin (ours) */
     ms_app_config_t *apps;
     size_t n_apps;
 } ms_config_t;
@@ -111,6 +185,19 @@ void ms_config_free(ms_config_t *cfg);
 void ms_config_errors_add(ms_config_errors_t *errs, const char *file, ms_config_mark_t mark,
                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 void ms_config_errors_free(ms_config_errors_t *errs);
+
+/* Parses an autoscaling_config given as JSON (from code: serve.deployment{autoscaling_config=})
+ * with the same defaults and validation as the file; `what` prefixes error messages (e.g.
+ * "deployment 'Model'"). Returns NULL and appends to errs (with `file` and `mark`) when invalid.
+ * `num_replicas_auto` selects the "auto" defaults (max_replicas 100). A relative
+ * policy.policy_function resolves against the folder of `file`. */
+ms_autoscaling_config_t *ms_config_autoscaling_from_json(json_t *obj, int num_replicas_auto,
+                                                         const char *file, ms_config_mark_t mark,
+                                                         const char *what,
+                                                         ms_config_errors_t *errs);
+/* Defaults of num_replicas: "auto" without an autoscaling_config. */
+ms_autoscaling_config_t *ms_config_autoscaling_default(int num_replicas_auto);
+void ms_config_autoscaling_free(ms_autoscaling_config_t *a);
 
 /* Finds the file override for a deployment by name, or NULL. */
 const ms_deployment_config_t *ms_config_find_deployment(const ms_app_config_t *app,

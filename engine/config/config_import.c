@@ -4,6 +4,7 @@
  *   path/to/file.lua:attr  -> <config dir>/path/to/file.lua (absolute paths kept)
  *   module.sub:attr        -> <config dir>/module/sub.lua (or module/sub/init.lua, as Lua does)
  *   module.sub.attr        -> as module.sub:attr (split at the last dot)
+ * The same forms name policy functions and router classes (ms_cfg_resolve_lua).
  */
 #include "config/config_internal.h"
 #include "core/core.h"
@@ -82,48 +83,61 @@ static char *find_file(const char *dir, const char *mod, char **tried)
     return found;
 }
 
-/* Splits at the one colon, or at the last dot when there is none. */
-static int split_import(ms_cfg_ctx_t *c, const char *s, const yaml_node_t *val, char **mod,
-                        const char **attr)
+/* Splits at the one colon, or at the last dot when there is none. Returns a message on error. */
+static char *split_ref(const char *key, const char *s, char **mod, const char **attr)
 {
+    ms_buf_t b = {0};
     const char *colon = strchr(s, ':');
     if (colon && strchr(colon + 1, ':')) {
-        ms_cfg_error(c, val, "import_path must contain at most one ':', got \"%s\"", s);
-        return -1;
+        ms_buf_appendf(&b, "%s must contain at most one ':', got \"%s\"", key, s);
+        return b.data;
     }
     const char *cut = colon ? colon : strrchr(s, '.');
     if (!colon && strchr(s, '/'))
         cut = NULL; /* "dir/file.lua" has no attribute: the last dot is the extension */
     if (!cut || cut == s || !cut[1]) {
-        ms_cfg_error(c, val, "import_path must look like %s, got \"%s\"", import_forms, s);
-        return -1;
+        ms_buf_appendf(&b, "%s must look like %s, got \"%s\"", key, import_forms, s);
+        return b.data;
     }
     *mod = ms_strndup(s, (size_t)(cut - s));
     *attr = cut + 1;
     if (!is_file_form(*mod) && !valid_module(*mod)) {
-        ms_cfg_error(c, val, "import_path has an empty module name segment in \"%s\"", s);
+        ms_buf_appendf(&b, "%s has an empty module name segment in \"%s\"", key, s);
         free(*mod);
-        return -1;
+        return b.data;
     }
-    return 0;
+    return NULL;
+}
+
+char *ms_cfg_resolve_lua(const char *dir, const char *key, const char *s, char **file, char **attr)
+{
+    char *mod = NULL;
+    const char *at = NULL;
+    char *err = split_ref(key, s, &mod, &at);
+    if (err)
+        return err;
+    char *tried = NULL;
+    char *found = find_file(dir, mod, &tried);
+    free(mod);
+    if (!found) {
+        ms_buf_t b = {0};
+        ms_buf_appendf(&b, "%s \"%s\": file %s not found", key, s, tried);
+        free(tried);
+        return b.data;
+    }
+    free(tried);
+    *file = found;
+    *attr = ms_strdup(at);
+    return NULL;
 }
 
 int ms_cfg_resolve_import(ms_cfg_ctx_t *c, ms_app_config_t *app, const yaml_node_t *val)
 {
-    char *mod;
-    const char *attr;
-    if (split_import(c, app->import_path, val, &mod, &attr) < 0)
-        return -1;
-    char *tried = NULL;
-    char *file = find_file(c->dir, mod, &tried);
-    free(mod);
-    if (!file) {
-        ms_cfg_error(c, val, "import_path \"%s\": file %s not found", app->import_path, tried);
-        free(tried);
-        return -1;
-    }
-    free(tried);
-    app->import_file = file;
-    app->import_attr = ms_strdup(attr);
-    return 0;
+    char *err = ms_cfg_resolve_lua(c->dir, "import_path", app->import_path, &app->import_file,
+                                   &app->import_attr);
+    if (!err)
+        return 0;
+    ms_cfg_error(c, val, "%s", err);
+    free(err);
+    return -1;
 }

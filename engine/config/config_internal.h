@@ -41,6 +41,8 @@ void ms_cfg_error(ms_cfg_ctx_t *c, const yaml_node_t *node, const char *fmt, ...
 void ms_cfg_warn_unsupported(ms_cfg_ctx_t *c, const yaml_node_t *key);
 /* Writes a short description of a value for "got ..." in messages: "abc" quoted, null, a list. */
 void ms_cfg_describe(const yaml_node_t *node, char *out, size_t size);
+/* The same for a JSON value (from code options): scalars quoted as their text. */
+void ms_cfg_describe_json(const json_t *j, char *out, size_t size);
 
 /* ---- scalars (config_util.c) ---- */
 const char *ms_cfg_scalar(const yaml_node_t *node); /* NULL unless a scalar */
@@ -108,5 +110,21 @@ void ms_cfg_later_per_node(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_no
 /* Splits app->import_path and fills import_file (absolute, must exist) and import_attr.
  * Reports problems at `val` and returns -1 on failure. */
 int ms_cfg_resolve_import(ms_cfg_ctx_t *c, ms_app_config_t *app, const yaml_node_t *val);
+/* The same resolution for any Lua reference (policy_function, request_router_class): on success
+ * returns NULL and sets *file (absolute) and *attr; else returns a message starting with `key`
+ * (caller frees). */
+char *ms_cfg_resolve_lua(const char *dir, const char *key, const char *s, char **file, char **attr);
+
+/* ---- autoscaling, routers and policies (config_scaling.c) ---- */
+/* One implementation validates both sources: a YAML mapping (errors at its nodes) and a JSON
+ * object from code options (errors at one mark, prefixed). Each returns NULL after reporting
+ * errors. `map` must be a mapping node. */
+ms_autoscaling_config_t *ms_cfg_autoscaling_yaml(ms_cfg_ctx_t *c, yaml_node_t *map,
+                                                 int num_replicas_auto);
+ms_router_config_t *ms_cfg_router_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
+/* applications[].autoscaling_policy into app->autoscaling_policy{,_kwargs,_dry_run}. */
+void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app);
+void ms_cfg_router_free(ms_router_config_t *r);
+void ms_cfg_lua_ref_free(ms_config_lua_ref_t *r);
 
 #endif

@@ -107,6 +107,8 @@ void ms_cfg_warn_unsupported(ms_cfg_ctx_t *c, const yaml_node_t *key)
             m.col, ms_cfg_scalar(key));
 }
 
+static void describe_text(const char *s, char *out, size_t size);
+
 void ms_cfg_describe(const yaml_node_t *node, char *out, size_t size)
 {
     if (!node || ms_cfg_is_null(node)) {
@@ -121,9 +123,35 @@ void ms_cfg_describe(const yaml_node_t *node, char *out, size_t size)
         snprintf(out, size, "a list");
         return;
     }
-    /* Quote the text and keep it short and printable: it is echoed into a one-line message.
-     * `room` leaves space for two quotes, "..." and the NUL. */
-    const char *s = ms_cfg_scalar(node);
+    describe_text(ms_cfg_scalar(node), out, size);
+}
+
+void ms_cfg_describe_json(const json_t *j, char *out, size_t size)
+{
+    char num[64];
+    if (!j || json_is_null(j))
+        snprintf(out, size, "null");
+    else if (json_is_object(j))
+        snprintf(out, size, "a mapping");
+    else if (json_is_array(j))
+        snprintf(out, size, "a list");
+    else if (json_is_string(j))
+        describe_text(json_string_value(j), out, size);
+    else {
+        if (json_is_integer(j))
+            snprintf(num, sizeof(num), "%" JSON_INTEGER_FORMAT, json_integer_value(j));
+        else if (json_is_real(j))
+            snprintf(num, sizeof(num), "%.15g", json_real_value(j));
+        else
+            snprintf(num, sizeof(num), "%s", json_is_true(j) ? "true" : "false");
+        describe_text(num, out, size);
+    }
+}
+
+/* Quotes the text and keeps it short and printable: it is echoed into a one-line message.
+ * `room` leaves space for two quotes, "..." and the NUL. */
+static void describe_text(const char *s, char *out, size_t size)
+{
     size_t len = strlen(s), room = size > 16 ? size - 6 : 10, j = 0;
     out[j++] = '"';
     for (size_t i = 0; i < len && i < room; i++)

@@ -47,6 +47,9 @@ static void setup_tmpdir(void)
     write_file("pkg/model.lua", "return {}\n");
     make_dir("pkg/sub");
     write_file("pkg/sub/init.lua", "return {}\n");
+    write_file("policy.lua", "return {}\n");
+    write_file("router.lua", "return {}\n");
+    write_file("pkg/scale.lua", "return {}\n");
 }
 
 static void cleanup_tmpdir(void)
@@ -309,14 +312,11 @@ static void test_validation_rules(void)
     (snprintf(buf, sizeof(buf), "%s    deployments:\n      - name: D\n        " line "\n", app),   \
      buf)
     expect_error(WITH_DEP("num_replicas: abc"),
-                 "t.yaml:5:23: num_replicas must be an integer > 0, got \"abc\"");
+                 "t.yaml:5:23: num_replicas must be an integer > 0 or \"auto\", got \"abc\"");
     expect_error(WITH_DEP("num_replicas: 0"),
-                 "t.yaml:5:23: num_replicas must be an integer > 0, got \"0\"");
+                 "t.yaml:5:23: num_replicas must be an integer > 0 or \"auto\", got \"0\"");
     expect_error(WITH_DEP("num_replicas: 1.5"),
-                 "t.yaml:5:23: num_replicas must be an integer > 0, got \"1.5\"");
-    expect_error(
-        WITH_DEP("num_replicas: auto"),
-        "t.yaml:5:23: num_replicas: \"auto\" needs autoscaling support, not available yet");
+                 "t.yaml:5:23: num_replicas must be an integer > 0 or \"auto\", got \"1.5\"");
     expect_error(WITH_DEP("max_ongoing_requests: 0"),
                  "t.yaml:5:31: max_ongoing_requests must be an integer > 0, got \"0\"");
     expect_error(WITH_DEP("max_queued_requests: 0"),
@@ -557,15 +557,11 @@ static void test_later_keys_accepted(void)
     ms_config_t *cfg = expect_ok("proxy_location: HeadOnly\n"
                                  "http_options: {root_path: '', ssl_keyfile: null}\n"
                                  "grpc_options: {port: 9000}\n"
-                                 "admin: {}\n"
                                  "applications:\n"
                                  "  - import_path: app.lua:A\n"
-                                 "    autoscaling_policy: {policy_function: p.lua:f}\n"
                                  "    logging_config: {log_level: WARNING}\n"
                                  "    deployments:\n"
                                  "      - name: D\n"
-                                 "        autoscaling_config: {min_replicas: 1}\n"
-                                 "        request_router_config: {}\n"
                                  "        logging_config: {encoding: TEXT}\n"
                                  "        placement_group_bundles: [{CPU: 1}]\n"
                                  "        placement_group_strategy: SPREAD\n");
@@ -576,6 +572,569 @@ static void test_later_keys_accepted(void)
                  "t.yaml:1:15: grpc_options must be a mapping or null, got \"5\"");
     expect_error("http_options: {ssl_certfile: [a]}\napplications: []\n",
                  "t.yaml:1:30: ssl_certfile must be a string");
+}
+
+/* ---- autoscaling, routers, policies, admin, control_loop --------------------------------------
+ */
+
+#define APP_DEP "applications:\n  - import_path: app.lua:A\n    deployments:\n      - name: D\n"
+
+static const ms_deployment_config_t *first_dep(const ms_config_t *cfg)
+{
+    return cfg && cfg->n_apps && cfg->apps[0].n_deployments ? &cfg->apps[0].deployments[0] : NULL;
+}
+
+static void check_as_defaults(const ms_autoscaling_config_t *a, int max)
+{
+    ASSERT_TRUE(a != NULL);
+    if (!a)
+        return;
+    ASSERT_INT_EQ(a->min_replicas, 1);
+    ASSERT_INT_EQ(a->initial_replicas, -1);
+    ASSERT_INT_EQ(a->max_replicas, max);
+    ASSERT_TRUE(a->target_ongoing_requests == 2.0);
+    ASSERT_TRUE(a->metrics_interval_s == 10.0);
+    ASSERT_TRUE(a->look_back_period_s == 30.0);
+    ASSERT_TRUE(a->smoothing_factor == 1.0);
+    ASSERT_TRUE(a->upscale_smoothing_factor < 0 && a->downscale_smoothing_factor < 0);
+    ASSERT_TRUE(a->upscaling_factor < 0 && a->downscaling_factor < 0);
+    ASSERT_TRUE(a->downscale_delay_s == 600.0);
+    ASSERT_TRUE(a->downscale_to_zero_delay_s < 0);
+    ASSERT_TRUE(a->upscale_delay_s == 30.0);
+    ASSERT_STR_EQ(a->aggregation_function, "mean");
+    ASSERT_TRUE(a->policy == NULL && a->policy_kwargs == NULL);
+    ASSERT_INT_EQ(a->dry_run, 0);
+}
+
+static void test_autoscaling_defaults(void)
+{
+    ms_config_t *cfg = expect_ok(APP_DEP "        autoscaling_config: {}\n");
+    const ms_deployment_config_t *d = first_dep(cfg);
+    ASSERT_TRUE(d != NULL);
+    if (d) {
+        ASSERT_INT_EQ(d->set, MS_SET_AUTOSCALING_CONFIG);
+        ASSERT_INT_EQ(d->num_replicas_auto, 0);
+        check_as_defaults(d->autoscaling, 1);
+        ASSERT_INT_EQ(d->autoscaling ? d->autoscaling->max_replicas_given : -1, 0);
+        ASSERT_INT_EQ(d->autoscaling ? d->autoscaling->mark.line : 0, 5);
+        ASSERT_TRUE(d->router == NULL);
+    }
+    ms_config_free(cfg);
+
+    /* No autoscaling anywhere: nothing allocated. */
+    cfg = expect_ok(APP_DEP);
+    d = first_dep(cfg);
+    ASSERT_TRUE(d && !d->autoscaling && !d->num_replicas_auto && !d->router);
+    ms_config_free(cfg);
+
+    ms_autoscaling_config_t *a = ms_config_autoscaling_default(0);
+    check_as_defaults(a, 1);
+    ms_config_autoscaling_free(a);
+    a = ms_config_autoscaling_default(1);
+    check_as_defaults(a, 100);
+    ms_config_autoscaling_free(a);
+}
+
+static void test_autoscaling_all_fields(void)
+{
+    ms_config_t *cfg = expect_ok(APP_DEP "        autoscaling_config:\n"
+                                         "          min_replicas: 0\n"
+                                         "          initial_replicas: 2\n"
+                                         "          max_replicas: 8\n"
+                                         "          target_ongoing_requests: 3.5\n"
+                                         "          metrics_interval_s: 1\n"
+                                         "          look_back_period_s: 5\n"
+                                         "          smoothing_factor: 0.5\n"
+                                         "          upscale_smoothing_factor: 2\n"
+                                         "          downscale_smoothing_factor: 0.25\n"
+                                         "          upscaling_factor: 1.5\n"
+                                         "          downscaling_factor: 0.3\n"
+                                         "          downscale_delay_s: 0\n"
+                                         "          downscale_to_zero_delay_s: 120\n"
+                                         "          upscale_delay_s: 0\n"
+                                         "          aggregation_function: MAX\n"
+                                         "          policy:\n"
+                                         "            policy_function: policy.lua:decide\n"
+                                         "            policy_kwargs: {step: 2}\n"
+                                         "            dry_run: yes\n");
+    const ms_deployment_config_t *d = first_dep(cfg);
+    const ms_autoscaling_config_t *a = d ? d->autoscaling : NULL;
+    ASSERT_TRUE(a != NULL);
+    if (a) {
+        ASSERT_INT_EQ(a->min_replicas, 0);
+        ASSERT_INT_EQ(a->initial_replicas, 2);
+        ASSERT_INT_EQ(a->max_replicas, 8);
+        ASSERT_INT_EQ(a->max_replicas_given, 1);
+        ASSERT_TRUE(a->target_ongoing_requests == 3.5);
+        ASSERT_TRUE(a->metrics_interval_s == 1);
+        ASSERT_TRUE(a->look_back_period_s == 5);
+        ASSERT_TRUE(a->smoothing_factor == 0.5);
+        ASSERT_TRUE(a->upscale_smoothing_factor == 2);
+        ASSERT_TRUE(a->downscale_smoothing_factor == 0.25);
+        ASSERT_TRUE(a->upscaling_factor == 1.5);
+        ASSERT_TRUE(a->downscaling_factor == 0.3);
+        ASSERT_TRUE(a->downscale_delay_s == 0);
+        ASSERT_TRUE(a->downscale_to_zero_delay_s == 120);
+        ASSERT_TRUE(a->upscale_delay_s == 0);
+        ASSERT_STR_EQ(a->aggregation_function, "max");
+        ASSERT_TRUE(a->policy != NULL);
+        if (a->policy) {
+            ASSERT_STR_EQ(a->policy->path, "policy.lua:decide");
+            ASSERT_STR_EQ(a->policy->file, tmp_path("policy.lua"));
+            ASSERT_STR_EQ(a->policy->attr, "decide");
+        }
+        ASSERT_INT_EQ(json_integer_value(json_object_get(a->policy_kwargs, "step")), 2);
+        ASSERT_INT_EQ(a->dry_run, 1);
+    }
+    ms_config_free(cfg);
+
+    /* Nullable fields, the module form of a policy, and Ray's name for the built-in one. */
+    cfg = expect_ok(APP_DEP "        autoscaling_config:\n"
+                            "          initial_replicas: null\n"
+                            "          upscaling_factor: ~\n"
+                            "          downscale_to_zero_delay_s: null\n"
+                            "          aggregation_function: Min\n"
+                            "          policy: {policy_function: pkg.scale:f}\n");
+    a = first_dep(cfg) ? first_dep(cfg)->autoscaling : NULL;
+    ASSERT_TRUE(a && a->initial_replicas == -1 && a->upscaling_factor < 0 &&
+                a->downscale_to_zero_delay_s < 0);
+    ASSERT_STR_EQ(a ? a->aggregation_function : NULL, "min");
+    ASSERT_STR_EQ(a && a->policy ? a->policy->file : NULL, tmp_path("pkg/scale.lua"));
+    ms_config_free(cfg);
+    cfg = expect_ok(APP_DEP "        autoscaling_config:\n"
+                            "          policy:\n"
+                            "            policy_function: "
+                            "ray.serve.autoscaling_policy:default_autoscaling_policy\n");
+    a = first_dep(cfg) ? first_dep(cfg)->autoscaling : NULL;
+    ASSERT_TRUE(a && a->policy == NULL);
+    ms_config_free(cfg);
+}
+
+static void test_num_replicas_auto(void)
+{
+    /* "auto" alone: AutoscalingConfig.default(); the autoscaling bit stays clear. */
+    ms_config_t *cfg = expect_ok(APP_DEP "        num_replicas: auto\n");
+    const ms_deployment_config_t *d = first_dep(cfg);
+    ASSERT_TRUE(d != NULL);
+    if (d) {
+        ASSERT_INT_EQ(d->num_replicas_auto, 1);
+        ASSERT_INT_EQ(d->set, MS_SET_NUM_REPLICAS);
+        ASSERT_INT_EQ(d->max_ongoing_requests, 5);
+        check_as_defaults(d->autoscaling, 100);
+    }
+    ms_config_free(cfg);
+
+    /* With an autoscaling_config (before or after num_replicas): user values override. */
+    cfg = expect_ok(APP_DEP
+                    "        autoscaling_config: {min_replicas: 2, target_ongoing_requests: 4}\n"
+                    "        num_replicas: auto\n");
+    d = first_dep(cfg);
+    ASSERT_TRUE(d && d->autoscaling);
+    if (d && d->autoscaling) {
+        ASSERT_INT_EQ(d->set, MS_SET_NUM_REPLICAS | MS_SET_AUTOSCALING_CONFIG);
+        ASSERT_INT_EQ(d->autoscaling->min_replicas, 2);
+        ASSERT_INT_EQ(d->autoscaling->max_replicas, 100);
+        ASSERT_TRUE(d->autoscaling->target_ongoing_requests == 4);
+    }
+    ms_config_free(cfg);
+    cfg = expect_ok(APP_DEP "        num_replicas: auto\n"
+                            "        autoscaling_config: {max_replicas: 7}\n");
+    d = first_dep(cfg);
+    ASSERT_INT_EQ(d && d->autoscaling ? d->autoscaling->max_replicas : 0, 7);
+    ms_config_free(cfg);
+
+    /* null num_replicas is as if left out and combines with autoscaling_config (max stays 1). */
+    cfg = expect_ok(APP_DEP "        num_replicas: null\n"
+                            "        autoscaling_config: {min_replicas: 0}\n");
+    d = first_dep(cfg);
+    ASSERT_TRUE(d && d->set == MS_SET_AUTOSCALING_CONFIG && !d->num_replicas_auto);
+    ASSERT_INT_EQ(d && d->autoscaling ? d->autoscaling->max_replicas : 0, 1);
+    ms_config_free(cfg);
+
+    /* autoscaling_config: null is set (clears code's) and does not clash with an int. */
+    cfg = expect_ok(APP_DEP "        num_replicas: 3\n"
+                            "        autoscaling_config: null\n");
+    d = first_dep(cfg);
+    ASSERT_TRUE(d && d->set == (MS_SET_NUM_REPLICAS | MS_SET_AUTOSCALING_CONFIG) &&
+                !d->autoscaling && d->num_replicas == 3);
+    ms_config_free(cfg);
+    cfg = expect_ok(APP_DEP "        num_replicas: auto\n"
+                            "        autoscaling_config: null\n");
+    d = first_dep(cfg);
+    check_as_defaults(d ? d->autoscaling : NULL, 100);
+    ms_config_free(cfg);
+
+    /* An int with autoscaling_config, in either order. */
+    expect_error(APP_DEP "        num_replicas: 2\n"
+                         "        autoscaling_config: {min_replicas: 1}\n",
+                 "t.yaml:6:9: num_replicas and autoscaling_config cannot both be set; use "
+                 "num_replicas: auto or leave it out");
+    expect_error(APP_DEP "        autoscaling_config: {}\n"
+                         "        num_replicas: 2\n",
+                 "t.yaml:5:9: num_replicas and autoscaling_config cannot both be set; use "
+                 "num_replicas: auto or leave it out");
+    /* Under "auto", max_replicas defaults to 100, so min 200 needs a max. */
+    expect_error(APP_DEP "        num_replicas: auto\n"
+                         "        autoscaling_config: {min_replicas: 200}\n",
+                 "t.yaml:6:44: max_replicas (100) must be >= min_replicas (200) (max_replicas "
+                 "defaults to 100 under num_replicas: auto)");
+    expect_error(APP_DEP "        num_replicas: Auto\n",
+                 "t.yaml:5:23: num_replicas must be an integer > 0 or \"auto\", got \"Auto\"");
+}
+
+static void test_autoscaling_errors(void)
+{
+    char buf[1024];
+    /* `autoscaling_config: {` ends at column 29, so the first key starts at column 30. */
+#define AS(body)                                                                                   \
+    (snprintf(buf, sizeof(buf), APP_DEP "        autoscaling_config: {" body "}\n"), buf)
+    expect_error(AS("min_replicas: -1"),
+                 "t.yaml:5:44: min_replicas must be an integer >= 0, got \"-1\"");
+    expect_error(AS("min_replicas: 1.5"),
+                 "t.yaml:5:44: min_replicas must be an integer >= 0, got \"1.5\"");
+    expect_error(AS("max_replicas: 0"),
+                 "t.yaml:5:44: max_replicas must be an integer > 0, got \"0\"");
+    expect_error(AS("initial_replicas: -2"),
+                 "t.yaml:5:48: initial_replicas must be an integer >= 0 or null, got \"-2\"");
+    expect_error(AS("target_ongoing_requests: 0"),
+                 "t.yaml:5:55: target_ongoing_requests must be a number > 0, got \"0\"");
+    expect_error(AS("metrics_interval_s: 0"),
+                 "t.yaml:5:50: metrics_interval_s must be a number > 0, got \"0\"");
+    expect_error(AS("look_back_period_s: -1"),
+                 "t.yaml:5:50: look_back_period_s must be a number > 0, got \"-1\"");
+    expect_error(AS("smoothing_factor: 0"),
+                 "t.yaml:5:48: smoothing_factor must be a number > 0, got \"0\"");
+    expect_error(AS("smoothing_factor: null"),
+                 "t.yaml:5:48: smoothing_factor must be a number > 0, got null");
+    expect_error(AS("upscale_smoothing_factor: 0"),
+                 "t.yaml:5:56: upscale_smoothing_factor must be a number > 0 or null, got \"0\"");
+    expect_error(AS("downscale_smoothing_factor: x"),
+                 "t.yaml:5:58: downscale_smoothing_factor must be a number > 0 or null, got \"x\"");
+    expect_error(AS("upscaling_factor: -1"),
+                 "t.yaml:5:48: upscaling_factor must be a number > 0 or null, got \"-1\"");
+    expect_error(AS("downscaling_factor: 0"),
+                 "t.yaml:5:50: downscaling_factor must be a number > 0 or null, got \"0\"");
+    expect_error(AS("downscale_delay_s: -1"),
+                 "t.yaml:5:49: downscale_delay_s must be a number >= 0, got \"-1\"");
+    expect_error(
+        AS("downscale_to_zero_delay_s: -1"),
+        "t.yaml:5:57: downscale_to_zero_delay_s must be a number >= 0 or null, got \"-1\"");
+    expect_error(AS("upscale_delay_s: inf"),
+                 "t.yaml:5:47: upscale_delay_s must be a number >= 0, got \"inf\"");
+    expect_error(AS("aggregation_function: median"),
+                 "t.yaml:5:52: aggregation_function must be one of mean, max, min, got \"median\"");
+    /* Across fields. */
+    expect_error(AS("min_replicas: 3"),
+                 "t.yaml:5:44: max_replicas (1) must be >= min_replicas (3) (max_replicas "
+                 "defaults to 1)");
+    expect_error(AS("min_replicas: 3, max_replicas: 2"),
+                 "t.yaml:5:61: max_replicas (2) must be >= min_replicas (3)");
+    expect_error(AS("min_replicas: 2, max_replicas: 4, initial_replicas: 5"),
+                 "t.yaml:5:82: initial_replicas (5) must lie between min_replicas (2) and "
+                 "max_replicas (4)");
+    expect_error(AS("max_replicas: 4, initial_replicas: 0"),
+                 "t.yaml:5:65: initial_replicas (0) must lie between min_replicas (1) and "
+                 "max_replicas (4)");
+    /* Unknown and duplicate keys. */
+    expect_error(AS("min_replica: 1"),
+                 "t.yaml:5:30: unknown key 'min_replica' in autoscaling_config; did you mean "
+                 "'min_replicas'?");
+    /* Ray's pre-2.32 name gets pointed at the new one. */
+    expect_error(AS("target_num_ongoing_requests_per_replica: 1"),
+                 "t.yaml:5:30: unknown key 'target_num_ongoing_requests_per_replica' in "
+                 "autoscaling_config; did you mean 'target_ongoing_requests'?");
+    expect_error(AS("cooldown_s: 1"),
+                 "t.yaml:5:30: unknown key 'cooldown_s' in autoscaling_config");
+    expect_error(AS("upscale_delay_s: 1, upscale_delay_s: 2"),
+                 "t.yaml:5:50: duplicate key 'upscale_delay_s' in autoscaling_config");
+    /* policy */
+    expect_error(AS("policy: 5"), "t.yaml:5:38: policy must be a mapping, got \"5\"");
+    expect_error(AS("policy: {policy_fn: policy.lua:f}"),
+                 "t.yaml:5:39: unknown key 'policy_fn' in autoscaling_config.policy; did you "
+                 "mean 'policy_function'?");
+    snprintf(buf, sizeof(buf),
+             APP_DEP "        autoscaling_config: {policy: {policy_function: "
+                     "nope.lua:f}}\n");
+    char want[PATH_MAX * 3];
+    snprintf(want, sizeof(want), "t.yaml:5:56: policy_function \"nope.lua:f\": file %s not found",
+             tmp_path("nope.lua"));
+    expect_error(buf, want);
+    expect_error(AS("policy: {policy_function: a:b:c}"),
+                 "t.yaml:5:56: policy_function must contain at most one ':', got \"a:b:c\"");
+    expect_error(AS("policy: {policy_function: policy.lua:f, policy_kwargs: [1]}"),
+                 "t.yaml:5:85: policy_kwargs must be a mapping or null, got a list");
+    expect_error(AS("policy: {dry_run: maybe}"),
+                 "t.yaml:5:48: dry_run must be true or false, got \"maybe\"");
+    expect_error(APP_DEP "        autoscaling_config: [1]\n",
+                 "t.yaml:5:29: autoscaling_config must be a mapping or null, got a list");
+#undef AS
+
+    /* Every error is reported, not just the first. */
+    ms_config_t *cfg = NULL;
+    ms_config_errors_t errs;
+    ASSERT_INT_EQ(load(APP_DEP "        autoscaling_config:\n"
+                               "          min_replicas: -1\n"
+                               "          look_back_period_s: 0\n"
+                               "          polcy: {}\n",
+                       &cfg, &errs),
+                  -1);
+    ASSERT_INT_EQ(errs.n, 3);
+    if (errs.n == 3) {
+        ASSERT_STR_EQ(errs.items[0],
+                      "t.yaml:6:25: min_replicas must be an integer >= 0, got \"-1\"");
+        ASSERT_STR_EQ(errs.items[1],
+                      "t.yaml:7:31: look_back_period_s must be a number > 0, got \"0\"");
+        ASSERT_STR_EQ(errs.items[2], "t.yaml:8:11: unknown key 'polcy' in autoscaling_config; "
+                                     "did you mean 'policy'?");
+    }
+    ms_config_errors_free(&errs);
+}
+
+static void test_router_config(void)
+{
+    ms_config_t *cfg = expect_ok(APP_DEP "        request_router_config: {}\n");
+    const ms_deployment_config_t *d = first_dep(cfg);
+    ASSERT_TRUE(d && d->router && d->set == MS_SET_REQUEST_ROUTER_CONFIG);
+    if (d && d->router) {
+        ASSERT_TRUE(d->router->router_class == NULL && d->router->kwargs == NULL);
+        ASSERT_TRUE(d->router->stats_period_s == 10.0);
+        ASSERT_TRUE(d->router->stats_timeout_s == 30.0);
+    }
+    ms_config_free(cfg);
+
+    cfg = expect_ok(APP_DEP "        request_router_config:\n"
+                            "          request_router_class: router.lua:Sticky\n"
+                            "          request_router_kwargs: {header: x-user}\n"
+                            "          request_routing_stats_period_s: 2\n"
+                            "          request_routing_stats_timeout_s: 0.5\n");
+    d = first_dep(cfg);
+    ASSERT_TRUE(d && d->router && d->router->router_class);
+    if (d && d->router && d->router->router_class) {
+        ASSERT_STR_EQ(d->router->router_class->path, "router.lua:Sticky");
+        ASSERT_STR_EQ(d->router->router_class->file, tmp_path("router.lua"));
+        ASSERT_STR_EQ(d->router->router_class->attr, "Sticky");
+        ASSERT_STR_EQ(json_string_value(json_object_get(d->router->kwargs, "header")), "x-user");
+        ASSERT_TRUE(d->router->stats_period_s == 2);
+        ASSERT_TRUE(d->router->stats_timeout_s == 0.5);
+    }
+    ms_config_free(cfg);
+
+    /* Ray's default class means the built-in router; null resets to it. */
+    cfg = expect_ok(APP_DEP "        request_router_config:\n"
+                            "          request_router_class: "
+                            "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter\n");
+    d = first_dep(cfg);
+    ASSERT_TRUE(d && d->router && !d->router->router_class);
+    ms_config_free(cfg);
+    cfg = expect_ok(APP_DEP "        request_router_config: null\n");
+    d = first_dep(cfg);
+    ASSERT_TRUE(d && !d->router && d->set == MS_SET_REQUEST_ROUTER_CONFIG);
+    ms_config_free(cfg);
+
+    char want[PATH_MAX * 3];
+    snprintf(want, sizeof(want),
+             "t.yaml:5:55: request_router_class \"missing.lua:R\": file %s not found",
+             tmp_path("missing.lua"));
+    expect_error(APP_DEP "        request_router_config: {request_router_class: missing.lua:R}\n",
+                 want);
+    expect_error(APP_DEP "        request_router_config: {request_routing_stats_period_s: 0}\n",
+                 "t.yaml:5:65: request_routing_stats_period_s must be a number > 0, got \"0\"");
+    expect_error(APP_DEP "        request_router_config: {request_routing_stats_timeout_s: -1}\n",
+                 "t.yaml:5:66: request_routing_stats_timeout_s must be a number > 0, got \"-1\"");
+    expect_error(APP_DEP "        request_router_config: {request_router_kwargs: 3}\n",
+                 "t.yaml:5:56: request_router_kwargs must be a mapping or null, got \"3\"");
+    expect_error(APP_DEP "        request_router_config: {request_router_clas: router.lua:R}\n",
+                 "t.yaml:5:33: unknown key 'request_router_clas' in request_router_config; did "
+                 "you mean 'request_router_class'?");
+}
+
+static void test_app_policy_and_external_scaler(void)
+{
+    ms_config_t *cfg = expect_ok("applications:\n"
+                                 "  - import_path: app.lua:A\n"
+                                 "    autoscaling_policy:\n"
+                                 "      policy_function: policy.lua:app_policy\n"
+                                 "      policy_kwargs: {weight: 2}\n"
+                                 "      dry_run: true\n"
+                                 "  - name: b\n"
+                                 "    route_prefix: /b\n"
+                                 "    import_path: app.lua:A\n"
+                                 "    external_scaler_enabled: true\n"
+                                 "    deployments:\n"
+                                 "      - name: D\n"
+                                 "        num_replicas: 2\n");
+    if (cfg) {
+        ms_app_config_t *a = &cfg->apps[0];
+        ASSERT_TRUE(a->autoscaling_policy != NULL);
+        ASSERT_STR_EQ(a->autoscaling_policy ? a->autoscaling_policy->file : NULL,
+                      tmp_path("policy.lua"));
+        ASSERT_STR_EQ(a->autoscaling_policy ? a->autoscaling_policy->attr : NULL, "app_policy");
+        ASSERT_INT_EQ(json_integer_value(json_object_get(a->autoscaling_policy_kwargs, "weight")),
+                      2);
+        ASSERT_INT_EQ(a->autoscaling_policy_dry_run, 1);
+        ASSERT_INT_EQ(a->external_scaler_enabled, 0);
+        ASSERT_INT_EQ(cfg->apps[1].external_scaler_enabled, 1);
+        ASSERT_TRUE(cfg->apps[1].autoscaling_policy == NULL);
+    }
+    ms_config_free(cfg);
+
+    expect_error(
+        "applications:\n  - import_path: app.lua:A\n    autoscaling_policy: {dry_run: true}\n",
+        "t.yaml:3:25: autoscaling_policy is missing required key 'policy_function'");
+    expect_error("applications:\n  - import_path: app.lua:A\n"
+                 "    autoscaling_policy: {policy_function: policy.lua:f, kwargs: {}}\n",
+                 "t.yaml:3:57: unknown key 'kwargs' in autoscaling_policy");
+    expect_error("applications:\n  - import_path: app.lua:A\n    autoscaling_policy: 1\n",
+                 "t.yaml:3:25: autoscaling_policy must be a mapping or null, got \"1\"");
+    expect_error("applications:\n  - import_path: app.lua:A\n    external_scaler_enabled: maybe\n",
+                 "t.yaml:3:30: external_scaler_enabled must be true or false, got \"maybe\"");
+    /* external_scaler_enabled with autoscaling_config or num_replicas: auto (either order). */
+    expect_error("applications:\n  - import_path: app.lua:A\n"
+                 "    external_scaler_enabled: true\n"
+                 "    deployments:\n"
+                 "      - name: Fixed\n"
+                 "        num_replicas: 2\n"
+                 "      - name: Scaled\n"
+                 "        autoscaling_config: {max_replicas: 3}\n",
+                 "t.yaml:3:30: external_scaler_enabled cannot be combined with autoscaling "
+                 "(deployment 'Scaled')");
+    expect_error("applications:\n  - import_path: app.lua:A\n"
+                 "    deployments:\n"
+                 "      - name: Auto\n"
+                 "        num_replicas: auto\n"
+                 "    external_scaler_enabled: yes\n",
+                 "t.yaml:6:30: external_scaler_enabled cannot be combined with autoscaling "
+                 "(deployment 'Auto')");
+}
+
+static void test_admin_and_control_loop(void)
+{
+    ms_config_t *cfg = expect_ok("applications: []\n");
+    if (cfg) {
+        ASSERT_STR_EQ(cfg->admin.host, "127.0.0.1");
+        ASSERT_INT_EQ(cfg->admin.port, 8265);
+        ASSERT_TRUE(cfg->admin.token == NULL);
+        ASSERT_TRUE(cfg->control_loop_interval_s == 0.1);
+    }
+    ms_config_free(cfg);
+    cfg = expect_ok("admin: {host: 0.0.0.0, port: 9265, token: s3cret}\n"
+                    "control_loop: {interval_s: 0.25}\n"
+                    "applications: []\n");
+    if (cfg) {
+        ASSERT_STR_EQ(cfg->admin.host, "0.0.0.0");
+        ASSERT_INT_EQ(cfg->admin.port, 9265);
+        ASSERT_STR_EQ(cfg->admin.token, "s3cret");
+        ASSERT_TRUE(cfg->control_loop_interval_s == 0.25);
+    }
+    ms_config_free(cfg);
+    cfg = expect_ok("admin: {token: null}\ncontrol_loop: null\napplications: []\n");
+    ASSERT_TRUE(cfg && !cfg->admin.token && cfg->control_loop_interval_s == 0.1);
+    ms_config_free(cfg);
+
+    expect_error("admin: {port: 0}\napplications: []\n",
+                 "t.yaml:1:15: port must be an integer in 1..65535, got \"0\"");
+    expect_error("admin: {port: 70000}\napplications: []\n",
+                 "t.yaml:1:15: port must be an integer in 1..65535, got \"70000\"");
+    expect_error("admin: {host: ''}\napplications: []\n",
+                 "t.yaml:1:15: host must be a non-empty string, got \"\"");
+    expect_error("admin: {token: ''}\napplications: []\n",
+                 "t.yaml:1:16: token must be a non-empty string, got \"\"");
+    expect_error("admin: {tokn: x}\napplications: []\n",
+                 "t.yaml:1:9: unknown key 'tokn' in admin; did you mean 'token'?");
+    expect_error("admin: 1\napplications: []\n",
+                 "t.yaml:1:8: admin must be a mapping or null, got \"1\"");
+    expect_error("control_loop: {interval_s: 0}\napplications: []\n",
+                 "t.yaml:1:28: interval_s must be a number > 0, got \"0\"");
+    expect_error("control_loop: {interval: 1}\napplications: []\n",
+                 "t.yaml:1:16: unknown key 'interval' in control_loop; did you mean 'interval_s'?");
+    expect_error("control_loops: {}\napplications: []\n",
+                 "t.yaml:1:1: unknown key 'control_loops' at the top level; did you mean "
+                 "'control_loop'?");
+}
+
+static void test_autoscaling_from_json(void)
+{
+    ms_config_errors_t errs = {0};
+    ms_config_mark_t m = {12, 3};
+    char file[PATH_MAX * 2];
+    snprintf(file, sizeof(file), "%s/app.lua", tmpdir);
+
+    json_t *j = json_pack("{}");
+    ms_autoscaling_config_t *a = ms_config_autoscaling_from_json(j, 0, file, m, "x", &errs);
+    check_as_defaults(a, 1);
+    ASSERT_INT_EQ(a ? a->mark.line : 0, 12);
+    ms_config_autoscaling_free(a);
+    a = ms_config_autoscaling_from_json(j, 1, file, m, "x", &errs);
+    check_as_defaults(a, 100);
+    ms_config_autoscaling_free(a);
+    json_decref(j);
+    ASSERT_INT_EQ(errs.n, 0);
+
+    /* Lua numbers may arrive as reals; integral ones are integers. Policies resolve against the
+     * folder of `file`. */
+    j = json_pack("{s:f, s:i, s:f, s:s, s:{s:s, s:{s:i}, s:b}}", "min_replicas", 2.0,
+                  "max_replicas", 6, "upscale_delay_s", 1.5, "aggregation_function", "Max",
+                  "policy", "policy_function", "pkg.scale:f", "policy_kwargs", "k", 1, "dry_run",
+                  1);
+    a = ms_config_autoscaling_from_json(j, 0, file, m, "deployment 'D'", &errs);
+    json_decref(j);
+    ASSERT_INT_EQ(errs.n, 0);
+    ASSERT_TRUE(a != NULL);
+    if (a) {
+        ASSERT_INT_EQ(a->min_replicas, 2);
+        ASSERT_INT_EQ(a->max_replicas, 6);
+        ASSERT_TRUE(a->upscale_delay_s == 1.5);
+        ASSERT_STR_EQ(a->aggregation_function, "max");
+        ASSERT_STR_EQ(a->policy ? a->policy->file : NULL, tmp_path("pkg/scale.lua"));
+        ASSERT_INT_EQ(json_integer_value(json_object_get(a->policy_kwargs, "k")), 1);
+        ASSERT_INT_EQ(a->dry_run, 1);
+    }
+    ms_config_autoscaling_free(a);
+
+    /* Errors: all at the mark, prefixed by `what`, every one reported. */
+    j = json_pack("{s:f, s:i, s:s, s:{s:i}}", "min_replicas", 1.5, "look_back_period_s", 0,
+                  "target_ongoing_request", "3", "policy", "bogus", 1);
+    a = ms_config_autoscaling_from_json(j, 0, "app.lua", m, "deployment 'D'", &errs);
+    json_decref(j);
+    ASSERT_TRUE(a == NULL);
+    ASSERT_INT_EQ(errs.n, 4);
+    if (errs.n == 4) {
+        ASSERT_STR_EQ(errs.items[0], "app.lua:12:3: deployment 'D': min_replicas must be an "
+                                     "integer >= 0, got \"1.5\"");
+        ASSERT_STR_EQ(errs.items[1], "app.lua:12:3: deployment 'D': look_back_period_s must be "
+                                     "a number > 0, got \"0\"");
+        ASSERT_STR_EQ(errs.items[2], "app.lua:12:3: deployment 'D': unknown key "
+                                     "'target_ongoing_request' in autoscaling_config; did you "
+                                     "mean 'target_ongoing_requests'?");
+        ASSERT_STR_EQ(errs.items[3], "app.lua:12:3: deployment 'D': unknown key 'bogus' in "
+                                     "autoscaling_config.policy");
+    }
+    ms_config_errors_free(&errs);
+
+    j = json_pack("{s:i, s:i}", "min_replicas", 5, "max_replicas", 2);
+    a = ms_config_autoscaling_from_json(j, 0, "app.lua", m, "deployment 'D'", &errs);
+    json_decref(j);
+    ASSERT_TRUE(a == NULL);
+    ASSERT_INT_EQ(errs.n, 1);
+    ASSERT_STR_EQ(errs.n ? errs.items[0] : NULL,
+                  "app.lua:12:3: deployment 'D': max_replicas (2) must be >= min_replicas (5)");
+    ms_config_errors_free(&errs);
+
+    j = json_pack("[]");
+    a = ms_config_autoscaling_from_json(j, 0, "app.lua", m, "deployment 'D'", &errs);
+    json_decref(j);
+    ASSERT_TRUE(a == NULL);
+    ASSERT_STR_EQ(errs.n ? errs.items[0] : NULL,
+                  "app.lua:12:3: deployment 'D': autoscaling_config must be a mapping, got a list");
+    ms_config_errors_free(&errs);
+
+    j = json_pack("{s:{s:s}}", "policy", "policy_function", "nope.lua:f");
+    a = ms_config_autoscaling_from_json(j, 0, file, m, "deployment 'D'", &errs);
+    json_decref(j);
+    ASSERT_TRUE(a == NULL);
+    ASSERT_CONTAINS(errs.n ? errs.items[0] : "",
+                    "deployment 'D': policy_function \"nope.lua:f\": file ");
+    ms_config_errors_free(&errs);
 }
 
 int main(void)
@@ -592,6 +1151,14 @@ int main(void)
     test_yaml_syntax_error();
     test_load_file();
     test_later_keys_accepted();
+    test_autoscaling_defaults();
+    test_autoscaling_all_fields();
+    test_num_replicas_auto();
+    test_autoscaling_errors();
+    test_router_config();
+    test_app_policy_and_external_scaler();
+    test_admin_and_control_loop();
+    test_autoscaling_from_json();
     cleanup_tmpdir();
     return TEST_DONE();
 }
