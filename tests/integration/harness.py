@@ -557,13 +557,14 @@ class Server(object):
         """Wait until exactly n live children exist (none of them in exclude)."""
         def ok():
             pids = self.replica_pids()
-            return pids if len(pids) == n and not (set(pids) & set(exclude)) else None
+            # a tuple, so that n == 0 (an empty list) still counts as reached
+            return (pids,) if len(pids) == n and not (set(pids) & set(exclude)) else None
         got = wait_until(ok, timeout, 0.05)
         if not got:
             raise AssertionError("expected %d replica processes (excluding %r), have %r; "
                                  "stderr:\n%s" % (n, list(exclude), self.replica_pids(),
                                                   self.stderr_tail()))
-        return got
+        return got[0]
 
     def wait_serving_replicas(self, path, n, timeout=10.0):
         """Until n distinct replica ids answered `path` (a hello.lua route): all n are ready.

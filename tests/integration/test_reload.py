@@ -121,7 +121,8 @@ class ReloadTest(unittest.TestCase):
             [r for r in d.get("replicas") or [] if r.get("state") == "RUNNING"]) == 2,
             what="2 running replicas")
         dep = self.srv.deployment_status("hello", "Hello")
-        self.ids = sorted(r["replica_id"] for r in dep["replicas"])
+        # pids in the order of the replica ids the routers compare (responses carry the pid)
+        self.ids = [r["pid"] for r in sorted(dep["replicas"], key=lambda r: r["replica_id"])]
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -143,7 +144,7 @@ class ReloadTest(unittest.TestCase):
         for i in range(n):
             r = self.srv.get("/hello/who%d" % i)
             self.assertEqual(r.status, 200, r)
-            seen.add(r.json().get("replica"))
+            seen.add(r.json().get("pid"))
         return seen
 
     def assert_versions(self, policy_v, policy_text, router_v, router_text):
@@ -202,7 +203,11 @@ class ReloadTest(unittest.TestCase):
         self.assertLess(self.last_raw() or 0, 1000)
         r1 = self.last_raw()
         time.sleep(0.3)
-        self.assertGreater(self.last_raw(), r1, "old policy stopped running")
+        dep = self.dep()
+        ds = (dep.get("autoscaling") or {}).get("recent_decisions") or []
+        r2 = ds[-1].get("raw_target") if ds else None
+        self.assertIsNotNone(r2, "no recent_decisions after a failed reload: %r" % dep)
+        self.assertGreater(r2, r1, "old policy stopped running: %r" % dep)
         self.assertRegex(self.srv.stderr_text(), r"mypolicy\.lua:3:")
         # fixing it makes the next reload pass
         self.srv.write_file("mypolicy.lua", POLICY_V2)
