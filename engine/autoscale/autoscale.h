@@ -1,0 +1,107 @@
+/*
+ * autoscale: autoscaling decisions, as Ray Serve makes them (../shared/reference/
+ * ray-serve-semantics.md §2, the newer form with wall-clock delays).
+ *
+ * One ms_autoscaler_t per autoscaling deployment keeps the look_back_period_s window of metric
+ * samples, runs its policy in a sandbox (the built-in lua/autoscaling.lua, or the user's
+ * autoscaling_config.policy.policy_function) and applies the factors, the bounds and the delays on
+ * top of the policy's raw answer. An ms_app_policy_t runs an application-level policy over several
+ * deployments at once (it takes precedence over their own policies). A policy that fails (error,
+ * budget, memory, a bad answer) is replaced for that tick by the built-in one; a counter goes up
+ * and the error shows in status.
+ *
+ * Nothing here starts or stops replicas: the controller feeds samples, asks for decisions and
+ * applies the targets (unless dry_run).
+ */
+#ifndef MS_AUTOSCALE_H
+#define MS_AUTOSCALE_H
+
+#include <jansson.h>
+#include <stddef.h>
+
+#include "config/config.h"
+
+typedef struct ms_autoscaler ms_autoscaler_t;
+typedef struct ms_app_policy ms_app_policy_t;
+
+/* One observation of a deployment, taken by the controller every control-loop tick. */
+typedef struct ms_autoscale_sample {
+    double now;            /* wall-clock seconds */
+    int running_replicas;  /* replicas RUNNING (current_num_replicas) */
+    size_t n_replicas;     /* entries in the two arrays below (the running replicas) */
+    const char *const *replica_ids;
+    const double *running_requests; /* requests in flight at each replica */
+    double queued_requests;         /* requests waiting in the controller's queue */
+    /* {replica_id: {metric: number}} from record_autoscaling_stats, or NULL. Borrowed. */
+    json_t *custom_metrics;
+} ms_autoscale_sample_t;
+
+/* What one decision saw and did; kept in a short history for status. */
+typedef struct ms_autoscale_decision {
+    double now;
+    int current_replicas;
+    int previous_target;
+    double total_requests;  /* total_num_requests: look-back aggregate of queued + running */
+    double queued_requests; /* total_queued_requests */
+    double raw_target;      /* the policy's own answer, before factors, bounds and delays */
+    int target;             /* after factors, bounds and delays */
+    int applied;            /* 0 under dry_run */
+    char reason[200];       /* e.g. "upscale 2 -> 3 after upscale_delay_s 30s" */
+} ms_autoscale_decision_t;
+
+/* Loads the deployment's policy (cfg->policy, or the built-in) into a fresh sandbox. Budgets:
+ * `budget_us` wall-clock per call (milliseconds are typical), `mem_limit` bytes per VM. Returns
+ * NULL with *err (malloc'd, `file:line: message`) when the script does not load or lacks the
+ * function. `cfg` is copied. */
+ms_autoscaler_t *ms_autoscaler_new(const char *app, const char *deployment,
+                                   const ms_autoscaling_config_t *cfg, double budget_us,
+                                   size_t mem_limit, char **err);
+void ms_autoscaler_free(ms_autoscaler_t *a);
+
+/* initial_replicas, or min_replicas when unset. */
+int ms_autoscaler_initial_replicas(const ms_autoscaler_t *a);
+
+/* Adds a sample to the look-back window (older samples fall out). */
+void ms_autoscaler_record(ms_autoscaler_t *a, const ms_autoscale_sample_t *s);
+
+/* Decides the target at `now` given the target in force. Runs the policy, then factors, bounds
+ * and wall-clock delays (policy_state keeps the first-decision timestamp). At 0 running replicas
+ * with requests waiting, the answer is >= 1 at once, delays skipped (cold start). Fills *out
+ * (also kept in the history) and returns out->target; under dry_run the caller must keep the
+ * current target (out->applied is 0). */
+int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
+                         ms_autoscale_decision_t *out);
+
+/* Status: {"policy": {script info}, "failures": N, "last_error": "...",
+ *          "recent_decisions": [{now, current_replicas, previous_target, total_requests,
+ *          queued_requests, raw_target, target, applied, reason}, ...]}. New reference. */
+json_t *ms_autoscaler_status(const ms_autoscaler_t *a);
+
+/* ---- application-level policies ------------------------------------------------------------- */
+
+/* Loads applications[].autoscaling_policy.policy_function. Same budgets and errors as above. */
+ms_app_policy_t *ms_app_policy_new(const char *app, const ms_config_lua_ref_t *fn, json_t *kwargs,
+                                   int dry_run, double budget_us, size_t mem_limit, char **err);
+void ms_app_policy_free(ms_app_policy_t *p);
+
+/* Runs policy(ctxs) once over the application's autoscalers (each keeps its own window, config
+ * and state) and fills out[i] for deps[i]; deployments the policy leaves out keep their current
+ * target. Factors, bounds and delays are applied per deployment. */
+void ms_app_policy_decide(ms_app_policy_t *p, double now, ms_autoscaler_t *const *deps,
+                          const int *current_targets, size_t n, ms_autoscale_decision_t *out);
+json_t *ms_app_policy_status(const ms_app_policy_t *p);
+
+/* ---- hot reload ------------------------------------------------------------------------------
+ * Two phases so that many scripts swap together or not at all: prepare recompiles the script's
+ * file into a fresh sandbox, checks it (the policy function is there; an optional `self_test`
+ * export runs and must not fail) and keeps it aside; commit swaps it in at once, handing the
+ * policy_state over; abort drops it. Script info is {"path", "version", "sha256", "ok", "error"}
+ * (version counts successful loads from 1). Prepare returns 0 or -1 (info carries the error). */
+int ms_autoscaler_reload_prepare(ms_autoscaler_t *a, json_t **info);
+void ms_autoscaler_reload_commit(ms_autoscaler_t *a);
+void ms_autoscaler_reload_abort(ms_autoscaler_t *a);
+int ms_app_policy_reload_prepare(ms_app_policy_t *p, json_t **info);
+void ms_app_policy_reload_commit(ms_app_policy_t *p);
+void ms_app_policy_reload_abort(ms_app_policy_t *p);
+
+#endif
