@@ -36,6 +36,7 @@ local OPTION_TYPES = {
     graceful_shutdown_timeout_s = "number",
     health_check_period_s = "number",
     health_check_timeout_s = "number",
+    autoscaling_config = "table", -- validated by the engine like the config file's
 }
 
 -- Class metadata lives outside the class table so user methods can use any name.

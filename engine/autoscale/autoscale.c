@@ -266,6 +266,16 @@ static int decide_target(ms_autoscaler_t *a, double now, int current_target, dou
 
 static void remember(ms_autoscaler_t *a, const ms_autoscale_decision_t *d)
 {
+    /* A steady state repeats every tick: it refreshes its entry instead of pushing every real
+     * change out of the short history. */
+    if (a->hist_len > 0) {
+        ms_autoscale_decision_t *last = &a->hist[(a->hist_next + AS_HISTORY - 1) % AS_HISTORY];
+        if (last->target == d->target && last->previous_target == d->previous_target &&
+            last->applied == d->applied && strcmp(last->reason, d->reason) == 0) {
+            *last = *d;
+            return;
+        }
+    }
     a->hist[a->hist_next] = *d;
     a->hist_next = (a->hist_next + 1) % AS_HISTORY;
     if (a->hist_len < AS_HISTORY)

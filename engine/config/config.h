@@ -57,6 +57,7 @@ typedef struct ms_config_lua_ref {
     char *path; /* as written */
     char *file; /* absolute path of the Lua file */
     char *attr;
+    ms_config_mark_t mark; /* where the reference was written, for errors found on loading */
 } ms_config_lua_ref_t;
 
 /* autoscaling_config (deployment level). Optional numbers are < 0 when unset. */

@@ -221,6 +221,7 @@ static void jget_ref(jkv_t *kv, const char *const *builtin, ms_config_lua_ref_t 
     r->path = ms_strdup(s);
     r->file = file;
     r->attr = attr;
+    r->mark = kv->val_node ? ms_cfg_mark(kv->val_node) : kv->v->mark;
     *out = r;
 }
 

@@ -1,7 +1,9 @@
 /*
- * main: the `moonserve` command line. `run` and `check` take a config file; `__replica` is the
- * hidden replica mode the controller spawns. Exit codes: 0 success, 1 the config or a script is
- * invalid or the server failed, 2 usage error.
+ * main: the `moonserve` command line. `run` and `check` take a config file; `status`, `deploy`,
+ * `scale`, `reload` and `shutdown` are admin API clients (engine/cli); `__replica` is the hidden
+ * replica mode the controller spawns. Exit codes: 0 success, 1 the config or a script is invalid,
+ * the server failed or the admin API answered an error, 2 usage error, 3 the admin API cannot be
+ * reached, 4 the admin API refused the token.
  */
 #include <signal.h>
 #include <stdio.h>
@@ -9,6 +11,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "cli/cli.h"
 #include "config/config.h"
 #include "controller/controller.h"
 #include "core/core.h"
@@ -21,9 +24,18 @@ static const char usage[] =
     "  run CONFIG.yaml     start serving the applications in CONFIG (foreground)\n"
     "  check CONFIG.yaml   validate CONFIG and load every script it names\n"
     "  version             print the version\n"
-    "  help                print this help\n"
-    "\n"
-    "exit codes: 0 success, 1 invalid config or server failure, 2 usage error\n";
+    "  help                print this help\n";
+
+static const char exit_codes[] =
+    "\nexit codes: 0 success, 1 invalid config, server failure or an error from the admin API,\n"
+    "            2 usage error, 3 admin API unreachable, 4 admin token refused\n";
+
+static void print_usage(FILE *to)
+{
+    fputs(usage, to);
+    fputs(ms_cli_usage(), to);
+    fputs(exit_codes, to);
+}
 
 static int print_errors(ms_config_errors_t *errs)
 {
@@ -84,7 +96,7 @@ int main(int argc, char **argv)
     if (level)
         ms_log_parse_level(level, &ms_log_min_level);
     if (argc < 2) {
-        fputs(usage, stderr);
+        print_usage(stderr);
         return 2;
     }
     const char *cmd = argv[1];
@@ -95,11 +107,14 @@ int main(int argc, char **argv)
         return 0;
     }
     if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
-        fputs(usage, stdout);
+        print_usage(stdout);
         return 0;
     }
+    if (ms_cli_is_command(cmd))
+        return ms_cli_main(cmd, argc - 2, argv + 2);
     if ((strcmp(cmd, "run") == 0 || strcmp(cmd, "check") == 0) && argc == 3)
         return cmd[0] == 'r' ? cmd_run(argv[2]) : cmd_check(argv[2]);
-    fprintf(stderr, "moonserve: unknown command or wrong arguments: %s\n\n%s", cmd, usage);
+    fprintf(stderr, "moonserve: unknown command or wrong arguments: %s\n\n", cmd);
+    print_usage(stderr);
     return 2;
 }

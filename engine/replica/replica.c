@@ -151,24 +151,26 @@ static void handle_control_lines(ms_replica_t *r)
     }
 }
 
-ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec, int seq,
+ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
                                const ms_replica_events_t *events, void *owner)
 {
     ms_replica_t *r = ms_calloc(1, sizeof *r);
+    /* One counter for every deployment: ids, tags and socket names never repeat. */
+    static int replica_seq;
+    int seq = ++replica_seq;
     snprintf(r->id, sizeof r->id, "%s#%d", spec->deployment_name, seq);
+    snprintf(r->replica_id, sizeof r->replica_id, "%d", seq);
     r->owner = owner;
     r->_events = events;
     r->max_ongoing_requests = spec->max_ongoing_requests;
     r->state = MS_REPLICA_STARTING;
-    static int socket_seq;
     ms_buf_t path = {0};
-    ms_buf_appendf(&path, "%s/r%d.sock", spec->run_dir, ++socket_seq);
+    ms_buf_appendf(&path, "%s/r%d.sock", spec->run_dir, seq);
     r->_socket_path = path.data;
 
-    char max_ongoing[16], wait_loop[32], replica_id[16];
+    char max_ongoing[16], wait_loop[32];
     snprintf(max_ongoing, sizeof max_ongoing, "%d", spec->max_ongoing_requests);
     snprintf(wait_loop, sizeof wait_loop, "%g", spec->graceful_shutdown_wait_loop_s);
-    snprintf(replica_id, sizeof replica_id, "%d", seq);
     char *args[] = {(char *)"moonserve",
                     (char *)"__replica",
                     (char *)"--socket",
@@ -180,7 +182,7 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec, i
                     (char *)"--deployment",
                     (char *)spec->deployment_name,
                     (char *)"--replica-id",
-                    replica_id,
+                    r->replica_id,
                     (char *)"--import",
                     (char *)spec->import_path,
                     (char *)"--args-json",

@@ -51,7 +51,9 @@ typedef struct ms_replica_spec {
 
 struct ms_replica {
     ms_replica_state_t state;
-    char id[96]; /* "DEPLOYMENT#SEQ", unique within the controller's lifetime */
+    char id[96];         /* replica tag "DEPLOYMENT#N", for logs */
+    char replica_id[24]; /* "N", unique within the controller's lifetime: also the replica's own
+                          * serve.get_replica_context().replica_id */
     int pid;
     double start_time; /* wall clock */
     int ongoing;       /* requests sent and not yet answered: kept by the owner */
@@ -80,8 +82,8 @@ struct ms_replica {
     uint64_t _stats_sent_ms;
 };
 
-/* Starts a replica process. Returns NULL (and logs) when spawning fails. `seq` makes the id. */
-ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec, int seq,
+/* Starts a replica process. Returns NULL (and logs) when spawning fails. */
+ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
                                const ms_replica_events_t *events, void *owner);
 /* Graceful stop: SIGTERM now, SIGKILL once timeout_s has passed. */
 void ms_replica_stop(ms_replica_t *r, double timeout_s);

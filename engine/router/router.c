@@ -16,6 +16,8 @@
 #include "router/router.h"
 #include "script/script.h"
 
+/* Wall-clock budget of one choose_replicas call: routing is on every request's path. */
+#define ROUTER_BUDGET_US         200
 #define MAX_CANDIDATES           256
 #define MAX_RANKS                16
 #define IMMEDIATE_CHOICE_RETRIES 2
@@ -43,6 +45,7 @@ struct call {
     call_state_t state;
     int retried;
     uint64_t queued_at_ms; /* loop time it joined the queue (first time) */
+    uint64_t sent_at_us;   /* when it was sent to its replica, for the router's latency hook */
     int status;
     int streaming;
     ms_buf_t head;      /* request head sent to the replica */
@@ -71,7 +74,6 @@ struct ms_deployment {
     ms_replica_t **slots;    /* replica per router slot; NULL holes */
     unsigned char *routable; /* per slot: known to the Lua router (ready, not stopping) */
     int n_slots;
-    int next_seq;
     call_t *queue_head, *queue_tail;
     size_t queued;
     call_t *free_calls;
@@ -116,7 +118,9 @@ static int any_replica_left(const ms_deployment_t *d)
 
 static int deploy_failed(const ms_deployment_t *d)
 {
-    int cap = d->target_replicas * CONSTRUCTOR_RETRIES_PER_REPLICA;
+    if (d->constructor_failures == 0)
+        return 0; /* scaled to zero is not failed */
+    int cap = (d->target_replicas > 0 ? d->target_replicas : 1) * CONSTRUCTOR_RETRIES_PER_REPLICA;
     if (cap > CONSTRUCTOR_RETRIES_CAP)
         cap = CONSTRUCTOR_RETRIES_CAP;
     return d->constructor_failures >= cap && ms_deployment_running_replicas(d) == 0;
@@ -280,7 +284,7 @@ static void reconcile(ms_deployment_t *d)
     }
     for (; live < d->target_replicas; live++) {
         int slot = free_slot(d);
-        ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, ++d->next_seq, &replica_events, d);
+        ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d);
         if (!r) {
             d->consecutive_failures++;
             uv_timer_start(&d->restart_timer, on_restart_timer, 1000, 0);
@@ -392,6 +396,9 @@ static void call_detach(call_t *c, int reuse_conn)
     ms_deployment_t *d = c->dep;
     if (!r)
         return;
+    if (d->routable[r->slot])
+        ms_router_script_on_completed(d->script, r->slot,
+                                      (double)(ms_now_us() - c->sent_at_us) / 1e6, reuse_conn);
     r->ongoing--;
     if (d->routable[r->slot])
         ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
@@ -567,6 +574,7 @@ static void build_forward_head(call_t *c)
 static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
 {
     c->state = CALL_SENT;
+    c->sent_at_us = ms_now_us();
     c->replica = r;
     r->ongoing++;
     ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
@@ -604,7 +612,18 @@ static ms_replica_t *least_loaded(const ms_deployment_t *d, const int *slots, in
  * the fewest in-flight requests below its cap. A failing router falls back to least-loaded. */
 static ms_replica_t *choose(ms_deployment_t *d, call_t *c)
 {
-    ms_route_request_t rr = {c->req->request_id, c->req->method, c->req->path, ""};
+    /* Header values are NUL-terminated by the parser, so the value serves as a C string. */
+    const char *model = ms_http_request_header(c->req, "serve_multiplexed_model_id", NULL);
+    ms_route_request_t rr = {
+        .id = c->req->request_id,
+        .method = c->req->method,
+        .path = c->req->path,
+        .multiplexed_model_id = model ? model : "",
+        .headers = c->req->headers,
+        .n_headers = c->req->n_headers,
+        .body = c->req->body,
+        .body_len = c->req->body_len,
+    };
     int idx[MAX_CANDIDATES], ends[MAX_RANKS];
     for (int attempt = 0; attempt <= IMMEDIATE_CHOICE_RETRIES; attempt++) {
         int ranks = ms_router_script_choose(d->script, &rr, idx, MAX_CANDIDATES, ends, MAX_RANKS);
@@ -772,7 +791,8 @@ static char *dup_or_empty(const char *s)
 
 ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings_t *s, char **err)
 {
-    ms_router_script_t *script = ms_router_script_new(NULL, NULL, 200, err);
+    ms_router_script_t *script = ms_router_script_new_class(
+        s->router_file, s->router_attr, s->router_kwargs_json, ROUTER_BUDGET_US, err);
     if (!script)
         return NULL;
     ms_deployment_t *d = ms_calloc(1, sizeof *d);

@@ -79,7 +79,7 @@ static char *example_path(const char *name)
 
 static ms_config_lua_ref_t make_ref(char *file, const char *attr)
 {
-    return (ms_config_lua_ref_t){file, file, (char *)attr};
+    return (ms_config_lua_ref_t){.path = file, .file = file, .attr = (char *)attr};
 }
 
 static ms_autoscaler_t *new_as(const char *name, const ms_autoscaling_config_t *c)
@@ -458,9 +458,16 @@ static void test_history_ring(void)
     ms_autoscaling_config_t c = base_config();
     ms_autoscaler_t *a = new_as("ring", &c);
     record(a, 0, 1, 0, 0, NULL);
-    for (int i = 0; i < AS_HISTORY + 5; i++)
+    /* The same decision tick after tick is one entry, refreshed. */
+    for (int i = 0; i < 3; i++)
         decide(a, i, 1, NULL);
     json_t *recent = status_field(a, "recent_decisions");
+    ASSERT_INT_EQ(json_array_size(recent), 1);
+    ASSERT_TRUE(json_real_value(json_object_get(json_array_get(recent, 0), "now")) == 2);
+    /* Decisions that differ (here: the target in force alternates) each get an entry. */
+    for (int i = 0; i < AS_HISTORY + 5; i++)
+        decide(a, i, 1 + i % 2, NULL);
+    recent = status_field(a, "recent_decisions");
     ASSERT_INT_EQ(json_array_size(recent), AS_HISTORY);
     ASSERT_TRUE(json_real_value(json_object_get(json_array_get(recent, 0), "now")) == 5);
     ASSERT_TRUE(json_real_value(json_object_get(json_array_get(recent, AS_HISTORY - 1), "now")) ==

@@ -1,0 +1,325 @@
+/*
+ * controller/admin_glue: what the admin API asks of the controller — the status document (Ray
+ * Serve's ServeInstanceDetails, plus script versions and recent autoscaling decisions), external
+ * scaling, hot reload of every policy and router script, shutdown, and Prometheus metrics.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "controller/internal.h"
+#include "script/script.h"
+
+static const char *replica_state_name(ms_replica_state_t s)
+{
+    switch (s) {
+    case MS_REPLICA_STARTING:
+        return "STARTING";
+    case MS_REPLICA_RUNNING:
+        return "RUNNING";
+    case MS_REPLICA_STOPPING:
+        return "STOPPING";
+    default:
+        return "STOPPED";
+    }
+}
+
+/* Ray's DeploymentStatus from the replica counts against the target. */
+static const char *deployment_status(const dep_entry_t *e, size_t running, size_t live)
+{
+    int target = ms_deployment_target(e->dep);
+    if ((size_t)target == running && live == running)
+        return "HEALTHY";
+    if ((size_t)target > running)
+        return running == 0 && target > 0 && live == 0 ? "UNHEALTHY" : "UPSCALING";
+    return "DOWNSCALING";
+}
+
+static json_t *replicas_json(const dep_entry_t *e, size_t *running, size_t *live)
+{
+    ms_replica_t *rs[256];
+    size_t n = ms_deployment_replicas(e->dep, rs, 256);
+    if (n > 256)
+        n = 256;
+    json_t *arr = json_array();
+    *running = *live = 0;
+    for (size_t i = 0; i < n; i++) {
+        ms_replica_t *r = rs[i];
+        *running += r->state == MS_REPLICA_RUNNING;
+        *live += r->state == MS_REPLICA_RUNNING || r->state == MS_REPLICA_STARTING;
+        json_array_append_new(
+            arr, json_pack("{s:s, s:s, s:s, s:i, s:f, s:i}", "replica_id", r->replica_id,
+                           "replica_tag", r->id, "state", replica_state_name(r->state), "pid",
+                           r->pid, "start_time_s", r->start_time, "ongoing_requests", r->ongoing));
+    }
+    return arr;
+}
+
+static json_t *deployment_json(const dep_entry_t *e)
+{
+    size_t running, live;
+    json_t *replicas = replicas_json(e, &running, &live);
+    const char *status = deployment_status(e, running, live);
+    json_t *d = json_pack("{s:s, s:s, s:s, s:s, s:i, s:I, s:o}", "name", e->name, "status", status,
+                          "status_trigger",
+                          e->autoscaler ? "AUTOSCALING" : "CONFIG_UPDATE_COMPLETED", "message", "",
+                          "target_num_replicas", ms_deployment_target(e->dep), "queued_requests",
+                          (json_int_t)ms_deployment_queued(e->dep), "replicas", replicas);
+    json_object_set_new(d, "router", ms_router_script_info(ms_deployment_router_script(e->dep)));
+    if (e->autoscaler)
+        json_object_set_new(d, "autoscaling", ms_autoscaler_status(e->autoscaler));
+    return d;
+}
+
+static const char *app_status(json_t *deps)
+{
+    const char *key;
+    json_t *d;
+    int all_healthy = 1;
+    json_object_foreach(deps, key, d)
+    {
+        const char *s = json_string_value(json_object_get(d, "status"));
+        if (strcmp(s, "UNHEALTHY") == 0)
+            return "UNHEALTHY";
+        all_healthy &= strcmp(s, "HEALTHY") == 0;
+    }
+    return all_healthy ? "RUNNING" : "DEPLOYING";
+}
+
+static json_t *app_json(controller_t *c, size_t a)
+{
+    const app_entry_t *app = &c->apps[a];
+    json_t *deps = json_object();
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (c->deps[i].app_index == a)
+            json_object_set_new(deps, c->deps[i].name, deployment_json(&c->deps[i]));
+    json_t *j = json_pack("{s:s, s:s?, s:s, s:s, s:b, s:s}", "name", app->cfg->name, "route_prefix",
+                          app->cfg->route_prefix, "status", app_status(deps), "message", "",
+                          "external_scaler_enabled", app->cfg->external_scaler_enabled, "source",
+                          "declarative");
+    json_object_set_new(j, "deployments", deps);
+    if (app->policy)
+        json_object_set_new(j, "autoscaling_policy", ms_app_policy_status(app->policy));
+    return j;
+}
+
+static int on_status(void *data, json_t **body)
+{
+    controller_t *c = data;
+    json_t *apps = json_object();
+    for (size_t a = 0; a < c->n_apps; a++)
+        json_object_set_new(apps, c->apps[a].cfg->name, app_json(c, a));
+    *body = json_pack("{s:{s:i, s:s}, s:s, s:{s:s, s:i}, s:o, s:n}", "controller_info", "pid",
+                      (int)getpid(), "actor_name", "moonserve-controller", "deploy_mode",
+                      "MULTI_APP", "http_options", "host", c->cfg->http.host, "port",
+                      c->cfg->http.port, "applications", apps, "target_capacity");
+    return 200;
+}
+
+static int on_scale(void *data, const char *app, const char *deployment, long long target,
+                    json_t **body)
+{
+    controller_t *c = data;
+    dep_entry_t *e = ms__control_find(c, app, deployment);
+    if (!e) {
+        *body = json_pack("{s:s}", "error", "Application or Deployment not found");
+        return 400;
+    }
+    if (c->shutting_down) {
+        *body = json_pack("{s:s}", "error", "Deployment is deleted");
+        return 412;
+    }
+    if (!e->app->external_scaler_enabled) {
+        char msg[300];
+        snprintf(msg, sizeof msg,
+                 "External scaling is disabled for application '%s': set "
+                 "external_scaler_enabled: true in its config",
+                 app);
+        *body = json_pack("{s:s}", "error", msg);
+        return 412;
+    }
+    if (target > 100000) {
+        *body = json_pack("{s:s}", "error", "Invalid request body: target_num_replicas too large");
+        return 400;
+    }
+    ms_info("external scaling %s/%s: target %lld", app, deployment, target);
+    ms_deployment_set_target(e->dep, (int)target);
+    *body = json_pack("{s:s}", "message",
+                      "Scaling request received. Deployment will get scaled asynchronously.");
+    return 200;
+}
+
+/* ---- hot reload -------------------------------------------------------------------------------
+ */
+
+static void add_info(json_t *scripts, json_t *info, const char *kind, const char *app,
+                     const char *deployment)
+{
+    if (!info)
+        return;
+    json_object_set_new(info, "kind", json_string(kind));
+    json_object_set_new(info, "application", json_string(app));
+    if (deployment)
+        json_object_set_new(info, "deployment", json_string(deployment));
+    json_array_append_new(scripts, info);
+}
+
+/* Phase one for everything: compile and check aside. Returns 1 when all passed. */
+static int prepare_all(controller_t *c, json_t *scripts)
+{
+    int ok = 1;
+    for (size_t i = 0; i < c->n_deps; i++) {
+        dep_entry_t *e = &c->deps[i];
+        json_t *info = NULL;
+        ok &= ms_router_script_reload_prepare(ms_deployment_router_script(e->dep), &info) == 0;
+        add_info(scripts, info, "router", e->app->name, e->name);
+        if (e->autoscaler) {
+            info = NULL;
+            ok &= ms_autoscaler_reload_prepare(e->autoscaler, &info) == 0;
+            add_info(scripts, info, "autoscaling_policy", e->app->name, e->name);
+        }
+    }
+    for (size_t a = 0; a < c->n_apps; a++) {
+        if (!c->apps[a].policy)
+            continue;
+        json_t *info = NULL;
+        ok &= ms_app_policy_reload_prepare(c->apps[a].policy, &info) == 0;
+        add_info(scripts, info, "application_policy", c->apps[a].cfg->name, NULL);
+    }
+    return ok;
+}
+
+/* Phase two: all or nothing. Nothing runs in between, so every script changes at one request
+ * boundary. */
+static void finish_all(controller_t *c, int commit)
+{
+    for (size_t i = 0; i < c->n_deps; i++) {
+        dep_entry_t *e = &c->deps[i];
+        ms_router_script_t *s = ms_deployment_router_script(e->dep);
+        if (commit)
+            ms_router_script_reload_commit(s);
+        else
+            ms_router_script_reload_abort(s);
+        if (e->autoscaler && commit)
+            ms_autoscaler_reload_commit(e->autoscaler);
+        else if (e->autoscaler)
+            ms_autoscaler_reload_abort(e->autoscaler);
+    }
+    for (size_t a = 0; a < c->n_apps; a++) {
+        if (c->apps[a].policy && commit)
+            ms_app_policy_reload_commit(c->apps[a].policy);
+        else if (c->apps[a].policy)
+            ms_app_policy_reload_abort(c->apps[a].policy);
+    }
+}
+
+static void log_reload(json_t *scripts, int ok)
+{
+    size_t i;
+    json_t *s;
+    json_array_foreach(scripts, i, s)
+    {
+        const char *err = json_string_value(json_object_get(s, "error"));
+        const char *path = json_string_value(json_object_get(s, "path"));
+        json_int_t version = json_integer_value(json_object_get(s, "version"));
+        const char *sha = json_string_value(json_object_get(s, "sha256"));
+        if (err)
+            ms_error("reload: %s: %s", path ? path : "?", err);
+        else
+            ms_info("reload: %s v%lld sha256 %.12s", path ? path : "?", (long long)version,
+                    sha ? sha : "?");
+    }
+    ms_log(ok ? MS_LOG_INFO : MS_LOG_ERROR, "reload %s: %zu scripts",
+           ok ? "applied" : "rejected, nothing changed", json_array_size(scripts));
+}
+
+json_t *ms__reload_all(controller_t *c, int *ok)
+{
+    json_t *scripts = json_array();
+    *ok = prepare_all(c, scripts);
+    finish_all(c, *ok);
+    log_reload(scripts, *ok);
+    return json_pack("{s:b, s:o}", "ok", *ok, "scripts", scripts);
+}
+
+static int on_reload(void *data, json_t **body)
+{
+    int ok = 0;
+    *body = ms__reload_all(data, &ok);
+    return ok ? 200 : 422;
+}
+
+static int on_shutdown(void *data, json_t **body)
+{
+    ms__begin_shutdown(data, "shutdown requested through the admin API");
+    *body = NULL;
+    return 200;
+}
+
+/* ---- metrics -----------------------------------------------------------------------------------
+ */
+
+static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
+{
+    ms_replica_t *rs[256];
+    size_t n = ms_deployment_replicas(e->dep, rs, 256);
+    size_t running = 0, ongoing = 0;
+    for (size_t i = 0; i < n && i < 256; i++) {
+        running += rs[i]->state == MS_REPLICA_RUNNING;
+        ongoing += (size_t)rs[i]->ongoing;
+    }
+    const char *a = e->app->name, *d = e->name;
+    ms_buf_appendf(
+        b, "moonserve_deployment_target_replicas{application=\"%s\",deployment=\"%s\"} %d\n", a, d,
+        ms_deployment_target(e->dep));
+    ms_buf_appendf(
+        b, "moonserve_deployment_running_replicas{application=\"%s\",deployment=\"%s\"} %zu\n", a,
+        d, running);
+    ms_buf_appendf(
+        b, "moonserve_deployment_queued_requests{application=\"%s\",deployment=\"%s\"} %zu\n", a, d,
+        ms_deployment_queued(e->dep));
+    ms_buf_appendf(
+        b, "moonserve_deployment_ongoing_requests{application=\"%s\",deployment=\"%s\"} %zu\n", a,
+        d, ongoing);
+    json_t *info = ms_router_script_info(ms_deployment_router_script(e->dep));
+    ms_buf_appendf(b,
+                   "moonserve_script_info{kind=\"router\",application=\"%s\",deployment=\"%s\","
+                   "version=\"%lld\",sha256=\"%s\"} 1\n",
+                   a, d, (long long)json_integer_value(json_object_get(info, "version")),
+                   json_string_value(json_object_get(info, "sha256")) ?: "");
+    ms_buf_appendf(b,
+                   "moonserve_script_failures_total{kind=\"router\",application=\"%s\",deployment="
+                   "\"%s\"} %lld\n",
+                   a, d, (long long)json_integer_value(json_object_get(info, "failures")));
+    json_decref(info);
+}
+
+static int on_metrics(void *data, char **text)
+{
+    controller_t *c = data;
+    ms_buf_t b = {0};
+    ms_buf_append_str(&b, "# TYPE moonserve_deployment_target_replicas gauge\n"
+                          "# TYPE moonserve_deployment_running_replicas gauge\n"
+                          "# TYPE moonserve_deployment_queued_requests gauge\n"
+                          "# TYPE moonserve_deployment_ongoing_requests gauge\n"
+                          "# TYPE moonserve_script_info gauge\n"
+                          "# TYPE moonserve_script_failures_total counter\n");
+    for (size_t i = 0; i < c->n_deps; i++)
+        metrics_for(&c->deps[i], &b);
+    *text = b.data;
+    return 200;
+}
+
+ms_admin_callbacks_t ms__admin_callbacks(void)
+{
+    ms_admin_callbacks_t cb = {
+        .status = on_status,
+        .deploy = NULL, /* declarative deploys come with the rolling-update work */
+        .shutdown = on_shutdown,
+        .scale = on_scale,
+        .reload = on_reload,
+        .metrics = on_metrics,
+    };
+    return cb;
+}

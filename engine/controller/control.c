@@ -1,0 +1,234 @@
+/*
+ * controller/control: the control loop. Every control_loop.interval_s it samples each
+ * autoscaling deployment (running replicas, their in-flight requests, the queue, the replicas'
+ * record_autoscaling_stats), runs the policies — the application's policy when it has one, which
+ * takes precedence, else each deployment's own — and applies the targets. Replica stats are
+ * polled every few ticks. A request that arrives at zero replicas triggers a decision at once.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "controller/internal.h"
+
+/* Policies run on the controller's loop: a few milliseconds at most, and a bounded heap. */
+#define POLICY_BUDGET_US  5000.0
+#define POLICY_MEM_LIMIT  0 /* the sandbox's default cap */
+#define STATS_PERIOD_S    0.5
+#define STATS_TIMEOUT_S   10.0
+#define MAX_REPLICAS_SEEN 1024
+
+int ms__control_initial_replicas(const planned_t *p)
+{
+    if (!p->autoscaling)
+        return p->num_replicas;
+    const ms_autoscaling_config_t *a = p->autoscaling;
+    return a->initial_replicas >= 0 ? a->initial_replicas : a->min_replicas;
+}
+
+dep_entry_t *ms__control_find(controller_t *c, const char *app, const char *deployment)
+{
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (strcmp(c->deps[i].app->name, app) == 0 && strcmp(c->deps[i].name, deployment) == 0)
+            return &c->deps[i];
+    return NULL;
+}
+
+static dep_entry_t *entry_of(controller_t *c, const ms_deployment_t *d)
+{
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (c->deps[i].dep == d)
+            return &c->deps[i];
+    return NULL;
+}
+
+static int setup_app_policies(controller_t *c)
+{
+    c->n_apps = c->cfg->n_apps;
+    c->apps = ms_calloc(c->n_apps ? c->n_apps : 1, sizeof *c->apps);
+    for (size_t i = 0; i < c->n_apps; i++) {
+        const ms_app_config_t *app = &c->cfg->apps[i];
+        c->apps[i].cfg = app;
+        if (!app->autoscaling_policy)
+            continue;
+        char *err = NULL;
+        c->apps[i].policy = ms_app_policy_new(
+            app->name, app->autoscaling_policy, app->autoscaling_policy_kwargs,
+            app->autoscaling_policy_dry_run, POLICY_BUDGET_US, POLICY_MEM_LIMIT, &err);
+        if (!c->apps[i].policy) {
+            ms_error("application %s: autoscaling_policy: %s", app->name, err ? err : "?");
+            free(err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int ms__control_setup(controller_t *c, const plan_t *plan)
+{
+    if (setup_app_policies(c) != 0)
+        return -1;
+    for (size_t i = 0; i < plan->n && i < c->n_deps; i++) {
+        const planned_t *p = &plan->items[i];
+        if (!p->autoscaling)
+            continue;
+        char *err = NULL;
+        dep_entry_t *e = &c->deps[i];
+        e->autoscaler = ms_autoscaler_new(p->app->name, p->name, p->autoscaling, POLICY_BUDGET_US,
+                                          POLICY_MEM_LIMIT, &err);
+        if (!e->autoscaler) {
+            ms_error("deployment %s: autoscaling policy: %s", p->name, err ? err : "?");
+            free(err);
+            return -1;
+        }
+        if (c->apps[e->app_index].policy && p->autoscaling->policy)
+            ms_warn("application %s: its autoscaling_policy takes precedence over deployment "
+                    "%s's own policy",
+                    p->app->name, p->name);
+    }
+    return 0;
+}
+
+/* One observation of a deployment for its autoscaler. */
+static void record_sample(dep_entry_t *e, double now)
+{
+    ms_replica_t *replicas[MAX_REPLICAS_SEEN];
+    size_t n = ms_deployment_replicas(e->dep, replicas, MAX_REPLICAS_SEEN);
+    if (n > MAX_REPLICAS_SEEN)
+        n = MAX_REPLICAS_SEEN;
+    const char *ids[MAX_REPLICAS_SEEN];
+    double running[MAX_REPLICAS_SEEN];
+    size_t k = 0;
+    double newest = e->stats_seen;
+    for (size_t i = 0; i < n; i++) {
+        ms_replica_t *r = replicas[i];
+        if (r->state != MS_REPLICA_RUNNING)
+            continue;
+        ids[k] = r->id;
+        running[k] = r->ongoing;
+        if (r->stats_time > newest)
+            newest = r->stats_time;
+        k++;
+    }
+    /* Custom metrics go in only when a replica reported since the last sample: each value holds
+     * until the next report, and re-adding old ones would only cost the policy time. */
+    json_t *custom = NULL;
+    if (newest > e->stats_seen) {
+        e->stats_seen = newest;
+        custom = json_object();
+        for (size_t i = 0; i < n; i++)
+            if (replicas[i]->state == MS_REPLICA_RUNNING && replicas[i]->autoscaling_stats)
+                json_object_set(custom, replicas[i]->id, replicas[i]->autoscaling_stats);
+    }
+    ms_autoscale_sample_t s = {
+        .now = now,
+        .running_replicas = (int)k,
+        .n_replicas = k,
+        .replica_ids = ids,
+        .running_requests = running,
+        .queued_requests = (double)ms_deployment_queued(e->dep),
+        .custom_metrics = custom,
+    };
+    ms_autoscaler_record(e->autoscaler, &s);
+    json_decref(custom);
+}
+
+static void apply(dep_entry_t *e, const ms_autoscale_decision_t *d)
+{
+    if (d->applied && d->target != ms_deployment_target(e->dep)) {
+        ms_info("autoscaling %s/%s: %d -> %d (%s)", e->app->name, e->name, d->previous_target,
+                d->target, d->reason);
+        ms_deployment_set_target(e->dep, d->target);
+    }
+}
+
+static void decide_app(controller_t *c, size_t app_index, double now)
+{
+    ms_autoscaler_t *scalers[64];
+    int targets[64];
+    dep_entry_t *entries[64];
+    size_t n = 0;
+    for (size_t i = 0; i < c->n_deps && n < 64; i++) {
+        dep_entry_t *e = &c->deps[i];
+        if (e->app_index != app_index || !e->autoscaler)
+            continue;
+        scalers[n] = e->autoscaler;
+        targets[n] = ms_deployment_target(e->dep);
+        entries[n++] = e;
+    }
+    if (n == 0)
+        return;
+    ms_autoscale_decision_t decisions[64];
+    ms_app_policy_decide(c->apps[app_index].policy, now, scalers, targets, n, decisions);
+    for (size_t i = 0; i < n; i++)
+        apply(entries[i], &decisions[i]);
+}
+
+static void decide_one(dep_entry_t *e, double now)
+{
+    ms_autoscale_decision_t d;
+    ms_autoscaler_decide(e->autoscaler, now, ms_deployment_target(e->dep), &d);
+    apply(e, &d);
+}
+
+static void on_tick(uv_timer_t *t)
+{
+    controller_t *c = t->data;
+    double now = ms_wall_time();
+    double interval = c->cfg->control_loop_interval_s;
+    uint64_t stats_every = (uint64_t)(STATS_PERIOD_S / interval);
+    if (stats_every == 0 || c->ticks % stats_every == 0)
+        for (size_t i = 0; i < c->n_deps; i++)
+            ms_deployment_poll_stats(c->deps[i].dep, STATS_TIMEOUT_S);
+    c->ticks++;
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (c->deps[i].autoscaler)
+            record_sample(&c->deps[i], now);
+    for (size_t a = 0; a < c->n_apps; a++)
+        if (c->apps[a].policy)
+            decide_app(c, a, now);
+    for (size_t i = 0; i < c->n_deps; i++) {
+        dep_entry_t *e = &c->deps[i];
+        if (e->autoscaler && !c->apps[e->app_index].policy)
+            decide_one(e, now);
+    }
+}
+
+void ms__control_on_cold_start(ms_deployment_t *d, void *data)
+{
+    controller_t *c = data;
+    dep_entry_t *e = entry_of(c, d);
+    if (!e || !e->autoscaler || c->shutting_down)
+        return; /* a fixed or externally scaled count stays where it was set */
+    double now = ms_wall_time();
+    record_sample(e, now);
+    decide_one(e, now);
+}
+
+void ms__control_start(controller_t *c)
+{
+    uint64_t ms = (uint64_t)(c->cfg->control_loop_interval_s * 1000.0);
+    if (ms == 0)
+        ms = 1;
+    uv_timer_start(&c->control_timer, on_tick, ms, ms);
+}
+
+void ms__control_stop(controller_t *c)
+{
+    uv_timer_stop(&c->control_timer);
+}
+
+void ms__control_free(controller_t *c)
+{
+    if (!uv_is_closing((uv_handle_t *)&c->control_timer))
+        uv_close((uv_handle_t *)&c->control_timer, NULL);
+    for (size_t i = 0; i < c->n_deps; i++) {
+        if (c->deps[i].autoscaler)
+            ms_autoscaler_free(c->deps[i].autoscaler);
+        c->deps[i].autoscaler = NULL;
+    }
+    for (size_t i = 0; i < c->n_apps; i++) {
+        if (c->apps[i].policy)
+            ms_app_policy_free(c->apps[i].policy);
+        c->apps[i].policy = NULL;
+    }
+}

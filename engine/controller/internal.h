@@ -1,0 +1,101 @@
+/*
+ * controller internals shared by its files: the plan (plan.c: what the config and the
+ * applications' code ask for), the running controller (controller.c: listeners, signals,
+ * shutdown), the control loop (control.c: autoscaling and external scaling), the admin glue
+ * (admin_glue.c: status, reload, scale).
+ */
+#ifndef MS_CONTROLLER_INTERNAL_H
+#define MS_CONTROLLER_INTERNAL_H
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "admin/admin.h"
+#include "autoscale/autoscale.h"
+#include "config/config.h"
+#include "proxy/proxy.h"
+#include "router/router.h"
+
+/* One deployment's settings after merging file, code and defaults. */
+typedef struct planned {
+    const ms_app_config_t *app;
+    char *name;
+    int num_replicas;
+    int max_ongoing_requests;
+    int max_queued_requests;
+    char *user_config_json;
+    double wait_loop_s;
+    double shutdown_timeout_s;
+    int is_ingress;
+    /* Autoscaling, from the file or from code (then owned), or NULL for a fixed count. */
+    ms_autoscaling_config_t *autoscaling;
+    int autoscaling_owned;
+    const ms_router_config_t *router; /* from the file; NULL = the built-in router */
+} planned_t;
+
+typedef struct plan {
+    planned_t *items;
+    size_t n;
+} plan_t;
+
+/* Builds the plan for every application; 0, or -1 with errors appended. */
+int ms__plan_build(const ms_config_t *cfg, plan_t *plan, ms_config_errors_t *errs);
+void ms__plan_free(plan_t *p);
+
+/* A running deployment and what drives its replica count. */
+typedef struct dep_entry {
+    ms_deployment_t *dep;
+    const ms_app_config_t *app;
+    char *name;
+    size_t app_index;
+    ms_autoscaler_t *autoscaler; /* NULL: fixed count (num_replicas or the external scaler) */
+    double stats_seen;           /* newest replica stats already handed to the autoscaler */
+} dep_entry_t;
+
+typedef struct app_entry {
+    const ms_app_config_t *cfg;
+    ms_app_policy_t *policy; /* application-level autoscaling policy, or NULL */
+} app_entry_t;
+
+typedef struct controller {
+    uv_loop_t *loop;
+    const ms_config_t *cfg;
+    ms_proxy_t *proxy;
+    ms_http_server_t *ingress;
+    ms_http_server_t *handles;
+    ms_admin_t *admin;
+    dep_entry_t *deps;
+    size_t n_deps;
+    app_entry_t *apps;
+    size_t n_apps;
+    size_t deps_stopping;
+    uv_signal_t sigterm, sigint, sighup;
+    uv_timer_t drain_timer;
+    uv_timer_t control_timer;
+    uint64_t ticks;
+    uint64_t drain_deadline_ms;
+    double drain_bound_s; /* longest graceful_shutdown_timeout_s of any deployment */
+    char run_dir[64];
+    char handle_socket[128];
+    int shutting_down;
+} controller_t;
+
+/* control.c: autoscalers and application policies for the planned deployments, the tick. */
+int ms__control_setup(controller_t *c, const plan_t *plan);
+void ms__control_start(controller_t *c);
+void ms__control_stop(controller_t *c);
+void ms__control_free(controller_t *c);
+/* Initial replica count of a planned deployment (autoscaling: initial or min replicas). */
+int ms__control_initial_replicas(const planned_t *p);
+/* Router callback: a request waits at zero replicas. */
+void ms__control_on_cold_start(ms_deployment_t *d, void *data);
+dep_entry_t *ms__control_find(controller_t *c, const char *app, const char *deployment);
+
+/* admin_glue.c */
+ms_admin_callbacks_t ms__admin_callbacks(void);
+/* Recompiles every policy and router script; swaps all of them in only if all pass. Returns the
+ * JSON result (new reference) and sets *ok. Also what SIGHUP runs. */
+json_t *ms__reload_all(controller_t *c, int *ok);
+void ms__begin_shutdown(controller_t *c, const char *why);
+
+#endif
