@@ -10,6 +10,10 @@
  * `ongoing` (int, in-flight requests), `max_ongoing_requests` (int), `routing_stats` (table),
  * `multiplexed_model_ids` (table). The candidates list passed to choose_replicas is the same
  * persistent array every call.
+ *
+ * Also: lazily built request fields (id, headers, body), completion feedback
+ * (on_request_completed), and a two-phase hot reload that keeps the replicas' state and the
+ * fields a class lists in `persist`. docs/routing.md is the reference for script authors.
  */
 #ifndef MS_SCRIPT_H
 #define MS_SCRIPT_H
@@ -17,21 +21,51 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
+#include "http/http.h"
+
 typedef struct ms_router_script ms_router_script_t;
 
-/* What the router sees of a request; strings valid for the duration of the call. The header
- * table handed to Lua is built lazily, only if the script reads `request.headers`. */
+/* TEMPORARY: callers written before headers/body were added fill ms_route_request_t
+ * positionally ({id, method, path, model}), which -Wextra flags as missing initializers and
+ * MS_WERROR turns into an error. Remove once every caller (engine/router/router.c) uses
+ * designated initializers. */
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#endif
+
+/* What the router sees of a request; everything only needs to stay valid for the duration of
+ * the call (choose / on_routed). Fields added later are zero in older positional initializers.
+ * `method`, `path` and `multiplexed_model_id` are stored in the Lua request table on each call;
+ * `id`, `headers` and `body` are materialized only if the script reads them (an __index
+ * metamethod), so a router that never reads them does not pay for them. When
+ * multiplexed_model_id is NULL or "", the `serve_multiplexed_model_id` header (any case) is
+ * used, as Ray Serve does. */
 typedef struct ms_route_request {
     const char *id;
     const char *method;
     const char *path;
-    const char *multiplexed_model_id; /* "" if none */
+    const char *multiplexed_model_id; /* "" or NULL if none */
+    const ms_http_header_t *headers;  /* request.headers: {lower-case name = value}; repeated
+                                       * names are joined with ", " */
+    size_t n_headers;
+    const char *body; /* request.body: a Lua string copy, made only when read; NULL = "" */
+    size_t body_len;
 } ms_route_request_t;
 
-/* Loads a router. `path` NULL means the built-in router (lua/router.lua). `kwargs_json` (may be
- * NULL) is decoded and passed to initialize_state. budget_us bounds each choose call in
- * wall-clock microseconds (also bounded by an instruction count). On failure returns NULL and
- * sets *err (malloc'd, `file:line: message`). */
+/* Loads a router class. `file` NULL means the built-in router (lua/router.lua). The file is a Lua
+ * chunk that returns a table: with `attr` NULL or "", that table is the class; otherwise
+ * `returned[attr]` must be the class (a table), as in `request_router_class: "file.lua:Class"`.
+ * The class needs choose_replicas; initialize_state(self, kwargs) and self_test(self) run once
+ * if defined (an error in either fails the load). `kwargs_json` (may be NULL) is decoded and
+ * passed to initialize_state, and kept for reloads. budget_us bounds each call into the script
+ * in wall-clock microseconds (also bounded by an instruction count). On failure returns NULL and
+ * sets *err (malloc'd, `file:line: message`). The first successful load is version 1. */
+ms_router_script_t *ms_router_script_new_class(const char *file, const char *attr,
+                                               const char *kwargs_json, uint64_t budget_us,
+                                               char **err);
+/* The same with attr NULL (the chunk returns the class itself). */
 ms_router_script_t *ms_router_script_new(const char *path, const char *kwargs_json,
                                          uint64_t budget_us, char **err);
 void ms_router_script_free(ms_router_script_t *s);
@@ -51,6 +85,34 @@ int ms_router_script_choose(ms_router_script_t *s, const ms_route_request_t *req
 
 /* Calls on_request_routed(self, request, replica) if the script defines it. */
 void ms_router_script_on_routed(ms_router_script_t *s, const ms_route_request_t *req, int index);
+
+/* Calls on_request_completed(self, replica, latency_s, ok) if the script defines it: the caller
+ * reports each finished request (ok = 0 for an error or a failed upstream). Unknown index: no-op.
+ */
+void ms_router_script_on_completed(ms_router_script_t *s, int index, double latency_s, int ok);
+
+/* Hot reload, in two phases so that a set of routers can be swapped together or not at all.
+ *
+ * prepare: reads the file again, compiles it into a fresh sandbox, checks the class (and
+ *   choose_replicas), runs initialize_state with the same kwargs and self_test if defined, and
+ *   re-adds the current replicas with their state (id, max_ongoing_requests, ongoing,
+ *   routing_stats, multiplexed_model_ids). The new router is kept aside; until commit or abort,
+ *   replica updates go to both, and requests are still routed by the current one. A previous
+ *   pending reload is dropped. Returns 0 or -1 (the current router is untouched either way).
+ *   If `info` is not NULL, *info is set to a new object {"path", "version", "sha256", "ok",
+ *   "error"}: version is the one commit will give (current + 1) or the current one on failure;
+ *   sha256 is that of the file content read (hex); error is null when ok.
+ * commit: swaps the prepared router in, then copies from the old `self` into the new one the
+ *   fields named in the new class's optional `persist` list (plain data only: strings, numbers,
+ *   booleans and tables of them), and frees the old one. Returns 0, or -1 if nothing is pending.
+ * abort: drops the prepared router. */
+int ms_router_script_reload_prepare(ms_router_script_t *s, json_t **info);
+int ms_router_script_reload_commit(ms_router_script_t *s);
+void ms_router_script_reload_abort(ms_router_script_t *s);
+
+/* Status: a new object {"path", "version", "sha256", "failures", "last_error",
+ * "reload_failures", "last_reload_error", "reload_pending"}. */
+json_t *ms_router_script_info(const ms_router_script_t *s);
 
 /* Memory cap of the script's Lua state (bytes; 0 = the default, 32 MiB). It is enforced only
  * while script code runs; the state's footprint outside calls is the C side's own tables. */

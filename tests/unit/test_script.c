@@ -2,7 +2,10 @@
  * Unit tests for the script module: the built-in power-of-two-choices router, persistent
  * candidate tables, result validation, the sandbox, and the budgets (a router that spins forever,
  * one that hides the spin behind pcall, one that errors, one that allocates without bound).
- * Also prints the per-call cost of routing over 8 candidates (measured, never asserted).
+ * Also: class loading by attribute, self_test, lazily built request fields, completion
+ * feedback, on_replicas_changed, and the two-phase reload (state carried over, versions,
+ * hashes). Prints the per-call cost of routing over 8 and 64 candidates (measured, never
+ * asserted).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,7 +77,8 @@ typedef struct {
 
 static int choose(ms_router_script_t *s, const char *path, choice_t *c)
 {
-    ms_route_request_t req = {"req-1", "GET", path, ""};
+    ms_route_request_t req = {
+        .id = "req-1", .method = "GET", .path = path, .multiplexed_model_id = ""};
     c->nranks = ms_router_script_choose(s, &req, c->index, OUT_CAP, c->rank_end, OUT_CAP);
     return c->nranks;
 }
@@ -119,7 +123,8 @@ static void test_builtin_p2c(void)
     /* Multiplexed model: the holder comes first. */
     const char *ids[] = {"m1"};
     ms_router_script_set_model_ids(s, 5, ids, 1);
-    ms_route_request_t req = {"req-2", "POST", "/", "m1"};
+    ms_route_request_t req = {
+        .id = "req-2", .method = "POST", .path = "/", .multiplexed_model_id = "m1"};
     int n = ms_router_script_choose(s, &req, c.index, OUT_CAP, c.rank_end, OUT_CAP);
     ASSERT_INT_EQ(n, 2); /* [holder], [the other 7] */
     ASSERT_INT_EQ(c.index[0], 5);
@@ -221,7 +226,7 @@ static void test_result_validation(void)
     ASSERT_INT_EQ(choose(s, "/", &c), 1);
     ASSERT_INT_EQ(c.index[0], 0);
     /* Capacity limits truncate instead of overflowing. */
-    ms_route_request_t req = {"r", "GET", "/mixed", ""};
+    ms_route_request_t req = {.id = "r", .method = "GET", .path = "/mixed"};
     int idx[1], ends[1];
     ASSERT_INT_EQ(ms_router_script_choose(s, &req, idx, 1, ends, 1), 1);
     ASSERT_INT_EQ(ends[0], 1);
@@ -250,7 +255,7 @@ static void test_state_and_hooks(void)
     choice_t c;
     ASSERT_INT_EQ(choose(s, "/", &c), 1);
     ASSERT_INT_EQ(c.index[0], 2);
-    ms_route_request_t req = {"r", "GET", "/x", ""};
+    ms_route_request_t req = {.id = "r", .method = "GET", .path = "/x"};
     ms_router_script_on_routed(s, &req, 3);
     ASSERT_INT_EQ(choose(s, "/", &c), 1);
     ASSERT_INT_EQ(c.index[0], 3);
@@ -383,9 +388,278 @@ static void test_sandbox(void)
     unsetenv("MOONSERVE_LUA_DIR");
 }
 
-/* Per-call cost of routing over 8 candidates with the built-in router, plus the ongoing-count
- * update the proxy makes around each request. Printed for the record, never asserted. */
-static void bench_builtin(void)
+static void write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f || fputs(text, f) < 0) {
+        perror(path);
+        exit(2);
+    }
+    fclose(f);
+}
+
+static void test_class_attr(void)
+{
+    const char *text = "local R = {}\n"
+                       "function R:choose_replicas(c) return { { c[#c] } } end\n"
+                       "return { Last = R, NotAClass = 3 }\n";
+    char *path = write_script(text), *err = NULL;
+    ms_router_script_t *s = ms_router_script_new_class(path, "Last", NULL, 1000, &err);
+    ASSERT_TRUE(s != NULL);
+    if (s) {
+        add_replicas(s, 3);
+        choice_t c;
+        ASSERT_INT_EQ(choose(s, "/", &c), 1);
+        ASSERT_INT_EQ(c.index[0], 2);
+        ms_router_script_free(s);
+    }
+    ASSERT_TRUE(ms_router_script_new_class(path, "Missing", NULL, 1000, &err) == NULL);
+    ASSERT_CONTAINS(err, "no router class 'Missing'");
+    free(err);
+    ASSERT_TRUE(ms_router_script_new_class(path, "NotAClass", NULL, 1000, &err) == NULL);
+    ASSERT_CONTAINS(err, "got number");
+    free(err);
+    ASSERT_TRUE(ms_router_script_new_class(path, NULL, NULL, 1000, &err) == NULL);
+    ASSERT_CONTAINS(err, "no choose_replicas"); /* without attr, the module table is the class */
+    free(err);
+    unlink(path);
+    free(path);
+
+    /* Inherited methods (through an __index table) are found; self_test runs on load. */
+    s = load_text("local Base = {}\n"
+                  "function Base:choose_replicas(c) return { c } end\n"
+                  "local R = setmetatable({}, { __index = Base })\n"
+                  "function R:self_test() assert(self.ready, 'not ready') end\n"
+                  "function R:initialize_state() self.ready = true end\n"
+                  "return R\n",
+                  NULL, 1000, NULL);
+    ASSERT_TRUE(s != NULL);
+    ms_router_script_free(s);
+    err = load_error("return { choose_replicas = function() end,\n"
+                     "  self_test = function(self) error('self test failed here') end }\n");
+    ASSERT_CONTAINS(err, ":2: self test failed here");
+    free(err);
+    err = load_error("return { choose_replicas = function() end,\n"
+                     "  self_test = function(self) return false end }\n");
+    ASSERT_CONTAINS(err, "self_test returned false");
+    free(err);
+}
+
+static void test_lazy_request(void)
+{
+    ms_router_script_t *s = load_text(
+        "local R = {}\n"
+        "function R:choose_replicas(c, req)\n"
+        "  assert(getmetatable(req) == false)\n"
+        "  if req.path == '/lazy' then\n"
+        "    assert(req.id == 'rid-1', 'id')\n"
+        "    assert(req.headers['x-a'] == '1, 2', 'joined header')\n"
+        "    assert(req.headers['content-type'] == 'text/plain', 'lower-case names')\n"
+        "    assert(req.body == 'hello', 'body')\n"
+        "    assert(req.multiplexed_model_id == 'm7', 'model from header')\n"
+        "  elseif req.path == '/plain' then\n"
+        "    assert(rawget(req, 'id') == nil and rawget(req, 'headers') == nil, 'materialized')\n"
+        "    assert(rawget(req, 'body') == nil, 'body materialized')\n"
+        "    assert(req.body == '' and next(req.headers) == nil and req.id == 'rid-2')\n"
+        "    assert(req.multiplexed_model_id == '' and req.nothing == nil)\n"
+        "  elseif req.path == '/given' then\n"
+        "    assert(req.multiplexed_model_id == 'given', 'explicit model id wins')\n"
+        "  end\n"
+        "  return { c }\n"
+        "end\n"
+        "function R:on_request_routed(req, replica) self.routed_id = req.id end\n"
+        "function R:on_request_completed(replica, latency, ok)\n"
+        "  self.done = { replica.id, latency, ok } end\n"
+        "return R\n",
+        NULL, 1000, NULL);
+    ASSERT_TRUE(s != NULL);
+    if (!s)
+        return;
+    add_replicas(s, 2);
+    ms_http_header_t h[] = {
+        {"X-A", 3, "1", 1},
+        {"Content-Type", 12, "text/plain", 10},
+        {"x-a", 3, "2", 1},
+        {"Serve_Multiplexed_Model_Id", 26, "m7", 2},
+    };
+    ms_route_request_t req = {.id = "rid-1",
+                              .method = "POST",
+                              .path = "/lazy",
+                              .headers = h,
+                              .n_headers = 4,
+                              .body = "hello!!",
+                              .body_len = 5};
+    int idx[8], ends[8];
+    ASSERT_INT_EQ(ms_router_script_choose(s, &req, idx, 8, ends, 8), 1);
+    ms_router_script_on_routed(s, &req, 1);
+    ms_route_request_t plain = {.id = "rid-2", .method = "GET", .path = "/plain"};
+    ASSERT_INT_EQ(ms_router_script_choose(s, &plain, idx, 8, ends, 8), 1);
+    ms_route_request_t given = {.id = "rid-3",
+                                .method = "GET",
+                                .path = "/given",
+                                .multiplexed_model_id = "given",
+                                .headers = h,
+                                .n_headers = 4};
+    ASSERT_INT_EQ(ms_router_script_choose(s, &given, idx, 8, ends, 8), 1);
+    ms_router_script_on_completed(s, 1, 0.25, 0);
+    ms_router_script_on_completed(s, 99, 0.25, 0); /* unknown replica: ignored */
+    ASSERT_INT_EQ(ms_router_script_failures(s), 0);
+    ASSERT_STR_EQ(ms_router_script_last_error(s), "");
+    ms_router_script_free(s);
+}
+
+/* Two-phase reload: state carried over (replicas, persist), versions, hashes, failures. */
+static void test_reload(void)
+{
+    const char *v1 = "local R = { persist = { 'count', 'missing' } }\n"
+                     "function R:initialize_state(kw) self.count = 0; self.tag = kw.tag end\n"
+                     "function R:on_request_routed(req, replica) self.count = self.count + 1 end\n"
+                     "function R:choose_replicas(c) return { { c[1] } } end\n"
+                     "return R\n";
+    /* v2 picks replica-<count> if everything it should have inherited is there. */
+    const char *v2 =
+        "local R = { persist = { 'count', 'missing' } }\n"
+        "function R:initialize_state(kw) self.count = -1; self.tag = kw.tag end\n"
+        "function R:choose_replicas(c)\n"
+        "  assert(self.tag == 'T' and self.count == 3 and #c == 4, 'state')\n"
+        "  local want = 'replica-' .. self.count\n"
+        "  for _, r in ipairs(c) do\n"
+        "    if r.id == 'replica-2' then assert(r.ongoing == 6 and r.max_ongoing_requests == 8) "
+        "end\n"
+        "    if r.id == 'replica-1' then assert(r.routing_stats.load == 0.5, 'stats') end\n"
+        "    if r.id == 'replica-3' then assert(r.multiplexed_model_ids.m1, 'models') end\n"
+        "    if r.id == want then return { { r } } end\n"
+        "  end\n"
+        "end\n"
+        "return R\n";
+    char *path;
+    ms_router_script_t *s = load_text(v1, "{\"tag\": \"T\"}", 1000, &path);
+    ASSERT_TRUE(s != NULL);
+    if (!s)
+        return;
+    add_replicas(s, 4);
+    ms_router_script_set_ongoing(s, 2, 5);
+    ASSERT_INT_EQ(ms_router_script_set_routing_stats(s, 1, "{\"load\": 0.5}"), 0);
+    const char *ids[] = {"m1"};
+    ms_router_script_set_model_ids(s, 3, ids, 1);
+    ms_route_request_t req = {.id = "r", .method = "GET", .path = "/"};
+    for (int i = 0; i < 3; i++)
+        ms_router_script_on_routed(s, &req, 0);
+
+    json_t *info = ms_router_script_info(s);
+    ASSERT_INT_EQ(json_integer_value(json_object_get(info, "version")), 1);
+    char sha1[65];
+    snprintf(sha1, sizeof sha1, "%s", json_string_value(json_object_get(info, "sha256")));
+    ASSERT_INT_EQ(strlen(sha1), 64);
+    json_decref(info);
+
+    write_file(path, v2);
+    ASSERT_INT_EQ(ms_router_script_reload_prepare(s, &info), 0);
+    ASSERT_TRUE(json_is_true(json_object_get(info, "ok")));
+    ASSERT_TRUE(json_is_null(json_object_get(info, "error")));
+    ASSERT_INT_EQ(json_integer_value(json_object_get(info, "version")), 2);
+    ASSERT_STR_EQ(json_string_value(json_object_get(info, "path")), path);
+    ASSERT_TRUE(strcmp(json_string_value(json_object_get(info, "sha256")), sha1) != 0);
+    json_decref(info);
+    /* Until commit the old router serves, and updates reach both. */
+    choice_t c;
+    ASSERT_INT_EQ(choose(s, "/", &c), 1);
+    ASSERT_INT_EQ(c.index[0], 0);
+    ms_router_script_set_ongoing(s, 2, 6);
+    ASSERT_INT_EQ(ms_router_script_reload_commit(s), 0);
+    ASSERT_INT_EQ(ms_router_script_reload_commit(s), -1); /* nothing pending */
+    ASSERT_INT_EQ(choose(s, "/", &c), 1);
+    ASSERT_INT_EQ(c.index[0], 3);
+    ASSERT_INT_EQ(ms_router_script_failures(s), 0);
+    ASSERT_STR_EQ(ms_router_script_last_error(s), "");
+
+    /* Failed prepares leave the current router alone. */
+    write_file(path, "local R = {\n");
+    ASSERT_INT_EQ(ms_router_script_reload_prepare(s, &info), -1);
+    ASSERT_TRUE(json_is_false(json_object_get(info, "ok")));
+    ASSERT_CONTAINS(json_string_value(json_object_get(info, "error")), "near '<eof>'");
+    ASSERT_INT_EQ(json_integer_value(json_object_get(info, "version")), 2);
+    json_decref(info);
+    write_file(path, "return { choose_replicas = function() end,\n"
+                     "  self_test = function() error('nope') end }\n");
+    ASSERT_INT_EQ(ms_router_script_reload_prepare(s, NULL), -1);
+    write_file(path, "abc"); /* not Lua, but its digest is FIPS 180-2's first example */
+    ASSERT_INT_EQ(ms_router_script_reload_prepare(s, &info), -1);
+    ASSERT_STR_EQ(json_string_value(json_object_get(info, "sha256")),
+                  "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    json_decref(info);
+    ASSERT_INT_EQ(choose(s, "/", &c), 1);
+    ASSERT_INT_EQ(c.index[0], 3);
+
+    /* Abort drops a good prepared router. */
+    write_file(path, v1);
+    ASSERT_INT_EQ(ms_router_script_reload_prepare(s, NULL), 0);
+    ms_router_script_reload_abort(s);
+    ASSERT_INT_EQ(choose(s, "/", &c), 1);
+    ASSERT_INT_EQ(c.index[0], 3);
+
+    info = ms_router_script_info(s);
+    ASSERT_INT_EQ(json_integer_value(json_object_get(info, "version")), 2);
+    ASSERT_INT_EQ(json_integer_value(json_object_get(info, "reload_failures")), 3);
+    ASSERT_CONTAINS(json_string_value(json_object_get(info, "last_reload_error")), "'=' expected");
+    ASSERT_INT_EQ(json_integer_value(json_object_get(info, "failures")), 0);
+    ASSERT_TRUE(json_is_false(json_object_get(info, "reload_pending")));
+    json_decref(info);
+
+    /* The other FIPS 180-2 examples: 56 bytes (the length needs a second padding block) and a
+     * million 'a' (many blocks). */
+    write_file(path, "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq");
+    ms_router_script_reload_prepare(s, &info);
+    ASSERT_STR_EQ(json_string_value(json_object_get(info, "sha256")),
+                  "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    json_decref(info);
+    char *million = malloc(1000001);
+    memset(million, 'a', 1000000);
+    million[1000000] = 0;
+    write_file(path, million);
+    free(million);
+    ms_router_script_reload_prepare(s, &info);
+    ASSERT_STR_EQ(json_string_value(json_object_get(info, "sha256")),
+                  "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+    json_decref(info);
+    ms_router_script_free(s);
+    unlink(path);
+    free(path);
+}
+
+/* on_replicas_changed runs once per burst of changes, before the next choose. */
+static void test_replicas_changed(void)
+{
+    ms_router_script_t *s = load_text("local R = {}\n"
+                                      "function R:initialize_state() self.changes = 0 end\n"
+                                      "function R:on_replicas_changed(c)\n"
+                                      "  self.changes = self.changes + 1; self.n = #c end\n"
+                                      "function R:choose_replicas(c)\n"
+                                      "  assert(self.n == #c)\n"
+                                      "  return { { c[self.changes] } } end\n"
+                                      "return R\n",
+                                      NULL, 1000, NULL);
+    ASSERT_TRUE(s != NULL);
+    if (!s)
+        return;
+    add_replicas(s, 5);
+    choice_t c;
+    ASSERT_INT_EQ(choose(s, "/", &c), 1);
+    ASSERT_INT_EQ(c.index[0], 0); /* one call for five additions */
+    ASSERT_INT_EQ(choose(s, "/", &c), 1);
+    ASSERT_INT_EQ(c.index[0], 0);
+    ms_router_script_set_ongoing(s, 1, 3); /* not a set change */
+    ms_router_script_remove_replica(s, 4);
+    ASSERT_INT_EQ(choose(s, "/", &c), 1);
+    ASSERT_INT_EQ(c.index[0], 1);
+    ASSERT_INT_EQ(ms_router_script_failures(s), 0);
+    ms_router_script_free(s);
+}
+
+/* Per-call cost of routing with the built-in router over 8 and 64 candidates, plus the
+ * ongoing-count update the proxy makes around each request. Printed for the record, never
+ * asserted; the best of several rounds, since other processes share the machine. */
+static void bench_builtin(int ncand)
 {
     char *err = NULL;
     ms_router_script_t *s = ms_router_script_new(NULL, NULL, 1000, &err);
@@ -393,22 +667,31 @@ static void bench_builtin(void)
         free(err);
         return;
     }
-    add_replicas(s, 8);
+    add_replicas(s, ncand);
     choice_t c;
-    ms_route_request_t req = {"0123456789abcdef0123456789abcdef", "GET", "/predict", ""};
-    const int n = 1000000;
+    ms_route_request_t req = {.id = "0123456789abcdef0123456789abcdef",
+                              .method = "GET",
+                              .path = "/predict",
+                              .multiplexed_model_id = ""};
+    const int n = 200000;
     int sink = 0;
-    uint64_t t0 = ms_now_us();
-    for (int i = 0; i < n; i++)
-        sink += ms_router_script_choose(s, &req, c.index, OUT_CAP, c.rank_end, OUT_CAP);
-    uint64_t t1 = ms_now_us();
-    for (int i = 0; i < n; i++)
-        ms_router_script_set_ongoing(s, i & 7, i & 15);
-    uint64_t t2 = ms_now_us();
-    printf("ms_router_script_choose, built-in p2c, 8 candidates: %.3f us/call\n",
-           (double)(t1 - t0) / n);
-    printf("ms_router_script_set_ongoing: %.3f us/call\n", (double)(t2 - t1) / n);
-    ASSERT_INT_EQ(sink, 2 * n);
+    double best = 1e9, best_set = 1e9;
+    for (int round = 0; round < 5; round++) {
+        uint64_t t0 = ms_now_us();
+        for (int i = 0; i < n; i++)
+            sink += ms_router_script_choose(s, &req, c.index, OUT_CAP, c.rank_end, OUT_CAP);
+        uint64_t t1 = ms_now_us();
+        for (int i = 0; i < n; i++)
+            ms_router_script_set_ongoing(s, i & 7, i & 15);
+        uint64_t t2 = ms_now_us();
+        if ((double)(t1 - t0) / n < best)
+            best = (double)(t1 - t0) / n;
+        if ((double)(t2 - t1) / n < best_set)
+            best_set = (double)(t2 - t1) / n;
+    }
+    printf("ms_router_script_choose, built-in p2c, %d candidates: %.3f us/call\n", ncand, best);
+    printf("ms_router_script_set_ongoing: %.3f us/call\n", best_set);
+    ASSERT_INT_EQ(sink, 2 * n * 5);
     ASSERT_INT_EQ(ms_router_script_failures(s), 0);
     ms_router_script_free(s);
 }
@@ -422,6 +705,11 @@ int main(void)
     test_state_and_hooks();
     test_runaway_and_errors();
     test_sandbox();
-    bench_builtin();
+    test_class_attr();
+    test_lazy_request();
+    test_reload();
+    test_replicas_changed();
+    bench_builtin(8);
+    bench_builtin(64);
     return TEST_DONE();
 }
