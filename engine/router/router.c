@@ -396,9 +396,11 @@ static void call_detach(call_t *c, int reuse_conn)
     ms_deployment_t *d = c->dep;
     if (!r)
         return;
-    if (d->routable[r->slot])
+    if (d->routable[r->slot]) {
+        int ok = reuse_conn && c->status < 500; /* a replica's 5xx counts as a failure too */
         ms_router_script_on_completed(d->script, r->slot,
-                                      (double)(ms_now_us() - c->sent_at_us) / 1e6, reuse_conn);
+                                      (double)(ms_now_us() - c->sent_at_us) / 1e6, ok);
+    }
     r->ongoing--;
     if (d->routable[r->slot])
         ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
@@ -612,13 +614,11 @@ static ms_replica_t *least_loaded(const ms_deployment_t *d, const int *slots, in
  * the fewest in-flight requests below its cap. A failing router falls back to least-loaded. */
 static ms_replica_t *choose(ms_deployment_t *d, call_t *c)
 {
-    /* Header values are NUL-terminated by the parser, so the value serves as a C string. */
-    const char *model = ms_http_request_header(c->req, "serve_multiplexed_model_id", NULL);
     ms_route_request_t rr = {
         .id = c->req->request_id,
         .method = c->req->method,
         .path = c->req->path,
-        .multiplexed_model_id = model ? model : "",
+        .multiplexed_model_id = "", /* the script reads serve_multiplexed_model_id itself */
         .headers = c->req->headers,
         .n_headers = c->req->n_headers,
         .body = c->req->body,

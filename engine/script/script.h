@@ -27,14 +27,6 @@
 
 typedef struct ms_router_script ms_router_script_t;
 
-/* TEMPORARY: callers written before headers/body were added fill ms_route_request_t
- * positionally ({id, method, path, model}), which -Wextra flags as missing initializers and
- * MS_WERROR turns into an error. Remove once every caller (engine/router/router.c) uses
- * designated initializers. */
-#if defined(__GNUC__)
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#endif
-
 /* What the router sees of a request; everything only needs to stay valid for the duration of
  * the call (choose / on_routed). Fields added later are zero in older positional initializers.
  * `method`, `path` and `multiplexed_model_id` are stored in the Lua request table on each call;
