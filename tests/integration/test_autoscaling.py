@@ -232,6 +232,16 @@ end
 return M
 '''
 
+KWARGS_POLICY = r'''
+-- the target comes from policy_kwargs (the second argument)
+local M = {}
+function M.policy(ctx, kwargs)
+  if type(kwargs) ~= "table" then error("no kwargs") end
+  return kwargs.replicas, ctx.policy_state
+end
+return M
+'''
+
 METRICS_LUA = r'''
 local serve = require "moonserve"
 local Metric = serve.deployment { name = "Metric" }
@@ -241,10 +251,12 @@ return { app = Metric:bind() }
 '''
 
 
-def policy_dep(fn, dry_run=None, **kw):
+def policy_dep(fn, dry_run=None, kwargs=None, **kw):
     cfg = as_cfg(min_replicas=1, max_replicas=kw.pop("max_replicas", 3), upscale_delay_s=0,
                  downscale_delay_s=30, **kw)
     cfg["policy"] = {"policy_function": fn}
+    if kwargs is not None:
+        cfg["policy"]["policy_kwargs"] = kwargs
     if dry_run is not None:
         cfg["policy"]["dry_run"] = dry_run
     return hello_dep(cfg)
@@ -253,12 +265,14 @@ def policy_dep(fn, dry_run=None, **kw):
 class CustomPolicyTest(harness.ServerTestCase):
     EXTRA_CONFIG = CONTROL
     FILES = {"ticks.lua": TICKS_POLICY, "count.lua": COUNT_POLICY, "ctxp.lua": CTX_POLICY,
-             "dry.lua": DRY_POLICY, "mpolicy.lua": METRICS_POLICY, "metric.lua": METRICS_LUA}
+             "dry.lua": DRY_POLICY, "mpolicy.lua": METRICS_POLICY, "metric.lua": METRICS_LUA,
+             "kw.lua": KWARGS_POLICY}
     APPLICATIONS = [
         hello_app("ticks", "/ticks", policy_dep("ticks.lua:policy")),
         hello_app("count", "/count", policy_dep("count.lua:policy", max_replicas=1)),
         hello_app("ctx", "/ctx", policy_dep("ctxp.lua:policy", max_replicas=2)),
         hello_app("dry", "/dry", policy_dep("dry.lua:policy", dry_run=True)),
+        hello_app("kw", "/kw", policy_dep("kw.lua:policy", kwargs={"replicas": 2})),
         {"name": "metric", "route_prefix": "/metric", "import_path": "metric.lua:app",
          "deployments": [dict(policy_dep("mpolicy.lua:policy"), name="Metric")]},
     ]
@@ -296,6 +310,13 @@ class CustomPolicyTest(harness.ServerTestCase):
                                       and len(running(d)) == 3, timeout=10,
                                       what="target 3 from record_autoscaling_stats")
         self.assertFalse((dep.get("autoscaling") or {}).get("last_error"), dep)
+
+    def test_policy_kwargs_reach_the_policy(self):
+        dep = self.server.wait_status("kw", "Hello", lambda d: d.get("target_num_replicas") == 2
+                                      or (d.get("autoscaling") or {}).get("last_error"),
+                                      timeout=10, what="kwargs policy decided or failed")
+        self.assertFalse((dep.get("autoscaling") or {}).get("last_error"), dep)
+        self.assertEqual(dep.get("target_num_replicas"), 2, dep)
 
     def test_dry_run_records_but_does_not_apply(self):
         srv = self.server

@@ -237,6 +237,42 @@ class ReloadTest(unittest.TestCase):
         self.assert_versions(1, POLICY_V1, 1, ROUTER_V1)
         self.assertEqual(self.served_by(), {self.ids[0]})
 
+    def test_versions_in_metrics_and_log(self):
+        self.srv.write_file("mypolicy.lua", POLICY_V2)
+        self.srv.write_file("myrouter.lua", ROUTER_V2)
+        code, body = self.srv.reload()
+        self.assertEqual(code, 200, body)
+        r = self.srv.admin_request("GET", "/metrics")
+        self.assertEqual(r.status, 200, r)
+        lines = [ln for ln in r.text.splitlines() if ln.startswith("moonserve_script_info{")]
+        for kind, text in (("router", ROUTER_V2), ("policy", POLICY_V2)):
+            hit = [ln for ln in lines if 'kind="%s"' % kind in ln and 'deployment="Hello"' in ln]
+            self.assertTrue(hit, "no moonserve_script_info for the %s in /metrics:\n%s"
+                            % (kind, "\n".join(lines)))
+            self.assertIn('version="2"', hit[0])
+            self.assertIn(sha(text), hit[0].lower())
+        log = self.srv.stderr_text()
+        for name, text in (("mypolicy.lua", POLICY_V2), ("myrouter.lua", ROUTER_V2)):
+            self.assertTrue([ln for ln in log.splitlines() if name in ln and
+                             sha(text)[:12] in ln.lower()],
+                            "no log line naming %s with its new sha256:\n%s"
+                            % (name, log[-3000:]))
+
+    def test_broken_reload_in_the_middle_of_load(self):
+        with LoadGen(self.srv, "/hello/load?sleep=0.02&w={i}", 6) as load:
+            time.sleep(0.2)
+            self.srv.write_file("mypolicy.lua", POLICY_SYNTAX)
+            self.srv.write_file("myrouter.lua", ROUTER_V2)
+            code, body = self.srv.reload()
+            self.assertEqual(code, 422, body)
+            time.sleep(0.2)
+            self.srv.write_file("mypolicy.lua", POLICY_V2)
+            code, body = self.srv.reload()
+            self.assertEqual(code, 200, body)
+            time.sleep(0.2)
+        self.assertEqual(load.failures, [])
+        self.assert_versions(2, POLICY_V2, 2, ROUTER_V2)
+
     def test_reload_under_load_fails_nothing(self):
         with LoadGen(self.srv, "/hello/load?sleep=0.02&w={i}", 6) as load:
             time.sleep(0.3)
