@@ -392,6 +392,20 @@ class AppPolicyTest(harness.ServerTestCase):
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.json().get("y"), 6)
 
+    def test_z_app_policy_reloads(self):
+        # runs last in the class: Model goes to 3 with the edited application policy
+        srv = self.server
+        srv.write_file("app_policy.lua", APP_POLICY.replace('and 2 or 1', 'and 3 or 1'))
+        code, body = srv.reload()
+        self.assertEqual(code, 200, body)
+        entries = [e for e in body.get("scripts") or []
+                   if str(e.get("path", "")).endswith("app_policy.lua")]
+        self.assertTrue(entries, body)
+        self.assertEqual(entries[0].get("version"), 2, entries)
+        srv.wait_status("comp", "Model", lambda d: d.get("target_num_replicas") == 3
+                        and len(running(d)) == 3, timeout=10,
+                        what="Model at 3 after the app policy reload")
+
     def test_warning_logged_for_both_policies(self):
         text = self.server.stderr_text()
         lines = [ln for ln in text.splitlines() if "warn" in ln.lower() and "polic" in ln.lower()

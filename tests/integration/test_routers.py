@@ -91,6 +91,31 @@ end
 return { app = Stat:bind() }
 '''
 
+# checks every documented candidate and request field; a failed assert is a router failure
+FIELDS_ROUTER = r'''
+local R = {}
+function R:choose_replicas(candidates, request)
+  if request then
+    assert(request.id == "probe-id-" .. (request.path:match("probe(%d+)") or "?"),
+           "request.id " .. tostring(request.id) .. " for " .. tostring(request.path))
+    assert(request.method == "POST", "request.method " .. tostring(request.method))
+    assert(request.headers["x-probe"] == "yes", "request.headers['x-probe']")
+    assert(request.body == "probe-body", "request.body " .. tostring(request.body))
+    assert(request.multiplexed_model_id ~= nil, "request.multiplexed_model_id is nil")
+  end
+  for i = 1, #candidates do
+    local c = candidates[i]
+    assert(type(c.id) == "string", "c.id")
+    assert(type(c.ongoing) == "number" and c.ongoing >= 0, "c.ongoing")
+    assert(c.max_ongoing_requests == 3, "c.max_ongoing_requests " .. tostring(c.max_ongoing_requests))
+    assert(type(c.routing_stats) == "table", "c.routing_stats")
+    assert(type(c.multiplexed_model_ids) == "table", "c.multiplexed_model_ids")
+  end
+  return { candidates }
+end
+return { Router = R }
+'''
+
 SPIN_ROUTER = r'''
 local R = {}
 function R:choose_replicas(candidates, request)
@@ -135,10 +160,13 @@ def ids_of(srv, app, dep):
 
 class CustomRouterTest(harness.ServerTestCase):
     EXTRA_CONFIG = CONTROL
-    FILES = {"pick.lua": PICK_ROUTER, "stats_router.lua": STATS_ROUTER, "stat.lua": STATS_LUA}
+    FILES = {"pick.lua": PICK_ROUTER, "stats_router.lua": STATS_ROUTER, "stat.lua": STATS_LUA,
+             "fields.lua": FIELDS_ROUTER}
     APPLICATIONS = [
         hello_app("pmin", "/pmin", router_dep("pick.lua:Router")),
         hello_app("pmax", "/pmax", router_dep("pick.lua:Router", {"pick": "max"})),
+        hello_app("fields", "/fields", dict(router_dep("fields.lua:Router", n=2),
+                                            max_ongoing_requests=3)),
         {"name": "stat", "route_prefix": "/stat", "import_path": "stat.lua:app",
          "deployments": [dict(router_dep("stats_router.lua:Router",
                                          request_routing_stats_period_s=0.1),
@@ -162,6 +190,17 @@ class CustomRouterTest(harness.ServerTestCase):
         self.assertEqual(set(self.replicas_answering("/pmin")), {ids[0]})
         ids = self.wait_three("pmax")
         self.assertEqual(set(self.replicas_answering("/pmax")), {ids[-1]})
+
+    def test_candidate_and_request_fields(self):
+        srv = self.server
+        srv.wait_status("fields", "Hello", lambda d: len(running(d)) == 2, what="2 running")
+        for i in range(5):
+            r = srv.request("POST", "/fields/probe%d" % i, body=b"probe-body",
+                            headers={"X-Probe": "yes", "X-Request-ID": "probe-id-%d" % i})
+            self.assertEqual(r.status, 200, r)
+        info = srv.deployment_status("fields", "Hello").get("router") or {}
+        self.assertEqual(info.get("failures", 0), 0, "router saw wrong fields: %r" % info)
+        self.assertFalse(info.get("last_error"), info)
 
     def test_router_info_in_status(self):
         dep = self.server.deployment_status("pmax", "Hello")
