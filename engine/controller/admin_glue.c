@@ -260,6 +260,24 @@ static int on_shutdown(void *data, json_t **body)
 /* ---- metrics -----------------------------------------------------------------------------------
  */
 
+/* moonserve_script_info (version and hash as labels) and the script's failure counter. */
+static void script_metrics(ms_buf_t *b, const char *kind, const char *app, const char *dep,
+                           json_t *script, json_t *counters)
+{
+    const char *sha = json_string_value(json_object_get(script, "sha256"));
+    ms_buf_appendf(b,
+                   "moonserve_script_info{kind=\"%s\",application=\"%s\",deployment=\"%s\","
+                   "version=\"%lld\",sha256=\"%s\"} 1\n",
+                   kind, app, dep,
+                   (long long)json_integer_value(json_object_get(script, "version")),
+                   sha ? sha : "");
+    ms_buf_appendf(b,
+                   "moonserve_script_failures_total{kind=\"%s\",application=\"%s\","
+                   "deployment=\"%s\"} %lld\n",
+                   kind, app, dep,
+                   (long long)json_integer_value(json_object_get(counters, "failures")));
+}
+
 static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
 {
     ms_replica_t *rs[256];
@@ -283,16 +301,13 @@ static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
         b, "moonserve_deployment_ongoing_requests{application=\"%s\",deployment=\"%s\"} %zu\n", a,
         d, ongoing);
     json_t *info = ms_router_script_info(ms_deployment_router_script(e->dep));
-    ms_buf_appendf(b,
-                   "moonserve_script_info{kind=\"router\",application=\"%s\",deployment=\"%s\","
-                   "version=\"%lld\",sha256=\"%s\"} 1\n",
-                   a, d, (long long)json_integer_value(json_object_get(info, "version")),
-                   json_string_value(json_object_get(info, "sha256")) ?: "");
-    ms_buf_appendf(b,
-                   "moonserve_script_failures_total{kind=\"router\",application=\"%s\",deployment="
-                   "\"%s\"} %lld\n",
-                   a, d, (long long)json_integer_value(json_object_get(info, "failures")));
+    script_metrics(b, "router", a, d, info, info);
     json_decref(info);
+    if (e->autoscaler) {
+        json_t *st = ms_autoscaler_status(e->autoscaler);
+        script_metrics(b, "policy", a, d, json_object_get(st, "policy"), st);
+        json_decref(st);
+    }
 }
 
 static int on_metrics(void *data, char **text)

@@ -3,7 +3,8 @@
  * autoscaling deployment (running replicas, their in-flight requests, the queue, the replicas'
  * record_autoscaling_stats), runs the policies — the application's policy when it has one, which
  * takes precedence, else each deployment's own — and applies the targets. Replica stats are
- * polled every few ticks. A request that arrives at zero replicas triggers a decision at once.
+ * polled every request_routing_stats_period_s (every STATS_PERIOD_S for autoscaling
+ * deployments). A request that arrives at zero replicas triggers a decision at once.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -14,7 +15,6 @@
 #define POLICY_BUDGET_US  5000.0
 #define POLICY_MEM_LIMIT  0 /* the sandbox's default cap */
 #define STATS_PERIOD_S    0.5
-#define STATS_TIMEOUT_S   10.0
 #define MAX_REPLICAS_SEEN 1024
 
 int ms__control_initial_replicas(const planned_t *p)
@@ -69,10 +69,16 @@ int ms__control_setup(controller_t *c, const plan_t *plan)
         return -1;
     for (size_t i = 0; i < plan->n && i < c->n_deps; i++) {
         const planned_t *p = &plan->items[i];
+        dep_entry_t *e = &c->deps[i];
+        e->stats_period_s =
+            p->router ? p->router->stats_period_s : MS_DEFAULT_ROUTING_STATS_PERIOD_S;
+        e->stats_timeout_s =
+            p->router ? p->router->stats_timeout_s : MS_DEFAULT_ROUTING_STATS_TIMEOUT_S;
+        if (p->autoscaling && e->stats_period_s > STATS_PERIOD_S)
+            e->stats_period_s = STATS_PERIOD_S;
         if (!p->autoscaling)
             continue;
         char *err = NULL;
-        dep_entry_t *e = &c->deps[i];
         e->autoscaler = ms_autoscaler_new(p->app->name, p->name, p->autoscaling, POLICY_BUDGET_US,
                                           POLICY_MEM_LIMIT, &err);
         if (!e->autoscaler) {
@@ -174,12 +180,13 @@ static void on_tick(uv_timer_t *t)
 {
     controller_t *c = t->data;
     double now = ms_wall_time();
-    double interval = c->cfg->control_loop_interval_s;
-    uint64_t stats_every = (uint64_t)(STATS_PERIOD_S / interval);
-    if (stats_every == 0 || c->ticks % stats_every == 0)
-        for (size_t i = 0; i < c->n_deps; i++)
-            ms_deployment_poll_stats(c->deps[i].dep, STATS_TIMEOUT_S);
-    c->ticks++;
+    for (size_t i = 0; i < c->n_deps; i++) {
+        dep_entry_t *e = &c->deps[i];
+        if (now < e->next_stats_poll)
+            continue;
+        e->next_stats_poll = now + e->stats_period_s;
+        ms_deployment_poll_stats(e->dep, e->stats_timeout_s);
+    }
     for (size_t i = 0; i < c->n_deps; i++)
         if (c->deps[i].autoscaler)
             record_sample(&c->deps[i], now);

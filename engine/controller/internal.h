@@ -50,6 +50,11 @@ typedef struct dep_entry {
     size_t app_index;
     ms_autoscaler_t *autoscaler; /* NULL: fixed count (num_replicas or the external scaler) */
     double stats_seen;           /* newest replica stats already handed to the autoscaler */
+    /* Replica stats polling: request_routing_stats_period_s / _timeout_s, and more often (every
+     * STATS_PERIOD_S) for autoscaling deployments, whose custom metrics feed the policy. */
+    double stats_period_s;
+    double stats_timeout_s;
+    double next_stats_poll; /* wall clock */
 } dep_entry_t;
 
 typedef struct app_entry {
@@ -72,7 +77,6 @@ typedef struct controller {
     uv_signal_t sigterm, sigint, sighup;
     uv_timer_t drain_timer;
     uv_timer_t control_timer;
-    uint64_t ticks;
     uint64_t drain_deadline_ms;
     double drain_bound_s; /* longest graceful_shutdown_timeout_s of any deployment */
     char run_dir[64];

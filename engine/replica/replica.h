@@ -89,6 +89,9 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
 void ms_replica_stop(ms_replica_t *r, double timeout_s);
 /* Immediate SIGKILL. */
 void ms_replica_kill(ms_replica_t *r);
+/* Default bound on a stats request (Ray's request_routing_stats_timeout_s). */
+#define MS_REPLICA_STATS_TIMEOUT_S 30.0
+
 /* Asks a RUNNING replica for its stats (record_autoscaling_stats / record_routing_stats) unless
  * a request is already outstanding for less than timeout_s; the reply lands in
  * autoscaling_stats / routing_stats and fires on_stats. */

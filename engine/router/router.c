@@ -135,6 +135,9 @@ static void on_replica_ready(ms_replica_t *r)
     d->constructor_failures = 0;
     ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
     d->routable[r->slot] = 1;
+    /* Its routing stats are wanted now, not a whole stats period later (Ray probes new replicas
+     * at once too). */
+    ms_replica_poll_stats(r, MS_REPLICA_STATS_TIMEOUT_S);
     ms_info("replica %s: ready (%zu of %d running)", r->id, ms_deployment_running_replicas(d),
             d->target_replicas);
     dispatch(d);
