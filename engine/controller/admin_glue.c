@@ -177,7 +177,7 @@ static int prepare_all(controller_t *c, json_t *scripts)
         if (e->autoscaler) {
             info = NULL;
             ok &= ms_autoscaler_reload_prepare(e->autoscaler, &info) == 0;
-            add_info(scripts, info, "autoscaling_policy", e->app->name, e->name);
+            add_info(scripts, info, "policy", e->app->name, e->name);
         }
     }
     for (size_t a = 0; a < c->n_apps; a++) {
