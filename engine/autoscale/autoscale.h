@@ -26,9 +26,9 @@ typedef struct ms_app_policy ms_app_policy_t;
 
 /* One observation of a deployment, taken by the controller every control-loop tick. */
 typedef struct ms_autoscale_sample {
-    double now;            /* wall-clock seconds */
-    int running_replicas;  /* replicas RUNNING (current_num_replicas) */
-    size_t n_replicas;     /* entries in the two arrays below (the running replicas) */
+    double now;           /* wall-clock seconds */
+    int running_replicas; /* replicas RUNNING (current_num_replicas) */
+    size_t n_replicas;    /* entries in the two arrays below (the running replicas) */
     const char *const *replica_ids;
     const double *running_requests; /* requests in flight at each replica */
     double queued_requests;         /* requests waiting in the controller's queue */

@@ -1,8 +1,7 @@
 /*
  * autoscale internals shared by its files: the look-back window (window.c), policy scripts and
  * the ctx tables handed to them (policy.c), the rules applied on top of a policy's answer and the
- * deployment-level API (autoscale.c), application-level policies (app_policy.c), SHA-256
- * (sha256.c).
+ * deployment-level API (autoscale.c), application-level policies (app_policy.c).
  */
 #ifndef MS_AUTOSCALE_INTERNAL_H
 #define MS_AUTOSCALE_INTERNAL_H
@@ -24,9 +23,6 @@
 #define AS_INIT_BUDGET_US 1000000.0
 /* Name of the built-in policy function in lua/autoscaling.lua. */
 #define AS_BUILTIN_FUNCTION "default_autoscaling_policy"
-
-/* ---- sha256.c ------------------------------------------------------------------------------- */
-void as_sha256_hex(const void *data, size_t len, char out[65]);
 
 /* ---- window.c ------------------------------------------------------------------------------- */
 typedef struct as_sample {

@@ -142,7 +142,7 @@ as_script_t *as_script_load(const char *file, const char *attr, json_t *kwargs, 
     s->file = ms_strdup(file);
     s->attr = ms_strdup(attr);
     s->version = 1;
-    as_sha256_hex(text.data ? text.data : "", text.len, s->sha256);
+    ms_sha256_hex(text.data ? text.data : "", text.len, s->sha256);
     if (sha_out)
         memcpy(sha_out, s->sha256, 65);
     s->sb = ms_sandbox_new(mem_limit, err);

@@ -77,6 +77,9 @@ uint64_t ms_now_us(void);  /* monotonic microseconds */
 double ms_wall_time(void); /* seconds since the epoch, for status and logs */
 
 /* ---- misc ---------------------------------------------------------------------------------- */
+/* SHA-256 of data as 64 lowercase hex digits plus NUL, for script fingerprints. */
+void ms_sha256_hex(const void *data, size_t len, char out[65]);
+
 /* Fills `out` (at least 33 bytes) with a random 32-hex-digit id, NUL-terminated. Not a secret:
  * it is drawn from a per-process xorshift generator seeded from the clock and the pid. */
 void ms_random_id(char *out);

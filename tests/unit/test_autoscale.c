@@ -762,12 +762,12 @@ static void test_example_custom_metrics(void)
 static void test_sha256(void)
 {
     char hex[65];
-    as_sha256_hex("abc", 3, hex);
+    ms_sha256_hex("abc", 3, hex);
     ASSERT_STR_EQ(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     const char *two = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-    as_sha256_hex(two, strlen(two), hex);
+    ms_sha256_hex(two, strlen(two), hex);
     ASSERT_STR_EQ(hex, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
-    as_sha256_hex("", 0, hex);
+    ms_sha256_hex("", 0, hex);
     ASSERT_STR_EQ(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
 }
 

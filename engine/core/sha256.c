@@ -1,13 +1,13 @@
 /*
- * sha256: a compact SHA-256 (FIPS 180-4) for fingerprinting policy scripts in status and reload
- * answers, so an operator can tell which content is in force. Not constant-time; nothing secret
- * goes through it.
+ * core/sha256: a compact SHA-256 (FIPS 180-4) for fingerprinting policy scripts in status, logs,
+ * metrics and reload answers, so an operator can tell which content is in force. Not
+ * constant-time; nothing secret goes through it.
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "autoscale/internal.h"
+#include "core/core.h"
 
 static const uint32_t K[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -53,7 +53,7 @@ static void compress(uint32_t h[8], const uint8_t block[64])
     h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += k;
 }
 
-void as_sha256_hex(const void *data, size_t len, char out[65])
+void ms_sha256_hex(const void *data, size_t len, char out[65])
 {
     uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                      0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
