@@ -8,8 +8,8 @@
  * by config_fields.c. A field is either implemented here, known to Ray Serve but not
  * implemented yet ("later": type-checked loosely, then a warning), or a legacy field that is
  * an error. Keys not in the table are errors with a did-you-mean. autoscaling_config,
- * request_router_config and autoscaling_policy are validated by config_scaling.c, which also
- * serves autoscaling options given in code as JSON.
+ * request_router_config, autoscaling_policy and external_scaler are validated by
+ * config_scaling.c, which also serves autoscaling options given in code as JSON.
  */
 #include "config/config_internal.h"
 #include "core/core.h"
@@ -333,6 +333,7 @@ static void check_unique_deployments(ms_cfg_ctx_t *c, ms_app_config_t *app, dep_
 typedef struct app_build {
     ms_app_config_t *app;
     yaml_node_t *ext_node;    /* external_scaler_enabled value, when true */
+    yaml_node_t *scaler_key;  /* external_scaler key, when given */
     yaml_node_t *name_node;   /* NULL when the name is the default */
     yaml_node_t *prefix_node; /* NULL when the prefix is the default */
     bool is_mapping;          /* false for a malformed entry, already reported */
@@ -437,10 +438,22 @@ static void app_external_scaler(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, ya
     ab->ext_node = b ? val : NULL;
 }
 
-/* Ray Serve's schema rule: an external scaler and autoscaling do not mix in one application. */
+static void app_scaler_hooks(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    app_build_t *ab = obj;
+    ab->scaler_key = key;
+    if (!ms_cfg_want_mapping(c, key, val, false))
+        return;
+    ms_cfg_external_scaler_yaml(c, val, ab->app);
+}
+
+/* Ray Serve's schema rule: an external scaler and autoscaling do not mix in one application.
+ * Ours: hooks of the external scaling API mean nothing while that API is off for the app. */
 static void check_external_scaler(ms_cfg_ctx_t *c, app_build_t *ab)
 {
     ms_app_config_t *app = ab->app;
+    if (ab->scaler_key && !app->external_scaler_enabled)
+        ms_cfg_error(c, ab->scaler_key, "external_scaler needs external_scaler_enabled: true");
     if (!app->external_scaler_enabled)
         return;
     for (size_t i = 0; i < app->n_deployments; i++) {
@@ -472,6 +485,7 @@ static const ms_cfg_field_t app_fields[] = {
     {"runtime_env", ms_cfg_later_mapping, MS_FIELD_LATER},
     {"autoscaling_policy", app_autoscaling_policy, MS_FIELD_OK},
     {"external_scaler_enabled", app_external_scaler, MS_FIELD_OK},
+    {"external_scaler", app_scaler_hooks, MS_FIELD_OK},
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
     {"host", app_legacy, MS_FIELD_LEGACY},
     {"port", app_legacy, MS_FIELD_LEGACY},
@@ -483,6 +497,7 @@ static void walk_app(ms_cfg_ctx_t *c, yaml_node_t *node, app_build_t *ab)
     app->name = ms_strdup("default");
     app->route_prefix = ms_strdup("/");
     app->args = json_object();
+    app->scale_tick_interval_s = MS_DEFAULT_SCALE_TICK_INTERVAL_S;
     app->mark = ms_cfg_mark(node);
     if (node->type != YAML_MAPPING_NODE) {
         char got[64];
@@ -812,6 +827,9 @@ static void app_free(ms_app_config_t *app)
     free(app->deployments);
     ms_cfg_lua_ref_free(app->autoscaling_policy);
     json_decref(app->autoscaling_policy_kwargs);
+    ms_cfg_lua_ref_free(app->scale_hook);
+    ms_cfg_lua_ref_free(app->scale_tick);
+    json_decref(app->scale_hook_kwargs);
 }
 
 void ms_config_free(ms_config_t *cfg)

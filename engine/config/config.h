@@ -43,6 +43,7 @@
 #define MS_DEFAULT_ROUTING_STATS_TIMEOUT_S  30.0
 #define MS_DEFAULT_ADMIN_HOST               "127.0.0.1"
 #define MS_DEFAULT_ADMIN_PORT               8265
+#define MS_DEFAULT_SCALE_TICK_INTERVAL_S    1.0
 
 /* Where a value sat in the file, for errors raised after loading (e.g. a deployment name that
  * the application's code does not declare). */
@@ -138,6 +139,12 @@ typedef struct ms_app_config {
     json_t *autoscaling_policy_kwargs;       /* owned; NULL when unset */
     int autoscaling_policy_dry_run;          /* autoscaling_policy.dry_run (ours) */
     int external_scaler_enabled;
+    /* external_scaler (ours): Lua hooks of the external scaling API; allowed only with
+     * external_scaler_enabled. Both refs NULL when the key is absent. */
+    ms_config_lua_ref_t *scale_hook;   /* external_scaler.hook: judges each POST .../scale */
+    ms_config_lua_ref_t *scale_tick;   /* external_scaler.tick: sets targets on a schedule */
+    double scale_tick_interval_s;      /* external_scaler.tick_interval_s, > 0, default 1 */
+    json_t *scale_hook_kwargs;         /* external_scaler.kwargs, owned; NULL when unset */
     ms_config_mark_t mark;             /* position of this application entry */
     ms_config_mark_t import_path_mark; /* position of the import_path value */
 } ms_app_config_t;

@@ -124,6 +124,9 @@ ms_autoscaling_config_t *ms_cfg_autoscaling_yaml(ms_cfg_ctx_t *c, yaml_node_t *m
 ms_router_config_t *ms_cfg_router_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
 /* applications[].autoscaling_policy into app->autoscaling_policy{,_kwargs,_dry_run}. */
 void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app);
+/* applications[].external_scaler (ours) into app->scale_hook, scale_tick,
+ * scale_tick_interval_s and scale_hook_kwargs. `map` must be a mapping node. */
+void ms_cfg_external_scaler_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app);
 void ms_cfg_router_free(ms_router_config_t *r);
 void ms_cfg_lua_ref_free(ms_config_lua_ref_t *r);
 

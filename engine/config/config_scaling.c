@@ -1,6 +1,7 @@
 /*
- * config (scaling): autoscaling_config (with its policy), request_router_config and the
- * application's autoscaling_policy. One set of field tables validates both sources:
+ * config (scaling): autoscaling_config (with its policy), request_router_config, the
+ * application's autoscaling_policy and its external_scaler hooks. One set of field tables
+ * validates both sources:
  *   - a YAML mapping from the config file: each value node is converted to JSON and checked,
  *     and errors point at the key or value node;
  *   - a JSON object from code options (serve.deployment{autoscaling_config = {...}}): errors
@@ -696,4 +697,44 @@ void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *
         jv_error(&v, map,
                  "autoscaling_policy.policy_function must name a Lua function "
                  "('file.lua:attr' or 'module.sub:attr')");
+}
+
+/* ---- applications[].external_scaler (ours) ------------------------------------------------- */
+
+static void es_hook(jkv_t *kv, void *obj)
+{
+    jget_ref(kv, NULL, &((ms_app_config_t *)obj)->scale_hook);
+}
+
+static void es_tick(jkv_t *kv, void *obj)
+{
+    jget_ref(kv, NULL, &((ms_app_config_t *)obj)->scale_tick);
+}
+
+static void es_tick_interval(jkv_t *kv, void *obj)
+{
+    /* Zero would run the tick on every control-loop pass; a period must be positive. */
+    jget_num(kv, 0, false, &((ms_app_config_t *)obj)->scale_tick_interval_s);
+}
+
+static void es_kwargs(jkv_t *kv, void *obj)
+{
+    jget_mapping(kv, &((ms_app_config_t *)obj)->scale_hook_kwargs);
+}
+
+static const jfield_t scaler_fields[] = {
+    {"hook", es_hook},
+    {"tick", es_tick},
+    {"tick_interval_s", es_tick_interval},
+    {"kwargs", es_kwargs},
+};
+
+void ms_cfg_external_scaler_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app)
+{
+    size_t before = c->n_errors;
+    jv_t v = {c, NULL, ms_cfg_mark(map)};
+    jv_walk(&v, NULL, map, "in external_scaler", scaler_fields, MS_N_FIELDS(scaler_fields), app);
+    /* Without either function the key would configure nothing: most likely a typo. */
+    if (!app->scale_hook && !app->scale_tick && c->n_errors == before)
+        jv_error(&v, map, "external_scaler needs at least one of 'hook' or 'tick'");
 }

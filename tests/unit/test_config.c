@@ -50,6 +50,7 @@ static void setup_tmpdir(void)
     write_file("policy.lua", "return {}\n");
     write_file("router.lua", "return {}\n");
     write_file("pkg/scale.lua", "return {}\n");
+    write_file("hooks.lua", "return {}\n");
 }
 
 static void cleanup_tmpdir(void)
@@ -1007,6 +1008,86 @@ static void test_app_policy_and_external_scaler(void)
                  "(deployment 'Auto')");
 }
 
+/* external_scaler (ours): the Lua hooks of the external scaling API. */
+static void test_external_scaler_hooks(void)
+{
+    ms_config_t *cfg = expect_ok("applications:\n"
+                                 "  - import_path: app.lua:A\n"
+                                 "    external_scaler_enabled: true\n"
+                                 "    external_scaler:\n"
+                                 "      hook: hooks.lua:judge\n"
+                                 "      tick: pkg.scale:tick\n"
+                                 "      tick_interval_s: 2.5\n"
+                                 "      kwargs: {max_replicas: 4}\n"
+                                 "  - name: b\n"
+                                 "    route_prefix: /b\n"
+                                 "    import_path: app.lua:A\n"
+                                 "    external_scaler_enabled: true\n"
+                                 "    external_scaler: {hook: hooks.lua:judge}\n"
+                                 "  - name: c\n"
+                                 "    route_prefix: /c\n"
+                                 "    import_path: app.lua:A\n");
+    if (cfg) {
+        ms_app_config_t *a = &cfg->apps[0];
+        ASSERT_TRUE(a->scale_hook != NULL && a->scale_tick != NULL);
+        ASSERT_STR_EQ(a->scale_hook ? a->scale_hook->file : NULL, tmp_path("hooks.lua"));
+        ASSERT_STR_EQ(a->scale_hook ? a->scale_hook->attr : NULL, "judge");
+        ASSERT_STR_EQ(a->scale_hook ? a->scale_hook->path : NULL, "hooks.lua:judge");
+        ASSERT_INT_EQ(a->scale_hook ? a->scale_hook->mark.line : 0, 5);
+        ASSERT_INT_EQ(a->scale_hook ? a->scale_hook->mark.col : 0, 13);
+        ASSERT_STR_EQ(a->scale_tick ? a->scale_tick->file : NULL, tmp_path("pkg/scale.lua"));
+        ASSERT_STR_EQ(a->scale_tick ? a->scale_tick->attr : NULL, "tick");
+        ASSERT_TRUE(a->scale_tick_interval_s == 2.5);
+        ASSERT_INT_EQ(json_integer_value(json_object_get(a->scale_hook_kwargs, "max_replicas")), 4);
+        /* Only a hook: no tick, the default interval, no kwargs. */
+        ms_app_config_t *b = &cfg->apps[1];
+        ASSERT_TRUE(b->scale_hook != NULL && b->scale_tick == NULL);
+        ASSERT_TRUE(b->scale_tick_interval_s == 1.0);
+        ASSERT_TRUE(b->scale_hook_kwargs == NULL);
+        /* Absent key: nothing set. */
+        ms_app_config_t *c = &cfg->apps[2];
+        ASSERT_TRUE(c->scale_hook == NULL && c->scale_tick == NULL && !c->scale_hook_kwargs);
+    }
+    ms_config_free(cfg);
+
+#define ES_APP "applications:\n  - import_path: app.lua:A\n"
+    /* The hooks belong to the external scaling API: without it they are an error. */
+    expect_error(ES_APP "    external_scaler: {hook: hooks.lua:judge}\n",
+                 "t.yaml:3:5: external_scaler needs external_scaler_enabled: true");
+    expect_error(ES_APP "    external_scaler_enabled: false\n"
+                        "    external_scaler: {tick: hooks.lua:tick}\n",
+                 "t.yaml:4:5: external_scaler needs external_scaler_enabled: true");
+#define ES_ON ES_APP "    external_scaler_enabled: true\n"
+    expect_error(ES_ON "    external_scaler: {tick_interval_s: 2}\n",
+                 "t.yaml:4:22: external_scaler needs at least one of 'hook' or 'tick'");
+    expect_error(ES_ON "    external_scaler: {hook: null}\n",
+                 "t.yaml:4:22: external_scaler needs at least one of 'hook' or 'tick'");
+    expect_error(ES_ON "    external_scaler: 3\n",
+                 "t.yaml:4:22: external_scaler must be a mapping, got \"3\"");
+    {
+        /* The file must exist at load time, as every policy reference (the message names it). */
+        ms_config_t *bad = NULL;
+        ms_config_errors_t errs;
+        ASSERT_INT_EQ(load(ES_ON "    external_scaler: {hook: missing.lua:judge}\n", &bad, &errs),
+                      -1);
+        ASSERT_INT_EQ(errs.n, 1);
+        ASSERT_CONTAINS(errs.n ? errs.items[0] : NULL, "t.yaml:4:29: hook \"missing.lua:judge\"");
+        ASSERT_CONTAINS(errs.n ? errs.items[0] : NULL, "missing.lua not found");
+        ms_config_errors_free(&errs);
+    }
+    expect_error(ES_ON "    external_scaler: {tick: 5}\n",
+                 "t.yaml:4:29: tick must be a string 'file.lua:attr' or 'module.sub:attr', got "
+                 "\"5\"");
+    expect_error(ES_ON "    external_scaler: {hook: hooks.lua:judge, tick_interval_s: 0}\n",
+                 "t.yaml:4:63: tick_interval_s must be a number > 0, got \"0\"");
+    expect_error(ES_ON "    external_scaler: {hook: hooks.lua:judge, kwargs: [1]}\n",
+                 "t.yaml:4:54: kwargs must be a mapping or null, got a list");
+    expect_error(ES_ON "    external_scaler: {hook: hooks.lua:judge, tik: hooks.lua:tick}\n",
+                 "t.yaml:4:46: unknown key 'tik' in external_scaler; did you mean 'tick'?");
+#undef ES_ON
+#undef ES_APP
+}
+
 static void test_admin_and_control_loop(void)
 {
     ms_config_t *cfg = expect_ok("applications: []\n");
@@ -1157,6 +1238,7 @@ int main(void)
     test_autoscaling_errors();
     test_router_config();
     test_app_policy_and_external_scaler();
+    test_external_scaler_hooks();
     test_admin_and_control_loop();
     test_autoscaling_from_json();
     cleanup_tmpdir();

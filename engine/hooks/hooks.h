@@ -1,0 +1,94 @@
+/*
+ * hooks: the Lua hooks of the external scaling API (applications[].external_scaler, ours; see
+ * docs/external-scaling.md). Ray Serve lets an outside system set a deployment's replica count
+ * with POST /api/v1/applications/{app}/deployments/{deployment}/scale; moonserve lets the
+ * application add two optional policy functions around that API:
+ *
+ *   - a hook (`judge`) that sees each scale request and accepts it, clamps it to another count,
+ *     or refuses it with a reason (the admin API answers 422 with that reason);
+ *   - a tick that runs every tick_interval_s, pulls an exogenous signal (a schedule today) and
+ *     sets targets itself, as if it had posted scale requests.
+ *
+ * Both run in a sandbox like every policy script (allow-listed globals, a wall-clock budget per
+ * call, a memory cap), reload in two phases with the other scripts, and report version, sha256,
+ * failures and the last error in status. A hook that fails (error, budget, memory, bad answer)
+ * never blocks the API: the request is accepted as Ray Serve would, and the failure is counted.
+ *
+ * One ms_scale_hook_t per application that configures external_scaler. Nothing here touches
+ * replicas: the controller asks, then applies the answer. Single-threaded (the controller's loop).
+ */
+#ifndef MS_HOOKS_H
+#define MS_HOOKS_H
+
+#include <jansson.h>
+#include <stddef.h>
+
+#include "config/config.h"
+
+typedef struct ms_scale_hook ms_scale_hook_t;
+
+/* Room a caller should give `reason` in ms_scale_hook_judge (longer reasons are cut at a UTF-8
+ * character boundary). */
+#define MS_SCALE_HOOK_REASON_MAX 256
+
+/* Loads the hook and/or tick functions (at least one non-NULL) into sandboxes: one sandbox per
+ * distinct file, so a hook and a tick in the same file share their module's locals. Runs each
+ * file's optional self_test(). `kwargs` (a JSON object or NULL) is copied and passed to both
+ * functions; `tick_interval_s` <= 0 means 1 s. Budgets: `budget_us` wall-clock microseconds per
+ * call (<= 0: 10 ms), `mem_limit` bytes per sandbox (0: MS_SANDBOX_DEFAULT_MEM_LIMIT). Returns
+ * NULL with *err (malloc'd, `file:line: message`) when a file does not load, lacks a function or
+ * fails its self_test. The refs are copied. */
+ms_scale_hook_t *ms_scale_hook_new(const char *app, const ms_config_lua_ref_t *hook,
+                                   const ms_config_lua_ref_t *tick, json_t *kwargs,
+                                   double tick_interval_s, double budget_us, size_t mem_limit,
+                                   char **err);
+/* The same from an application's config (scale_hook, scale_tick, scale_tick_interval_s,
+ * scale_hook_kwargs). Returns NULL with *err left NULL when the application has no hooks. */
+ms_scale_hook_t *ms_scale_hook_from_config(const ms_app_config_t *app, double budget_us,
+                                           size_t mem_limit, char **err);
+void ms_scale_hook_free(ms_scale_hook_t *h);
+
+typedef enum { MS_HOOK_ACCEPT, MS_HOOK_CLAMP, MS_HOOK_REFUSE } ms_hook_verdict_t;
+
+/* Judges one scale request (`requested` replicas for `deployment`, already validated >= 0 by the
+ * caller) at wall-clock `now`:
+ *   ACCEPT: *target_out = requested; reason is "" (or says that the hook failed);
+ *   CLAMP:  *target_out = the hook's count (>= 0); reason says why (the hook's or ours);
+ *   REFUSE: *target_out = current_target; reason is the hook's, for a 422 answer.
+ * Without a hook function, or when the hook fails (error, budget, memory, a bad answer), the
+ * answer is ACCEPT as Ray Serve would; `failures` goes up and `last_error` keeps the message.
+ * `reason` (reason_cap bytes, MS_SCALE_HOOK_REASON_MAX advised) is always NUL-terminated UTF-8. */
+ms_hook_verdict_t ms_scale_hook_judge(ms_scale_hook_t *h, const char *deployment,
+                                      long long requested, int current_target, int running_replicas,
+                                      double now, long long *target_out, char *reason,
+                                      size_t reason_cap);
+
+/* Runs tick(ctx, kwargs) when there is a tick and it is due (first call, or tick_interval_s since
+ * the last run; a failed run counts as a run, so a broken tick does not spin). `state` is the
+ * application's {deployment: {"current_target": n, "running_replicas": n}} (borrowed). Returns a
+ * new {deployment: target} object holding only targets that differ from current_target, or NULL
+ * (not due, no tick, failure, nothing to change). A target for a deployment not in `state`, or
+ * one that is not an integer in [0, INT_MAX], fails the whole tick (nothing applied). */
+json_t *ms_scale_hook_tick(ms_scale_hook_t *h, double now, json_t *state);
+
+/* True when the application has a tick function (so the caller need only call tick then). */
+int ms_scale_hook_has_tick(const ms_scale_hook_t *h);
+
+/* ---- hot reload ------------------------------------------------------------------------------
+ * Two phases, as every policy script: prepare re-reads the files into fresh sandboxes, checks
+ * the functions and runs self_test, and keeps them aside; commit swaps them in (the tick's state
+ * table is copied over, plain data only); abort drops them. *info (when info is non-NULL) is a
+ * JSON array with one script object per function: {"role": "hook"|"tick", "path", "function",
+ * "version", "sha256", "ok", "error"}; version counts successful loads of that file from 1.
+ * Prepare returns 0, or -1 when any file failed (nothing pending; the old scripts stay). */
+int ms_scale_hook_reload_prepare(ms_scale_hook_t *h, json_t **info);
+void ms_scale_hook_reload_commit(ms_scale_hook_t *h);
+void ms_scale_hook_reload_abort(ms_scale_hook_t *h);
+
+/* Status: {"hook": {path, function, version, sha256} | null, "tick": {...} | null,
+ *          "tick_interval_s", "last_tick": seconds | null, "failures", "last_error": "..." | null,
+ *          "reload_error": "..." | null, "accepted", "clamped", "refused", "ticks"}.
+ * New reference. */
+json_t *ms_scale_hook_status(const ms_scale_hook_t *h);
+
+#endif
