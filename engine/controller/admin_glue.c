@@ -101,6 +101,8 @@ static json_t *app_json(controller_t *c, size_t a)
     json_object_set_new(j, "deployments", deps);
     if (app->policy)
         json_object_set_new(j, "autoscaling_policy", ms_app_policy_status(app->policy));
+    if (app->scale_hook)
+        json_object_set_new(j, "external_scaler", ms_scale_hook_status(app->scale_hook));
     return j;
 }
 
@@ -139,12 +141,29 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
         *body = json_pack("{s:s}", "error", msg);
         return 412;
     }
-    if (target > 100000) {
+    if (target > MS_MAX_TARGET_REPLICAS) {
         *body = json_pack("{s:s}", "error", "Invalid request body: target_num_replicas too large");
         return 400;
     }
-    ms_info("external scaling %s/%s: target %lld", app, deployment, target);
-    ms_deployment_set_target(e->dep, (int)target);
+    long long t = target;
+    char reason[MS_SCALE_HOOK_REASON_MAX];
+    ms_scale_hook_t *hook = c->apps[e->app_index].scale_hook;
+    ms_hook_verdict_t v = ms_scale_hook_judge(
+        hook, deployment, target, ms_deployment_target(e->dep),
+        (int)ms_deployment_running_replicas(e->dep), ms_wall_time(), &t, reason, sizeof reason);
+    if (v == MS_HOOK_REFUSE) {
+        ms_info("external scaling %s/%s: %lld refused by the hook: %s", app, deployment, target,
+                reason);
+        *body = json_pack("{s:s}", "error", reason);
+        return 422;
+    }
+    if (t > MS_MAX_TARGET_REPLICAS)
+        t = MS_MAX_TARGET_REPLICAS;
+    if (v == MS_HOOK_CLAMP)
+        ms_info("external scaling %s/%s: %lld clamped to %lld by the hook: %s", app, deployment,
+                target, t, reason);
+    ms_info("external scaling %s/%s: target %lld", app, deployment, t);
+    ms_deployment_set_target(e->dep, (int)t);
     *body = json_pack("{s:s}", "message",
                       "Scaling request received. Deployment will get scaled asynchronously.");
     return 200;
@@ -181,11 +200,23 @@ static int prepare_all(controller_t *c, json_t *scripts)
         }
     }
     for (size_t a = 0; a < c->n_apps; a++) {
-        if (!c->apps[a].policy)
-            continue;
+        const char *app = c->apps[a].cfg->name;
         json_t *info = NULL;
-        ok &= ms_app_policy_reload_prepare(c->apps[a].policy, &info) == 0;
-        add_info(scripts, info, "application_policy", c->apps[a].cfg->name, NULL);
+        if (c->apps[a].policy) {
+            ok &= ms_app_policy_reload_prepare(c->apps[a].policy, &info) == 0;
+            add_info(scripts, info, "application_policy", app, NULL);
+        }
+        if (c->apps[a].scale_hook) {
+            info = NULL;
+            ok &= ms_scale_hook_reload_prepare(c->apps[a].scale_hook, &info) == 0;
+            size_t k;
+            json_t *one;
+            json_array_foreach(info, k, one)
+            {
+                add_info(scripts, json_incref(one), "external_scaler", app, NULL);
+            }
+            json_decref(info);
+        }
     }
     return ok;
 }
@@ -211,6 +242,10 @@ static void finish_all(controller_t *c, int commit)
             ms_app_policy_reload_commit(c->apps[a].policy);
         else if (c->apps[a].policy)
             ms_app_policy_reload_abort(c->apps[a].policy);
+        if (c->apps[a].scale_hook && commit)
+            ms_scale_hook_reload_commit(c->apps[a].scale_hook);
+        else if (c->apps[a].scale_hook)
+            ms_scale_hook_reload_abort(c->apps[a].scale_hook);
     }
 }
 

@@ -48,9 +48,15 @@ static int setup_app_policies(controller_t *c)
     for (size_t i = 0; i < c->n_apps; i++) {
         const ms_app_config_t *app = &c->cfg->apps[i];
         c->apps[i].cfg = app;
+        char *err = NULL;
+        c->apps[i].scale_hook = ms_scale_hook_from_config(app, 0, 0, &err);
+        if (err) {
+            ms_error("application %s: external_scaler: %s", app->name, err);
+            free(err);
+            return -1;
+        }
         if (!app->autoscaling_policy)
             continue;
-        char *err = NULL;
         c->apps[i].policy = ms_app_policy_new(
             app->name, app->autoscaling_policy, app->autoscaling_policy_kwargs,
             app->autoscaling_policy_dry_run, POLICY_BUDGET_US, POLICY_MEM_LIMIT, &err);
@@ -176,6 +182,34 @@ static void decide_one(dep_entry_t *e, double now)
     apply(e, &d);
 }
 
+/* An application's external_scaler tick, when due: it may set any of its deployments' targets
+ * from an outside signal (a schedule). */
+static void run_scale_tick(controller_t *c, size_t a, double now)
+{
+    json_t *state = json_object();
+    for (size_t i = 0; i < c->n_deps; i++) {
+        dep_entry_t *e = &c->deps[i];
+        if (e->app_index != a)
+            continue;
+        json_object_set_new(state, e->name,
+                            json_pack("{s:i, s:I}", "current_target", ms_deployment_target(e->dep),
+                                      "running_replicas",
+                                      (json_int_t)ms_deployment_running_replicas(e->dep)));
+    }
+    json_t *targets = ms_scale_hook_tick(c->apps[a].scale_hook, now, state);
+    const char *name;
+    json_t *v;
+    json_object_foreach(targets, name, v)
+    {
+        dep_entry_t *e = ms__control_find(c, c->apps[a].cfg->name, name);
+        if (e && json_is_integer(v) && json_integer_value(v) >= 0 &&
+            json_integer_value(v) <= MS_MAX_TARGET_REPLICAS)
+            ms_deployment_set_target(e->dep, (int)json_integer_value(v));
+    }
+    json_decref(targets);
+    json_decref(state);
+}
+
 static void on_tick(uv_timer_t *t)
 {
     controller_t *c = t->data;
@@ -190,9 +224,12 @@ static void on_tick(uv_timer_t *t)
     for (size_t i = 0; i < c->n_deps; i++)
         if (c->deps[i].autoscaler)
             record_sample(&c->deps[i], now);
-    for (size_t a = 0; a < c->n_apps; a++)
+    for (size_t a = 0; a < c->n_apps; a++) {
         if (c->apps[a].policy)
             decide_app(c, a, now);
+        if (c->apps[a].scale_hook && ms_scale_hook_has_tick(c->apps[a].scale_hook))
+            run_scale_tick(c, a, now);
+    }
     for (size_t i = 0; i < c->n_deps; i++) {
         dep_entry_t *e = &c->deps[i];
         if (e->autoscaler && !c->apps[e->app_index].policy)
@@ -237,5 +274,8 @@ void ms__control_free(controller_t *c)
         if (c->apps[i].policy)
             ms_app_policy_free(c->apps[i].policy);
         c->apps[i].policy = NULL;
+        if (c->apps[i].scale_hook)
+            ms_scale_hook_free(c->apps[i].scale_hook);
+        c->apps[i].scale_hook = NULL;
     }
 }

@@ -13,6 +13,7 @@
 #include "admin/admin.h"
 #include "autoscale/autoscale.h"
 #include "config/config.h"
+#include "hooks/hooks.h"
 #include "proxy/proxy.h"
 #include "router/router.h"
 
@@ -42,6 +43,9 @@ typedef struct plan {
 int ms__plan_build(const ms_config_t *cfg, plan_t *plan, ms_config_errors_t *errs);
 void ms__plan_free(plan_t *p);
 
+/* The most replicas an external scaler (the API or a hook's tick) may ask for. */
+#define MS_MAX_TARGET_REPLICAS 100000
+
 /* A running deployment and what drives its replica count. */
 typedef struct dep_entry {
     ms_deployment_t *dep;
@@ -59,7 +63,8 @@ typedef struct dep_entry {
 
 typedef struct app_entry {
     const ms_app_config_t *cfg;
-    ms_app_policy_t *policy; /* application-level autoscaling policy, or NULL */
+    ms_app_policy_t *policy;     /* application-level autoscaling policy, or NULL */
+    ms_scale_hook_t *scale_hook; /* external_scaler hook and tick, or NULL */
 } app_entry_t;
 
 typedef struct controller {

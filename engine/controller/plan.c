@@ -244,9 +244,16 @@ static void check_scripts(const ms_config_t *cfg, const plan_t *plan, ms_config_
     }
     for (size_t i = 0; i < cfg->n_apps; i++) {
         const ms_app_config_t *app = &cfg->apps[i];
+        char *err = NULL;
+        ms_scale_hook_t *h = ms_scale_hook_from_config(app, 0, 0, &err);
+        if (h)
+            ms_scale_hook_free(h);
+        if (err)
+            check_loads(cfg, (app->scale_hook ? app->scale_hook : app->scale_tick)->mark,
+                        "external_scaler", err, errs);
         if (!app->autoscaling_policy)
             continue;
-        char *err = NULL;
+        err = NULL;
         ms_app_policy_t *p = ms_app_policy_new(app->name, app->autoscaling_policy,
                                                app->autoscaling_policy_kwargs, 0, 0, 0, &err);
         if (p)
