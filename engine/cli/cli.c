@@ -404,6 +404,20 @@ static char *error_text(const response_t *r)
     return out;
 }
 
+/* An invalid deploy lists every error (`file:line:col: message`) under "errors". */
+static void print_error_list(cli_t *c, const response_t *r)
+{
+    json_t *doc = body_json(r);
+    size_t i;
+    json_t *item;
+    json_array_foreach(json_object_get(doc, "errors"), i, item)
+    {
+        if (json_is_string(item))
+            fprintf(c->err, "  %s\n", json_string_value(item));
+    }
+    json_decref(doc);
+}
+
 /* Maps a non-2xx answer to a message and an exit code. */
 static int report_failure(cli_t *c, const response_t *r)
 {
@@ -423,6 +437,7 @@ static int report_failure(cli_t *c, const response_t *r)
         rc = MS_CLI_EXIT_AUTH;
     } else {
         fprintf(c->err, "moonserve %s: failed (HTTP %d): %s\n", c->command, r->status, e);
+        print_error_list(c, r);
         rc = MS_CLI_EXIT_REJECTED;
     }
     free(e);

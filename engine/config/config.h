@@ -147,6 +147,7 @@ typedef struct ms_app_config {
     json_t *scale_hook_kwargs;         /* external_scaler.kwargs, owned; NULL when unset */
     ms_config_mark_t mark;             /* position of this application entry */
     ms_config_mark_t import_path_mark; /* position of the import_path value */
+    char code_sha[65]; /* SHA-256 of import_file when deployed; filled by the controller */
 } ms_app_config_t;
 
 typedef struct ms_http_options {

@@ -285,6 +285,12 @@ static int on_reload(void *data, json_t **body)
     return ok ? 200 : 422;
 }
 
+static int on_deploy(void *data, const char *text, size_t len, int is_yaml, json_t **body)
+{
+    (void)is_yaml; /* JSON is YAML: one loader reads both */
+    return ms__deploy(data, text, len, body);
+}
+
 static int on_shutdown(void *data, json_t **body)
 {
     ms__begin_shutdown(data, "shutdown requested through the admin API");
@@ -365,7 +371,7 @@ ms_admin_callbacks_t ms__admin_callbacks(void)
 {
     ms_admin_callbacks_t cb = {
         .status = on_status,
-        .deploy = NULL, /* declarative deploys come with the rolling-update work */
+        .deploy = on_deploy,
         .shutdown = on_shutdown,
         .scale = on_scale,
         .reload = on_reload,

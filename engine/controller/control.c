@@ -73,9 +73,11 @@ int ms__control_setup(controller_t *c, const plan_t *plan)
 {
     if (setup_app_policies(c) != 0)
         return -1;
-    for (size_t i = 0; i < plan->n && i < c->n_deps; i++) {
+    for (size_t i = 0; i < plan->n; i++) {
         const planned_t *p = &plan->items[i];
-        dep_entry_t *e = &c->deps[i];
+        dep_entry_t *e = ms__control_find(c, p->app->name, p->name);
+        if (!e)
+            continue; /* failed to start; logged there */
         e->stats_period_s =
             p->router ? p->router->stats_period_s : MS_DEFAULT_ROUTING_STATS_PERIOD_S;
         e->stats_timeout_s =
@@ -261,10 +263,8 @@ void ms__control_stop(controller_t *c)
     uv_timer_stop(&c->control_timer);
 }
 
-void ms__control_free(controller_t *c)
+void ms__control_release_policies(controller_t *c)
 {
-    if (!uv_is_closing((uv_handle_t *)&c->control_timer))
-        uv_close((uv_handle_t *)&c->control_timer, NULL);
     for (size_t i = 0; i < c->n_deps; i++) {
         if (c->deps[i].autoscaler)
             ms_autoscaler_free(c->deps[i].autoscaler);
@@ -273,9 +273,17 @@ void ms__control_free(controller_t *c)
     for (size_t i = 0; i < c->n_apps; i++) {
         if (c->apps[i].policy)
             ms_app_policy_free(c->apps[i].policy);
-        c->apps[i].policy = NULL;
         if (c->apps[i].scale_hook)
             ms_scale_hook_free(c->apps[i].scale_hook);
-        c->apps[i].scale_hook = NULL;
     }
+    free(c->apps);
+    c->apps = NULL;
+    c->n_apps = 0;
+}
+
+void ms__control_free(controller_t *c)
+{
+    if (!uv_is_closing((uv_handle_t *)&c->control_timer))
+        uv_close((uv_handle_t *)&c->control_timer, NULL);
+    ms__control_release_policies(c);
 }

@@ -115,14 +115,14 @@ static ms_http_limits_t limits_from(const ms_http_options_t *h)
     return l;
 }
 
-static ms_deployment_t *start_one(controller_t *c, const planned_t *p, const char *exe_path)
+void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
 {
-    char *args_json = json_dumps(p->app->args, JSON_COMPACT);
-    ms_buf_t import = {0};
-    ms_buf_appendf(&import, "%s:%s", p->app->import_file, p->app->import_attr);
+    memset(out, 0, sizeof *out);
+    out->args_json = json_dumps(p->app->args, JSON_COMPACT);
+    ms_buf_appendf(&out->import, "%s:%s", p->app->import_file, p->app->import_attr);
     const ms_router_config_t *rc = p->router;
-    char *kwargs = rc && rc->kwargs ? json_dumps(rc->kwargs, JSON_COMPACT) : NULL;
-    ms_deployment_settings_t s = {
+    out->router_kwargs = rc && rc->kwargs ? json_dumps(rc->kwargs, JSON_COMPACT) : NULL;
+    out->s = (ms_deployment_settings_t){
         .app_name = p->app->name,
         .name = p->name,
         .num_replicas = ms__control_initial_replicas(p),
@@ -132,22 +132,34 @@ static ms_deployment_t *start_one(controller_t *c, const planned_t *p, const cha
         .graceful_shutdown_timeout_s = p->shutdown_timeout_s,
         .router_file = rc && rc->router_class ? rc->router_class->file : NULL,
         .router_attr = rc && rc->router_class ? rc->router_class->attr : NULL,
-        .router_kwargs_json = kwargs,
-        .spec = {.exe_path = exe_path,
+        .router_kwargs_json = out->router_kwargs,
+        .spec = {.exe_path = c->exe_path,
                  .run_dir = c->run_dir,
                  .controller_socket = c->handle_socket,
-                 .import_path = import.data,
-                 .args_json = args_json ? args_json : "{}",
+                 .import_path = out->import.data,
+                 .args_json = out->args_json ? out->args_json : "{}",
                  .user_config_json = p->user_config_json,
+                 .max_ongoing_requests = p->max_ongoing_requests,
                  .graceful_shutdown_wait_loop_s = p->wait_loop_s},
         .on_cold_start = ms__control_on_cold_start,
         .owner_data = c,
     };
+}
+
+void ms__settings_free(ms__settings_t *st)
+{
+    free(st->args_json);
+    free(st->router_kwargs);
+    ms_buf_free(&st->import);
+}
+
+ms_deployment_t *ms__start_deployment(controller_t *c, const planned_t *p)
+{
+    ms__settings_t st;
+    ms__settings_fill(c, p, &st);
     char *err = NULL;
-    ms_deployment_t *d = ms_deployment_new(c->loop, &s, &err);
-    free(args_json);
-    free(kwargs);
-    ms_buf_free(&import);
+    ms_deployment_t *d = ms_deployment_new(c->loop, &st.s, &err);
+    ms__settings_free(&st);
     if (!d) {
         ms_error("deployment %s: %s", p->name, err ? err : "failed to start");
         free(err);
@@ -155,11 +167,11 @@ static ms_deployment_t *start_one(controller_t *c, const planned_t *p, const cha
     return d;
 }
 
-static int start_deployments(controller_t *c, const plan_t *plan, const char *exe_path)
+static int start_deployments(controller_t *c, const plan_t *plan)
 {
     for (size_t i = 0; i < plan->n; i++) {
         const planned_t *p = &plan->items[i];
-        ms_deployment_t *d = start_one(c, p, exe_path);
+        ms_deployment_t *d = ms__start_deployment(c, p);
         if (!d)
             return -1;
         dep_entry_t *e = &c->deps[c->n_deps++];
@@ -224,6 +236,9 @@ static void free_entries(controller_t *c)
         free(c->deps[i].name);
     free(c->deps);
     free(c->apps);
+    for (size_t i = 0; i < c->n_deployed; i++)
+        ms_config_free(c->deployed[i]);
+    free(c->deployed);
 }
 
 int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
@@ -240,6 +255,10 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     controller_t c = {0};
     c.loop = uv_default_loop();
     c.cfg = cfg;
+    c.exe_path = exe_path;
+    /* The controller owns the config while it runs; the hashes let a later deploy tell code
+     * changes from setting changes. */
+    ms__remember_code((ms_config_t *)cfg);
     c.proxy = ms_proxy_new();
     c.deps = ms_calloc(plan.n ? plan.n : 1, sizeof *c.deps);
     snprintf(c.run_dir, sizeof c.run_dir, "/tmp/moonserve.XXXXXX");
@@ -259,7 +278,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     init_signals(&c);
     c.drain_bound_s = max_shutdown_timeout(&plan);
     int rc = 0;
-    if (open_listeners(&c) != 0 || start_deployments(&c, &plan, exe_path) != 0 ||
+    if (open_listeners(&c) != 0 || start_deployments(&c, &plan) != 0 ||
         ms__control_setup(&c, &plan) != 0) {
         rc = 1;
         if (c.ingress)

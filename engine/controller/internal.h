@@ -69,7 +69,11 @@ typedef struct app_entry {
 
 typedef struct controller {
     uv_loop_t *loop;
-    const ms_config_t *cfg;
+    const ms_config_t *cfg; /* the config in force: the file, or the latest deploy */
+    ms_config_t **deployed; /* configs taken from deploys (owned; older ones kept while
+                             * anything may still point into them) */
+    size_t n_deployed;
+    const char *exe_path;
     ms_proxy_t *proxy;
     ms_http_server_t *ingress;
     ms_http_server_t *handles;
@@ -94,11 +98,32 @@ int ms__control_setup(controller_t *c, const plan_t *plan);
 void ms__control_start(controller_t *c);
 void ms__control_stop(controller_t *c);
 void ms__control_free(controller_t *c);
+/* Frees every autoscaler, application policy and scale hook (a redeploy makes new ones). */
+void ms__control_release_policies(controller_t *c);
 /* Initial replica count of a planned deployment (autoscaling: initial or min replicas). */
 int ms__control_initial_replicas(const planned_t *p);
 /* Router callback: a request waits at zero replicas. */
 void ms__control_on_cold_start(ms_deployment_t *d, void *data);
 dep_entry_t *ms__control_find(controller_t *c, const char *app, const char *deployment);
+
+/* controller.c: settings of a planned deployment, and starting one. */
+typedef struct ms__settings {
+    ms_deployment_settings_t s;
+    char *args_json;
+    char *router_kwargs;
+    ms_buf_t import;
+} ms__settings_t;
+void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out);
+void ms__settings_free(ms__settings_t *st);
+ms_deployment_t *ms__start_deployment(controller_t *c, const planned_t *p);
+
+/* plan.c: loads every router and policy script a plan names, reporting failures. */
+int ms__plan_check_scripts(const ms_config_t *cfg, const plan_t *plan, ms_config_errors_t *errs);
+
+/* deploy.c: PUT /api/serve/applications/ — validate a whole config, then apply it. */
+int ms__deploy(controller_t *c, const char *text, size_t len, json_t **body);
+/* Records each application file's SHA-256 in its config, so a deploy can tell code changes. */
+void ms__remember_code(ms_config_t *cfg);
 
 /* admin_glue.c */
 ms_admin_callbacks_t ms__admin_callbacks(void);

@@ -216,8 +216,9 @@ static void check_loads(const ms_config_t *cfg, ms_config_mark_t at, const char 
     free(err);
 }
 
-static void check_scripts(const ms_config_t *cfg, const plan_t *plan, ms_config_errors_t *errs)
+int ms__plan_check_scripts(const ms_config_t *cfg, const plan_t *plan, ms_config_errors_t *errs)
 {
+    size_t before = errs->n;
     for (size_t i = 0; i < plan->n; i++) {
         const planned_t *p = &plan->items[i];
         char *err = NULL;
@@ -260,17 +261,15 @@ static void check_scripts(const ms_config_t *cfg, const plan_t *plan, ms_config_
             ms_app_policy_free(p);
         check_loads(cfg, app->autoscaling_policy->mark, "autoscaling_policy", err, errs);
     }
+    return errs->n == before ? 0 : -1;
 }
 
 int ms_controller_check(const ms_config_t *cfg, ms_config_errors_t *errs)
 {
     plan_t plan = {0};
     int rc = ms__plan_build(cfg, &plan, errs);
-    if (rc == 0) {
-        size_t before = errs->n;
-        check_scripts(cfg, &plan, errs);
-        rc = errs->n == before ? 0 : -1;
-    }
+    if (rc == 0)
+        rc = ms__plan_check_scripts(cfg, &plan, errs);
     ms__plan_free(&plan);
     return rc;
 }

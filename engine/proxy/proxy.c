@@ -21,12 +21,14 @@ struct ms_proxy {
     ms_buf_t routes_json; /* /-/routes body, rebuilt when targets change */
 };
 
+static void rebuild_routes_json(ms_proxy_t *p);
+
 ms_proxy_t *ms_proxy_new(void)
 {
     return ms_calloc(1, sizeof(ms_proxy_t));
 }
 
-void ms_proxy_free(ms_proxy_t *p)
+void ms_proxy_clear(ms_proxy_t *p)
 {
     for (size_t i = 0; i < p->n_targets; i++) {
         free(p->targets[i].app_name);
@@ -34,6 +36,14 @@ void ms_proxy_free(ms_proxy_t *p)
         free(p->targets[i].route_prefix);
     }
     free(p->targets);
+    p->targets = NULL;
+    p->n_targets = 0;
+    rebuild_routes_json(p);
+}
+
+void ms_proxy_free(ms_proxy_t *p)
+{
+    ms_proxy_clear(p);
     ms_buf_free(&p->routes_json);
     free(p);
 }

@@ -20,6 +20,8 @@ void ms_proxy_free(ms_proxy_t *p);
  * also the application's ingress at that prefix. Strings are copied. */
 void ms_proxy_add_deployment(ms_proxy_t *p, const char *app_name, const char *deployment_name,
                              const char *route_prefix, ms_deployment_t *d);
+/* Forgets every deployment (a redeploy registers the new set). */
+void ms_proxy_clear(ms_proxy_t *p);
 /* While draining, /-/healthz answers 503 (Ray Serve), so load balancers stop sending. */
 void ms_proxy_set_draining(ms_proxy_t *p, int draining);
 

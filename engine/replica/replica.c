@@ -303,6 +303,33 @@ void ms_replica_poll_stats(ms_replica_t *r, double timeout_s)
     ctl_send(r, json_pack("{s:s, s:I}", "op", "stats", "id", (json_int_t)r->_stats_id));
 }
 
+static int ctl_usable(ms_replica_t *r)
+{
+    return (r->state == MS_REPLICA_RUNNING || r->state == MS_REPLICA_STARTING) &&
+           !uv_is_closing((uv_handle_t *)&r->_ctl);
+}
+
+void ms_replica_reconfigure(ms_replica_t *r, const char *user_config_json)
+{
+    json_error_t jerr;
+    json_t *uc = json_loads(user_config_json, JSON_DECODE_ANY, &jerr);
+    if (!uc || !ctl_usable(r)) {
+        json_decref(uc);
+        return;
+    }
+    ctl_send(r, json_pack("{s:s, s:I, s:o}", "op", "reconfigure", "id", (json_int_t)++r->_ctl_seq,
+                          "user_config", uc));
+}
+
+void ms_replica_configure(ms_replica_t *r, int max_ongoing_requests, double wait_loop_s)
+{
+    r->max_ongoing_requests = max_ongoing_requests;
+    if (ctl_usable(r))
+        ctl_send(r, json_pack("{s:s, s:I, s:i, s:f}", "op", "configure", "id",
+                              (json_int_t)++r->_ctl_seq, "max_ongoing_requests",
+                              max_ongoing_requests, "graceful_shutdown_wait_loop_s", wait_loop_s));
+}
+
 void ms_replica_free(ms_replica_t *r)
 {
     r->_freed = 1;

@@ -65,6 +65,8 @@ struct ms_replica {
     json_t *autoscaling_stats; /* latest record_autoscaling_stats() result, or NULL */
     json_t *routing_stats;     /* latest record_routing_stats() result, or NULL */
     double stats_time;         /* wall clock of the latest stats, 0 = never */
+    unsigned generation;       /* owner's code generation this replica runs (rolling updates) */
+    unsigned settings_seq;     /* owner's settings version it was started or configured with */
     /* private */
     uv_process_t _proc;
     uv_pipe_t _ctl;
@@ -96,6 +98,12 @@ void ms_replica_kill(ms_replica_t *r);
  * a request is already outstanding for less than timeout_s; the reply lands in
  * autoscaling_stats / routing_stats and fires on_stats. */
 void ms_replica_poll_stats(ms_replica_t *r, double timeout_s);
+
+/* Changes settings of a running replica in place: calls its reconfigure(user_config)
+ * (`user_config_json` NULL: unchanged), and sets its max_ongoing_requests and drain step. The
+ * replica applies them asynchronously; answers are not awaited. */
+void ms_replica_reconfigure(ms_replica_t *r, const char *user_config_json);
+void ms_replica_configure(ms_replica_t *r, int max_ongoing_requests, double wait_loop_s);
 
 /* Releases the replica once its process is gone (state DEAD). Safe to call from on_exit. */
 void ms_replica_free(ms_replica_t *r);

@@ -70,6 +70,8 @@ struct ms_deployment {
     void *owner_data;
     uv_timer_t cold_timer;  /* bounds how long requests wait with no replica running */
     ms_replica_spec_t spec; /* strings owned */
+    unsigned generation;    /* bumped by a code update: older replicas are replaced */
+    unsigned settings_seq;  /* bumped by a lightweight update */
     ms_router_script_t *script;
     ms_replica_t **slots;    /* replica per router slot; NULL holes */
     unsigned char *routable; /* per slot: known to the Lua router (ready, not stopping) */
@@ -95,15 +97,31 @@ struct ms_deployment {
 static void dispatch(ms_deployment_t *d);
 static void reconcile(ms_deployment_t *d);
 static void hold_for_cold_start(ms_deployment_t *d);
+static void retire(ms_deployment_t *d, ms_replica_t *r);
 
 /* ---- replica set --------------------------------------------------------------------------- */
 
+static int is_live(const ms_replica_t *r)
+{
+    return r && (r->state == MS_REPLICA_STARTING || r->state == MS_REPLICA_RUNNING);
+}
+
+/* Live replicas of the current code generation: the ones that count toward the target. */
 static int live_replicas(const ms_deployment_t *d)
 {
     int n = 0;
     for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i] && d->slots[i]->state != MS_REPLICA_DEAD &&
-            d->slots[i]->state != MS_REPLICA_STOPPING)
+        if (is_live(d->slots[i]) && d->slots[i]->generation == d->generation)
+            n++;
+    return n;
+}
+
+static int running_current(const ms_deployment_t *d)
+{
+    int n = 0;
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i] && d->slots[i]->state == MS_REPLICA_RUNNING &&
+            d->slots[i]->generation == d->generation)
             n++;
     return n;
 }
@@ -133,6 +151,12 @@ static void on_replica_ready(ms_replica_t *r)
     ms_deployment_t *d = r->owner;
     d->consecutive_failures = 0;
     d->constructor_failures = 0;
+    if (r->settings_seq != d->settings_seq) {
+        /* Started before the latest lightweight update: bring it up to date first. */
+        ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
+        ms_replica_reconfigure(r, d->spec.user_config_json);
+        r->settings_seq = d->settings_seq;
+    }
     ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
     d->routable[r->slot] = 1;
     /* Its routing stats are wanted now, not a whole stats period later (Ray probes new replicas
@@ -140,6 +164,7 @@ static void on_replica_ready(ms_replica_t *r)
     ms_replica_poll_stats(r, MS_REPLICA_STATS_TIMEOUT_S);
     ms_info("replica %s: ready (%zu of %d running)", r->id, ms_deployment_running_replicas(d),
             d->target_replicas);
+    reconcile(d); /* a rolling update retires an old replica now */
     dispatch(d);
 }
 
@@ -199,12 +224,12 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
     fail_calls_on(d, r);
     unroute(d, r->slot);
     d->slots[r->slot] = NULL;
+    /* A replica we stopped exiting is routine; any other exit is worth a warning. */
+    ms_log_level_t level = d->shutting_down || r->stop_requested ? MS_LOG_INFO : MS_LOG_WARN;
     if (term_signal)
-        ms_log(d->shutting_down ? MS_LOG_INFO : MS_LOG_WARN, "replica %s: killed by signal %d",
-               r->id, term_signal);
+        ms_log(level, "replica %s: killed by signal %d", r->id, term_signal);
     else
-        ms_log(d->shutting_down ? MS_LOG_INFO : MS_LOG_WARN, "replica %s: exited with status %d",
-               r->id, (int)exit_status);
+        ms_log(level, "replica %s: exited with status %d", r->id, (int)exit_status);
     int deliberate = r->stop_requested;
     ms_replica_free(r);
     if (d->shutting_down) {
@@ -257,18 +282,51 @@ static int free_slot(ms_deployment_t *d)
 
 /* The replica to stop first when scaling down: one still starting (it serves nobody yet), else
  * the running one with the fewest requests in flight. */
-static ms_replica_t *pick_victim(const ms_deployment_t *d)
+static ms_replica_t *pick_victim(const ms_deployment_t *d, int current_generation)
 {
     ms_replica_t *best = NULL;
     for (int i = 0; i < d->n_slots; i++) {
         ms_replica_t *r = d->slots[i];
-        if (!r || (r->state != MS_REPLICA_STARTING && r->state != MS_REPLICA_RUNNING))
+        if (!is_live(r) || (r->generation == d->generation) != current_generation)
             continue;
         if (!best || (r->state == MS_REPLICA_STARTING && best->state != MS_REPLICA_STARTING) ||
             (r->state == best->state && r->ongoing < best->ongoing))
             best = r;
     }
     return best;
+}
+
+/* Out of routing at once (no new requests; those in flight finish), then a graceful stop. */
+static void retire(ms_deployment_t *d, ms_replica_t *r)
+{
+    unroute(d, r->slot);
+    ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+}
+
+/* Rolling update: a replica of an older code generation stops once a current one can take its
+ * place. Old ones still starting serve nobody and stop at once; old running ones keep serving
+ * until enough current replicas run, then stop least busy first. */
+static void retire_old_generation(ms_deployment_t *d)
+{
+    int keep = d->target_replicas - running_current(d);
+    int old_running = 0;
+    for (int i = 0; i < d->n_slots; i++) {
+        ms_replica_t *r = d->slots[i];
+        if (!is_live(r) || r->generation == d->generation)
+            continue;
+        if (r->state == MS_REPLICA_STARTING) {
+            retire(d, r);
+            continue;
+        }
+        old_running++;
+    }
+    for (; old_running > (keep > 0 ? keep : 0); old_running--) {
+        ms_replica_t *r = pick_victim(d, 0);
+        if (!r)
+            break;
+        ms_info("replica %s: replaced by the new version", r->id);
+        retire(d, r);
+    }
 }
 
 /* Starts replicas until the live count reaches the target, or stops the surplus. */
@@ -278,12 +336,11 @@ static void reconcile(ms_deployment_t *d)
         return;
     int live = live_replicas(d);
     for (; live > d->target_replicas; live--) {
-        ms_replica_t *r = pick_victim(d);
+        ms_replica_t *r = pick_victim(d, 1);
         if (!r)
             break;
         ms_info("replica %s: stopping (scaling %d -> %d)", r->id, live, d->target_replicas);
-        unroute(d, r->slot); /* no new requests; the ones in flight finish */
-        ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+        retire(d, r);
     }
     for (; live < d->target_replicas; live++) {
         int slot = free_slot(d);
@@ -294,8 +351,11 @@ static void reconcile(ms_deployment_t *d)
             return;
         }
         r->slot = slot;
+        r->generation = d->generation;
+        r->settings_seq = d->settings_seq;
         d->slots[slot] = r;
     }
+    retire_old_generation(d);
 }
 
 /* ---- calls --------------------------------------------------------------------------------- */
@@ -716,6 +776,59 @@ void ms_deployment_set_target(ms_deployment_t *d, int n)
         return;
     ms_info("deployment %s: target %d -> %d replicas", d->name, d->target_replicas, n);
     d->target_replicas = n;
+    reconcile(d);
+}
+
+static void replace_string(const char **field, const char *value)
+{
+    free((char *)*field);
+    *field = ms_strdup(value ? value : "");
+}
+
+void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s)
+{
+    int user_config_changed = strcmp(d->spec.user_config_json, s->spec.user_config_json) != 0;
+    int cap_changed =
+        d->max_ongoing_requests != s->max_ongoing_requests ||
+        d->spec.graceful_shutdown_wait_loop_s != s->spec.graceful_shutdown_wait_loop_s;
+    d->max_queued_requests = s->max_queued_requests;
+    d->request_timeout_s = s->request_timeout_s;
+    d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
+    if (!user_config_changed && !cap_changed)
+        return;
+    d->max_ongoing_requests = s->max_ongoing_requests;
+    d->spec.max_ongoing_requests = s->max_ongoing_requests;
+    d->spec.graceful_shutdown_wait_loop_s = s->spec.graceful_shutdown_wait_loop_s;
+    replace_string(&d->spec.user_config_json, s->spec.user_config_json);
+    d->settings_seq++;
+    ms_info("deployment %s: updating in place%s%s", d->name,
+            user_config_changed ? " (user_config -> reconfigure)" : "",
+            cap_changed ? " (max_ongoing_requests / drain step)" : "");
+    for (int i = 0; i < d->n_slots; i++) {
+        ms_replica_t *r = d->slots[i];
+        if (!r || r->state != MS_REPLICA_RUNNING)
+            continue; /* starting ones catch up when ready */
+        if (cap_changed) {
+            ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
+            if (d->routable[r->slot]) { /* the router sees the new cap too */
+                ms_router_script_remove_replica(d->script, r->slot);
+                ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
+                ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
+            }
+        }
+        if (user_config_changed)
+            ms_replica_reconfigure(r, d->spec.user_config_json);
+        r->settings_seq = d->settings_seq;
+    }
+    dispatch(d); /* a higher cap may let queued requests through */
+}
+
+void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
+{
+    replace_string(&d->spec.import_path, spec->import_path);
+    replace_string(&d->spec.args_json, spec->args_json);
+    d->generation++;
+    ms_info("deployment %s: code changed; replacing replicas (new ones first)", d->name);
     reconcile(d);
 }
 

@@ -64,6 +64,14 @@ void ms_deployment_free(ms_deployment_t *d);
 void ms_deployment_set_target(ms_deployment_t *d, int n);
 int ms_deployment_target(const ms_deployment_t *d);
 
+/* A redeploy's lightweight changes, applied in place: max_ongoing_requests, max_queued_requests,
+ * request and shutdown timeouts, the drain step, and user_config (running replicas'
+ * reconfigure() is called; none restarts). Fields not listed are ignored. */
+void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s);
+/* A redeploy's code change (import path, args, the application's code): every replica is
+ * replaced by one of the new version, each new one ready before an old one stops. */
+void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec);
+
 /* Lists the replicas (every state but gone) into out; returns how many there are (may exceed
  * cap, in which case only cap are written). */
 size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap);

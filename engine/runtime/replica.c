@@ -228,6 +228,24 @@ static void control_task(json_int_t id, const char *fn, const char *method, json
     rt_task_start(t, nargs);
 }
 
+/* Settings the controller changes in place on a redeploy: the cap on concurrent requests and
+ * the drain step. */
+static void configure(json_int_t id, json_t *msg)
+{
+    json_t *cap = json_object_get(msg, "max_ongoing_requests");
+    json_t *step = json_object_get(msg, "graceful_shutdown_wait_loop_s");
+    if ((cap && (!json_is_integer(cap) || json_integer_value(cap) < 1)) ||
+        (step && (!json_is_number(step) || json_number_value(step) < 0))) {
+        ctl_reply(id, json_object(), "configure: invalid values");
+        return;
+    }
+    if (cap)
+        R.opt.max_ongoing = (long)json_integer_value(cap);
+    if (step)
+        R.opt.wait_loop_s = json_number_value(step);
+    ctl_reply(id, json_object(), NULL);
+}
+
 static void handle_control(json_t *msg)
 {
     const char *op = json_string_value(json_object_get(msg, "op"));
@@ -243,6 +261,8 @@ static void handle_control(json_t *msg)
         control_task(id, "_call_method", "reconfigure", uc ? uc : json_null(), on_control_done);
     } else if (strcmp(op, "stats") == 0) {
         control_task(id, "_stats", NULL, NULL, on_stats_done);
+    } else if (strcmp(op, "configure") == 0) {
+        configure(id, msg);
     } else {
         ctl_reply(id, json_object(), "unknown op");
     }

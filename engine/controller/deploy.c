@@ -1,0 +1,185 @@
+/*
+ * controller/deploy: declarative redeploys (PUT /api/serve/applications/, `moonserve deploy`).
+ * The body is a whole config, the new goal state. It is validated completely first (the file,
+ * every application module, every policy and router script): an invalid config changes nothing
+ * and answers 400 with every error. Then, deployment by deployment:
+ *  - still there, same code: lightweight settings change in place (user_config reaches
+ *    reconfigure() on the running replicas; no restart), the replica count follows num_replicas
+ *    unless autoscaling or an external scaler owns it (an externally set count survives);
+ *  - still there, code changed (import_path, args, or the application file's content): replicas
+ *    are replaced, each new one ready before an old one stops;
+ *  - new: started; gone (or its application gone): drained and stopped.
+ * Policies, routes and scale hooks are rebuilt from the new config.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "controller/internal.h"
+
+/* SHA-256 of the application file, to notice code changes behind an unchanged import_path. */
+static void file_sha(const char *path, char out[65])
+{
+    FILE *f = fopen(path, "rb");
+    ms_buf_t b = {0};
+    char chunk[8192];
+    size_t n;
+    while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        ms_buf_append(&b, chunk, n);
+    if (f)
+        fclose(f);
+    ms_sha256_hex(b.data ? b.data : "", b.len, out);
+    ms_buf_free(&b);
+}
+
+/* Code changes: another module or attribute, other args, or other content in the file. */
+static int code_changed(const ms_app_config_t *old, const ms_app_config_t *now)
+{
+    return strcmp(old->import_file, now->import_file) != 0 ||
+           strcmp(old->import_attr, now->import_attr) != 0 || !json_equal(old->args, now->args) ||
+           strcmp(old->code_sha, now->code_sha) != 0;
+}
+
+static dep_entry_t *find_entry(controller_t *c, const char *app, const char *name, const char *kept)
+{
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (!kept[i] && strcmp(c->deps[i].app->name, app) == 0 &&
+            strcmp(c->deps[i].name, name) == 0)
+            return &c->deps[i];
+    return NULL;
+}
+
+static void on_retired(void *data)
+{
+    ms_deployment_free(data);
+}
+
+/* The replica count a redeploy asks for, unless something else owns it. */
+static void apply_count(dep_entry_t *e, const planned_t *p, const ms_app_config_t *old_app)
+{
+    if (p->autoscaling)
+        return; /* the new autoscaler decides from the current count */
+    if (p->app->external_scaler_enabled && old_app->external_scaler_enabled)
+        return; /* an externally set count survives a redeploy, as in Ray Serve */
+    ms_deployment_set_target(e->dep, p->num_replicas);
+}
+
+static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_entry_t *out)
+{
+    dep_entry_t *old = find_entry(c, p->app->name, p->name, kept);
+    if (!old) {
+        ms_deployment_t *d = ms__start_deployment(c, p);
+        if (!d)
+            return -1;
+        memset(out, 0, sizeof *out);
+        out->dep = d;
+        out->name = ms_strdup(p->name);
+        return 0;
+    }
+    kept[old - c->deps] = 1;
+    *out = *old;
+    ms__settings_t st;
+    ms__settings_fill(c, p, &st);
+    ms_deployment_update(old->dep, &st.s);
+    if (code_changed(old->app, p->app))
+        ms_deployment_roll(old->dep, &st.s.spec);
+    ms__settings_free(&st);
+    apply_count(out, p, old->app);
+    return 0;
+}
+
+static void retire_unkept(controller_t *c, const char *kept)
+{
+    for (size_t i = 0; i < c->n_deps; i++) {
+        if (kept[i])
+            continue;
+        ms_info("deployment %s/%s: not in the new config; stopping it", c->deps[i].app->name,
+                c->deps[i].name);
+        ms_deployment_shutdown(c->deps[i].dep, on_retired, c->deps[i].dep);
+        free(c->deps[i].name);
+    }
+}
+
+static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
+{
+    char *kept = ms_calloc(c->n_deps ? c->n_deps : 1, 1);
+    dep_entry_t *deps = ms_calloc(plan->n ? plan->n : 1, sizeof *deps);
+    size_t n = 0;
+    ms__control_release_policies(c);
+    c->cfg = cfg;
+    for (size_t i = 0; i < plan->n; i++) {
+        const planned_t *p = &plan->items[i];
+        if (update_or_start(c, p, kept, &deps[n]) != 0)
+            continue; /* logged; the rest of the config still applies */
+        deps[n].app = p->app;
+        deps[n].app_index = (size_t)(p->app - cfg->apps);
+        n++;
+    }
+    retire_unkept(c, kept);
+    free(kept);
+    free(c->deps);
+    c->deps = deps;
+    c->n_deps = n;
+    ms_proxy_clear(c->proxy);
+    for (size_t i = 0; i < plan->n; i++)
+        for (size_t k = 0; k < n; k++)
+            if (c->deps[k].app == plan->items[i].app &&
+                strcmp(c->deps[k].name, plan->items[i].name) == 0)
+                ms_proxy_add_deployment(c->proxy, plan->items[i].app->name, c->deps[k].name,
+                                        plan->items[i].is_ingress ? plan->items[i].app->route_prefix
+                                                                  : NULL,
+                                        c->deps[k].dep);
+    if (ms__control_setup(c, plan) != 0)
+        ms_error("deploy: some policies failed to load; their deployments keep their counts");
+}
+
+void ms__remember_code(ms_config_t *cfg)
+{
+    for (size_t i = 0; i < cfg->n_apps; i++)
+        file_sha(cfg->apps[i].import_file, cfg->apps[i].code_sha);
+}
+
+static int invalid(ms_config_errors_t *errs, json_t **body)
+{
+    json_t *list = json_array();
+    for (size_t i = 0; i < errs->n; i++)
+        json_array_append_new(list, json_string(errs->items[i]));
+    char msg[160];
+    snprintf(msg, sizeof msg, "invalid config (%zu error%s); nothing changed", errs->n,
+             errs->n == 1 ? "" : "s");
+    *body = json_pack("{s:s, s:o}", "error", msg, "errors", list);
+    ms_config_errors_free(errs);
+    return 400;
+}
+
+int ms__deploy(controller_t *c, const char *text, size_t len, json_t **body)
+{
+    if (c->shutting_down) {
+        *body = json_pack("{s:s}", "error", "shutting down");
+        return 503;
+    }
+    ms_config_errors_t errs = {0};
+    ms_config_t *cfg = NULL;
+    if (ms_config_load_string(text, len, "deploy", c->cfg->dir, &cfg, &errs) != 0)
+        return invalid(&errs, body);
+    plan_t plan = {0};
+    if (ms__plan_build(cfg, &plan, &errs) != 0 || ms__plan_check_scripts(cfg, &plan, &errs) != 0) {
+        ms__plan_free(&plan);
+        ms_config_free(cfg);
+        return invalid(&errs, body);
+    }
+    if (strcmp(cfg->http.host, c->cfg->http.host) != 0 || cfg->http.port != c->cfg->http.port)
+        ms_warn("deploy: http_options host and port cannot change while running; ignored");
+    ms__remember_code(cfg);
+    /* The listeners in force stay as they are; so does what status reports of them. */
+    free(cfg->http.host);
+    cfg->http.host = ms_strdup(c->cfg->http.host);
+    cfg->http.port = c->cfg->http.port;
+    c->deployed = ms_realloc(c->deployed, (c->n_deployed + 1) * sizeof *c->deployed);
+    c->deployed[c->n_deployed++] = cfg;
+    apply(c, cfg, &plan);
+    ms__plan_free(&plan);
+    ms_info("deploy: applied (%zu applications)", cfg->n_apps);
+    *body = NULL;
+    return 200;
+}
