@@ -38,12 +38,12 @@
 #define MS_DEFAULT_AS_DOWNSCALE_DELAY_S       600.0
 #define MS_DEFAULT_AS_UPSCALE_DELAY_S         30.0
 /* moonserve additions */
-#define MS_DEFAULT_CONTROL_LOOP_INTERVAL_S  0.1
-#define MS_DEFAULT_ROUTING_STATS_PERIOD_S   10.0
-#define MS_DEFAULT_ROUTING_STATS_TIMEOUT_S  30.0
-#define MS_DEFAULT_ADMIN_HOST               "127.0.0.1"
-#define MS_DEFAULT_ADMIN_PORT               8265
-#define MS_DEFAULT_SCALE_TICK_INTERVAL_S    1.0
+#define MS_DEFAULT_CONTROL_LOOP_INTERVAL_S 0.1
+#define MS_DEFAULT_ROUTING_STATS_PERIOD_S  10.0
+#define MS_DEFAULT_ROUTING_STATS_TIMEOUT_S 30.0
+#define MS_DEFAULT_ADMIN_HOST              "127.0.0.1"
+#define MS_DEFAULT_ADMIN_PORT              8265
+#define MS_DEFAULT_SCALE_TICK_INTERVAL_S   1.0
 
 /* Where a value sat in the file, for errors raised after loading (e.g. a deployment name that
  * the application's code does not declare). */
@@ -79,10 +79,10 @@ typedef struct ms_autoscaling_config {
     double downscale_delay_s;
     double downscale_to_zero_delay_s; /* < 0 unset: falls back to downscale_delay_s */
     double upscale_delay_s;
-    char *aggregation_function;    /* "mean", "max" or "min" (lower-cased) */
-    ms_config_lua_ref_t *policy;   /* policy.policy_function; NULL = the built-in policy */
-    json_t *policy_kwargs;         /* policy.policy_kwargs, owned; NULL when unset */
-    int dry_run;                   /* policy.dry_run (ours): decide and record, never apply */
+    char *aggregation_function;  /* "mean", "max" or "min" (lower-cased) */
+    ms_config_lua_ref_t *policy; /* policy.policy_function; NULL = the built-in policy */
+    json_t *policy_kwargs;       /* policy.policy_kwargs, owned; NULL when unset */
+    int dry_run;                 /* policy.dry_run (ours): decide and record, never apply */
     ms_config_mark_t mark;
 } ms_autoscaling_config_t;
 
@@ -108,7 +108,6 @@ enum {
     MS_SET_REQUEST_ROUTER_CONFIG = 1 << 9,
 };
 
-
 typedef struct ms_deployment_config {
     char *name;
     unsigned set; /* MS_SET_* bits for fields given in the file */
@@ -120,7 +119,7 @@ typedef struct ms_deployment_config {
     double graceful_shutdown_timeout_s;
     double health_check_period_s;
     double health_check_timeout_s;
-    int num_replicas_auto;               /* num_replicas: "auto" */
+    int num_replicas_auto;                /* num_replicas: "auto" */
     ms_autoscaling_config_t *autoscaling; /* owned; NULL when not set */
     ms_router_config_t *router;           /* owned; NULL when not set */
     ms_config_mark_t mark;                /* position of this entry */
@@ -164,13 +163,13 @@ typedef struct ms_config {
     char *path; /* as given */
     char *dir;  /* absolute folder of the file; import paths resolve against it */
     ms_http_options_t http;
-    char *log_level; /* logging_config.log_level, default "INFO" */
+    char *log_level;                /* logging_config.log_level, default "INFO" */
     double control_loop_interval_s; /* control_loop.interval_s (ours), default 0.1 */
     struct {
         char *host;  /* default 127.0.0.1 */
         int port;    /* default 8265 */
         char *token; /* bearer token, NULL when unset */
-    } admin;        /* admin (ours) */
+    } admin;         /* admin (ours) */
     ms_app_config_t *apps;
     size_t n_apps;
 } ms_config_t;

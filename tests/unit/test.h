@@ -26,7 +26,7 @@ static int ms_test_checks;
         long long _a = (long long)(a), _b = (long long)(b);                                        \
         ms_test_checks++;                                                                          \
         if (_a != _b) {                                                                            \
-            fprintf(stderr, "%s:%d: %s == %s failed: %lld != %lld\n", __FILE__, __LINE__, #a, #b,   \
+            fprintf(stderr, "%s:%d: %s == %s failed: %lld != %lld\n", __FILE__, __LINE__, #a, #b,  \
                     _a, _b);                                                                       \
             ms_test_failures++;                                                                    \
         }                                                                                          \
@@ -37,7 +37,7 @@ static int ms_test_checks;
         const char *_a = (a), *_b = (b);                                                           \
         ms_test_checks++;                                                                          \
         if (!_a || !_b || strcmp(_a, _b) != 0) {                                                   \
-            fprintf(stderr, "%s:%d: %s == %s failed: \"%s\" != \"%s\"\n", __FILE__, __LINE__, #a,   \
+            fprintf(stderr, "%s:%d: %s == %s failed: \"%s\" != \"%s\"\n", __FILE__, __LINE__, #a,  \
                     #b, _a ? _a : "(null)", _b ? _b : "(null)");                                   \
             ms_test_failures++;                                                                    \
         }                                                                                          \
@@ -48,7 +48,7 @@ static int ms_test_checks;
         const char *_h = (hay), *_n = (needle);                                                    \
         ms_test_checks++;                                                                          \
         if (!_h || !strstr(_h, _n)) {                                                              \
-            fprintf(stderr, "%s:%d: \"%s\" does not contain \"%s\"\n", __FILE__, __LINE__,          \
+            fprintf(stderr, "%s:%d: \"%s\" does not contain \"%s\"\n", __FILE__, __LINE__,         \
                     _h ? _h : "(null)", _n);                                                       \
             ms_test_failures++;                                                                    \
         }                                                                                          \
