@@ -256,7 +256,7 @@ void ms_app_policy_reload_commit(ms_app_policy_t *p)
         app_entry_t *e = &p->e[i];
         if (e->state_ref != LUA_NOREF) {
             lua_rawgeti(from, LUA_REGISTRYINDEX, e->state_ref);
-            as_copy_value(from, -1, to);
+            ms_sandbox_copy_value(from, -1, to);
             lua_pop(from, 1);
             e->state_ref = luaL_ref(to, LUA_REGISTRYINDEX);
         }

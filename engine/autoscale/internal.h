@@ -90,9 +90,6 @@ void as_script_free(as_script_t *s);
 json_t *as_script_info(const as_script_t *s);
 /* Moves the deployment-level policy_state of `from` into `to` (plain data only). */
 void as_script_hand_over(as_script_t *from, as_script_t *to);
-/* Copies the value at `idx` of `from` onto the top of `to` (tables deeply, sharing and cycles
- * kept; functions, userdata and threads become nil). */
-void as_copy_value(lua_State *from, int idx, lua_State *to);
 
 /* Creates a ctx table (with its metatable and reused subtables); returns its registry ref. */
 int as_ctx_new(as_script_t *s);

@@ -183,68 +183,12 @@ json_t *as_script_info(const as_script_t *s)
                      "error");
 }
 
-/* ---- copying values between states ---------------------------------------------------------- */
-
-/* `seen` (an index of `to`) maps source tables (light userdata keys) to their copies. */
-static void copy_rec(lua_State *from, int idx, lua_State *to, int seen, int depth)
-{
-    luaL_checkstack(to, 6, "policy_state copy");
-    switch (lua_type(from, idx)) {
-    case LUA_TNUMBER:
-        lua_pushnumber(to, lua_tonumber(from, idx));
-        return;
-    case LUA_TBOOLEAN:
-        lua_pushboolean(to, lua_toboolean(from, idx));
-        return;
-    case LUA_TSTRING: {
-        size_t len;
-        const char *str = lua_tolstring(from, idx, &len);
-        lua_pushlstring(to, str, len);
-        return;
-    }
-    case LUA_TTABLE:
-        break;
-    default:
-        lua_pushnil(to);
-        return;
-    }
-    lua_pushlightuserdata(to, (void *)lua_topointer(from, idx));
-    lua_rawget(to, seen);
-    if (!lua_isnil(to, -1) || depth > 64)
-        return;
-    lua_pop(to, 1);
-    lua_newtable(to);
-    lua_pushlightuserdata(to, (void *)lua_topointer(from, idx));
-    lua_pushvalue(to, -2);
-    lua_rawset(to, seen);
-    luaL_checkstack(from, 4, "policy_state copy");
-    int src = idx < 0 ? lua_gettop(from) + idx + 1 : idx;
-    lua_pushnil(from);
-    while (lua_next(from, src)) {
-        copy_rec(from, -2, to, seen, depth + 1);
-        copy_rec(from, -1, to, seen, depth + 1);
-        if (lua_isnil(to, -2) || lua_isnil(to, -1))
-            lua_pop(to, 2);
-        else
-            lua_rawset(to, -3);
-        lua_pop(from, 1);
-    }
-}
-
-void as_copy_value(lua_State *from, int idx, lua_State *to)
-{
-    lua_newtable(to);
-    int seen = lua_gettop(to);
-    copy_rec(from, idx, to, seen, 0);
-    lua_remove(to, seen);
-}
-
 void as_script_hand_over(as_script_t *from, as_script_t *to)
 {
     if (from->state_ref == LUA_NOREF)
         return;
     lua_rawgeti(from->sb->L, LUA_REGISTRYINDEX, from->state_ref);
-    as_copy_value(from->sb->L, -1, to->sb->L);
+    ms_sandbox_copy_value(from->sb->L, -1, to->sb->L);
     lua_pop(from->sb->L, 1);
     to->state_ref = luaL_ref(to->sb->L, LUA_REGISTRYINDEX);
 }

@@ -24,8 +24,6 @@
 #define HK_DEFAULT_BUDGET_US 10000.0
 /* Loading a chunk and its self_test may build tables: a longer budget than one call's. */
 #define HK_INIT_BUDGET_US 1000000.0
-/* Nesting kept when the tick state is copied into a reloaded sandbox. */
-#define HK_COPY_MAX_DEPTH 64
 
 /* One loaded file: its sandbox and the functions the config names in it. */
 typedef struct hk_unit {
@@ -665,58 +663,6 @@ json_t *ms_scale_hook_tick(ms_scale_hook_t *h, double now, json_t *state)
 
 /* ---- hot reload ----------------------------------------------------------------------------- */
 
-/* Copies plain data (numbers, booleans, strings, tables; sharing and cycles kept through `seen`,
- * an index of `to` mapping source tables to copies) from one state to another. Functions,
- * userdata and threads belong to the old state and cannot move: they become nil (dropped). */
-static void copy_rec(lua_State *from, int idx, lua_State *to, int seen, int depth)
-{
-    luaL_checkstack(to, 6, "state copy");
-    switch (lua_type(from, idx)) {
-    case LUA_TNUMBER:
-        lua_pushnumber(to, lua_tonumber(from, idx));
-        return;
-    case LUA_TBOOLEAN:
-        lua_pushboolean(to, lua_toboolean(from, idx));
-        return;
-    case LUA_TSTRING: {
-        size_t len;
-        const char *s = lua_tolstring(from, idx, &len);
-        lua_pushlstring(to, s, len);
-        return;
-    }
-    case LUA_TTABLE:
-        break;
-    default:
-        lua_pushnil(to);
-        return;
-    }
-    if (depth > HK_COPY_MAX_DEPTH) {
-        lua_pushnil(to);
-        return;
-    }
-    lua_pushlightuserdata(to, (void *)lua_topointer(from, idx));
-    lua_rawget(to, seen);
-    if (!lua_isnil(to, -1))
-        return;
-    lua_pop(to, 1);
-    lua_newtable(to);
-    lua_pushlightuserdata(to, (void *)lua_topointer(from, idx));
-    lua_pushvalue(to, -2);
-    lua_rawset(to, seen);
-    luaL_checkstack(from, 4, "state copy");
-    int src = idx < 0 ? lua_gettop(from) + idx + 1 : idx;
-    lua_pushnil(from);
-    while (lua_next(from, src)) {
-        copy_rec(from, -2, to, seen, depth + 1);
-        copy_rec(from, -1, to, seen, depth + 1);
-        if (lua_isnil(to, -2) || lua_isnil(to, -1))
-            lua_pop(to, 2);
-        else
-            lua_rawset(to, -3);
-        lua_pop(from, 1);
-    }
-}
-
 int ms_scale_hook_reload_prepare(ms_scale_hook_t *h, json_t **info)
 {
     free_units(h->phu, h->ptu);
@@ -741,10 +687,7 @@ void ms_scale_hook_reload_commit(ms_scale_hook_t *h)
     if (h->tu && h->ptu && h->tu->state_ref != LUA_NOREF) {
         lua_State *from = h->tu->sb->L, *to = h->ptu->sb->L;
         lua_rawgeti(from, LUA_REGISTRYINDEX, h->tu->state_ref);
-        lua_newtable(to);
-        int seen = lua_gettop(to);
-        copy_rec(from, -1, to, seen, 0);
-        lua_remove(to, seen);
+        ms_sandbox_copy_value(from, -1, to);
         lua_pop(from, 1);
         if (lua_istable(to, -1))
             h->ptu->state_ref = luaL_ref(to, LUA_REGISTRYINDEX);

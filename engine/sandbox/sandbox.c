@@ -490,3 +490,69 @@ void ms_sandbox_free(ms_sandbox_t *sb)
     lua_close(sb->L);
     free(sb);
 }
+
+/* ---- copying values between states --------------------------------------------------------- */
+
+#define COPY_MAX_DEPTH 64
+
+/* Copies plain data (numbers, booleans, strings, tables; sharing and cycles kept through `seen`,
+ * an index of `to` mapping source tables to copies) from one state to another. Functions,
+ * userdata and threads belong to the old state and cannot move: they become nil (dropped). */
+static void copy_rec(lua_State *from, int idx, lua_State *to, int seen, int depth)
+{
+    luaL_checkstack(to, 6, "state copy");
+    switch (lua_type(from, idx)) {
+    case LUA_TNUMBER:
+        lua_pushnumber(to, lua_tonumber(from, idx));
+        return;
+    case LUA_TBOOLEAN:
+        lua_pushboolean(to, lua_toboolean(from, idx));
+        return;
+    case LUA_TSTRING: {
+        size_t len;
+        const char *s = lua_tolstring(from, idx, &len);
+        lua_pushlstring(to, s, len);
+        return;
+    }
+    case LUA_TTABLE:
+        break;
+    default:
+        lua_pushnil(to);
+        return;
+    }
+    if (depth > COPY_MAX_DEPTH) {
+        lua_pushnil(to);
+        return;
+    }
+    lua_pushlightuserdata(to, (void *)lua_topointer(from, idx));
+    lua_rawget(to, seen);
+    if (!lua_isnil(to, -1))
+        return;
+    lua_pop(to, 1);
+    lua_newtable(to);
+    lua_pushlightuserdata(to, (void *)lua_topointer(from, idx));
+    lua_pushvalue(to, -2);
+    lua_rawset(to, seen);
+    luaL_checkstack(from, 4, "state copy");
+    int src = idx < 0 ? lua_gettop(from) + idx + 1 : idx;
+    lua_pushnil(from);
+    while (lua_next(from, src)) {
+        copy_rec(from, -2, to, seen, depth + 1);
+        copy_rec(from, -1, to, seen, depth + 1);
+        if (lua_isnil(to, -2) || lua_isnil(to, -1))
+            lua_pop(to, 2);
+        else
+            lua_rawset(to, -3);
+        lua_pop(from, 1);
+    }
+}
+
+void ms_sandbox_copy_value(lua_State *from, int idx, lua_State *to)
+{
+    lua_newtable(to);
+    int seen = lua_gettop(to);
+    if (idx < 0)
+        idx = lua_gettop(from) + idx + 1;
+    copy_rec(from, idx, to, seen, 0);
+    lua_remove(to, seen);
+}
