@@ -22,33 +22,12 @@ static uint64_t next_serial;
 
 /* ---- configuration -------------------------------------------------------------------------- */
 
-static ms_config_lua_ref_t *copy_ref(const ms_config_lua_ref_t *r)
-{
-    if (!r)
-        return NULL;
-    ms_config_lua_ref_t *c = ms_calloc(1, sizeof *c);
-    c->path = ms_strdup(r->path);
-    c->file = ms_strdup(r->file);
-    c->attr = ms_strdup(r->attr);
-    return c;
-}
-
-static void free_ref(ms_config_lua_ref_t *r)
-{
-    if (!r)
-        return;
-    free(r->path);
-    free(r->file);
-    free(r->attr);
-    free(r);
-}
-
 static void copy_config(ms_autoscaling_config_t *dst, const ms_autoscaling_config_t *src)
 {
     *dst = *src;
     dst->aggregation_function =
         ms_strdup(src->aggregation_function ? src->aggregation_function : "mean");
-    dst->policy = copy_ref(src->policy);
+    dst->policy = ms_config_lua_ref_copy(src->policy);
     dst->policy_kwargs = src->policy_kwargs ? json_deep_copy(src->policy_kwargs) : NULL;
 }
 
@@ -111,7 +90,7 @@ void ms_autoscaler_free(ms_autoscaler_t *a)
     as_script_free(a->fallback);
     as_window_free(&a->win);
     free(a->cfg.aggregation_function);
-    free_ref(a->cfg.policy);
+    ms_config_lua_ref_free(a->cfg.policy);
     json_decref(a->cfg.policy_kwargs);
     free(a->reload_error);
     free(a->app);

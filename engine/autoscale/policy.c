@@ -32,26 +32,12 @@ char *as_builtin_path(void)
 
 static int read_file(const char *path, ms_buf_t *b, char **err)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        ms_buf_t e = {0};
-        ms_buf_appendf(&e, "%s: %s", path, strerror(errno));
-        *err = e.data;
-        return -1;
-    }
-    char chunk[8192];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        ms_buf_append(b, chunk, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        ms_buf_t e = {0};
-        ms_buf_appendf(&e, "%s: read error", path);
-        *err = e.data;
-        return -1;
-    }
-    return 0;
+    if (ms_read_file(path, b) == 0)
+        return 0;
+    ms_buf_t e = {0};
+    ms_buf_appendf(&e, "%s: %s", path, strerror(errno));
+    *err = e.data;
+    return -1;
 }
 
 static int set_error(as_script_t *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

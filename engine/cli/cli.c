@@ -606,22 +606,10 @@ static int cmd_status(cli_t *c)
 
 static int read_file(const char *path, ms_buf_t *out, char *why, size_t cap)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        snprintf(why, cap, "%s", strerror(errno));
-        return -1;
-    }
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
-        ms_buf_append(out, buf, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        snprintf(why, cap, "read error");
-        return -1;
-    }
-    return 0;
+    if (ms_read_file(path, out) == 0)
+        return 0;
+    snprintf(why, cap, "%s", strerror(errno));
+    return -1;
 }
 
 static int cmd_deploy(cli_t *c)

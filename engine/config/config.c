@@ -758,25 +758,6 @@ int ms_config_load_string(const char *text, size_t len, const char *name, const 
     return 0;
 }
 
-static int read_file(const char *path, ms_buf_t *b)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return -1;
-    char chunk[8192];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
-        ms_buf_append(b, chunk, n);
-    /* Keep fread's errno (EISDIR for a folder): fclose may overwrite it. */
-    int err = ferror(f) ? (errno ? errno : EIO) : 0;
-    fclose(f);
-    if (err) {
-        errno = err;
-        return -1;
-    }
-    return 0;
-}
-
 /* Absolute folder of an existing file (its realpath's parent). */
 static char *file_dir(const char *path)
 {
@@ -795,7 +776,7 @@ int ms_config_load(const char *path, ms_config_t **out, ms_config_errors_t *errs
 {
     ms_buf_t b = {0};
     *out = NULL;
-    if (read_file(path, &b) < 0) {
+    if (ms_read_file(path, &b) < 0) {
         ms_config_errors_add(errs, path, (ms_config_mark_t){1, 1}, "cannot read config: %s",
                              strerror(errno));
         ms_buf_free(&b);
@@ -825,10 +806,10 @@ static void app_free(ms_app_config_t *app)
         ms_cfg_router_free(app->deployments[i].router);
     }
     free(app->deployments);
-    ms_cfg_lua_ref_free(app->autoscaling_policy);
+    ms_config_lua_ref_free(app->autoscaling_policy);
     json_decref(app->autoscaling_policy_kwargs);
-    ms_cfg_lua_ref_free(app->scale_hook);
-    ms_cfg_lua_ref_free(app->scale_tick);
+    ms_config_lua_ref_free(app->scale_hook);
+    ms_config_lua_ref_free(app->scale_tick);
     json_decref(app->scale_hook_kwargs);
 }
 

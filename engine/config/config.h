@@ -207,6 +207,10 @@ ms_autoscaling_config_t *ms_config_autoscaling_from_json(json_t *obj, int num_re
 ms_autoscaling_config_t *ms_config_autoscaling_default(int num_replicas_auto);
 void ms_config_autoscaling_free(ms_autoscaling_config_t *a);
 
+/* Deep copy and free of a Lua reference (NULL-safe), for modules that keep one past the config. */
+ms_config_lua_ref_t *ms_config_lua_ref_copy(const ms_config_lua_ref_t *r);
+void ms_config_lua_ref_free(ms_config_lua_ref_t *r);
+
 /* Finds the file override for a deployment by name, or NULL. */
 const ms_deployment_config_t *ms_config_find_deployment(const ms_app_config_t *app,
                                                         const char *name);

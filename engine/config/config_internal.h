@@ -128,6 +128,5 @@ void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *
  * scale_tick_interval_s and scale_hook_kwargs. `map` must be a mapping node. */
 void ms_cfg_external_scaler_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app);
 void ms_cfg_router_free(ms_router_config_t *r);
-void ms_cfg_lua_ref_free(ms_config_lua_ref_t *r);
 
 #endif

@@ -180,7 +180,7 @@ static void jget_mapping(jkv_t *kv, json_t **out)
     *out = json_deep_copy(kv->val);
 }
 
-static void lua_ref_free(ms_config_lua_ref_t *r)
+void ms_config_lua_ref_free(ms_config_lua_ref_t *r)
 {
     if (!r)
         return;
@@ -190,9 +190,16 @@ static void lua_ref_free(ms_config_lua_ref_t *r)
     free(r);
 }
 
-void ms_cfg_lua_ref_free(ms_config_lua_ref_t *r)
+ms_config_lua_ref_t *ms_config_lua_ref_copy(const ms_config_lua_ref_t *r)
 {
-    lua_ref_free(r);
+    if (!r)
+        return NULL;
+    ms_config_lua_ref_t *c = ms_calloc(1, sizeof *c);
+    c->path = ms_strdup(r->path);
+    c->file = ms_strdup(r->file);
+    c->attr = ms_strdup(r->attr);
+    c->mark = r->mark;
+    return c;
 }
 
 /* `file.lua:attr` or `module.sub:attr` resolved against the config's folder. `builtin` lists
@@ -217,7 +224,7 @@ static void jget_ref(jkv_t *kv, const char *const *builtin, ms_config_lua_ref_t 
         free(err);
         return;
     }
-    lua_ref_free(*out);
+    ms_config_lua_ref_free(*out);
     ms_config_lua_ref_t *r = ms_calloc(1, sizeof(*r));
     r->path = ms_strdup(s);
     r->file = file;
@@ -527,7 +534,7 @@ void ms_config_autoscaling_free(ms_autoscaling_config_t *a)
     if (!a)
         return;
     free(a->aggregation_function);
-    lua_ref_free(a->policy);
+    ms_config_lua_ref_free(a->policy);
     json_decref(a->policy_kwargs);
     free(a);
 }
@@ -658,7 +665,7 @@ void ms_cfg_router_free(ms_router_config_t *r)
 {
     if (!r)
         return;
-    lua_ref_free(r->router_class);
+    ms_config_lua_ref_free(r->router_class);
     json_decref(r->kwargs);
     free(r);
 }

@@ -20,14 +20,8 @@
 /* SHA-256 of the application file, to notice code changes behind an unchanged import_path. */
 static void file_sha(const char *path, char out[65])
 {
-    FILE *f = fopen(path, "rb");
     ms_buf_t b = {0};
-    char chunk[8192];
-    size_t n;
-    while (f && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        ms_buf_append(&b, chunk, n);
-    if (f)
-        fclose(f);
+    ms_read_file(path, &b); /* unreadable: the hash of what was read still tells a change */
     ms_sha256_hex(b.data ? b.data : "", b.len, out);
     ms_buf_free(&b);
 }

@@ -242,3 +242,22 @@ void ms_random_id(char *out)
     }
     out[32] = '\0';
 }
+
+int ms_read_file(const char *path, ms_buf_t *out)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return -1;
+    char chunk[8192];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        ms_buf_append(out, chunk, n);
+    /* Keep fread's errno (EISDIR for a folder): fclose may overwrite it. */
+    int err = ferror(f) ? (errno ? errno : EIO) : 0;
+    fclose(f);
+    if (err) {
+        errno = err;
+        return -1;
+    }
+    return 0;
+}

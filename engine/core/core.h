@@ -76,6 +76,11 @@ uint64_t ms_now_ms(void);  /* monotonic milliseconds */
 uint64_t ms_now_us(void);  /* monotonic microseconds */
 double ms_wall_time(void); /* seconds since the epoch, for status and logs */
 
+/* ---- files --------------------------------------------------------------------------------- */
+/* Appends the whole file to `out`. Returns 0, or -1 with errno set (EISDIR for a folder); `out`
+ * may then hold part of the file. Blocking: for start-up, reload and admin paths only. */
+int ms_read_file(const char *path, ms_buf_t *out);
+
 /* ---- misc ---------------------------------------------------------------------------------- */
 /* SHA-256 of data as 64 lowercase hex digits plus NUL, for script fingerprints. */
 void ms_sha256_hex(const void *data, size_t len, char out[65]);

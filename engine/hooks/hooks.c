@@ -72,22 +72,10 @@ static char *fmt_err(const char *fmt, ...)
 
 static int read_file(const char *path, ms_buf_t *b, char **err)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        *err = fmt_err("%s: %s", path, strerror(errno));
-        return -1;
-    }
-    char chunk[8192];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        ms_buf_append(b, chunk, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        *err = fmt_err("%s: read error", path);
-        return -1;
-    }
-    return 0;
+    if (ms_read_file(path, b) == 0)
+        return 0;
+    *err = fmt_err("%s: %s", path, strerror(errno));
+    return -1;
 }
 
 static void unit_free(hk_unit_t *u)
@@ -251,28 +239,6 @@ static int load_units(ms_scale_hook_t *h, hk_unit_t **hu, hk_unit_t **tu, json_t
     return failed ? -1 : 0;
 }
 
-static ms_config_lua_ref_t *copy_ref(const ms_config_lua_ref_t *r)
-{
-    if (!r)
-        return NULL;
-    ms_config_lua_ref_t *c = ms_calloc(1, sizeof *c);
-    c->path = ms_strdup(r->path ? r->path : "");
-    c->file = ms_strdup(r->file);
-    c->attr = ms_strdup(r->attr);
-    c->mark = r->mark;
-    return c;
-}
-
-static void free_ref(ms_config_lua_ref_t *r)
-{
-    if (!r)
-        return;
-    free(r->path);
-    free(r->file);
-    free(r->attr);
-    free(r);
-}
-
 ms_scale_hook_t *ms_scale_hook_new(const char *app, const ms_config_lua_ref_t *hook,
                                    const ms_config_lua_ref_t *tick, json_t *kwargs,
                                    double tick_interval_s, double budget_us, size_t mem_limit,
@@ -284,8 +250,8 @@ ms_scale_hook_t *ms_scale_hook_new(const char *app, const ms_config_lua_ref_t *h
     }
     ms_scale_hook_t *h = ms_calloc(1, sizeof *h);
     h->app = ms_strdup(app ? app : "");
-    h->hook = copy_ref(hook);
-    h->tick = copy_ref(tick);
+    h->hook = ms_config_lua_ref_copy(hook);
+    h->tick = ms_config_lua_ref_copy(tick);
     h->kwargs = kwargs ? json_deep_copy(kwargs) : NULL;
     h->interval_s = tick_interval_s > 0 ? tick_interval_s : 1.0;
     h->budget_us = budget_us > 0 ? budget_us : HK_DEFAULT_BUDGET_US;
@@ -321,8 +287,8 @@ void ms_scale_hook_free(ms_scale_hook_t *h)
         return;
     free_units(h->hu, h->tu);
     free_units(h->phu, h->ptu);
-    free_ref(h->hook);
-    free_ref(h->tick);
+    ms_config_lua_ref_free(h->hook);
+    ms_config_lua_ref_free(h->tick);
     json_decref(h->kwargs);
     free(h->reload_error);
     free(h->app);

@@ -353,21 +353,10 @@ int ms_sandbox_load(ms_sandbox_t *sb, const char *buf, size_t len, const char *c
 
 int ms_sandbox_load_file(ms_sandbox_t *sb, const char *path)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        set_err(sb, "%s: %s", path, strerror(errno));
-        return -1;
-    }
     ms_buf_t b = {0};
-    char chunk[8192];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        ms_buf_append(&b, chunk, n);
-    int bad = ferror(f);
-    fclose(f);
     int rc = -1;
-    if (bad)
-        set_err(sb, "%s: read error", path);
+    if (ms_read_file(path, &b) != 0)
+        set_err(sb, "%s: %s", path, strerror(errno));
     else
         rc = ms_sandbox_load(sb, b.data ? b.data : "", b.len, path);
     ms_buf_free(&b);

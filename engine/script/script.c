@@ -447,20 +447,9 @@ static void instance_free(instance_t *in)
 static instance_t *instance_load(ms_router_script_t *s, char *err, size_t errlen, char sha[65])
 {
     sha[0] = 0;
-    FILE *f = fopen(s->name, "rb");
-    if (!f) {
-        snprintf(err, errlen, "%s: %s", s->name, strerror(errno));
-        return NULL;
-    }
     ms_buf_t text = {0};
-    char chunk[8192];
-    size_t n;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        ms_buf_append(&text, chunk, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        snprintf(err, errlen, "%s: read error", s->name);
+    if (ms_read_file(s->name, &text) != 0) {
+        snprintf(err, errlen, "%s: %s", s->name, strerror(errno));
         ms_buf_free(&text);
         return NULL;
     }
