@@ -216,6 +216,8 @@ static void on_tick(uv_timer_t *t)
 {
     controller_t *c = t->data;
     double now = ms_wall_time();
+    for (size_t i = 0; i < c->n_deps; i++)
+        ms_deployment_check_health(c->deps[i].dep);
     for (size_t i = 0; i < c->n_deps; i++) {
         dep_entry_t *e = &c->deps[i];
         if (now < e->next_stats_poll)

@@ -130,6 +130,8 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
         .max_queued_requests = p->max_queued_requests,
         .request_timeout_s = c->cfg->http.request_timeout_s,
         .graceful_shutdown_timeout_s = p->shutdown_timeout_s,
+        .health_check_period_s = p->health_check_period_s,
+        .health_check_timeout_s = p->health_check_timeout_s,
         .router_file = rc && rc->router_class ? rc->router_class->file : NULL,
         .router_attr = rc && rc->router_class ? rc->router_class->attr : NULL,
         .router_kwargs_json = out->router_kwargs,

@@ -27,6 +27,8 @@ typedef struct planned {
     char *user_config_json;
     double wait_loop_s;
     double shutdown_timeout_s;
+    double health_check_period_s;
+    double health_check_timeout_s;
     int is_ingress;
     /* Autoscaling, from the file or from code (then owned), or NULL for a fixed count. */
     ms_autoscaling_config_t *autoscaling;

@@ -57,6 +57,14 @@ static void merge_basic(planned_t *out, const ms_deployment_config_t *file, json
                                   ? file->graceful_shutdown_timeout_s
                                   : code_real(code, "graceful_shutdown_timeout_s",
                                               MS_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S);
+    out->health_check_period_s =
+        (set & MS_SET_HEALTH_CHECK_PERIOD_S)
+            ? file->health_check_period_s
+            : code_real(code, "health_check_period_s", MS_DEFAULT_HEALTH_CHECK_PERIOD_S);
+    out->health_check_timeout_s =
+        (set & MS_SET_HEALTH_CHECK_TIMEOUT_S)
+            ? file->health_check_timeout_s
+            : code_real(code, "health_check_timeout_s", MS_DEFAULT_HEALTH_CHECK_TIMEOUT_S);
     json_t *uc =
         (set & MS_SET_USER_CONFIG) ? file->user_config : json_object_get(code, "user_config");
     out->user_config_json = uc ? json_dumps(uc, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
@@ -123,6 +131,11 @@ static void check_merged(const ms_config_t *cfg, const planned_t *p, ms_config_e
     if (p->max_ongoing_requests < 1)
         ms_config_errors_add(errs, cfg->path, at,
                              "deployment '%s': max_ongoing_requests must be > 0", p->name);
+    if (p->health_check_period_s <= 0 || p->health_check_timeout_s <= 0)
+        ms_config_errors_add(errs, cfg->path, at,
+                             "deployment '%s': health_check_period_s and "
+                             "health_check_timeout_s must be > 0",
+                             p->name);
     if (p->max_queued_requests == 0 || p->max_queued_requests < -1)
         ms_config_errors_add(errs, cfg->path, at,
                              "deployment '%s': max_queued_requests must be -1 or >= 1", p->name);

@@ -75,9 +75,27 @@ static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
     r->_events->on_exit(r, exit_status, term_signal);
 }
 
+static void health_result(ms_replica_t *r, int ok, const char *why)
+{
+    r->_health_id = 0;
+    if (ok) {
+        r->health_failures = 0;
+        return;
+    }
+    r->health_failures++;
+    ms_warn("replica %s: health check failed (%d in a row): %s", r->id, r->health_failures, why);
+    if (r->health_failures >= MS_REPLICA_UNHEALTHY_THRESHOLD && r->_events->on_unhealthy)
+        r->_events->on_unhealthy(r);
+}
+
 static void handle_stats_reply(ms_replica_t *r, json_t *msg)
 {
     json_t *id = json_object_get(msg, "id");
+    if (json_is_integer(id) && r->_health_id && json_integer_value(id) == r->_health_id) {
+        const char *err = json_string_value(json_object_get(msg, "error"));
+        health_result(r, json_is_true(json_object_get(msg, "ok")), err ? err : "?");
+        return;
+    }
     if (!json_is_integer(id) || json_integer_value(id) != r->_stats_id)
         return; /* a late answer to a request that already timed out */
     r->_stats_id = 0;
@@ -307,6 +325,27 @@ static int ctl_usable(ms_replica_t *r)
 {
     return (r->state == MS_REPLICA_RUNNING || r->state == MS_REPLICA_STARTING) &&
            !uv_is_closing((uv_handle_t *)&r->_ctl);
+}
+
+void ms_replica_check_health(ms_replica_t *r, double period_s, double timeout_s)
+{
+    if (r->state != MS_REPLICA_RUNNING || uv_is_closing((uv_handle_t *)&r->_ctl))
+        return;
+    uint64_t now = ms_now_ms();
+    if (r->_health_id) {
+        if (now - r->_health_sent_ms >= (uint64_t)(timeout_s * 1000.0))
+            health_result(r, 0, "no answer within health_check_timeout_s");
+        return;
+    }
+    if (now < r->_next_health_ms)
+        return;
+    /* Spread checks over ±10 % of the period, as Ray Serve does, so replicas started together
+     * are not all probed at once. */
+    double jitter = 0.9 + 0.2 * (double)(ms_now_us() % 1000) / 1000.0;
+    r->_next_health_ms = now + (uint64_t)(period_s * 1000.0 * jitter);
+    r->_health_id = ++r->_ctl_seq;
+    r->_health_sent_ms = now;
+    ctl_send(r, json_pack("{s:s, s:I}", "op", "health", "id", (json_int_t)r->_health_id));
 }
 
 void ms_replica_reconfigure(ms_replica_t *r, const char *user_config_json)

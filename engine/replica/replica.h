@@ -33,6 +33,8 @@ typedef struct ms_replica_events {
     void (*on_exit)(ms_replica_t *r, int64_t exit_status, int term_signal);
     /* Fresh stats arrived (autoscaling_stats / routing_stats updated). May be NULL. */
     void (*on_stats)(ms_replica_t *r);
+    /* MS_REPLICA_UNHEALTHY_THRESHOLD health checks in a row failed. May be NULL. */
+    void (*on_unhealthy)(ms_replica_t *r);
 } ms_replica_events_t;
 
 /* Everything a replica process needs to know; strings are copied by ms_replica_spawn. */
@@ -67,6 +69,7 @@ struct ms_replica {
     double stats_time;         /* wall clock of the latest stats, 0 = never */
     unsigned generation;       /* owner's code generation this replica runs (rolling updates) */
     unsigned settings_seq;     /* owner's settings version it was started or configured with */
+    int health_failures;       /* consecutive failed health checks */
     /* private */
     uv_process_t _proc;
     uv_pipe_t _ctl;
@@ -82,6 +85,9 @@ struct ms_replica {
     long long _ctl_seq;  /* id of the last control request sent */
     long long _stats_id; /* id of the stats request awaiting its reply, 0 = none */
     uint64_t _stats_sent_ms;
+    long long _health_id; /* id of the health check awaiting its reply, 0 = none */
+    uint64_t _health_sent_ms;
+    uint64_t _next_health_ms;
 };
 
 /* Starts a replica process. Returns NULL (and logs) when spawning fails. */
@@ -98,6 +104,15 @@ void ms_replica_kill(ms_replica_t *r);
  * a request is already outstanding for less than timeout_s; the reply lands in
  * autoscaling_stats / routing_stats and fires on_stats. */
 void ms_replica_poll_stats(ms_replica_t *r, double timeout_s);
+
+/* Ray Serve: this many consecutive failed health checks make a replica unhealthy. */
+#define MS_REPLICA_UNHEALTHY_THRESHOLD 3
+
+/* Runs the health-check schedule of a RUNNING replica (call it often, e.g. every control tick):
+ * a check (the replica's check_health()) starts when none is outstanding and about period_s
+ * (randomised by ±10 %) has passed since the last one started; no answer within timeout_s, or an
+ * error, is a failure; a success resets the count. */
+void ms_replica_check_health(ms_replica_t *r, double period_s, double timeout_s);
 
 /* Changes settings of a running replica in place: calls its reconfigure(user_config)
  * (`user_config_json` NULL: unchanged), and sets its max_ongoing_requests and drain step. The

@@ -65,6 +65,8 @@ struct ms_deployment {
     int max_queued_requests;
     double request_timeout_s;
     double graceful_shutdown_timeout_s;
+    double health_check_period_s;
+    double health_check_timeout_s;
     double cold_start_timeout_s;
     void (*on_cold_start)(ms_deployment_t *d, void *data);
     void *owner_data;
@@ -261,11 +263,21 @@ static void on_replica_stats(ms_replica_t *r)
     free(text);
 }
 
+static void on_replica_unhealthy(ms_replica_t *r)
+{
+    ms_deployment_t *d = r->owner;
+    ms_error("replica %s: unhealthy after %d failed health checks; replacing it", r->id,
+             r->health_failures);
+    retire(d, r);
+    reconcile(d); /* the replacement starts now; the unhealthy one drains meanwhile */
+}
+
 static const ms_replica_events_t replica_events = {
     .on_ready = on_replica_ready,
     .on_failed = on_replica_failed,
     .on_exit = on_replica_exit,
     .on_stats = on_replica_stats,
+    .on_unhealthy = on_replica_unhealthy,
 };
 
 static int free_slot(ms_deployment_t *d)
@@ -794,6 +806,8 @@ void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s)
     d->max_queued_requests = s->max_queued_requests;
     d->request_timeout_s = s->request_timeout_s;
     d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
+    d->health_check_period_s = s->health_check_period_s;
+    d->health_check_timeout_s = s->health_check_timeout_s;
     if (!user_config_changed && !cap_changed)
         return;
     d->max_ongoing_requests = s->max_ongoing_requests;
@@ -848,6 +862,16 @@ size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size
         n++;
     }
     return n;
+}
+
+void ms_deployment_check_health(ms_deployment_t *d)
+{
+    if (d->shutting_down || d->health_check_period_s <= 0)
+        return;
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i])
+            ms_replica_check_health(d->slots[i], d->health_check_period_s,
+                                    d->health_check_timeout_s);
 }
 
 void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s)
@@ -921,6 +945,8 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->max_queued_requests = s->max_queued_requests;
     d->request_timeout_s = s->request_timeout_s;
     d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
+    d->health_check_period_s = s->health_check_period_s;
+    d->health_check_timeout_s = s->health_check_timeout_s;
     d->cold_start_timeout_s = s->cold_start_timeout_s > 0 ? s->cold_start_timeout_s : 30.0;
     d->on_cold_start = s->on_cold_start;
     d->owner_data = s->owner_data;

@@ -26,6 +26,8 @@ typedef struct ms_deployment_settings {
     int max_queued_requests;  /* -1 = unlimited */
     double request_timeout_s; /* 0 = none */
     double graceful_shutdown_timeout_s;
+    double health_check_period_s;
+    double health_check_timeout_s;
     /* How long a request may wait while the deployment has no replica running (scaled to zero,
      * or all starting) before it gets 503 with Retry-After. */
     double cold_start_timeout_s;
@@ -79,6 +81,10 @@ size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size
 /* Polls every running replica's stats (see ms_replica_poll_stats); routing stats that arrive are
  * handed to the deployment's router script. */
 void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s);
+
+/* Runs the replicas' health checks (call every control tick). A replica that fails
+ * MS_REPLICA_UNHEALTHY_THRESHOLD in a row leaves routing, stops gracefully and is replaced. */
+void ms_deployment_check_health(ms_deployment_t *d);
 
 /* The deployment's router script, for reload and status. */
 struct ms_router_script *ms_deployment_router_script(ms_deployment_t *d);
