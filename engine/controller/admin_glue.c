@@ -61,10 +61,20 @@ static json_t *deployment_json(const dep_entry_t *e)
     size_t running, live;
     json_t *replicas = replicas_json(e, &running, &live);
     const char *status = deployment_status(e, running, live);
+    const char *trigger = e->autoscaler ? "AUTOSCALING" : "CONFIG_UPDATE_COMPLETED";
+    char message[600] = "";
+    const char *failure = ms_deployment_failure(e->dep);
+    if (failure) {
+        status = "DEPLOY_FAILED";
+        trigger = "REPLICA_STARTUP_FAILED";
+        snprintf(message, sizeof message, "replicas fail to start: %s", failure);
+    } else if (strcmp(status, "HEALTHY") != 0) {
+        snprintf(message, sizeof message, "%zu of %d replicas running", running,
+                 ms_deployment_target(e->dep));
+    }
     json_t *d = json_pack("{s:s, s:s, s:s, s:s, s:i, s:I, s:o}", "name", e->name, "status", status,
-                          "status_trigger",
-                          e->autoscaler ? "AUTOSCALING" : "CONFIG_UPDATE_COMPLETED", "message", "",
-                          "target_num_replicas", ms_deployment_target(e->dep), "queued_requests",
+                          "status_trigger", trigger, "message", message, "target_num_replicas",
+                          ms_deployment_target(e->dep), "queued_requests",
                           (json_int_t)ms_deployment_queued(e->dep), "replicas", replicas);
     json_object_set_new(d, "router", ms_router_script_info(ms_deployment_router_script(e->dep)));
     if (e->autoscaler)
@@ -80,6 +90,8 @@ static const char *app_status(json_t *deps)
     json_object_foreach(deps, key, d)
     {
         const char *s = json_string_value(json_object_get(d, "status"));
+        if (strcmp(s, "DEPLOY_FAILED") == 0)
+            return "DEPLOY_FAILED";
         if (strcmp(s, "UNHEALTHY") == 0)
             return "UNHEALTHY";
         all_healthy &= strcmp(s, "HEALTHY") == 0;

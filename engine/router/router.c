@@ -1044,6 +1044,11 @@ ms_router_script_t *ms_deployment_router_script(ms_deployment_t *d)
     return d->script;
 }
 
+const char *ms_deployment_failure(const ms_deployment_t *d)
+{
+    return deploy_failed(d) ? (d->last_failure ? d->last_failure : "unknown error") : NULL;
+}
+
 const char *ms_deployment_name(const ms_deployment_t *d)
 {
     return d->name;

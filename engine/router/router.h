@@ -89,6 +89,10 @@ void ms_deployment_check_health(ms_deployment_t *d);
 /* The deployment's router script, for reload and status. */
 struct ms_router_script *ms_deployment_router_script(ms_deployment_t *d);
 
+/* The constructor error when the deployment failed to start (Ray's DEPLOY_FAILED: repeated
+ * constructor failures and no replica running), else NULL. */
+const char *ms_deployment_failure(const ms_deployment_t *d);
+
 /* Introspection for status and tests. */
 const char *ms_deployment_name(const ms_deployment_t *d);
 size_t ms_deployment_running_replicas(const ms_deployment_t *d);

@@ -190,6 +190,12 @@ class FailingReplicaTest(harness.ServerTestCase):
         self.assertIn("init exploded", body.get("error", ""), body)
         self.assertLess(dt, 10)
         self.assertEqual(self.server.get("/hello/ok").status, 200)
+        # the status document says why, as Ray Serve's DEPLOY_FAILED does
+        app = self.server.status()["applications"]["bad"]
+        self.assertEqual(app["status"], "DEPLOY_FAILED", app)
+        dep = next(iter(app["deployments"].values()))
+        self.assertEqual(dep["status_trigger"], "REPLICA_STARTUP_FAILED", dep)
+        self.assertIn("init exploded", dep["message"], dep)
         # retries of the constructor do not pile up processes
         time.sleep(1.0)
         self.assertLessEqual(len(self.server.replica_pids()), 3, self.server.replica_pids())
