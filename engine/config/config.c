@@ -171,6 +171,17 @@ static void dep_max_queued(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_no
     }
 }
 
+/* ray_actor_options has no effect on placement yet, but it is kept: a change of it is a code
+ * change that rolls the replicas, as in Ray Serve. */
+static void dep_actor_options(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    if (!ms_cfg_want_mapping(c, key, val, true) || ms_cfg_is_null(val))
+        return;
+    json_decref(db->dep->ray_actor_options);
+    db->dep->ray_actor_options = ms_cfg_to_json(c, val);
+}
+
 static void dep_user_config(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     dep_build_t *db = obj;
@@ -256,7 +267,7 @@ static const ms_cfg_field_t dep_fields[] = {
     {"health_check_timeout_s", dep_health_timeout, MS_FIELD_OK},
     {"autoscaling_config", dep_autoscaling, MS_FIELD_OK},
     {"request_router_config", dep_router, MS_FIELD_OK},
-    {"ray_actor_options", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"ray_actor_options", dep_actor_options, MS_FIELD_LATER},
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
     {"placement_group_bundles", ms_cfg_later_bundles, MS_FIELD_LATER},
     {"placement_group_strategy", ms_cfg_later_pg_strategy, MS_FIELD_LATER},
@@ -802,6 +813,7 @@ static void app_free(ms_app_config_t *app)
     for (size_t i = 0; i < app->n_deployments; i++) {
         free(app->deployments[i].name);
         json_decref(app->deployments[i].user_config);
+        json_decref(app->deployments[i].ray_actor_options);
         ms_config_autoscaling_free(app->deployments[i].autoscaling);
         ms_cfg_router_free(app->deployments[i].router);
     }

@@ -119,7 +119,8 @@ typedef struct ms_deployment_config {
     double graceful_shutdown_timeout_s;
     double health_check_period_s;
     double health_check_timeout_s;
-    int num_replicas_auto;                /* num_replicas: "auto" */
+    int num_replicas_auto;     /* num_replicas: "auto" */
+    json_t *ray_actor_options; /* owned; NULL when not set (kept; no effect on placement yet) */
     ms_autoscaling_config_t *autoscaling; /* owned; NULL when not set */
     ms_router_config_t *router;           /* owned; NULL when not set */
     ms_config_mark_t mark;                /* position of this entry */

@@ -181,6 +181,9 @@ static int start_deployments(controller_t *c, const plan_t *plan)
         e->app = p->app;
         e->name = ms_strdup(p->name);
         e->app_index = (size_t)(p->app - c->cfg->apps);
+        const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
+        e->actor_options =
+            file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
         ms_proxy_add_deployment(c->proxy, p->app->name, p->name,
                                 p->is_ingress ? p->app->route_prefix : NULL, d);
     }
@@ -234,8 +237,10 @@ static void init_signals(controller_t *c)
 
 static void free_entries(controller_t *c)
 {
-    for (size_t i = 0; i < c->n_deps; i++)
+    for (size_t i = 0; i < c->n_deps; i++) {
         free(c->deps[i].name);
+        json_decref(c->deps[i].actor_options);
+    }
     free(c->deps);
     free(c->apps);
     for (size_t i = 0; i < c->n_deployed; i++)

@@ -68,14 +68,23 @@ static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_
         memset(out, 0, sizeof *out);
         out->dep = d;
         out->name = ms_strdup(p->name);
+        const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
+        out->actor_options =
+            file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
         return 0;
     }
     kept[old - c->deps] = 1;
     *out = *old;
+    const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
+    json_t *actor = file ? file->ray_actor_options : NULL;
+    int actor_changed = !(actor == old->actor_options ||
+                          (actor && old->actor_options && json_equal(actor, old->actor_options)));
+    json_decref(out->actor_options);
+    out->actor_options = actor ? json_deep_copy(actor) : NULL;
     ms__settings_t st;
     ms__settings_fill(c, p, &st);
     ms_deployment_update(old->dep, &st.s);
-    if (code_changed(old->app, p->app))
+    if (code_changed(old->app, p->app) || actor_changed)
         ms_deployment_roll(old->dep, &st.s.spec);
     ms__settings_free(&st);
     apply_count(out, p, old->app);
@@ -91,6 +100,7 @@ static void retire_unkept(controller_t *c, const char *kept)
                 c->deps[i].name);
         ms_deployment_shutdown(c->deps[i].dep, on_retired, c->deps[i].dep);
         free(c->deps[i].name);
+        json_decref(c->deps[i].actor_options);
     }
 }
 

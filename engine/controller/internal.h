@@ -61,6 +61,7 @@ typedef struct dep_entry {
     double stats_period_s;
     double stats_timeout_s;
     double next_stats_poll; /* wall clock */
+    json_t *actor_options;  /* ray_actor_options in force (owned, may be NULL): a change rolls */
 } dep_entry_t;
 
 typedef struct app_entry {

@@ -128,6 +128,20 @@ class DeployTest(harness.ServerTestCase):
         self.assertEqual(rc, 1, out)
         self.assertIn("did you mean", out)
 
+    def test_5_actor_options_change_rolls(self):
+        self.wait_count("ext", self.server.deployment_status("ext", "Hello")
+                        ["target_num_replicas"])
+        before = self.pids("ext")
+        apps = self.base_apps()
+        apps[0]["import_path"] = "hello2.lua:app" if os.path.exists(
+            os.path.join(self.server.dir, "hello2.lua")) else "hello.lua:app"
+        apps[1]["deployments"][0]["ray_actor_options"] = {"num_cpus": 2}
+        r = self.deploy(self.config(apps))
+        self.assertEqual(r.status, 200, r)
+        self.server.wait_status("ext", "Hello", lambda d: running(d) and not (
+            {x["pid"] for x in running(d)} & before), timeout=15,
+            what="replicas replaced after a ray_actor_options change")
+
 
 if __name__ == "__main__":
     harness.main()
