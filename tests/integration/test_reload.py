@@ -201,7 +201,9 @@ class ReloadTest(unittest.TestCase):
         self.assert_versions(1, POLICY_V1, 1, ROUTER_V1)
         self.assertEqual(self.served_by(), {self.ids[0]})
         self.assertLess(self.last_raw() or 0, 1000)
-        r1 = self.last_raw()
+        # the policy's first decision may not have been taken yet right after start-up
+        r1 = wait_until(lambda: self.last_raw(), 5)
+        self.assertIsNotNone(r1, "no decision from the policy: %r" % self.dep())
         time.sleep(0.3)
         dep = self.dep()
         ds = (dep.get("autoscaling") or {}).get("recent_decisions") or []
