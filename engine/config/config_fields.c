@@ -184,13 +184,6 @@ void ms_cfg_later_string(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node
         ms_cfg_error(c, val, "%s must be a string", ms_cfg_key_name(key));
 }
 
-void ms_cfg_later_bool(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
-{
-    bool b;
-    (void)obj;
-    ms_cfg_get_bool(c, key, val, &b);
-}
-
 void ms_cfg_later_proxy_location(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     static const char *const choices[] = {"Disabled", "HeadOnly", "EveryNode", NULL};

@@ -98,7 +98,6 @@ void ms_cfg_walk_logging(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, ch
 /* Loose checks for keys that later work will implement (field functions; obj unused). */
 void ms_cfg_later_mapping(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_string(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
-void ms_cfg_later_bool(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_proxy_location(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_target_capacity(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);

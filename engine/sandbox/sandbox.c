@@ -351,18 +351,6 @@ int ms_sandbox_load(ms_sandbox_t *sb, const char *buf, size_t len, const char *c
     return 0;
 }
 
-int ms_sandbox_load_file(ms_sandbox_t *sb, const char *path)
-{
-    ms_buf_t b = {0};
-    int rc = -1;
-    if (ms_read_file(path, &b) != 0)
-        set_err(sb, "%s: %s", path, strerror(errno));
-    else
-        rc = ms_sandbox_load(sb, b.data ? b.data : "", b.len, path);
-    ms_buf_free(&b);
-    return rc;
-}
-
 /* ---- JSON ----------------------------------------------------------------------------------- */
 
 static void push_json_value(lua_State *L, json_t *v);

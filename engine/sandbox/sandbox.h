@@ -56,7 +56,6 @@ void ms_sandbox_free(ms_sandbox_t *sb);
 /* Compiles text (never bytecode) into a function whose environment is the sandbox, and pushes
  * it. `chunkname` is the file name shown in errors. Returns 0, or -1 with sb->err set. */
 int ms_sandbox_load(ms_sandbox_t *sb, const char *buf, size_t len, const char *chunkname);
-int ms_sandbox_load_file(ms_sandbox_t *sb, const char *path);
 
 /* Calls the function below `nargs` arguments on the stack under a budget of budget_us wall-clock
  * microseconds (and about 1000 instructions per microsecond). On success leaves `nres` results
