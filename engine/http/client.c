@@ -121,14 +121,6 @@ static const llhttp_settings_t *response_settings(void)
     return &s;
 }
 
-static void alloc_read_buffer(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
-{
-    static _Thread_local char read_buffer[64 * 1024];
-    (void)h;
-    (void)suggested;
-    *buf = uv_buf_init(read_buffer, sizeof read_buffer);
-}
-
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     ms_http_client_t *c = s->data;
@@ -161,7 +153,7 @@ static void on_connect(uv_connect_t *req, int status)
         fail(c, "connect failed");
         return;
     }
-    uv_read_start(&c->h.stream, alloc_read_buffer, on_read);
+    uv_read_start(&c->h.stream, ms__alloc_read_buffer, on_read);
 }
 
 ms_http_client_t *ms_http_client_connect(uv_loop_t *loop, const char *path, const char *host,

@@ -65,6 +65,14 @@ const char *ms_http_status_text(int status)
     }
 }
 
+void ms__alloc_read_buffer(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    static _Thread_local char read_buffer[64 * 1024];
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(read_buffer, sizeof read_buffer);
+}
+
 void ms__headers_reset(ms__header_collector_t *hc)
 {
     ms_buf_reset(&hc->text);

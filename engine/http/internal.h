@@ -32,6 +32,11 @@ void ms__headers_value_done(ms__header_collector_t *hc);
 /* Builds hc->array (valid until the next reset). */
 void ms__headers_finish(ms__header_collector_t *hc);
 
+/* uv alloc callback for every HTTP stream of a thread. Each read is parsed (or copied into its
+ * connection's own buffer) before the next read happens, so one buffer per thread serves every
+ * connection, server and client side alike. */
+void ms__alloc_read_buffer(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+
 /* Writes bufs to the stream: tries uv_try_write first (no allocation when the socket takes it
  * all) and queues a single copy of the rest otherwise. `pending` is incremented per queued
  * write and decremented when it completes; done_cb runs then with `data` (may be NULL). */

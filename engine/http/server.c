@@ -20,7 +20,6 @@
 /* Unparsed input kept while a response is owed; past this the connection stops reading so a
  * client cannot make us buffer without bound by pipelining. */
 #define PIPELINE_BUFFER_LIMIT (256 * 1024)
-#define READ_BUFFER_SIZE      (64 * 1024)
 
 typedef union any_stream {
     uv_handle_t handle;
@@ -661,16 +660,6 @@ static void conn_drain_input(conn_t *c)
     }
 }
 
-static void alloc_read_buffer(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
-{
-    /* Reads are parsed (or copied into the connection's buffer) before the next read, so one
-     * buffer per thread serves every connection. */
-    static _Thread_local char read_buffer[READ_BUFFER_SIZE];
-    (void)h;
-    (void)suggested;
-    *buf = uv_buf_init(read_buffer, sizeof read_buffer);
-}
-
 static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     conn_t *c = s->data;
@@ -704,7 +693,7 @@ static void conn_start_reading(conn_t *c)
 {
     if (c->reading || c->closing)
         return;
-    if (uv_read_start(&c->h.stream, alloc_read_buffer, on_conn_read) == 0)
+    if (uv_read_start(&c->h.stream, ms__alloc_read_buffer, on_conn_read) == 0)
         c->reading = 1;
 }
 
