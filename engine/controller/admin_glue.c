@@ -9,7 +9,7 @@
 #include <unistd.h>
 
 #include "controller/internal.h"
-#include "script/script.h"
+#include "router/router.h"
 
 static const char *replica_state_name(ms_replica_state_t s)
 {

@@ -82,7 +82,7 @@ void ms__begin_shutdown(controller_t *c, const char *why)
     c->shutting_down = 1;
     c->drain_deadline_ms = ms_now_ms() + (uint64_t)(c->drain_bound_s * 1000.0);
     ms_info("%s: draining", why);
-    ms_proxy_set_draining(c->proxy, 1);
+    ms_ingress_set_draining(c->proxy, 1);
     if (c->ingress)
         ms_http_server_stop_accepting(c->ingress);
     uv_timer_start(&c->drain_timer, on_drain_tick, 0, 20);
@@ -184,7 +184,7 @@ static int start_deployments(controller_t *c, const plan_t *plan)
         const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
         e->actor_options =
             file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
-        ms_proxy_add_deployment(c->proxy, p->app->name, p->name,
+        ms_ingress_add_deployment(c->proxy, p->app->name, p->name,
                                 p->is_ingress ? p->app->route_prefix : NULL, d);
     }
     return 0;
@@ -193,14 +193,14 @@ static int start_deployments(controller_t *c, const plan_t *plan)
 static int open_listeners(controller_t *c)
 {
     const ms_http_options_t *h = &c->cfg->http;
-    ms_http_server_config_t ingress = ms_proxy_ingress_config(c->proxy);
+    ms_http_server_config_t ingress = ms_ingress_ingress_config(c->proxy);
     ingress.limits = limits_from(h);
     int r = ms_http_server_listen_tcp(c->loop, h->host, h->port, &ingress, &c->ingress);
     if (r != 0) {
         ms_error("cannot listen on %s:%d: %s", h->host, h->port, uv_strerror(r));
         return -1;
     }
-    ms_http_server_config_t handles = ms_proxy_handle_config(c->proxy);
+    ms_http_server_config_t handles = ms_ingress_handle_config(c->proxy);
     handles.limits = limits_from(h);
     /* Replicas are trusted peers that pool their connections: no slowloris guard, and no idle
      * timeout that could close a connection just as a replica reuses it. */
@@ -266,13 +266,13 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     /* The controller owns the config while it runs; the hashes let a later deploy tell code
      * changes from setting changes. */
     ms__remember_code((ms_config_t *)cfg);
-    c.proxy = ms_proxy_new();
+    c.proxy = ms_ingress_new();
     c.deps = ms_calloc(plan.n ? plan.n : 1, sizeof *c.deps);
     snprintf(c.run_dir, sizeof c.run_dir, "/tmp/moonserve.XXXXXX");
     if (!mkdtemp(c.run_dir)) {
         ms_error("cannot create a run folder under /tmp");
         ms__plan_free(&plan);
-        ms_proxy_free(c.proxy);
+        ms_ingress_free(c.proxy);
         free_entries(&c);
         return 1;
     }
@@ -297,7 +297,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     }
     ms__plan_free(&plan);
     uv_run(c.loop, UV_RUN_DEFAULT);
-    ms_proxy_free(c.proxy);
+    ms_ingress_free(c.proxy);
     free_entries(&c);
     rmdir(c.run_dir);
     uv_loop_close(c.loop);

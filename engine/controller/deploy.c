@@ -124,12 +124,12 @@ static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
     free(c->deps);
     c->deps = deps;
     c->n_deps = n;
-    ms_proxy_clear(c->proxy);
+    ms_ingress_clear(c->proxy);
     for (size_t i = 0; i < plan->n; i++)
         for (size_t k = 0; k < n; k++)
             if (c->deps[k].app == plan->items[i].app &&
                 strcmp(c->deps[k].name, plan->items[i].name) == 0)
-                ms_proxy_add_deployment(c->proxy, plan->items[i].app->name, c->deps[k].name,
+                ms_ingress_add_deployment(c->proxy, plan->items[i].app->name, c->deps[k].name,
                                         plan->items[i].is_ingress ? plan->items[i].app->route_prefix
                                                                   : NULL,
                                         c->deps[k].dep);

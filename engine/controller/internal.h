@@ -13,9 +13,9 @@
 #include "admin/admin.h"
 #include "autoscale/autoscale.h"
 #include "config/config.h"
-#include "hooks/hooks.h"
-#include "proxy/proxy.h"
-#include "router/router.h"
+#include "scale_hooks/scale_hooks.h"
+#include "ingress/ingress.h"
+#include "deployment/deployment.h"
 
 /* One deployment's settings after merging file, code and defaults. */
 typedef struct planned {
@@ -77,7 +77,7 @@ typedef struct controller {
                              * anything may still point into them) */
     size_t n_deployed;
     const char *exe_path;
-    ms_proxy_t *proxy;
+    ms_ingress_t *proxy;
     ms_http_server_t *ingress;
     ms_http_server_t *handles;
     ms_admin_t *admin;

@@ -8,7 +8,7 @@
 
 #include "controller/internal.h"
 #include "runtime/runtime.h"
-#include "script/script.h"
+#include "router/router.h"
 
 void ms__plan_free(plan_t *p)
 {

@@ -1,1069 +1,1157 @@
 /*
- * router: a deployment's queue, admission, replica choice, forwarding and replica-set upkeep.
- * See router.h.
+ * router: request-router scripts. Owns, per router, one or two *instances* (the live one and,
+ * during a two-phase reload, the prepared one). An instance is a sandboxed Lua state
+ * (sandbox.c), the script's `self`, and the persistent tables the router reads: one table per
+ * replica, updated in place by C, the candidates array (compacted on removal), and the request
+ * table whose fields are overwritten on each call. Nothing is built per request except what the
+ * script asks for: `id`, `headers` and `body` are materialized by an __index metamethod only
+ * when read, so routing costs a few table stores plus the script's own work.
  *
- * A request becomes a `call`. Calls are pooled per deployment (their timers and buffers are
- * made once and reused), so the steady-state request path allocates nothing here. A call is
- * either QUEUED (in the deployment's FIFO), SENT (on a pooled connection to one replica), or
- * FREE. Every transition out of QUEUED or SENT releases the call exactly once.
+ * Contract of a router file: the chunk must `return` a class table (or a table holding it under
+ * the configured attribute) with a `choose_replicas` function; `initialize_state`,
+ * `on_request_routed`, `on_request_completed`, `self_test` and `persist` are optional. See
+ * docs/routing.md.
  */
-#include <jansson.h>
+#include "router/router.h"
+
+#include <ctype.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-#include "router/router.h"
-#include "script/script.h"
+#include <lauxlib.h>
 
-/* Wall-clock budget of one choose_replicas call: routing is on every request's path. */
-#define ROUTER_BUDGET_US         200
-#define MAX_CANDIDATES           256
-#define MAX_RANKS                16
-#define IMMEDIATE_CHOICE_RETRIES 2
-/* Ray Serve's routing backoff: 0.025 s doubling up to 0.5 s while every ranked replica is full. */
-#define BACKOFF_INITIAL_MS 25
-#define BACKOFF_MAX_MS     500
-/* Bodies up to this size are relayed in one write with Content-Length; larger or unsized ones
- * are streamed through as they arrive. */
-#define BUFFERED_RESPONSE_LIMIT (256 * 1024)
-/* Ray Serve: a deployment is DEPLOY_FAILED after min(3 * num_replicas, 20) constructor failures
- * with no replica running. */
-#define CONSTRUCTOR_RETRIES_PER_REPLICA 3
-#define CONSTRUCTOR_RETRIES_CAP         20
+#include "core/core.h"
+#include "sandbox/sandbox.h"
 
-typedef enum { CALL_FREE, CALL_QUEUED, CALL_SENT } call_state_t;
+/* Loading the chunk, initialize_state and self_test may build lookup tables: they get a longer
+ * budget than one routing call. */
+#define MS_SCRIPT_INIT_BUDGET_US    1000000u
+#define MS_SCRIPT_DEFAULT_BUDGET_US 1000u
+/* on_replicas_changed may rebuild a structure over every replica (a hash ring): more than a
+ * routing call, but it runs on the request path (before the next choose), so not a full second. */
+#define MS_SCRIPT_UPDATE_BUDGET_US 100000u
+/* Caller slot numbers are small dense integers; anything beyond this is a caller bug. */
+#define MS_SCRIPT_MAX_INDEX (1 << 20)
+/* Limits of a state-to-state copy (persist, replica state on reload): plain data is shallow;
+ * deeper or bigger means a cycle or something that should not be copied on the control path. */
+#define COPY_MAX_DEPTH  16
+#define COPY_MAX_VALUES 200000
+/* How far the method lookup follows __index tables (class inheritance). */
+#define CLASS_MAX_DEPTH 8
 
-typedef struct call call_t;
-struct call {
-    ms_deployment_t *dep;
-    ms_http_request_t *req;
-    ms_replica_t *replica;
-    ms_http_client_t *conn;
-    uv_timer_t timer;
-    call_t *prev, *next; /* queue links, or free-list link */
-    call_state_t state;
-    int retried;
-    uint64_t queued_at_ms; /* loop time it joined the queue (first time) */
-    uint64_t sent_at_us;   /* when it was sent to its replica, for the router's latency hook */
-    int status;
-    int streaming;
-    ms_buf_t head;      /* request head sent to the replica */
-    ms_buf_t resp_text; /* response header bytes, NUL-separated */
-    size_t *resp_offsets;
-    size_t n_resp_headers, resp_headers_cap;
-    ms_http_header_t *resp_headers;
-    ms_buf_t resp_body;
+/* Values pinned at the bottom of the Lua stack, right above the sandbox's message handler:
+ * lua_pushvalue from a fixed slot is the cheapest way to reach them on every request. They are
+ * pinned once the script has loaded and stay until lua_close. */
+enum {
+    SLOT_CHOOSE = MS_SANDBOX_HANDLER_SLOT + 1,
+    SLOT_SELF,
+    SLOT_CANDIDATES,
+    SLOT_REQUEST,
+    SLOT_ON_ROUTED,    /* nil if the script has no on_request_routed */
+    SLOT_ON_COMPLETED, /* nil if the script has no on_request_completed */
+    SLOT_TOP = SLOT_ON_COMPLETED,
 };
 
-struct ms_deployment {
-    uv_loop_t *loop;
-    char *app_name;
-    char *name;
-    int target_replicas;
-    int max_ongoing_requests;
-    int max_queued_requests;
-    double request_timeout_s;
-    double graceful_shutdown_timeout_s;
-    double health_check_period_s;
-    double health_check_timeout_s;
-    double cold_start_timeout_s;
-    void (*on_cold_start)(ms_deployment_t *d, void *data);
-    void *owner_data;
-    uv_timer_t cold_timer;  /* bounds how long requests wait with no replica running */
-    ms_replica_spec_t spec; /* strings owned */
-    unsigned generation;    /* bumped by a code update: older replicas are replaced */
-    unsigned settings_seq;  /* bumped by a lightweight update */
-    ms_router_script_t *script;
-    ms_replica_t **slots;    /* replica per router slot; NULL holes */
-    unsigned char *routable; /* per slot: known to the Lua router (ready, not stopping) */
-    int n_slots;
-    call_t *queue_head, *queue_tail;
-    size_t queued;
-    call_t *free_calls;
-    call_t **all_calls; /* every call ever made, for teardown */
-    size_t n_calls, calls_cap;
-    uv_timer_t backoff_timer;
-    int backoff_step;
-    uv_timer_t restart_timer;
-    int consecutive_failures;
-    int constructor_failures; /* since the last replica became ready */
-    char *last_failure;
-    int shutting_down;
-    void (*shutdown_done)(void *);
-    void *shutdown_data;
-    int open_timers;
-    int freed;
+/* The last value stored in one request field, so unchanged fields (method, path and model id
+ * repeat from request to request) aren't re-interned and re-stored on every call. */
+typedef struct field_cache {
+    char val[128];
+    size_t len;
+    int valid;
+} field_cache_t;
+
+/* Request fields materialized on first read (bits of lazy_req.set): they are rawset into the
+ * request table so that a second read in the same call is a plain lookup, and cleared before the
+ * next request is stored. */
+enum { LAZY_ID = 1, LAZY_HEADERS = 2, LAZY_BODY = 4 };
+
+typedef struct lazy_req {
+    const ms_route_request_t *req; /* the request of the call in progress; NULL outside calls */
+    unsigned set;
+} lazy_req_t;
+
+typedef struct replica_slot {
+    int ref; /* registry ref of the replica's table, LUA_NOREF if the slot is free */
+    int pos; /* 1-based position in the candidates array */
+    /* What C set, kept C-side so a reload can re-add the replica without trusting the (script
+     * writable) Lua table. */
+    char *id;
+    int max_ongoing;
+    int ongoing;
+} replica_slot_t;
+
+/* Candidate table address -> caller index, to turn the tables a script returns back into
+ * indices with one API call each (LuaJIT's GC never moves objects, so addresses are stable while
+ * the registry holds the tables). Identity, not the `index` field, decides: a script can neither
+ * forge a candidate nor confuse C by writing to `index`. Rebuilt when the replica set changes,
+ * which happens on the control loop, never per request. */
+typedef struct cand_entry {
+    const void *table; /* NULL: empty */
+    int index;
+} cand_entry_t;
+
+/* One loaded copy of the script: everything that lives and dies with its Lua state. */
+typedef struct instance {
+    ms_sandbox_t *sb;
+    lua_State *L;
+    const char *name; /* the router's file name (borrowed), for messages */
+
+    int ref_self;
+    int ref_class;
+    int ref_choose;
+    int ref_on_routed;    /* LUA_NOREF if the script has none */
+    int ref_on_completed; /* LUA_NOREF if the script has none */
+    int ref_on_changed;   /* on_replicas_changed; LUA_NOREF if the script has none */
+    int replicas_changed; /* the replica set changed since on_replicas_changed last ran */
+    int ref_candidates;
+    int ref_request;
+
+    replica_slot_t *slots; /* by caller index */
+    int nslots;
+    int ncand;
+    cand_entry_t *by_table; /* open addressing, power-of-two size, at most half full */
+    size_t by_table_mask;
+
+    field_cache_t req_method, req_path, req_model;
+    lazy_req_t lazy; /* read by the request table's __index (a light userdata upvalue) */
+
+    char sha256[65]; /* of the file content this instance was compiled from */
+} instance_t;
+
+struct ms_router_script {
+    instance_t *cur;
+    instance_t *pending; /* prepared by reload_prepare, NULL otherwise */
+    char *name;          /* file name */
+    char *attr;          /* NULL: the chunk's value is the class */
+    char *kwargs_json;   /* NULL: none */
+    uint64_t budget_us;
+    size_t mem_limit; /* 0: the sandbox default */
+
+    uint64_t version; /* successful loads, from 1 */
+    uint64_t failures;
+    uint64_t reload_failures;
+    char last_error[512];
+    char last_reload_error[512];
 };
 
-static void dispatch(ms_deployment_t *d);
-static void reconcile(ms_deployment_t *d);
-static void hold_for_cold_start(ms_deployment_t *d);
-static void retire(ms_deployment_t *d, ms_replica_t *r);
+/* ---- errors --------------------------------------------------------------------------------- */
 
-/* ---- replica set --------------------------------------------------------------------------- */
-
-static int is_live(const ms_replica_t *r)
+/* Counts a failure and keeps its message. The log line is written only when the message changes,
+ * so a router failing on every request doesn't flood the log. */
+static void fail(ms_router_script_t *s, const char *msg)
 {
-    return r && (r->state == MS_REPLICA_STARTING || r->state == MS_REPLICA_RUNNING);
+    s->failures++;
+    if (strcmp(s->last_error, msg) != 0) {
+        snprintf(s->last_error, sizeof s->last_error, "%s", msg);
+        ms_warn("router %s failed, falling back to the built-in choice: %s", s->name, msg);
+    }
 }
 
-/* Live replicas of the current code generation: the ones that count toward the target. */
-static int live_replicas(const ms_deployment_t *d)
-{
-    int n = 0;
-    for (int i = 0; i < d->n_slots; i++)
-        if (is_live(d->slots[i]) && d->slots[i]->generation == d->generation)
-            n++;
-    return n;
-}
+/* ---- state-to-state copies ------------------------------------------------------------------ */
 
-static int running_current(const ms_deployment_t *d)
+/* Pushes onto `to` a copy of the plain-data value at `idx` of `from`: nil, booleans, numbers,
+ * strings, and tables of those (other values, and pairs whose key or value is one, are left
+ * out). Raw accesses only, so no script code runs. Returns -1 (nothing pushed) past the depth or
+ * size limits, which is what a cycle looks like. Only called outside script calls, where the
+ * memory cap is not enforced. */
+static int copy_value(lua_State *from, int idx, lua_State *to, int depth, size_t *count)
 {
-    int n = 0;
-    for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i] && d->slots[i]->state == MS_REPLICA_RUNNING &&
-            d->slots[i]->generation == d->generation)
-            n++;
-    return n;
-}
-
-static int any_replica_left(const ms_deployment_t *d)
-{
-    for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i])
-            return 1;
+    if (++*count > COPY_MAX_VALUES)
+        return -1;
+    switch (lua_type(from, idx)) {
+    case LUA_TBOOLEAN:
+        lua_pushboolean(to, lua_toboolean(from, idx));
+        return 0;
+    case LUA_TNUMBER:
+        lua_pushnumber(to, lua_tonumber(from, idx));
+        return 0;
+    case LUA_TSTRING: {
+        size_t n;
+        const char *p = lua_tolstring(from, idx, &n);
+        lua_pushlstring(to, p, n);
+        return 0;
+    }
+    case LUA_TTABLE:
+        break;
+    default:
+        lua_pushnil(to);
+        return 0;
+    }
+    if (depth >= COPY_MAX_DEPTH || !lua_checkstack(from, 4) || !lua_checkstack(to, 4))
+        return -1;
+    if (idx < 0)
+        idx = lua_gettop(from) + idx + 1;
+    lua_newtable(to);
+    lua_pushnil(from);
+    while (lua_next(from, idx)) {
+        int kt = lua_type(from, -2), vt = lua_type(from, -1);
+        int plain_k =
+            kt == LUA_TSTRING || kt == LUA_TNUMBER || kt == LUA_TBOOLEAN || kt == LUA_TTABLE;
+        int plain_v =
+            vt == LUA_TSTRING || vt == LUA_TNUMBER || vt == LUA_TBOOLEAN || vt == LUA_TTABLE;
+        if (plain_k && plain_v) {
+            if (copy_value(from, -2, to, depth + 1, count) != 0) {
+                lua_pop(from, 2);
+                lua_pop(to, 1);
+                return -1;
+            }
+            if (copy_value(from, -1, to, depth + 1, count) != 0) {
+                lua_pop(from, 2);
+                lua_pop(to, 2);
+                return -1;
+            }
+            lua_rawset(to, -3);
+        }
+        lua_pop(from, 1);
+    }
     return 0;
 }
 
-static int deploy_failed(const ms_deployment_t *d)
+/* ---- loading -------------------------------------------------------------------------------- */
+
+static char *builtin_router_path(void)
 {
-    if (d->constructor_failures == 0)
-        return 0; /* scaled to zero is not failed */
-    int cap = (d->target_replicas > 0 ? d->target_replicas : 1) * CONSTRUCTOR_RETRIES_PER_REPLICA;
-    if (cap > CONSTRUCTOR_RETRIES_CAP)
-        cap = CONSTRUCTOR_RETRIES_CAP;
-    return d->constructor_failures >= cap && ms_deployment_running_replicas(d) == 0;
+    const char *dir = getenv("MOONSERVE_LUA_DIR");
+    if (!dir || !*dir)
+        dir = MS_LUA_DIR;
+    ms_buf_t b = {0};
+    ms_buf_appendf(&b, "%s/router.lua", dir);
+    return b.data;
 }
 
-static void fail_queued(ms_deployment_t *d, int status, const char *message);
-
-static void on_replica_ready(ms_replica_t *r)
+/* Pushes class[name], following __index *tables* of metatables (inheritance through
+ * setmetatable(Class, {__index = Base})) with raw accesses only: looking methods up must not run
+ * script code outside a budgeted call. Pushes nil if absent. */
+static void class_get(lua_State *L, int cls, const char *name)
 {
-    ms_deployment_t *d = r->owner;
-    d->consecutive_failures = 0;
-    d->constructor_failures = 0;
-    if (r->settings_seq != d->settings_seq) {
-        /* Started before the latest lightweight update: bring it up to date first. */
-        ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
-        ms_replica_reconfigure(r, d->spec.user_config_json);
-        r->settings_seq = d->settings_seq;
-    }
-    ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
-    d->routable[r->slot] = 1;
-    /* Its routing stats are wanted now, not a whole stats period later (Ray probes new replicas
-     * at once too). */
-    ms_replica_poll_stats(r, MS_REPLICA_STATS_TIMEOUT_S);
-    ms_info("replica %s: ready (%zu of %d running)", r->id, ms_deployment_running_replicas(d),
-            d->target_replicas);
-    reconcile(d); /* a rolling update retires an old replica now */
-    dispatch(d);
-}
-
-static void on_replica_failed(ms_replica_t *r, const char *error)
-{
-    ms_deployment_t *d = r->owner;
-    ms_error("replica %s: constructor failed: %s", r->id, error);
-    d->constructor_failures++;
-    free(d->last_failure);
-    d->last_failure = ms_strdup(error);
-    if (deploy_failed(d)) {
-        char msg[512];
-        snprintf(msg, sizeof msg, "deployment %s failed to start: %s", d->name, error);
-        fail_queued(d, 503, msg);
-    }
-}
-
-/* Takes a replica out of the Lua router's candidates (once). */
-static void unroute(ms_deployment_t *d, int slot)
-{
-    if (!d->routable[slot])
-        return;
-    d->routable[slot] = 0;
-    ms_router_script_remove_replica(d->script, slot);
-}
-
-static void on_restart_timer(uv_timer_t *t)
-{
-    reconcile(t->data);
-}
-
-static void maybe_finish_shutdown(ms_deployment_t *d)
-{
-    if (d->shutting_down && !any_replica_left(d) && d->shutdown_done) {
-        void (*done)(void *) = d->shutdown_done;
-        d->shutdown_done = NULL;
-        done(d->shutdown_data);
-    }
-}
-
-static void on_replica_error(void *data, const char *err);
-
-/* Requests in flight on a replica that died are answered now rather than when their
- * connections notice. */
-static void fail_calls_on(ms_deployment_t *d, ms_replica_t *r)
-{
-    for (size_t i = 0; i < d->n_calls; i++) {
-        call_t *c = d->all_calls[i];
-        if (c->state == CALL_SENT && c->replica == r)
-            on_replica_error(c, "replica process exited");
-    }
-}
-
-static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signal)
-{
-    ms_deployment_t *d = r->owner;
-    fail_calls_on(d, r);
-    unroute(d, r->slot);
-    d->slots[r->slot] = NULL;
-    /* A replica we stopped exiting is routine; any other exit is worth a warning. */
-    ms_log_level_t level = d->shutting_down || r->stop_requested ? MS_LOG_INFO : MS_LOG_WARN;
-    if (term_signal)
-        ms_log(level, "replica %s: killed by signal %d", r->id, term_signal);
-    else
-        ms_log(level, "replica %s: exited with status %d", r->id, (int)exit_status);
-    int deliberate = r->stop_requested;
-    ms_replica_free(r);
-    if (d->shutting_down) {
-        maybe_finish_shutdown(d);
-        return;
-    }
-    if (deliberate) { /* scaled down: nothing to replace */
-        reconcile(d);
-        return;
-    }
-    d->consecutive_failures++;
-    /* Replacements back off exponentially so a crash loop cannot spin the machine. */
-    uint64_t delay_ms = 100;
-    for (int i = 1; i < d->consecutive_failures && delay_ms < 30000; i++)
-        delay_ms *= 2;
-    if (delay_ms > 30000)
-        delay_ms = 30000;
-    uv_timer_start(&d->restart_timer, on_restart_timer, delay_ms, 0);
-}
-
-static void on_replica_stats(ms_replica_t *r)
-{
-    ms_deployment_t *d = r->owner;
-    if (!d->routable[r->slot] || !r->routing_stats)
-        return;
-    char *text = json_dumps(r->routing_stats, JSON_COMPACT);
-    if (text)
-        ms_router_script_set_routing_stats(d->script, r->slot, text);
-    free(text);
-}
-
-static void on_replica_unhealthy(ms_replica_t *r)
-{
-    ms_deployment_t *d = r->owner;
-    ms_error("replica %s: unhealthy after %d failed health checks; replacing it", r->id,
-             r->health_failures);
-    retire(d, r);
-    reconcile(d); /* the replacement starts now; the unhealthy one drains meanwhile */
-}
-
-static const ms_replica_events_t replica_events = {
-    .on_ready = on_replica_ready,
-    .on_failed = on_replica_failed,
-    .on_exit = on_replica_exit,
-    .on_stats = on_replica_stats,
-    .on_unhealthy = on_replica_unhealthy,
-};
-
-static int free_slot(ms_deployment_t *d)
-{
-    for (int i = 0; i < d->n_slots; i++)
-        if (!d->slots[i])
-            return i;
-    d->slots = ms_realloc(d->slots, (size_t)(d->n_slots + 1) * sizeof *d->slots);
-    d->routable = ms_realloc(d->routable, (size_t)(d->n_slots + 1));
-    d->slots[d->n_slots] = NULL;
-    d->routable[d->n_slots] = 0;
-    return d->n_slots++;
-}
-
-/* The replica to stop first when scaling down: one still starting (it serves nobody yet), else
- * the running one with the fewest requests in flight. */
-static ms_replica_t *pick_victim(const ms_deployment_t *d, int current_generation)
-{
-    ms_replica_t *best = NULL;
-    for (int i = 0; i < d->n_slots; i++) {
-        ms_replica_t *r = d->slots[i];
-        if (!is_live(r) || (r->generation == d->generation) != current_generation)
-            continue;
-        if (!best || (r->state == MS_REPLICA_STARTING && best->state != MS_REPLICA_STARTING) ||
-            (r->state == best->state && r->ongoing < best->ongoing))
-            best = r;
-    }
-    return best;
-}
-
-/* Out of routing at once (no new requests; those in flight finish), then a graceful stop. */
-static void retire(ms_deployment_t *d, ms_replica_t *r)
-{
-    unroute(d, r->slot);
-    ms_replica_stop(r, d->graceful_shutdown_timeout_s);
-}
-
-/* Rolling update: a replica of an older code generation stops once a current one can take its
- * place. Old ones still starting serve nobody and stop at once; old running ones keep serving
- * until enough current replicas run, then stop least busy first. */
-static void retire_old_generation(ms_deployment_t *d)
-{
-    int keep = d->target_replicas - running_current(d);
-    int old_running = 0;
-    for (int i = 0; i < d->n_slots; i++) {
-        ms_replica_t *r = d->slots[i];
-        if (!is_live(r) || r->generation == d->generation)
-            continue;
-        if (r->state == MS_REPLICA_STARTING) {
-            retire(d, r);
-            continue;
-        }
-        old_running++;
-    }
-    for (; old_running > (keep > 0 ? keep : 0); old_running--) {
-        ms_replica_t *r = pick_victim(d, 0);
-        if (!r)
-            break;
-        ms_info("replica %s: replaced by the new version", r->id);
-        retire(d, r);
-    }
-}
-
-/* Starts replicas until the live count reaches the target, or stops the surplus. */
-static void reconcile(ms_deployment_t *d)
-{
-    if (d->shutting_down)
-        return;
-    int live = live_replicas(d);
-    for (; live > d->target_replicas; live--) {
-        ms_replica_t *r = pick_victim(d, 1);
-        if (!r)
-            break;
-        ms_info("replica %s: stopping (scaling %d -> %d)", r->id, live, d->target_replicas);
-        retire(d, r);
-    }
-    for (; live < d->target_replicas; live++) {
-        int slot = free_slot(d);
-        ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d);
-        if (!r) {
-            d->consecutive_failures++;
-            uv_timer_start(&d->restart_timer, on_restart_timer, 1000, 0);
+    lua_pushvalue(L, cls);
+    for (int depth = 0; depth < CLASS_MAX_DEPTH; depth++) {
+        lua_pushstring(L, name);
+        lua_rawget(L, -2);
+        if (!lua_isnil(L, -1) || !lua_getmetatable(L, -2)) {
+            lua_remove(L, -2);
             return;
         }
-        r->slot = slot;
-        r->generation = d->generation;
-        r->settings_seq = d->settings_seq;
-        d->slots[slot] = r;
+        lua_remove(L, -2); /* nil */
+        lua_pushliteral(L, "__index");
+        lua_rawget(L, -2);
+        lua_remove(L, -2); /* the metatable */
+        lua_remove(L, -2); /* the table we looked in */
+        if (!lua_istable(L, -1))
+            break;
     }
-    retire_old_generation(d);
+    lua_pop(L, 1);
+    lua_pushnil(L);
 }
 
-/* ---- calls --------------------------------------------------------------------------------- */
-
-static void on_call_timeout(uv_timer_t *t);
-
-static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
+/* Stores the function class[name] as a registry ref; LUA_NOREF if absent. -1 if it is present
+ * but not a function. */
+static int ref_method(instance_t *in, int cls, const char *name, int *ref)
 {
-    call_t *c = d->free_calls;
-    if (c) {
-        d->free_calls = c->next;
-    } else {
-        c = ms_calloc(1, sizeof *c);
-        c->dep = d;
-        uv_timer_init(d->loop, &c->timer);
-        c->timer.data = c;
-        d->open_timers++;
-        if (d->n_calls == d->calls_cap) {
-            d->calls_cap = d->calls_cap ? d->calls_cap * 2 : 16;
-            d->all_calls = ms_realloc(d->all_calls, d->calls_cap * sizeof *d->all_calls);
+    lua_State *L = in->L;
+    class_get(L, cls, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        *ref = LUA_NOREF;
+        return 0;
+    }
+    if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1);
+        snprintf(in->sb->err, sizeof in->sb->err, "%s: %s must be a function", in->name, name);
+        return -1;
+    }
+    *ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
+}
+
+/* Calls the method whose ref is given with self and the values above it on the stack (nargs of
+ * them), under the loading budget; pops them. A self_test returning false fails too. */
+static int call_init_method(instance_t *in, int ref, int nargs, int check_false)
+{
+    lua_State *L = in->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, in->ref_self);
+    for (int i = 0; i < nargs; i++)
+        lua_pushvalue(L, -2 - nargs);
+    int rc = ms_sandbox_call(in->sb, nargs + 1, 1, MS_SCRIPT_INIT_BUDGET_US);
+    if (rc == 0 && check_false && lua_isboolean(L, -1) && !lua_toboolean(L, -1)) {
+        snprintf(in->sb->err, sizeof in->sb->err, "%s: self_test returned false", in->name);
+        rc = -1;
+    }
+    lua_pop(L, nargs + (rc == 0));
+    return rc;
+}
+
+/* Runs the chunk, finds the class (the returned table, or its field `attr`), checks its methods,
+ * instantiates self = setmetatable({}, {__index = class}), then calls initialize_state(self,
+ * kwargs) and self_test(self) if defined. Leaves the stack as it found it (the chunk popped). */
+static int instantiate(instance_t *in, const char *attr, const char *kwargs_json)
+{
+    lua_State *L = in->L;
+    int base = lua_gettop(L) - 1; /* below the chunk */
+    if (ms_sandbox_call(in->sb, 0, 1, MS_SCRIPT_INIT_BUDGET_US) != 0)
+        return -1;
+    if (!lua_istable(L, -1)) {
+        snprintf(in->sb->err, sizeof in->sb->err,
+                 "%s: the chunk must return a router class (a table), got %s", in->name,
+                 luaL_typename(L, -1));
+        goto fail;
+    }
+    if (attr && *attr) {
+        lua_pushstring(L, attr);
+        lua_rawget(L, -2);
+        if (!lua_istable(L, -1)) {
+            snprintf(in->sb->err, sizeof in->sb->err,
+                     "%s: the returned table has no router class '%s' (got %s)", in->name, attr,
+                     luaL_typename(L, -1));
+            goto fail;
         }
-        d->all_calls[d->n_calls++] = c;
+        lua_remove(L, -2);
     }
-    c->req = req;
-    c->replica = NULL;
-    c->conn = NULL;
-    c->prev = c->next = NULL;
-    c->retried = 0;
-    c->streaming = 0;
-    c->queued_at_ms = uv_now(d->loop);
-    req->user = c;
-    if (d->request_timeout_s > 0)
-        uv_timer_start(&c->timer, on_call_timeout, (uint64_t)(d->request_timeout_s * 1000.0), 0);
-    return c;
-}
-
-static void call_release(call_t *c)
-{
-    ms_deployment_t *d = c->dep;
-    uv_timer_stop(&c->timer);
-    if (c->req)
-        c->req->user = NULL;
-    c->req = NULL;
-    c->state = CALL_FREE;
-    c->next = d->free_calls;
-    d->free_calls = c;
-}
-
-static void queue_push(ms_deployment_t *d, call_t *c, int at_front)
-{
-    c->state = CALL_QUEUED;
-    if (at_front) {
-        c->prev = NULL;
-        c->next = d->queue_head;
-        if (d->queue_head)
-            d->queue_head->prev = c;
-        else
-            d->queue_tail = c;
-        d->queue_head = c;
-    } else {
-        c->next = NULL;
-        c->prev = d->queue_tail;
-        if (d->queue_tail)
-            d->queue_tail->next = c;
-        else
-            d->queue_head = c;
-        d->queue_tail = c;
+    int cls = lua_gettop(L);
+    int ref_init = LUA_NOREF, ref_test = LUA_NOREF;
+    if (ref_method(in, cls, "choose_replicas", &in->ref_choose) != 0 ||
+        ref_method(in, cls, "on_request_routed", &in->ref_on_routed) != 0 ||
+        ref_method(in, cls, "on_request_completed", &in->ref_on_completed) != 0 ||
+        ref_method(in, cls, "on_replicas_changed", &in->ref_on_changed) != 0 ||
+        ref_method(in, cls, "initialize_state", &ref_init) != 0 ||
+        ref_method(in, cls, "self_test", &ref_test) != 0)
+        goto fail;
+    if (in->ref_choose == LUA_NOREF) {
+        snprintf(in->sb->err, sizeof in->sb->err, "%s: the router class has no choose_replicas",
+                 in->name);
+        goto fail;
     }
-    d->queued++;
+    lua_newtable(L); /* self */
+    lua_createtable(L, 0, 1);
+    lua_pushvalue(L, cls);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, -2);
+    in->ref_self = luaL_ref(L, LUA_REGISTRYINDEX);
+    in->ref_class = luaL_ref(L, LUA_REGISTRYINDEX); /* pops the class */
+
+    /* kwargs are decoded even when unused, so a malformed config never passes silently. */
+    if (ms_sandbox_push_json(in->sb, kwargs_json) != 0)
+        goto fail;
+    if (ref_init != LUA_NOREF && call_init_method(in, ref_init, 1, 0) != 0)
+        goto fail;
+    lua_settop(L, base);
+    if (ref_test != LUA_NOREF && call_init_method(in, ref_test, 0, 1) != 0)
+        goto fail;
+    lua_settop(L, base);
+    return 0;
+fail:
+    lua_settop(L, base);
+    return -1;
 }
 
-static void queue_remove(ms_deployment_t *d, call_t *c)
+/* __index of the request table: materializes `id`, `headers` and `body` of the request in
+ * progress on first read, and caches them in the table for the rest of the call. Outside a call
+ * (a script that kept the table) every lazy field reads as nil. */
+static int request_index(lua_State *L)
 {
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        d->queue_head = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    else
-        d->queue_tail = c->prev;
-    c->prev = c->next = NULL;
-    d->queued--;
-}
-
-static void fail_queued(ms_deployment_t *d, int status, const char *message)
-{
-    while (d->queue_head) {
-        call_t *c = d->queue_head;
-        queue_remove(d, c);
-        ms_http_request_t *req = c->req;
-        call_release(c);
-        ms_http_respond_error(req, status, message);
-    }
-}
-
-/* The call leaves its replica: bookkeeping for in-flight counts and the connection. */
-static void call_detach(call_t *c, int reuse_conn)
-{
-    ms_replica_t *r = c->replica;
-    ms_deployment_t *d = c->dep;
-    if (!r)
-        return;
-    if (d->routable[r->slot]) {
-        int ok = reuse_conn && c->status < 500; /* a replica's 5xx counts as a failure too */
-        ms_router_script_on_completed(d->script, r->slot,
-                                      (double)(ms_now_us() - c->sent_at_us) / 1e6, ok);
-    }
-    r->ongoing--;
-    if (d->routable[r->slot])
-        ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
-    if (c->conn) {
-        if (reuse_conn)
-            ms_replica_conn_put(r, c->conn);
-        else
-            ms_http_client_close(c->conn); /* closing cancels the request at the replica */
-    }
-    c->conn = NULL;
-    c->replica = NULL;
-}
-
-static void on_call_timeout(uv_timer_t *t)
-{
-    call_t *c = t->data;
-    ms_deployment_t *d = c->dep;
-    ms_http_request_t *req = c->req;
-    if (c->state == CALL_QUEUED)
-        queue_remove(d, c);
-    int started = ms_http_response_started(req);
-    call_detach(c, 0);
-    call_release(c);
-    ms_info("request %s: timed out after %gs", req->request_id, d->request_timeout_s);
-    if (started) {
-        ms_http_response_abort(req);
-    } else {
-        char msg[160];
-        snprintf(msg, sizeof msg, "Request %s timed out after %gs.", req->request_id,
-                 d->request_timeout_s);
-        ms_http_respond_error(req, 408, msg);
-    }
-    dispatch(d);
-}
-
-/* ---- relaying the replica's response -------------------------------------------------------- */
-
-static void copy_response_headers(call_t *c, const ms_http_header_t *h, size_t n)
-{
-    ms_buf_reset(&c->resp_text);
-    if (c->resp_headers_cap < n) {
-        c->resp_headers_cap = n;
-        c->resp_offsets = ms_realloc(c->resp_offsets, n * 2 * sizeof(size_t));
-        c->resp_headers = ms_realloc(c->resp_headers, n * sizeof *c->resp_headers);
-    }
-    for (size_t i = 0; i < n; i++) {
-        c->resp_offsets[2 * i] = c->resp_text.len;
-        ms_buf_append(&c->resp_text, h[i].name, h[i].name_len + 1);
-        c->resp_offsets[2 * i + 1] = c->resp_text.len;
-        ms_buf_append(&c->resp_text, h[i].value, h[i].value_len + 1);
-        c->resp_headers[i].name_len = h[i].name_len;
-        c->resp_headers[i].value_len = h[i].value_len;
-    }
-    c->n_resp_headers = n;
-}
-
-static void on_replica_head(void *data, int status, const ms_http_header_t *headers, size_t n,
-                            int chunked, int64_t content_length)
-{
-    call_t *c = data;
-    c->status = status;
-    if (chunked || content_length < 0 || content_length > BUFFERED_RESPONSE_LIMIT) {
-        c->streaming = 1;
-        ms_http_response_start(c->req, status, headers, n);
-        return;
-    }
-    copy_response_headers(c, headers, n);
-    ms_buf_reset(&c->resp_body);
-}
-
-static void on_replica_body(void *data, const char *p, size_t n)
-{
-    call_t *c = data;
-    if (c->streaming)
-        ms_http_response_chunk(c->req, p, n);
-    else
-        ms_buf_append(&c->resp_body, p, n);
-}
-
-static void on_replica_done(void *data)
-{
-    call_t *c = data;
-    ms_deployment_t *d = c->dep;
-    ms_http_request_t *req = c->req;
-    call_detach(c, 1);
-    if (c->streaming) {
-        call_release(c);
-        ms_http_response_end(req);
-    } else {
-        for (size_t i = 0; i < c->n_resp_headers; i++) {
-            c->resp_headers[i].name = c->resp_text.data + c->resp_offsets[2 * i];
-            c->resp_headers[i].value = c->resp_text.data + c->resp_offsets[2 * i + 1];
+    lazy_req_t *lz = lua_touserdata(L, lua_upvalueindex(1));
+    const ms_route_request_t *r = lz->req;
+    if (!r || lua_type(L, 2) != LUA_TSTRING)
+        return 0;
+    size_t kl;
+    const char *k = lua_tolstring(L, 2, &kl);
+    unsigned bit;
+    if (kl == 2 && memcmp(k, "id", 2) == 0) {
+        bit = LAZY_ID;
+        lua_pushstring(L, r->id ? r->id : "");
+    } else if (kl == 4 && memcmp(k, "body", 4) == 0) {
+        bit = LAZY_BODY;
+        lua_pushlstring(L, r->body ? r->body : "", r->body ? r->body_len : 0);
+    } else if (kl == 7 && memcmp(k, "headers", 7) == 0) {
+        bit = LAZY_HEADERS;
+        lua_createtable(L, 0, (int)r->n_headers);
+        for (size_t i = 0; i < r->n_headers; i++) {
+            const ms_http_header_t *h = &r->headers[i];
+            luaL_Buffer b;
+            luaL_buffinit(L, &b);
+            for (size_t j = 0; j < h->name_len; j++)
+                luaL_addchar(&b, (char)tolower((unsigned char)h->name[j]));
+            luaL_pushresult(&b);
+            lua_pushvalue(L, -1);
+            lua_rawget(L, -3);
+            if (lua_isstring(L, -1)) { /* repeated header: join, as HTTP allows */
+                lua_pushliteral(L, ", ");
+                lua_pushlstring(L, h->value, h->value_len);
+                lua_concat(L, 3);
+            } else {
+                lua_pop(L, 1);
+                lua_pushlstring(L, h->value, h->value_len);
+            }
+            lua_rawset(L, -3);
         }
-        /* Released before responding: a pipelined request handed over synchronously by the
-         * response may reuse this call. The buffers stay valid until then. */
-        call_release(c);
-        ms_http_respond(req, c->status, c->resp_headers, c->n_resp_headers, c->resp_body.data,
-                        c->resp_body.len);
-    }
-    dispatch(d);
-}
-
-static void on_replica_error(void *data, const char *err)
-{
-    call_t *c = data;
-    ms_deployment_t *d = c->dep;
-    ms_http_request_t *req = c->req;
-    ms_replica_t *r = c->replica;
-    int never_connected = strcmp(err, "connect failed") == 0;
-    ms_warn("request %s: replica %s failed: %s", req->request_id, r ? r->id : "?", err);
-    call_detach(c, 0);
-    if (ms_http_response_started(req)) {
-        call_release(c);
-        ms_http_response_abort(req);
-    } else if (never_connected && !c->retried) {
-        /* The request never reached the replica (it died a moment ago): route it again. */
-        c->retried = 1;
-        queue_push(d, c, 1);
     } else {
-        char msg[256];
-        snprintf(msg, sizeof msg, "replica %s of deployment %s failed while handling the request",
-                 r ? r->id : "?", d->name);
-        call_release(c);
-        ms_http_respond_error(req, 502, msg);
+        return 0;
     }
-    dispatch(d);
-}
-
-static const ms_http_client_callbacks_t relay_callbacks = {
-    .on_head = on_replica_head,
-    .on_body = on_replica_body,
-    .on_done = on_replica_done,
-    .on_error = on_replica_error,
-};
-
-/* Hop-by-hop and framing headers are the hop's own business and are not forwarded. */
-static int forwardable(const ms_http_header_t *h)
-{
-    static const char *const skip[] = {"connection",     "keep-alive",   "transfer-encoding",
-                                       "content-length", "x-request-id", "te",
-                                       "upgrade",        "expect",       "proxy-connection"};
-    for (size_t i = 0; i < sizeof skip / sizeof *skip; i++)
-        if (h->name_len == strlen(skip[i]) && strncasecmp(h->name, skip[i], h->name_len) == 0)
-            return 0;
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, 1);
+    lz->set |= bit;
     return 1;
 }
 
-static void build_forward_head(call_t *c)
+/* The request table: one per instance, with a protected metatable whose __index is the lazy
+ * materializer above. */
+static int new_request_ref(instance_t *in)
 {
-    ms_http_request_t *req = c->req;
-    ms_buf_t *b = &c->head;
-    ms_buf_reset(b);
-    ms_buf_append_str(b, req->method);
-    ms_buf_append(b, " ", 1);
-    ms_buf_append(b, req->target, req->target_len);
-    ms_buf_append(b, " HTTP/1.1\r\nX-Request-ID: ", 25);
-    ms_buf_append_str(b, req->request_id);
-    ms_buf_append(b, "\r\nContent-Length: ", 18);
-    ms_buf_append_uint(b, req->body_len);
-    ms_buf_append(b, "\r\n", 2);
+    lua_State *L = in->L;
+    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 2);
+    lua_pushlightuserdata(L, &in->lazy);
+    lua_pushcclosure(L, request_index, 1);
+    lua_setfield(L, -2, "__index");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable"); /* getmetatable(request) is false: not replaceable */
+    lua_setmetatable(L, -2);
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+static int new_table_ref(lua_State *L)
+{
+    lua_newtable(L);
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+static void pin_hot_values(instance_t *in)
+{
+    lua_State *L = in->L;
+    int refs[] = {in->ref_choose,  in->ref_self,      in->ref_candidates,
+                  in->ref_request, in->ref_on_routed, in->ref_on_completed};
+    lua_settop(L, MS_SANDBOX_HANDLER_SLOT);
+    for (size_t i = 0; i < sizeof refs / sizeof refs[0]; i++)
+        lua_rawgeti(L, LUA_REGISTRYINDEX, refs[i]); /* LUA_NOREF pushes nil */
+}
+
+static void instance_free(instance_t *in)
+{
+    if (!in)
+        return;
+    ms_sandbox_free(in->sb); /* lua_close releases every ref at once */
+    for (int i = 0; i < in->nslots; i++)
+        free(in->slots[i].id);
+    free(in->slots);
+    free(in->by_table);
+    free(in);
+}
+
+/* Reads the file, compiles it into a fresh sandbox and instantiates the class. Returns NULL with
+ * the message in err on failure; the digest of what was read is in sha (if it could be read). */
+static instance_t *instance_load(ms_router_script_t *s, char *err, size_t errlen, char sha[65])
+{
+    sha[0] = 0;
+    ms_buf_t text = {0};
+    if (ms_read_file(s->name, &text) != 0) {
+        snprintf(err, errlen, "%s: %s", s->name, strerror(errno));
+        ms_buf_free(&text);
+        return NULL;
+    }
+    ms_sha256_hex(text.data ? text.data : "", text.len, sha);
+
+    instance_t *in = ms_calloc(1, sizeof *in);
+    in->name = s->name;
+    in->ref_self = in->ref_class = in->ref_choose = LUA_NOREF;
+    in->ref_on_routed = in->ref_on_completed = in->ref_on_changed = LUA_NOREF;
+    memcpy(in->sha256, sha, sizeof in->sha256);
+    char *e = NULL;
+    in->sb = ms_sandbox_new(s->mem_limit, &e);
+    if (!in->sb) {
+        snprintf(err, errlen, "%s", e ? e : "cannot create the sandbox");
+        free(e);
+        free(in);
+        ms_buf_free(&text);
+        return NULL;
+    }
+    in->L = in->sb->L;
+    in->ref_candidates = new_table_ref(in->L);
+    in->ref_request = new_request_ref(in);
+    int rc = ms_sandbox_load(in->sb, text.data ? text.data : "", text.len, s->name);
+    ms_buf_free(&text);
+    if (rc != 0 || instantiate(in, s->attr, s->kwargs_json) != 0) {
+        snprintf(err, errlen, "%s", in->sb->err);
+        instance_free(in);
+        return NULL;
+    }
+    pin_hot_values(in);
+    return in;
+}
+
+ms_router_script_t *ms_router_script_new_class(const char *file, const char *attr,
+                                               const char *kwargs_json, uint64_t budget_us,
+                                               char **err)
+{
+    ms_router_script_t *s = ms_calloc(1, sizeof *s);
+    s->budget_us = budget_us ? budget_us : MS_SCRIPT_DEFAULT_BUDGET_US;
+    s->name = file ? ms_strdup(file) : builtin_router_path();
+    s->attr = attr && *attr ? ms_strdup(attr) : NULL;
+    s->kwargs_json = kwargs_json ? ms_strdup(kwargs_json) : NULL;
+    char msg[512], sha[65];
+    s->cur = instance_load(s, msg, sizeof msg, sha);
+    if (!s->cur) {
+        const char *m = msg; /* a pointer: ms_strdup's NULL test on an array trips -Waddress */
+        *err = ms_strdup(m);
+        ms_router_script_free(s);
+        return NULL;
+    }
+    s->version = 1;
+    return s;
+}
+
+ms_router_script_t *ms_router_script_new(const char *path, const char *kwargs_json,
+                                         uint64_t budget_us, char **err)
+{
+    return ms_router_script_new_class(path, NULL, kwargs_json, budget_us, err);
+}
+
+void ms_router_script_free(ms_router_script_t *s)
+{
+    if (!s)
+        return;
+    instance_free(s->cur);
+    instance_free(s->pending);
+    free(s->name);
+    free(s->attr);
+    free(s->kwargs_json);
+    free(s);
+}
+
+void ms_router_script_set_memory_limit(ms_router_script_t *s, size_t bytes)
+{
+    s->mem_limit = bytes;
+    size_t limit = bytes ? bytes : MS_SANDBOX_DEFAULT_MEM_LIMIT;
+    s->cur->sb->mem_limit = limit;
+    if (s->pending)
+        s->pending->sb->mem_limit = limit;
+}
+
+/* ---- replica set ---------------------------------------------------------------------------- *
+ * Each public update goes to the live instance and, during a reload, to the prepared one too, so
+ * that the commit swaps in a router that has seen everything. */
+
+static size_t hash_ptr(const void *p)
+{
+    return (size_t)(((uintptr_t)p >> 4) * 0x9e3779b97f4a7c15ull >> 20);
+}
+
+static void by_table_insert(instance_t *in, const void *t, int index)
+{
+    size_t h = hash_ptr(t);
+    while (in->by_table[h & in->by_table_mask].table)
+        h++;
+    in->by_table[h & in->by_table_mask] = (cand_entry_t){t, index};
+}
+
+/* Rebuilds the address map from the slots: O(slots), on replica set changes only. */
+static void rebuild_by_table(instance_t *in)
+{
+    size_t size = 16;
+    while (size < 2 * (size_t)in->ncand)
+        size *= 2;
+    free(in->by_table);
+    in->by_table = ms_calloc(size, sizeof *in->by_table);
+    in->by_table_mask = size - 1;
+    for (int i = 0; i < in->nslots; i++) {
+        if (in->slots[i].ref == LUA_NOREF)
+            continue;
+        lua_rawgeti(in->L, LUA_REGISTRYINDEX, in->slots[i].ref);
+        by_table_insert(in, lua_topointer(in->L, -1), i);
+        lua_pop(in->L, 1);
+    }
+}
+
+static replica_slot_t *slot_of(instance_t *in, int index)
+{
+    if (index < 0 || index >= in->nslots || in->slots[index].ref == LUA_NOREF)
+        return NULL;
+    return &in->slots[index];
+}
+
+static void grow_slots(instance_t *in, int index)
+{
+    int n = in->nslots ? in->nslots : 8;
+    while (n <= index)
+        n *= 2;
+    in->slots = ms_realloc(in->slots, (size_t)n * sizeof *in->slots);
+    for (int i = in->nslots; i < n; i++)
+        in->slots[i] = (replica_slot_t){.ref = LUA_NOREF};
+    in->nslots = n;
+}
+
+/* Pushes a fresh replica table: the fields C keeps up to date, and the two tables the script may
+ * read (filled by ms_router_script_set_routing_stats / _set_model_ids). */
+static void push_replica_table(lua_State *L, int index, const char *id, int max_ongoing)
+{
+    lua_createtable(L, 0, 8);
+    lua_pushstring(L, id ? id : "");
+    lua_setfield(L, -2, "id");
+    lua_pushinteger(L, index);
+    lua_setfield(L, -2, "index");
+    lua_pushinteger(L, 0);
+    lua_setfield(L, -2, "ongoing");
+    lua_pushinteger(L, max_ongoing);
+    lua_setfield(L, -2, "max_ongoing_requests");
+    lua_newtable(L);
+    lua_setfield(L, -2, "routing_stats");
+    lua_newtable(L);
+    lua_setfield(L, -2, "multiplexed_model_ids");
+}
+
+static void inst_add_replica(instance_t *in, int index, const char *id, int max_ongoing)
+{
+    lua_State *L = in->L;
+    replica_slot_t *slot = slot_of(in, index);
+    if (slot) { /* already known: update in place, keep its table identity */
+        free(slot->id);
+        slot->id = ms_strdup(id ? id : "");
+        slot->max_ongoing = max_ongoing;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, slot->ref);
+        lua_pushstring(L, slot->id);
+        lua_setfield(L, -2, "id");
+        lua_pushinteger(L, max_ongoing);
+        lua_setfield(L, -2, "max_ongoing_requests");
+        lua_pop(L, 1);
+        in->replicas_changed = 1;
+        return;
+    }
+    if (index >= in->nslots)
+        grow_slots(in, index);
+    slot = &in->slots[index];
+    slot->id = ms_strdup(id ? id : "");
+    slot->max_ongoing = max_ongoing;
+    slot->ongoing = 0;
+    push_replica_table(L, index, slot->id, max_ongoing);
+    lua_pushvalue(L, SLOT_CANDIDATES);
+    lua_pushvalue(L, -2);
+    slot->pos = ++in->ncand;
+    lua_rawseti(L, -2, slot->pos);
+    lua_pop(L, 1);
+    slot->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    rebuild_by_table(in);
+    in->replicas_changed = 1;
+}
+
+void ms_router_script_add_replica(ms_router_script_t *s, int index, const char *id,
+                                  int max_ongoing_requests)
+{
+    if (index < 0 || index >= MS_SCRIPT_MAX_INDEX) {
+        ms_warn("router %s: replica index %d out of range, ignored", s->name, index);
+        return;
+    }
+    inst_add_replica(s->cur, index, id, max_ongoing_requests);
+    if (s->pending)
+        inst_add_replica(s->pending, index, id, max_ongoing_requests);
+}
+
+/* Compacts the candidates array by moving the last entry into the hole, so `#candidates` stays
+ * exact and removal is O(1). The order of candidates is not meaningful. */
+static void inst_remove_replica(instance_t *in, int index)
+{
+    lua_State *L = in->L;
+    replica_slot_t *slot = slot_of(in, index);
+    if (!slot)
+        return;
+    lua_pushvalue(L, SLOT_CANDIDATES);
+    if (slot->pos != in->ncand) {
+        for (int i = 0; i < in->nslots; i++) { /* the slot of the last entry; rare, O(slots) */
+            if (in->slots[i].ref != LUA_NOREF && in->slots[i].pos == in->ncand) {
+                in->slots[i].pos = slot->pos;
+                break;
+            }
+        }
+        lua_rawgeti(L, -1, in->ncand);
+        lua_rawseti(L, -2, slot->pos);
+    }
+    lua_pushnil(L);
+    lua_rawseti(L, -2, in->ncand);
+    lua_pop(L, 1);
+    in->ncand--;
+    luaL_unref(L, LUA_REGISTRYINDEX, slot->ref);
+    free(slot->id);
+    *slot = (replica_slot_t){.ref = LUA_NOREF};
+    rebuild_by_table(in);
+    in->replicas_changed = 1;
+}
+
+void ms_router_script_remove_replica(ms_router_script_t *s, int index)
+{
+    inst_remove_replica(s->cur, index);
+    if (s->pending)
+        inst_remove_replica(s->pending, index);
+}
+
+static void inst_set_ongoing(instance_t *in, int index, int ongoing)
+{
+    replica_slot_t *slot = slot_of(in, index);
+    if (!slot)
+        return;
+    slot->ongoing = ongoing;
+    lua_rawgeti(in->L, LUA_REGISTRYINDEX, slot->ref);
+    lua_pushinteger(in->L, ongoing);
+    lua_setfield(in->L, -2, "ongoing");
+    lua_pop(in->L, 1);
+}
+
+void ms_router_script_set_ongoing(ms_router_script_t *s, int index, int ongoing)
+{
+    inst_set_ongoing(s->cur, index, ongoing);
+    if (s->pending)
+        inst_set_ongoing(s->pending, index, ongoing);
+}
+
+/* Replaces the contents of the replica's `field` table in place (its identity is kept, so a
+ * script holding on to it sees the new values). The new contents are on top of the stack. */
+static void refill_field(lua_State *L, int replica, const char *field)
+{
+    int src = lua_gettop(L);
+    lua_getfield(L, replica, field);
+    if (!lua_istable(L, -1)) { /* the script replaced it: put a table back */
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, replica, field);
+    }
+    int dst = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, dst)) { /* clear: assigning nil to the current key is allowed */
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        lua_pushnil(L);
+        lua_rawset(L, dst);
+    }
+    lua_pushnil(L);
+    while (lua_next(L, src)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, dst);
+    }
+    lua_settop(L, src - 1);
+}
+
+static void inst_set_model_ids(instance_t *in, int index, const char *const *ids, size_t n)
+{
+    lua_State *L = in->L;
+    replica_slot_t *slot = slot_of(in, index);
+    if (!slot)
+        return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, slot->ref);
+    lua_createtable(L, 0, (int)n);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, ids[i]);
+    }
+    refill_field(L, lua_gettop(L) - 1, "multiplexed_model_ids");
+    lua_pop(L, 1);
+}
+
+void ms_router_script_set_model_ids(ms_router_script_t *s, int index, const char *const *ids,
+                                    size_t n)
+{
+    inst_set_model_ids(s->cur, index, ids, n);
+    if (s->pending)
+        inst_set_model_ids(s->pending, index, ids, n);
+}
+
+static int inst_set_routing_stats(instance_t *in, int index, const char *json)
+{
+    lua_State *L = in->L;
+    replica_slot_t *slot = slot_of(in, index);
+    if (!slot)
+        return -1;
+    int base = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, slot->ref);
+    if (ms_sandbox_push_json(in->sb, json) != 0 || !lua_istable(L, -1)) {
+        lua_settop(L, base);
+        return -1;
+    }
+    refill_field(L, lua_gettop(L) - 1, "routing_stats");
+    lua_pop(L, 1);
+    return 0;
+}
+
+int ms_router_script_set_routing_stats(ms_router_script_t *s, int index, const char *json)
+{
+    int rc = inst_set_routing_stats(s->cur, index, json);
+    if (s->pending)
+        inst_set_routing_stats(s->pending, index, json);
+    return rc;
+}
+
+/* ---- calls ---------------------------------------------------------------------------------- */
+
+/* Stores `val` into field `key` of the table on top of the stack, unless it equals the value the
+ * cache says is already there. */
+static void set_request_field(lua_State *L, const char *key, const char *val, size_t n,
+                              field_cache_t *c)
+{
+    if (c->valid && c->len == n && memcmp(c->val, val, n) == 0)
+        return;
+    lua_pushlstring(L, val, n);
+    lua_setfield(L, -2, key);
+    c->valid = n < sizeof c->val;
+    if (c->valid) {
+        memcpy(c->val, val, n);
+        c->len = n;
+    }
+}
+
+/* The model id of a request that doesn't give one: Ray Serve's serve_multiplexed_model_id
+ * header. The length test first keeps the scan to one compare per header. */
+static const char *header_model_id(const ms_route_request_t *req, size_t *len)
+{
+    static const char name[] = "serve_multiplexed_model_id";
     for (size_t i = 0; i < req->n_headers; i++) {
         const ms_http_header_t *h = &req->headers[i];
-        if (!forwardable(h))
-            continue;
-        ms_buf_append(b, h->name, h->name_len);
-        ms_buf_append(b, ": ", 2);
-        ms_buf_append(b, h->value, h->value_len);
-        ms_buf_append(b, "\r\n", 2);
-    }
-    ms_buf_append(b, "\r\n", 2);
-}
-
-static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
-{
-    c->state = CALL_SENT;
-    c->sent_at_us = ms_now_us();
-    c->replica = r;
-    r->ongoing++;
-    ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
-    c->conn = ms_replica_conn_get(r, d->loop);
-    build_forward_head(c);
-    if (ms_http_client_send(c->conn, c->head.data, c->head.len, c->req->body, c->req->body_len,
-                            &relay_callbacks, c) != 0)
-        on_replica_error(c, "connect failed");
-}
-
-/* ---- choosing a replica ---------------------------------------------------------------------- */
-
-static ms_replica_t *usable(const ms_deployment_t *d, int slot)
-{
-    if (slot < 0 || slot >= d->n_slots)
-        return NULL;
-    ms_replica_t *r = d->slots[slot];
-    if (!r || r->state != MS_REPLICA_RUNNING || r->ongoing >= r->max_ongoing_requests)
-        return NULL;
-    return r;
-}
-
-static ms_replica_t *least_loaded(const ms_deployment_t *d, const int *slots, int n)
-{
-    ms_replica_t *best = NULL;
-    for (int i = 0; i < n; i++) {
-        ms_replica_t *r = usable(d, slots ? slots[i] : i);
-        if (r && (!best || r->ongoing < best->ongoing))
-            best = r;
-    }
-    return best;
-}
-
-/* Asks the deployment's Lua router for ranked candidates and takes, rank by rank, the one with
- * the fewest in-flight requests below its cap. A failing router falls back to least-loaded. */
-static ms_replica_t *choose(ms_deployment_t *d, call_t *c)
-{
-    ms_route_request_t rr = {
-        .id = c->req->request_id,
-        .method = c->req->method,
-        .path = c->req->path,
-        .multiplexed_model_id = "", /* the script reads serve_multiplexed_model_id itself */
-        .headers = c->req->headers,
-        .n_headers = c->req->n_headers,
-        .body = c->req->body,
-        .body_len = c->req->body_len,
-    };
-    int idx[MAX_CANDIDATES], ends[MAX_RANKS];
-    for (int attempt = 0; attempt <= IMMEDIATE_CHOICE_RETRIES; attempt++) {
-        int ranks = ms_router_script_choose(d->script, &rr, idx, MAX_CANDIDATES, ends, MAX_RANKS);
-        if (ranks < 0)
-            return least_loaded(d, NULL, d->n_slots);
-        int start = 0;
-        for (int k = 0; k < ranks; k++) {
-            ms_replica_t *r = least_loaded(d, idx + start, ends[k] - start);
-            if (r) {
-                ms_router_script_on_routed(d->script, &rr, r->slot);
-                return r;
-            }
-            start = ends[k];
+        if (h->name_len == sizeof name - 1 && strncasecmp(h->name, name, sizeof name - 1) == 0) {
+            *len = h->value_len;
+            return h->value;
         }
     }
-    return NULL;
+    *len = 0;
+    return "";
 }
 
-static void on_backoff_timer(uv_timer_t *t)
+/* Forgets the lazy fields materialized for the previous request. */
+static void clear_lazy(instance_t *in)
 {
-    dispatch(t->data);
-}
-
-static void dispatch(ms_deployment_t *d)
-{
-    while (d->queue_head && least_loaded(d, NULL, d->n_slots)) {
-        call_t *c = d->queue_head;
-        ms_replica_t *r = choose(d, c);
-        if (!r) {
-            /* Every ranked replica is full although some replica has room: retry later, as
-             * Ray Serve backs off, and sooner if a replica frees a slot. */
-            uint64_t ms = BACKOFF_INITIAL_MS << (d->backoff_step < 5 ? d->backoff_step : 5);
-            d->backoff_step++;
-            uv_timer_start(&d->backoff_timer, on_backoff_timer,
-                           ms > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : ms, 0);
-            return;
+    lua_State *L = in->L;
+    static const char *const names[] = {"id", "headers", "body"};
+    lua_pushvalue(L, SLOT_REQUEST);
+    for (int i = 0; i < 3; i++) {
+        if (in->lazy.set & (1u << i)) {
+            lua_pushnil(L);
+            lua_setfield(L, -2, names[i]);
         }
-        d->backoff_step = 0;
-        queue_remove(d, c);
-        send_call(d, c, r);
     }
+    lua_pop(L, 1);
+    in->lazy.set = 0;
 }
 
-/* ---- cold start ------------------------------------------------------------------------------ */
-
-/* Answers 503 with Retry-After to requests that waited cold_start_timeout_s with no replica
- * running, and keeps watching while others wait. */
-static void on_cold_timer(uv_timer_t *t)
+/* Overwrites the persistent request table's eager fields and pushes it; no request pushes nil
+ * (as Ray Serve passes None when a routing pass has no pending request). */
+static void push_request(instance_t *in, const ms_route_request_t *req)
 {
-    ms_deployment_t *d = t->data;
-    if (ms_deployment_running_replicas(d) > 0)
-        return; /* dispatch serves the queue from here */
-    uint64_t now = uv_now(d->loop), limit = (uint64_t)(d->cold_start_timeout_s * 1000.0);
-    static const ms_http_header_t retry_after = {"Retry-After", 11, "1", 1};
-    call_t *next;
-    for (call_t *c = d->queue_head; c; c = next) {
-        next = c->next;
-        if (now - c->queued_at_ms < limit)
-            continue;
-        ms_http_request_t *req = c->req;
-        queue_remove(d, c);
-        call_release(c);
-        char msg[200];
-        snprintf(msg, sizeof msg, "deployment %s has no replica running yet; retry shortly",
-                 d->name);
-        ms_http_respond_error_headers(req, 503, msg, &retry_after, 1);
-    }
-    if (d->queue_head)
-        uv_timer_start(&d->cold_timer, on_cold_timer, 100, 0);
-}
-
-/* A request is waiting and no replica runs: ask the owner to scale up from zero at once, and
- * bound the wait. */
-static void hold_for_cold_start(ms_deployment_t *d)
-{
-    if (d->target_replicas == 0 && d->on_cold_start)
-        d->on_cold_start(d, d->owner_data);
-    if (!uv_is_active((uv_handle_t *)&d->cold_timer))
-        uv_timer_start(&d->cold_timer, on_cold_timer, 100, 0);
-}
-
-/* ---- public API ------------------------------------------------------------------------------ */
-
-void ms_deployment_set_target(ms_deployment_t *d, int n)
-{
-    if (n < 0 || n == d->target_replicas)
+    lua_State *L = in->L;
+    if (in->lazy.set)
+        clear_lazy(in);
+    in->lazy.req = req;
+    if (!req) {
+        lua_pushnil(L);
         return;
-    ms_info("deployment %s: target %d -> %d replicas", d->name, d->target_replicas, n);
-    d->target_replicas = n;
-    reconcile(d);
+    }
+    lua_pushvalue(L, SLOT_REQUEST);
+    const char *m = req->method ? req->method : "";
+    const char *p = req->path ? req->path : "";
+    set_request_field(L, "method", m, strlen(m), &in->req_method);
+    set_request_field(L, "path", p, strlen(p), &in->req_path);
+    size_t mlen;
+    const char *model = req->multiplexed_model_id;
+    if (model && *model)
+        mlen = strlen(model);
+    else
+        model = header_model_id(req, &mlen);
+    set_request_field(L, "multiplexed_model_id", model, mlen, &in->req_model);
 }
 
-static void replace_string(const char **field, const char *value)
+/* If the value at `idx` is one of the current candidate tables (the very table, not a lookalike),
+ * returns its caller index; otherwise -1. Raw accesses only: no script code runs here. */
+static int candidate_index(const instance_t *in, int idx)
 {
-    free((char *)*field);
-    *field = ms_strdup(value ? value : "");
+    const void *t = lua_topointer(in->L, idx); /* NULL for non-tables and non-objects */
+    if (!t || !in->by_table)
+        return -1;
+    for (size_t h = hash_ptr(t);; h++) {
+        const cand_entry_t *e = &in->by_table[h & in->by_table_mask];
+        if (e->table == t)
+            return e->index;
+        if (!e->table)
+            return -1;
+    }
 }
 
-void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s)
+typedef struct choice_out {
+    int *index;
+    size_t cap, n;
+    int *rank_end;
+    size_t rank_cap, nranks;
+} choice_out_t;
+
+/* Appends the known candidates of the list at `list` as one rank; empty ranks are dropped. */
+static void collect_rank(instance_t *in, int list, choice_out_t *o)
 {
-    int user_config_changed = strcmp(d->spec.user_config_json, s->spec.user_config_json) != 0;
-    int cap_changed =
-        d->max_ongoing_requests != s->max_ongoing_requests ||
-        d->spec.graceful_shutdown_wait_loop_s != s->spec.graceful_shutdown_wait_loop_s;
-    d->max_queued_requests = s->max_queued_requests;
-    d->request_timeout_s = s->request_timeout_s;
-    d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
-    d->health_check_period_s = s->health_check_period_s;
-    d->health_check_timeout_s = s->health_check_timeout_s;
-    if (!user_config_changed && !cap_changed)
-        return;
-    d->max_ongoing_requests = s->max_ongoing_requests;
-    d->spec.max_ongoing_requests = s->max_ongoing_requests;
-    d->spec.graceful_shutdown_wait_loop_s = s->spec.graceful_shutdown_wait_loop_s;
-    replace_string(&d->spec.user_config_json, s->spec.user_config_json);
-    d->settings_seq++;
-    ms_info("deployment %s: updating in place%s%s", d->name,
-            user_config_changed ? " (user_config -> reconfigure)" : "",
-            cap_changed ? " (max_ongoing_requests / drain step)" : "");
-    for (int i = 0; i < d->n_slots; i++) {
-        ms_replica_t *r = d->slots[i];
-        if (!r || r->state != MS_REPLICA_RUNNING)
-            continue; /* starting ones catch up when ready */
-        if (cap_changed) {
-            ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
-            if (d->routable[r->slot]) { /* the router sees the new cap too */
-                ms_router_script_remove_replica(d->script, r->slot);
-                ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
-                ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
-            }
+    lua_State *L = in->L;
+    size_t start = o->n;
+    int len = (int)lua_objlen(L, list);
+    for (int i = 1; i <= len && o->n < o->cap; i++) {
+        lua_rawgeti(L, list, i);
+        int index = candidate_index(in, -1);
+        lua_pop(L, 1);
+        if (index >= 0)
+            o->index[o->n++] = index;
+    }
+    if (o->n > start && o->nranks < o->rank_cap)
+        o->rank_end[o->nranks++] = (int)o->n;
+    else
+        o->n = start; /* no room for the rank: forget its entries too */
+}
+
+/* Converts the result on top of the stack: a list of ranks, or a flat list of candidates taken
+ * as one rank. Returns the number of ranks, or -1 if the result is not a list. The first entry
+ * tells the two shapes apart, and is reused as the first rank when it is one (this runs on every
+ * request: each API call here is a measurable part of a routing call). */
+static int convert_result(ms_router_script_t *s, instance_t *in, choice_out_t *o)
+{
+    lua_State *L = in->L;
+    int res = lua_gettop(L);
+    if (!lua_istable(L, res)) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s: choose_replicas must return a list of ranks, got %s",
+                 s->name, luaL_typename(L, res));
+        fail(s, msg);
+        return -1;
+    }
+    lua_rawgeti(L, res, 1);
+    if (lua_type(L, -1) == LUA_TTABLE) {
+        if (candidate_index(in, -1) >= 0) {
+            collect_rank(in, res, o);
+            return (int)o->nranks;
         }
-        if (user_config_changed)
-            ms_replica_reconfigure(r, d->spec.user_config_json);
-        r->settings_seq = d->settings_seq;
+        collect_rank(in, res + 1, o);
     }
-    dispatch(d); /* a higher cap may let queued requests through */
-}
-
-void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
-{
-    replace_string(&d->spec.import_path, spec->import_path);
-    replace_string(&d->spec.args_json, spec->args_json);
-    d->generation++;
-    ms_info("deployment %s: code changed; replacing replicas (new ones first)", d->name);
-    reconcile(d);
-}
-
-int ms_deployment_target(const ms_deployment_t *d)
-{
-    return d->target_replicas;
-}
-
-size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap)
-{
-    size_t n = 0;
-    for (int i = 0; i < d->n_slots; i++) {
-        if (!d->slots[i])
-            continue;
-        if (n < cap)
-            out[n] = d->slots[i];
-        n++;
+    lua_settop(L, res);
+    int len = (int)lua_objlen(L, res);
+    for (int r = 2; r <= len && o->nranks < o->rank_cap; r++) {
+        lua_rawgeti(L, res, r);
+        if (lua_type(L, -1) == LUA_TTABLE)
+            collect_rank(in, res + 1, o);
+        lua_settop(L, res);
     }
+    return (int)o->nranks;
+}
+
+/* Runs on_replicas_changed(self, candidates) once after a burst of replica set changes, right
+ * before the next choose: the set changes one replica at a time on the control loop, and a
+ * script rebuilding a ring on each change would do N rebuilds for N new replicas. */
+static void notify_replicas_changed(ms_router_script_t *s, instance_t *in)
+{
+    lua_State *L = in->L;
+    in->replicas_changed = 0; /* even if it fails: a broken hook must not run on every request */
+    if (in->ref_on_changed == LUA_NOREF)
+        return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, in->ref_on_changed);
+    lua_pushvalue(L, SLOT_SELF);
+    lua_pushvalue(L, SLOT_CANDIDATES);
+    if (ms_sandbox_call(in->sb, 2, 0, MS_SCRIPT_UPDATE_BUDGET_US) != 0)
+        fail(s, in->sb->err);
+}
+
+int ms_router_script_choose(ms_router_script_t *s, const ms_route_request_t *req, int *out_index,
+                            size_t out_cap, int *out_rank_end, size_t rank_cap)
+{
+    instance_t *in = s->cur;
+    lua_State *L = in->L;
+    if (in->replicas_changed)
+        notify_replicas_changed(s, in);
+    if (in->ncand == 0)
+        return 0; /* nothing to choose from: not worth a call */
+    lua_pushvalue(L, SLOT_CHOOSE);
+    lua_pushvalue(L, SLOT_SELF);
+    lua_pushvalue(L, SLOT_CANDIDATES);
+    push_request(in, req);
+    int rc = ms_sandbox_call(in->sb, 3, 1, s->budget_us);
+    in->lazy.req = NULL; /* the caller's request is not valid after the call */
+    if (rc != 0) {
+        fail(s, in->sb->err);
+        return -1;
+    }
+    choice_out_t o = {out_index, out_cap, 0, out_rank_end, rank_cap, 0};
+    int n = convert_result(s, in, &o);
+    lua_settop(L, SLOT_TOP);
     return n;
 }
 
-void ms_deployment_check_health(ms_deployment_t *d)
+void ms_router_script_on_routed(ms_router_script_t *s, const ms_route_request_t *req, int index)
 {
-    if (d->shutting_down || d->health_check_period_s <= 0)
+    instance_t *in = s->cur;
+    lua_State *L = in->L;
+    replica_slot_t *slot = slot_of(in, index);
+    if (in->ref_on_routed == LUA_NOREF || !slot)
         return;
-    for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i])
-            ms_replica_check_health(d->slots[i], d->health_check_period_s,
-                                    d->health_check_timeout_s);
+    lua_pushvalue(L, SLOT_ON_ROUTED);
+    lua_pushvalue(L, SLOT_SELF);
+    push_request(in, req);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, slot->ref);
+    int rc = ms_sandbox_call(in->sb, 3, 0, s->budget_us);
+    in->lazy.req = NULL;
+    if (rc != 0)
+        fail(s, in->sb->err);
 }
 
-void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s)
+void ms_router_script_on_completed(ms_router_script_t *s, int index, double latency_s, int ok)
 {
-    for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i])
-            ms_replica_poll_stats(d->slots[i], timeout_s);
+    instance_t *in = s->cur;
+    lua_State *L = in->L;
+    replica_slot_t *slot = slot_of(in, index);
+    if (in->ref_on_completed == LUA_NOREF || !slot)
+        return;
+    lua_pushvalue(L, SLOT_ON_COMPLETED);
+    lua_pushvalue(L, SLOT_SELF);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, slot->ref);
+    lua_pushnumber(L, latency_s);
+    lua_pushboolean(L, ok);
+    if (ms_sandbox_call(in->sb, 4, 0, s->budget_us) != 0)
+        fail(s, in->sb->err);
 }
 
-void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
+/* ---- reload --------------------------------------------------------------------------------- */
+
+/* Copies the replica's `field` table from the old instance's table (at from_idx) into the new
+ * one's (on top of `to`'s stack) in place. */
+static void copy_replica_field(instance_t *from, int from_idx, instance_t *to, const char *field)
 {
-    if (d->shutting_down) {
-        ms_http_respond_error(req, 503, "deployment is shutting down");
+    lua_getfield(from->L, from_idx, field);
+    size_t count = 0;
+    if (lua_istable(from->L, -1) && copy_value(from->L, -1, to->L, 0, &count) == 0) {
+        refill_field(to->L, lua_gettop(to->L) - 1, field);
+    }
+    lua_pop(from->L, 1);
+}
+
+/* Re-adds the old instance's replicas to the new one, in the same candidate order, with the
+ * state C set (id, limit, ongoing) and the stats and model ids as the script sees them. */
+static void carry_replicas(instance_t *from, instance_t *to)
+{
+    lua_State *L = from->L;
+    lua_pushvalue(L, SLOT_CANDIDATES);
+    for (int pos = 1; pos <= from->ncand; pos++) {
+        lua_rawgeti(L, -1, pos);
+        int index = candidate_index(from, -1);
+        replica_slot_t *slot = slot_of(from, index);
+        if (slot) {
+            inst_add_replica(to, index, slot->id, slot->max_ongoing);
+            inst_set_ongoing(to, index, slot->ongoing);
+            lua_rawgeti(to->L, LUA_REGISTRYINDEX, to->slots[index].ref);
+            copy_replica_field(from, lua_gettop(L), to, "routing_stats");
+            copy_replica_field(from, lua_gettop(L), to, "multiplexed_model_ids");
+            lua_pop(to->L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* Copies old self[name] to new self[name] for each string in the new class's `persist` list. */
+static void carry_persisted(ms_router_script_t *s, instance_t *from, instance_t *to)
+{
+    lua_State *L = to->L;
+    int base = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, to->ref_class);
+    class_get(L, lua_gettop(L), "persist");
+    if (!lua_istable(L, -1)) {
+        lua_settop(L, base);
         return;
     }
-    if (deploy_failed(d)) {
-        char msg[512];
-        snprintf(msg, sizeof msg, "deployment %s failed to start: %s", d->name,
-                 d->last_failure ? d->last_failure : "unknown error");
-        ms_http_respond_error(req, 503, msg);
-        return;
+    int list = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, to->ref_self);
+    lua_rawgeti(from->L, LUA_REGISTRYINDEX, from->ref_self);
+    int len = (int)lua_objlen(L, list);
+    for (int i = 1; i <= len; i++) {
+        lua_rawgeti(L, list, i);
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            size_t n;
+            const char *key = lua_tolstring(L, -1, &n);
+            lua_pushlstring(from->L, key, n);
+            lua_rawget(from->L, -2);
+            size_t count = 0;
+            if (lua_isnil(from->L, -1))
+                lua_pop(L, 1); /* nothing to carry: keep what initialize_state set */
+            else if (copy_value(from->L, -1, L, 0, &count) == 0)
+                lua_rawset(L, -3); /* self[key] = copy; pops the copy and the key */
+            else {
+                ms_warn("router %s: reload: persist field '%s' is too deep or cyclic, not kept",
+                        s->name, key);
+                lua_pop(L, 1);
+            }
+            lua_pop(from->L, 1);
+        } else {
+            lua_pop(L, 1);
+        }
     }
-    if (d->max_queued_requests >= 0 && d->queued >= (size_t)d->max_queued_requests) {
-        char msg[200];
-        snprintf(msg, sizeof msg,
-                 "Request dropped due to backpressure (num_queued_requests=%zu, "
-                 "max_queued_requests=%d).",
-                 d->queued, d->max_queued_requests);
-        ms_http_respond_error(req, 503, msg);
-        return;
+    lua_pop(from->L, 1);
+    lua_settop(L, base);
+}
+
+static void reload_failed(ms_router_script_t *s, const char *msg)
+{
+    s->reload_failures++;
+    snprintf(s->last_reload_error, sizeof s->last_reload_error, "%s", msg);
+    ms_warn("router %s: reload failed, keeping version %llu: %s", s->name,
+            (unsigned long long)s->version, msg);
+}
+
+int ms_router_script_reload_prepare(ms_router_script_t *s, json_t **info)
+{
+    ms_router_script_reload_abort(s);
+    char msg[512], sha[65];
+    instance_t *in = instance_load(s, msg, sizeof msg, sha);
+    if (in) {
+        carry_replicas(s->cur, in);
+        s->pending = in;
+    } else {
+        reload_failed(s, msg);
     }
-    call_t *c = call_acquire(d, req);
-    queue_push(d, c, 0);
-    dispatch(d);
-    if (c->state == CALL_QUEUED && ms_deployment_running_replicas(d) == 0)
-        hold_for_cold_start(d);
-}
-
-void ms_deployment_abort(ms_http_request_t *req)
-{
-    call_t *c = req->user;
-    if (!c)
-        return;
-    ms_deployment_t *d = c->dep;
-    ms_debug("request %s: client went away; cancelling", req->request_id);
-    if (c->state == CALL_QUEUED)
-        queue_remove(d, c);
-    call_detach(c, 0);
-    call_release(c);
-    dispatch(d);
-}
-
-static char *dup_or_empty(const char *s)
-{
-    return ms_strdup(s ? s : "");
-}
-
-ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings_t *s, char **err)
-{
-    ms_router_script_t *script = ms_router_script_new_class(
-        s->router_file, s->router_attr, s->router_kwargs_json, ROUTER_BUDGET_US, err);
-    if (!script)
-        return NULL;
-    ms_deployment_t *d = ms_calloc(1, sizeof *d);
-    d->loop = loop;
-    d->script = script;
-    d->app_name = ms_strdup(s->app_name);
-    d->name = ms_strdup(s->name);
-    d->target_replicas = s->num_replicas;
-    d->max_ongoing_requests = s->max_ongoing_requests;
-    d->max_queued_requests = s->max_queued_requests;
-    d->request_timeout_s = s->request_timeout_s;
-    d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
-    d->health_check_period_s = s->health_check_period_s;
-    d->health_check_timeout_s = s->health_check_timeout_s;
-    d->cold_start_timeout_s = s->cold_start_timeout_s > 0 ? s->cold_start_timeout_s : 30.0;
-    d->on_cold_start = s->on_cold_start;
-    d->owner_data = s->owner_data;
-    d->spec = s->spec;
-    d->spec.exe_path = dup_or_empty(s->spec.exe_path);
-    d->spec.run_dir = dup_or_empty(s->spec.run_dir);
-    d->spec.controller_socket = dup_or_empty(s->spec.controller_socket);
-    d->spec.app_name = d->app_name;
-    d->spec.deployment_name = d->name;
-    d->spec.import_path = dup_or_empty(s->spec.import_path);
-    d->spec.args_json = dup_or_empty(s->spec.args_json);
-    d->spec.user_config_json = dup_or_empty(s->spec.user_config_json);
-    d->spec.max_ongoing_requests = s->max_ongoing_requests;
-    uv_timer_init(loop, &d->backoff_timer);
-    d->backoff_timer.data = d;
-    uv_timer_init(loop, &d->restart_timer);
-    d->restart_timer.data = d;
-    uv_timer_init(loop, &d->cold_timer);
-    d->cold_timer.data = d;
-    d->open_timers = 3;
-    reconcile(d);
-    return d;
-}
-
-void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data)
-{
-    d->shutting_down = 1;
-    d->shutdown_done = done;
-    d->shutdown_data = data;
-    uv_timer_stop(&d->backoff_timer);
-    uv_timer_stop(&d->restart_timer);
-    uv_timer_stop(&d->cold_timer);
-    fail_queued(d, 503, "deployment is shutting down");
-    for (int i = 0; i < d->n_slots; i++) {
-        ms_replica_t *r = d->slots[i];
-        if (!r)
-            continue;
-        unroute(d, r->slot);
-        ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+    if (info) {
+        *info = json_pack("{s:s, s:I, s:s, s:b}", "path", s->name, "version",
+                          (json_int_t)(s->version + (in != NULL)), "sha256", sha, "ok", in != NULL);
+        json_object_set_new(*info, "error", in ? json_null() : json_string(msg));
     }
-    maybe_finish_shutdown(d);
+    return in ? 0 : -1;
 }
 
-static void timer_closed(ms_deployment_t *d)
+int ms_router_script_reload_commit(ms_router_script_t *s)
 {
-    if (--d->open_timers > 0)
-        return;
-    for (size_t i = 0; i < d->n_calls; i++) {
-        call_t *c = d->all_calls[i];
-        ms_buf_free(&c->head);
-        ms_buf_free(&c->resp_text);
-        ms_buf_free(&c->resp_body);
-        free(c->resp_offsets);
-        free(c->resp_headers);
-        free(c);
-    }
-    free(d->all_calls);
-    free(d->slots);
-    free(d->routable);
-    free((char *)d->spec.exe_path);
-    free((char *)d->spec.run_dir);
-    free((char *)d->spec.controller_socket);
-    free((char *)d->spec.import_path);
-    free((char *)d->spec.args_json);
-    free((char *)d->spec.user_config_json);
-    free(d->last_failure);
-    free(d->app_name);
-    free(d->name);
-    free(d);
+    if (!s->pending)
+        return -1;
+    instance_t *old = s->cur;
+    carry_persisted(s, old, s->pending);
+    s->cur = s->pending;
+    s->pending = NULL;
+    instance_free(old);
+    s->version++;
+    ms_info("router %s: reloaded, version %llu (sha256 %.12s)", s->name,
+            (unsigned long long)s->version, s->cur->sha256);
+    return 0;
 }
 
-static void on_deployment_timer_closed(uv_handle_t *h)
+void ms_router_script_reload_abort(ms_router_script_t *s)
 {
-    timer_closed(h->data);
+    instance_free(s->pending);
+    s->pending = NULL;
 }
 
-static void on_call_timer_closed(uv_handle_t *h)
+/* ---- status --------------------------------------------------------------------------------- */
+
+uint64_t ms_router_script_failures(const ms_router_script_t *s)
 {
-    timer_closed(((call_t *)h->data)->dep);
+    return s->failures;
 }
 
-void ms_deployment_free(ms_deployment_t *d)
+const char *ms_router_script_last_error(const ms_router_script_t *s)
 {
-    ms_router_script_free(d->script);
-    d->script = NULL;
-    uv_close((uv_handle_t *)&d->backoff_timer, on_deployment_timer_closed);
-    uv_close((uv_handle_t *)&d->restart_timer, on_deployment_timer_closed);
-    uv_close((uv_handle_t *)&d->cold_timer, on_deployment_timer_closed);
-    for (size_t i = 0; i < d->n_calls; i++)
-        uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_call_timer_closed);
+    return s->last_error;
 }
 
-ms_router_script_t *ms_deployment_router_script(ms_deployment_t *d)
+json_t *ms_router_script_info(const ms_router_script_t *s)
 {
-    return d->script;
-}
-
-const char *ms_deployment_failure(const ms_deployment_t *d)
-{
-    return deploy_failed(d) ? (d->last_failure ? d->last_failure : "unknown error") : NULL;
-}
-
-const char *ms_deployment_name(const ms_deployment_t *d)
-{
-    return d->name;
-}
-
-size_t ms_deployment_running_replicas(const ms_deployment_t *d)
-{
-    size_t n = 0;
-    for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i] && d->slots[i]->state == MS_REPLICA_RUNNING)
-            n++;
-    return n;
-}
-
-size_t ms_deployment_queued(const ms_deployment_t *d)
-{
-    return d->queued;
+    return json_pack("{s:s, s:I, s:s, s:I, s:s, s:I, s:s, s:b}", "path", s->name, "version",
+                     (json_int_t)s->version, "sha256", s->cur->sha256, "failures",
+                     (json_int_t)s->failures, "last_error", s->last_error, "reload_failures",
+                     (json_int_t)s->reload_failures, "last_reload_error", s->last_reload_error,
+                     "reload_pending", s->pending != NULL);
 }

@@ -1,101 +1,125 @@
 /*
- * router: one deployment's request path inside the controller — its queue, admission
- * (max_queued_requests -> 503, request_timeout_s -> 408), the choice of replica (the
- * deployment's Lua router ranks candidates; within a rank the replica with the fewest in-flight
- * requests below max_ongoing_requests wins), forwarding over pooled replica connections,
- * relaying the response, and cancellation when the client goes away.
+ * router: policy Lua inside the controller. In this version: request routers. A router is a Lua
+ * script returning a class with `choose_replicas(self, candidates, request)`; the built-in one is
+ * lua/router.lua (power of two choices). Scripts run in a sandboxed environment (allow-listed
+ * globals; no io, os.execute, ffi, debug, loadfile, native require) with the JIT off for policy
+ * chunks and an instruction+wall-clock budget armed through a count hook on every call.
  *
- * It also keeps the replica set at its target size: starting replicas, replacing dead ones
- * with exponential backoff, and stopping them all on shutdown.
+ * Replica state lives in persistent Lua tables updated in place by C (no tables are built per
+ * request): each candidate table has fields `id` (string), `index` (int, the C-side slot),
+ * `ongoing` (int, in-flight requests), `max_ongoing_requests` (int), `routing_stats` (table),
+ * `multiplexed_model_ids` (table). The candidates list passed to choose_replicas is the same
+ * persistent array every call.
+ *
+ * Also: lazily built request fields (id, headers, body), completion feedback
+ * (on_request_completed), and a two-phase hot reload that keeps the replicas' state and the
+ * fields a class lists in `persist`. docs/routing.md is the reference for script authors.
  */
 #ifndef MS_ROUTER_H
 #define MS_ROUTER_H
 
-#include <uv.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
 
 #include "http/http.h"
-#include "replica/replica.h"
 
-typedef struct ms_deployment ms_deployment_t;
+typedef struct ms_router_script ms_router_script_t;
 
-typedef struct ms_deployment_settings {
-    const char *app_name;
-    const char *name;
-    int num_replicas;
-    int max_ongoing_requests;
-    int max_queued_requests;  /* -1 = unlimited */
-    double request_timeout_s; /* 0 = none */
-    double graceful_shutdown_timeout_s;
-    double health_check_period_s;
-    double health_check_timeout_s;
-    /* How long a request may wait while the deployment has no replica running (scaled to zero,
-     * or all starting) before it gets 503 with Retry-After. */
-    double cold_start_timeout_s;
-    /* The request router: request_router_class `router_file:router_attr` with its kwargs
-     * (JSON text), or the built-in power-of-two-choices router when router_file is NULL. */
-    const char *router_file;
-    const char *router_attr;
-    const char *router_kwargs_json;
-    ms_replica_spec_t spec; /* how to start a replica (strings copied) */
-    /* A request arrived while the target is 0 replicas: the owner should scale up now, without
-     * waiting for its next control tick. May be NULL. */
-    void (*on_cold_start)(ms_deployment_t *d, void *data);
-    void *owner_data;
-} ms_deployment_settings_t;
+/* What the router sees of a request; everything only needs to stay valid for the duration of
+ * the call (choose / on_routed). Fields added later are zero in older positional initializers.
+ * `method`, `path` and `multiplexed_model_id` are stored in the Lua request table on each call;
+ * `id`, `headers` and `body` are materialized only if the script reads them (an __index
+ * metamethod), so a router that never reads them does not pay for them. When
+ * multiplexed_model_id is NULL or "", the `serve_multiplexed_model_id` header (any case) is
+ * used, as Ray Serve does. */
+typedef struct ms_route_request {
+    const char *id;
+    const char *method;
+    const char *path;
+    const char *multiplexed_model_id; /* "" or NULL if none */
+    const ms_http_header_t *headers;  /* request.headers: {lower-case name = value}; repeated
+                                       * names are joined with ", " */
+    size_t n_headers;
+    const char *body; /* request.body: a Lua string copy, made only when read; NULL = "" */
+    size_t body_len;
+} ms_route_request_t;
 
-/* Creates the deployment and starts its replicas. On failure (the router script) returns NULL
- * with *err set (malloc'd). */
-ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings_t *settings,
-                                   char **err);
+/* Loads a router class. `file` NULL means the built-in router (lua/router.lua). The file is a Lua
+ * chunk that returns a table: with `attr` NULL or "", that table is the class; otherwise
+ * `returned[attr]` must be the class (a table), as in `request_router_class: "file.lua:Class"`.
+ * The class needs choose_replicas; initialize_state(self, kwargs) and self_test(self) run once
+ * if defined (an error in either fails the load). `kwargs_json` (may be NULL) is decoded and
+ * passed to initialize_state, and kept for reloads. budget_us bounds each call into the script
+ * in wall-clock microseconds (also bounded by an instruction count). On failure returns NULL and
+ * sets *err (malloc'd, `file:line: message`). The first successful load is version 1. */
+ms_router_script_t *ms_router_script_new_class(const char *file, const char *attr,
+                                               const char *kwargs_json, uint64_t budget_us,
+                                               char **err);
+/* The same with attr NULL (the chunk returns the class itself). */
+ms_router_script_t *ms_router_script_new(const char *path, const char *kwargs_json,
+                                         uint64_t budget_us, char **err);
+void ms_router_script_free(ms_router_script_t *s);
 
-/* Takes a request for this deployment. The response is always finished, one way or another;
- * set the server's on_abort to ms_deployment_abort so client disconnects cancel it. */
-void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req);
-/* The client of a submitted request went away: drop it from the queue or cancel it at its
- * replica. Requests not owned by any deployment are ignored. */
-void ms_deployment_abort(ms_http_request_t *req);
+/* Replica set maintenance; `index` is the caller's slot number for the replica. */
+void ms_router_script_add_replica(ms_router_script_t *s, int index, const char *id,
+                                  int max_ongoing_requests);
+void ms_router_script_remove_replica(ms_router_script_t *s, int index);
+void ms_router_script_set_ongoing(ms_router_script_t *s, int index, int ongoing);
 
-/* Stops every replica gracefully; `done` runs once all replica processes are gone and the
- * deployment has released them (the deployment itself is freed by ms_deployment_free). */
-void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data);
-void ms_deployment_free(ms_deployment_t *d);
+/* Asks the router for ranked candidates. Fills out_index with replica indices rank by rank and
+ * out_rank_end[r] with the end offset (exclusive) of rank r in out_index. Returns the number of
+ * ranks (>= 0), or -1 if the script failed (error, bad return value, budget exceeded): the
+ * caller then falls back to its own choice. */
+int ms_router_script_choose(ms_router_script_t *s, const ms_route_request_t *req, int *out_index,
+                            size_t out_cap, int *out_rank_end, size_t rank_cap);
 
-/* Sets the number of replicas to keep. Scaling up starts replicas; scaling down stops the
- * surplus gracefully — STARTING ones first, then the least busy; each is taken out of routing
- * first, drains its in-flight requests, then stops. */
-void ms_deployment_set_target(ms_deployment_t *d, int n);
-int ms_deployment_target(const ms_deployment_t *d);
+/* Calls on_request_routed(self, request, replica) if the script defines it. */
+void ms_router_script_on_routed(ms_router_script_t *s, const ms_route_request_t *req, int index);
 
-/* A redeploy's lightweight changes, applied in place: max_ongoing_requests, max_queued_requests,
- * request and shutdown timeouts, the drain step, and user_config (running replicas'
- * reconfigure() is called; none restarts). Fields not listed are ignored. */
-void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s);
-/* A redeploy's code change (import path, args, the application's code): every replica is
- * replaced by one of the new version, each new one ready before an old one stops. */
-void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec);
+/* Calls on_request_completed(self, replica, latency_s, ok) if the script defines it: the caller
+ * reports each finished request (ok = 0 for an error or a failed upstream). Unknown index: no-op.
+ */
+void ms_router_script_on_completed(ms_router_script_t *s, int index, double latency_s, int ok);
 
-/* Lists the replicas (every state but gone) into out; returns how many there are (may exceed
- * cap, in which case only cap are written). */
-size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap);
+/* Hot reload, in two phases so that a set of routers can be swapped together or not at all.
+ *
+ * prepare: reads the file again, compiles it into a fresh sandbox, checks the class (and
+ *   choose_replicas), runs initialize_state with the same kwargs and self_test if defined, and
+ *   re-adds the current replicas with their state (id, max_ongoing_requests, ongoing,
+ *   routing_stats, multiplexed_model_ids). The new router is kept aside; until commit or abort,
+ *   replica updates go to both, and requests are still routed by the current one. A previous
+ *   pending reload is dropped. Returns 0 or -1 (the current router is untouched either way).
+ *   If `info` is not NULL, *info is set to a new object {"path", "version", "sha256", "ok",
+ *   "error"}: version is the one commit will give (current + 1) or the current one on failure;
+ *   sha256 is that of the file content read (hex); error is null when ok.
+ * commit: swaps the prepared router in, then copies from the old `self` into the new one the
+ *   fields named in the new class's optional `persist` list (plain data only: strings, numbers,
+ *   booleans and tables of them), and frees the old one. Returns 0, or -1 if nothing is pending.
+ * abort: drops the prepared router. */
+int ms_router_script_reload_prepare(ms_router_script_t *s, json_t **info);
+int ms_router_script_reload_commit(ms_router_script_t *s);
+void ms_router_script_reload_abort(ms_router_script_t *s);
 
-/* Polls every running replica's stats (see ms_replica_poll_stats); routing stats that arrive are
- * handed to the deployment's router script. */
-void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s);
+/* Status: a new object {"path", "version", "sha256", "failures", "last_error",
+ * "reload_failures", "last_reload_error", "reload_pending"}. */
+json_t *ms_router_script_info(const ms_router_script_t *s);
 
-/* Runs the replicas' health checks (call every control tick). A replica that fails
- * MS_REPLICA_UNHEALTHY_THRESHOLD in a row leaves routing, stops gracefully and is replaced. */
-void ms_deployment_check_health(ms_deployment_t *d);
+/* Memory cap of the script's Lua state (bytes; 0 = the default, 32 MiB). It is enforced only
+ * while script code runs; the state's footprint outside calls is the C side's own tables. */
+void ms_router_script_set_memory_limit(ms_router_script_t *s, size_t bytes);
 
-/* The deployment's router script, for reload and status. */
-struct ms_router_script *ms_deployment_router_script(ms_deployment_t *d);
+/* Replaces a replica's `multiplexed_model_ids` (a set: {[model_id] = true}) in place. */
+void ms_router_script_set_model_ids(ms_router_script_t *s, int index, const char *const *ids,
+                                    size_t n);
 
-/* The constructor error when the deployment failed to start (Ray's DEPLOY_FAILED: repeated
- * constructor failures and no replica running), else NULL. */
-const char *ms_deployment_failure(const ms_deployment_t *d);
+/* Replaces a replica's `routing_stats` table in place with the decoded JSON object (what the
+ * replica's record_routing_stats returned). Returns 0, or -1 if the JSON is not an object. */
+int ms_router_script_set_routing_stats(ms_router_script_t *s, int index, const char *json);
 
-/* Introspection for status and tests. */
-const char *ms_deployment_name(const ms_deployment_t *d);
-size_t ms_deployment_running_replicas(const ms_deployment_t *d);
-size_t ms_deployment_queued(const ms_deployment_t *d);
+/* Counters for status and metrics. */
+uint64_t ms_router_script_failures(const ms_router_script_t *s);
+const char *ms_router_script_last_error(const ms_router_script_t *s); /* "" if none */
 
 #endif

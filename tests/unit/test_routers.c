@@ -1,7 +1,7 @@
 /*
  * Unit tests for the router library in scripts/routers/: each router is loaded through the
  * script module (ms_router_script_new_class, as a deployment would) and driven with synthetic
- * candidates and many simulated requests. The "engine" here mimics engine/router/router.c: ranks
+ * candidates and many simulated requests. The "engine" here mimics engine/deployment/deployment.c: ranks
  * in order, and within a rank the first least-loaded replica below its max_ongoing_requests.
  * Checks are about effects (distribution, stickiness, spill-over, adaptation), not exact picks.
  */
@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "core/core.h"
-#include "script/script.h"
+#include "router/router.h"
 #include "test.h"
 
 #define MAXR 64

@@ -1,5 +1,5 @@
 /*
- * hooks: the Lua hooks of the external scaling API (applications[].external_scaler, ours; see
+ * scale_hooks: the Lua hooks of the external scaling API (applications[].external_scaler, ours; see
  * docs/external-scaling.md). Ray Serve lets an outside system set a deployment's replica count
  * with POST /api/v1/applications/{app}/deployments/{deployment}/scale; moonserve lets the
  * application add two optional policy functions around that API:
@@ -17,8 +17,8 @@
  * One ms_scale_hook_t per application that configures external_scaler. Nothing here touches
  * replicas: the controller asks, then applies the answer. Single-threaded (the controller's loop).
  */
-#ifndef MS_HOOKS_H
-#define MS_HOOKS_H
+#ifndef MS_SCALE_HOOKS_H
+#define MS_SCALE_HOOKS_H
 
 #include <jansson.h>
 #include <stddef.h>

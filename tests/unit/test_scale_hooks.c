@@ -1,10 +1,10 @@
 /*
- * Unit tests for engine/hooks: the external-scaling judge (accept, clamp, refuse, bad answers,
+ * Unit tests for engine/scale_hooks: the external-scaling judge (accept, clamp, refuse, bad answers,
  * errors, budget and memory failures that fall back to accept), the tick (due / not due, targets,
  * state across ticks), two-phase reload (success, syntax error, missing function, failing
  * self_test), status, and the example examples/policies/scale_hooks.lua.
  */
-#include "hooks/hooks.h"
+#include "scale_hooks/scale_hooks.h"
 #include "test.h"
 
 #include <limits.h>

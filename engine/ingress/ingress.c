@@ -1,10 +1,10 @@
 /*
- * proxy: routes ingress requests to applications and handle calls to deployments. See proxy.h.
+ * ingress: routes ingress requests to applications and handle calls to deployments. See ingress.h.
  */
 #include <stdlib.h>
 #include <string.h>
 
-#include "proxy/proxy.h"
+#include "ingress/ingress.h"
 
 typedef struct target {
     char *app_name;
@@ -14,21 +14,21 @@ typedef struct target {
     ms_deployment_t *dep;
 } target_t;
 
-struct ms_proxy {
+struct ms_ingress {
     target_t *targets;
     size_t n_targets;
     int draining;
     ms_buf_t routes_json; /* /-/routes body, rebuilt when targets change */
 };
 
-static void rebuild_routes_json(ms_proxy_t *p);
+static void rebuild_routes_json(ms_ingress_t *p);
 
-ms_proxy_t *ms_proxy_new(void)
+ms_ingress_t *ms_ingress_new(void)
 {
-    return ms_calloc(1, sizeof(ms_proxy_t));
+    return ms_calloc(1, sizeof(ms_ingress_t));
 }
 
-void ms_proxy_clear(ms_proxy_t *p)
+void ms_ingress_clear(ms_ingress_t *p)
 {
     for (size_t i = 0; i < p->n_targets; i++) {
         free(p->targets[i].app_name);
@@ -41,14 +41,14 @@ void ms_proxy_clear(ms_proxy_t *p)
     rebuild_routes_json(p);
 }
 
-void ms_proxy_free(ms_proxy_t *p)
+void ms_ingress_free(ms_ingress_t *p)
 {
-    ms_proxy_clear(p);
+    ms_ingress_clear(p);
     ms_buf_free(&p->routes_json);
     free(p);
 }
 
-static void rebuild_routes_json(ms_proxy_t *p)
+static void rebuild_routes_json(ms_ingress_t *p)
 {
     ms_buf_reset(&p->routes_json);
     ms_buf_append(&p->routes_json, "{", 1);
@@ -65,7 +65,7 @@ static void rebuild_routes_json(ms_proxy_t *p)
     ms_buf_append(&p->routes_json, "}", 1);
 }
 
-void ms_proxy_add_deployment(ms_proxy_t *p, const char *app_name, const char *deployment_name,
+void ms_ingress_add_deployment(ms_ingress_t *p, const char *app_name, const char *deployment_name,
                              const char *route_prefix, ms_deployment_t *d)
 {
     p->targets = ms_realloc(p->targets, (p->n_targets + 1) * sizeof *p->targets);
@@ -78,7 +78,7 @@ void ms_proxy_add_deployment(ms_proxy_t *p, const char *app_name, const char *de
     rebuild_routes_json(p);
 }
 
-void ms_proxy_set_draining(ms_proxy_t *p, int draining)
+void ms_ingress_set_draining(ms_ingress_t *p, int draining)
 {
     p->draining = draining;
 }
@@ -93,7 +93,7 @@ static int prefix_matches(const target_t *t, const char *path, size_t path_len)
     return path_len == t->prefix_len || path[t->prefix_len] == '/';
 }
 
-static const target_t *match_route(const ms_proxy_t *p, const char *path, size_t path_len)
+static const target_t *match_route(const ms_ingress_t *p, const char *path, size_t path_len)
 {
     const target_t *best = NULL;
     for (size_t i = 0; i < p->n_targets; i++) {
@@ -112,7 +112,7 @@ static int path_is(const ms_http_request_t *req, const char *s)
 
 static void on_ingress_request(ms_http_request_t *req, void *data)
 {
-    ms_proxy_t *p = data;
+    ms_ingress_t *p = data;
     static const ms_http_header_t text = {"Content-Type", 12, "text/plain", 10};
     static const ms_http_header_t json = {"Content-Type", 12, "application/json", 16};
     if (path_is(req, "/-/healthz")) {
@@ -139,7 +139,7 @@ static void on_ingress_request(ms_http_request_t *req, void *data)
 
 static void on_handle_request(ms_http_request_t *req, void *data)
 {
-    ms_proxy_t *p = data;
+    ms_ingress_t *p = data;
     size_t len = 0;
     const char *v = ms_http_request_header(req, "x-moonserve-target", &len);
     const char *slash = v ? memchr(v, '/', len) : NULL;
@@ -166,14 +166,14 @@ static void on_abort(ms_http_request_t *req, void *data)
     ms_deployment_abort(req);
 }
 
-ms_http_server_config_t ms_proxy_ingress_config(ms_proxy_t *p)
+ms_http_server_config_t ms_ingress_ingress_config(ms_ingress_t *p)
 {
     ms_http_server_config_t cfg = {
         .on_request = on_ingress_request, .on_abort = on_abort, .data = p};
     return cfg;
 }
 
-ms_http_server_config_t ms_proxy_handle_config(ms_proxy_t *p)
+ms_http_server_config_t ms_ingress_handle_config(ms_ingress_t *p)
 {
     ms_http_server_config_t cfg = {
         .on_request = on_handle_request, .on_abort = on_abort, .data = p};

@@ -1,10 +1,10 @@
 /*
- * hooks: external-scaling hook scripts in their sandboxes (see hooks.h). A file returns a table
- * of functions; the configured ones are fetched once per load. A hook and a tick named in the
- * same file share one sandbox ("unit"), so the module's upvalues are common to both; in two
+ * scale_hooks: external-scaling hook scripts in their sandboxes (see scale_hooks.h). A file returns
+ * a table of functions; the configured ones are fetched once per load. A hook and a tick named in
+ * the same file share one sandbox ("unit"), so the module's upvalues are common to both; in two
  * files they get one each. Every call into Lua goes through ms_sandbox_call with the budget.
  */
-#include "hooks/hooks.h"
+#include "scale_hooks/scale_hooks.h"
 
 #include <errno.h>
 #include <limits.h>

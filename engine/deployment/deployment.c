@@ -1,0 +1,1069 @@
+/*
+ * deployment: a deployment's queue, admission, replica choice, forwarding and replica-set upkeep.
+ * See deployment.h.
+ *
+ * A request becomes a `call`. Calls are pooled per deployment (their timers and buffers are
+ * made once and reused), so the steady-state request path allocates nothing here. A call is
+ * either QUEUED (in the deployment's FIFO), SENT (on a pooled connection to one replica), or
+ * FREE. Every transition out of QUEUED or SENT releases the call exactly once.
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "deployment/deployment.h"
+#include "router/router.h"
+
+/* Wall-clock budget of one choose_replicas call: routing is on every request's path. */
+#define ROUTER_BUDGET_US         200
+#define MAX_CANDIDATES           256
+#define MAX_RANKS                16
+#define IMMEDIATE_CHOICE_RETRIES 2
+/* Ray Serve's routing backoff: 0.025 s doubling up to 0.5 s while every ranked replica is full. */
+#define BACKOFF_INITIAL_MS 25
+#define BACKOFF_MAX_MS     500
+/* Bodies up to this size are relayed in one write with Content-Length; larger or unsized ones
+ * are streamed through as they arrive. */
+#define BUFFERED_RESPONSE_LIMIT (256 * 1024)
+/* Ray Serve: a deployment is DEPLOY_FAILED after min(3 * num_replicas, 20) constructor failures
+ * with no replica running. */
+#define CONSTRUCTOR_RETRIES_PER_REPLICA 3
+#define CONSTRUCTOR_RETRIES_CAP         20
+
+typedef enum { CALL_FREE, CALL_QUEUED, CALL_SENT } call_state_t;
+
+typedef struct call call_t;
+struct call {
+    ms_deployment_t *dep;
+    ms_http_request_t *req;
+    ms_replica_t *replica;
+    ms_http_client_t *conn;
+    uv_timer_t timer;
+    call_t *prev, *next; /* queue links, or free-list link */
+    call_state_t state;
+    int retried;
+    uint64_t queued_at_ms; /* loop time it joined the queue (first time) */
+    uint64_t sent_at_us;   /* when it was sent to its replica, for the router's latency hook */
+    int status;
+    int streaming;
+    ms_buf_t head;      /* request head sent to the replica */
+    ms_buf_t resp_text; /* response header bytes, NUL-separated */
+    size_t *resp_offsets;
+    size_t n_resp_headers, resp_headers_cap;
+    ms_http_header_t *resp_headers;
+    ms_buf_t resp_body;
+};
+
+struct ms_deployment {
+    uv_loop_t *loop;
+    char *app_name;
+    char *name;
+    int target_replicas;
+    int max_ongoing_requests;
+    int max_queued_requests;
+    double request_timeout_s;
+    double graceful_shutdown_timeout_s;
+    double health_check_period_s;
+    double health_check_timeout_s;
+    double cold_start_timeout_s;
+    void (*on_cold_start)(ms_deployment_t *d, void *data);
+    void *owner_data;
+    uv_timer_t cold_timer;  /* bounds how long requests wait with no replica running */
+    ms_replica_spec_t spec; /* strings owned */
+    unsigned generation;    /* bumped by a code update: older replicas are replaced */
+    unsigned settings_seq;  /* bumped by a lightweight update */
+    ms_router_script_t *script;
+    ms_replica_t **slots;    /* replica per router slot; NULL holes */
+    unsigned char *routable; /* per slot: known to the Lua router (ready, not stopping) */
+    int n_slots;
+    call_t *queue_head, *queue_tail;
+    size_t queued;
+    call_t *free_calls;
+    call_t **all_calls; /* every call ever made, for teardown */
+    size_t n_calls, calls_cap;
+    uv_timer_t backoff_timer;
+    int backoff_step;
+    uv_timer_t restart_timer;
+    int consecutive_failures;
+    int constructor_failures; /* since the last replica became ready */
+    char *last_failure;
+    int shutting_down;
+    void (*shutdown_done)(void *);
+    void *shutdown_data;
+    int open_timers;
+    int freed;
+};
+
+static void dispatch(ms_deployment_t *d);
+static void reconcile(ms_deployment_t *d);
+static void hold_for_cold_start(ms_deployment_t *d);
+static void retire(ms_deployment_t *d, ms_replica_t *r);
+
+/* ---- replica set --------------------------------------------------------------------------- */
+
+static int is_live(const ms_replica_t *r)
+{
+    return r && (r->state == MS_REPLICA_STARTING || r->state == MS_REPLICA_RUNNING);
+}
+
+/* Live replicas of the current code generation: the ones that count toward the target. */
+static int live_replicas(const ms_deployment_t *d)
+{
+    int n = 0;
+    for (int i = 0; i < d->n_slots; i++)
+        if (is_live(d->slots[i]) && d->slots[i]->generation == d->generation)
+            n++;
+    return n;
+}
+
+static int running_current(const ms_deployment_t *d)
+{
+    int n = 0;
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i] && d->slots[i]->state == MS_REPLICA_RUNNING &&
+            d->slots[i]->generation == d->generation)
+            n++;
+    return n;
+}
+
+static int any_replica_left(const ms_deployment_t *d)
+{
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i])
+            return 1;
+    return 0;
+}
+
+static int deploy_failed(const ms_deployment_t *d)
+{
+    if (d->constructor_failures == 0)
+        return 0; /* scaled to zero is not failed */
+    int cap = (d->target_replicas > 0 ? d->target_replicas : 1) * CONSTRUCTOR_RETRIES_PER_REPLICA;
+    if (cap > CONSTRUCTOR_RETRIES_CAP)
+        cap = CONSTRUCTOR_RETRIES_CAP;
+    return d->constructor_failures >= cap && ms_deployment_running_replicas(d) == 0;
+}
+
+static void fail_queued(ms_deployment_t *d, int status, const char *message);
+
+static void on_replica_ready(ms_replica_t *r)
+{
+    ms_deployment_t *d = r->owner;
+    d->consecutive_failures = 0;
+    d->constructor_failures = 0;
+    if (r->settings_seq != d->settings_seq) {
+        /* Started before the latest lightweight update: bring it up to date first. */
+        ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
+        ms_replica_reconfigure(r, d->spec.user_config_json);
+        r->settings_seq = d->settings_seq;
+    }
+    ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
+    d->routable[r->slot] = 1;
+    /* Its routing stats are wanted now, not a whole stats period later (Ray probes new replicas
+     * at once too). */
+    ms_replica_poll_stats(r, MS_REPLICA_STATS_TIMEOUT_S);
+    ms_info("replica %s: ready (%zu of %d running)", r->id, ms_deployment_running_replicas(d),
+            d->target_replicas);
+    reconcile(d); /* a rolling update retires an old replica now */
+    dispatch(d);
+}
+
+static void on_replica_failed(ms_replica_t *r, const char *error)
+{
+    ms_deployment_t *d = r->owner;
+    ms_error("replica %s: constructor failed: %s", r->id, error);
+    d->constructor_failures++;
+    free(d->last_failure);
+    d->last_failure = ms_strdup(error);
+    if (deploy_failed(d)) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "deployment %s failed to start: %s", d->name, error);
+        fail_queued(d, 503, msg);
+    }
+}
+
+/* Takes a replica out of the Lua router's candidates (once). */
+static void unroute(ms_deployment_t *d, int slot)
+{
+    if (!d->routable[slot])
+        return;
+    d->routable[slot] = 0;
+    ms_router_script_remove_replica(d->script, slot);
+}
+
+static void on_restart_timer(uv_timer_t *t)
+{
+    reconcile(t->data);
+}
+
+static void maybe_finish_shutdown(ms_deployment_t *d)
+{
+    if (d->shutting_down && !any_replica_left(d) && d->shutdown_done) {
+        void (*done)(void *) = d->shutdown_done;
+        d->shutdown_done = NULL;
+        done(d->shutdown_data);
+    }
+}
+
+static void on_replica_error(void *data, const char *err);
+
+/* Requests in flight on a replica that died are answered now rather than when their
+ * connections notice. */
+static void fail_calls_on(ms_deployment_t *d, ms_replica_t *r)
+{
+    for (size_t i = 0; i < d->n_calls; i++) {
+        call_t *c = d->all_calls[i];
+        if (c->state == CALL_SENT && c->replica == r)
+            on_replica_error(c, "replica process exited");
+    }
+}
+
+static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signal)
+{
+    ms_deployment_t *d = r->owner;
+    fail_calls_on(d, r);
+    unroute(d, r->slot);
+    d->slots[r->slot] = NULL;
+    /* A replica we stopped exiting is routine; any other exit is worth a warning. */
+    ms_log_level_t level = d->shutting_down || r->stop_requested ? MS_LOG_INFO : MS_LOG_WARN;
+    if (term_signal)
+        ms_log(level, "replica %s: killed by signal %d", r->id, term_signal);
+    else
+        ms_log(level, "replica %s: exited with status %d", r->id, (int)exit_status);
+    int deliberate = r->stop_requested;
+    ms_replica_free(r);
+    if (d->shutting_down) {
+        maybe_finish_shutdown(d);
+        return;
+    }
+    if (deliberate) { /* scaled down: nothing to replace */
+        reconcile(d);
+        return;
+    }
+    d->consecutive_failures++;
+    /* Replacements back off exponentially so a crash loop cannot spin the machine. */
+    uint64_t delay_ms = 100;
+    for (int i = 1; i < d->consecutive_failures && delay_ms < 30000; i++)
+        delay_ms *= 2;
+    if (delay_ms > 30000)
+        delay_ms = 30000;
+    uv_timer_start(&d->restart_timer, on_restart_timer, delay_ms, 0);
+}
+
+static void on_replica_stats(ms_replica_t *r)
+{
+    ms_deployment_t *d = r->owner;
+    if (!d->routable[r->slot] || !r->routing_stats)
+        return;
+    char *text = json_dumps(r->routing_stats, JSON_COMPACT);
+    if (text)
+        ms_router_script_set_routing_stats(d->script, r->slot, text);
+    free(text);
+}
+
+static void on_replica_unhealthy(ms_replica_t *r)
+{
+    ms_deployment_t *d = r->owner;
+    ms_error("replica %s: unhealthy after %d failed health checks; replacing it", r->id,
+             r->health_failures);
+    retire(d, r);
+    reconcile(d); /* the replacement starts now; the unhealthy one drains meanwhile */
+}
+
+static const ms_replica_events_t replica_events = {
+    .on_ready = on_replica_ready,
+    .on_failed = on_replica_failed,
+    .on_exit = on_replica_exit,
+    .on_stats = on_replica_stats,
+    .on_unhealthy = on_replica_unhealthy,
+};
+
+static int free_slot(ms_deployment_t *d)
+{
+    for (int i = 0; i < d->n_slots; i++)
+        if (!d->slots[i])
+            return i;
+    d->slots = ms_realloc(d->slots, (size_t)(d->n_slots + 1) * sizeof *d->slots);
+    d->routable = ms_realloc(d->routable, (size_t)(d->n_slots + 1));
+    d->slots[d->n_slots] = NULL;
+    d->routable[d->n_slots] = 0;
+    return d->n_slots++;
+}
+
+/* The replica to stop first when scaling down: one still starting (it serves nobody yet), else
+ * the running one with the fewest requests in flight. */
+static ms_replica_t *pick_victim(const ms_deployment_t *d, int current_generation)
+{
+    ms_replica_t *best = NULL;
+    for (int i = 0; i < d->n_slots; i++) {
+        ms_replica_t *r = d->slots[i];
+        if (!is_live(r) || (r->generation == d->generation) != current_generation)
+            continue;
+        if (!best || (r->state == MS_REPLICA_STARTING && best->state != MS_REPLICA_STARTING) ||
+            (r->state == best->state && r->ongoing < best->ongoing))
+            best = r;
+    }
+    return best;
+}
+
+/* Out of routing at once (no new requests; those in flight finish), then a graceful stop. */
+static void retire(ms_deployment_t *d, ms_replica_t *r)
+{
+    unroute(d, r->slot);
+    ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+}
+
+/* Rolling update: a replica of an older code generation stops once a current one can take its
+ * place. Old ones still starting serve nobody and stop at once; old running ones keep serving
+ * until enough current replicas run, then stop least busy first. */
+static void retire_old_generation(ms_deployment_t *d)
+{
+    int keep = d->target_replicas - running_current(d);
+    int old_running = 0;
+    for (int i = 0; i < d->n_slots; i++) {
+        ms_replica_t *r = d->slots[i];
+        if (!is_live(r) || r->generation == d->generation)
+            continue;
+        if (r->state == MS_REPLICA_STARTING) {
+            retire(d, r);
+            continue;
+        }
+        old_running++;
+    }
+    for (; old_running > (keep > 0 ? keep : 0); old_running--) {
+        ms_replica_t *r = pick_victim(d, 0);
+        if (!r)
+            break;
+        ms_info("replica %s: replaced by the new version", r->id);
+        retire(d, r);
+    }
+}
+
+/* Starts replicas until the live count reaches the target, or stops the surplus. */
+static void reconcile(ms_deployment_t *d)
+{
+    if (d->shutting_down)
+        return;
+    int live = live_replicas(d);
+    for (; live > d->target_replicas; live--) {
+        ms_replica_t *r = pick_victim(d, 1);
+        if (!r)
+            break;
+        ms_info("replica %s: stopping (scaling %d -> %d)", r->id, live, d->target_replicas);
+        retire(d, r);
+    }
+    for (; live < d->target_replicas; live++) {
+        int slot = free_slot(d);
+        ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d);
+        if (!r) {
+            d->consecutive_failures++;
+            uv_timer_start(&d->restart_timer, on_restart_timer, 1000, 0);
+            return;
+        }
+        r->slot = slot;
+        r->generation = d->generation;
+        r->settings_seq = d->settings_seq;
+        d->slots[slot] = r;
+    }
+    retire_old_generation(d);
+}
+
+/* ---- calls --------------------------------------------------------------------------------- */
+
+static void on_call_timeout(uv_timer_t *t);
+
+static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
+{
+    call_t *c = d->free_calls;
+    if (c) {
+        d->free_calls = c->next;
+    } else {
+        c = ms_calloc(1, sizeof *c);
+        c->dep = d;
+        uv_timer_init(d->loop, &c->timer);
+        c->timer.data = c;
+        d->open_timers++;
+        if (d->n_calls == d->calls_cap) {
+            d->calls_cap = d->calls_cap ? d->calls_cap * 2 : 16;
+            d->all_calls = ms_realloc(d->all_calls, d->calls_cap * sizeof *d->all_calls);
+        }
+        d->all_calls[d->n_calls++] = c;
+    }
+    c->req = req;
+    c->replica = NULL;
+    c->conn = NULL;
+    c->prev = c->next = NULL;
+    c->retried = 0;
+    c->streaming = 0;
+    c->queued_at_ms = uv_now(d->loop);
+    req->user = c;
+    if (d->request_timeout_s > 0)
+        uv_timer_start(&c->timer, on_call_timeout, (uint64_t)(d->request_timeout_s * 1000.0), 0);
+    return c;
+}
+
+static void call_release(call_t *c)
+{
+    ms_deployment_t *d = c->dep;
+    uv_timer_stop(&c->timer);
+    if (c->req)
+        c->req->user = NULL;
+    c->req = NULL;
+    c->state = CALL_FREE;
+    c->next = d->free_calls;
+    d->free_calls = c;
+}
+
+static void queue_push(ms_deployment_t *d, call_t *c, int at_front)
+{
+    c->state = CALL_QUEUED;
+    if (at_front) {
+        c->prev = NULL;
+        c->next = d->queue_head;
+        if (d->queue_head)
+            d->queue_head->prev = c;
+        else
+            d->queue_tail = c;
+        d->queue_head = c;
+    } else {
+        c->next = NULL;
+        c->prev = d->queue_tail;
+        if (d->queue_tail)
+            d->queue_tail->next = c;
+        else
+            d->queue_head = c;
+        d->queue_tail = c;
+    }
+    d->queued++;
+}
+
+static void queue_remove(ms_deployment_t *d, call_t *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        d->queue_head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    else
+        d->queue_tail = c->prev;
+    c->prev = c->next = NULL;
+    d->queued--;
+}
+
+static void fail_queued(ms_deployment_t *d, int status, const char *message)
+{
+    while (d->queue_head) {
+        call_t *c = d->queue_head;
+        queue_remove(d, c);
+        ms_http_request_t *req = c->req;
+        call_release(c);
+        ms_http_respond_error(req, status, message);
+    }
+}
+
+/* The call leaves its replica: bookkeeping for in-flight counts and the connection. */
+static void call_detach(call_t *c, int reuse_conn)
+{
+    ms_replica_t *r = c->replica;
+    ms_deployment_t *d = c->dep;
+    if (!r)
+        return;
+    if (d->routable[r->slot]) {
+        int ok = reuse_conn && c->status < 500; /* a replica's 5xx counts as a failure too */
+        ms_router_script_on_completed(d->script, r->slot,
+                                      (double)(ms_now_us() - c->sent_at_us) / 1e6, ok);
+    }
+    r->ongoing--;
+    if (d->routable[r->slot])
+        ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
+    if (c->conn) {
+        if (reuse_conn)
+            ms_replica_conn_put(r, c->conn);
+        else
+            ms_http_client_close(c->conn); /* closing cancels the request at the replica */
+    }
+    c->conn = NULL;
+    c->replica = NULL;
+}
+
+static void on_call_timeout(uv_timer_t *t)
+{
+    call_t *c = t->data;
+    ms_deployment_t *d = c->dep;
+    ms_http_request_t *req = c->req;
+    if (c->state == CALL_QUEUED)
+        queue_remove(d, c);
+    int started = ms_http_response_started(req);
+    call_detach(c, 0);
+    call_release(c);
+    ms_info("request %s: timed out after %gs", req->request_id, d->request_timeout_s);
+    if (started) {
+        ms_http_response_abort(req);
+    } else {
+        char msg[160];
+        snprintf(msg, sizeof msg, "Request %s timed out after %gs.", req->request_id,
+                 d->request_timeout_s);
+        ms_http_respond_error(req, 408, msg);
+    }
+    dispatch(d);
+}
+
+/* ---- relaying the replica's response -------------------------------------------------------- */
+
+static void copy_response_headers(call_t *c, const ms_http_header_t *h, size_t n)
+{
+    ms_buf_reset(&c->resp_text);
+    if (c->resp_headers_cap < n) {
+        c->resp_headers_cap = n;
+        c->resp_offsets = ms_realloc(c->resp_offsets, n * 2 * sizeof(size_t));
+        c->resp_headers = ms_realloc(c->resp_headers, n * sizeof *c->resp_headers);
+    }
+    for (size_t i = 0; i < n; i++) {
+        c->resp_offsets[2 * i] = c->resp_text.len;
+        ms_buf_append(&c->resp_text, h[i].name, h[i].name_len + 1);
+        c->resp_offsets[2 * i + 1] = c->resp_text.len;
+        ms_buf_append(&c->resp_text, h[i].value, h[i].value_len + 1);
+        c->resp_headers[i].name_len = h[i].name_len;
+        c->resp_headers[i].value_len = h[i].value_len;
+    }
+    c->n_resp_headers = n;
+}
+
+static void on_replica_head(void *data, int status, const ms_http_header_t *headers, size_t n,
+                            int chunked, int64_t content_length)
+{
+    call_t *c = data;
+    c->status = status;
+    if (chunked || content_length < 0 || content_length > BUFFERED_RESPONSE_LIMIT) {
+        c->streaming = 1;
+        ms_http_response_start(c->req, status, headers, n);
+        return;
+    }
+    copy_response_headers(c, headers, n);
+    ms_buf_reset(&c->resp_body);
+}
+
+static void on_replica_body(void *data, const char *p, size_t n)
+{
+    call_t *c = data;
+    if (c->streaming)
+        ms_http_response_chunk(c->req, p, n);
+    else
+        ms_buf_append(&c->resp_body, p, n);
+}
+
+static void on_replica_done(void *data)
+{
+    call_t *c = data;
+    ms_deployment_t *d = c->dep;
+    ms_http_request_t *req = c->req;
+    call_detach(c, 1);
+    if (c->streaming) {
+        call_release(c);
+        ms_http_response_end(req);
+    } else {
+        for (size_t i = 0; i < c->n_resp_headers; i++) {
+            c->resp_headers[i].name = c->resp_text.data + c->resp_offsets[2 * i];
+            c->resp_headers[i].value = c->resp_text.data + c->resp_offsets[2 * i + 1];
+        }
+        /* Released before responding: a pipelined request handed over synchronously by the
+         * response may reuse this call. The buffers stay valid until then. */
+        call_release(c);
+        ms_http_respond(req, c->status, c->resp_headers, c->n_resp_headers, c->resp_body.data,
+                        c->resp_body.len);
+    }
+    dispatch(d);
+}
+
+static void on_replica_error(void *data, const char *err)
+{
+    call_t *c = data;
+    ms_deployment_t *d = c->dep;
+    ms_http_request_t *req = c->req;
+    ms_replica_t *r = c->replica;
+    int never_connected = strcmp(err, "connect failed") == 0;
+    ms_warn("request %s: replica %s failed: %s", req->request_id, r ? r->id : "?", err);
+    call_detach(c, 0);
+    if (ms_http_response_started(req)) {
+        call_release(c);
+        ms_http_response_abort(req);
+    } else if (never_connected && !c->retried) {
+        /* The request never reached the replica (it died a moment ago): route it again. */
+        c->retried = 1;
+        queue_push(d, c, 1);
+    } else {
+        char msg[256];
+        snprintf(msg, sizeof msg, "replica %s of deployment %s failed while handling the request",
+                 r ? r->id : "?", d->name);
+        call_release(c);
+        ms_http_respond_error(req, 502, msg);
+    }
+    dispatch(d);
+}
+
+static const ms_http_client_callbacks_t relay_callbacks = {
+    .on_head = on_replica_head,
+    .on_body = on_replica_body,
+    .on_done = on_replica_done,
+    .on_error = on_replica_error,
+};
+
+/* Hop-by-hop and framing headers are the hop's own business and are not forwarded. */
+static int forwardable(const ms_http_header_t *h)
+{
+    static const char *const skip[] = {"connection",     "keep-alive",   "transfer-encoding",
+                                       "content-length", "x-request-id", "te",
+                                       "upgrade",        "expect",       "proxy-connection"};
+    for (size_t i = 0; i < sizeof skip / sizeof *skip; i++)
+        if (h->name_len == strlen(skip[i]) && strncasecmp(h->name, skip[i], h->name_len) == 0)
+            return 0;
+    return 1;
+}
+
+static void build_forward_head(call_t *c)
+{
+    ms_http_request_t *req = c->req;
+    ms_buf_t *b = &c->head;
+    ms_buf_reset(b);
+    ms_buf_append_str(b, req->method);
+    ms_buf_append(b, " ", 1);
+    ms_buf_append(b, req->target, req->target_len);
+    ms_buf_append(b, " HTTP/1.1\r\nX-Request-ID: ", 25);
+    ms_buf_append_str(b, req->request_id);
+    ms_buf_append(b, "\r\nContent-Length: ", 18);
+    ms_buf_append_uint(b, req->body_len);
+    ms_buf_append(b, "\r\n", 2);
+    for (size_t i = 0; i < req->n_headers; i++) {
+        const ms_http_header_t *h = &req->headers[i];
+        if (!forwardable(h))
+            continue;
+        ms_buf_append(b, h->name, h->name_len);
+        ms_buf_append(b, ": ", 2);
+        ms_buf_append(b, h->value, h->value_len);
+        ms_buf_append(b, "\r\n", 2);
+    }
+    ms_buf_append(b, "\r\n", 2);
+}
+
+static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
+{
+    c->state = CALL_SENT;
+    c->sent_at_us = ms_now_us();
+    c->replica = r;
+    r->ongoing++;
+    ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
+    c->conn = ms_replica_conn_get(r, d->loop);
+    build_forward_head(c);
+    if (ms_http_client_send(c->conn, c->head.data, c->head.len, c->req->body, c->req->body_len,
+                            &relay_callbacks, c) != 0)
+        on_replica_error(c, "connect failed");
+}
+
+/* ---- choosing a replica ---------------------------------------------------------------------- */
+
+static ms_replica_t *usable(const ms_deployment_t *d, int slot)
+{
+    if (slot < 0 || slot >= d->n_slots)
+        return NULL;
+    ms_replica_t *r = d->slots[slot];
+    if (!r || r->state != MS_REPLICA_RUNNING || r->ongoing >= r->max_ongoing_requests)
+        return NULL;
+    return r;
+}
+
+static ms_replica_t *least_loaded(const ms_deployment_t *d, const int *slots, int n)
+{
+    ms_replica_t *best = NULL;
+    for (int i = 0; i < n; i++) {
+        ms_replica_t *r = usable(d, slots ? slots[i] : i);
+        if (r && (!best || r->ongoing < best->ongoing))
+            best = r;
+    }
+    return best;
+}
+
+/* Asks the deployment's Lua router for ranked candidates and takes, rank by rank, the one with
+ * the fewest in-flight requests below its cap. A failing router falls back to least-loaded. */
+static ms_replica_t *choose(ms_deployment_t *d, call_t *c)
+{
+    ms_route_request_t rr = {
+        .id = c->req->request_id,
+        .method = c->req->method,
+        .path = c->req->path,
+        .multiplexed_model_id = "", /* the script reads serve_multiplexed_model_id itself */
+        .headers = c->req->headers,
+        .n_headers = c->req->n_headers,
+        .body = c->req->body,
+        .body_len = c->req->body_len,
+    };
+    int idx[MAX_CANDIDATES], ends[MAX_RANKS];
+    for (int attempt = 0; attempt <= IMMEDIATE_CHOICE_RETRIES; attempt++) {
+        int ranks = ms_router_script_choose(d->script, &rr, idx, MAX_CANDIDATES, ends, MAX_RANKS);
+        if (ranks < 0)
+            return least_loaded(d, NULL, d->n_slots);
+        int start = 0;
+        for (int k = 0; k < ranks; k++) {
+            ms_replica_t *r = least_loaded(d, idx + start, ends[k] - start);
+            if (r) {
+                ms_router_script_on_routed(d->script, &rr, r->slot);
+                return r;
+            }
+            start = ends[k];
+        }
+    }
+    return NULL;
+}
+
+static void on_backoff_timer(uv_timer_t *t)
+{
+    dispatch(t->data);
+}
+
+static void dispatch(ms_deployment_t *d)
+{
+    while (d->queue_head && least_loaded(d, NULL, d->n_slots)) {
+        call_t *c = d->queue_head;
+        ms_replica_t *r = choose(d, c);
+        if (!r) {
+            /* Every ranked replica is full although some replica has room: retry later, as
+             * Ray Serve backs off, and sooner if a replica frees a slot. */
+            uint64_t ms = BACKOFF_INITIAL_MS << (d->backoff_step < 5 ? d->backoff_step : 5);
+            d->backoff_step++;
+            uv_timer_start(&d->backoff_timer, on_backoff_timer,
+                           ms > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : ms, 0);
+            return;
+        }
+        d->backoff_step = 0;
+        queue_remove(d, c);
+        send_call(d, c, r);
+    }
+}
+
+/* ---- cold start ------------------------------------------------------------------------------ */
+
+/* Answers 503 with Retry-After to requests that waited cold_start_timeout_s with no replica
+ * running, and keeps watching while others wait. */
+static void on_cold_timer(uv_timer_t *t)
+{
+    ms_deployment_t *d = t->data;
+    if (ms_deployment_running_replicas(d) > 0)
+        return; /* dispatch serves the queue from here */
+    uint64_t now = uv_now(d->loop), limit = (uint64_t)(d->cold_start_timeout_s * 1000.0);
+    static const ms_http_header_t retry_after = {"Retry-After", 11, "1", 1};
+    call_t *next;
+    for (call_t *c = d->queue_head; c; c = next) {
+        next = c->next;
+        if (now - c->queued_at_ms < limit)
+            continue;
+        ms_http_request_t *req = c->req;
+        queue_remove(d, c);
+        call_release(c);
+        char msg[200];
+        snprintf(msg, sizeof msg, "deployment %s has no replica running yet; retry shortly",
+                 d->name);
+        ms_http_respond_error_headers(req, 503, msg, &retry_after, 1);
+    }
+    if (d->queue_head)
+        uv_timer_start(&d->cold_timer, on_cold_timer, 100, 0);
+}
+
+/* A request is waiting and no replica runs: ask the owner to scale up from zero at once, and
+ * bound the wait. */
+static void hold_for_cold_start(ms_deployment_t *d)
+{
+    if (d->target_replicas == 0 && d->on_cold_start)
+        d->on_cold_start(d, d->owner_data);
+    if (!uv_is_active((uv_handle_t *)&d->cold_timer))
+        uv_timer_start(&d->cold_timer, on_cold_timer, 100, 0);
+}
+
+/* ---- public API ------------------------------------------------------------------------------ */
+
+void ms_deployment_set_target(ms_deployment_t *d, int n)
+{
+    if (n < 0 || n == d->target_replicas)
+        return;
+    ms_info("deployment %s: target %d -> %d replicas", d->name, d->target_replicas, n);
+    d->target_replicas = n;
+    reconcile(d);
+}
+
+static void replace_string(const char **field, const char *value)
+{
+    free((char *)*field);
+    *field = ms_strdup(value ? value : "");
+}
+
+void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s)
+{
+    int user_config_changed = strcmp(d->spec.user_config_json, s->spec.user_config_json) != 0;
+    int cap_changed =
+        d->max_ongoing_requests != s->max_ongoing_requests ||
+        d->spec.graceful_shutdown_wait_loop_s != s->spec.graceful_shutdown_wait_loop_s;
+    d->max_queued_requests = s->max_queued_requests;
+    d->request_timeout_s = s->request_timeout_s;
+    d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
+    d->health_check_period_s = s->health_check_period_s;
+    d->health_check_timeout_s = s->health_check_timeout_s;
+    if (!user_config_changed && !cap_changed)
+        return;
+    d->max_ongoing_requests = s->max_ongoing_requests;
+    d->spec.max_ongoing_requests = s->max_ongoing_requests;
+    d->spec.graceful_shutdown_wait_loop_s = s->spec.graceful_shutdown_wait_loop_s;
+    replace_string(&d->spec.user_config_json, s->spec.user_config_json);
+    d->settings_seq++;
+    ms_info("deployment %s: updating in place%s%s", d->name,
+            user_config_changed ? " (user_config -> reconfigure)" : "",
+            cap_changed ? " (max_ongoing_requests / drain step)" : "");
+    for (int i = 0; i < d->n_slots; i++) {
+        ms_replica_t *r = d->slots[i];
+        if (!r || r->state != MS_REPLICA_RUNNING)
+            continue; /* starting ones catch up when ready */
+        if (cap_changed) {
+            ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
+            if (d->routable[r->slot]) { /* the router sees the new cap too */
+                ms_router_script_remove_replica(d->script, r->slot);
+                ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
+                ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
+            }
+        }
+        if (user_config_changed)
+            ms_replica_reconfigure(r, d->spec.user_config_json);
+        r->settings_seq = d->settings_seq;
+    }
+    dispatch(d); /* a higher cap may let queued requests through */
+}
+
+void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
+{
+    replace_string(&d->spec.import_path, spec->import_path);
+    replace_string(&d->spec.args_json, spec->args_json);
+    d->generation++;
+    ms_info("deployment %s: code changed; replacing replicas (new ones first)", d->name);
+    reconcile(d);
+}
+
+int ms_deployment_target(const ms_deployment_t *d)
+{
+    return d->target_replicas;
+}
+
+size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap)
+{
+    size_t n = 0;
+    for (int i = 0; i < d->n_slots; i++) {
+        if (!d->slots[i])
+            continue;
+        if (n < cap)
+            out[n] = d->slots[i];
+        n++;
+    }
+    return n;
+}
+
+void ms_deployment_check_health(ms_deployment_t *d)
+{
+    if (d->shutting_down || d->health_check_period_s <= 0)
+        return;
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i])
+            ms_replica_check_health(d->slots[i], d->health_check_period_s,
+                                    d->health_check_timeout_s);
+}
+
+void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s)
+{
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i])
+            ms_replica_poll_stats(d->slots[i], timeout_s);
+}
+
+void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
+{
+    if (d->shutting_down) {
+        ms_http_respond_error(req, 503, "deployment is shutting down");
+        return;
+    }
+    if (deploy_failed(d)) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "deployment %s failed to start: %s", d->name,
+                 d->last_failure ? d->last_failure : "unknown error");
+        ms_http_respond_error(req, 503, msg);
+        return;
+    }
+    if (d->max_queued_requests >= 0 && d->queued >= (size_t)d->max_queued_requests) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "Request dropped due to backpressure (num_queued_requests=%zu, "
+                 "max_queued_requests=%d).",
+                 d->queued, d->max_queued_requests);
+        ms_http_respond_error(req, 503, msg);
+        return;
+    }
+    call_t *c = call_acquire(d, req);
+    queue_push(d, c, 0);
+    dispatch(d);
+    if (c->state == CALL_QUEUED && ms_deployment_running_replicas(d) == 0)
+        hold_for_cold_start(d);
+}
+
+void ms_deployment_abort(ms_http_request_t *req)
+{
+    call_t *c = req->user;
+    if (!c)
+        return;
+    ms_deployment_t *d = c->dep;
+    ms_debug("request %s: client went away; cancelling", req->request_id);
+    if (c->state == CALL_QUEUED)
+        queue_remove(d, c);
+    call_detach(c, 0);
+    call_release(c);
+    dispatch(d);
+}
+
+static char *dup_or_empty(const char *s)
+{
+    return ms_strdup(s ? s : "");
+}
+
+ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings_t *s, char **err)
+{
+    ms_router_script_t *script = ms_router_script_new_class(
+        s->router_file, s->router_attr, s->router_kwargs_json, ROUTER_BUDGET_US, err);
+    if (!script)
+        return NULL;
+    ms_deployment_t *d = ms_calloc(1, sizeof *d);
+    d->loop = loop;
+    d->script = script;
+    d->app_name = ms_strdup(s->app_name);
+    d->name = ms_strdup(s->name);
+    d->target_replicas = s->num_replicas;
+    d->max_ongoing_requests = s->max_ongoing_requests;
+    d->max_queued_requests = s->max_queued_requests;
+    d->request_timeout_s = s->request_timeout_s;
+    d->graceful_shutdown_timeout_s = s->graceful_shutdown_timeout_s;
+    d->health_check_period_s = s->health_check_period_s;
+    d->health_check_timeout_s = s->health_check_timeout_s;
+    d->cold_start_timeout_s = s->cold_start_timeout_s > 0 ? s->cold_start_timeout_s : 30.0;
+    d->on_cold_start = s->on_cold_start;
+    d->owner_data = s->owner_data;
+    d->spec = s->spec;
+    d->spec.exe_path = dup_or_empty(s->spec.exe_path);
+    d->spec.run_dir = dup_or_empty(s->spec.run_dir);
+    d->spec.controller_socket = dup_or_empty(s->spec.controller_socket);
+    d->spec.app_name = d->app_name;
+    d->spec.deployment_name = d->name;
+    d->spec.import_path = dup_or_empty(s->spec.import_path);
+    d->spec.args_json = dup_or_empty(s->spec.args_json);
+    d->spec.user_config_json = dup_or_empty(s->spec.user_config_json);
+    d->spec.max_ongoing_requests = s->max_ongoing_requests;
+    uv_timer_init(loop, &d->backoff_timer);
+    d->backoff_timer.data = d;
+    uv_timer_init(loop, &d->restart_timer);
+    d->restart_timer.data = d;
+    uv_timer_init(loop, &d->cold_timer);
+    d->cold_timer.data = d;
+    d->open_timers = 3;
+    reconcile(d);
+    return d;
+}
+
+void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data)
+{
+    d->shutting_down = 1;
+    d->shutdown_done = done;
+    d->shutdown_data = data;
+    uv_timer_stop(&d->backoff_timer);
+    uv_timer_stop(&d->restart_timer);
+    uv_timer_stop(&d->cold_timer);
+    fail_queued(d, 503, "deployment is shutting down");
+    for (int i = 0; i < d->n_slots; i++) {
+        ms_replica_t *r = d->slots[i];
+        if (!r)
+            continue;
+        unroute(d, r->slot);
+        ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+    }
+    maybe_finish_shutdown(d);
+}
+
+static void timer_closed(ms_deployment_t *d)
+{
+    if (--d->open_timers > 0)
+        return;
+    for (size_t i = 0; i < d->n_calls; i++) {
+        call_t *c = d->all_calls[i];
+        ms_buf_free(&c->head);
+        ms_buf_free(&c->resp_text);
+        ms_buf_free(&c->resp_body);
+        free(c->resp_offsets);
+        free(c->resp_headers);
+        free(c);
+    }
+    free(d->all_calls);
+    free(d->slots);
+    free(d->routable);
+    free((char *)d->spec.exe_path);
+    free((char *)d->spec.run_dir);
+    free((char *)d->spec.controller_socket);
+    free((char *)d->spec.import_path);
+    free((char *)d->spec.args_json);
+    free((char *)d->spec.user_config_json);
+    free(d->last_failure);
+    free(d->app_name);
+    free(d->name);
+    free(d);
+}
+
+static void on_deployment_timer_closed(uv_handle_t *h)
+{
+    timer_closed(h->data);
+}
+
+static void on_call_timer_closed(uv_handle_t *h)
+{
+    timer_closed(((call_t *)h->data)->dep);
+}
+
+void ms_deployment_free(ms_deployment_t *d)
+{
+    ms_router_script_free(d->script);
+    d->script = NULL;
+    uv_close((uv_handle_t *)&d->backoff_timer, on_deployment_timer_closed);
+    uv_close((uv_handle_t *)&d->restart_timer, on_deployment_timer_closed);
+    uv_close((uv_handle_t *)&d->cold_timer, on_deployment_timer_closed);
+    for (size_t i = 0; i < d->n_calls; i++)
+        uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_call_timer_closed);
+}
+
+ms_router_script_t *ms_deployment_router_script(ms_deployment_t *d)
+{
+    return d->script;
+}
+
+const char *ms_deployment_failure(const ms_deployment_t *d)
+{
+    return deploy_failed(d) ? (d->last_failure ? d->last_failure : "unknown error") : NULL;
+}
+
+const char *ms_deployment_name(const ms_deployment_t *d)
+{
+    return d->name;
+}
+
+size_t ms_deployment_running_replicas(const ms_deployment_t *d)
+{
+    size_t n = 0;
+    for (int i = 0; i < d->n_slots; i++)
+        if (d->slots[i] && d->slots[i]->state == MS_REPLICA_RUNNING)
+            n++;
+    return n;
+}
+
+size_t ms_deployment_queued(const ms_deployment_t *d)
+{
+    return d->queued;
+}
