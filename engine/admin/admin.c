@@ -1,8 +1,9 @@
 /*
  * admin: the admin REST listener (see admin.h). This file is transport, authentication, routing
  * and request validation only; every decision about serving state is the controller's, through
- * the callbacks. Callbacks answer synchronously, so no request outlives on_request and the
- * listener never has to handle an abort of a request it still owes.
+ * the callbacks. Callbacks answer synchronously, except reload, which answers through an
+ * ms_admin_reply_t once its scripts are prepared off the loop: that reply is the only request
+ * the listener can still owe when a client goes away.
  *
  * Routes (paths of Ray Serve's dashboard API, so Ray's clients work unchanged):
  *   GET|PUT|DELETE /api/serve/applications/          status, declarative deploy, shutdown
@@ -411,6 +412,21 @@ static void route_scale(ms_admin_t *a, ms_http_request_t *req, const char *app_e
     respond_result(req, status, body);
 }
 
+struct ms_admin_reply {
+    ms_http_request_t *req; /* NULL once the client went away */
+};
+
+void ms_admin_reply_send(ms_admin_reply_t *r, int status, json_t *body)
+{
+    if (r->req) {
+        r->req->user = NULL;
+        respond_result(r->req, status, body);
+    } else {
+        json_decref(body);
+    }
+    free(r);
+}
+
 static void route_reload(ms_admin_t *a, ms_http_request_t *req)
 {
     if (strcmp(req->method, "POST") != 0) {
@@ -421,9 +437,10 @@ static void route_reload(ms_admin_t *a, ms_http_request_t *req)
         respond_not_implemented(req);
         return;
     }
-    json_t *body = NULL;
-    int status = a->cb.reload(a->data, &body);
-    respond_result(req, status, body);
+    ms_admin_reply_t *r = ms_calloc(1, sizeof *r);
+    r->req = req;
+    req->user = r;
+    a->cb.reload(a->data, r);
 }
 
 static void route_metrics(ms_admin_t *a, ms_http_request_t *req)
@@ -483,11 +500,13 @@ static void on_request(ms_http_request_t *req, void *data)
     ms_http_respond_error(req, 404, msg);
 }
 
-/* Requests are answered inside on_request, so there is never one to abandon. */
+/* Only a reload can still be owed: its reply then drops the answer when it comes. */
 static void on_abort(ms_http_request_t *req, void *data)
 {
-    (void)req;
     (void)data;
+    ms_admin_reply_t *r = req->user;
+    if (r)
+        r->req = NULL;
 }
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */

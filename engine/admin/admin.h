@@ -12,6 +12,12 @@
 
 typedef struct ms_admin ms_admin_t;
 
+/* A response owed later: the reload callback answers through it once the work is done. */
+typedef struct ms_admin_reply ms_admin_reply_t;
+/* Answers the request (status, body: a new reference or NULL) and frees the reply. If the client
+ * went away meanwhile the answer is dropped. */
+void ms_admin_reply_send(ms_admin_reply_t *r, int status, json_t *body);
+
 /* Callbacks into the controller. Each returns an HTTP status and sets *body (a new reference,
  * or NULL for an empty body). */
 typedef struct ms_admin_callbacks {
@@ -25,8 +31,9 @@ typedef struct ms_admin_callbacks {
      * validated as an integer >= 0 */
     int (*scale)(void *data, const char *app, const char *deployment, long long target,
                  json_t **body);
-    /* POST /api/v1/reload */
-    int (*reload)(void *data, json_t **body);
+    /* POST /api/v1/reload: answered later through ms_admin_reply_send (prepare runs off the
+     * event loop) */
+    void (*reload)(void *data, ms_admin_reply_t *reply);
     /* GET /metrics: Prometheus text appended to *text (malloc'd, caller frees) */
     int (*metrics)(void *data, char **text);
 } ms_admin_callbacks_t;

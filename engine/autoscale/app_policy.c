@@ -15,44 +15,22 @@
 #include "autoscale/internal.h"
 #include "core/core.h"
 
-/* One deployment as this policy knows it. */
-typedef struct app_entry {
-    char *name;
-    int ctx_ref;
-    int state_ref;
-    uint64_t serial; /* autoscaler whose config ctx.config holds; 0 = none yet */
-} app_entry_t;
-
 struct ms_app_policy {
     char *app;
-    char *file, *attr;
-    json_t *kwargs;
     int dry_run;
-    double budget_us;
-    size_t mem_limit;
-    as_script_t *script;
-    as_script_t *pending;
-    char *reload_error;
-    app_entry_t *e;
-    size_t n;
-    uint64_t failures;
-    char last_error[512];
+    ms_policy_t *script;
 };
 
 ms_app_policy_t *ms_app_policy_new(const char *app, const ms_config_lua_ref_t *fn, json_t *kwargs,
                                    int dry_run, double budget_us, size_t mem_limit, char **err)
 {
-    as_script_t *s = as_script_load(fn->file, fn->attr, kwargs, mem_limit, NULL, err);
+    ms_policy_t *s = as_policy_load(&as_app_kind, fn->file, fn->attr, kwargs, mem_limit, budget_us,
+                                    0, app, NULL, err);
     if (!s)
         return NULL;
     ms_app_policy_t *p = ms_calloc(1, sizeof *p);
     p->app = ms_strdup(app);
-    p->file = ms_strdup(fn->file);
-    p->attr = ms_strdup(fn->attr);
-    p->kwargs = kwargs ? json_deep_copy(kwargs) : NULL;
     p->dry_run = dry_run;
-    p->budget_us = budget_us;
-    p->mem_limit = mem_limit;
     p->script = s;
     return p;
 }
@@ -61,118 +39,118 @@ void ms_app_policy_free(ms_app_policy_t *p)
 {
     if (!p)
         return;
-    as_script_free(p->script);
-    as_script_free(p->pending);
-    for (size_t i = 0; i < p->n; i++)
-        free(p->e[i].name);
-    free(p->e);
-    json_decref(p->kwargs);
-    free(p->reload_error);
+    ms_policy_free(p->script);
     free(p->app);
-    free(p->file);
-    free(p->attr);
     free(p);
 }
 
-static app_entry_t *entry(ms_app_policy_t *p, const char *name)
+ms_policy_t *ms_app_policy_policy(ms_app_policy_t *p)
 {
-    for (size_t i = 0; i < p->n; i++)
-        if (strcmp(p->e[i].name, name) == 0)
-            return &p->e[i];
-    p->e = ms_realloc(p->e, (p->n + 1) * sizeof *p->e);
-    app_entry_t *e = &p->e[p->n++];
-    *e = (app_entry_t){ms_strdup(name), LUA_NOREF, LUA_NOREF, 0};
-    return e;
+    return p->script;
 }
 
-/* Pushes ctxs = {name = ctx} over the deployments, binding each ctx for raw_metrics. */
+/* The policy's states live in one table {deployment = state} (the core's state value, so a
+ * reload hands all of them over at once). Pushes it, creating it on first use. */
+static void push_states(ms_policy_t *s)
+{
+    lua_State *L = ms_policy_current(s)->L;
+    ms_policy_push_state(s);
+    if (lua_istable(L, -1))
+        return;
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    ms_policy_set_state(s);
+}
+
+/* Pushes ctxs = {name = ctx} over the deployments (a fresh, protected table each call). */
 static void push_ctxs(ms_app_policy_t *p, double now, ms_autoscaler_t *const *deps,
                       const int *current_targets, size_t n, const as_agg_t *aggs)
 {
-    as_script_t *s = p->script;
-    lua_State *L = s->sb->L;
-    lua_createtable(L, 0, (int)n);
+    ms_policy_version_t *v = ms_policy_current(p->script);
+    lua_State *L = v->L;
+    push_states(p->script);
+    int states = lua_gettop(L);
+    ms_policy_new_table(v, 0, (int)n);
     for (size_t i = 0; i < n; i++) {
-        app_entry_t *e = entry(p, deps[i]->deployment);
-        if (e->ctx_ref == LUA_NOREF)
-            e->ctx_ref = as_ctx_new(s);
-        int rebind = e->serial != deps[i]->serial;
-        e->serial = deps[i]->serial;
-        as_ctx_push(s, e->ctx_ref, &e->state_ref, deps[i], now, current_targets[i], &aggs[i],
-                    rebind);
-        as_bind_add(s, lua_topointer(L, -1), deps[i], now);
-        lua_setfield(L, -2, deps[i]->deployment);
+        ms_policy_get(L, states, deps[i]->deployment);
+        as_ctx_push(p->script, deps[i], now, current_targets[i], &aggs[i], lua_gettop(L));
+        ms_policy_set_value(L, -3, deps[i]->deployment);
+        lua_pop(L, 1); /* the state */
     }
+    lua_remove(L, states);
 }
 
-/* Reads the answer (targets at -2, states at -1) into raw[]/keep[] and stores the states.
- * Validates everything before storing anything, so a bad answer changes no state. */
+/* Reads the answer (targets at -2, states at -1) into raw[]/keep[] and stores the states, with
+ * raw reads only. Validates everything before storing anything, so a bad answer changes no
+ * state. */
 static int read_answer(ms_app_policy_t *p, ms_autoscaler_t *const *deps, size_t n, double *raw,
-                       int *keep, char *err, size_t errlen)
+                       int *keep)
 {
-    lua_State *L = p->script->sb->L;
-    const char *f = p->file, *fn = p->attr;
-    if (!lua_istable(L, -2)) {
-        snprintf(err, errlen, "%s: %s returned %s as the targets (want a table)", f, fn,
-                 luaL_typename(L, -2));
+    ms_policy_t *s = p->script;
+    lua_State *L = ms_policy_current(s)->L;
+    const char *f = ms_policy_file(s), *fn = ms_policy_fn_name(s, 0);
+    int ti = lua_gettop(L) - 1, si = lua_gettop(L);
+    if (!lua_istable(L, ti)) {
+        ms_policy_fail(s, "%s: %s returned %s as the targets (want a table)", f, fn,
+                       luaL_typename(L, ti));
         return -1;
     }
-    if (!lua_isnil(L, -1) && !lua_istable(L, -1)) {
-        snprintf(err, errlen, "%s: %s returned %s as the states (want a table or nil)", f, fn,
-                 luaL_typename(L, -1));
+    if (!lua_isnil(L, si) && !lua_istable(L, si)) {
+        ms_policy_fail(s, "%s: %s returned %s as the states (want a table or nil)", f, fn,
+                       luaL_typename(L, si));
         return -1;
     }
     for (size_t i = 0; i < n; i++) {
         const char *name = deps[i]->deployment;
-        lua_getfield(L, -2, name);
+        ms_policy_get(L, ti, name);
         keep[i] = lua_isnil(L, -1);
         int bad = !keep[i] && as_check_target(L, -1, &raw[i]) != 0;
         lua_pop(L, 1);
         if (bad) {
-            snprintf(err, errlen, "%s: %s returned a bad target for '%s' (want a number >= 0)", f,
-                     fn, name);
+            ms_policy_fail(s, "%s: %s returned a bad target for '%s' (want a number >= 0)", f, fn,
+                           name);
             return -1;
         }
-        if (lua_istable(L, -1)) {
-            lua_getfield(L, -1, name);
+        if (lua_istable(L, si)) {
+            ms_policy_get(L, si, name);
             bad = !lua_isnil(L, -1) && !lua_istable(L, -1);
             lua_pop(L, 1);
             if (bad) {
-                snprintf(err, errlen, "%s: %s returned a bad state for '%s' (want a table)", f, fn,
-                         name);
+                ms_policy_fail(s, "%s: %s returned a bad state for '%s' (want a table)", f, fn,
+                               name);
                 return -1;
             }
         }
     }
-    for (size_t i = 0; lua_istable(L, -1) && i < n; i++) {
-        lua_getfield(L, -1, deps[i]->deployment);
-        if (lua_istable(L, -1)) {
-            app_entry_t *e = entry(p, deps[i]->deployment);
-            luaL_unref(L, LUA_REGISTRYINDEX, e->state_ref);
-            e->state_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        } else {
+    if (!lua_istable(L, si))
+        return 0;
+    push_states(s);
+    for (size_t i = 0; i < n; i++) {
+        ms_policy_get(L, si, deps[i]->deployment);
+        if (lua_istable(L, -1))
+            ms_policy_set_value(L, -2, deps[i]->deployment);
+        else
             lua_pop(L, 1);
-        }
     }
+    lua_pop(L, 1);
     return 0;
 }
 
 static int run_app_policy(ms_app_policy_t *p, double now, ms_autoscaler_t *const *deps,
                           const int *current_targets, size_t n, const as_agg_t *aggs, double *raw,
-                          int *keep, char *err, size_t errlen)
+                          int *keep)
 {
-    as_script_t *s = p->script;
-    lua_State *L = s->sb->L;
+    ms_policy_t *s = p->script;
+    lua_State *L = ms_policy_current(s)->L;
     int base = lua_gettop(L);
     luaL_checkstack(L, 8, "app policy");
-    lua_rawgeti(L, LUA_REGISTRYINDEX, s->fn_ref);
+    ms_policy_push_fn(s, 0);
     push_ctxs(p, now, deps, current_targets, n, aggs);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, s->kwargs_ref);
-    if (as_script_call(s, 2, 2, p->budget_us) != 0) {
-        snprintf(err, errlen, "%s", s->sb->err);
+    ms_policy_push_kwargs(s);
+    if (as_policy_call(s, 2, 2) != 0)
         return -1;
-    }
-    int rc = read_answer(p, deps, n, raw, keep, err, errlen);
+    int rc = read_answer(p, deps, n, raw, keep);
     lua_settop(L, base);
     return rc;
 }
@@ -186,18 +164,13 @@ void ms_app_policy_decide(ms_app_policy_t *p, double now, ms_autoscaler_t *const
     for (size_t i = 0; i < n; i++)
         as_window_aggregate(&deps[i]->win, now, deps[i]->cfg.look_back_period_s,
                             deps[i]->cfg.aggregation_function, &aggs[i]);
-    char err[512];
-    int failed =
-        run_app_policy(p, now, deps, current_targets, n, aggs, raw, keep, err, sizeof err) != 0;
-    if (failed)
-        as_note_failure(p->app, &p->failures, p->last_error, sizeof p->last_error, err);
+    int failed = run_app_policy(p, now, deps, current_targets, n, aggs, raw, keep) != 0;
     for (size_t i = 0; i < n; i++) {
         const char *note = keep[i] ? "left out by the application policy" : NULL;
         if (failed) {
             note = "application policy failed, built-in used";
             keep[i] = 0;
-            if (as_builtin_raw(deps[i], now, current_targets[i], &aggs[i], &raw[i], err,
-                               sizeof err) != 0) {
+            if (as_builtin_raw(deps[i], now, current_targets[i], &aggs[i], &raw[i]) != 0) {
                 keep[i] = 1;
                 note = "application policy failed, target kept";
             }
@@ -212,64 +185,5 @@ void ms_app_policy_decide(ms_app_policy_t *p, double now, ms_autoscaler_t *const
 
 json_t *ms_app_policy_status(const ms_app_policy_t *p)
 {
-    json_t *st = json_object();
-    json_object_set_new(st, "policy", as_script_info(p->script));
-    json_object_set_new(st, "failures", json_integer((json_int_t)p->failures));
-    json_object_set_new(st, "last_error",
-                        p->last_error[0] ? json_string(p->last_error) : json_null());
-    json_object_set_new(st, "reload_error",
-                        p->reload_error ? json_string(p->reload_error) : json_null());
-    json_object_set_new(st, "dry_run", json_boolean(p->dry_run));
-    return st;
-}
-
-/* ---- hot reload ----------------------------------------------------------------------------- */
-
-int ms_app_policy_reload_prepare(ms_app_policy_t *p, json_t **info)
-{
-    char sha[65] = "";
-    char *err = NULL;
-    as_script_free(p->pending);
-    p->pending = as_script_load(p->file, p->attr, p->kwargs, p->mem_limit, sha, &err);
-    free(p->reload_error);
-    p->reload_error = err;
-    if (!p->pending) {
-        if (info)
-            *info =
-                json_pack("{s:s, s:s, s:i, s:s, s:b, s:s}", "path", p->file, "function", p->attr,
-                          "version", p->script->version, "sha256", sha, "ok", 0, "error", err);
-        return -1;
-    }
-    p->pending->version = p->script->version + 1;
-    if (info)
-        *info = as_script_info(p->pending);
-    return 0;
-}
-
-/* Per-deployment states move to the new sandbox; the ctx tables are rebuilt there. */
-void ms_app_policy_reload_commit(ms_app_policy_t *p)
-{
-    if (!p->pending)
-        return;
-    lua_State *from = p->script->sb->L, *to = p->pending->sb->L;
-    for (size_t i = 0; i < p->n; i++) {
-        app_entry_t *e = &p->e[i];
-        if (e->state_ref != LUA_NOREF) {
-            lua_rawgeti(from, LUA_REGISTRYINDEX, e->state_ref);
-            ms_sandbox_copy_value(from, -1, to);
-            lua_pop(from, 1);
-            e->state_ref = luaL_ref(to, LUA_REGISTRYINDEX);
-        }
-        e->ctx_ref = LUA_NOREF;
-        e->serial = 0;
-    }
-    as_script_free(p->script);
-    p->script = p->pending;
-    p->pending = NULL;
-}
-
-void ms_app_policy_reload_abort(ms_app_policy_t *p)
-{
-    as_script_free(p->pending);
-    p->pending = NULL;
+    return json_pack("{s:o, s:b}", "policy", ms_policy_info(p->script), "dry_run", p->dry_run);
 }

@@ -48,17 +48,18 @@ static double down_factor(const ms_autoscaling_config_t *c)
 
 /* ---- lifecycle ------------------------------------------------------------------------------ */
 
-static as_script_t *load_policy(const ms_autoscaling_config_t *cfg, size_t mem_limit, char sha[65],
-                                char **err)
+/* The deployment's own policy, or the built-in one when the config names none. */
+static ms_policy_t *load_policy(const ms_autoscaler_t *a, const ms_autoscaling_config_t *cfg,
+                                int builtin, char **err)
 {
-    if (cfg->policy)
-        return as_script_load(cfg->policy->file, cfg->policy->attr, cfg->policy_kwargs, mem_limit,
-                              sha, err);
+    if (!builtin)
+        return as_policy_load(&as_deployment_kind, cfg->policy->file, cfg->policy->attr,
+                              cfg->policy_kwargs, a->mem_limit, a->budget_us, 0, a->app,
+                              a->deployment, err);
     char *path = as_builtin_path();
-    as_script_t *s = as_script_load(path, AS_BUILTIN_FUNCTION, NULL, mem_limit, sha, err);
+    ms_policy_t *s = as_policy_load(&as_deployment_kind, path, AS_BUILTIN_FUNCTION, NULL,
+                                    a->mem_limit, a->budget_us, 1, a->app, a->deployment, err);
     free(path);
-    if (s)
-        s->builtin = 1;
     return s;
 }
 
@@ -66,17 +67,21 @@ ms_autoscaler_t *ms_autoscaler_new(const char *app, const char *deployment,
                                    const ms_autoscaling_config_t *cfg, double budget_us,
                                    size_t mem_limit, char **err)
 {
-    as_script_t *s = load_policy(cfg, mem_limit, NULL, err);
-    if (!s)
-        return NULL;
     ms_autoscaler_t *a = ms_calloc(1, sizeof *a);
     a->app = ms_strdup(app);
     a->deployment = ms_strdup(deployment);
-    a->serial = ++next_serial;
-    copy_config(&a->cfg, cfg);
     a->budget_us = budget_us;
     a->mem_limit = mem_limit;
-    a->script = s;
+    a->builtin = cfg->policy == NULL;
+    a->script = load_policy(a, cfg, a->builtin, err);
+    if (!a->script) {
+        free(a->app);
+        free(a->deployment);
+        free(a);
+        return NULL;
+    }
+    a->serial = ++next_serial;
+    copy_config(&a->cfg, cfg);
     a->last_scale_up = a->last_scale_down = -1;
     return a;
 }
@@ -85,14 +90,12 @@ void ms_autoscaler_free(ms_autoscaler_t *a)
 {
     if (!a)
         return;
-    as_script_free(a->script);
-    as_script_free(a->pending);
-    as_script_free(a->fallback);
+    ms_policy_free(a->script);
+    ms_policy_free(a->fallback);
     as_window_free(&a->win);
     free(a->cfg.aggregation_function);
     ms_config_lua_ref_free(a->cfg.policy);
     json_decref(a->cfg.policy_kwargs);
-    free(a->reload_error);
     free(a->app);
     free(a->deployment);
     free(a);
@@ -108,36 +111,23 @@ void ms_autoscaler_record(ms_autoscaler_t *a, const ms_autoscale_sample_t *s)
     as_window_record(&a->win, s, a->cfg.look_back_period_s);
 }
 
-/* ---- failures and the built-in -------------------------------------------------------------- */
-
-void as_note_failure(const char *who, uint64_t *failures, char *last_error, size_t cap,
-                     const char *msg)
-{
-    (*failures)++;
-    if (strcmp(last_error, msg) != 0) {
-        snprintf(last_error, cap, "%s", msg);
-        ms_warn("autoscaling policy of %s failed, the built-in policy decides: %s", who, msg);
-    }
-}
+/* ---- the built-in --------------------------------------------------------------------------- */
 
 int as_builtin_raw(ms_autoscaler_t *a, double now, int current_target, const as_agg_t *agg,
-                   double *raw, char *err, size_t errlen)
+                   double *raw)
 {
-    as_script_t *b = a->script->builtin ? a->script : a->fallback;
+    ms_policy_t *b = a->builtin ? a->script : a->fallback;
     if (!b) {
-        char *lerr = NULL;
-        char *path = as_builtin_path();
-        b = a->fallback =
-            as_script_load(path, AS_BUILTIN_FUNCTION, NULL, a->mem_limit, NULL, &lerr);
-        free(path);
+        char *err = NULL;
+        b = a->fallback = load_policy(a, &a->cfg, 1, &err);
         if (!b) {
-            snprintf(err, errlen, "%s", lerr);
-            free(lerr);
+            ms_error("autoscaling of %s: the built-in policy does not load: %s", a->deployment,
+                     err);
+            free(err);
             return -1;
         }
-        b->builtin = 1;
     }
-    return as_run_deployment(b, a, now, current_target, agg, raw, err, errlen);
+    return as_run_deployment(b, a, now, current_target, agg, raw);
 }
 
 /* ---- the wrapper: cold start, factors, bounds, delays --------------------------------------- */
@@ -294,14 +284,11 @@ int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
     as_agg_t agg;
     as_window_aggregate(&a->win, now, a->cfg.look_back_period_s, a->cfg.aggregation_function, &agg);
     double raw = 0;
-    char err[512];
     const char *note = NULL;
     int keep = 0;
-    if (as_run_deployment(a->script, a, now, current_target, &agg, &raw, err, sizeof err) != 0) {
-        as_note_failure(a->deployment, &a->failures, a->last_error, sizeof a->last_error, err);
+    if (as_run_deployment(a->script, a, now, current_target, &agg, &raw) != 0) {
         note = "policy failed, built-in used";
-        if (a->script->builtin ||
-            as_builtin_raw(a, now, current_target, &agg, &raw, err, sizeof err) != 0) {
+        if (a->builtin || as_builtin_raw(a, now, current_target, &agg, &raw) != 0) {
             keep = 1; /* nothing to go on */
             note = "policy failed, target kept";
         }
@@ -328,57 +315,13 @@ json_t *ms_autoscaler_status(const ms_autoscaler_t *a)
         json_array_append_new(recent, decision_json(&a->hist[at]));
     }
     json_t *st = json_object();
-    json_object_set_new(st, "policy", as_script_info(a->script));
-    json_object_set_new(st, "failures", json_integer((json_int_t)a->failures));
-    json_object_set_new(st, "last_error",
-                        a->last_error[0] ? json_string(a->last_error) : json_null());
-    json_object_set_new(st, "reload_error",
-                        a->reload_error ? json_string(a->reload_error) : json_null());
+    json_object_set_new(st, "policy", ms_policy_info(a->script));
     json_object_set_new(st, "dry_run", json_boolean(a->cfg.dry_run));
     json_object_set_new(st, "recent_decisions", recent);
     return st;
 }
 
-/* ---- hot reload ----------------------------------------------------------------------------- */
-
-/* The answer of a failed prepare: the version in force stays, the hash is the new content's. */
-static json_t *failed_info(const as_script_t *cur, const char *sha, const char *err)
+ms_policy_t *ms_autoscaler_policy(ms_autoscaler_t *a)
 {
-    return json_pack("{s:s, s:s, s:i, s:s, s:b, s:s}", "path", cur->file, "function", cur->attr,
-                     "version", cur->version, "sha256", sha, "ok", 0, "error", err);
-}
-
-int ms_autoscaler_reload_prepare(ms_autoscaler_t *a, json_t **info)
-{
-    char sha[65] = "";
-    char *err = NULL;
-    as_script_free(a->pending);
-    a->pending = load_policy(&a->cfg, a->mem_limit, sha, &err);
-    free(a->reload_error);
-    a->reload_error = err;
-    if (!a->pending) {
-        if (info)
-            *info = failed_info(a->script, sha, err);
-        return -1;
-    }
-    a->pending->version = a->script->version + 1;
-    if (info)
-        *info = as_script_info(a->pending);
-    return 0;
-}
-
-void ms_autoscaler_reload_commit(ms_autoscaler_t *a)
-{
-    if (!a->pending)
-        return;
-    as_script_hand_over(a->script, a->pending);
-    as_script_free(a->script);
-    a->script = a->pending;
-    a->pending = NULL;
-}
-
-void ms_autoscaler_reload_abort(ms_autoscaler_t *a)
-{
-    as_script_free(a->pending);
-    a->pending = NULL;
+    return a->script;
 }

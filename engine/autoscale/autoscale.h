@@ -72,7 +72,7 @@ void ms_autoscaler_record(ms_autoscaler_t *a, const ms_autoscale_sample_t *s);
 int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
                          ms_autoscale_decision_t *out);
 
-/* Status: {"policy": {script info}, "failures": N, "last_error": "...",
+/* Status: {"policy": {the policy core's script object}, "dry_run": bool,
  *          "recent_decisions": [{now, current_replicas, previous_target, total_requests,
  *          queued_requests, raw_target, target, applied, reason}, ...]}. New reference. */
 json_t *ms_autoscaler_status(const ms_autoscaler_t *a);
@@ -89,19 +89,15 @@ void ms_app_policy_free(ms_app_policy_t *p);
  * target. Factors, bounds and delays are applied per deployment. */
 void ms_app_policy_decide(ms_app_policy_t *p, double now, ms_autoscaler_t *const *deps,
                           const int *current_targets, size_t n, ms_autoscale_decision_t *out);
+/* Status: {"policy": {script object}, "dry_run": bool}. New reference. */
 json_t *ms_app_policy_status(const ms_app_policy_t *p);
 
-/* ---- hot reload ------------------------------------------------------------------------------
- * Two phases so that many scripts swap together or not at all: prepare recompiles the script's
- * file into a fresh sandbox, checks it (the policy function is there; an optional `self_test`
- * export runs and must not fail) and keeps it aside; commit swaps it in at once, handing the
- * policy_state over; abort drops it. Script info is {"path", "version", "sha256", "ok", "error"}
- * (version counts successful loads from 1). Prepare returns 0 or -1 (info carries the error). */
-int ms_autoscaler_reload_prepare(ms_autoscaler_t *a, json_t **info);
-void ms_autoscaler_reload_commit(ms_autoscaler_t *a);
-void ms_autoscaler_reload_abort(ms_autoscaler_t *a);
-int ms_app_policy_reload_prepare(ms_app_policy_t *p, json_t **info);
-void ms_app_policy_reload_commit(ms_app_policy_t *p);
-void ms_app_policy_reload_abort(ms_app_policy_t *p);
+/* ---- policy scripts ---------------------------------------------------------------------------
+ * Each autoscaler's and application policy's script is an engine/policy script of the kind
+ * "autoscaling_policy" or "application_policy": reload, status and metrics go through it. A
+ * committed reload hands the policy_state over (application level: every deployment's). */
+struct ms_policy;
+struct ms_policy *ms_autoscaler_policy(ms_autoscaler_t *a);
+struct ms_policy *ms_app_policy_policy(ms_app_policy_t *p);
 
 #endif

@@ -12,7 +12,7 @@
 #include <lua.h>
 
 #include "autoscale/autoscale.h"
-#include "sandbox/sandbox.h"
+#include "policy/policy.h"
 
 /* Decisions kept per autoscaler for status. */
 #define AS_HISTORY 20
@@ -56,57 +56,34 @@ void as_window_push_aggregated(const as_window_t *w, lua_State *L, double now, d
 void as_window_push_raw(const as_window_t *w, lua_State *L, double now, double look_back_s);
 void as_window_free(as_window_t *w);
 
-/* ---- policy.c ------------------------------------------------------------------------------- */
+/* ---- policy.c -------------------------------------------------------------------------------
+ * The two autoscaling kinds of policy script (engine/policy does loading, checks, versions,
+ * failures and reload): a deployment-level policy(ctx, kwargs) -> target, state, and an
+ * application-level policy(ctxs, kwargs) -> {deployment = target}, {deployment = state}. */
 
-/* ctx tables in flight, so the lazy ctx.raw_metrics knows whose window to read. */
-typedef struct as_bind {
-    const void *ctx;
-    const ms_autoscaler_t *a;
-    double now;
-} as_bind_t;
-
-typedef struct as_script {
-    ms_sandbox_t *sb;
-    char *file;
-    char *attr;
-    int builtin;
-    int version;
-    char sha256[65];
-    int fn_ref;
-    int kwargs_ref; /* LUA_NOREF: no kwargs */
-    int meta_ref;   /* metatable of every ctx: lazy raw_metrics */
-    int ctx_ref;    /* the one ctx of a deployment-level use; LUA_NOREF until first used */
-    int state_ref;  /* its policy_state */
-    as_bind_t *bind;
-    size_t nbind, cap_bind;
-} as_script_t;
+extern const ms_policy_kind_t as_deployment_kind;
+extern const ms_policy_kind_t as_app_kind;
 
 char *as_builtin_path(void);
-/* Loads file, checks the function `attr`, runs self_test. NULL with *err (malloc'd) on failure;
- * *sha (if given) gets the content's hash even then, when the file could be read. */
-as_script_t *as_script_load(const char *file, const char *attr, json_t *kwargs, size_t mem_limit,
-                            char sha_out[65], char **err);
-void as_script_free(as_script_t *s);
-json_t *as_script_info(const as_script_t *s);
-/* Moves the deployment-level policy_state of `from` into `to` (plain data only). */
-void as_script_hand_over(as_script_t *from, as_script_t *to);
+/* Loads `file` with the policy function `fn` as one of the two kinds. NULL with *err. */
+ms_policy_t *as_policy_load(const ms_policy_kind_t *kind, const char *file, const char *fn,
+                            json_t *kwargs, size_t mem_limit, double budget_us, int builtin,
+                            const char *app, const char *deployment, char **err);
 
-/* Creates a ctx table (with its metatable and reused subtables); returns its registry ref. */
-int as_ctx_new(as_script_t *s);
-/* Pushes the ctx `ctx_ref` refreshed for `a` at `now`; *state_ref is created when unset.
- * `with_config` rebuilds ctx.config (first use, or another autoscaler bound). */
-void as_ctx_push(as_script_t *s, int ctx_ref, int *state_ref, const ms_autoscaler_t *a, double now,
-                 int current_target, const as_agg_t *agg, int with_config);
-void as_bind_add(as_script_t *s, const void *ctx, const ms_autoscaler_t *a, double now);
-/* Calls the policy on the stack under the budget (<= 0: AS_DEFAULT_BUDGET_US) and clears the
- * bindings. */
-int as_script_call(as_script_t *s, int nargs, int nres, double budget_us);
+/* Pushes the ctx of `a` (one persistent table per deployment and version, keyed by its name),
+ * refreshed at `now` with raw stores; `state` (an index, or 0 for none) becomes
+ * ctx.policy_state. The ctx's metatable is protected and builds raw_metrics on first read. */
+void as_ctx_push(ms_policy_t *p, const ms_autoscaler_t *a, double now, int current_target,
+                 const as_agg_t *agg, int state);
+/* Calls the policy on the stack (the function and nargs arguments) and forgets the ctx bindings
+ * raw_metrics uses. 0 with nres results, or -1 with the failure counted. */
+int as_policy_call(ms_policy_t *p, int nargs, int nres);
 /* Checks a target returned by a policy: a finite number >= 0. */
 int as_check_target(lua_State *L, int idx, double *out);
 
-/* Runs a deployment-level policy on `a`. 0 with *raw, or -1 with the message in err. */
-int as_run_deployment(as_script_t *s, ms_autoscaler_t *a, double now, int current_target,
-                      const as_agg_t *agg, double *raw, char *err, size_t errlen);
+/* Runs a deployment-level policy on `a`: 0 with *raw, or -1 with the failure counted. */
+int as_run_deployment(ms_policy_t *p, ms_autoscaler_t *a, double now, int current_target,
+                      const as_agg_t *agg, double *raw);
 
 /* ---- autoscale.c ---------------------------------------------------------------------------- */
 struct ms_autoscaler {
@@ -117,10 +94,9 @@ struct ms_autoscaler {
     double budget_us;
     size_t mem_limit;
     as_window_t win;
-    as_script_t *script;   /* its own policy: the user's or the built-in */
-    as_script_t *pending;  /* prepared by reload, not yet committed */
-    as_script_t *fallback; /* built-in, loaded on the first failure of a custom policy */
-    char *reload_error;    /* last failed prepare, NULL after a success */
+    ms_policy_t *script;   /* its own policy: the user's or the built-in */
+    int builtin;           /* script is the built-in */
+    ms_policy_t *fallback; /* built-in, loaded on the first failure of a custom policy */
 
     /* Delay state: direction (+1 up, -1 down, 0 none), the target the run started from, and the
      * time of its first decision (mirrored into policy_state.__decision_timestamp). */
@@ -129,19 +105,14 @@ struct ms_autoscaler {
     double decision_ts;
     double last_scale_up, last_scale_down; /* < 0: never */
 
-    uint64_t failures;
-    char last_error[512];
     ms_autoscale_decision_t hist[AS_HISTORY];
     size_t hist_len, hist_next;
 };
 
 /* The built-in answer for `a` (its own script when built-in, else the lazily loaded fallback).
- * -1 (err filled) only if even the built-in fails. */
+ * -1 only if even the built-in fails. */
 int as_builtin_raw(ms_autoscaler_t *a, double now, int current_target, const as_agg_t *agg,
-                   double *raw, char *err, size_t errlen);
-/* Counts a policy failure on `failures`/`last_error`, logging only a changed message. */
-void as_note_failure(const char *who, uint64_t *failures, char *last_error, size_t cap,
-                     const char *msg);
+                   double *raw);
 /* Applies cold start, factors, bounds and delays to `raw` (or keeps the target when `keep`),
  * records the decision in a's history and *out, and returns the target to put in force. */
 int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,

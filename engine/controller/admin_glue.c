@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "controller/internal.h"
+#include "policy/policy.h"
 #include "router/router.h"
 
 static const char *replica_state_name(ms_replica_state_t s)
@@ -182,84 +183,36 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
 }
 
 /* ---- hot reload -------------------------------------------------------------------------------
- */
+ * Every policy script of the controller goes to one engine/policy reload: prepared on a worker
+ * thread, committed all-or-none on the loop. One reload runs at a time; requests that arrive
+ * meanwhile wait for the next one, which starts as soon as the current one ends (so a reload
+ * asked for after a file changed always reads the file as it is then). */
 
-static void add_info(json_t *scripts, json_t *info, const char *kind, const char *app,
-                     const char *deployment)
+/* Every policy script of the controller, each once. Returns the count; *out is malloc'd. */
+static size_t collect_policies(controller_t *c, ms_policy_t ***out)
 {
-    if (!info)
-        return;
-    json_object_set_new(info, "kind", json_string(kind));
-    json_object_set_new(info, "application", json_string(app));
-    if (deployment)
-        json_object_set_new(info, "deployment", json_string(deployment));
-    json_array_append_new(scripts, info);
-}
-
-/* Phase one for everything: compile and check aside. Returns 1 when all passed. */
-static int prepare_all(controller_t *c, json_t *scripts)
-{
-    int ok = 1;
+    size_t cap = 2 * c->n_deps + 3 * c->n_apps + 1, n = 0;
+    ms_policy_t **ps = ms_calloc(cap, sizeof *ps);
     for (size_t i = 0; i < c->n_deps; i++) {
         dep_entry_t *e = &c->deps[i];
-        json_t *info = NULL;
-        ok &= ms_router_script_reload_prepare(ms_deployment_router_script(e->dep), &info) == 0;
-        add_info(scripts, info, "router", e->app->name, e->name);
-        if (e->autoscaler) {
-            info = NULL;
-            ok &= ms_autoscaler_reload_prepare(e->autoscaler, &info) == 0;
-            add_info(scripts, info, "policy", e->app->name, e->name);
-        }
+        ps[n++] = ms_router_script_policy(ms_deployment_router_script(e->dep));
+        if (e->autoscaler)
+            ps[n++] = ms_autoscaler_policy(e->autoscaler);
     }
     for (size_t a = 0; a < c->n_apps; a++) {
-        const char *app = c->apps[a].cfg->name;
-        json_t *info = NULL;
-        if (c->apps[a].policy) {
-            ok &= ms_app_policy_reload_prepare(c->apps[a].policy, &info) == 0;
-            add_info(scripts, info, "application_policy", app, NULL);
-        }
-        if (c->apps[a].scale_hook) {
-            info = NULL;
-            ok &= ms_scale_hook_reload_prepare(c->apps[a].scale_hook, &info) == 0;
-            size_t k;
-            json_t *one;
-            json_array_foreach(info, k, one)
-            {
-                add_info(scripts, json_incref(one), "external_scaler", app, NULL);
-            }
-            json_decref(info);
-        }
+        if (c->apps[a].policy)
+            ps[n++] = ms_app_policy_policy(c->apps[a].policy);
+        if (c->apps[a].scale_hook)
+            n += ms_scale_hook_policies(c->apps[a].scale_hook, ps + n);
     }
-    return ok;
+    *out = ps;
+    return n;
 }
 
-/* Phase two: all or nothing. Nothing runs in between, so every script changes at one request
- * boundary. */
-static void finish_all(controller_t *c, int commit)
-{
-    for (size_t i = 0; i < c->n_deps; i++) {
-        dep_entry_t *e = &c->deps[i];
-        ms_router_script_t *s = ms_deployment_router_script(e->dep);
-        if (commit)
-            ms_router_script_reload_commit(s);
-        else
-            ms_router_script_reload_abort(s);
-        if (e->autoscaler && commit)
-            ms_autoscaler_reload_commit(e->autoscaler);
-        else if (e->autoscaler)
-            ms_autoscaler_reload_abort(e->autoscaler);
-    }
-    for (size_t a = 0; a < c->n_apps; a++) {
-        if (c->apps[a].policy && commit)
-            ms_app_policy_reload_commit(c->apps[a].policy);
-        else if (c->apps[a].policy)
-            ms_app_policy_reload_abort(c->apps[a].policy);
-        if (c->apps[a].scale_hook && commit)
-            ms_scale_hook_reload_commit(c->apps[a].scale_hook);
-        else if (c->apps[a].scale_hook)
-            ms_scale_hook_reload_abort(c->apps[a].scale_hook);
-    }
-}
+typedef struct reload_waiter {
+    ms_admin_reply_t *reply; /* NULL: SIGHUP, nobody to answer */
+    struct reload_waiter *next;
+} reload_waiter_t;
 
 static void log_reload(json_t *scripts, int ok)
 {
@@ -281,20 +234,57 @@ static void log_reload(json_t *scripts, int ok)
            ok ? "applied" : "rejected, nothing changed", json_array_size(scripts));
 }
 
-json_t *ms__reload_all(controller_t *c, int *ok)
+static void start_reload(controller_t *c);
+
+static void on_reloaded(void *data, json_t *scripts, int ok)
 {
-    json_t *scripts = json_array();
-    *ok = prepare_all(c, scripts);
-    finish_all(c, *ok);
-    log_reload(scripts, *ok);
-    return json_pack("{s:b, s:o}", "ok", *ok, "scripts", scripts);
+    controller_t *c = data;
+    log_reload(scripts, ok);
+    reload_waiter_t *w = c->reload_running;
+    c->reload_running = NULL;
+    while (w) {
+        reload_waiter_t *next = w->next;
+        if (w->reply)
+            ms_admin_reply_send(w->reply, ok ? 200 : 422,
+                                json_pack("{s:b, s:O}", "ok", ok, "scripts", scripts));
+        free(w);
+        w = next;
+    }
+    c->reload_in_flight = 0;
+    if (c->reload_waiting)
+        start_reload(c);
 }
 
-static int on_reload(void *data, json_t **body)
+static void start_reload(controller_t *c)
 {
-    int ok = 0;
-    *body = ms__reload_all(data, &ok);
-    return ok ? 200 : 422;
+    ms_policy_t **ps;
+    size_t n = collect_policies(c, &ps);
+    c->reload_running = c->reload_waiting;
+    c->reload_waiting = NULL;
+    c->reload_in_flight = 1;
+    if (ms_policy_reload_start(c->loop, ps, n, on_reloaded, c) != 0) {
+        /* No worker could take it: prepare here rather than not at all. */
+        json_t *scripts = NULL;
+        int ok = ms_policy_reload_now(ps, n, &scripts);
+        on_reloaded(c, scripts, ok);
+        json_decref(scripts);
+    }
+    free(ps);
+}
+
+void ms__reload_request(controller_t *c, ms_admin_reply_t *reply)
+{
+    reload_waiter_t *w = ms_calloc(1, sizeof *w);
+    w->reply = reply;
+    w->next = c->reload_waiting;
+    c->reload_waiting = w;
+    if (!c->reload_in_flight)
+        start_reload(c);
+}
+
+static void on_reload(void *data, ms_admin_reply_t *reply)
+{
+    ms__reload_request(data, reply);
 }
 
 static int on_deploy(void *data, const char *text, size_t len, int is_yaml, json_t **body)
@@ -313,22 +303,26 @@ static int on_shutdown(void *data, json_t **body)
 /* ---- metrics -----------------------------------------------------------------------------------
  */
 
-/* moonserve_script_info (version and hash as labels) and the script's failure counter. */
-static void script_metrics(ms_buf_t *b, const char *kind, const char *app, const char *dep,
-                           json_t *script, json_t *counters)
+/* moonserve_script_info (version and hash as labels) and the failure counter of one policy
+ * script, in the one shape every kind shares. */
+static void script_metrics(ms_buf_t *b, const ms_policy_t *p)
 {
-    const char *sha = json_string_value(json_object_get(script, "sha256"));
+    json_t *info = ms_policy_info(p);
+    const char *kind = json_string_value(json_object_get(info, "kind"));
+    const char *app = json_string_value(json_object_get(info, "application"));
+    const char *dep = json_string_value(json_object_get(info, "deployment"));
+    const char *sha = json_string_value(json_object_get(info, "sha256"));
     ms_buf_appendf(b,
                    "moonserve_script_info{kind=\"%s\",application=\"%s\",deployment=\"%s\","
                    "version=\"%lld\",sha256=\"%s\"} 1\n",
-                   kind, app, dep,
-                   (long long)json_integer_value(json_object_get(script, "version")),
-                   sha ? sha : "");
+                   kind, app ? app : "", dep ? dep : "",
+                   (long long)json_integer_value(json_object_get(info, "version")), sha ? sha : "");
     ms_buf_appendf(b,
                    "moonserve_script_failures_total{kind=\"%s\",application=\"%s\","
                    "deployment=\"%s\"} %lld\n",
-                   kind, app, dep,
-                   (long long)json_integer_value(json_object_get(counters, "failures")));
+                   kind, app ? app : "", dep ? dep : "",
+                   (long long)json_integer_value(json_object_get(info, "failures")));
+    json_decref(info);
 }
 
 static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
@@ -353,14 +347,6 @@ static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
     ms_buf_appendf(
         b, "moonserve_deployment_ongoing_requests{application=\"%s\",deployment=\"%s\"} %zu\n", a,
         d, ongoing);
-    json_t *info = ms_router_script_info(ms_deployment_router_script(e->dep));
-    script_metrics(b, "router", a, d, info, info);
-    json_decref(info);
-    if (e->autoscaler) {
-        json_t *st = ms_autoscaler_status(e->autoscaler);
-        script_metrics(b, "policy", a, d, json_object_get(st, "policy"), st);
-        json_decref(st);
-    }
 }
 
 static int on_metrics(void *data, char **text)
@@ -375,6 +361,11 @@ static int on_metrics(void *data, char **text)
                           "# TYPE moonserve_script_failures_total counter\n");
     for (size_t i = 0; i < c->n_deps; i++)
         metrics_for(&c->deps[i], &b);
+    ms_policy_t **ps;
+    size_t n = collect_policies(c, &ps);
+    for (size_t i = 0; i < n; i++)
+        script_metrics(&b, ps[i]);
+    free(ps);
     *text = b.data;
     return 200;
 }

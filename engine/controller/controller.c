@@ -92,8 +92,7 @@ static void on_signal(uv_signal_t *s, int signum)
 {
     controller_t *c = s->data;
     if (signum == SIGHUP) {
-        int ok = 0;
-        json_decref(ms__reload_all(c, &ok));
+        ms__reload_request(c, NULL);
         return;
     }
     if (c->shutting_down) {
@@ -185,7 +184,7 @@ static int start_deployments(controller_t *c, const plan_t *plan)
         e->actor_options =
             file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
         ms_ingress_add_deployment(c->proxy, p->app->name, p->name,
-                                p->is_ingress ? p->app->route_prefix : NULL, d);
+                                  p->is_ingress ? p->app->route_prefix : NULL, d);
     }
     return 0;
 }

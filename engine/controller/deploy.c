@@ -129,10 +129,10 @@ static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
         for (size_t k = 0; k < n; k++)
             if (c->deps[k].app == plan->items[i].app &&
                 strcmp(c->deps[k].name, plan->items[i].name) == 0)
-                ms_ingress_add_deployment(c->proxy, plan->items[i].app->name, c->deps[k].name,
-                                        plan->items[i].is_ingress ? plan->items[i].app->route_prefix
-                                                                  : NULL,
-                                        c->deps[k].dep);
+                ms_ingress_add_deployment(
+                    c->proxy, plan->items[i].app->name, c->deps[k].name,
+                    plan->items[i].is_ingress ? plan->items[i].app->route_prefix : NULL,
+                    c->deps[k].dep);
     if (ms__control_setup(c, plan) != 0)
         ms_error("deploy: some policies failed to load; their deployments keep their counts");
 }

@@ -94,6 +94,9 @@ typedef struct controller {
     char run_dir[64];
     char handle_socket[128];
     int shutting_down;
+    /* Hot reload: one in flight at a time, its waiters, and those for the next one. */
+    int reload_in_flight;
+    struct reload_waiter *reload_running, *reload_waiting;
 } controller_t;
 
 /* control.c: autoscalers and application policies for the planned deployments, the tick. */
@@ -130,9 +133,9 @@ void ms__remember_code(ms_config_t *cfg);
 
 /* admin_glue.c */
 ms_admin_callbacks_t ms__admin_callbacks(void);
-/* Recompiles every policy and router script; swaps all of them in only if all pass. Returns the
- * JSON result (new reference) and sets *ok. Also what SIGHUP runs. */
-json_t *ms__reload_all(controller_t *c, int *ok);
+/* Asks for a reload of every policy and router script (prepared off the loop; all swapped in
+ * only if all pass). `reply` gets the JSON result; NULL (SIGHUP) only logs it. */
+void ms__reload_request(controller_t *c, ms_admin_reply_t *reply);
 void ms__begin_shutdown(controller_t *c, const char *why);
 
 #endif

@@ -14,6 +14,7 @@
 #include <strings.h>
 
 #include "deployment/deployment.h"
+#include "policy/policy.h"
 #include "router/router.h"
 
 /* Wall-clock budget of one choose_replicas call: routing is on every request's path. */
@@ -935,6 +936,7 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
         s->router_file, s->router_attr, s->router_kwargs_json, ROUTER_BUDGET_US, err);
     if (!script)
         return NULL;
+    ms_policy_set_labels(ms_router_script_policy(script), s->app_name, s->name, NULL);
     ms_deployment_t *d = ms_calloc(1, sizeof *d);
     d->loop = loop;
     d->script = script;

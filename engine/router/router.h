@@ -1,9 +1,10 @@
 /*
- * router: policy Lua inside the controller. In this version: request routers. A router is a Lua
- * script returning a class with `choose_replicas(self, candidates, request)`; the built-in one is
- * lua/router.lua (power of two choices). Scripts run in a sandboxed environment (allow-listed
- * globals; no io, os.execute, ffi, debug, loadfile, native require) with the JIT off for policy
- * chunks and an instruction+wall-clock budget armed through a count hook on every call.
+ * router: the request-router kind of policy script (loaded, checked, reloaded and reported by
+ * engine/policy). A router is a Lua script returning a class with `choose_replicas(self,
+ * candidates, request)`; the built-in one is lua/router.lua (power of two choices). Scripts run in
+ * a sandboxed environment (allow-listed globals; no io, os.execute, ffi, debug, loadfile, native
+ * require) with the JIT off for policy chunks and an instruction+wall-clock budget armed through a
+ * count hook on every call.
  *
  * Replica state lives in persistent Lua tables updated in place by C (no tables are built per
  * request): each candidate table has fields `id` (string), `index` (int, the C-side slot),
@@ -83,27 +84,14 @@ void ms_router_script_on_routed(ms_router_script_t *s, const ms_route_request_t 
  */
 void ms_router_script_on_completed(ms_router_script_t *s, int index, double latency_s, int ok);
 
-/* Hot reload, in two phases so that a set of routers can be swapped together or not at all.
- *
- * prepare: reads the file again, compiles it into a fresh sandbox, checks the class (and
- *   choose_replicas), runs initialize_state with the same kwargs and self_test if defined, and
- *   re-adds the current replicas with their state (id, max_ongoing_requests, ongoing,
- *   routing_stats, multiplexed_model_ids). The new router is kept aside; until commit or abort,
- *   replica updates go to both, and requests are still routed by the current one. A previous
- *   pending reload is dropped. Returns 0 or -1 (the current router is untouched either way).
- *   If `info` is not NULL, *info is set to a new object {"path", "version", "sha256", "ok",
- *   "error"}: version is the one commit will give (current + 1) or the current one on failure;
- *   sha256 is that of the file content read (hex); error is null when ok.
- * commit: swaps the prepared router in, then copies from the old `self` into the new one the
- *   fields named in the new class's optional `persist` list (plain data only: strings, numbers,
- *   booleans and tables of them), and frees the old one. Returns 0, or -1 if nothing is pending.
- * abort: drops the prepared router. */
-int ms_router_script_reload_prepare(ms_router_script_t *s, json_t **info);
-int ms_router_script_reload_commit(ms_router_script_t *s);
-void ms_router_script_reload_abort(ms_router_script_t *s);
+/* The router's policy script (engine/policy): reload, status and metrics go through it. At a
+ * committed reload the new version gets every replica with the state C set (id, limit, ongoing)
+ * and the routing stats and model ids as the old version's script saw them, plus the fields the
+ * new class's optional `persist` list names (the core's copy rule). */
+struct ms_policy;
+struct ms_policy *ms_router_script_policy(ms_router_script_t *s);
 
-/* Status: a new object {"path", "version", "sha256", "failures", "last_error",
- * "reload_failures", "last_reload_error", "reload_pending"}. */
+/* Status: the policy core's script object (ms_policy_info). New reference. */
 json_t *ms_router_script_info(const ms_router_script_t *s);
 
 /* Memory cap of the script's Lua state (bytes; 0 = the default, 32 MiB). It is enforced only

@@ -66,9 +66,4 @@ int ms_sandbox_call(ms_sandbox_t *sb, int nargs, int nres, uint64_t budget_us);
  * becomes nil). NULL or "" pushes an empty table. Returns 0, or -1 with sb->err set. */
 int ms_sandbox_push_json(ms_sandbox_t *sb, const char *json);
 
-/* Pushes onto `to` a copy of the value at `idx` in `from` (another state), for handing policy
- * state to a reloaded version: numbers, booleans, strings and tables (sharing and cycles kept,
- * depth capped at 64); functions, userdata and threads belong to the old state and become nil. */
-void ms_sandbox_copy_value(lua_State *from, int idx, lua_State *to);
-
 #endif

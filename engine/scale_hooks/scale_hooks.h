@@ -74,21 +74,15 @@ json_t *ms_scale_hook_tick(ms_scale_hook_t *h, double now, json_t *state);
 /* True when the application has a tick function (so the caller need only call tick then). */
 int ms_scale_hook_has_tick(const ms_scale_hook_t *h);
 
-/* ---- hot reload ------------------------------------------------------------------------------
- * Two phases, as every policy script: prepare re-reads the files into fresh sandboxes, checks
- * the functions and runs self_test, and keeps them aside; commit swaps them in (the tick's state
- * table is copied over, plain data only); abort drops them. *info (when info is non-NULL) is a
- * JSON array with one script object per function: {"role": "hook"|"tick", "path", "function",
- * "version", "sha256", "ok", "error"}; version counts successful loads of that file from 1.
- * Prepare returns 0, or -1 when any file failed (nothing pending; the old scripts stay). */
-int ms_scale_hook_reload_prepare(ms_scale_hook_t *h, json_t **info);
-void ms_scale_hook_reload_commit(ms_scale_hook_t *h);
-void ms_scale_hook_reload_abort(ms_scale_hook_t *h);
+/* The hook's policy scripts (engine/policy, kind "scale_hook"): one when the hook and the tick
+ * live in one file, else one per function. Fills out (room for 2) and returns how many. A
+ * committed reload hands the tick's state over. */
+struct ms_policy;
+size_t ms_scale_hook_policies(ms_scale_hook_t *h, struct ms_policy **out);
 
-/* Status: {"hook": {path, function, version, sha256} | null, "tick": {...} | null,
- *          "tick_interval_s", "last_tick": seconds | null, "failures", "last_error": "..." | null,
- *          "reload_error": "..." | null, "accepted", "clamped", "refused", "ticks"}.
- * New reference. */
+/* Status: {"hook": {script object} | null, "tick": {script object} | null, "tick_interval_s",
+ *          "last_tick": seconds | null, "accepted", "clamped", "refused", "ticks"}. New
+ * reference. The script objects carry the failures and the last error. */
 json_t *ms_scale_hook_status(const ms_scale_hook_t *h);
 
 #endif

@@ -282,7 +282,7 @@ class CustomPolicyTest(harness.ServerTestCase):
         dep = srv.wait_status("ticks", "Hello", lambda d: d.get("target_num_replicas") == 2
                               and len(running(d)) == 2, timeout=10,
                               what="target 2 from the tick-counting policy")
-        self.assertEqual((dep.get("autoscaling") or {}).get("failures", 0), 0, dep)
+        self.assertEqual(((dep.get("autoscaling") or {}).get("policy") or {}).get("failures", 0), 0, dep)
         self.assertEqual(len({r.get("pid") for r in running(dep)}), 2, dep)
 
     def test_raw_target_grows_with_state(self):
@@ -298,9 +298,9 @@ class CustomPolicyTest(harness.ServerTestCase):
 
     def test_context_fields(self):
         dep = self.server.wait_status("ctx", "Hello", lambda d: d.get("target_num_replicas") == 2
-                                      or (d.get("autoscaling") or {}).get("last_error"),
+                                      or ((d.get("autoscaling") or {}).get("policy") or {}).get("last_error"),
                                       timeout=10, what="ctx policy decided or failed")
-        a = dep.get("autoscaling") or {}
+        a = (dep.get("autoscaling") or {}).get("policy") or {}
         self.assertFalse(a.get("last_error"), "policy failed on the context: %r" % a)
         self.assertEqual(dep.get("target_num_replicas"), 2, dep)
 
@@ -309,13 +309,13 @@ class CustomPolicyTest(harness.ServerTestCase):
                                       lambda d: d.get("target_num_replicas") == 3
                                       and len(running(d)) == 3, timeout=10,
                                       what="target 3 from record_autoscaling_stats")
-        self.assertFalse((dep.get("autoscaling") or {}).get("last_error"), dep)
+        self.assertFalse(((dep.get("autoscaling") or {}).get("policy") or {}).get("last_error"), dep)
 
     def test_policy_kwargs_reach_the_policy(self):
         dep = self.server.wait_status("kw", "Hello", lambda d: d.get("target_num_replicas") == 2
-                                      or (d.get("autoscaling") or {}).get("last_error"),
+                                      or ((d.get("autoscaling") or {}).get("policy") or {}).get("last_error"),
                                       timeout=10, what="kwargs policy decided or failed")
-        self.assertFalse((dep.get("autoscaling") or {}).get("last_error"), dep)
+        self.assertFalse(((dep.get("autoscaling") or {}).get("policy") or {}).get("last_error"), dep)
         self.assertEqual(dep.get("target_num_replicas"), 2, dep)
 
     def test_dry_run_records_but_does_not_apply(self):
@@ -470,10 +470,10 @@ class PolicyFailureTest(harness.ServerTestCase):
 
     def _failing(self, app, pattern=None):
         srv = self.server
-        dep = srv.wait_status(app, "Hello", lambda d: ((d.get("autoscaling") or {})
+        dep = srv.wait_status(app, "Hello", lambda d: (((d.get("autoscaling") or {}).get("policy") or {})
                                                        .get("failures") or 0) >= 2,
                               timeout=10, what="policy failures counted")
-        a = dep["autoscaling"]
+        a = dep["autoscaling"]["policy"]
         self.assertTrue(a.get("last_error"), "no last_error: %r" % a)
         if pattern:
             self.assertRegex(a["last_error"], pattern)

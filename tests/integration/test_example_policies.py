@@ -76,7 +76,7 @@ def running(dep):
 
 
 def no_failures(testcase, dep):
-    a = dep.get("autoscaling") or {}
+    a = (dep.get("autoscaling") or {}).get("policy") or {}
     testcase.assertEqual(a.get("failures", 0), 0, a)
     testcase.assertFalse(a.get("last_error"), a)
 

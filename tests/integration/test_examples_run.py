@@ -70,7 +70,7 @@ class ExamplesRunTest(unittest.TestCase):
         doc = srv.status()
         for app_name, app in doc["applications"].items():
             for dep_name, dep in app.get("deployments", {}).items():
-                a = dep.get("autoscaling") or {}
+                a = (dep.get("autoscaling") or {}).get("policy") or {}
                 self.assertEqual(a.get("failures", 0), 0, "%s %s/%s: %r"
                                  % (name, app_name, dep_name, a))
         routes = srv.get("/-/routes").json()

@@ -247,7 +247,7 @@ class ReloadTest(unittest.TestCase):
         r = self.srv.admin_request("GET", "/metrics")
         self.assertEqual(r.status, 200, r)
         lines = [ln for ln in r.text.splitlines() if ln.startswith("moonserve_script_info{")]
-        for kind, text in (("router", ROUTER_V2), ("policy", POLICY_V2)):
+        for kind, text in (("router", ROUTER_V2), ("autoscaling_policy", POLICY_V2)):
             hit = [ln for ln in lines if 'kind="%s"' % kind in ln and 'deployment="Hello"' in ln]
             self.assertTrue(hit, "no moonserve_script_info for the %s in /metrics:\n%s"
                             % (kind, "\n".join(lines)))

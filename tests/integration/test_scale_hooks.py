@@ -74,11 +74,11 @@ class ScaleHooksTest(harness.ServerTestCase):
 
     def test_2_failing_hook_lets_the_request_through(self):
         srv = self.server
-        failures = srv.status()["applications"]["judged"]["external_scaler"].get("failures", 0)
+        failures = srv.status()["applications"]["judged"]["external_scaler"]["hook"]["failures"]
         r = srv.scale("judged", "Hello", 3)  # the judge raises for 3
         self.assertEqual(r.status, 200, r)
         self.wait_running("judged", 3)
-        hook = srv.status()["applications"]["judged"]["external_scaler"]
+        hook = srv.status()["applications"]["judged"]["external_scaler"]["hook"]
         self.assertEqual(hook.get("failures"), failures + 1, hook)
         self.assertIn("judge blew up", hook.get("last_error") or "", hook)
         self.assertEqual(srv.scale("judged", "Hello", 1).status, 200)
@@ -97,7 +97,7 @@ class ScaleHooksTest(harness.ServerTestCase):
         srv.write_file("hooks.lua", HOOKS_V2)
         code, body = srv.reload()
         self.assertEqual(code, 200, body)
-        kinds = [s for s in body["scripts"] if s.get("kind") == "external_scaler"]
+        kinds = [s for s in body["scripts"] if s.get("kind") == "scale_hook"]
         self.assertTrue(kinds, body)
         self.assertTrue(all(s.get("ok") for s in kinds), body)
         r = srv.scale("judged", "Hello", 9)

@@ -130,13 +130,14 @@ static int cb_scale(void *data, const char *app, const char *dep, long long targ
     return s;
 }
 
-static int cb_reload(void *data, json_t **body)
+static void cb_reload(void *data, ms_admin_reply_t *reply)
 {
     (void)data;
+    json_t *body = NULL;
     pthread_mutex_lock(&stub_mu);
-    int s = stub_answer("reload", body);
+    int s = stub_answer("reload", &body);
     pthread_mutex_unlock(&stub_mu);
-    return s;
+    ms_admin_reply_send(reply, s, body);
 }
 
 static int cb_metrics(void *data, char **text)

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "autoscale/autoscale.h"
+#include "policy/policy.h"
 #include "autoscale/internal.h"
 #include "core/core.h"
 #include "test.h"
@@ -117,6 +118,23 @@ static json_t *status_field(ms_autoscaler_t *a, const char *key)
     json_decref(st);
     st = a ? ms_autoscaler_status(a) : NULL;
     return st ? json_object_get(st, key) : NULL;
+}
+
+/* A field of a's policy script object (failures, last_error, ...), valid as status_field's. */
+static json_t *script_field(ms_autoscaler_t *a, const char *key)
+{
+    return json_object_get(status_field(a, "policy"), key);
+}
+
+/* Reloads one policy script through the core: prepare and commit (or nothing). */
+static int reload_one(struct ms_policy *p, json_t **info)
+{
+    json_t *scripts = NULL;
+    int ok = ms_policy_reload_now(&p, 1, &scripts);
+    if (info)
+        *info = json_incref(json_array_get(scripts, 0));
+    json_decref(scripts);
+    return ok ? 0 : -1;
 }
 
 /* ---- the built-in policy and the wrapper ---------------------------------------------------- */
@@ -330,7 +348,7 @@ static void test_custom_state(void)
     ASSERT_TRUE(d.raw_target == 2);
     decide(a, 3, 1, &d);
     ASSERT_TRUE(d.raw_target == 6); /* n reached 3: the state persisted */
-    ASSERT_INT_EQ(json_integer_value(status_field(a, "failures")), 0);
+    ASSERT_INT_EQ(json_integer_value(script_field(a, "failures")), 0);
     ms_autoscaler_free(a);
     unlink(path);
     free(path);
@@ -360,8 +378,8 @@ static void test_ctx_fields(void)
     ms_autoscaler_t *a = new_as("Model", &c);
     record(a, 0, 2, 3, 1, NULL);
     decide(a, 5, 3, NULL);
-    ASSERT_INT_EQ(json_integer_value(status_field(a, "failures")), 0);
-    ASSERT_TRUE(json_is_null(status_field(a, "last_error")));
+    ASSERT_INT_EQ(json_integer_value(script_field(a, "failures")), 0);
+    ASSERT_TRUE(json_is_null(script_field(a, "last_error")));
     ms_autoscaler_free(a);
     unlink(path);
     free(path);
@@ -398,8 +416,8 @@ static void test_custom_failures(void)
         ASSERT_INT_EQ(decide(a, 0, 1, &d), 3);
         ASSERT_CONTAINS(d.reason, "built-in used");
         ASSERT_INT_EQ(decide(a, 1, 3, NULL), 3);
-        ASSERT_INT_EQ(json_integer_value(status_field(a, "failures")), 2);
-        const char *err = json_string_value(status_field(a, "last_error"));
+        ASSERT_INT_EQ(json_integer_value(script_field(a, "failures")), 2);
+        const char *err = json_string_value(script_field(a, "last_error"));
         ASSERT_CONTAINS(err, cases[i].want);
         ASSERT_CONTAINS(err, path);
         ms_autoscaler_free(a);
@@ -498,16 +516,15 @@ static void test_reload(void)
     rewrite_file(path, "return { count = function(ctx)\n"
                        "  local s = ctx.policy_state\n  s.n = s.n + 1\n  return 10 * s.n, s\n"
                        "end }\n");
+    ms_autoscale_decision_t d;
+    decide(a, 2, 1, &d);
+    ASSERT_TRUE(d.raw_target == 2);
     json_t *info = NULL;
-    ASSERT_INT_EQ(ms_autoscaler_reload_prepare(a, &info), 0);
+    ASSERT_INT_EQ(reload_one(ms_autoscaler_policy(a), &info), 0);
     ASSERT_TRUE(json_is_true(json_object_get(info, "ok")));
     ASSERT_INT_EQ(json_integer_value(json_object_get(info, "version")), 2);
     ASSERT_TRUE(strcmp(json_string_value(json_object_get(info, "sha256")), sha1) != 0);
     json_decref(info);
-    ms_autoscale_decision_t d;
-    decide(a, 2, 1, &d);
-    ASSERT_TRUE(d.raw_target == 2); /* not committed yet: the old code decides */
-    ms_autoscaler_reload_commit(a);
     decide(a, 3, 1, &d);
     ASSERT_TRUE(d.raw_target == 30); /* n was 2 before the swap */
     ASSERT_INT_EQ(json_integer_value(json_object_get(status_field(a, "policy"), "version")), 2);
@@ -523,24 +540,16 @@ static void test_reload(void)
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         rewrite_file(path, bad[i][0]);
         info = NULL;
-        ASSERT_INT_EQ(ms_autoscaler_reload_prepare(a, &info), -1);
+        ASSERT_INT_EQ(reload_one(ms_autoscaler_policy(a), &info), -1);
         ASSERT_TRUE(json_is_false(json_object_get(info, "ok")));
         ASSERT_CONTAINS(json_string_value(json_object_get(info, "error")), bad[i][1]);
         ASSERT_INT_EQ(json_integer_value(json_object_get(info, "version")), 2);
-        ASSERT_CONTAINS(json_string_value(status_field(a, "reload_error")), bad[i][1]);
+        ASSERT_CONTAINS(json_string_value(script_field(a, "last_reload_error")), bad[i][1]);
         json_decref(info);
-        ms_autoscaler_reload_commit(a); /* nothing prepared: no-op */
         decide(a, 4 + (double)i, 1, &d);
         ASSERT_TRUE(d.raw_target == 40 + 10 * (double)i);
     }
 
-    /* Abort drops a prepared version. */
-    rewrite_file(path, "return { count = function() return 7 end }");
-    ASSERT_INT_EQ(ms_autoscaler_reload_prepare(a, NULL), 0);
-    ms_autoscaler_reload_abort(a);
-    ms_autoscaler_reload_commit(a);
-    decide(a, 10, 1, &d);
-    ASSERT_TRUE(d.raw_target == 70);
     ASSERT_INT_EQ(json_integer_value(json_object_get(status_field(a, "policy"), "version")), 2);
     ms_autoscaler_free(a);
     unlink(path);
@@ -555,10 +564,7 @@ static void test_reload_builtin(void)
     json_t *policy = status_field(a, "policy");
     ASSERT_TRUE(json_is_true(json_object_get(policy, "builtin")));
     ASSERT_STR_EQ(json_string_value(json_object_get(policy, "function")), AS_BUILTIN_FUNCTION);
-    json_t *info = NULL;
-    ASSERT_INT_EQ(ms_autoscaler_reload_prepare(a, &info), 0);
-    json_decref(info);
-    ms_autoscaler_reload_commit(a);
+    ASSERT_INT_EQ(reload_one(ms_autoscaler_policy(a), NULL), 0);
     ASSERT_INT_EQ(json_integer_value(json_object_get(status_field(a, "policy"), "version")), 2);
     ms_autoscaler_free(a);
 }
@@ -590,9 +596,9 @@ static void test_custom_metrics(void)
     json_decref(m2);
     ms_autoscale_decision_t d;
     decide(a, 20, 2, &d);
-    ASSERT_INT_EQ(json_integer_value(status_field(a, "failures")), 0);
-    ASSERT_TRUE(json_is_null(status_field(a, "last_error")) ||
-                (fprintf(stderr, "  %s\n", json_string_value(status_field(a, "last_error"))), 0));
+    ASSERT_INT_EQ(json_integer_value(script_field(a, "failures")), 0);
+    ASSERT_TRUE(json_is_null(script_field(a, "last_error")) ||
+                (fprintf(stderr, "  %s\n", json_string_value(script_field(a, "last_error"))), 0));
     ASSERT_TRUE(d.raw_target == 2);
     ms_autoscaler_free(a);
     unlink(path);
@@ -641,7 +647,8 @@ static void test_app_policy(void)
     ms_app_policy_decide(p, 2, deps, current, 2, out);
     ASSERT_INT_EQ(out[1].target, 4);
     json_t *st = ms_app_policy_status(p);
-    ASSERT_INT_EQ(json_integer_value(json_object_get(st, "failures")), 0);
+    ASSERT_INT_EQ(json_integer_value(json_object_get(json_object_get(st, "policy"), "failures")),
+                  0);
     json_decref(st);
     ms_app_policy_free(p);
 
@@ -687,15 +694,16 @@ static void test_app_policy_state_and_failure(void)
     ms_app_policy_decide(p, 4, deps, current, 2, out); /* bad answer: the same */
     ASSERT_TRUE(out[0].raw_target == 3);
     json_t *st = ms_app_policy_status(p);
-    ASSERT_INT_EQ(json_integer_value(json_object_get(st, "failures")), 2);
-    ASSERT_CONTAINS(json_string_value(json_object_get(st, "last_error")), "bad target for 'A'");
+    ASSERT_INT_EQ(json_integer_value(json_object_get(json_object_get(st, "policy"), "failures")),
+                  2);
+    ASSERT_CONTAINS(json_string_value(json_object_get(json_object_get(st, "policy"), "last_error")),
+                    "bad target for 'A'");
     json_decref(st);
 
     /* Reload hands the per-deployment state over. */
     rewrite_file(path, "return { f = function(ctxs) return { A = ctxs.A.policy_state.n * 10 } "
                        "end }\n");
-    ASSERT_INT_EQ(ms_app_policy_reload_prepare(p, NULL), 0);
-    ms_app_policy_reload_commit(p);
+    ASSERT_INT_EQ(reload_one(ms_app_policy_policy(p), NULL), 0);
     ms_app_policy_decide(p, 5, deps, current, 2, out);
     ASSERT_TRUE(out[0].raw_target == 40); /* the state held n = 4 (n is kept even on failure) */
     st = ms_app_policy_status(p);
@@ -703,10 +711,9 @@ static void test_app_policy_state_and_failure(void)
     json_decref(st);
     rewrite_file(path, "return {");
     json_t *info = NULL;
-    ASSERT_INT_EQ(ms_app_policy_reload_prepare(p, &info), -1);
+    ASSERT_INT_EQ(reload_one(ms_app_policy_policy(p), &info), -1);
     ASSERT_CONTAINS(json_string_value(json_object_get(info, "error")), path);
     json_decref(info);
-    ms_app_policy_reload_abort(p);
     ms_app_policy_free(p);
     ms_autoscaler_free(deps[0]);
     ms_autoscaler_free(deps[1]);
@@ -735,7 +742,7 @@ static void test_example_scheduled(void)
     ASSERT_TRUE(d.raw_target == 4);
     decide(a, (double)local_time_at(3), 1, &d);
     ASSERT_TRUE(d.raw_target == 1);
-    ASSERT_INT_EQ(json_integer_value(status_field(a, "failures")), 0);
+    ASSERT_INT_EQ(json_integer_value(script_field(a, "failures")), 0);
     ms_autoscaler_free(a);
     free(path);
 }

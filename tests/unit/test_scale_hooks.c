@@ -1,9 +1,10 @@
 /*
- * Unit tests for engine/scale_hooks: the external-scaling judge (accept, clamp, refuse, bad answers,
- * errors, budget and memory failures that fall back to accept), the tick (due / not due, targets,
- * state across ticks), two-phase reload (success, syntax error, missing function, failing
+ * Unit tests for engine/scale_hooks: the external-scaling judge (accept, clamp, refuse, bad
+ * answers, errors, budget and memory failures that fall back to accept), the tick (due / not due,
+ * targets, state across ticks), two-phase reload (success, syntax error, missing function, failing
  * self_test), status, and the example examples/policies/scale_hooks.lua.
  */
+#include "policy/policy.h"
 #include "scale_hooks/scale_hooks.h"
 #include "test.h"
 
@@ -71,14 +72,35 @@ static json_t *status_get(ms_scale_hook_t *h, const char *key)
     return json_object_get(last, key);
 }
 
+/* The hook's script object, else the tick's (each carries its own failures). */
+static json_t *script_get(ms_scale_hook_t *h, const char *key)
+{
+    json_t *hook = status_get(h, "hook");
+    return json_object_get(json_is_object(hook) ? hook : status_get(h, "tick"), key);
+}
+
 static long long failures(ms_scale_hook_t *h)
 {
-    return json_integer_value(status_get(h, "failures"));
+    return json_integer_value(script_get(h, "failures"));
 }
 
 static const char *last_error(ms_scale_hook_t *h)
 {
-    return json_string_value(status_get(h, "last_error"));
+    return json_string_value(script_get(h, "last_error"));
+}
+
+/* Reloads every script of the hook through the policy core: all committed, or none. */
+static int reload_hook(ms_scale_hook_t *h, json_t **info)
+{
+    ms_policy_t *ps[2];
+    size_t n = ms_scale_hook_policies(h, ps);
+    json_t *scripts = NULL;
+    int ok = ms_policy_reload_now(ps, n, &scripts);
+    if (info)
+        *info = scripts;
+    else
+        json_decref(scripts);
+    return ok ? 0 : -1;
 }
 
 /* ---- judge ---------------------------------------------------------------------------------- */
@@ -140,7 +162,7 @@ static void test_verdicts(void)
     ASSERT_INT_EQ(json_integer_value(status_get(h, "accepted")), 1);
     ASSERT_INT_EQ(json_integer_value(status_get(h, "clamped")), 2);
     ASSERT_INT_EQ(json_integer_value(status_get(h, "refused")), 3);
-    ASSERT_TRUE(json_is_null(status_get(h, "last_error")));
+    ASSERT_TRUE(json_is_null(script_get(h, "last_error")));
     ms_scale_hook_free(h);
 }
 
@@ -297,7 +319,7 @@ static void test_load_errors(void)
     write_file("notable.lua", "return 3\n");
     ASSERT_TRUE(
         !ms_scale_hook_new("app", mkref(&r, "notable.lua", "judge"), NULL, NULL, 0, 0, 0, &err));
-    ASSERT_CONTAINS(err, "the chunk must return a table of functions, got number");
+    ASSERT_CONTAINS(err, "the chunk must return a table, got number");
     free(err);
     err = NULL;
     ASSERT_TRUE(
@@ -513,13 +535,12 @@ static void expect_rejected(ms_scale_hook_t *h, const char *text, const char *ms
 {
     write_file("reload.lua", text);
     json_t *info = NULL;
-    ASSERT_INT_EQ(ms_scale_hook_reload_prepare(h, &info), -1);
-    ASSERT_INT_EQ(json_array_size(info), 2);
+    ASSERT_INT_EQ(reload_hook(h, &info), -1);
+    ASSERT_INT_EQ(json_array_size(info), 1); /* hook and tick: one file, one script */
     ASSERT_TRUE(json_is_false(json_object_get(json_array_get(info, 0), "ok")));
     ASSERT_CONTAINS(info_str(info, 0, "error"), msg);
-    ASSERT_CONTAINS(json_string_value(status_get(h, "reload_error")), msg);
+    ASSERT_CONTAINS(json_string_value(script_get(h, "last_reload_error")), msg);
     json_decref(info);
-    ms_scale_hook_reload_abort(h); /* the controller aborts everyone after one failure */
     /* The old version stays in force, with its state. */
     ASSERT_INT_EQ(judged(h), 2);
     json_t *hook = status_get(h, "hook");
@@ -543,24 +564,21 @@ static void test_reload(void)
     snprintf(sha1, sizeof sha1, "%s",
              json_string_value(json_object_get(status_get(h, "hook"), "sha256")));
 
-    /* Success: prepared aside (the old one still answers), then swapped in at commit, with the
-     * tick's state carried over (n = 1 + 100). */
+    /* Success: swapped in at commit, with the tick's state carried over (n = 1 + 100). */
     write_file("reload.lua", V2);
     json_t *info = NULL;
-    ASSERT_INT_EQ(ms_scale_hook_reload_prepare(h, &info), 0);
-    ASSERT_INT_EQ(json_array_size(info), 2);
-    ASSERT_STR_EQ(info_str(info, 0, "role"), "hook");
-    ASSERT_STR_EQ(info_str(info, 1, "role"), "tick");
+    ASSERT_INT_EQ(reload_hook(h, &info), 0);
+    ASSERT_INT_EQ(json_array_size(info), 1);
+    ASSERT_STR_EQ(info_str(info, 0, "role"), "hook+tick");
+    ASSERT_STR_EQ(info_str(info, 0, "kind"), "scale_hook");
     ASSERT_STR_EQ(info_str(info, 0, "path"), tmp_path("reload.lua"));
     ASSERT_INT_EQ(json_integer_value(json_object_get(json_array_get(info, 0), "version")), 2);
     ASSERT_TRUE(json_is_true(json_object_get(json_array_get(info, 0), "ok")));
     ASSERT_TRUE(strcmp(info_str(info, 0, "sha256"), sha1) != 0);
     json_decref(info);
-    ASSERT_INT_EQ(judged(h), 1);
-    ms_scale_hook_reload_commit(h);
     ASSERT_INT_EQ(judged(h), 2);
     ASSERT_INT_EQ(ticked(h, 2), 101);
-    ASSERT_TRUE(json_is_null(status_get(h, "reload_error")));
+    ASSERT_TRUE(json_is_null(script_get(h, "last_reload_error")));
 
     expect_rejected(h, "return {\n  judge = function( end\n}\n", "reload.lua:2:");
     expect_rejected(h, "return { tick = function() end }\n", "no function 'judge'");
@@ -570,17 +588,6 @@ static void test_reload(void)
                     "  self_test = function() error('not today') end }\n",
                     "reload.lua:3: not today (self_test)");
     ASSERT_INT_EQ(ticked(h, 3), 201); /* old tick, state intact */
-
-    /* An aborted success changes nothing either. */
-    write_file("reload.lua", V1);
-    ASSERT_INT_EQ(ms_scale_hook_reload_prepare(h, NULL), 0);
-    ms_scale_hook_reload_abort(h);
-    ASSERT_INT_EQ(judged(h), 2);
-    ms_scale_hook_free(h);
-
-    /* A prepared-but-never-finished reload is freed with the hook (ASan checks it). */
-    h = ms_scale_hook_new("app", mkref(&r1, "reload.lua", "judge"), NULL, NULL, 1, 0, 0, &err);
-    ASSERT_TRUE(h && ms_scale_hook_reload_prepare(h, NULL) == 0);
     ms_scale_hook_free(h);
 }
 
