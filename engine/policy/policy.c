@@ -17,7 +17,7 @@
 
 /* Running the chunk, initialize_state and self_test may build lookup tables: a longer budget than
  * one call. It runs off the loop on reload, so it stalls nothing but the reload itself. */
-#define INIT_BUDGET_US 1000000u
+#define INIT_BUDGET_US 2000000u
 /* How far method lookups follow __index tables (class inheritance). */
 #define CLASS_MAX_DEPTH 8
 
