@@ -739,6 +739,14 @@ int ms_router_script_choose(ms_router_script_t *s, const ms_route_request_t *req
     choice_out_t o = {out_index, out_cap, 0, out_rank_end, rank_cap, 0};
     int n = convert_result(s, v, &o);
     lua_settop(L, SLOT_TOP);
+    if (n == 0) {
+        /* Nothing usable (an empty list, lookalike tables, tables whose entries hide behind
+         * metamethods): a request must never wait on such a router, so it counts as a failure and
+         * the engine chooses. */
+        ms_policy_fail(s->p, "%s: choose_replicas returned no current candidate",
+                       ms_policy_file(s->p));
+        return -1;
+    }
     return n;
 }
 

@@ -71,7 +71,8 @@ void ms_router_script_set_ongoing(ms_router_script_t *s, int index, int ongoing)
 
 /* Asks the router for ranked candidates. Fills out_index with replica indices rank by rank and
  * out_rank_end[r] with the end offset (exclusive) of rank r in out_index. Returns the number of
- * ranks (>= 0), or -1 if the script failed (error, bad return value, budget exceeded): the
+ * ranks (> 0 when there are candidates, 0 when there are none), or -1 if the script failed
+ * (error, budget exceeded, a bad answer — one naming no current candidate included): the
  * caller then falls back to its own choice. */
 int ms_router_script_choose(ms_router_script_t *s, const ms_route_request_t *req, int *out_index,
                             size_t out_cap, int *out_rank_end, size_t rank_cap);
