@@ -129,8 +129,11 @@ static void dep_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
     }
 }
 
+/* Ray's type is Optional[Union[PositiveInt, str]] and pydantic picks the exact type first: a
+ * quoted "3" stays a string, which then fails Ray's "int or 'auto'" check. */
 static void dep_num_replicas(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
+    static const char desc[] = "an integer > 0 or \"auto\"";
     dep_build_t *db = obj;
     long long v;
     const char *s = ms_cfg_value_text(val);
@@ -141,7 +144,11 @@ static void dep_num_replicas(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_
         db->dep->set |= MS_SET_NUM_REPLICAS;
         return;
     }
-    if (ms_cfg_get_int(c, key, val, 1, INT_MAX, "an integer > 0 or \"auto\"", &v)) {
+    if (s && !ms_cfg_is_plain(val) && ms_cfg_parse_lax_int(s, &v)) {
+        ms_cfg_quoted_number(c, key, val, desc);
+        return;
+    }
+    if (ms_cfg_get_int(c, key, val, 1, INT_MAX, desc, &v)) {
         db->dep->num_replicas = (int)v;
         db->dep->set |= MS_SET_NUM_REPLICAS;
     }
@@ -161,7 +168,8 @@ static void dep_max_queued(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_no
 {
     dep_build_t *db = obj;
     long long v;
-    if (ms_cfg_get_int(c, key, val, -1, INT_MAX, "-1 or an integer >= 1", &v)) {
+    /* A StrictInt in Ray's schema, unlike its other integers. */
+    if (ms_cfg_get_strict_int(c, key, val, -1, INT_MAX, "-1 or an integer >= 1", &v)) {
         if (v == 0) {
             ms_cfg_bad_value(c, key, val, "-1 or an integer >= 1");
             return;
@@ -255,6 +263,23 @@ static void dep_router(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t
     db->dep->set |= MS_SET_REQUEST_ROUTER_CONFIG; /* null: back to the built-in router */
 }
 
+static void dep_max_concurrent(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    (void)val;
+    ms_cfg_renamed(c, key, "in deployment", "max_ongoing_requests");
+}
+
+/* Ray Serve moved route_prefix from deployments to the application. */
+static void dep_route_prefix(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    (void)val;
+    ms_cfg_error(c, key,
+                 "'route_prefix' is no longer a deployment option in Ray Serve; set route_prefix "
+                 "on the application");
+}
+
 static const ms_cfg_field_t dep_fields[] = {
     {"name", dep_name, MS_FIELD_OK},
     {"num_replicas", dep_num_replicas, MS_FIELD_OK},
@@ -269,9 +294,17 @@ static const ms_cfg_field_t dep_fields[] = {
     {"request_router_config", dep_router, MS_FIELD_OK},
     {"ray_actor_options", dep_actor_options, MS_FIELD_LATER},
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
-    {"placement_group_bundles", ms_cfg_later_bundles, MS_FIELD_LATER},
+    {"placement_group_bundles", ms_cfg_later_mappings, MS_FIELD_LATER},
     {"placement_group_strategy", ms_cfg_later_pg_strategy, MS_FIELD_LATER},
     {"max_replicas_per_node", ms_cfg_later_per_node, MS_FIELD_LATER},
+    /* Newer Ray Serve options. */
+    {"gang_scheduling_config", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"deployment_actors", ms_cfg_later_mappings, MS_FIELD_LATER},
+    {"backpressure_config", ms_cfg_later_mapping, MS_FIELD_LATER},
+    {"rolling_update_percentage", ms_cfg_later_percentage, MS_FIELD_LATER},
+    /* Older Ray Serve names. */
+    {"max_concurrent_queries", dep_max_concurrent, MS_FIELD_LEGACY},
+    {"route_prefix", dep_route_prefix, MS_FIELD_LEGACY},
 };
 
 static void dep_defaults(ms_deployment_config_t *d)
@@ -487,6 +520,13 @@ static void app_legacy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t
                  ms_cfg_key_name(key), ms_cfg_key_name(key));
 }
 
+static void app_old_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    (void)obj;
+    (void)val;
+    ms_cfg_renamed(c, key, "in application", "name");
+}
+
 static const ms_cfg_field_t app_fields[] = {
     {"name", app_name, MS_FIELD_OK},
     {"route_prefix", app_route_prefix, MS_FIELD_OK},
@@ -500,6 +540,7 @@ static const ms_cfg_field_t app_fields[] = {
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
     {"host", app_legacy, MS_FIELD_LEGACY},
     {"port", app_legacy, MS_FIELD_LEGACY},
+    {"app_name", app_old_name, MS_FIELD_LEGACY},
 };
 
 static void walk_app(ms_cfg_ctx_t *c, yaml_node_t *node, app_build_t *ab)
@@ -644,6 +685,7 @@ static const ms_cfg_field_t top_fields[] = {
     {"proxy_location", ms_cfg_later_proxy_location, MS_FIELD_LATER},
     {"grpc_options", ms_cfg_later_mapping, MS_FIELD_LATER},
     {"target_capacity", ms_cfg_later_target_capacity, MS_FIELD_LATER},
+    {"tracing_config", ms_cfg_later_mapping, MS_FIELD_LATER},
     {"admin", top_admin, MS_FIELD_OK},
     {"control_loop", top_control_loop, MS_FIELD_OK},
 };

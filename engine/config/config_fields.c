@@ -26,7 +26,8 @@ void ms_cfg_bad_value(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, const
     ms_cfg_error(c, val, "%s must be %s, got %s", ms_cfg_key_name(key), desc, got);
 }
 
-/* Scalars that are not null; quoted numbers are accepted as Ray's pydantic models do. */
+/* Scalars that are not null. Whether a quoted number counts as a number is up to each check,
+ * after the pydantic type of the field in Ray Serve's schema. */
 const char *ms_cfg_value_text(yaml_node_t *val)
 {
     return ms_cfg_is_null(val) ? NULL : ms_cfg_scalar(val);
@@ -37,9 +38,42 @@ bool ms_cfg_get_int(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, long lo
 {
     const char *s = ms_cfg_value_text(val);
     long long v;
-    if (s && ms_cfg_parse_int(s, &v) && v >= lo && v <= hi) {
+    if (s && ms_cfg_parse_lax_int(s, &v) && v >= lo && v <= hi) {
         *out = v;
         return true;
+    }
+    ms_cfg_bad_value(c, key, val, desc);
+    return false;
+}
+
+void ms_cfg_renamed(ms_cfg_ctx_t *c, const yaml_node_t *key, const char *where, const char *now)
+{
+    ms_cfg_error(c, key, "unknown key '%s' %s; did you mean '%s'? (its old name in Ray Serve)",
+                 ms_cfg_scalar(key), where, now);
+}
+
+void ms_cfg_quoted_number(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, const char *desc)
+{
+    char got[64];
+    ms_cfg_describe(val, got, sizeof(got));
+    ms_cfg_error(c, val,
+                 "%s must be %s, got the string %s; write the number without quotes (Ray Serve "
+                 "rejects a quoted one here too)",
+                 ms_cfg_key_name(key), desc, got);
+}
+
+bool ms_cfg_get_strict_int(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, long long lo,
+                           long long hi, const char *desc, long long *out)
+{
+    const char *s = ms_cfg_value_text(val);
+    long long v;
+    if (s && ms_cfg_parse_int(s, &v) && v >= lo && v <= hi) {
+        if (ms_cfg_is_plain(val)) {
+            *out = v;
+            return true;
+        }
+        ms_cfg_quoted_number(c, key, val, desc);
+        return false;
     }
     ms_cfg_bad_value(c, key, val, desc);
     return false;
@@ -201,7 +235,7 @@ void ms_cfg_later_target_capacity(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, 
         ms_cfg_bad_value(c, key, val, "a number in 0..100 or null");
 }
 
-void ms_cfg_later_bundles(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+void ms_cfg_later_mappings(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     (void)obj;
     if (ms_cfg_is_null(val))
@@ -213,6 +247,16 @@ void ms_cfg_later_bundles(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_nod
     for (yaml_node_item_t *it = val->data.sequence.items.start; it < val->data.sequence.items.top;
          it++)
         ms_cfg_want_mapping(c, key, ms_cfg_node(c, *it), false);
+}
+
+void ms_cfg_later_percentage(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    double v;
+    (void)obj;
+    if (ms_cfg_is_null(val))
+        return;
+    if (ms_cfg_get_num(c, key, val, 0, false, "a number in (0, 100] or null", &v) && v > 100)
+        ms_cfg_bad_value(c, key, val, "a number in (0, 100] or null");
 }
 
 void ms_cfg_later_pg_strategy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
@@ -237,14 +281,52 @@ typedef struct logging_build {
     char **level; /* where log_level goes; NULL where logging_config is not effective yet */
 } logging_build_t;
 
+/* Ray Serve validates log_level against Python's logging tables: a name from
+ * logging._nameToLevel (case matters) or, unquoted, a number from logging._levelToName. Each maps
+ * to the nearest of our four levels; there is nothing above ERROR, and NOTSET logs everything. */
+static const struct {
+    const char *name;
+    int number;
+    const char *ours;
+} ray_levels[] = {
+    {"CRITICAL", 50, "ERROR"},  {"FATAL", 50, "ERROR"},  {"ERROR", 40, "ERROR"},
+    {"WARNING", 30, "WARNING"}, {"WARN", 30, "WARNING"}, {"INFO", 20, "INFO"},
+    {"DEBUG", 10, "DEBUG"},     {"NOTSET", 0, "DEBUG"},
+};
+
+static const char *ray_level(yaml_node_t *val)
+{
+    const char *s = ms_cfg_value_text(val);
+    long long n;
+    bool numeric = s && ms_cfg_is_plain(val) && ms_cfg_parse_lax_int(s, &n);
+    for (size_t i = 0; s && i < MS_N_FIELDS(ray_levels); i++)
+        if (numeric ? n == ray_levels[i].number : !strcmp(s, ray_levels[i].name))
+            return ray_levels[i].ours;
+    return NULL;
+}
+
 static void log_level(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
-    static const char *const levels[] = {"DEBUG", "INFO", "WARNING", "ERROR", NULL};
+    static const char desc[] = "one of CRITICAL, FATAL, ERROR, WARNING, WARN, INFO, DEBUG, NOTSET "
+                               "or 50, 40, 30, 20, 10, 0";
     logging_build_t *lb = obj;
-    const char *s =
-        ms_cfg_get_choice(c, key, val, levels, true, "one of DEBUG, INFO, WARNING, ERROR");
-    if (s && lb->level)
-        ms_cfg_replace_str(lb->level, s);
+    const char *ours = ray_level(val);
+    if (ours) {
+        if (lb->level)
+            ms_cfg_replace_str(lb->level, ours);
+        return;
+    }
+    const char *s = ms_cfg_value_text(val);
+    for (size_t i = 0; s && i < MS_N_FIELDS(ray_levels); i++) {
+        if (!strcasecmp(s, ray_levels[i].name)) {
+            char got[64];
+            ms_cfg_describe(val, got, sizeof(got));
+            ms_cfg_error(c, val, "%s must be %s, got %s; did you mean '%s'? (names are upper case)",
+                         ms_cfg_key_name(key), desc, got, ray_levels[i].name);
+            return;
+        }
+    }
+    ms_cfg_bad_value(c, key, val, desc);
 }
 
 /* The remaining logging fields are checked but have no effect yet; at app and deployment level

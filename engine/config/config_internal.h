@@ -49,6 +49,9 @@ const char *ms_cfg_scalar(const yaml_node_t *node); /* NULL unless a scalar */
 bool ms_cfg_is_null(const yaml_node_t *node);       /* plain ~, null, Null, NULL or empty */
 bool ms_cfg_is_plain(const yaml_node_t *node);
 bool ms_cfg_parse_int(const char *s, long long *out);
+/* An integer as pydantic's lax int reads text: ms_cfg_parse_int, or that followed by a '.' and
+ * only zeros ("5.0", "5."), which is still the integer 5. */
+bool ms_cfg_parse_lax_int(const char *s, long long *out);
 bool ms_cfg_parse_double(const char *s, double *out);
 bool ms_cfg_parse_bool(const char *s, bool *out);
 
@@ -60,7 +63,8 @@ const char *ms_cfg_suggest(const char *key, const char *const *names, size_t n);
 
 /* ---- schema walk (config_fields.c) ---- */
 /* One key of a mapping level: implemented, known to Ray Serve but not implemented yet (loosely
- * type-checked, then warned about), or a legacy key that is an error. */
+ * type-checked, then warned about), or a legacy key that is an error (its `fn` reports it;
+ * did-you-mean never suggests it). */
 typedef void (*ms_cfg_field_fn)(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 typedef enum { MS_FIELD_OK, MS_FIELD_LATER, MS_FIELD_LEGACY } ms_cfg_field_kind_t;
 typedef struct ms_cfg_field {
@@ -80,8 +84,16 @@ bool ms_cfg_was_seen(uint64_t seen, const ms_cfg_field_t *fields, size_t n, cons
 const char *ms_cfg_key_name(yaml_node_t *key);
 const char *ms_cfg_value_text(yaml_node_t *val); /* non-null scalar text, or NULL */
 void ms_cfg_bad_value(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, const char *desc);
+/* Ray's lax integers (pydantic `int`, PositiveInt, ...): quoted ones too, and "5.0". */
 bool ms_cfg_get_int(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, long long lo, long long hi,
                     const char *desc, long long *out);
+/* Ray's StrictInt: an unquoted integer only. */
+bool ms_cfg_get_strict_int(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, long long lo,
+                           long long hi, const char *desc, long long *out);
+/* Ray Serve's old name of a key: an error at the key with a did-you-mean to today's name. */
+void ms_cfg_renamed(ms_cfg_ctx_t *c, const yaml_node_t *key, const char *where, const char *now);
+/* `KEY must be DESC, got the string "5"; ...`: for a quoted number where Ray wants a number. */
+void ms_cfg_quoted_number(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, const char *desc);
 /* A finite number > lo, or >= lo when `inclusive`. */
 bool ms_cfg_get_num(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, double lo, bool inclusive,
                     const char *desc, double *out);
@@ -101,7 +113,8 @@ void ms_cfg_later_string(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node
 void ms_cfg_later_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_proxy_location(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_target_capacity(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
-void ms_cfg_later_bundles(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_mappings(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
+void ms_cfg_later_percentage(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_pg_strategy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_per_node(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 

@@ -84,8 +84,8 @@ static void jbad(jkv_t *kv, const char *desc)
     jv_error(kv->v, kv->val_node, "%s must be %s, got %s", kv->key, desc, got);
 }
 
-/* Integers; quoted ones too (as the YAML loader), and integral reals from code, where a Lua
- * number may arrive as a JSON real. */
+/* Ray's lax integers: quoted ones too ("5", "5.0"), and integral reals (a YAML 5.0, or a Lua
+ * number from code that arrives as a JSON real). */
 static bool jget_int(jkv_t *kv, long long lo, long long hi, const char *desc, long long *out)
 {
     json_t *j = kv->val;
@@ -95,8 +95,8 @@ static bool jget_int(jkv_t *kv, long long lo, long long hi, const char *desc, lo
         x = json_integer_value(j);
         ok = true;
     } else if (json_is_string(j)) {
-        ok = ms_cfg_parse_int(json_string_value(j), &x);
-    } else if (json_is_real(j) && !kv->val_node) {
+        ok = ms_cfg_parse_lax_int(json_string_value(j), &x);
+    } else if (json_is_real(j)) {
         double d = json_real_value(j);
         ok = d == floor(d) && fabs(d) < 9e15;
         x = ok ? (long long)d : 0;
@@ -202,27 +202,42 @@ ms_config_lua_ref_t *ms_config_lua_ref_copy(const ms_config_lua_ref_t *r)
     return c;
 }
 
+/* Is `s` Ray's `module:attr` name `ray_name`, or its dotted spelling `module.attr`? Ray imports
+ * both (its import_attr splits a colon-less path at the last dot). */
+static bool names_builtin(const char *s, const char *ray_name)
+{
+    if (!strcmp(s, ray_name))
+        return true;
+    if (strchr(s, ':') || strlen(s) != strlen(ray_name))
+        return false;
+    for (size_t i = 0; s[i]; i++)
+        if (s[i] != (ray_name[i] == ':' ? '.' : ray_name[i]))
+            return false;
+    return true;
+}
+
 /* `file.lua:attr` or `module.sub:attr` resolved against the config's folder. `builtin` lists
- * Ray Serve's names of the built-in (NULL-terminated): they mean "no script" and give NULL
- * without an error, so a Ray config that spells out the default still loads. */
-static void jget_ref(jkv_t *kv, const char *const *builtin, ms_config_lua_ref_t **out)
+ * Ray Serve's names of the built-in (NULL-terminated, colon forms): they mean "no script", so a
+ * Ray config that spells out the default still loads. Returns true for such a name, which leaves
+ * *out unchanged and reports nothing. */
+static bool jget_ref(jkv_t *kv, const char *const *builtin, ms_config_lua_ref_t **out)
 {
     if (json_is_null(kv->val))
-        return;
+        return false;
     const char *s = json_is_string(kv->val) ? json_string_value(kv->val) : NULL;
     if (!s || !*s) {
         jbad(kv, "a string 'file.lua:attr' or 'module.sub:attr'");
-        return;
+        return false;
     }
     for (size_t i = 0; builtin && builtin[i]; i++)
-        if (!strcmp(s, builtin[i]))
-            return;
+        if (names_builtin(s, builtin[i]))
+            return true;
     char *file = NULL, *attr = NULL;
     char *err = ms_cfg_resolve_lua(kv->v->c->dir, kv->key, s, &file, &attr);
     if (err) {
         jv_error(kv->v, kv->val_node, "%s", err);
         free(err);
-        return;
+        return false;
     }
     ms_config_lua_ref_free(*out);
     ms_config_lua_ref_t *r = ms_calloc(1, sizeof(*r));
@@ -231,6 +246,7 @@ static void jget_ref(jkv_t *kv, const char *const *builtin, ms_config_lua_ref_t 
     r->attr = attr;
     r->mark = kv->val_node ? ms_cfg_mark(kv->val_node) : kv->v->mark;
     *out = r;
+    return false;
 }
 
 /* Reports an unknown key (with a did-you-mean); returns the suggested index, or n. */
@@ -261,6 +277,10 @@ static size_t jv_find(const jfield_t *fields, size_t n, const char *key)
     return i;
 }
 
+/* Ray Serve's old name of a field: reported, and today's field's bit returned (0: not one). */
+static uint64_t jv_renamed(jv_t *v, const yaml_node_t *key_node, const char *key, const char *where,
+                           const jfield_t *fields, size_t n);
+
 /* Dispatches each key of the mapping (`ymap` for YAML, else `obj`) to its field; returns a bit
  * per field present (a misspelt key counts as its suggestion, so it is not also "missing"). */
 static uint64_t jv_walk(jv_t *v, json_t *obj, yaml_node_t *ymap, const char *where,
@@ -273,6 +293,11 @@ static uint64_t jv_walk(jv_t *v, json_t *obj, yaml_node_t *ymap, const char *whe
         json_object_foreach(obj, key, val)
         {
             size_t i = jv_find(fields, n, key);
+            uint64_t now = i == n ? jv_renamed(v, NULL, key, where, fields, n) : 0;
+            if (now) {
+                suggested |= now;
+                continue;
+            }
             if (i == n) {
                 size_t hint = jv_unknown(v, NULL, key, where, fields, n);
                 if (hint < n)
@@ -294,6 +319,11 @@ static uint64_t jv_walk(jv_t *v, json_t *obj, yaml_node_t *ymap, const char *whe
             continue;
         }
         size_t i = jv_find(fields, n, key);
+        uint64_t now = i == n ? jv_renamed(v, kn, key, where, fields, n) : 0;
+        if (now) {
+            suggested |= now;
+            continue;
+        }
         if (i == n) {
             size_t hint = jv_unknown(v, kn, key, where, fields, n);
             if (hint < n)
@@ -327,8 +357,11 @@ typedef struct policy_build {
     ms_config_lua_ref_t **ref;
     json_t **kwargs;
     int *dry_run;
+    bool builtin; /* policy_function named Ray's built-in policy */
 } policy_build_t;
 
+/* Ray's names of its one built-in policy (the second is what the first is bound to). Ray has no
+ * application-level built-in: these are the only names, at either level. */
 static const char *const builtin_policies[] = {
     "ray.serve.autoscaling_policy:default_autoscaling_policy",
     "ray.serve.autoscaling_policy:replica_queue_length_autoscaling_policy",
@@ -338,7 +371,7 @@ static const char *const builtin_policies[] = {
 static void pol_function(jkv_t *kv, void *obj)
 {
     policy_build_t *pb = obj;
-    jget_ref(kv, builtin_policies, pb->ref);
+    pb->builtin = jget_ref(kv, builtin_policies, pb->ref);
 }
 
 static void pol_kwargs(jkv_t *kv, void *obj)
@@ -483,7 +516,7 @@ static void as_policy(jkv_t *kv, void *obj)
     ms_autoscaling_config_t *a = ((as_build_t *)obj)->a;
     if (json_is_null(kv->val))
         return; /* the built-in policy */
-    policy_build_t pb = {&a->policy, &a->policy_kwargs, &a->dry_run};
+    policy_build_t pb = {&a->policy, &a->policy_kwargs, &a->dry_run, false};
     walk_policy(kv, "in autoscaling_config.policy", &pb);
 }
 
@@ -505,6 +538,31 @@ static const jfield_t as_fields[] = {
     {"aggregation_function", as_aggregation},
     {"policy", as_policy},
 };
+
+/* Ray Serve's old names of keys of a table, found by jv_walk among the unknown keys. */
+typedef struct jrename {
+    const jfield_t *table;
+    const char *old, *now;
+} jrename_t;
+static const jrename_t renames[] = {
+    {as_fields, "target_num_ongoing_requests_per_replica", "target_ongoing_requests"},
+    {policy_fields, "name", "policy_function"},
+};
+
+static uint64_t jv_renamed(jv_t *v, const yaml_node_t *key_node, const char *key, const char *where,
+                           const jfield_t *fields, size_t n)
+{
+    for (size_t i = 0; i < MS_N_FIELDS(renames); i++) {
+        if (renames[i].table == fields && !strcmp(renames[i].old, key)) {
+            jv_error(v, key_node,
+                     "unknown key '%s' %s; did you mean '%s'? (its old name in Ray Serve)", key,
+                     where, renames[i].now);
+            size_t now = jv_find(fields, n, renames[i].now);
+            return now < n ? UINT64_C(1) << now : 0;
+        }
+    }
+    return 0;
+}
 
 ms_autoscaling_config_t *ms_config_autoscaling_default(int num_replicas_auto)
 {
@@ -628,6 +686,7 @@ ms_autoscaling_config_t *ms_config_autoscaling_from_json(json_t *obj, int num_re
 /* ---- request_router_config --------------------------------------------------------------------
  */
 
+/* Ray's default request_router_class and the module that defines it. */
 static const char *const builtin_routers[] = {
     "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
     "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter",
@@ -654,11 +713,24 @@ static void rt_timeout(jkv_t *kv, void *obj)
     jget_num(kv, 0, false, &((ms_router_config_t *)obj)->stats_timeout_s);
 }
 
+/* A newer Ray Serve key with no effect here yet: checked loosely, then warned about. */
+static void rt_later(jkv_t *kv, void *obj)
+{
+    (void)obj;
+    if (!json_is_boolean(kv->val) && !json_is_object(kv->val) && !json_is_null(kv->val)) {
+        jbad(kv, "true, false, a mapping or null");
+        return;
+    }
+    if (kv->key_node)
+        ms_cfg_warn_unsupported(kv->v->c, kv->key_node);
+}
+
 static const jfield_t router_fields[] = {
     {"request_router_class", rt_class},
     {"request_router_kwargs", rt_kwargs},
     {"request_routing_stats_period_s", rt_period},
     {"request_routing_stats_timeout_s", rt_timeout},
+    {"ingress_router_fallback", rt_later},
 };
 
 void ms_cfg_router_free(ms_router_config_t *r)
@@ -694,16 +766,24 @@ void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *
     size_t before = c->n_errors;
     jv_t v = {c, NULL, ms_cfg_mark(map)};
     policy_build_t pb = {&app->autoscaling_policy, &app->autoscaling_policy_kwargs,
-                         &app->autoscaling_policy_dry_run};
+                         &app->autoscaling_policy_dry_run, false};
     uint64_t seen = jv_walk(&v, NULL, map, "in autoscaling_policy", policy_fields,
                             MS_N_FIELDS(policy_fields), &pb);
-    /* An application-level policy has no built-in to fall back on. */
-    if (!(seen & 1))
+    if (!(seen & 1)) {
         jv_error(&v, map, "autoscaling_policy is missing required key 'policy_function'");
-    else if (!app->autoscaling_policy && c->n_errors == before)
+    } else if (pb.builtin) {
+        /* Ray has no application-level built-in; its default policy decides per deployment,
+         * which is what happens here without an application-level policy. So the application
+         * gets none, exactly as if the key were absent. */
+        json_decref(app->autoscaling_policy_kwargs);
+        app->autoscaling_policy_kwargs = NULL;
+        app->autoscaling_policy_dry_run = 0;
+    } else if (!app->autoscaling_policy && c->n_errors == before) {
+        /* An application-level policy has no built-in to fall back on. */
         jv_error(&v, map,
                  "autoscaling_policy.policy_function must name a Lua function "
                  "('file.lua:attr' or 'module.sub:attr')");
+    }
 }
 
 /* ---- applications[].external_scaler (ours) ------------------------------------------------- */

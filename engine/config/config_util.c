@@ -207,6 +207,22 @@ bool ms_cfg_parse_int(const char *s, long long *out)
     return true;
 }
 
+bool ms_cfg_parse_lax_int(const char *s, long long *out)
+{
+    /* pydantic-core strips a fraction of zeros before parsing text as an int, and a YAML 5.0
+     * arrives there as the float 5.0, which its lax int accepts as well. */
+    const char *dot = strchr(s, '.');
+    if (!dot)
+        return ms_cfg_parse_int(s, out);
+    for (const char *q = dot + 1; *q; q++)
+        if (*q != '0')
+            return false;
+    char *head = ms_strndup(s, (size_t)(dot - s));
+    bool ok = ms_cfg_parse_int(head, out);
+    free(head);
+    return ok;
+}
+
 bool ms_cfg_parse_double(const char *s, double *out)
 {
     /* strtod accepts "inf", "nan", hex floats and leading spaces; a config number should be

@@ -211,6 +211,85 @@ class CheckTest(unittest.TestCase):
         out = self.assert_error(path, 5, None, r"Helo")
         self.assertIn("Hello", out)
 
+    # -- Ray Serve compatibility ---------------------------------------------------------------
+
+    def test_ray_config_spelling_out_builtins_and_newer_keys_passes(self):
+        path = self.write("config.yaml", """
+            logging_config:
+              log_level: WARN
+            tracing_config: {exporter_import_path: tracing:setup}
+            applications:
+              - name: hello
+                route_prefix: /hello
+                import_path: hello.lua:app
+                autoscaling_policy:
+                  policy_function: ray.serve.autoscaling_policy:default_autoscaling_policy
+                deployments:
+                  - name: Hello
+                    autoscaling_config:
+                      max_replicas: 2
+                      policy:
+                        policy_function: ray.serve.autoscaling_policy.default_autoscaling_policy
+                    request_router_config:
+                      request_router_class: ray.serve._private.request_router.PowerOfTwoChoicesRequestRouter
+                      ingress_router_fallback: true
+                    gang_scheduling_config: {gang_size: 1}
+                    deployment_actors: [{name: counter}]
+                    backpressure_config: {status_code: 429}
+                    rolling_update_percentage: 25
+            """)
+        rc, out = self.check(path)
+        self.assertEqual(rc, 0, out)
+        for key, line, col in [("tracing_config", 3, 1), ("ingress_router_fallback", 18, 11),
+                               ("gang_scheduling_config", 19, 9), ("deployment_actors", 20, 9),
+                               ("backpressure_config", 21, 9),
+                               ("rolling_update_percentage", 22, 9)]:
+            with self.subTest(key=key):
+                self.assertRegex(out, r"config\.yaml:%d:%d: warning: '%s' is not supported yet"
+                                 % (line, col, key))
+
+    def test_ray_old_key_names_did_you_mean(self):
+        path = self.write("config.yaml", """
+            applications:
+              - name: hello
+                import_path: hello.lua:app
+                deployments:
+                  - name: Hello
+                    max_concurrent_queries: 3
+            """)
+        out = self.assert_error(path, 6, 9, r"max_concurrent_queries")
+        self.assertRegex(out, r"did you mean 'max_ongoing_requests'")
+
+    def test_ray_number_and_log_level_rules(self):
+        cases = [
+            ("num_replicas: \"3\"", 6, r"num_replicas .*got the string \"3\".*without quotes"),
+            ("max_queued_requests: '5'", 6, r"max_queued_requests .*without quotes"),
+        ]
+        for line, at, pat in cases:
+            with self.subTest(line=line):
+                path = self.write("config.yaml", """
+                    applications:
+                      - name: hello
+                        import_path: hello.lua:app
+                        deployments:
+                          - name: Hello
+                            %s
+                    """ % line)
+                self.assert_error(path, at, None, pat)
+        path = self.write("config.yaml", """
+            logging_config: {log_level: debug}
+            applications:
+              - name: hello
+                import_path: hello.lua:app
+                deployments:
+                  - name: Hello
+                    max_ongoing_requests: "4"
+            """)
+        out = self.assert_error(path, 1, 29, r"log_level")
+        self.assertIn("did you mean 'DEBUG'", out)
+        self.assertEqual(len(ERR_RE.findall(out)), 1, "a quoted max_ongoing_requests is fine:\n"
+                         + out)
+
     def test_run_on_bad_config_fails_fast(self):
         path = self.write("config.yaml", """
             applications:

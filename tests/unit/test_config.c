@@ -168,7 +168,7 @@ static void test_all_fields(void)
                                  "  max_body_bytes: 0\n"
                                  "  header_timeout_s: 3\n"
                                  "logging_config:\n"
-                                 "  log_level: debug\n"
+                                 "  log_level: DEBUG\n"
                                  "  encoding: JSON\n"
                                  "  logs_dir: /tmp/logs\n"
                                  "  enable_access_log: false\n"
@@ -267,7 +267,8 @@ static void test_validation_rules(void)
 
 #define WITH_LOG(line) (snprintf(buf, sizeof(buf), "logging_config:\n  " line "\n%s", app), buf)
     expect_error(WITH_LOG("log_level: LOUD"),
-                 "t.yaml:2:14: log_level must be one of DEBUG, INFO, WARNING, ERROR, got \"LOUD\"");
+                 "t.yaml:2:14: log_level must be one of CRITICAL, FATAL, ERROR, WARNING, WARN, "
+                 "INFO, DEBUG, NOTSET or 50, 40, 30, 20, 10, 0, got \"LOUD\"");
     expect_error(WITH_LOG("encoding: XML"),
                  "t.yaml:2:13: encoding must be TEXT or JSON, got \"XML\"");
     expect_error(WITH_LOG("enable_access_log: maybe"),
@@ -843,7 +844,8 @@ static void test_autoscaling_errors(void)
     /* Ray's pre-2.32 name gets pointed at the new one. */
     expect_error(AS("target_num_ongoing_requests_per_replica: 1"),
                  "t.yaml:5:30: unknown key 'target_num_ongoing_requests_per_replica' in "
-                 "autoscaling_config; did you mean 'target_ongoing_requests'?");
+                 "autoscaling_config; did you mean 'target_ongoing_requests'? (its old name in "
+                 "Ray Serve)");
     expect_error(AS("cooldown_s: 1"),
                  "t.yaml:5:30: unknown key 'cooldown_s' in autoscaling_config");
     expect_error(AS("upscale_delay_s: 1, upscale_delay_s: 2"),
@@ -1218,6 +1220,249 @@ static void test_autoscaling_from_json(void)
     ms_config_errors_free(&errs);
 }
 
+/* ---- Ray Serve compatibility: built-in names, old keys, newer keys, log levels, numbers ---- */
+
+#define N_OF(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Every spelling of Ray's built-in policy and router means the built-in, as if left out. */
+static void test_ray_builtin_names(void)
+{
+    static const char *const policies[] = {
+        "ray.serve.autoscaling_policy:default_autoscaling_policy",
+        "ray.serve.autoscaling_policy.default_autoscaling_policy",
+        "ray.serve.autoscaling_policy:replica_queue_length_autoscaling_policy",
+        "ray.serve.autoscaling_policy.replica_queue_length_autoscaling_policy",
+    };
+    static const char *const routers[] = {
+        "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+        "ray.serve._private.request_router.PowerOfTwoChoicesRequestRouter",
+        "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter",
+        "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter",
+    };
+    char buf[1024];
+    for (size_t i = 0; i < N_OF(policies); i++) {
+        snprintf(buf, sizeof(buf),
+                 APP_DEP "        autoscaling_config: {policy: {policy_function: %s}}\n",
+                 policies[i]);
+        ms_config_t *cfg = expect_ok(buf);
+        const ms_deployment_config_t *d = first_dep(cfg);
+        check_as_defaults(d ? d->autoscaling : NULL, 1);
+        ms_config_free(cfg);
+
+        /* Application level: Ray has no built-in of its own there, and its default decides per
+         * deployment, so the application gets no policy at all, kwargs and dry_run included. */
+        snprintf(buf, sizeof(buf),
+                 "applications:\n  - import_path: app.lua:A\n    autoscaling_policy:\n"
+                 "      policy_function: %s\n      policy_kwargs: {k: 1}\n      dry_run: true\n",
+                 policies[i]);
+        cfg = expect_ok(buf);
+        if (cfg) {
+            ASSERT_TRUE(cfg->apps[0].autoscaling_policy == NULL);
+            ASSERT_TRUE(cfg->apps[0].autoscaling_policy_kwargs == NULL);
+            ASSERT_INT_EQ(cfg->apps[0].autoscaling_policy_dry_run, 0);
+        }
+        ms_config_free(cfg);
+    }
+    for (size_t i = 0; i < N_OF(routers); i++) {
+        snprintf(buf, sizeof(buf),
+                 APP_DEP "        request_router_config:\n"
+                         "          request_router_class: %s\n",
+                 routers[i]);
+        ms_config_t *cfg = expect_ok(buf);
+        const ms_deployment_config_t *d = first_dep(cfg);
+        ASSERT_TRUE(d && d->router && d->router->router_class == NULL);
+        ms_config_free(cfg);
+    }
+
+    /* Only those names: a neighbour is an ordinary reference, and null at the application level
+     * still names nothing. */
+    char want[PATH_MAX * 3];
+    snprintf(want, sizeof(want),
+             "t.yaml:5:56: policy_function \"ray.serve.autoscaling_policy.my_policy\": file "
+             "%s not found",
+             tmp_path("ray/serve/autoscaling_policy.lua"));
+    expect_error(APP_DEP "        autoscaling_config: {policy: {policy_function: "
+                         "ray.serve.autoscaling_policy.my_policy}}\n",
+                 want);
+    expect_error("applications:\n  - import_path: app.lua:A\n"
+                 "    autoscaling_policy: {policy_function: null}\n",
+                 "t.yaml:3:25: autoscaling_policy.policy_function must name a Lua function "
+                 "('file.lua:attr' or 'module.sub:attr')");
+}
+
+/* Keys Ray Serve renamed or moved: an error with today's name, and nothing else reported. */
+static void test_ray_old_keys(void)
+{
+    expect_error(APP_DEP "        max_concurrent_queries: 3\n",
+                 "t.yaml:5:9: unknown key 'max_concurrent_queries' in deployment; did you mean "
+                 "'max_ongoing_requests'? (its old name in Ray Serve)");
+    expect_error(APP_DEP "        route_prefix: /d\n",
+                 "t.yaml:5:9: 'route_prefix' is no longer a deployment option in Ray Serve; set "
+                 "route_prefix on the application");
+    expect_error("applications:\n  - app_name: a\n    import_path: app.lua:A\n",
+                 "t.yaml:2:5: unknown key 'app_name' in application; did you mean 'name'? (its "
+                 "old name in Ray Serve)");
+    expect_error(APP_DEP "        autoscaling_config: {policy: {name: policy.lua:f}}\n",
+                 "t.yaml:5:39: unknown key 'name' in autoscaling_config.policy; did you mean "
+                 "'policy_function'? (its old name in Ray Serve)");
+    /* At the application level this is also not "missing policy_function". */
+    expect_error("applications:\n  - import_path: app.lua:A\n"
+                 "    autoscaling_policy: {name: policy.lua:f}\n",
+                 "t.yaml:3:26: unknown key 'name' in autoscaling_policy; did you mean "
+                 "'policy_function'? (its old name in Ray Serve)");
+
+    /* The same from code. */
+    ms_config_errors_t errs = {0};
+    json_t *j = json_pack("{s:i}", "target_num_ongoing_requests_per_replica", 2);
+    ms_autoscaling_config_t *a =
+        ms_config_autoscaling_from_json(j, 0, "app.lua", (ms_config_mark_t){4, 1}, "d", &errs);
+    json_decref(j);
+    ASSERT_TRUE(a == NULL);
+    ASSERT_STR_EQ(errs.n == 1 ? errs.items[0] : NULL,
+                  "app.lua:4:1: d: unknown key 'target_num_ongoing_requests_per_replica' in "
+                  "autoscaling_config; did you mean 'target_ongoing_requests'? (its old name in "
+                  "Ray Serve)");
+    ms_config_errors_free(&errs);
+}
+
+/* Newer Ray Serve keys load, loosely checked, with a warning and no effect. */
+static void test_ray_newer_keys(void)
+{
+    ms_config_t *cfg =
+        expect_ok("tracing_config: {exporter_import_path: x.y:z}\n" APP_DEP
+                  "        gang_scheduling_config: {gang_size: 2}\n"
+                  "        deployment_actors: [{name: counter}]\n"
+                  "        backpressure_config: {status_code: 429}\n"
+                  "        rolling_update_percentage: 20\n"
+                  "        request_router_config: {ingress_router_fallback: true}\n");
+    const ms_deployment_config_t *d = first_dep(cfg);
+    ASSERT_TRUE(d && d->set == MS_SET_REQUEST_ROUTER_CONFIG && d->router &&
+                !d->router->router_class);
+    ms_config_free(cfg);
+    cfg = expect_ok("tracing_config: null\n" APP_DEP "        gang_scheduling_config: null\n"
+                    "        deployment_actors: null\n"
+                    "        rolling_update_percentage: 100\n"
+                    "        request_router_config: {ingress_router_fallback: {}}\n");
+    ms_config_free(cfg);
+
+    expect_error("tracing_config: [1]\napplications: []\n",
+                 "t.yaml:1:17: tracing_config must be a mapping or null, got a list");
+    expect_error(APP_DEP "        gang_scheduling_config: 2\n",
+                 "t.yaml:5:33: gang_scheduling_config must be a mapping or null, got \"2\"");
+    expect_error(APP_DEP "        deployment_actors: {name: c}\n",
+                 "t.yaml:5:28: deployment_actors must be a list of mappings, got a mapping");
+    expect_error(APP_DEP "        backpressure_config: on\n",
+                 "t.yaml:5:30: backpressure_config must be a mapping or null, got \"on\"");
+    expect_error(APP_DEP "        rolling_update_percentage: 0\n",
+                 "t.yaml:5:36: rolling_update_percentage must be a number in (0, 100] or null, "
+                 "got \"0\"");
+    expect_error(APP_DEP "        rolling_update_percentage: 101\n",
+                 "t.yaml:5:36: rolling_update_percentage must be a number in (0, 100] or null, "
+                 "got \"101\"");
+    expect_error(APP_DEP "        request_router_config: {ingress_router_fallback: 5}\n",
+                 "t.yaml:5:58: ingress_router_fallback must be true, false, a mapping or null, "
+                 "got \"5\"");
+}
+
+static const char *top_level_of(const char *value)
+{
+    static char buf[256];
+    snprintf(buf, sizeof(buf), "logging_config: {log_level: %s}\napplications: []\n", value);
+    ms_config_t *cfg = expect_ok(buf);
+    snprintf(buf, sizeof(buf), "%s", cfg ? cfg->log_level : "(failed)");
+    ms_config_free(cfg);
+    return buf;
+}
+
+/* Ray's whole set, names (case matters) and unquoted numbers, each to our nearest level. */
+static void test_ray_log_levels(void)
+{
+    static const char *const cases[][2] = {
+        {"CRITICAL", "ERROR"}, {"FATAL", "ERROR"}, {"ERROR", "ERROR"}, {"WARNING", "WARNING"},
+        {"WARN", "WARNING"},   {"INFO", "INFO"},   {"DEBUG", "DEBUG"}, {"NOTSET", "DEBUG"},
+        {"50", "ERROR"},       {"40", "ERROR"},    {"30", "WARNING"},  {"20", "INFO"},
+        {"10", "DEBUG"},       {"0", "DEBUG"},     {"'INFO'", "INFO"},
+    };
+    for (size_t i = 0; i < N_OF(cases); i++)
+        ASSERT_STR_EQ(top_level_of(cases[i][0]), cases[i][1]);
+
+    const char *desc = "log_level must be one of CRITICAL, FATAL, ERROR, WARNING, WARN, INFO, "
+                       "DEBUG, NOTSET or 50, 40, 30, 20, 10, 0, got ";
+    char want[512];
+    snprintf(want, sizeof(want),
+             "t.yaml:1:29: %s\"debug\"; did you mean 'DEBUG'? (names are upper "
+             "case)",
+             desc);
+    expect_error("logging_config: {log_level: debug}\napplications: []\n", want);
+    snprintf(want, sizeof(want), "t.yaml:1:29: %s\"10\"", desc);
+    expect_error("logging_config: {log_level: '10'}\napplications: []\n", want);
+    snprintf(want, sizeof(want), "t.yaml:1:29: %s\"15\"", desc);
+    expect_error("logging_config: {log_level: 15}\napplications: []\n", want);
+    /* Checked the same where logging_config has no effect yet. */
+    snprintf(want, sizeof(want),
+             "t.yaml:5:37: %s\"Info\"; did you mean 'INFO'? (names are upper "
+             "case)",
+             desc);
+    expect_error(APP_DEP "        logging_config: {log_level: Info}\n", want);
+}
+
+/* Each field follows its pydantic type in Ray's schema: lax ints and floats take quoted
+ * numbers, StrictInt and the int-or-"auto" union do not. */
+static void test_ray_number_types(void)
+{
+    ms_config_t *cfg =
+        expect_ok("http_options: {port: '8080'}\n" APP_DEP "        num_replicas: 3.0\n"
+                  "        max_ongoing_requests: '7.0'\n"
+                  "        graceful_shutdown_timeout_s: \"2.5\"\n"
+                  "        max_queued_requests: 4\n"
+                  "      - name: E\n"
+                  "        num_replicas: \"auto\"\n"
+                  "        max_ongoing_requests: 6.0\n"
+                  "        autoscaling_config:\n"
+                  "          min_replicas: '2'\n"
+                  "          max_replicas: 4.0\n"
+                  "          initial_replicas: '3.'\n"
+                  "          target_ongoing_requests: '1.5'\n");
+    if (cfg) {
+        ASSERT_INT_EQ(cfg->http.port, 8080);
+        const ms_deployment_config_t *d = &cfg->apps[0].deployments[0];
+        ASSERT_INT_EQ(d->num_replicas, 3);
+        ASSERT_INT_EQ(d->max_ongoing_requests, 7);
+        ASSERT_TRUE(d->graceful_shutdown_timeout_s == 2.5);
+        ASSERT_INT_EQ(d->max_queued_requests, 4);
+        const ms_deployment_config_t *e = &cfg->apps[0].deployments[1];
+        ASSERT_INT_EQ(e->num_replicas_auto, 1);
+        ASSERT_INT_EQ(e->max_ongoing_requests, 6);
+        ASSERT_TRUE(e->autoscaling != NULL);
+        if (e->autoscaling) {
+            ASSERT_INT_EQ(e->autoscaling->min_replicas, 2);
+            ASSERT_INT_EQ(e->autoscaling->max_replicas, 4);
+            ASSERT_INT_EQ(e->autoscaling->initial_replicas, 3);
+            ASSERT_TRUE(e->autoscaling->target_ongoing_requests == 1.5);
+        }
+    }
+    ms_config_free(cfg);
+
+    expect_error(APP_DEP "        num_replicas: \"3\"\n",
+                 "t.yaml:5:23: num_replicas must be an integer > 0 or \"auto\", got the string "
+                 "\"3\"; write the number without quotes (Ray Serve rejects a quoted one here "
+                 "too)");
+    expect_error(APP_DEP "        num_replicas: '3.0'\n",
+                 "t.yaml:5:23: num_replicas must be an integer > 0 or \"auto\", got the string "
+                 "\"3.0\"; write the number without quotes (Ray Serve rejects a quoted one here "
+                 "too)");
+    expect_error(APP_DEP "        max_queued_requests: \"5\"\n",
+                 "t.yaml:5:30: max_queued_requests must be -1 or an integer >= 1, got the string "
+                 "\"5\"; write the number without quotes (Ray Serve rejects a quoted one here "
+                 "too)");
+    expect_error(APP_DEP "        max_queued_requests: 5.0\n",
+                 "t.yaml:5:30: max_queued_requests must be -1 or an integer >= 1, got \"5.0\"");
+    expect_error(APP_DEP "        max_ongoing_requests: '5.5'\n",
+                 "t.yaml:5:31: max_ongoing_requests must be an integer > 0, got \"5.5\"");
+    expect_error(APP_DEP "        max_ongoing_requests: 5.5\n",
+                 "t.yaml:5:31: max_ongoing_requests must be an integer > 0, got \"5.5\"");
+}
+
 int main(void)
 {
     setup_tmpdir();
@@ -1241,6 +1486,11 @@ int main(void)
     test_external_scaler_hooks();
     test_admin_and_control_loop();
     test_autoscaling_from_json();
+    test_ray_builtin_names();
+    test_ray_old_keys();
+    test_ray_newer_keys();
+    test_ray_log_levels();
+    test_ray_number_types();
     cleanup_tmpdir();
     return TEST_DONE();
 }
