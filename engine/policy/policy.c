@@ -91,17 +91,20 @@ void ms_policy_clean_text(char *out, size_t cap, const char *s, size_t n)
     out[o] = '\0';
 }
 
-static void set_msg(char *out, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_msg(char *out, size_t cap, const char *fmt, ...)
+static void vformat_clean(char *out, size_t cap, const char *fmt, va_list ap)
 {
     char tmp[1024];
-    va_list ap;
-    va_start(ap, fmt);
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
     size_t len = n < 0 ? 0 : (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1;
     ms_policy_clean_text(out, cap, tmp, len);
+}
+
+void ms_policy_format_text(char *out, size_t cap, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vformat_clean(out, cap, fmt, ap);
+    va_end(ap);
 }
 
 /* ---- state copies ---------------------------------------------------------------------------- */
@@ -345,8 +348,8 @@ static int ref_fn(ms_policy_version_t *v, const load_args_t *a, int cls, const c
         return 0;
     }
     if (!lua_isfunction(L, -1)) {
-        set_msg(err, cap, "%s: '%s' must be a function, got %s", a->file, name,
-                luaL_typename(L, -1));
+        ms_policy_format_text(err, cap, "%s: '%s' must be a function, got %s", a->file, name,
+                              luaL_typename(L, -1));
         lua_pop(L, 1);
         return -1;
     }
@@ -356,7 +359,7 @@ static int ref_fn(ms_policy_version_t *v, const load_args_t *a, int cls, const c
 
 static int sandbox_err(ms_policy_version_t *v, char *err, size_t cap, const char *suffix)
 {
-    set_msg(err, cap, "%s%s", v->sb->err, suffix);
+    ms_policy_format_text(err, cap, "%s%s", v->sb->err, suffix);
     return -1;
 }
 
@@ -367,16 +370,16 @@ static int run_chunk(ms_policy_version_t *v, const load_args_t *a, char *err, si
     if (ms_sandbox_call(v->sb, 0, 1, INIT_BUDGET_US) != 0)
         return sandbox_err(v, err, cap, "");
     if (!lua_istable(L, -1)) {
-        set_msg(err, cap, "%s: the chunk must return a table, got %s", a->file,
-                luaL_typename(L, -1));
+        ms_policy_format_text(err, cap, "%s: the chunk must return a table, got %s", a->file,
+                              luaL_typename(L, -1));
         return -1;
     }
     if (a->kind->is_class && a->attr && *a->attr) {
         lua_pushstring(L, a->attr);
         lua_rawget(L, -2);
         if (!lua_istable(L, -1)) {
-            set_msg(err, cap, "%s: the returned table has no class '%s' (got %s)", a->file, a->attr,
-                    luaL_typename(L, -1));
+            ms_policy_format_text(err, cap, "%s: the returned table has no class '%s' (got %s)",
+                                  a->file, a->attr, luaL_typename(L, -1));
             return -1;
         }
         lua_remove(L, -2);
@@ -392,8 +395,8 @@ static int find_fns(ms_policy_version_t *v, const load_args_t *a, char *err, siz
         if (ref_fn(v, a, cls, a->fns[i], &v->fn_ref[i], err, cap) != 0)
             return -1;
         if (v->fn_ref[i] == LUA_NOREF && (a->required & (1u << i))) {
-            set_msg(err, cap, "%s: the returned %s has no function '%s'", a->file,
-                    a->kind->is_class ? "class" : "table", a->fns[i]);
+            ms_policy_format_text(err, cap, "%s: the returned %s has no function '%s'", a->file,
+                                  a->kind->is_class ? "class" : "table", a->fns[i]);
             return -1;
         }
     }
@@ -421,7 +424,7 @@ static int call_init(ms_policy_version_t *v, const load_args_t *a, int ref, int 
         snprintf(suffix, sizeof suffix, " (%s)", what);
         sandbox_err(v, err, cap, suffix);
     } else if (lua_isboolean(L, -1) && !lua_toboolean(L, -1) && strcmp(what, "self_test") == 0) {
-        set_msg(err, cap, "%s: self_test returned false", a->file);
+        ms_policy_format_text(err, cap, "%s: self_test returned false", a->file);
         rc = -1;
     }
     lua_settop(L, base);
@@ -481,7 +484,7 @@ static ms_policy_version_t *version_load(const load_args_t *a, char sha[65], cha
     sha[0] = '\0';
     ms_buf_t text = {0};
     if (ms_read_file(a->file, &text) != 0) {
-        set_msg(err, cap, "%s: %s", a->file, strerror(errno));
+        ms_policy_format_text(err, cap, "%s: %s", a->file, strerror(errno));
         ms_buf_free(&text);
         return NULL;
     }
@@ -494,7 +497,7 @@ static ms_policy_version_t *version_load(const load_args_t *a, char sha[65], cha
     char *e = NULL;
     v->sb = ms_sandbox_new(a->mem_limit, &e);
     if (!v->sb) {
-        set_msg(err, cap, "%s: %s", a->file, e ? e : "cannot create the sandbox");
+        ms_policy_format_text(err, cap, "%s: %s", a->file, e ? e : "cannot create the sandbox");
         free(e);
         free(v);
         ms_buf_free(&text);
@@ -692,13 +695,11 @@ int ms_policy_call(ms_policy_t *p, int nargs, int nres, uint64_t budget_us)
 
 void ms_policy_fail(ms_policy_t *p, const char *fmt, ...)
 {
-    char tmp[1024], clean[sizeof p->last_error];
+    char clean[sizeof p->last_error];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    vformat_clean(clean, sizeof clean, fmt, ap);
     va_end(ap);
-    size_t len = n < 0 ? 0 : (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1;
-    ms_policy_clean_text(clean, sizeof clean, tmp, len);
     note_failure(p, clean);
 }
 

@@ -190,5 +190,8 @@ void ms_policy_get(lua_State *L, int t, const char *key);
 /* Makes s (n bytes) safe for JSON and a log line: bytes that are not UTF-8 become '?', control
  * characters spaces, and a cut at cap never splits a character. out may be s. */
 void ms_policy_clean_text(char *out, size_t cap, const char *s, size_t n);
+/* snprintf, then ms_policy_clean_text. */
+void ms_policy_format_text(char *out, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 #endif

@@ -138,26 +138,6 @@ size_t ms_scale_hook_policies(ms_scale_hook_t *h, struct ms_policy **out)
 /* ---- answers ----------------------------------------------------------------------------------
  */
 
-/* Copies a script's text into out: the caller puts it in a JSON body and a log line. */
-static void copy_reason(char *out, size_t cap, const char *s, size_t n)
-{
-    ms_policy_clean_text(out, cap, s, n);
-}
-
-static void set_reason(char *out, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_reason(char *out, size_t cap, const char *fmt, ...)
-{
-    char tmp[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        n = 0;
-    copy_reason(out, cap, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
-}
-
 /* An integer count in [0, INT_MAX] at idx (a Lua number without a fraction). */
 static int check_count(lua_State *L, int idx, long long *out)
 {
@@ -199,11 +179,12 @@ static int read_verdict(ms_scale_hook_t *h, lua_State *L, int base, int current_
         }
         *v = MS_HOOK_CLAMP;
         if (lua_isnil(L, ridx)) {
-            set_reason(reason, cap, "clamped to %lld by the external scaling hook", *target);
+            ms_policy_format_text(reason, cap, "clamped to %lld by the external scaling hook",
+                                  *target);
         } else {
             size_t n;
             const char *s = lua_tolstring(L, ridx, &n);
-            copy_reason(reason, cap, s, n);
+            ms_policy_clean_text(reason, cap, s, n);
         }
         return 0;
     }
@@ -218,7 +199,7 @@ static int read_verdict(ms_scale_hook_t *h, lua_State *L, int base, int current_
         }
         size_t n;
         const char *s = lua_tolstring(L, ridx, &n);
-        copy_reason(reason, cap, s, n);
+        ms_policy_clean_text(reason, cap, s, n);
         *v = MS_HOOK_REFUSE;
         *target = current_target;
         return 0;
@@ -264,8 +245,8 @@ ms_hook_verdict_t ms_scale_hook_judge(ms_scale_hook_t *h, const char *deployment
     lua_settop(L, base);
     if (rc != 0) {
         h->accepted++;
-        set_reason(reason, reason_cap, "accepted: the external scaling hook failed (%s)",
-                   ms_policy_last_error(h->hp));
+        ms_policy_format_text(reason, reason_cap, "accepted: the external scaling hook failed (%s)",
+                              ms_policy_last_error(h->hp));
         return MS_HOOK_ACCEPT;
     }
     *target_out = target;

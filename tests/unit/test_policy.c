@@ -288,15 +288,24 @@ static void test_protected_tables(void)
 /* ---- reload ------------------------------------------------------------------------------------
  */
 
+/* Two scripts whose f() answers 1 and 2. */
+static int load_two(ms_policy_t *ps[2], char **pa, char **pb)
+{
+    *pa = write_tmp("return { f = function() return 1 end }");
+    *pb = write_tmp("return { f = function() return 2 end }");
+    char *err = NULL;
+    ps[0] = load(&fn_kind, *pa, "f", &err);
+    ps[1] = load(&fn_kind, *pb, "f", &err);
+    ASSERT_TRUE(ps[0] && ps[1]);
+    return ps[0] && ps[1] ? 0 : -1;
+}
+
 /* All or none: one broken script keeps every script at its version. */
 static void test_reload_all_or_none(void)
 {
-    char *pa = write_tmp("return { f = function() return 1 end }");
-    char *pb = write_tmp("return { f = function() return 2 end }");
-    char *err = NULL;
-    ms_policy_t *ps[2] = {load(&fn_kind, pa, "f", &err), load(&fn_kind, pb, "f", &err)};
-    ASSERT_TRUE(ps[0] && ps[1]);
-    if (!ps[0] || !ps[1])
+    char *pa, *pb;
+    ms_policy_t *ps[2];
+    if (load_two(ps, &pa, &pb) != 0)
         return;
     rewrite(pa, "return { f = function() return 10 end }");
     rewrite(pb, "return { f = function( }");
@@ -384,12 +393,9 @@ static void test_reload_off_loop(void)
 /* A policy freed by its owner while its reload is in flight is dropped, not committed. */
 static void test_free_during_reload(void)
 {
-    char *pa = write_tmp("return { f = function() return 1 end }");
-    char *pb = write_tmp("return { f = function() return 2 end }");
-    char *err = NULL;
-    ms_policy_t *ps[2] = {load(&fn_kind, pa, "f", &err), load(&fn_kind, pb, "f", &err)};
-    ASSERT_TRUE(ps[0] && ps[1]);
-    if (!ps[0] || !ps[1])
+    char *pa, *pb;
+    ms_policy_t *ps[2];
+    if (load_two(ps, &pa, &pb) != 0)
         return;
     uv_loop_t loop;
     uv_loop_init(&loop);
