@@ -69,6 +69,8 @@ static json_t *deployment_json(const dep_entry_t *e)
         status = "DEPLOY_FAILED";
         trigger = "REPLICA_STARTUP_FAILED";
         snprintf(message, sizeof message, "replicas fail to start: %s", failure);
+        /* The cut above may fall inside a character; json_pack takes only valid UTF-8. */
+        ms_utf8_copy(message, sizeof message, message, strlen(message));
     } else if (strcmp(status, "HEALTHY") != 0) {
         snprintf(message, sizeof message, "%zu of %d replicas running", running,
                  ms_deployment_target(e->dep));
