@@ -383,7 +383,8 @@ static int on_metrics(void *data, char **text)
                           "# TYPE moonserve_deployment_queued_requests gauge\n"
                           "# TYPE moonserve_deployment_ongoing_requests gauge\n"
                           "# TYPE moonserve_script_info gauge\n"
-                          "# TYPE moonserve_script_failures_total counter\n");
+                          "# TYPE moonserve_script_failures_total counter\n"
+                          "# TYPE moonserve_controller_configs_held gauge\n");
     for (size_t i = 0; i < c->n_deps; i++)
         metrics_for(&c->deps[i], &b);
     ms_policy_t **ps;
@@ -391,6 +392,9 @@ static int on_metrics(void *data, char **text)
     for (size_t i = 0; i < n; i++)
         script_metrics(&b, ps[i]);
     free(ps);
+    /* The file's config, and the latest deploy's: a count that grew with each deploy would be
+     * a leak. */
+    ms_buf_appendf(&b, "moonserve_controller_configs_held %d\n", 1 + (c->deployed != NULL));
     *text = b.data;
     return 200;
 }
