@@ -296,13 +296,14 @@ static void on_call_done(void *data)
     call_end(c, CALL_DONE);
 }
 
-static void on_call_error(void *data, const char *err)
+static void on_call_error(void *data, ms_http_client_error_t err)
 {
     rt_call_t *c = data;
     ms_http_client_close(c->client);
     c->client = NULL;
     ms_buf_reset(&c->body);
-    ms_buf_appendf(&c->body, "%s (controller socket %s)", err, c->rt->controller_path);
+    ms_buf_appendf(&c->body, "%s (controller socket %s)", ms_http_client_error_text(err),
+                   c->rt->controller_path);
     call_end(c, CALL_FAILED);
 }
 
