@@ -339,11 +339,14 @@ static void push_request(lua_State *co, const ms_http_request_t *req)
     lua_createtable(co, 0, (int)req->n_headers);
     for (size_t i = 0; i < req->n_headers; i++) {
         const ms_http_header_t *h = &req->headers[i];
-        char name[256];
-        size_t n = h->name_len < sizeof name ? h->name_len : sizeof name - 1;
-        for (size_t k = 0; k < n; k++)
-            name[k] = (char)(h->name[k] >= 'A' && h->name[k] <= 'Z' ? h->name[k] + 32 : h->name[k]);
-        lua_pushlstring(co, name, n);
+        /* A name may be as long as max_header_bytes allows (nginx takes them too): no cap. */
+        luaL_Buffer name;
+        luaL_buffinit(co, &name);
+        for (size_t k = 0; k < h->name_len; k++) {
+            char ch = h->name[k];
+            luaL_addchar(&name, (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch));
+        }
+        luaL_pushresult(&name);
         lua_pushvalue(co, -1);
         lua_rawget(co, -3);
         if (lua_isstring(co, -1)) {
