@@ -69,6 +69,8 @@ static json_t *deployment_json(const dep_entry_t *e)
         status = "DEPLOY_FAILED";
         trigger = "REPLICA_STARTUP_FAILED";
         snprintf(message, sizeof message, "replicas fail to start: %s", failure);
+        /* The cut above may fall inside a character; json_pack takes only valid UTF-8. */
+        ms_utf8_copy(message, sizeof message, message, strlen(message));
     } else if (strcmp(status, "HEALTHY") != 0) {
         snprintf(message, sizeof message, "%zu of %d replicas running", running,
                  ms_deployment_target(e->dep));
@@ -303,25 +305,46 @@ static int on_shutdown(void *data, json_t **body)
 /* ---- metrics -----------------------------------------------------------------------------------
  */
 
+/* A label value in the Prometheus text format: backslash, double quote and newline escaped
+ * (names are any text the config allows). The caller frees it. */
+static char *label_value(const char *s)
+{
+    ms_buf_t b = {0};
+    ms_buf_append(&b, "", 0); /* an empty name is an empty string, not NULL */
+    for (; *s; s++) {
+        if (*s == '\n') {
+            ms_buf_append(&b, "\\n", 2);
+            continue;
+        }
+        if (*s == '\\' || *s == '"')
+            ms_buf_append(&b, "\\", 1);
+        ms_buf_append(&b, s, 1);
+    }
+    return b.data;
+}
+
 /* moonserve_script_info (version and hash as labels) and the failure counter of one policy
  * script, in the one shape every kind shares. */
 static void script_metrics(ms_buf_t *b, const ms_policy_t *p)
 {
     json_t *info = ms_policy_info(p);
     const char *kind = json_string_value(json_object_get(info, "kind"));
-    const char *app = json_string_value(json_object_get(info, "application"));
-    const char *dep = json_string_value(json_object_get(info, "deployment"));
+    const char *app_name = json_string_value(json_object_get(info, "application"));
+    const char *dep_name = json_string_value(json_object_get(info, "deployment"));
     const char *sha = json_string_value(json_object_get(info, "sha256"));
+    char *app = label_value(app_name ? app_name : ""), *dep = label_value(dep_name ? dep_name : "");
     ms_buf_appendf(b,
                    "moonserve_script_info{kind=\"%s\",application=\"%s\",deployment=\"%s\","
                    "version=\"%lld\",sha256=\"%s\"} 1\n",
-                   kind, app ? app : "", dep ? dep : "",
-                   (long long)json_integer_value(json_object_get(info, "version")), sha ? sha : "");
+                   kind, app, dep, (long long)json_integer_value(json_object_get(info, "version")),
+                   sha ? sha : "");
     ms_buf_appendf(b,
                    "moonserve_script_failures_total{kind=\"%s\",application=\"%s\","
                    "deployment=\"%s\"} %lld\n",
-                   kind, app ? app : "", dep ? dep : "",
+                   kind, app, dep,
                    (long long)json_integer_value(json_object_get(info, "failures")));
+    free(app);
+    free(dep);
     json_decref(info);
 }
 
@@ -334,7 +357,7 @@ static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
         running += rs[i]->state == MS_REPLICA_RUNNING;
         ongoing += (size_t)rs[i]->ongoing;
     }
-    const char *a = e->app->name, *d = e->name;
+    char *a = label_value(e->app->name), *d = label_value(e->name);
     ms_buf_appendf(
         b, "moonserve_deployment_target_replicas{application=\"%s\",deployment=\"%s\"} %d\n", a, d,
         ms_deployment_target(e->dep));
@@ -347,6 +370,8 @@ static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
     ms_buf_appendf(
         b, "moonserve_deployment_ongoing_requests{application=\"%s\",deployment=\"%s\"} %zu\n", a,
         d, ongoing);
+    free(a);
+    free(d);
 }
 
 static int on_metrics(void *data, char **text)
@@ -358,7 +383,8 @@ static int on_metrics(void *data, char **text)
                           "# TYPE moonserve_deployment_queued_requests gauge\n"
                           "# TYPE moonserve_deployment_ongoing_requests gauge\n"
                           "# TYPE moonserve_script_info gauge\n"
-                          "# TYPE moonserve_script_failures_total counter\n");
+                          "# TYPE moonserve_script_failures_total counter\n"
+                          "# TYPE moonserve_controller_configs_held gauge\n");
     for (size_t i = 0; i < c->n_deps; i++)
         metrics_for(&c->deps[i], &b);
     ms_policy_t **ps;
@@ -366,6 +392,9 @@ static int on_metrics(void *data, char **text)
     for (size_t i = 0; i < n; i++)
         script_metrics(&b, ps[i]);
     free(ps);
+    /* The file's config, and the latest deploy's: a count that grew with each deploy would be
+     * a leak. */
+    ms_buf_appendf(&b, "moonserve_controller_configs_held %d\n", 1 + (c->deployed != NULL));
     *text = b.data;
     return 200;
 }

@@ -242,9 +242,7 @@ static void free_entries(controller_t *c)
     }
     free(c->deps);
     free(c->apps);
-    for (size_t i = 0; i < c->n_deployed; i++)
-        ms_config_free(c->deployed[i]);
-    free(c->deployed);
+    ms_config_free(c->deployed);
 }
 
 int ms_controller_run(const ms_config_t *cfg, const char *exe_path)

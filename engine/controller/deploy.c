@@ -179,10 +179,13 @@ int ms__deploy(controller_t *c, const char *text, size_t len, json_t **body)
     free(cfg->http.host);
     cfg->http.host = ms_strdup(c->cfg->http.host);
     cfg->http.port = c->cfg->http.port;
-    c->deployed = ms_realloc(c->deployed, (c->n_deployed + 1) * sizeof *c->deployed);
-    c->deployed[c->n_deployed++] = cfg;
     apply(c, cfg, &plan);
     ms__plan_free(&plan);
+    /* Everything now points into cfg: deployment entries, applications, policies and routes.
+     * What was taken from the old config (names, specs, scripts, stopping deployments) was
+     * copied, so the previous deploy's config can go. The file's stays with its caller. */
+    ms_config_free(c->deployed);
+    c->deployed = cfg;
     ms_info("deploy: applied (%zu applications)", cfg->n_apps);
     *body = NULL;
     return 200;

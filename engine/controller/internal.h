@@ -73,9 +73,8 @@ typedef struct app_entry {
 typedef struct controller {
     uv_loop_t *loop;
     const ms_config_t *cfg; /* the config in force: the file, or the latest deploy */
-    ms_config_t **deployed; /* configs taken from deploys (owned; older ones kept while
-                             * anything may still point into them) */
-    size_t n_deployed;
+    ms_config_t *deployed;  /* the latest deploy's config (owned), NULL while the file's is in
+                             * force; the one before it is freed once a deploy has applied */
     const char *exe_path;
     ms_ingress_t *proxy;
     ms_http_server_t *ingress;

@@ -224,6 +224,65 @@ double ms_wall_time(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 when it is not one: a stray
+ * continuation byte, a truncated sequence, an overlong form, a surrogate, or beyond U+10FFFF. */
+static size_t utf8_seq_len(const unsigned char *s, size_t n)
+{
+    size_t len = s[0] < 0x80         ? 1
+                 : (s[0] >> 5) == 6  ? 2
+                 : (s[0] >> 4) == 14 ? 3
+                 : (s[0] >> 3) == 30 ? 4
+                                     : 0;
+    if (len == 0 || len > n || (len == 2 && s[0] < 0xc2) || (len == 4 && s[0] > 0xf4))
+        return 0;
+    for (size_t i = 1; i < len; i++)
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+    if (len == 3 && ((s[0] == 0xe0 && s[1] < 0xa0) || (s[0] == 0xed && s[1] >= 0xa0)))
+        return 0;
+    if (len == 4 && ((s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] >= 0x90)))
+        return 0;
+    return len;
+}
+
+/* True when s (n bytes, the end of the text) is the start of a character cut short, as a
+ * fixed-size snprintf leaves it. */
+static int utf8_cut_tail(const unsigned char *s, size_t n)
+{
+    size_t want = (s[0] >> 5) == 6 ? 2 : (s[0] >> 4) == 14 ? 3 : (s[0] >> 3) == 30 ? 4 : 0;
+    if (n >= want)
+        return 0;
+    for (size_t i = 1; i < n; i++)
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+    return 1;
+}
+
+size_t ms_utf8_copy(char *out, size_t cap, const char *s, size_t n)
+{
+    if (cap == 0)
+        return 0;
+    const unsigned char *p = (const unsigned char *)s;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        size_t len = utf8_seq_len(p + i, n - i);
+        if (len == 0 && utf8_cut_tail(p + i, n - i))
+            break;
+        if (o + (len ? len : 1) >= cap)
+            break;
+        if (len == 0) {
+            out[o++] = '?';
+            i++;
+        } else {
+            memmove(out + o, p + i, len);
+            o += len;
+            i += len;
+        }
+    }
+    out[o] = '\0';
+    return o;
+}
+
 void ms_random_id(char *out)
 {
     static uint64_t state;

@@ -81,6 +81,14 @@ double ms_wall_time(void); /* seconds since the epoch, for status and logs */
  * may then hold part of the file. Blocking: for start-up, reload and admin paths only. */
 int ms_read_file(const char *path, ms_buf_t *out);
 
+/* ---- text ---------------------------------------------------------------------------------- */
+/* Copies n bytes of s into out (cap bytes, NUL included) as valid UTF-8, for script and user text
+ * bound for JSON (jansson refuses anything else): a byte that does not begin a valid sequence
+ * becomes '?'; a character cut short at the end of s (as a fixed-size snprintf leaves it) is
+ * dropped, and when out is too small the copy ends before a character, never inside one. The
+ * copy is never longer than s, so out may be s. Returns the length written. */
+size_t ms_utf8_copy(char *out, size_t cap, const char *s, size_t n);
+
 /* ---- misc ---------------------------------------------------------------------------------- */
 /* SHA-256 of data as 64 lowercase hex digits plus NUL, for script fingerprints. */
 void ms_sha256_hex(const void *data, size_t len, char out[65]);

@@ -208,7 +208,7 @@ static void maybe_finish_shutdown(ms_deployment_t *d)
     }
 }
 
-static void on_replica_error(void *data, const char *err);
+static void call_failed(call_t *c, int never_sent, const char *why);
 
 /* Requests in flight on a replica that died are answered now rather than when their
  * connections notice. */
@@ -217,7 +217,7 @@ static void fail_calls_on(ms_deployment_t *d, ms_replica_t *r)
     for (size_t i = 0; i < d->n_calls; i++) {
         call_t *c = d->all_calls[i];
         if (c->state == CALL_SENT && c->replica == r)
-            on_replica_error(c, "replica process exited");
+            call_failed(c, 0, "replica process exited");
     }
 }
 
@@ -579,19 +579,19 @@ static void on_replica_done(void *data)
     dispatch(d);
 }
 
-static void on_replica_error(void *data, const char *err)
+/* The call's replica failed it. never_sent: the request surely never reached the replica, so
+ * it may be routed again without running twice. */
+static void call_failed(call_t *c, int never_sent, const char *why)
 {
-    call_t *c = data;
     ms_deployment_t *d = c->dep;
     ms_http_request_t *req = c->req;
     ms_replica_t *r = c->replica;
-    int never_connected = strcmp(err, "connect failed") == 0;
-    ms_warn("request %s: replica %s failed: %s", req->request_id, r ? r->id : "?", err);
+    ms_warn("request %s: replica %s failed: %s", req->request_id, r ? r->id : "?", why);
     call_detach(c, 0);
     if (ms_http_response_started(req)) {
         call_release(c);
         ms_http_response_abort(req);
-    } else if (never_connected && !c->retried) {
+    } else if (never_sent && !c->retried) {
         /* The request never reached the replica (it died a moment ago): route it again. */
         c->retried = 1;
         queue_push(d, c, 1);
@@ -603,6 +603,11 @@ static void on_replica_error(void *data, const char *err)
         ms_http_respond_error(req, 502, msg);
     }
     dispatch(d);
+}
+
+static void on_replica_error(void *data, ms_http_client_error_t err)
+{
+    call_failed(data, err == MS_HTTP_CLIENT_CONNECT_FAILED, ms_http_client_error_text(err));
 }
 
 static const ms_http_client_callbacks_t relay_callbacks = {
@@ -660,7 +665,7 @@ static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
     build_forward_head(c);
     if (ms_http_client_send(c->conn, c->head.data, c->head.len, c->req->body, c->req->body_len,
                             &relay_callbacks, c) != 0)
-        on_replica_error(c, "connect failed");
+        call_failed(c, 1, "the connection to the replica is broken");
 }
 
 /* ---- choosing a replica ---------------------------------------------------------------------- */

@@ -35,7 +35,26 @@ static ms_http_client_t *client_of_parser(llhttp_t *p)
     return (ms_http_client_t *)((char *)p - offsetof(ms_http_client_t, parser));
 }
 
-static void fail(ms_http_client_t *c, const char *err)
+const char *ms_http_client_error_text(ms_http_client_error_t err)
+{
+    switch (err) {
+    case MS_HTTP_CLIENT_CONNECT_FAILED:
+        return "connect failed";
+    case MS_HTTP_CLIENT_PEER_CLOSED:
+        return "connection closed by peer";
+    case MS_HTTP_CLIENT_RESET:
+        return "connection reset";
+    case MS_HTTP_CLIENT_UNEXPECTED:
+        return "unexpected bytes from peer";
+    case MS_HTTP_CLIENT_MALFORMED:
+        return "malformed response";
+    case MS_HTTP_CLIENT_WRITE_FAILED:
+        return "write failed";
+    }
+    return "unknown error";
+}
+
+static void fail(ms_http_client_t *c, ms_http_client_error_t err)
 {
     if (c->broken)
         return;
@@ -130,18 +149,18 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (nread == UV_EOF && c->busy)
             llhttp_finish(&c->parser); /* completes a close-delimited body, if that is one */
         uv_read_stop(s);
-        fail(c, nread == UV_EOF ? "connection closed by peer" : "connection reset");
+        fail(c, nread == UV_EOF ? MS_HTTP_CLIENT_PEER_CLOSED : MS_HTTP_CLIENT_RESET);
         return;
     }
     if (nread == 0)
         return;
     if (!c->busy) {
-        fail(c, "unexpected bytes from peer");
+        fail(c, MS_HTTP_CLIENT_UNEXPECTED);
         return;
     }
     llhttp_errno_t e = llhttp_execute(&c->parser, buf->base, (size_t)nread);
     if (e != HPE_OK && !c->closed)
-        fail(c, "malformed response");
+        fail(c, MS_HTTP_CLIENT_MALFORMED);
 }
 
 static void on_connect(uv_connect_t *req, int status)
@@ -150,7 +169,7 @@ static void on_connect(uv_connect_t *req, int status)
     if (c->closed)
         return;
     if (status < 0) {
-        fail(c, "connect failed");
+        fail(c, MS_HTTP_CLIENT_CONNECT_FAILED);
         return;
     }
     uv_read_start(&c->h.stream, ms__alloc_read_buffer, on_read);
@@ -186,7 +205,7 @@ static void on_write_done(void *data, int status)
 {
     ms_http_client_t *c = data;
     if (status < 0 && !c->closed)
-        fail(c, "write failed");
+        fail(c, MS_HTTP_CLIENT_WRITE_FAILED);
 }
 
 int ms_http_client_send(ms_http_client_t *c, const char *head, size_t head_len, const char *body,

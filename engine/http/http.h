@@ -120,6 +120,20 @@ const char *ms_http_status_text(int status);
 
 typedef struct ms_http_client ms_http_client_t;
 
+/* Why a request on a client connection failed. Only MS_HTTP_CLIENT_CONNECT_FAILED means the
+ * request surely never reached the peer (so it may be sent elsewhere without running twice). */
+typedef enum {
+    MS_HTTP_CLIENT_CONNECT_FAILED,
+    MS_HTTP_CLIENT_PEER_CLOSED, /* EOF before the response was complete */
+    MS_HTTP_CLIENT_RESET,       /* any other read error */
+    MS_HTTP_CLIENT_UNEXPECTED,  /* bytes while no response was owed */
+    MS_HTTP_CLIENT_MALFORMED,   /* the response did not parse */
+    MS_HTTP_CLIENT_WRITE_FAILED,
+} ms_http_client_error_t;
+
+/* A short text for logs and error bodies, e.g. "connect failed". */
+const char *ms_http_client_error_text(ms_http_client_error_t err);
+
 typedef struct ms_http_client_callbacks {
     /* Response head arrived. Header strings are valid only during the call. */
     void (*on_head)(void *data, int status, const ms_http_header_t *headers, size_t n_headers,
@@ -129,8 +143,8 @@ typedef struct ms_http_client_callbacks {
     /* The response is complete; the connection is idle again and may be reused. */
     void (*on_done)(void *data);
     /* Connect failure, reset, EOF or parse error before on_done. The connection is unusable:
-     * the owner must call ms_http_client_close. `err` is a static string. */
-    void (*on_error)(void *data, const char *err);
+     * the owner must call ms_http_client_close. */
+    void (*on_error)(void *data, ms_http_client_error_t err);
 } ms_http_client_callbacks_t;
 
 /* Connect to a Unix socket (`path`) or, when path is NULL, to host:port over TCP. The connect

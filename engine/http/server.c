@@ -307,11 +307,18 @@ void ms_http_respond(ms_http_request_t *req, int status, const ms_http_header_t 
     finish_request(c);
 }
 
-static size_t json_escape_into(char *out, size_t cap, const char *s)
+/* The message as the inside of a JSON string. It may hold script text and cuts made by
+ * snprintf, so it is made valid UTF-8 first, and the escaped copy ends between characters. */
+static size_t json_escape_into(char *out, size_t cap, const char *message)
 {
+    char clean[1024];
+    size_t len = ms_utf8_copy(clean, sizeof clean, message, strlen(message));
     size_t n = 0;
-    for (; *s && n + 7 < cap; s++) {
-        unsigned char ch = (unsigned char)*s;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)clean[i];
+        /* Room for the longest escape of a lead byte, and the rest of its character. */
+        if ((ch & 0xc0) != 0x80 && n + 7 >= cap)
+            break;
         if (ch == '"' || ch == '\\') {
             out[n++] = '\\';
             out[n++] = (char)ch;

@@ -1,6 +1,7 @@
 /*
  * ingress: routes ingress requests to applications and handle calls to deployments. See ingress.h.
  */
+#include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,23 +51,23 @@ void ms_ingress_free(ms_ingress_t *p)
 
 static void rebuild_routes_json(ms_ingress_t *p)
 {
-    ms_buf_reset(&p->routes_json);
-    ms_buf_append(&p->routes_json, "{", 1);
-    int first = 1;
+    /* Prefixes and names are any text the config allows (quotes, backslashes, newlines):
+     * jansson escapes them. It keeps insertion order, so the body lists routes as configured. */
+    json_t *routes = json_object();
     for (size_t i = 0; i < p->n_targets; i++) {
         const target_t *t = &p->targets[i];
-        if (!t->route_prefix)
-            continue;
-        /* Names and prefixes were validated by the config loader: no quotes or controls. */
-        ms_buf_appendf(&p->routes_json, "%s\"%s\": \"%s\"", first ? "" : ", ", t->route_prefix,
-                       t->app_name);
-        first = 0;
+        if (t->route_prefix)
+            json_object_set_new(routes, t->route_prefix, json_string(t->app_name));
     }
-    ms_buf_append(&p->routes_json, "}", 1);
+    char *text = json_dumps(routes, 0);
+    json_decref(routes);
+    ms_buf_reset(&p->routes_json);
+    ms_buf_append_str(&p->routes_json, text ? text : "{}");
+    free(text);
 }
 
 void ms_ingress_add_deployment(ms_ingress_t *p, const char *app_name, const char *deployment_name,
-                             const char *route_prefix, ms_deployment_t *d)
+                               const char *route_prefix, ms_deployment_t *d)
 {
     p->targets = ms_realloc(p->targets, (p->n_targets + 1) * sizeof *p->targets);
     target_t *t = &p->targets[p->n_targets++];

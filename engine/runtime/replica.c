@@ -137,11 +137,29 @@ static void on_ctl_written(uv_write_t *req, int status)
     free(w);
 }
 
+/* Script text (an error message) as a JSON string: jansson takes only UTF-8, and a Lua error
+ * may hold any bytes, so those that are not become '?'. */
+static json_t *json_text(const char *text)
+{
+    size_t n = strlen(text);
+    char *clean = ms_malloc(n + 1);
+    size_t len = ms_utf8_copy(clean, n + 1, text, n);
+    json_t *j = json_stringn(clean, len);
+    free(clean);
+    return j;
+}
+
 /* Sends one message (consumed) as a JSON line; exit_code >= 0 exits once it is written. */
 static void ctl_send(json_t *msg, int exit_code)
 {
-    char *s = json_dumps(msg, JSON_COMPACT);
+    char *s = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
     json_decref(msg);
+    if (!s) {
+        ms_error("control message could not be encoded");
+        if (exit_code >= 0)
+            finish(exit_code);
+        return;
+    }
     size_t n = strlen(s);
     ctl_write_t *w = ms_malloc(sizeof *w + n + 1);
     memcpy(w->bytes, s, n);
@@ -164,14 +182,14 @@ static void ctl_reply(json_int_t id, json_t *reply, const char *error)
     json_object_set_new(reply, "id", json_integer(id));
     json_object_set_new(reply, "ok", json_boolean(error == NULL));
     if (error)
-        json_object_set_new(reply, "error", json_string(error));
+        json_object_set_new(reply, "error", json_text(error));
     ctl_send(reply, -1);
 }
 
 static void fail_startup(const char *error)
 {
     ms_error("replica failed to start: %s", error);
-    ctl_send(json_pack("{s:s, s:s}", "op", "failed", "error", error), 1);
+    ctl_send(json_pack("{s:s, s:o}", "op", "failed", "error", json_text(error)), 1);
 }
 
 /* ---- Lua calls into the instance --------------------------------------------------------------
@@ -321,11 +339,14 @@ static void push_request(lua_State *co, const ms_http_request_t *req)
     lua_createtable(co, 0, (int)req->n_headers);
     for (size_t i = 0; i < req->n_headers; i++) {
         const ms_http_header_t *h = &req->headers[i];
-        char name[256];
-        size_t n = h->name_len < sizeof name ? h->name_len : sizeof name - 1;
-        for (size_t k = 0; k < n; k++)
-            name[k] = (char)(h->name[k] >= 'A' && h->name[k] <= 'Z' ? h->name[k] + 32 : h->name[k]);
-        lua_pushlstring(co, name, n);
+        /* A name may be as long as max_header_bytes allows (nginx takes them too): no cap. */
+        luaL_Buffer name;
+        luaL_buffinit(co, &name);
+        for (size_t k = 0; k < h->name_len; k++) {
+            char ch = h->name[k];
+            luaL_addchar(&name, (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch));
+        }
+        luaL_pushresult(&name);
         lua_pushvalue(co, -1);
         lua_rawget(co, -3);
         if (lua_isstring(co, -1)) {

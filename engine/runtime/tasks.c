@@ -296,13 +296,14 @@ static void on_call_done(void *data)
     call_end(c, CALL_DONE);
 }
 
-static void on_call_error(void *data, const char *err)
+static void on_call_error(void *data, ms_http_client_error_t err)
 {
     rt_call_t *c = data;
     ms_http_client_close(c->client);
     c->client = NULL;
     ms_buf_reset(&c->body);
-    ms_buf_appendf(&c->body, "%s (controller socket %s)", err, c->rt->controller_path);
+    ms_buf_appendf(&c->body, "%s (controller socket %s)", ms_http_client_error_text(err),
+                   c->rt->controller_path);
     call_end(c, CALL_FAILED);
 }
 
@@ -313,23 +314,51 @@ static const ms_http_client_callbacks_t call_callbacks = {
     on_call_error,
 };
 
-/* Builds the request head: the target deployment, the parent request's id, the forwarded
- * headers (flat name, value list at index 4) and the body framing. */
-static void build_head(lua_State *L, ms_buf_t *head, const char *target, const char *rid,
+/* Readies the flat {name, value, ...} header list at idx for C: numbers in it become strings
+ * in the table itself. This is where a Lua error can happen (a wrong type, or an allocation
+ * that fails or runs a finalizer that raises), so callers run it before they allocate anything
+ * a raise would leak; afterwards reading the list allocates nothing, and the strings read stay
+ * alive in the table. Other values are left for the caller to skip. Returns the pair count. */
+static int prepare_header_list(lua_State *L, int idx)
+{
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int n = (int)lua_objlen(L, idx) / 2;
+    for (int i = 1; i <= 2 * n; i++) {
+        lua_rawgeti(L, idx, i);
+        if (lua_type(L, -1) == LUA_TNUMBER) {
+            lua_tostring(L, -1); /* converts the stack slot, which then replaces the number */
+            lua_rawseti(L, idx, i);
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+    return n;
+}
+
+/* One entry of a list prepare_header_list readied: the string (its length in *len unless len is
+ * NULL), or NULL for another type. */
+static const char *header_entry(lua_State *L, int idx, int i, size_t *len)
+{
+    lua_rawgeti(L, idx, i);
+    const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, len) : NULL;
+    lua_pop(L, 1); /* s stays alive: the table holds it */
+    return s;
+}
+
+/* Builds the request head: method and path (strings at 2 and 3), the target deployment, the
+ * parent request's id, the n forwarded headers (the list at index 4, readied by
+ * prepare_header_list) and the body framing. Raises no Lua error, so head cannot leak. */
+static void build_head(lua_State *L, int n, ms_buf_t *head, const char *target, const char *rid,
                        size_t body_len)
 {
     ms_buf_appendf(head, "%s %s HTTP/1.1\r\nHost: moonserve\r\nX-Moonserve-Target: %s\r\n",
-                   luaL_checkstring(L, 2), luaL_checkstring(L, 3), target);
+                   lua_tostring(L, 2), lua_tostring(L, 3), target);
     ms_buf_appendf(head, "X-Request-ID: %s\r\nContent-Length: %zu\r\n", rid, body_len);
-    luaL_checktype(L, 4, LUA_TTABLE);
-    int n = (int)lua_objlen(L, 4);
-    for (int i = 1; i + 1 <= n; i += 2) {
-        lua_rawgeti(L, 4, i);
-        lua_rawgeti(L, 4, i + 1);
-        const char *name = lua_tostring(L, -2), *value = lua_tostring(L, -1);
+    for (int i = 0; i < n; i++) {
+        const char *name = header_entry(L, 4, 2 * i + 1, NULL);
+        const char *value = header_entry(L, 4, 2 * i + 2, NULL);
         if (name && value && !strpbrk(name, "\r\n") && !strpbrk(value, "\r\n"))
             ms_buf_appendf(head, "%s: %s\r\n", name, value);
-        lua_pop(L, 2);
     }
     ms_buf_append(head, "\r\n", 2);
 }
@@ -337,17 +366,24 @@ static void build_head(lua_State *L, ms_buf_t *head, const char *target, const c
 /* core.call(target, method, path, headers, body) -> future userdata; sends at once. */
 static int l_call(lua_State *L)
 {
+    /* Everything that can raise comes first: a Lua error unwinds past C frees. */
     const char *target = luaL_checkstring(L, 1);
+    luaL_checkstring(L, 2);
+    luaL_checkstring(L, 3);
+    int n_headers = prepare_header_list(L, 4);
     size_t body_len;
     const char *body = luaL_checklstring(L, 5, &body_len);
     rt_task_t *t = current_task(L, "handle:remote");
     rt_t *rt = t->rt;
     if (!rt->controller_path)
         return luaL_error(L, "handle:remote: this replica was started without --controller");
-    ms_buf_t head = {0};
-    build_head(L, &head, target, t->request_id, body_len);
+    rt_call_t **ud = lua_newuserdata(L, sizeof *ud);
+    *ud = NULL; /* collected before it holds a call: nothing to free */
+    luaL_getmetatable(L, FUTURE_MT);
+    lua_setmetatable(L, -2);
 
     rt_call_t *c = ms_calloc(1, sizeof *c);
+    *ud = c;
     c->rt = rt;
     c->state = CALL_INFLIGHT;
     c->owner = t;
@@ -356,11 +392,9 @@ static int l_call(lua_State *L)
         c->next->prevp = &c->next;
     c->prevp = &t->calls;
     t->calls = c;
-    rt_call_t **ud = lua_newuserdata(L, sizeof *ud);
-    *ud = c;
-    luaL_getmetatable(L, FUTURE_MT);
-    lua_setmetatable(L, -2);
 
+    ms_buf_t head = {0};
+    build_head(L, n_headers, &head, target, t->request_id, body_len);
     c->client = pool_take(rt);
     if (ms_http_client_send(c->client, head.data, head.len, body, body_len, &call_callbacks, c) !=
         0) {
@@ -390,6 +424,8 @@ static int l_result(lua_State *L)
 static int l_future_gc(lua_State *L)
 {
     rt_call_t *c = *(rt_call_t **)lua_touserdata(L, 1);
+    if (!c)
+        return 0;
     if (c->state == CALL_INFLIGHT)
         c->collected = 1;
     else
@@ -411,16 +447,16 @@ static int l_stream_start(lua_State *L)
         return luaL_error(L, "serve.stream: the response has already started");
     if (status < 100 || status > 599)
         return luaL_error(L, "serve.stream: invalid status %d", status);
-    int n = (int)lua_objlen(L, 2) / 2;
+    int n = prepare_header_list(L, 2); /* the last point that can raise: hs is not made yet */
     ms_http_header_t *hs = ms_calloc((size_t)n + 1, sizeof *hs);
+    size_t k = 0;
     for (int i = 0; i < n; i++) {
-        lua_rawgeti(L, 2, 2 * i + 1);
-        lua_rawgeti(L, 2, 2 * i + 2);
-        hs[i].name = lua_tolstring(L, -2, &hs[i].name_len);
-        hs[i].value = lua_tolstring(L, -1, &hs[i].value_len);
-        lua_pop(L, 2); /* the strings stay alive: the table at index 2 still holds them */
+        ms_http_header_t *h = &hs[k];
+        h->name = header_entry(L, 2, 2 * i + 1, &h->name_len);
+        h->value = header_entry(L, 2, 2 * i + 2, &h->value_len);
+        k += h->name && h->value; /* a pair that is not two strings is skipped */
     }
-    ms_http_response_start(t->req, status, hs, (size_t)n);
+    ms_http_response_start(t->req, status, hs, k);
     free(hs);
     t->streaming = 1;
     return 0;

@@ -8,14 +8,19 @@
  * garbage, Expect: 100-continue, the header (slowloris) timeout, the keep-alive idle timeout,
  * on_abort when a client goes away while owed a response (and on ms_http_server_close),
  * streamed responses (chunked on HTTP/1.1 and parsed by ms_http_client, close-delimited on
- * HTTP/1.0), ms_http_server_inflight, and ms_http_server_stop_accepting letting in-flight
+ * HTTP/1.0), client error codes (a refused connect is told from a closed connection),
+ * ms_http_server_inflight, and ms_http_server_stop_accepting letting in-flight
  * requests finish before their connections close. Every handle is closed and uv_loop_close must
  * succeed; a 10 s watchdog timer bounds the run.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "http/http.h"
@@ -660,6 +665,7 @@ typedef struct client_state {
     ms_buf_t body;
     int done;
     int error;
+    ms_http_client_error_t error_code;
     int heads;
 } client_state_t;
 
@@ -692,11 +698,11 @@ static void cl_done(void *data)
     ((client_state_t *)data)->done = 1;
 }
 
-static void cl_error(void *data, const char *err)
+static void cl_error(void *data, ms_http_client_error_t err)
 {
     client_state_t *s = data;
-    fprintf(stderr, "client error: %s\n", err);
     s->error = 1;
+    s->error_code = err;
 }
 
 static const ms_http_client_callbacks_t client_cb = {cl_head, cl_body, cl_done, cl_error};
@@ -773,6 +779,55 @@ static void test_client_and_streaming(void)
     const char *hend = c->in.data ? strstr(c->in.data, "\r\n\r\n") : NULL;
     ASSERT_STR_EQ(hend ? hend + 4 : NULL, "hello world");
     raw_close(c);
+}
+
+/* A TCP port nothing listens on: bound by the kernel's choice, then closed. */
+static int closed_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
+        return -1;
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+/* Callers tell failures apart by code: only a failed connect surely never reached the peer. */
+static void test_client_errors(void)
+{
+    client_state_t s = {0};
+    static const char get[] = "GET /echo HTTP/1.1\r\nHost: x\r\n\r\n";
+    ms_http_client_t *cl = ms_http_client_connect(loop, NULL, "127.0.0.1", closed_port());
+    ASSERT_INT_EQ(ms_http_client_send(cl, get, sizeof get - 1, NULL, 0, &client_cb, &s), 0);
+    ASSERT_TRUE(wait_for(pred_client, &s));
+    ASSERT_INT_EQ(s.error, 1);
+    ASSERT_INT_EQ(s.error_code, MS_HTTP_CLIENT_CONNECT_FAILED);
+    ASSERT_STR_EQ(ms_http_client_error_text(s.error_code), "connect failed");
+    ASSERT_TRUE(!ms_http_client_idle(cl));
+    ms_http_client_close(cl);
+
+    /* The server answers a malformed request and closes: the next request on the connection
+     * finds it closed by the peer. */
+    memset(&s, 0, sizeof s);
+    cl = ms_http_client_connect(loop, NULL, "127.0.0.1", port);
+    static const char bad[] = "GET /echo HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n";
+    ASSERT_INT_EQ(ms_http_client_send(cl, bad, sizeof bad - 1, NULL, 0, &client_cb, &s), 0);
+    ASSERT_TRUE(wait_for(pred_client, &s));
+    ASSERT_INT_EQ(s.status, 400);
+    ms_buf_free(&s.body);
+    memset(&s, 0, sizeof s);
+    if (ms_http_client_send(cl, get, sizeof get - 1, NULL, 0, &client_cb, &s) == 0) {
+        ASSERT_TRUE(wait_for(pred_client, &s));
+        ASSERT_INT_EQ(s.error, 1);
+        ASSERT_TRUE(s.error_code == MS_HTTP_CLIENT_PEER_CLOSED ||
+                    s.error_code == MS_HTTP_CLIENT_RESET);
+        ASSERT_TRUE(s.error_code != MS_HTTP_CLIENT_CONNECT_FAILED);
+    }
+    ms_http_client_close(cl);
+    ASSERT_STR_EQ(ms_http_client_error_text(MS_HTTP_CLIENT_PEER_CLOSED),
+                  "connection closed by peer");
 }
 
 static void test_stop_accepting(void)
@@ -878,6 +933,7 @@ int main(void)
     test_keep_alive_timeout();
     test_abort();
     test_client_and_streaming();
+    test_client_errors();
     test_close_aborts();
     test_stop_accepting();
 
