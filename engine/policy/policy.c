@@ -46,49 +46,12 @@ struct ms_policy {
 
 /* ---- text ------------------------------------------------------------------------------------ */
 
-/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 when invalid. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    size_t len = s[0] < 0x80         ? 1
-                 : (s[0] >> 5) == 6  ? 2
-                 : (s[0] >> 4) == 14 ? 3
-                 : (s[0] >> 3) == 30 ? 4
-                                     : 0;
-    if (len == 0 || len > n || (len == 2 && s[0] < 0xc2) || (len == 4 && s[0] > 0xf4))
-        return 0;
-    for (size_t i = 1; i < len; i++)
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-    if (len == 3 && ((s[0] == 0xe0 && s[1] < 0xa0) || (s[0] == 0xed && s[1] >= 0xa0)))
-        return 0; /* overlong, or a UTF-16 surrogate */
-    if (len == 4 && ((s[0] == 0xf0 && s[1] < 0x90) || (s[0] == 0xf4 && s[1] >= 0x90)))
-        return 0;
-    return len;
-}
-
 void ms_policy_clean_text(char *out, size_t cap, const char *s, size_t n)
 {
-    if (cap == 0)
-        return;
-    size_t o = 0;
-    const unsigned char *p = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        size_t len = utf8_len(p + i, n - i);
-        if (o + (len ? len : 1) >= cap)
-            break;
-        if (len == 0) {
-            out[o++] = '?';
-            i++;
-        } else if (len == 1 && (p[i] < 0x20 || p[i] == 0x7f)) {
-            out[o++] = ' ';
-            i++;
-        } else {
-            memmove(out + o, p + i, len);
-            o += len;
-            i += len;
-        }
-    }
-    out[o] = '\0';
+    size_t len = ms_utf8_copy(out, cap, s, n);
+    for (size_t i = 0; i < len; i++) /* one log line: no line breaks, no control characters */
+        if ((unsigned char)out[i] < 0x20 || out[i] == 0x7f)
+            out[i] = ' ';
 }
 
 static void vformat_clean(char *out, size_t cap, const char *fmt, va_list ap)

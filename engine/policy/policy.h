@@ -187,8 +187,8 @@ void ms_policy_set_value(lua_State *L, int t, const char *key);
 /* Raw read: pushes t[key]. */
 void ms_policy_get(lua_State *L, int t, const char *key);
 
-/* Makes s (n bytes) safe for JSON and a log line: bytes that are not UTF-8 become '?', control
- * characters spaces, and a cut at cap never splits a character. out may be s. */
+/* Makes s (n bytes) safe for JSON and a log line: ms_utf8_copy, then control characters become
+ * spaces. out may be s. */
 void ms_policy_clean_text(char *out, size_t cap, const char *s, size_t n);
 /* snprintf, then ms_policy_clean_text. */
 void ms_policy_format_text(char *out, size_t cap, const char *fmt, ...)
