@@ -1,11 +1,11 @@
 """Autoscaling end to end: the built-in policy's delays (upscale after upscale_delay_s of sustained
 load, not before; downscale only after downscale_delay_s), scale to zero and back (a request at
 zero replicas is held and served; cold start skips the upscale delay), replicas slow to start
-keeping their target while none runs, custom deployment
-policies (policy_state kept across ticks, every context field, custom metrics from
-record_autoscaling_stats, dry_run), application-level policies taking precedence (with a
-warning), and broken policies (error, infinite loop, infinite loop under pcall, memory bomb)
-that never stop the engine from serving or the control loop from ticking.
+keeping their target while none runs, custom deployment policies (policy_state kept across
+ticks, every context field, custom metrics from record_autoscaling_stats, dry_run),
+application-level policies taking precedence (with a warning), and broken policies (error,
+infinite loop, infinite loop under pcall, memory bomb) that never stop the engine from serving
+or the control loop from ticking.
 
 Everything is observed through the admin status document
 (GET /api/serve/applications/ on the server's own admin port) and the replica processes."""
