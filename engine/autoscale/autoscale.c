@@ -258,7 +258,16 @@ static int decide_target(ms_autoscaler_t *a, double now, int current_target, dou
                      bounded > current_target ? "upscale" : "downscale", current_target, bounded);
         return bounded;
     }
-    return apply_delays(a, now, current_target, bounded, why, cap);
+    int t = apply_delays(a, now, current_target, bounded, why, cap);
+    /* Ray's controller bounds every answer, a target kept by a waiting run included: one left
+     * outside the bounds (a redeploy changed them) comes back within them at once. */
+    int within = clamp(t, c->min_replicas, c->max_replicas);
+    if (within != t) {
+        size_t len = strlen(why);
+        snprintf(why + len, cap - len, "; %d is outside [%d, %d]: %d", t, c->min_replicas,
+                 c->max_replicas, within);
+    }
+    return within;
 }
 
 static void remember(ms_autoscaler_t *a, const ms_autoscale_decision_t *d)

@@ -336,6 +336,23 @@ static void test_bounds(void)
     ms_autoscaler_free(a);
 }
 
+/* A target in force outside the bounds (a redeploy changed them) is brought within them at once,
+ * as Ray's controller bounds every answer, not after a downscale or upscale delay. */
+static void test_target_outside_bounds(void)
+{
+    ms_autoscaling_config_t c = base_config();
+    c.min_replicas = 2;
+    c.max_replicas = 5;
+    ms_autoscaler_t *a = new_as("outside", &c);
+    ms_autoscale_decision_t d;
+    record(a, 0, 8, 0, 0, NULL);
+    ASSERT_INT_EQ(decide(a, 0, 8, &d), 5);
+    ASSERT_CONTAINS(d.reason, "8 is outside [2, 5]: 5");
+    record(a, 1, 1, 0, 0, NULL);
+    ASSERT_INT_EQ(decide(a, 1, 1, NULL), 2);
+    ms_autoscaler_free(a);
+}
+
 static void test_aggregation(void)
 {
     const char *fns[] = {"mean", "max", "min"};
@@ -1310,6 +1327,7 @@ int main(void)
     test_starting_replicas_kept();
     test_factors();
     test_bounds();
+    test_target_outside_bounds();
     test_aggregation();
     test_ray_scale_up_from_0();
     test_ray_scale_down_to_0();
