@@ -293,13 +293,16 @@ int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, 
 {
     char why[160];
     int t = decide_target(a, now, current_target, raw, keep, agg, why, sizeof why);
+    /* A cold start's answer stands for the policy's, which it leaves out. */
+    int cold = cold_start(a, current_target, agg);
+    double answer = cold >= 0 ? cold : keep ? current_target : raw;
     ms_autoscale_decision_t d = {
         .now = now,
         .current_replicas = a->win.running,
         .previous_target = current_target,
         .total_requests = agg->total,
         .queued_requests = agg->queued,
-        .raw_target = keep ? current_target : raw,
+        .raw_target = answer,
         .target = t,
         .applied = !dry_run,
     };
@@ -324,11 +327,9 @@ int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
     char err[512];
     const char *note = NULL;
     int keep = 0;
-    int cold = cold_start(a, current_target, &agg);
-    if (cold >= 0) {
-        raw = cold; /* Ray's wrapper answers the cold start without calling the policy */
-    } else if (as_run_deployment(a->script, a, now, current_target, &agg, &raw, err, sizeof err) !=
-               0) {
+    /* Ray's wrapper answers a cold start without calling the policy. */
+    if (cold_start(a, current_target, &agg) < 0 &&
+        as_run_deployment(a->script, a, now, current_target, &agg, &raw, err, sizeof err) != 0) {
         as_note_failure(a->deployment, &a->failures, a->last_error, sizeof a->last_error, err);
         note = "policy failed, built-in used";
         if (a->script->builtin ||

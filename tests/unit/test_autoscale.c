@@ -778,6 +778,7 @@ static void test_ray_app_cold_start_fast_path(void)
     ms_app_policy_decide(p, ray_now(0), deps, current, 2, out);
     ASSERT_INT_EQ(out[0].target, 1);
     ASSERT_INT_EQ(out[1].target, 1);
+    ASSERT_TRUE(out[0].raw_target == 1.0); /* the policy's 5 is set aside */
     ms_app_policy_free(p);
     ms_autoscaler_free(deps[0]);
     ms_autoscaler_free(deps[1]);
