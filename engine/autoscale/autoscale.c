@@ -1,7 +1,8 @@
 /*
- * autoscale: one autoscaler per autoscaling deployment. A tick runs the policy for its raw
- * answer, then applies Ray Serve's wrapper in order: cold start, scaling factors, bounds and the
- * wall-clock delays. Every decision lands in a short history shown by status.
+ * autoscale: one autoscaler per autoscaling deployment. A tick applies Ray Serve's wrapper: the
+ * cold start, decided before any policy is asked, or else the policy's raw answer through the
+ * scaling factors, the bounds and the wall-clock delays. Every decision lands in a short history
+ * shown by status.
  */
 #include "autoscale/autoscale.h"
 
@@ -227,8 +228,8 @@ static int cold_start(const ms_autoscaler_t *a, int current_target, const as_agg
     return t > current_target ? t : current_target;
 }
 
-/* The paths that take an answer at once leave the delay run alone, as Ray's wrapper returns the
- * policy state untouched there: a run in progress goes on once replicas run again. */
+/* The paths that take an answer at once, and a kept target, leave the delay run alone, as Ray's
+ * wrapper returns the policy state untouched there: a run in progress goes on afterwards. */
 static int decide_target(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,
                          const as_agg_t *agg, char *why, size_t cap)
 {
