@@ -124,7 +124,9 @@ class ScaleToZeroTest(unittest.TestCase):
             upscale_delay_s=30, downscale_delay_s=0.5, downscale_to_zero_delay_s=1.0,
             look_back_period_s=0.3)))], extra_config=CONTROL)
         t0 = time.monotonic()
-        self.assertEqual(srv.get("/hello/warm").status, 200)
+        # in flight over several samples, so the zero delay is timed from after it (a request
+        # served between two samples would leave a run started before t0 going)
+        self.assertEqual(srv.get("/hello/warm?sleep=0.2").status, 200)
         srv.wait_status("hello", "Hello", lambda d: d.get("target_num_replicas") == 0
                         and not running(d), timeout=10, what="scaled to zero")
         self.assertGreaterEqual(time.monotonic() - t0, 1.0 - 0.05,
