@@ -3,7 +3,8 @@
  * test, nothing sleeps. Covers the built-in policy and Ray Serve's wrapper (delays, N -> 1 -> 0,
  * cold start, factors, bounds, look-back aggregation), custom deployment-level and
  * application-level policies, failures of every kind falling back to the built-in, dry_run, hot
- * reload, custom metrics, and the policies in examples/policies.
+ * reload, custom metrics, the policies in examples/policies, and replays of the cases of Ray
+ * Serve's own test_autoscaling_policy.py.
  */
 #include <math.h>
 #include <stdio.h>
