@@ -1,7 +1,8 @@
 /*
- * autoscale: one autoscaler per autoscaling deployment. A tick runs the policy for its raw
- * answer, then applies Ray Serve's wrapper in order: cold start, scaling factors, bounds and the
- * wall-clock delays. Every decision lands in a short history shown by status.
+ * autoscale: one autoscaler per autoscaling deployment. A tick applies Ray Serve's wrapper: the
+ * cold start, decided before any policy is asked, or else the policy's raw answer through the
+ * scaling factors, the bounds and the wall-clock delays. Every decision lands in a short history
+ * shown by status.
  */
 #include "autoscale/autoscale.h"
 
@@ -199,38 +200,65 @@ static int apply_delays(ms_autoscaler_t *a, double now, int current_target, int 
     return current_target;
 }
 
+/* Requests waiting for the deployment: the window aggregate, or the latest sample, since a
+ * request that just arrived weighs nothing yet in a time-weighted mean. */
+static double waiting_requests(const ms_autoscaler_t *a, const as_agg_t *agg)
+{
+    return fmax(fmax(agg->total, agg->queued), a->win.last_total);
+}
+
+/* Ray's cold start (_get_cold_start_scale_up_replicas): with no replica running and requests
+ * waiting, the answer is max(ceil(1 * upscaling factor), target) before any policy is asked,
+ * so replicas already starting are never scaled down by it. -1 when it does not apply. */
+static int cold_start(const ms_autoscaler_t *a, int current_target, const as_agg_t *agg)
+{
+    if (a->win.running != 0 || !(waiting_requests(a, agg) > 0))
+        return -1;
+    int t = (int)ceil(1 * up_factor(&a->cfg));
+    return t > current_target ? t : current_target;
+}
+
+/* The paths that take an answer at once, and a kept target, leave the delay run alone, as Ray's
+ * wrapper returns the policy state untouched there: a run in progress goes on afterwards. */
 static int decide_target(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,
                          const as_agg_t *agg, char *why, size_t cap)
 {
     const ms_autoscaling_config_t *c = &a->cfg;
     int running = a->win.running;
-    /* Cold start: requests wait for a replica, so no delay and at least one replica. The latest
-     * sample counts too: a request that just arrived weighs nothing yet in a time-weighted mean.
-     * Never below the target in force either: replicas may be starting already. */
-    double waiting = fmax(fmax(agg->total, agg->queued), a->win.last_total);
-    if (running == 0 && waiting > 0) {
-        int bounded = keep ? current_target
-                           : clamp(apply_factors(c, 0, raw), c->min_replicas, c->max_replicas);
-        int t = (int)ceil(1 * up_factor(c));
-        t = t > bounded ? t : bounded;
-        t = clamp(t > current_target ? t : current_target, 1, c->max_replicas);
-        reset_delay(a);
+    int cold = cold_start(a, current_target, agg);
+    if (cold >= 0) {
+        int t = clamp(cold, c->min_replicas, c->max_replicas);
         snprintf(why, cap, "cold start %d -> %d: %g requests waiting, no replica running",
-                 current_target, t, waiting);
+                 current_target, t, waiting_requests(a, agg));
         return t;
     }
     if (keep) {
-        reset_delay(a);
         snprintf(why, cap, "keep %d", current_target);
         return current_target;
     }
-    int bounded = clamp(apply_factors(c, running, raw), c->min_replicas, c->max_replicas);
-    if (running == 0 && bounded > current_target) {
-        reset_delay(a);
-        snprintf(why, cap, "upscale %d -> %d at once: no replica running", current_target, bounded);
+    int desired = apply_factors(c, running, raw);
+    int bounded = clamp(desired, c->min_replicas, c->max_replicas);
+    /* No replica running and no request: a positive answer is taken at once (the built-in one
+     * is the target itself, so starting replicas stay); an answer of 0 goes through the delays
+     * like any downscale. */
+    if (running == 0 && desired > 0) {
+        if (bounded == current_target)
+            snprintf(why, cap, "hold at %d: no replica running", current_target);
+        else
+            snprintf(why, cap, "%s %d -> %d at once: no replica running",
+                     bounded > current_target ? "upscale" : "downscale", current_target, bounded);
         return bounded;
     }
-    return apply_delays(a, now, current_target, bounded, why, cap);
+    int t = apply_delays(a, now, current_target, bounded, why, cap);
+    /* Ray's controller bounds every answer, a target kept by a waiting run included: one left
+     * outside the bounds (a redeploy changed them) comes back within them at once. */
+    int within = clamp(t, c->min_replicas, c->max_replicas);
+    if (within != t) {
+        size_t len = strlen(why);
+        snprintf(why + len, cap - len, "; %d is outside [%d, %d]: %d", t, c->min_replicas,
+                 c->max_replicas, within);
+    }
+    return within;
 }
 
 static void remember(ms_autoscaler_t *a, const ms_autoscale_decision_t *d)
@@ -256,13 +284,16 @@ int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, 
 {
     char why[160];
     int t = decide_target(a, now, current_target, raw, keep, agg, why, sizeof why);
+    /* A cold start's answer stands for the policy's, which it leaves out. */
+    int cold = cold_start(a, current_target, agg);
+    double answer = cold >= 0 ? cold : keep ? current_target : raw;
     ms_autoscale_decision_t d = {
         .now = now,
         .current_replicas = a->win.running,
         .previous_target = current_target,
         .total_requests = agg->total,
         .queued_requests = agg->queued,
-        .raw_target = keep ? current_target : raw,
+        .raw_target = answer,
         .target = t,
         .applied = !dry_run,
     };
@@ -286,7 +317,9 @@ int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
     double raw = 0;
     const char *note = NULL;
     int keep = 0;
-    if (as_run_deployment(a->script, a, now, current_target, &agg, &raw) != 0) {
+    /* Ray's wrapper answers a cold start without calling the policy. */
+    if (cold_start(a, current_target, &agg) < 0 &&
+        as_run_deployment(a->script, a, now, current_target, &agg, &raw) != 0) {
         note = "policy failed, built-in used";
         if (a->builtin || as_builtin_raw(a, now, current_target, &agg, &raw) != 0) {
             keep = 1; /* nothing to go on */

@@ -1,10 +1,11 @@
 """Autoscaling end to end: the built-in policy's delays (upscale after upscale_delay_s of sustained
 load, not before; downscale only after downscale_delay_s), scale to zero and back (a request at
-zero replicas is held and served; cold start skips the upscale delay), custom deployment
-policies (policy_state kept across ticks, every context field, custom metrics from
-record_autoscaling_stats, dry_run), application-level policies taking precedence (with a
-warning), and broken policies (error, infinite loop, infinite loop under pcall, memory bomb)
-that never stop the engine from serving or the control loop from ticking.
+zero replicas is held and served; cold start skips the upscale delay), replicas slow to start
+keeping their target while none runs, custom deployment policies (policy_state kept across
+ticks, every context field, custom metrics from record_autoscaling_stats, dry_run),
+application-level policies taking precedence (with a warning), and broken policies (error,
+infinite loop, infinite loop under pcall, memory bomb) that never stop the engine from serving
+or the control loop from ticking.
 
 Everything is observed through the admin status document
 (GET /api/serve/applications/ on the server's own admin port) and the replica processes."""
@@ -123,7 +124,9 @@ class ScaleToZeroTest(unittest.TestCase):
             upscale_delay_s=30, downscale_delay_s=0.5, downscale_to_zero_delay_s=1.0,
             look_back_period_s=0.3)))], extra_config=CONTROL)
         t0 = time.monotonic()
-        self.assertEqual(srv.get("/hello/warm").status, 200)
+        # in flight over several samples, so the zero delay is timed from after it (a request
+        # served between two samples would leave a run started before t0 going)
+        self.assertEqual(srv.get("/hello/warm?sleep=0.2").status, 200)
         srv.wait_status("hello", "Hello", lambda d: d.get("target_num_replicas") == 0
                         and not running(d), timeout=10, what="scaled to zero")
         self.assertGreaterEqual(time.monotonic() - t0, 1.0 - 0.05,
@@ -161,6 +164,63 @@ class ScaleToZeroTest(unittest.TestCase):
         r = srv.get("/hello/first", timeout=20)
         self.assertEqual(r.status, 200, r)
         srv.wait_status("hello", "Hello", lambda d: len(running(d)) == 1, what="1 running")
+        srv.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# replicas slow to start
+
+GATED_LUA = r'''
+-- replicas stay in their constructor until the file named by the app's args exists
+local serve = require "moonserve"
+local Gated = serve.deployment { name = "Gated" }
+function Gated:init(go)
+  while true do
+    local f = io.open(go, "r")
+    if f then f:close(); return end
+    os.execute("sleep 0.05")
+  end
+end
+function Gated:__call(req) return { ok = true } end
+return { build = function(args) return Gated:bind(args.go) end }
+'''
+
+
+class StartingReplicasTest(unittest.TestCase):
+
+    def test_target_holds_until_starting_replicas_run(self):
+        # No traffic and short delays: replicas still in their constructor must not be scaled
+        # away (Ray holds the target while none runs); once they run, the usual downscale.
+        srv = start_server(self, [{
+            "name": "gated", "route_prefix": "/gated", "import_path": "gated.lua:build",
+            "args": {"go": "go"},  # replicas run in the server's folder
+            "deployments": [dict(hello_dep(as_cfg(
+                min_replicas=0, max_replicas=3, initial_replicas=3, upscale_delay_s=0,
+                downscale_delay_s=0.2, downscale_to_zero_delay_s=0.2)), name="Gated")]}],
+            files={"gated.lua": GATED_LUA}, extra_config=CONTROL)
+        first = {}
+
+        def held_long_enough(d):
+            self.assertEqual(running(d), [], "a replica ran before the gate opened: %r" % d)
+            self.assertEqual(d.get("target_num_replicas"), 3,
+                             "the target moved while no replica ran: %r" % d)
+            times = [x.get("now") for x in decisions(d) if x.get("now")]
+            if not times:
+                return False
+            first.setdefault("t", min(times))
+            # 1 s of decisions: more than twice downscale_delay_s + downscale_to_zero_delay_s
+            return max(times) - first["t"] >= 1.0
+        dep = srv.wait_status("gated", "Gated", held_long_enough, timeout=15,
+                              what="1 s of decisions with no replica running")
+        self.assertIn("hold at 3: no replica running", decisions(dep)[-1].get("reason", ""), dep)
+
+        srv.write_file("go", "")
+        dep = srv.wait_status("gated", "Gated", lambda d: (d.get("target_num_replicas") or 0) < 3,
+                              timeout=15, what="the usual downscale once replicas run")
+        lowered = [x for x in decisions(dep) if x.get("target", 3) < x.get("previous_target", 0)]
+        self.assertTrue(lowered, dep)
+        self.assertGreaterEqual(lowered[0].get("current_replicas") or 0, 1,
+                                "the target went down before any replica ran: %r" % lowered)
         srv.stop()
 
 

@@ -3,8 +3,10 @@
  * test, nothing sleeps. Covers the built-in policy and Ray Serve's wrapper (delays, N -> 1 -> 0,
  * cold start, factors, bounds, look-back aggregation), custom deployment-level and
  * application-level policies, failures of every kind falling back to the built-in, dry_run, hot
- * reload, custom metrics, and the policies in examples/policies.
+ * reload, custom metrics, the policies in examples/policies, and replays of the cases of Ray
+ * Serve's own test_autoscaling_policy.py.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -231,10 +233,12 @@ static void test_cold_start(void)
     ASSERT_INT_EQ(decide(a, 0, 3, NULL), 3);
     ms_autoscaler_free(a);
 
-    /* A larger queue asks for more at once; upscaling_factor 3 asks for at least 3. */
+    /* A larger queue still starts ceil(1 * upscaling_factor) = 1: the policy is left out (its
+     * answer would be ceil(9 / 2) = 5); once a replica runs, the policy takes over. */
     a = new_as("cold2", &c);
     record(a, 0, 0, 0, 9, NULL);
-    ASSERT_INT_EQ(decide(a, 0, 0, NULL), 5); /* ceil(9 / 2) */
+    ASSERT_INT_EQ(decide(a, 0, 0, &d), 1);
+    ASSERT_TRUE(d.raw_target == 1.0);
     ms_autoscaler_free(a);
     c.upscaling_factor = 3;
     a = new_as("cold3", &c);
@@ -242,8 +246,10 @@ static void test_cold_start(void)
     ASSERT_INT_EQ(decide(a, 0, 0, NULL), 3);
     ms_autoscaler_free(a);
 
-    /* Custom policies get the cold start too: this one always wants zero. */
-    char *path = write_file("return { zero = function(ctx) return 0 end }\n");
+    /* Custom policies get the cold start too, without being called: this one always wants zero,
+     * and a second one always fails, yet no failure is counted at the cold start. */
+    char *path = write_file("return { zero = function(ctx) return 0 end,\n"
+                            "         fail = function(ctx) error('called') end }\n");
     ms_config_lua_ref_t ref = make_ref(path, "zero");
     c = base_config();
     c.min_replicas = 0;
@@ -251,6 +257,57 @@ static void test_cold_start(void)
     a = new_as("cold4", &c);
     record(a, 0, 0, 0, 2, NULL);
     ASSERT_INT_EQ(decide(a, 0, 0, NULL), 1);
+    ms_autoscaler_free(a);
+    ref.attr = "fail";
+    a = new_as("cold5", &c);
+    record(a, 0, 0, 0, 2, NULL);
+    ASSERT_INT_EQ(decide(a, 0, 0, NULL), 1);
+    ASSERT_INT_EQ(json_integer_value(status_field(a, "failures")), 0);
+    ms_autoscaler_free(a);
+    unlink(path);
+    free(path);
+}
+
+/* Replicas still starting (none running) with no traffic: the target stays, for any factor and
+ * however short the delays, instead of scaling them away before they ever serve. */
+static void test_starting_replicas_kept(void)
+{
+    ms_autoscaling_config_t c = quick_config();
+    c.min_replicas = 0;
+    c.initial_replicas = 3;
+    c.downscale_to_zero_delay_s = 0;
+    ms_autoscaler_t *a = new_as("starting", &c);
+    ms_autoscale_decision_t d;
+    for (int i = 0; i < 50; i++) {
+        record(a, i * 0.1, 0, 0, 0, NULL);
+        ASSERT_INT_EQ(decide(a, i * 0.1, 3, &d), 3);
+    }
+    ASSERT_CONTAINS(d.reason, "hold at 3: no replica running");
+    /* Once they run, the idle deployment goes down as usual: N -> 1, then 1 -> 0. */
+    record(a, 5, 3, 0, 0, NULL);
+    ASSERT_INT_EQ(decide(a, 5, 3, NULL), 1);
+    ms_autoscaler_free(a);
+
+    /* A custom policy at zero running replicas: a positive answer is taken at once, an answer of
+     * 0 waits for the downscale delay like any downscale. */
+    char *path = write_file("return { two = function(ctx) return 2 end,\n"
+                            "         zero = function(ctx) return 0 end }\n");
+    ms_config_lua_ref_t ref = make_ref(path, "two");
+    c = base_config();
+    c.min_replicas = 0;
+    c.policy = &ref;
+    a = new_as("two", &c);
+    record(a, 0, 0, 0, 0, NULL);
+    ASSERT_INT_EQ(decide(a, 0, 3, &d), 2);
+    ASSERT_CONTAINS(d.reason, "downscale 3 -> 2 at once: no replica running");
+    ASSERT_INT_EQ(decide(a, 1, 0, &d), 2);
+    ASSERT_CONTAINS(d.reason, "upscale 0 -> 2 at once");
+    ms_autoscaler_free(a);
+    ref.attr = "zero";
+    a = new_as("zero", &c);
+    record(a, 0, 0, 0, 0, NULL);
+    ASSERT_INT_EQ(decide(a, 0, 3, NULL), 3);
+    ASSERT_INT_EQ(decide(a, 600, 3, NULL), 1);
     ms_autoscaler_free(a);
     unlink(path);
     free(path);
@@ -298,6 +355,23 @@ static void test_bounds(void)
     ms_autoscaler_free(a);
 }
 
+/* A target in force outside the bounds (a redeploy changed them) is brought within them at once,
+ * as Ray's controller bounds every answer, not after a downscale or upscale delay. */
+static void test_target_outside_bounds(void)
+{
+    ms_autoscaling_config_t c = base_config();
+    c.min_replicas = 2;
+    c.max_replicas = 5;
+    ms_autoscaler_t *a = new_as("outside", &c);
+    ms_autoscale_decision_t d;
+    record(a, 0, 8, 0, 0, NULL);
+    ASSERT_INT_EQ(decide(a, 0, 8, &d), 5);
+    ASSERT_CONTAINS(d.reason, "8 is outside [2, 5]: 5");
+    record(a, 1, 1, 0, 0, NULL);
+    ASSERT_INT_EQ(decide(a, 1, 1, NULL), 2);
+    ms_autoscaler_free(a);
+}
+
 static void test_aggregation(void)
 {
     const char *fns[] = {"mean", "max", "min"};
@@ -317,6 +391,461 @@ static void test_aggregation(void)
             fprintf(stderr, "  %s: total_requests %g\n", fns[i], d.total_requests);
         ms_autoscaler_free(a);
     }
+}
+
+static ms_app_policy_t *new_app(const char *file, const char *attr, json_t *kwargs, int dry_run);
+
+/* ---- Ray Serve's own cases ------------------------------------------------------------------ */
+
+/*
+ * Replays of python/ray/serve/tests/unit/test_autoscaling_policy.py (ray-project/ray master, the
+ * wall-clock form), each named after its Ray test. Ray hands the wrapped policy a ctx built by
+ * hand: current_num_replicas, target_num_replicas and total_num_requests, one control-loop tick
+ * (0.1 s of a fake clock) per call. Here each tick records one sample just before `now`, alone in
+ * a look-back window shorter than the gap, so total_num_requests is exactly the given number.
+ * Ray's wrapper leaves the bounds to the controller (apply_bounds after the policy); this engine
+ * applies them in the same decision, so where Ray's test reads the wrapper's unbounded answer the
+ * replay checks the bounded target and the raw answer.
+ */
+#define RAY_MAX_REPLICAS 32
+#define RAY_LOOK_BACK_S  0.0005
+
+static ms_autoscaling_config_t ray_config(int min, int max)
+{
+    ms_autoscaling_config_t c = base_config();
+    c.min_replicas = min;
+    c.max_replicas = max;
+    c.look_back_period_s = RAY_LOOK_BACK_S;
+    return c;
+}
+
+/* Ray's fake clock: tick k is k / 10 s (a division, as there, not k * 0.1). */
+static double ray_now(int tick)
+{
+    return 1000.0 + tick / 10.0;
+}
+
+static int ray_decide(ms_autoscaler_t *a, double now, int current, double total, int target,
+                      ms_autoscale_decision_t *d)
+{
+    static char names[RAY_MAX_REPLICAS][8];
+    const char *ids[RAY_MAX_REPLICAS];
+    double zero[RAY_MAX_REPLICAS] = {0};
+    for (int i = 0; i < current && i < RAY_MAX_REPLICAS; i++) {
+        snprintf(names[i], sizeof names[i], "r%d", i);
+        ids[i] = names[i];
+    }
+    ms_autoscale_sample_t s = {now - 0.001, current, (size_t)current, ids, zero, total, NULL};
+    ms_autoscaler_record(a, &s);
+    return decide(a, now, target, d);
+}
+
+/* One replayed tick on the fake clock. */
+static int ray_step(ms_autoscaler_t *a, int *tick, int current, double total, int target)
+{
+    return ray_decide(a, ray_now((*tick)++), current, total, target, NULL);
+}
+
+/* `n` ticks that must all answer `want`: the index of the first that does not, or -1. */
+static int ray_hold(ms_autoscaler_t *a, int *tick, int n, int current, double total, int target,
+                    int want)
+{
+    for (int i = 0; i < n; i++)
+        if (ray_step(a, tick, current, total, target) != want)
+            return i;
+    return -1;
+}
+
+/* _run_upscale_downscale_flow: up after upscale_delay_s, down to 1 after downscale_delay_s, 1 -> 0
+ * after the zero delay, and each run interrupted halfway by the other direction starting over.
+ * Wait counts are ceil(delay_s * 10) ticks, as there. */
+static void ray_flow(ms_autoscaler_t *a, const ms_autoscaling_config_t *c, double overload,
+                     int start, int up_target)
+{
+    int up = (int)ceil(c->upscale_delay_s * 10), down = (int)ceil(c->downscale_delay_s * 10);
+    double zero_s =
+        c->downscale_to_zero_delay_s > 0 ? c->downscale_to_zero_delay_s : c->downscale_delay_s;
+    int zero = (int)ceil(zero_s * 10), ut = up_target, t = 0;
+    ASSERT_INT_EQ(ray_hold(a, &t, up, start, overload, start, start), -1);
+    ASSERT_INT_EQ(ray_step(a, &t, start, overload, start), ut);
+    ASSERT_INT_EQ(ray_hold(a, &t, down, ut, 0, ut, ut), -1);
+    ASSERT_INT_EQ(ray_step(a, &t, ut, 0, ut), 1);
+    ASSERT_INT_EQ(ray_hold(a, &t, zero, 1, 0, 1, 1), -1);
+    ASSERT_INT_EQ(ray_step(a, &t, 1, 0, 1), 0);
+
+    ASSERT_INT_EQ(ray_hold(a, &t, up / 2, 1, overload, 1, 1), -1);
+    ray_step(a, &t, 1, 0, 1); /* interrupted by a scale-down decision */
+    ASSERT_INT_EQ(ray_hold(a, &t, up, 1, overload, 1, 1), -1);
+    ASSERT_INT_EQ(ray_step(a, &t, 1, overload, 1), ut);
+
+    ASSERT_INT_EQ(ray_hold(a, &t, down / 2, ut, 0, ut, ut), -1);
+    ray_step(a, &t, ut, overload, ut); /* interrupted by a scale-up decision */
+    ASSERT_INT_EQ(ray_hold(a, &t, down, ut, 0, ut, ut), -1);
+    ASSERT_INT_EQ(ray_step(a, &t, ut, 0, ut), 1);
+
+    ASSERT_INT_EQ(ray_hold(a, &t, zero / 2, 1, 0, 1, 1), -1);
+    ray_step(a, &t, 1, overload, 1); /* interrupted by a scale-up decision */
+    ASSERT_INT_EQ(ray_hold(a, &t, zero, 1, 0, 1, 1), -1);
+    ASSERT_INT_EQ(ray_step(a, &t, 1, 0, 1), 0);
+}
+
+/* Ray parametrises the factor tests over which spelling sets the factor: (smoothing, factor). */
+static const int ray_factor_spellings[3][2] = {{1, 1}, {1, 0}, {0, 1}};
+
+static void set_up_factor(ms_autoscaling_config_t *c, const int spelling[2], double f)
+{
+    c->upscale_smoothing_factor = spelling[0] ? f : -1;
+    c->upscaling_factor = spelling[1] ? f : -1;
+}
+
+static void set_down_factor(ms_autoscaling_config_t *c, const int spelling[2], double f)
+{
+    c->downscale_smoothing_factor = spelling[0] ? f : -1;
+    c->downscaling_factor = spelling[1] ? f : -1;
+}
+
+/* TestReplicaQueueLengthPolicy.test_scaling_factor_scale_up_from_0_replicas */
+static void test_ray_scale_up_from_0(void)
+{
+    for (int k = 0; k < 3; k++) {
+        ms_autoscaling_config_t c = ray_config(0, 2);
+        set_up_factor(&c, ray_factor_spellings[k], 10);
+        ms_autoscaler_t *a = new_as("ray_up_from_0", &c);
+        ms_autoscale_decision_t d;
+        /* 1 * 10: Ray's wrapper answers 10, its controller bounds it to max_replicas 2. */
+        ASSERT_INT_EQ(ray_decide(a, ray_now(0), 0, 1, 0, &d), 2);
+        ASSERT_TRUE(d.raw_target == 10.0);
+        ms_autoscaler_free(a);
+        set_up_factor(&c, ray_factor_spellings[k], 0.5);
+        a = new_as("ray_up_from_0", &c);
+        ASSERT_INT_EQ(ray_decide(a, ray_now(0), 0, 1, 0, NULL), 1); /* ceil(1 * 0.5) */
+        ms_autoscaler_free(a);
+    }
+}
+
+/* TestReplicaQueueLengthPolicy.test_scaling_factor_scale_down_to_0_replicas */
+static void test_ray_scale_down_to_0(void)
+{
+    for (int k = 0; k < 3; k++) {
+        ms_autoscaling_config_t c = ray_config(0, 5);
+        set_down_factor(&c, ray_factor_spellings[k], 10);
+        c.upscale_delay_s = 0;
+        c.downscale_delay_s = 0;
+        ms_autoscaler_t *a = new_as("ray_down_to_0", &c);
+        int t = 0;
+        ASSERT_INT_EQ(ray_step(a, &t, 5, 0, 5), 1); /* downscaling to 0 first stops at 1 */
+        ASSERT_INT_EQ(ray_step(a, &t, 1, 0, 1), 0);
+        ms_autoscaler_free(a);
+
+        /* A factor below 1 must not get stuck above zero. */
+        set_down_factor(&c, ray_factor_spellings[k], 0.2);
+        a = new_as("ray_down_to_0", &c);
+        int n = 5;
+        for (int i = 0; i < 5; i++)
+            n = ray_step(a, &t, n, 0, n);
+        ASSERT_INT_EQ(n, 0);
+        ms_autoscaler_free(a);
+    }
+}
+
+/* TestReplicaQueueLengthPolicy.test_upscale_downscale_delay[None] and [300] */
+static void test_ray_upscale_downscale_delay(void)
+{
+    const double zero_delays[] = {-1, 300};
+    for (int k = 0; k < 2; k++) {
+        ms_autoscaling_config_t c = ray_config(0, 2);
+        c.target_ongoing_requests = 1;
+        c.upscale_delay_s = 30;
+        c.downscale_delay_s = 600;
+        c.downscale_to_zero_delay_s = zero_delays[k];
+        ms_autoscaler_t *a = new_as("ray_delays", &c);
+        /* Scale up when there are 0 replicas and requests waiting. */
+        ASSERT_INT_EQ(ray_decide(a, ray_now(-1), 0, 1, 0, NULL), 1);
+        ray_flow(a, &c, 2, 1, 2);
+        ms_autoscaler_free(a);
+    }
+}
+
+/* TestReplicaQueueLengthPolicy.test_replicas_delayed_startup */
+static void test_ray_replicas_delayed_startup(void)
+{
+    ms_autoscaling_config_t c = ray_config(1, 200);
+    c.upscale_delay_s = 0;
+    c.downscale_delay_s = 100000;
+    c.target_ongoing_requests = 1;
+    ms_autoscaler_t *a = new_as("ray_delayed_startup", &c);
+    int t = 0;
+    ASSERT_INT_EQ(ray_step(a, &t, 1, 100, 1), 100);
+    /* New target is 100, but no new replica finished starting during this tick. */
+    ASSERT_INT_EQ(ray_step(a, &t, 1, 100, 100), 100);
+    /* Two new replicas started during this tick. */
+    ASSERT_INT_EQ(ray_step(a, &t, 3, 123, 100), 123);
+    /* Most requests drained and more replicas started: no decrease, because of the delay. */
+    ASSERT_INT_EQ(ray_step(a, &t, 4, 10, 123), 123);
+    ms_autoscaler_free(a);
+}
+
+/* TestReplicaQueueLengthPolicy.test_fluctuating_ongoing_requests[30.0] and [0.0] */
+static void test_ray_fluctuating_ongoing_requests(void)
+{
+    const double delays[] = {30, 0};
+    for (int k = 0; k < 2; k++) {
+        ms_autoscaling_config_t c = ray_config(1, 10);
+        c.upscale_delay_s = c.downscale_delay_s = delays[k];
+        c.target_ongoing_requests = 50;
+        ms_autoscaler_t *a = new_as("ray_fluctuating", &c);
+        int t = 0, wrong = -1;
+        for (int trial = 0; trial < 1000 && wrong < 0; trial++) {
+            int got = trial % 2 == 0 ? ray_step(a, &t, 1, 100, 1) : ray_step(a, &t, 2, 40, 2);
+            int want = trial % 2 == 0 ? (delays[k] > 0 ? 1 : 2) : (delays[k] > 0 ? 2 : 1);
+            if (got != want)
+                wrong = trial;
+        }
+        ASSERT_INT_EQ(wrong, -1);
+        ms_autoscaler_free(a);
+    }
+}
+
+/* TestReplicaQueueLengthPolicy.test_single_replica_receives_all_requests[20], [100] and [10] */
+static void test_ray_single_replica_receives_all_requests(void)
+{
+    const double ongoing[] = {20, 100, 10};
+    for (int k = 0; k < 3; k++) {
+        ms_autoscaling_config_t c = ray_config(1, 50);
+        c.target_ongoing_requests = 5;
+        c.upscale_delay_s = c.downscale_delay_s = 0;
+        ms_autoscaler_t *a = new_as("ray_single", &c);
+        ASSERT_INT_EQ(ray_decide(a, ray_now(0), 4, ongoing[k], 4, NULL), (int)(ongoing[k] / 5));
+        ms_autoscaler_free(a);
+    }
+}
+
+/* TestAutoscalingConfigParameters.test_apply_scaling_factors_upscale, _downscale and
+ * _stuck_downscale, through a whole decision: the built-in policy answers the desired count
+ * (total / target_ongoing_requests), delays off, bounds [1, 30]. */
+static void test_ray_apply_scaling_factors(void)
+{
+    const struct {
+        double desired;
+        int current;
+        double up, down;
+        int want;
+    } cases[] = {
+        {20, 10, 0.5, -1, 15}, /* 10 + 0.5 * (20 - 10) */
+        {5, 20, -1, 0.5, 13},  /* ceil(20 - 0.5 * (20 - 5)) = ceil(12.5) */
+        {9, 10, -1, 0.5, 9},   /* ceil(9.5) = 10 would be stuck: one lower */
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        ms_autoscaling_config_t c = ray_config(1, 30);
+        c.upscaling_factor = cases[k].up;
+        c.downscaling_factor = cases[k].down;
+        c.upscale_delay_s = c.downscale_delay_s = 0;
+        ms_autoscaler_t *a = new_as("ray_factors", &c);
+        double total = cases[k].desired * c.target_ongoing_requests;
+        ASSERT_INT_EQ(ray_decide(a, ray_now(0), cases[k].current, total, cases[k].current, NULL),
+                      cases[k].want);
+        ms_autoscaler_free(a);
+    }
+}
+
+/* TestAutoscalingConfigParameters.test_upscale_delay_respected_with_slow_loop_steps: with
+ * 600 ms between ticks, an upscale_delay_s of 100 s fires within one tick after 100 s. */
+static void test_ray_upscale_delay_slow_loop(void)
+{
+    ms_autoscaling_config_t c = ray_config(1, 10);
+    c.upscale_delay_s = 100;
+    ms_autoscaler_t *a = new_as("ray_slow_loop", &c);
+    double start = 1000, fired = -1;
+    for (int i = 0; i < 1000 && fired < 0; i++) {
+        double now = start + i * 0.6;
+        if (ray_decide(a, now, 1, 10, 1, NULL) != 1) /* 10 requests at 2 each: 5 wanted */
+            fired = now;
+    }
+    ASSERT_TRUE(fired - start >= 100 && fired - start <= 100 + 0.6);
+    ms_autoscaler_free(a);
+}
+
+/* TestAutoscalingConfigParameters.test_apply_delay_logic_upscale */
+static void test_ray_delay_logic_upscale(void)
+{
+    ms_autoscaling_config_t c = ray_config(1, 10);
+    c.upscale_delay_s = 0.3;
+    ms_autoscaler_t *a = new_as("ray_delay_up", &c);
+    double base = 1000;
+    for (int i = 0; i < 3; i++)
+        ASSERT_INT_EQ(ray_decide(a, base + i * 0.05, 1, 10, 1, NULL), 1);
+    ASSERT_INT_EQ(ray_decide(a, base + 0.31, 1, 10, 1, NULL), 5);
+    ms_autoscaler_free(a);
+}
+
+/* TestAutoscalingConfigParameters.test_apply_delay_logic_downscale */
+static void test_ray_delay_logic_downscale(void)
+{
+    ms_autoscaling_config_t c = ray_config(0, 10);
+    c.downscale_to_zero_delay_s = 0.4;
+    c.downscale_delay_s = 0.3;
+    ms_autoscaler_t *a = new_as("ray_delay_down", &c);
+    double base = 1000;
+    for (int i = 0; i < 3; i++) /* 4 -> 1 waits downscale_delay_s */
+        ASSERT_INT_EQ(ray_decide(a, base + i * 0.05, 4, 0, 4, NULL), 4);
+    ASSERT_INT_EQ(ray_decide(a, base + 0.31, 4, 0, 4, NULL), 1);
+    double base2 = base + 0.5;
+    for (int i = 0; i < 3; i++) /* 1 -> 0 waits downscale_to_zero_delay_s */
+        ASSERT_INT_EQ(ray_decide(a, base2 + i * 0.1, 1, 0, 1, NULL), 1);
+    ASSERT_INT_EQ(ray_decide(a, base2 + 0.41, 1, 0, 1, NULL), 0);
+    ms_autoscaler_free(a);
+}
+
+/* Ray's simple_custom_policy: 3 replicas under any load, 0 without. */
+static const char *ray_simple_custom_policy =
+    "return { simple = function(ctx)\n"
+    "  if ctx.total_num_requests > 0 then return 3, {} end\n"
+    "  return 0, {}\n"
+    "end }\n";
+
+/* TestCustomPolicyWithDefaultParameters.test_upscale_downscale_delay[None] and [300] */
+static void test_ray_custom_upscale_downscale_delay(void)
+{
+    char *path = write_file(ray_simple_custom_policy);
+    ms_config_lua_ref_t ref = make_ref(path, "simple");
+    const double zero_delays[] = {-1, 300};
+    for (int k = 0; k < 2; k++) {
+        ms_autoscaling_config_t c = ray_config(0, 4);
+        c.target_ongoing_requests = 1;
+        c.upscale_delay_s = 20;
+        c.downscale_delay_s = 400;
+        c.downscale_to_zero_delay_s = zero_delays[k];
+        c.policy = &ref;
+        ms_autoscaler_t *a = new_as("ray_custom_delays", &c);
+        ASSERT_INT_EQ(ray_decide(a, ray_now(-1), 0, 1, 0, NULL), 1);
+        ray_flow(a, &c, 70, 1, 3);
+        ASSERT_INT_EQ(json_integer_value(status_field(a, "failures")), 0);
+        ms_autoscaler_free(a);
+    }
+    unlink(path);
+    free(path);
+}
+
+/* TestCustomPolicyWithDefaultParameters.test_apply_scaling_factors (its four cases) */
+static void test_ray_custom_apply_scaling_factors(void)
+{
+    char *path = write_file(ray_simple_custom_policy);
+    ms_config_lua_ref_t ref = make_ref(path, "simple");
+    const struct {
+        int current;
+        double total, up, down;
+        int want;
+    } cases[] = {
+        {1, 100, 0.5, -1, 2}, /* ceil(1 + 0.5 * (3 - 1)) */
+        {1, 100, 1.0, -1, 3}, /* ceil(1 + 1.0 * (3 - 1)) */
+        {3, 0, -1, 0.5, 2},   /* ceil(3 + 0.5 * (0 - 3)) = ceil(1.5) */
+        {3, 0, -1, 1.0, 1},   /* max(ceil(3 + 1.0 * (0 - 3)), 1) */
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        ms_autoscaling_config_t c = ray_config(0, 10);
+        c.upscaling_factor = cases[k].up;
+        c.downscaling_factor = cases[k].down;
+        c.upscale_delay_s = c.downscale_delay_s = c.downscale_to_zero_delay_s = 0;
+        c.policy = &ref;
+        ms_autoscaler_t *a = new_as("ray_custom_factors", &c);
+        ASSERT_INT_EQ(
+            ray_decide(a, ray_now(0), cases[k].current, cases[k].total, cases[k].current, NULL),
+            cases[k].want);
+        ms_autoscaler_free(a);
+    }
+    unlink(path);
+    free(path);
+}
+
+/* TestWarmupScalingFeedbackLoop.test_no_runaway_scaling_during_warmup[0.5, 1.0, 1.5, 2.0, 10.0]:
+ * replicas scheduled but none running yet, no traffic: the target holds for 100 ticks. */
+static void test_ray_no_runaway_scaling_during_warmup(void)
+{
+    const double factors[] = {0.5, 1.0, 1.5, 2.0, 10.0};
+    for (int k = 0; k < 5; k++) {
+        ms_autoscaling_config_t c = ray_config(2, 10);
+        c.target_ongoing_requests = 0.2;
+        c.upscaling_factor = factors[k];
+        c.upscale_delay_s = 5;
+        c.downscale_delay_s = 30;
+        ms_autoscaler_t *a = new_as("ray_warmup", &c);
+        int t = 0;
+        ASSERT_INT_EQ(ray_hold(a, &t, 100, 0, 0, 2, 2), -1);
+        ms_autoscaler_free(a);
+    }
+}
+
+/* TestAppLevelPolicyWithDefaultParameters.test_cold_start_fast_path: an application policy that
+ * always asks for 5 still cold-starts each deployment at 1, at once despite the delays. */
+static void test_ray_app_cold_start_fast_path(void)
+{
+    char *path = write_file("return { five = function(ctxs)\n"
+                            "  local out = {}\n"
+                            "  for name in pairs(ctxs) do out[name] = 5 end\n"
+                            "  return out, {}\n"
+                            "end }\n");
+    ms_app_policy_t *p = new_app(path, "five", NULL, 0);
+    ms_autoscaling_config_t c = ray_config(0, 10);
+    c.target_ongoing_requests = 10;
+    c.upscale_delay_s = 20;
+    c.downscale_delay_s = 200;
+    ms_autoscaler_t *deps[2] = {new_as("d1", &c), new_as("d2", &c)};
+    for (int i = 0; i < 2; i++)
+        record(deps[i], ray_now(0) - 0.001, 0, 0, 1, NULL);
+    int current[2] = {0, 0};
+    ms_autoscale_decision_t out[2];
+    ms_app_policy_decide(p, ray_now(0), deps, current, 2, out);
+    ASSERT_INT_EQ(out[0].target, 1);
+    ASSERT_INT_EQ(out[1].target, 1);
+    ASSERT_TRUE(out[0].raw_target == 1.0); /* the policy's 5 is set aside */
+    ms_app_policy_free(p);
+    ms_autoscaler_free(deps[0]);
+    ms_autoscaler_free(deps[1]);
+    unlink(path);
+    free(path);
+}
+
+/* TestAppLevelPolicyStateIsolation.test_shared_user_state_does_not_contaminate_internal_state:
+ * one user state table returned for two deployments; each keeps its own delay run (the delay
+ * state lives in C per deployment) and the user state stays intact. */
+static void test_ray_app_shared_state_isolation(void)
+{
+    char *path = write_file("local calls = 0\n"
+                            "return { f = function(ctxs)\n"
+                            "  calls = calls + 1\n"
+                            "  if calls > 1 and ctxs.d2.policy_state.counter ~= 5 then\n"
+                            "    error('user state lost')\n"
+                            "  end\n"
+                            "  local shared = ctxs.d1.policy_state\n"
+                            "  shared.counter = 5\n"
+                            "  local d2 = ctxs.d1.current_time >= 1050 and 3 or 2\n"
+                            "  return { d1 = 3, d2 = d2 }, { d1 = shared, d2 = shared }\n"
+                            "end }\n");
+    ms_app_policy_t *p = new_app(path, "f", NULL, 0);
+    ms_autoscaling_config_t c = ray_config(1, 5);
+    c.upscale_delay_s = c.downscale_delay_s = 100;
+    ms_autoscaler_t *deps[2] = {new_as("d1", &c), new_as("d2", &c)};
+    int current[2] = {2, 2};
+    ms_autoscale_decision_t out[2];
+    const double times[] = {1000, 1050, 1100, 1150};
+    const int want_d1[] = {2, 2, 3, 3}, want_d2[] = {2, 2, 2, 3};
+    for (int i = 0; i < 4; i++) {
+        for (int k = 0; k < 2; k++)
+            record(deps[k], times[i] - 0.001, 2, 0, 0, NULL);
+        ms_app_policy_decide(p, times[i], deps, current, 2, out);
+        ASSERT_INT_EQ(out[0].target, want_d1[i]);
+        ASSERT_INT_EQ(out[1].target, want_d2[i]);
+        if (out[0].target == 3)
+            current[0] = 3;
+    }
+    json_t *st = ms_app_policy_status(p);
+    ASSERT_INT_EQ(json_integer_value(json_object_get(st, "failures")), 0);
+    json_decref(st);
+    ms_app_policy_free(p);
+    ms_autoscaler_free(deps[0]);
+    ms_autoscaler_free(deps[1]);
+    unlink(path);
+    free(path);
 }
 
 /* ---- custom deployment-level policies ------------------------------------------------------- */
@@ -804,9 +1333,26 @@ int main(void)
     test_downscale_delay();
     test_down_to_zero();
     test_cold_start();
+    test_starting_replicas_kept();
     test_factors();
     test_bounds();
+    test_target_outside_bounds();
     test_aggregation();
+    test_ray_scale_up_from_0();
+    test_ray_scale_down_to_0();
+    test_ray_upscale_downscale_delay();
+    test_ray_replicas_delayed_startup();
+    test_ray_fluctuating_ongoing_requests();
+    test_ray_single_replica_receives_all_requests();
+    test_ray_apply_scaling_factors();
+    test_ray_upscale_delay_slow_loop();
+    test_ray_delay_logic_upscale();
+    test_ray_delay_logic_downscale();
+    test_ray_custom_upscale_downscale_delay();
+    test_ray_custom_apply_scaling_factors();
+    test_ray_no_runaway_scaling_during_warmup();
+    test_ray_app_cold_start_fast_path();
+    test_ray_app_shared_state_isolation();
     test_custom_state();
     test_ctx_fields();
     test_custom_failures();
