@@ -460,9 +460,30 @@ static size_t start_offset(lua_State *L, int arg, size_t len)
     return (size_t)init > len ? len : (size_t)init;
 }
 
+/* Short needles (the usual case) by memchr and memcmp, which is linear for them and has no
+ * set-up cost; long ones by memmem, linear where LuaJIT's loop is quadratic. */
+#define PLAIN_SHORT 32
+
+static const char *find_bytes(const char *s, size_t ls, const char *p, size_t lp)
+{
+    if (lp == 0)
+        return s;
+    if (lp > ls)
+        return NULL;
+    if (lp > PLAIN_SHORT)
+        return memmem(s, ls, p, lp);
+    const char *q = s, *last = s + (ls - lp);
+    while (q <= last && (q = memchr(q, (unsigned char)p[0], (size_t)(last - q) + 1)) != NULL) {
+        if (memcmp(q + 1, p + 1, lp - 1) == 0)
+            return q;
+        q++;
+    }
+    return NULL;
+}
+
 static int find_plain(lua_State *L, const char *s, size_t ls, size_t init, const char *p, size_t lp)
 {
-    const char *q = memmem(s + init, ls - init, p, lp);
+    const char *q = find_bytes(s + init, ls - init, p, lp);
     if (!q) {
         lua_pushnil(L);
         return 1;

@@ -101,6 +101,12 @@ void ms_sandbox_charge(lua_State *L, uint64_t ticks)
     }
 }
 
+int ms_sandbox_aborting(lua_State *L)
+{
+    ms_sandbox_t *sb = sandbox_of(L);
+    return sb->in_call && (sb->budget_exceeded || sb->mem_exceeded);
+}
+
 size_t ms_sandbox_mem_left(lua_State *L)
 {
     ms_sandbox_t *sb = sandbox_of(L);
@@ -266,13 +272,14 @@ static void build_env(ms_sandbox_t *sb)
     lua_pop(L, 1);
     copy_lib(L, env, "string", "dump");
     copy_lib(L, env, "table", NULL);
+    copy_some(L, env, "os", os_allow);
     lua_getfield(L, env, "string");
     lua_getfield(L, env, "table");
+    lua_getfield(L, env, "os");
     ms_sandbox_open_patterns(L, env + 1);
-    ms_sandbox_open_bounded(L, env + 1, env + 2);
-    lua_pop(L, 2);
+    ms_sandbox_open_bounded(L, env + 1, env + 2, env + 3);
+    lua_pop(L, 3);
     copy_lib(L, env, "math", NULL);
-    copy_some(L, env, "os", os_allow);
     lua_pushcfunction(L, sb_collectgarbage);
     lua_setfield(L, env, "collectgarbage");
     lua_pushvalue(L, env);

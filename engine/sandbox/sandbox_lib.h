@@ -35,8 +35,11 @@ void ms_sandbox_push_require(struct ms_sandbox *sb);
 /* Replace find, match, gmatch and gsub in the string table at `strlib` (patterns.c). */
 void ms_sandbox_open_patterns(lua_State *L, int strlib);
 
-/* Replace string.rep, table.concat and table.sort in the tables at `strlib`, `tablib`
- * (bounded.c). */
-void ms_sandbox_open_bounded(lua_State *L, int strlib, int tablib);
+/* Replace string.rep, upper, lower, reverse, format, os.date, table.concat, insert and sort in
+ * the tables at `strlib`, `tablib`, `oslib` (bounded.c). */
+void ms_sandbox_open_bounded(lua_State *L, int strlib, int tablib, int oslib);
+
+/* Is the call in progress being aborted (budget or memory)? Such errors must pass untouched. */
+int ms_sandbox_aborting(lua_State *L);
 
 #endif
