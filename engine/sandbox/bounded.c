@@ -160,7 +160,7 @@ static int sb_transform(lua_State *L)
  * format (about 16 ns a byte). */
 static uint64_t format_ticks(lua_State *L)
 {
-    size_t flen;
+    size_t flen = 0;
     const char *fmt = lua_tolstring(L, 1, &flen);
     uint64_t bytes = flen, ns_per_byte = fmt && strstr(fmt, "%q") ? 8 : 1;
     for (int i = 2; i <= lua_gettop(L); i++)

@@ -537,6 +537,8 @@ ms_sandbox_t *ms_sandbox_new(size_t mem_limit, char **err)
 void ms_sandbox_set_module_dir(ms_sandbox_t *sb, const char *dir)
 {
     lua_State *L = sb->L;
+    if (dir && !*dir)
+        dir = NULL; /* "" would make every module path absolute */
     free(sb->module_dir);
     sb->module_dir = dir ? ms_strdup(dir) : NULL;
     lua_rawgeti(L, LUA_REGISTRYINDEX, sb->env_ref);

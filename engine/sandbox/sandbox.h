@@ -68,8 +68,9 @@ int ms_sandbox_call(ms_sandbox_t *sb, int nargs, int nres, uint64_t budget_us);
 /* Gives scripts `require`: `require "a.b"` loads DIR/a/b.lua (text only; names are dot-separated
  * words of letters, digits, '_' and '-', so no absolute path or ".." can be named; no C modules),
  * runs it in the sandbox environment under the budget of the call in progress and caches its
- * value per state; a cycle and a missing file are clear errors. NULL removes `require`. Setting
- * it again starts a fresh cache. Call it before loading the script that requires. */
+ * value per state; a cycle and a missing file are clear errors. Setting
+ * it again starts a fresh cache; NULL or "" removes `require`. Call it before loading the script
+ * that requires. */
 void ms_sandbox_set_module_dir(ms_sandbox_t *sb, const char *dir);
 
 /* Decodes JSON text into a Lua value and pushes it (objects and arrays become tables, null

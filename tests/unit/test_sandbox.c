@@ -550,11 +550,15 @@ static void test_require(void)
     ASSERT_STR_EQ(r, "OK!");
     free(r);
 
-    ms_sandbox_set_module_dir(sb, NULL);
-    r = run_sb(sb, "return require 'util'", BIG_BUDGET_US);
-    ASSERT_TRUE(r == NULL);
-    ASSERT_CONTAINS(sb->err, "undefined global 'require'");
-    free(r);
+    const char *none[] = {NULL, ""};
+    for (int i = 0; i < 2; i++) {
+        ms_sandbox_set_module_dir(sb, moddir);
+        ms_sandbox_set_module_dir(sb, none[i]);
+        r = run_sb(sb, "return require 'util'", BIG_BUDGET_US);
+        ASSERT_TRUE(r == NULL);
+        ASSERT_CONTAINS(sb->err, "undefined global 'require'");
+        free(r);
+    }
     ms_sandbox_free(sb);
 
     char cmd[4200];
