@@ -26,6 +26,7 @@
 #include <luajit.h>
 
 #include "core/core.h"
+#include "sandbox/sandbox_lib.h"
 
 /* ---- allocator ------------------------------------------------------------------------------ */
 
@@ -58,41 +59,66 @@ static ms_sandbox_t *sandbox_of(lua_State *L)
 
 /* ---- budget hook ---------------------------------------------------------------------------- */
 
-/* Raises the abort from inside the hook. Re-arming with a count of 1 means that if a pcall in the
- * script catches this error, the very next instruction raises it again. */
+/* Raises the abort, from the hook or from a library function charging its own work (then the
+ * innermost Lua frame is the caller's, which names the line; a tail call may leave none). The
+ * first abort of a call is kept for its error: later ones only re-raise it wherever the script's
+ * pcall let it go on. Re-arming with a count of 1 means that if a pcall in the script catches
+ * this error, the very next instruction raises it again. */
 static int hook_abort(lua_State *L, const char *what)
 {
+    ms_sandbox_t *sb = sandbox_of(L);
     lua_Debug ar;
-    const char *src = "?";
-    int line = 0;
-    sandbox_of(L)->hook_fast = 1;
+    const char *msg = NULL;
+    sb->hook_fast = 1;
     lua_sethook(L, lua_gethook(L), LUA_MASKCOUNT, 1);
-    if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "Sl", &ar)) {
-        src = ar.short_src;
-        line = ar.currentline;
+    for (int level = 0; !msg && lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.what[0] != 'C')
+            msg = lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, what);
     }
-    return luaL_error(L, "%s:%d: %s", src, line, what);
+    if (!msg)
+        msg = lua_pushfstring(L, "%s: %s", sb->chunkname, what);
+    if (!sb->abort_msg[0])
+        snprintf(sb->abort_msg, sizeof sb->abort_msg, "%s", msg);
+    return lua_error(L);
 }
 
-static void budget_hook(lua_State *L, lua_Debug *ar)
+void ms_sandbox_charge(lua_State *L, uint64_t ticks)
 {
-    (void)ar;
     ms_sandbox_t *sb = sandbox_of(L);
     if (!sb->in_call)
         return;
-    if (sb->mem_exceeded) {
+    if (sb->mem_exceeded)
         hook_abort(L, "memory limit exceeded");
-        return;
-    }
     /* The clock is first read here, not when the call starts: a typical routing call ends well
      * before its first tick, and a clock read (~25 ns on this machine) would be a tenth of it. */
     uint64_t now = ms_now_us();
     if (sb->deadline_us == 0)
         sb->deadline_us = now + sb->budget_us;
-    if (sb->budget_exceeded || ++sb->ticks > sb->max_ticks || now > sb->deadline_us) {
+    sb->ticks += ticks;
+    if (sb->budget_exceeded || sb->ticks > sb->max_ticks || now > sb->deadline_us) {
         sb->budget_exceeded = 1;
         hook_abort(L, "budget exceeded");
     }
+}
+
+int ms_sandbox_aborting(lua_State *L)
+{
+    ms_sandbox_t *sb = sandbox_of(L);
+    return sb->in_call && (sb->budget_exceeded || sb->mem_exceeded);
+}
+
+size_t ms_sandbox_mem_left(lua_State *L)
+{
+    ms_sandbox_t *sb = sandbox_of(L);
+    if (!sb->mem_enforced)
+        return SIZE_MAX;
+    return sb->mem_used >= sb->mem_limit ? 0 : sb->mem_limit - sb->mem_used;
+}
+
+static void budget_hook(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    ms_sandbox_charge(L, 1);
 }
 
 /* ---- sandboxed library functions ------------------------------------------------------------ */
@@ -107,6 +133,43 @@ static int sb_collectgarbage(lua_State *L)
     return 1;
 }
 
+/* The parser is C: text reaches it in slices, each charged to the call's budget (one tick per
+ * MS_SANDBOX_WORK_PER_TICK bytes), so compiling a huge string cannot outlast the budget. */
+#define LOAD_SLICE 4096
+
+typedef struct {
+    const char *text;
+    size_t left;
+    int slices;
+} load_reader;
+
+static const char *read_slice(lua_State *L, void *ud, size_t *size)
+{
+    load_reader *r = ud;
+    if (r->left == 0) {
+        *size = 0;
+        return NULL;
+    }
+    if (r->slices++ > 0) /* a short text is never charged */
+        ms_sandbox_charge(L, LOAD_SLICE / MS_SANDBOX_WORK_PER_TICK);
+    size_t n = r->left < LOAD_SLICE ? r->left : LOAD_SLICE;
+    const char *p = r->text;
+    r->text += n;
+    r->left -= n;
+    *size = n;
+    return p;
+}
+
+int ms_sandbox_load_text(lua_State *L, const char *text, size_t len, const char *chunkname)
+{
+    if (len > 0 && text[0] == LUA_SIGNATURE[0]) {
+        lua_pushstring(L, "attempt to load a binary chunk");
+        return LUA_ERRSYNTAX;
+    }
+    load_reader r = {text, len, 0};
+    return lua_loadx(L, read_slice, &r, chunkname, "t");
+}
+
 /* load/loadstring(text [, chunkname]): strings only (no reader functions), text only, and the
  * result runs in the sandbox environment (upvalue 1), never in the real globals. */
 static int sb_load(lua_State *L)
@@ -114,12 +177,7 @@ static int sb_load(lua_State *L)
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
     const char *name = luaL_optstring(L, 2, text);
-    if (len > 0 && text[0] == LUA_SIGNATURE[0]) {
-        lua_pushnil(L);
-        lua_pushstring(L, "attempt to load a binary chunk");
-        return 2;
-    }
-    if (luaL_loadbufferx(L, text, len, name, "t") != 0) {
+    if (ms_sandbox_load_text(L, text, len, name) != 0) {
         lua_pushnil(L);
         lua_insert(L, -2);
         return 2;
@@ -214,8 +272,14 @@ static void build_env(ms_sandbox_t *sb)
     lua_pop(L, 1);
     copy_lib(L, env, "string", "dump");
     copy_lib(L, env, "table", NULL);
-    copy_lib(L, env, "math", NULL);
     copy_some(L, env, "os", os_allow);
+    lua_getfield(L, env, "string");
+    lua_getfield(L, env, "table");
+    lua_getfield(L, env, "os");
+    ms_sandbox_open_patterns(L, env + 1);
+    ms_sandbox_open_bounded(L, env + 1, env + 2, env + 3);
+    lua_pop(L, 3);
+    copy_lib(L, env, "math", NULL);
     lua_pushcfunction(L, sb_collectgarbage);
     lua_setfield(L, env, "collectgarbage");
     lua_pushvalue(L, env);
@@ -273,6 +337,8 @@ static void record_call_error(ms_sandbox_t *sb, int rc)
         /* The allocator refused: the message couldn't always be built, so say it from here. */
         set_err(sb, "%s: memory limit exceeded (limit %zu KiB)", sb->chunkname,
                 sb->mem_limit >> 10);
+    } else if (sb->budget_exceeded && sb->abort_msg[0]) {
+        set_err(sb, "%s (%llu us)", sb->abort_msg, (unsigned long long)sb->budget_us);
     } else if (sb->budget_exceeded && msg) {
         size_t n = strcspn(msg, "\n");
         set_err(sb, "%.*s (%llu us)", (int)n, msg, (unsigned long long)sb->budget_us);
@@ -293,6 +359,7 @@ static void arm(ms_sandbox_t *sb, uint64_t budget_us)
      * makes an abort deterministic on an idle machine, the clock bounds it on a busy one. */
     sb->max_ticks = budget_us < 100 ? 100 : budget_us;
     sb->budget_exceeded = 0;
+    sb->abort_msg[0] = '\0';
     sb->mem_exceeded = 0;
     sb->mem_enforced = 1;
     sb->in_call = 1;
@@ -319,6 +386,13 @@ int ms_sandbox_call(ms_sandbox_t *sb, int nargs, int nres, uint64_t budget_us)
     arm(sb, budget_us);
     int rc = lua_pcall(L, nargs, nres, MS_SANDBOX_HANDLER_SLOT);
     disarm(sb);
+    if (rc == 0 && (sb->budget_exceeded || sb->mem_exceeded)) {
+        /* The abort was caught and the call returned before its next instruction could raise
+         * it again (`return load(huge)`, `return pcall(f)`): the call still failed. */
+        lua_settop(L, fn - 1);
+        lua_pushstring(L, sb->abort_msg[0] ? sb->abort_msg : "aborted");
+        rc = LUA_ERRRUN;
+    }
     if (rc == 0)
         return 0;
     record_call_error(sb, rc);
@@ -460,10 +534,28 @@ ms_sandbox_t *ms_sandbox_new(size_t mem_limit, char **err)
     return sb;
 }
 
+void ms_sandbox_set_module_dir(ms_sandbox_t *sb, const char *dir)
+{
+    lua_State *L = sb->L;
+    if (dir && !*dir)
+        dir = NULL; /* "" would make every module path absolute */
+    free(sb->module_dir);
+    sb->module_dir = dir ? ms_strdup(dir) : NULL;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sb->env_ref);
+    lua_pushliteral(L, "require");
+    if (dir)
+        ms_sandbox_push_require(sb);
+    else
+        lua_pushnil(L);
+    lua_rawset(L, -3); /* raw: the environment's guard refuses new globals */
+    lua_pop(L, 1);
+}
+
 void ms_sandbox_free(ms_sandbox_t *sb)
 {
     if (!sb)
         return;
     lua_close(sb->L);
+    free(sb->module_dir);
     free(sb);
 }

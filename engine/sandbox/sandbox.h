@@ -45,6 +45,9 @@ typedef struct ms_sandbox {
     uint64_t ticks;
     uint64_t max_ticks;
 
+    char *module_dir; /* where `require` looks (NULL: no require) */
+
+    char abort_msg[256]; /* the first budget or memory abort of the call, where it happened */
     char chunkname[256]; /* file name of the last chunk loaded, for messages */
     char err[512];       /* last error, first line only: `file:line: message` */
 } ms_sandbox_t;
@@ -61,6 +64,14 @@ int ms_sandbox_load(ms_sandbox_t *sb, const char *buf, size_t len, const char *c
  * microseconds (and about 1000 instructions per microsecond). On success leaves `nres` results
  * in place of the function and arguments; on failure pops them, sets sb->err and returns -1. */
 int ms_sandbox_call(ms_sandbox_t *sb, int nargs, int nres, uint64_t budget_us);
+
+/* Gives scripts `require`: `require "a.b"` loads DIR/a/b.lua (text only; names are dot-separated
+ * words of letters, digits, '_' and '-', so no absolute path or ".." can be named; no C modules),
+ * runs it in the sandbox environment under the budget of the call in progress and caches its
+ * value per state; a cycle and a missing file are clear errors. Setting
+ * it again starts a fresh cache; NULL or "" removes `require`. Call it before loading the script
+ * that requires. */
+void ms_sandbox_set_module_dir(ms_sandbox_t *sb, const char *dir);
 
 /* Decodes JSON text into a Lua value and pushes it (objects and arrays become tables, null
  * becomes nil). NULL or "" pushes an empty table. Returns 0, or -1 with sb->err set. */
