@@ -11,6 +11,7 @@
 
 #include "controller/controller.h"
 #include "controller/internal.h"
+#include "policy/policy.h"
 
 static double max_shutdown_timeout(const plan_t *plan)
 {
@@ -249,6 +250,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
 {
     ms_config_errors_t errs = {0};
     plan_t plan = {0};
+    ms_policy_set_module_dir(cfg->dir); /* policies `require` from the config's folder */
     if (ms__plan_build(cfg, &plan, &errs) != 0) {
         for (size_t i = 0; i < errs.n; i++)
             fprintf(stderr, "%s\n", errs.items[i]);

@@ -8,6 +8,7 @@
 
 #include "controller/internal.h"
 #include "runtime/runtime.h"
+#include "policy/policy.h"
 #include "router/router.h"
 
 void ms__plan_free(plan_t *p)
@@ -232,6 +233,7 @@ static void check_loads(const ms_config_t *cfg, ms_config_mark_t at, const char 
 int ms__plan_check_scripts(const ms_config_t *cfg, const plan_t *plan, ms_config_errors_t *errs)
 {
     size_t before = errs->n;
+    ms_policy_set_module_dir(cfg->dir);
     for (size_t i = 0; i < plan->n; i++) {
         const planned_t *p = &plan->items[i];
         char *err = NULL;

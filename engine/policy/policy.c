@@ -40,6 +40,8 @@ struct ms_policy {
     char last_error[512];
     char last_reload_error[512];
 
+    char *module_dir; /* `require` root; NULL: none */
+
     int refs;    /* reloads in flight holding this policy */
     int retired; /* freed by its owner while a reload held it */
 };
@@ -263,6 +265,7 @@ typedef struct load_args {
     unsigned required;
     json_t *kwargs; /* only read */
     size_t mem_limit;
+    const char *module_dir;
 } load_args_t;
 
 static void version_free(const ms_policy_kind_t *kind, ms_policy_version_t *v)
@@ -467,6 +470,7 @@ static ms_policy_version_t *version_load(const load_args_t *a, char sha[65], cha
         return NULL;
     }
     v->L = v->sb->L;
+    ms_sandbox_set_module_dir(v->sb, a->module_dir);
     ms_policy_new_metatable(v->L, 0);
     v->protect_ref = luaL_ref(v->L, LUA_REGISTRYINDEX);
     int rc = ms_sandbox_load(v->sb, text.data ? text.data : "", text.len, a->file);
@@ -489,8 +493,15 @@ static ms_policy_version_t *version_load(const load_args_t *a, char sha[65], cha
 
 static load_args_t load_args(const ms_policy_t *p)
 {
-    return (load_args_t){p->kind, p->file,     p->attr,   (const char *const *)p->fns,
-                         p->nfns, p->required, p->kwargs, p->mem_limit};
+    return (load_args_t){.kind = p->kind,
+                         .file = p->file,
+                         .attr = p->attr,
+                         .fns = (const char *const *)p->fns,
+                         .nfns = p->nfns,
+                         .required = p->required,
+                         .kwargs = p->kwargs,
+                         .mem_limit = p->mem_limit,
+                         .module_dir = p->module_dir};
 }
 
 /* ---- lifecycle ------------------------------------------------------------------------------- */
@@ -498,6 +509,15 @@ static load_args_t load_args(const ms_policy_t *p)
 static char *dup_or_null(const char *s)
 {
     return s && *s ? ms_strdup(s) : NULL;
+}
+
+/* Set on the loop, copied into each new policy: workers never read it. */
+static char *default_module_dir;
+
+void ms_policy_set_module_dir(const char *dir)
+{
+    free(default_module_dir);
+    default_module_dir = dup_or_null(dir);
 }
 
 static void policy_destroy(ms_policy_t *p)
@@ -511,6 +531,7 @@ static void policy_destroy(ms_policy_t *p)
     free(p->application);
     free(p->deployment);
     free(p->role);
+    free(p->module_dir);
     free(p);
 }
 
@@ -530,6 +551,7 @@ ms_policy_t *ms_policy_new(const ms_policy_spec_t *spec, char **err)
     p->application = dup_or_null(spec->application);
     p->deployment = dup_or_null(spec->deployment);
     p->role = dup_or_null(spec->role);
+    p->module_dir = dup_or_null(default_module_dir);
     char msg[512], sha[65];
     load_args_t a = load_args(p);
     p->cur = version_load(&a, sha, msg, sizeof msg);

@@ -96,6 +96,11 @@ typedef struct ms_policy_spec {
     const char *application, *deployment, *role;
 } ms_policy_spec_t;
 
+/* The folder `require` resolves against in every policy created from now on (the config's folder,
+ * so a policy can share Lua modules with the application, as Ray allows); NULL: no `require`.
+ * Each policy keeps the folder it was created with, for its reloads too. Call on the loop. */
+void ms_policy_set_module_dir(const char *dir);
+
 /* Loads version 1 synchronously. NULL with *err (malloc'd, `file:line: message`) on failure. */
 ms_policy_t *ms_policy_new(const ms_policy_spec_t *spec, char **err);
 /* Frees the policy; a reload in flight that holds it drops it instead of committing it. */
