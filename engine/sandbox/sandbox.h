@@ -33,6 +33,7 @@ typedef struct ms_sandbox {
      * C-side updates made outside calls can never fail half-way. */
     size_t mem_used;
     size_t mem_limit;
+    size_t mem_after_gc; /* mem_used after the last full collection the sandbox ran */
     int mem_enforced;
     int mem_exceeded;
 

@@ -300,10 +300,11 @@ static void test_runaway_and_errors(void)
                   "  if req.path == '/boom' then error('boom') end\n"
                   "  if req.path == '/hog' then\n"
                   "    local t = {}\n"
-                  "    while true do t[#t + 1] = string.rep('x', 64) .. #t end end\n"
+                  "    while true do t[#t + 1] = string.rep('x', 4096) .. #t end end\n"
                   "  if req.path == '/hog-pcall' then\n"
                   "    local t = {}\n"
-                  "    while true do pcall(function() t[#t + 1] = {} end) end end\n"
+                  "    while true do pcall(function() t[#t + 1] = string.rep('y', 4096) .. #t "
+                  "end) end end\n"
                   "  return { c }\n"
                   "end\n"
                   "return R\n",

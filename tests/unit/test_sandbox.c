@@ -566,6 +566,39 @@ static void test_require(void)
     ASSERT_INT_EQ(system(cmd), 0);
 }
 
+/* A state whose live data is two thirds of its cap, making garbage on every call, never hits the
+ * cap: LuaJIT would start its next cycle only at twice the live size, past the cap. */
+static void test_garbage_near_cap(void)
+{
+    char *err = NULL;
+    ms_sandbox_t *sb = ms_sandbox_new(4u << 20, &err);
+    ASSERT_TRUE(sb != NULL);
+    if (!sb)
+        return;
+    static const char chunk[] = "local keep = {}\n"
+                                "for i = 1, 20000 do keep[i] = ('k'):rep(100) .. i end\n"
+                                "return function()\n"
+                                "  local g = {}\n"
+                                "  for i = 1, 2000 do g[i] = { i } end\n"
+                                "  return #keep\n"
+                                "end\n";
+    ASSERT_INT_EQ(ms_sandbox_load(sb, chunk, strlen(chunk), "near_cap"), 0);
+    ASSERT_INT_EQ(ms_sandbox_call(sb, 0, 1, 2000000), 0);
+    int fn = lua_gettop(sb->L);
+    ASSERT_TRUE(sb->mem_used > (2u << 20)); /* the live data: well above half the cap */
+    int failed = 0;
+    for (int i = 0; i < 300 && !failed; i++) {
+        lua_pushvalue(sb->L, fn);
+        failed = ms_sandbox_call(sb, 0, 1, 1000000) != 0;
+        if (failed)
+            fprintf(stderr, "call %d: %s\n", i, sb->err);
+        else
+            lua_pop(sb->L, 1);
+    }
+    ASSERT_TRUE(!failed);
+    ms_sandbox_free(sb);
+}
+
 int main(void)
 {
     lua_State *stock = luaL_newstate();
@@ -581,6 +614,7 @@ int main(void)
     test_big_table_work();
     measure_speed(stock, sb);
     test_require();
+    test_garbage_near_cap();
 
     ms_sandbox_free(sb);
     lua_close(stock);
