@@ -19,8 +19,6 @@
 
 /* Wall-clock budget of one choose_replicas call: routing is on every request's path. */
 #define ROUTER_BUDGET_US         200
-#define MAX_CANDIDATES           256
-#define MAX_RANKS                16
 #define IMMEDIATE_CHOICE_RETRIES 2
 /* Ray Serve's routing backoff: 0.025 s doubling up to 0.5 s while every ranked replica is full. */
 #define BACKOFF_INITIAL_MS 25
@@ -57,6 +55,16 @@ struct call {
     ms_buf_t resp_body;
 };
 
+/* Per-slot bookkeeping that keeps admission and the fallback choice independent of the number of
+ * replicas: a routable RUNNING replica below its cap is filed in the bucket of its in-flight
+ * count (a list of slots), so "is any replica free" is a counter and "the least loaded one" is
+ * the head of the lowest non-empty bucket. */
+typedef struct slot_info {
+    int prev, next; /* bucket list links (slots), -1 = none */
+    int bucket;     /* the in-flight count it is filed under, -1 = not available */
+    int running;    /* counted in n_running */
+} slot_info_t;
+
 struct ms_deployment {
     uv_loop_t *loop;
     char *app_name;
@@ -78,7 +86,17 @@ struct ms_deployment {
     ms_router_script_t *script;
     ms_replica_t **slots;    /* replica per router slot; NULL holes */
     unsigned char *routable; /* per slot: known to the Lua router (ready, not stopping) */
+    slot_info_t *info;       /* per slot: see slot_info_t */
     int n_slots;
+    int *bucket_head, *bucket_tail; /* per in-flight count: first and last slot filed there */
+    int n_buckets;                  /* > every filed replica's in-flight count */
+    int min_bucket;                 /* no bucket below this one holds a slot */
+    int n_available;                /* slots filed in a bucket */
+    int n_running;                  /* replicas in state RUNNING */
+    /* The router's answer for one choice: one entry per slot, and as many ranks, so a router
+     * listing each replica once is never cut short (sized with the slots, off the hot path). */
+    int *cand_index, *cand_rank_end;
+    int warned_long_answer; /* the router once listed more entries than that */
     call_t *queue_head, *queue_tail;
     size_t queued;
     call_t *free_calls;
@@ -149,6 +167,85 @@ static int deploy_failed(const ms_deployment_t *d)
 
 static void fail_queued(ms_deployment_t *d, int status, const char *message);
 
+/* ---- availability: which replicas can take a request now ------------------------------------ */
+
+static void bucket_unlink(ms_deployment_t *d, int slot)
+{
+    slot_info_t *si = &d->info[slot];
+    if (si->prev >= 0)
+        d->info[si->prev].next = si->next;
+    else
+        d->bucket_head[si->bucket] = si->next;
+    if (si->next >= 0)
+        d->info[si->next].prev = si->prev;
+    else
+        d->bucket_tail[si->bucket] = si->prev;
+    si->prev = si->next = si->bucket = -1;
+    d->n_available--;
+}
+
+/* Grows the bucket table to hold in-flight counts below n. It grows when a replica with a higher
+ * max_ongoing_requests than any before is filed, never on a steady-state request. */
+static void ensure_buckets(ms_deployment_t *d, int n)
+{
+    if (n <= d->n_buckets)
+        return;
+    d->bucket_head = ms_realloc(d->bucket_head, (size_t)n * sizeof *d->bucket_head);
+    d->bucket_tail = ms_realloc(d->bucket_tail, (size_t)n * sizeof *d->bucket_tail);
+    for (int b = d->n_buckets; b < n; b++)
+        d->bucket_head[b] = d->bucket_tail[b] = -1;
+    d->n_buckets = n;
+}
+
+/* Files at the tail: among equally loaded replicas the one that waited longest goes first. */
+static void bucket_link(ms_deployment_t *d, int slot, int bucket)
+{
+    slot_info_t *si = &d->info[slot];
+    si->bucket = bucket;
+    si->next = -1;
+    si->prev = d->bucket_tail[bucket];
+    if (si->prev >= 0)
+        d->info[si->prev].next = slot;
+    else
+        d->bucket_head[bucket] = slot;
+    d->bucket_tail[bucket] = slot;
+    if (bucket < d->min_bucket)
+        d->min_bucket = bucket;
+    d->n_available++;
+}
+
+/* Brings a slot's bookkeeping in line with its replica, in O(1). Called after every change to a
+ * replica's state, routability, in-flight count or cap. */
+static void refile(ms_deployment_t *d, int slot)
+{
+    ms_replica_t *r = d->slots[slot];
+    slot_info_t *si = &d->info[slot];
+    int running = r && r->state == MS_REPLICA_RUNNING;
+    if (running != si->running) {
+        d->n_running += running ? 1 : -1;
+        si->running = running;
+    }
+    int bucket =
+        running && d->routable[slot] && r->ongoing < r->max_ongoing_requests ? r->ongoing : -1;
+    if (bucket == si->bucket)
+        return;
+    if (si->bucket >= 0)
+        bucket_unlink(d, slot);
+    if (bucket >= 0) {
+        ensure_buckets(d, r->max_ongoing_requests);
+        bucket_link(d, slot, bucket);
+    }
+}
+
+/* The least loaded replica with a free slot, or NULL. The walk up from min_bucket is bounded by
+ * max_ongoing_requests, not by the number of replicas. */
+static ms_replica_t *least_loaded_available(ms_deployment_t *d)
+{
+    while (d->min_bucket < d->n_buckets && d->bucket_head[d->min_bucket] < 0)
+        d->min_bucket++;
+    return d->min_bucket < d->n_buckets ? d->slots[d->bucket_head[d->min_bucket]] : NULL;
+}
+
 static void on_replica_ready(ms_replica_t *r)
 {
     ms_deployment_t *d = r->owner;
@@ -162,6 +259,7 @@ static void on_replica_ready(ms_replica_t *r)
     }
     ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
     d->routable[r->slot] = 1;
+    refile(d, r->slot);
     /* Its routing stats are wanted now, not a whole stats period later (Ray probes new replicas
      * at once too). */
     ms_replica_poll_stats(r, MS_REPLICA_STATS_TIMEOUT_S);
@@ -191,6 +289,7 @@ static void unroute(ms_deployment_t *d, int slot)
     if (!d->routable[slot])
         return;
     d->routable[slot] = 0;
+    refile(d, slot);
     ms_router_script_remove_replica(d->script, slot);
 }
 
@@ -227,6 +326,7 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
     fail_calls_on(d, r);
     unroute(d, r->slot);
     d->slots[r->slot] = NULL;
+    refile(d, r->slot);
     /* A replica we stopped exiting is routine; any other exit is worth a warning. */
     ms_log_level_t level = d->shutting_down || r->stop_requested ? MS_LOG_INFO : MS_LOG_WARN;
     if (term_signal)
@@ -281,15 +381,24 @@ static const ms_replica_events_t replica_events = {
     .on_unhealthy = on_replica_unhealthy,
 };
 
+/* A slot for a new replica: a hole, or a new one. Every per-slot array grows here, so nothing on
+ * a request's path allocates. */
 static int free_slot(ms_deployment_t *d)
 {
     for (int i = 0; i < d->n_slots; i++)
         if (!d->slots[i])
             return i;
-    d->slots = ms_realloc(d->slots, (size_t)(d->n_slots + 1) * sizeof *d->slots);
-    d->routable = ms_realloc(d->routable, (size_t)(d->n_slots + 1));
+    size_t n = (size_t)d->n_slots + 1;
+    d->slots = ms_realloc(d->slots, n * sizeof *d->slots);
+    d->routable = ms_realloc(d->routable, n);
+    d->info = ms_realloc(d->info, n * sizeof *d->info);
+    /* One spare entry tells "the router listed more entries than there are replicas" from an
+     * exact fit. */
+    d->cand_index = ms_realloc(d->cand_index, (n + 1) * sizeof *d->cand_index);
+    d->cand_rank_end = ms_realloc(d->cand_rank_end, (n + 1) * sizeof *d->cand_rank_end);
     d->slots[d->n_slots] = NULL;
     d->routable[d->n_slots] = 0;
+    d->info[d->n_slots] = (slot_info_t){.prev = -1, .next = -1, .bucket = -1, .running = 0};
     return d->n_slots++;
 }
 
@@ -314,6 +423,7 @@ static void retire(ms_deployment_t *d, ms_replica_t *r)
 {
     unroute(d, r->slot);
     ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+    refile(d, r->slot); /* no longer RUNNING */
 }
 
 /* Rolling update: a replica of an older code generation stops once a current one can take its
@@ -478,6 +588,7 @@ static void call_detach(call_t *c, int reuse_conn)
                                       (double)(ms_now_us() - c->sent_at_us) / 1e6, ok);
     }
     r->ongoing--;
+    refile(d, r->slot);
     if (d->routable[r->slot])
         ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
     if (c->conn) {
@@ -660,6 +771,7 @@ static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
     c->sent_at_us = ms_now_us();
     c->replica = r;
     r->ongoing++;
+    refile(d, r->slot);
     ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
     c->conn = ms_replica_conn_get(r, d->loop);
     build_forward_head(c);
@@ -680,11 +792,12 @@ static ms_replica_t *usable(const ms_deployment_t *d, int slot)
     return r;
 }
 
+/* The candidate with the fewest in-flight requests below its cap, first one on ties. */
 static ms_replica_t *least_loaded(const ms_deployment_t *d, const int *slots, int n)
 {
     ms_replica_t *best = NULL;
     for (int i = 0; i < n; i++) {
-        ms_replica_t *r = usable(d, slots ? slots[i] : i);
+        ms_replica_t *r = usable(d, slots[i]);
         if (r && (!best || r->ongoing < best->ongoing))
             best = r;
     }
@@ -705,11 +818,18 @@ static ms_replica_t *choose(ms_deployment_t *d, call_t *c)
         .body = c->req->body,
         .body_len = c->req->body_len,
     };
-    int idx[MAX_CANDIDATES], ends[MAX_RANKS];
+    int *idx = d->cand_index, *ends = d->cand_rank_end;
+    size_t cap = (size_t)d->n_slots + 1;
     for (int attempt = 0; attempt <= IMMEDIATE_CHOICE_RETRIES; attempt++) {
-        int ranks = ms_router_script_choose(d->script, &rr, idx, MAX_CANDIDATES, ends, MAX_RANKS);
+        int ranks = ms_router_script_choose(d->script, &rr, idx, cap, ends, cap);
         if (ranks < 0)
-            return least_loaded(d, NULL, d->n_slots);
+            return least_loaded_available(d);
+        if (ranks > 0 && (size_t)ends[ranks - 1] == cap && !d->warned_long_answer) {
+            d->warned_long_answer = 1;
+            ms_warn("deployment %s: the router listed more than %zu candidate entries (replicas "
+                    "repeated across ranks); entries past that are ignored",
+                    d->name, cap);
+        }
         int start = 0;
         for (int k = 0; k < ranks; k++) {
             ms_replica_t *r = least_loaded(d, idx + start, ends[k] - start);
@@ -730,7 +850,7 @@ static void on_backoff_timer(uv_timer_t *t)
 
 static void dispatch(ms_deployment_t *d)
 {
-    while (d->queue_head && least_loaded(d, NULL, d->n_slots)) {
+    while (d->queue_head && d->n_available > 0) {
         call_t *c = d->queue_head;
         ms_replica_t *r = choose(d, c);
         if (!r) {
@@ -830,6 +950,7 @@ void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s)
             continue; /* starting ones catch up when ready */
         if (cap_changed) {
             ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
+            refile(d, r->slot);
             if (d->routable[r->slot]) { /* the router sees the new cap too */
                 ms_router_script_remove_replica(d->script, r->slot);
                 ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
@@ -993,6 +1114,7 @@ void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data
             continue;
         unroute(d, r->slot);
         ms_replica_stop(r, d->graceful_shutdown_timeout_s);
+        refile(d, r->slot);
     }
     maybe_finish_shutdown(d);
 }
@@ -1013,6 +1135,11 @@ static void timer_closed(ms_deployment_t *d)
     free(d->all_calls);
     free(d->slots);
     free(d->routable);
+    free(d->info);
+    free(d->bucket_head);
+    free(d->bucket_tail);
+    free(d->cand_index);
+    free(d->cand_rank_end);
     free((char *)d->spec.exe_path);
     free((char *)d->spec.run_dir);
     free((char *)d->spec.controller_socket);
@@ -1063,11 +1190,7 @@ const char *ms_deployment_name(const ms_deployment_t *d)
 
 size_t ms_deployment_running_replicas(const ms_deployment_t *d)
 {
-    size_t n = 0;
-    for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i] && d->slots[i]->state == MS_REPLICA_RUNNING)
-            n++;
-    return n;
+    return (size_t)d->n_running;
 }
 
 size_t ms_deployment_queued(const ms_deployment_t *d)

@@ -75,7 +75,7 @@ void ms_deployment_update(ms_deployment_t *d, const ms_deployment_settings_t *s)
 void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec);
 
 /* Lists the replicas (every state but gone) into out; returns how many there are (may exceed
- * cap, in which case only cap are written). */
+ * cap, in which case only cap are written; out may be NULL with cap 0, to count them). */
 size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap);
 
 /* Polls every running replica's stats (see ms_replica_poll_stats); routing stats that arrive are
