@@ -37,12 +37,19 @@ static const char *deployment_status(const dep_entry_t *e, size_t running, size_
     return "DOWNSCALING";
 }
 
+/* Every replica of a deployment, in a fresh array (free it). */
+static ms_replica_t **replica_list(const dep_entry_t *e, size_t *n)
+{
+    *n = ms_deployment_replicas(e->dep, NULL, 0);
+    ms_replica_t **rs = ms_malloc((*n ? *n : 1) * sizeof *rs);
+    ms_deployment_replicas(e->dep, rs, *n);
+    return rs;
+}
+
 static json_t *replicas_json(const dep_entry_t *e, size_t *running, size_t *live)
 {
-    ms_replica_t *rs[256];
-    size_t n = ms_deployment_replicas(e->dep, rs, 256);
-    if (n > 256)
-        n = 256;
+    size_t n;
+    ms_replica_t **rs = replica_list(e, &n);
     json_t *arr = json_array();
     *running = *live = 0;
     for (size_t i = 0; i < n; i++) {
@@ -54,6 +61,7 @@ static json_t *replicas_json(const dep_entry_t *e, size_t *running, size_t *live
                            "replica_tag", r->id, "state", replica_state_name(r->state), "pid",
                            r->pid, "start_time_s", r->start_time, "ongoing_requests", r->ongoing));
     }
+    free(rs);
     return arr;
 }
 
@@ -131,6 +139,7 @@ static int on_status(void *data, json_t **body)
                       (int)getpid(), "actor_name", "moonserve-controller", "deploy_mode",
                       "MULTI_APP", "http_options", "host", c->cfg->http.host, "port",
                       c->cfg->http.port, "applications", apps, "target_capacity");
+    json_object_set_new(*body, "control_loop", ms__control_status(c));
     return 200;
 }
 
@@ -350,13 +359,14 @@ static void script_metrics(ms_buf_t *b, const ms_policy_t *p)
 
 static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
 {
-    ms_replica_t *rs[256];
-    size_t n = ms_deployment_replicas(e->dep, rs, 256);
+    size_t n;
+    ms_replica_t **rs = replica_list(e, &n);
     size_t running = 0, ongoing = 0;
-    for (size_t i = 0; i < n && i < 256; i++) {
+    for (size_t i = 0; i < n; i++) {
         running += rs[i]->state == MS_REPLICA_RUNNING;
         ongoing += (size_t)rs[i]->ongoing;
     }
+    free(rs);
     char *a = label_value(e->app->name), *d = label_value(e->name);
     ms_buf_appendf(
         b, "moonserve_deployment_target_replicas{application=\"%s\",deployment=\"%s\"} %d\n", a, d,

@@ -12,10 +12,9 @@
 #include "controller/internal.h"
 
 /* Policies run on the controller's loop: a few milliseconds at most, and a bounded heap. */
-#define POLICY_BUDGET_US  5000.0
-#define POLICY_MEM_LIMIT  0 /* the sandbox's default cap */
-#define STATS_PERIOD_S    0.5
-#define MAX_REPLICAS_SEEN 1024
+#define POLICY_BUDGET_US 5000.0
+#define POLICY_MEM_LIMIT 0 /* the sandbox's default cap */
+#define STATS_PERIOD_S   0.5
 
 int ms__control_initial_replicas(const planned_t *p)
 {
@@ -105,12 +104,12 @@ int ms__control_setup(controller_t *c, const plan_t *plan)
 /* One observation of a deployment for its autoscaler. */
 static void record_sample(dep_entry_t *e, double now)
 {
-    ms_replica_t *replicas[MAX_REPLICAS_SEEN];
-    size_t n = ms_deployment_replicas(e->dep, replicas, MAX_REPLICAS_SEEN);
-    if (n > MAX_REPLICAS_SEEN)
-        n = MAX_REPLICAS_SEEN;
-    const char *ids[MAX_REPLICAS_SEEN];
-    double running[MAX_REPLICAS_SEEN];
+    size_t n = ms_deployment_replicas(e->dep, NULL, 0);
+    /* Sized to the replica set each time: one tick's allocation, and no replica left out. */
+    ms_replica_t **replicas = ms_malloc((n ? n : 1) * sizeof *replicas);
+    const char **ids = ms_malloc((n ? n : 1) * sizeof *ids);
+    double *running = ms_malloc((n ? n : 1) * sizeof *running);
+    ms_deployment_replicas(e->dep, replicas, n);
     size_t k = 0;
     double newest = e->stats_seen;
     for (size_t i = 0; i < n; i++) {
@@ -144,6 +143,9 @@ static void record_sample(dep_entry_t *e, double now)
     };
     ms_autoscaler_record(e->autoscaler, &s);
     json_decref(custom);
+    free(replicas);
+    free(ids);
+    free(running);
 }
 
 static void apply(dep_entry_t *e, const ms_autoscale_decision_t *d)
@@ -157,24 +159,32 @@ static void apply(dep_entry_t *e, const ms_autoscale_decision_t *d)
 
 static void decide_app(controller_t *c, size_t app_index, double now)
 {
-    ms_autoscaler_t *scalers[64];
-    int targets[64];
-    dep_entry_t *entries[64];
     size_t n = 0;
-    for (size_t i = 0; i < c->n_deps && n < 64; i++) {
+    for (size_t i = 0; i < c->n_deps; i++)
+        n += c->deps[i].app_index == app_index && c->deps[i].autoscaler;
+    if (n == 0)
+        return;
+    /* Every autoscaling deployment of the application, however many. */
+    ms_autoscaler_t **scalers = ms_malloc(n * sizeof *scalers);
+    int *targets = ms_malloc(n * sizeof *targets);
+    dep_entry_t **entries = ms_malloc(n * sizeof *entries);
+    ms_autoscale_decision_t *decisions = ms_malloc(n * sizeof *decisions);
+    size_t k = 0;
+    for (size_t i = 0; i < c->n_deps; i++) {
         dep_entry_t *e = &c->deps[i];
         if (e->app_index != app_index || !e->autoscaler)
             continue;
-        scalers[n] = e->autoscaler;
-        targets[n] = ms_deployment_target(e->dep);
-        entries[n++] = e;
+        scalers[k] = e->autoscaler;
+        targets[k] = ms_deployment_target(e->dep);
+        entries[k++] = e;
     }
-    if (n == 0)
-        return;
-    ms_autoscale_decision_t decisions[64];
     ms_app_policy_decide(c->apps[app_index].policy, now, scalers, targets, n, decisions);
     for (size_t i = 0; i < n; i++)
         apply(entries[i], &decisions[i]);
+    free(scalers);
+    free(targets);
+    free(entries);
+    free(decisions);
 }
 
 static void decide_one(dep_entry_t *e, double now)
@@ -204,17 +214,23 @@ static void run_scale_tick(controller_t *c, size_t a, double now)
     json_object_foreach(targets, name, v)
     {
         dep_entry_t *e = ms__control_find(c, c->apps[a].cfg->name, name);
-        if (e && json_is_integer(v) && json_integer_value(v) >= 0 &&
-            json_integer_value(v) <= MS_MAX_TARGET_REPLICAS)
-            ms_deployment_set_target(e->dep, (int)json_integer_value(v));
+        if (!e || !json_is_integer(v))
+            continue;
+        json_int_t t = json_integer_value(v);
+        if (t < 0 || t > MS_MAX_TARGET_REPLICAS) {
+            ms_error("application %s: external_scaler tick asked %lld replicas for %s; "
+                     "ignored (allowed: 0 to %d)",
+                     c->apps[a].cfg->name, (long long)t, name, MS_MAX_TARGET_REPLICAS);
+            continue;
+        }
+        ms_deployment_set_target(e->dep, (int)t);
     }
     json_decref(targets);
     json_decref(state);
 }
 
-static void on_tick(uv_timer_t *t)
+static void tick(controller_t *c)
 {
-    controller_t *c = t->data;
     double now = ms_wall_time();
     for (size_t i = 0; i < c->n_deps; i++)
         ms_deployment_check_health(c->deps[i].dep);
@@ -239,6 +255,38 @@ static void on_tick(uv_timer_t *t)
         if (e->autoscaler && !c->apps[e->app_index].policy)
             decide_one(e, now);
     }
+}
+
+/* Times every tick: its cost grows with the replicas (health checks, stats polls, samples), and
+ * status shows it so an operator sees when the loop gets close to its interval. */
+static void on_tick(uv_timer_t *t)
+{
+    controller_t *c = t->data;
+    uint64_t start = ms_now_us();
+    tick(c);
+    double ms = (double)(ms_now_us() - start) / 1000.0;
+    ms__tick_stats_t *ts = &c->tick_stats;
+    ts->recent_ms[ts->ticks % MS__TICK_RECENT] = ms;
+    ts->ticks++;
+    ts->last_ms = ms;
+    ts->total_ms += ms;
+    if (ms > ts->max_ms)
+        ts->max_ms = ms;
+}
+
+json_t *ms__control_status(const controller_t *c)
+{
+    const ms__tick_stats_t *ts = &c->tick_stats;
+    size_t n = ts->ticks < MS__TICK_RECENT ? (size_t)ts->ticks : MS__TICK_RECENT;
+    double recent_max = 0;
+    for (size_t i = 0; i < n; i++)
+        if (ts->recent_ms[i] > recent_max)
+            recent_max = ts->recent_ms[i];
+    return json_pack("{s:f, s:I, s:f, s:f, s:f, s:f}", "interval_s",
+                     c->cfg->control_loop_interval_s, "ticks", (json_int_t)ts->ticks,
+                     "last_tick_ms", ts->last_ms, "mean_tick_ms",
+                     ts->ticks ? ts->total_ms / (double)ts->ticks : 0.0, "max_tick_ms", ts->max_ms,
+                     "recent_max_tick_ms", recent_max);
 }
 
 void ms__control_on_cold_start(ms_deployment_t *d, void *data)

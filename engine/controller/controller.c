@@ -3,7 +3,9 @@
  * listener; drain and stop everything on SIGTERM/SIGINT; reload policy scripts on SIGHUP.
  * See controller.h.
  */
+#include <errno.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -246,8 +248,27 @@ static void free_entries(controller_t *c)
     ms_config_free(c->deployed);
 }
 
+/* Each replica costs the controller a few descriptors (its control pipe, pooled connections, its
+ * handle connections), so a thousand of them outgrow the usual soft limit of 1024: raise it to
+ * the hard limit, which needs no privilege. */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == rl.rlim_max)
+        return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        ms_warn("cannot raise the open-files limit from %llu: %s", (unsigned long long)was,
+                strerror(errno));
+    else
+        ms_debug("open-files limit raised from %llu to %llu", (unsigned long long)was,
+                 (unsigned long long)rl.rlim_max);
+}
+
 int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
 {
+    raise_fd_limit();
     ms_config_errors_t errs = {0};
     plan_t plan = {0};
     ms_policy_set_module_dir(cfg->dir); /* policies `require` from the config's folder */

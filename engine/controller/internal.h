@@ -70,6 +70,15 @@ typedef struct app_entry {
     ms_scale_hook_t *scale_hook; /* external_scaler hook and tick, or NULL */
 } app_entry_t;
 
+/* The control loop's own cost (control.c), shown in status: a tick's work grows with the
+ * replicas, and it runs on the loop that serves requests. */
+#define MS__TICK_RECENT 64
+typedef struct ms__tick_stats {
+    uint64_t ticks;
+    double last_ms, max_ms, total_ms;
+    double recent_ms[MS__TICK_RECENT]; /* ring of the latest durations */
+} ms__tick_stats_t;
+
 typedef struct controller {
     uv_loop_t *loop;
     const ms_config_t *cfg; /* the config in force: the file, or the latest deploy */
@@ -96,6 +105,7 @@ typedef struct controller {
     /* Hot reload: one in flight at a time, its waiters, and those for the next one. */
     int reload_in_flight;
     struct reload_waiter *reload_running, *reload_waiting;
+    ms__tick_stats_t tick_stats;
 } controller_t;
 
 /* control.c: autoscalers and application policies for the planned deployments, the tick. */
@@ -110,6 +120,8 @@ int ms__control_initial_replicas(const planned_t *p);
 /* Router callback: a request waits at zero replicas. */
 void ms__control_on_cold_start(ms_deployment_t *d, void *data);
 dep_entry_t *ms__control_find(controller_t *c, const char *app, const char *deployment);
+/* The control loop's settings and tick durations, for status (new reference). */
+json_t *ms__control_status(const controller_t *c);
 
 /* controller.c: settings of a planned deployment, and starting one. */
 typedef struct ms__settings {

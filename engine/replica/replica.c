@@ -169,6 +169,17 @@ static void handle_control_lines(ms_replica_t *r)
     }
 }
 
+/* What to check when spawning fails for want of a resource (docs/operations.md). */
+static const char *spawn_hint(int rc)
+{
+    if (rc == UV_EMFILE || rc == UV_ENFILE)
+        return " (the controller is out of file descriptors: raise its hard open-files limit, "
+               "ulimit -Hn, or run fewer replicas)";
+    if (rc == UV_EAGAIN || rc == UV_ENOMEM)
+        return " (out of processes or memory: check ulimit -u, kernel.pid_max and free memory)";
+    return "";
+}
+
 ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
                                const ms_replica_events_t *events, void *owner)
 {
@@ -240,7 +251,7 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
     r->_proc.data = r;
     int rc = uv_spawn(loop, &r->_proc, &opts);
     if (rc != 0) {
-        ms_error("replica %s: spawn failed: %s", r->id, uv_strerror(rc));
+        ms_error("replica %s: spawn failed: %s%s", r->id, uv_strerror(rc), spawn_hint(rc));
         r->_exited = 1;
         r->state = MS_REPLICA_DEAD;
         r->_freed = 1;
