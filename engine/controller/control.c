@@ -6,8 +6,10 @@
  * polled every request_routing_stats_period_s (every STATS_PERIOD_S for autoscaling
  * deployments). A request that arrives at zero replicas triggers a decision at once.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "controller/internal.h"
 
@@ -128,8 +130,11 @@ static void record_sample(dep_entry_t *e, double now)
     if (newest > e->stats_seen) {
         e->stats_seen = newest;
         custom = json_object();
+        /* A replica without record_autoscaling_stats reports {}: leaving those out keeps the
+         * policy's look-back from walking a thousand empty entries per sample. */
         for (size_t i = 0; i < n; i++)
-            if (replicas[i]->state == MS_REPLICA_RUNNING && replicas[i]->autoscaling_stats)
+            if (replicas[i]->state == MS_REPLICA_RUNNING &&
+                json_object_size(replicas[i]->autoscaling_stats) > 0)
                 json_object_set(custom, replicas[i]->id, replicas[i]->autoscaling_stats);
     }
     ms_autoscale_sample_t s = {
@@ -234,13 +239,9 @@ static void tick(controller_t *c)
     double now = ms_wall_time();
     for (size_t i = 0; i < c->n_deps; i++)
         ms_deployment_check_health(c->deps[i].dep);
-    for (size_t i = 0; i < c->n_deps; i++) {
-        dep_entry_t *e = &c->deps[i];
-        if (now < e->next_stats_poll)
-            continue;
-        e->next_stats_poll = now + e->stats_period_s;
-        ms_deployment_poll_stats(e->dep, e->stats_timeout_s);
-    }
+    for (size_t i = 0; i < c->n_deps; i++)
+        ms_deployment_poll_stats(c->deps[i].dep, c->deps[i].stats_period_s,
+                                 c->deps[i].stats_timeout_s);
     for (size_t i = 0; i < c->n_deps; i++)
         if (c->deps[i].autoscaler)
             record_sample(&c->deps[i], now);
@@ -259,34 +260,62 @@ static void tick(controller_t *c)
 
 /* Times every tick: its cost grows with the replicas (health checks, stats polls, samples), and
  * status shows it so an operator sees when the loop gets close to its interval. */
+static double thread_cpu_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void add_time(ms__tick_time_t *t, uint64_t tick_no, double ms)
+{
+    t->recent_ms[tick_no % MS__TICK_RECENT] = ms;
+    t->last_ms = ms;
+    t->total_ms += ms;
+    if (ms > t->max_ms)
+        t->max_ms = ms;
+}
+
 static void on_tick(uv_timer_t *t)
 {
     controller_t *c = t->data;
     uint64_t start = ms_now_us();
+    double cpu_start = thread_cpu_ms();
     tick(c);
-    double ms = (double)(ms_now_us() - start) / 1000.0;
     ms__tick_stats_t *ts = &c->tick_stats;
-    ts->recent_ms[ts->ticks % MS__TICK_RECENT] = ms;
+    add_time(&ts->wall, ts->ticks, (double)(ms_now_us() - start) / 1000.0);
+    add_time(&ts->cpu, ts->ticks, thread_cpu_ms() - cpu_start);
     ts->ticks++;
-    ts->last_ms = ms;
-    ts->total_ms += ms;
-    if (ms > ts->max_ms)
-        ts->max_ms = ms;
+}
+
+/* {"last_tick_ms", "recent_max_tick_ms" (the last MS__TICK_RECENT ticks), "mean_tick_ms",
+ * "max_tick_ms"} of one clock, into o, with the given suffix after "tick". */
+static void put_time(json_t *o, const ms__tick_time_t *t, uint64_t ticks, const char *clock)
+{
+    size_t n = ticks < MS__TICK_RECENT ? (size_t)ticks : MS__TICK_RECENT;
+    double recent_max = 0;
+    for (size_t i = 0; i < n; i++)
+        if (t->recent_ms[i] > recent_max)
+            recent_max = t->recent_ms[i];
+    char key[40];
+    snprintf(key, sizeof key, "last_tick%s_ms", clock);
+    json_object_set_new(o, key, json_real(t->last_ms));
+    snprintf(key, sizeof key, "recent_max_tick%s_ms", clock);
+    json_object_set_new(o, key, json_real(recent_max));
+    snprintf(key, sizeof key, "mean_tick%s_ms", clock);
+    json_object_set_new(o, key, json_real(ticks ? t->total_ms / (double)ticks : 0.0));
+    snprintf(key, sizeof key, "max_tick%s_ms", clock);
+    json_object_set_new(o, key, json_real(t->max_ms));
 }
 
 json_t *ms__control_status(const controller_t *c)
 {
     const ms__tick_stats_t *ts = &c->tick_stats;
-    size_t n = ts->ticks < MS__TICK_RECENT ? (size_t)ts->ticks : MS__TICK_RECENT;
-    double recent_max = 0;
-    for (size_t i = 0; i < n; i++)
-        if (ts->recent_ms[i] > recent_max)
-            recent_max = ts->recent_ms[i];
-    return json_pack("{s:f, s:I, s:f, s:f, s:f, s:f}", "interval_s",
-                     c->cfg->control_loop_interval_s, "ticks", (json_int_t)ts->ticks,
-                     "last_tick_ms", ts->last_ms, "mean_tick_ms",
-                     ts->ticks ? ts->total_ms / (double)ts->ticks : 0.0, "max_tick_ms", ts->max_ms,
-                     "recent_max_tick_ms", recent_max);
+    json_t *o = json_pack("{s:f, s:I}", "interval_s", c->cfg->control_loop_interval_s, "ticks",
+                          (json_int_t)ts->ticks);
+    put_time(o, &ts->wall, ts->ticks, "");
+    put_time(o, &ts->cpu, ts->ticks, "_cpu");
+    return o;
 }
 
 void ms__control_on_cold_start(ms_deployment_t *d, void *data)

@@ -60,8 +60,7 @@ typedef struct dep_entry {
      * STATS_PERIOD_S) for autoscaling deployments, whose custom metrics feed the policy. */
     double stats_period_s;
     double stats_timeout_s;
-    double next_stats_poll; /* wall clock */
-    json_t *actor_options;  /* ray_actor_options in force (owned, may be NULL): a change rolls */
+    json_t *actor_options; /* ray_actor_options in force (owned, may be NULL): a change rolls */
 } dep_entry_t;
 
 typedef struct app_entry {
@@ -71,12 +70,17 @@ typedef struct app_entry {
 } app_entry_t;
 
 /* The control loop's own cost (control.c), shown in status: a tick's work grows with the
- * replicas, and it runs on the loop that serves requests. */
+ * replicas, and it runs on the loop that serves requests. Wall time is what requests wait;
+ * CPU time is the controller's own share of it (on a busy machine the rest is other processes,
+ * replicas woken by the tick among them). */
 #define MS__TICK_RECENT 64
-typedef struct ms__tick_stats {
-    uint64_t ticks;
+typedef struct ms__tick_time {
     double last_ms, max_ms, total_ms;
     double recent_ms[MS__TICK_RECENT]; /* ring of the latest durations */
+} ms__tick_time_t;
+typedef struct ms__tick_stats {
+    uint64_t ticks;
+    ms__tick_time_t wall, cpu;
 } ms__tick_stats_t;
 
 typedef struct controller {

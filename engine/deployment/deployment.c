@@ -97,6 +97,11 @@ struct ms_deployment {
      * listing each replica once is never cut short (sized with the slots, off the hot path). */
     int *cand_index, *cand_rank_end;
     int warned_long_answer; /* the router once listed more entries than that */
+    /* Stats polls are spread over the period: a request to every replica at once would wake
+     * a thousand processes within one control tick. */
+    uint64_t polled_at_ms;
+    double poll_due; /* fraction of a slot carried to the next call */
+    int poll_cursor; /* next slot to poll */
     call_t *queue_head, *queue_tail;
     size_t queued;
     call_t *free_calls;
@@ -1001,11 +1006,24 @@ void ms_deployment_check_health(ms_deployment_t *d)
                                     d->health_check_timeout_s);
 }
 
-void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s)
+void ms_deployment_poll_stats(ms_deployment_t *d, double period_s, double timeout_s)
 {
-    for (int i = 0; i < d->n_slots; i++)
-        if (d->slots[i])
-            ms_replica_poll_stats(d->slots[i], timeout_s);
+    uint64_t now = uv_now(d->loop);
+    double elapsed_s = (double)(now - d->polled_at_ms) / 1000.0;
+    d->polled_at_ms = now;
+    /* The share of the slots due since the last call; the fraction left over carries on, so
+     * each slot comes round once per period. */
+    double due = d->poll_due + (period_s > 0 ? d->n_slots * elapsed_s / period_s : d->n_slots);
+    if (due > d->n_slots)
+        due = d->n_slots;
+    int k = (int)due;
+    d->poll_due = due - k;
+    for (; k > 0; k--) {
+        ms_replica_t *r = d->slots[d->poll_cursor];
+        if (r)
+            ms_replica_poll_stats(r, timeout_s);
+        d->poll_cursor = (d->poll_cursor + 1) % d->n_slots;
+    }
 }
 
 void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)

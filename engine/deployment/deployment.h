@@ -78,9 +78,11 @@ void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec);
  * cap, in which case only cap are written; out may be NULL with cap 0, to count them). */
 size_t ms_deployment_replicas(const ms_deployment_t *d, ms_replica_t **out, size_t cap);
 
-/* Polls every running replica's stats (see ms_replica_poll_stats); routing stats that arrive are
- * handed to the deployment's router script. */
-void ms_deployment_poll_stats(ms_deployment_t *d, double timeout_s);
+/* Polls running replicas' stats (see ms_replica_poll_stats); routing stats that arrive are
+ * handed to the deployment's router script. Call it every control tick: each call polls the
+ * replicas that fell due since the last, in turn, so each one is polled once per period_s and the
+ * polls are spread evenly over it (the first call polls them all). */
+void ms_deployment_poll_stats(ms_deployment_t *d, double period_s, double timeout_s);
 
 /* Runs the replicas' health checks (call every control tick). A replica that fails
  * MS_REPLICA_UNHEALTHY_THRESHOLD in a row leaves routing, stops gracefully and is replaced. */
