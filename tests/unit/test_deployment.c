@@ -7,6 +7,10 @@
  * request timeout on a queued request (408), a client that disconnects while queued leaving
  * the queue, queued requests answered 503 on shutdown, and a deployment whose replicas keep
  * failing to start (after 3 failures the queue and new requests get 503 "failed to start").
+ * Replicas that do become ready: a shell script that reports ready and sleeps (the running count
+ * follows a scale from 40 to 5 and back), and a small Python replica that answers every request
+ * with its replica id (a router that always fails still gets requests served, by the engine's
+ * own least-loaded choice, which takes equally idle replicas in turn).
  * Each case ends with ms_deployment_shutdown + ms_deployment_free and every handle closed;
  * uv_loop_close must succeed, and a watchdog timer bounds the run.
  */
@@ -30,6 +34,9 @@ static char tmpdir[] = "/tmp/ms_test_router_XXXXXX";
 static char run_dir[4200];
 static char never_ready_exe[4200];
 static char failing_exe[4200];
+static char ready_exe[4200];
+static char serving_exe[4200];
+static char failing_router[4200];
 
 /* ---- waiting -------------------------------------------------------------------------------- */
 
@@ -214,14 +221,20 @@ typedef struct fixture {
     int shutdown_done;
 } fixture_t;
 
-static int fixture_start(fixture_t *f, const char *name, const char *exe, int max_queued,
-                         double request_timeout_s)
+typedef struct fixture_opts {
+    int num_replicas;        /* 0 = 1 */
+    const char *router_file; /* NULL = the built-in router */
+} fixture_opts_t;
+
+static int fixture_start_with(fixture_t *f, const char *name, const char *exe, int max_queued,
+                              double request_timeout_s, const fixture_opts_t *o)
 {
     memset(f, 0, sizeof *f);
     ms_deployment_settings_t s = {
         .app_name = "app",
         .name = name,
-        .num_replicas = 1,
+        .num_replicas = o->num_replicas ? o->num_replicas : 1,
+        .router_file = o->router_file,
         .max_ongoing_requests = 4,
         .max_queued_requests = max_queued,
         .request_timeout_s = request_timeout_s,
@@ -252,6 +265,32 @@ static int fixture_start(fixture_t *f, const char *name, const char *exe, int ma
     ASSERT_INT_EQ(ms_http_server_listen_tcp(loop, "127.0.0.1", 0, &cfg, &f->srv), 0);
     f->port = ms_http_server_port(f->srv);
     return 0;
+}
+
+static int fixture_start(fixture_t *f, const char *name, const char *exe, int max_queued,
+                         double request_timeout_s)
+{
+    fixture_opts_t o = {0};
+    return fixture_start_with(f, name, exe, max_queued, request_timeout_s, &o);
+}
+
+typedef struct count_wait {
+    ms_deployment_t *d;
+    size_t running, listed;
+} count_wait_t;
+
+static int pred_counts(void *arg)
+{
+    count_wait_t *w = arg;
+    return ms_deployment_running_replicas(w->d) == w->running &&
+           ms_deployment_replicas(w->d, NULL, 0) == w->listed;
+}
+
+/* Until exactly `n` replicas exist and all of them run. */
+static int wait_running(ms_deployment_t *d, size_t n)
+{
+    count_wait_t w = {d, n, n};
+    return wait_for(pred_counts, &w);
 }
 
 static void on_shutdown_done(void *data)
@@ -375,6 +414,80 @@ static void test_failed_to_start(void)
     raw_close(b);
 }
 
+/* The running count is kept as replicas start, stop and exit, not counted per request. */
+static void test_running_count_follows_scaling(void)
+{
+    fixture_t f;
+    fixture_opts_t o = {.num_replicas = 40};
+    if (fixture_start_with(&f, "Many", ready_exe, -1, 0, &o) != 0)
+        return;
+    ASSERT_TRUE(wait_running(f.dep, 40));
+    ms_deployment_set_target(f.dep, 5);
+    /* The surplus leaves RUNNING at once (it drains), and is listed until its process exits. */
+    ASSERT_TRUE(ms_deployment_running_replicas(f.dep) == 5);
+    ASSERT_TRUE(wait_running(f.dep, 5));
+    ms_deployment_set_target(f.dep, 40);
+    ASSERT_TRUE(wait_running(f.dep, 40));
+    fixture_stop(&f);
+    ASSERT_INT_EQ(ms_deployment_running_replicas(f.dep), 0);
+}
+
+/* The router fails on every request: the engine's own choice (least loaded, ties in turn) still
+ * serves every request, from every replica. */
+static void test_fallback_when_the_router_fails(void)
+{
+    fixture_t f;
+    fixture_opts_t o = {.num_replicas = 3, .router_file = failing_router};
+    if (fixture_start_with(&f, "Fallback", serving_exe, -1, 0, &o) != 0)
+        return;
+    ASSERT_TRUE(wait_running(f.dep, 3));
+    int seen[3] = {0};
+    char first[3][32] = {{0}};
+    for (int i = 0; i < 6; i++) {
+        raw_t *r = raw_get(f.port, "/x");
+        ASSERT_TRUE(wait_answer(r));
+        ASSERT_INT_EQ(status_of(r), 200);
+        const char *id = body_of(r);
+        for (int k = 0; k < 3; k++) {
+            if (!first[k][0])
+                snprintf(first[k], sizeof first[k], "%s", id);
+            if (strcmp(first[k], id) == 0) {
+                seen[k]++;
+                break;
+            }
+        }
+        raw_close(r);
+    }
+    /* Sequential requests find every replica idle: each is taken in turn, twice. */
+    ASSERT_INT_EQ(seen[0], 2);
+    ASSERT_INT_EQ(seen[1], 2);
+    ASSERT_INT_EQ(seen[2], 2);
+    fixture_stop(&f);
+}
+
+/* A replica process that serves HTTP on its --socket: every request gets its --replica-id. */
+static const char SERVING_REPLICA[] =
+    "#!/usr/bin/env python3\n"
+    "import os, socket, sys, threading\n"
+    "arg = lambda k: sys.argv[sys.argv.index(k) + 1]\n"
+    "body = arg('--replica-id').encode()\n"
+    "srv = socket.socket(socket.AF_UNIX)\n"
+    "srv.bind(arg('--socket'))\n"
+    "srv.listen(16)\n"
+    "os.write(3, b'{\"op\":\"ready\"}\\n')\n"
+    "def serve(c):\n"
+    "    buf = b''\n"
+    "    while True:\n"
+    "        while b'\\r\\n\\r\\n' not in buf:\n"
+    "            more = c.recv(65536)\n"
+    "            if not more:\n"
+    "                return\n"
+    "            buf += more\n"
+    "        buf = buf.split(b'\\r\\n\\r\\n', 1)[1]\n"
+    "        c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body) + body)\n"
+    "while True:\n"
+    "    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()\n";
+
 static char *write_script(char *path, size_t cap, const char *name, const char *text)
 {
     snprintf(path, cap, "%s/%s", tmpdir, name);
@@ -409,6 +522,11 @@ int main(void)
                  "#!/bin/sh\nexec sleep 30\n");
     write_script(failing_exe, sizeof failing_exe, "failing.sh",
                  "#!/bin/sh\necho '{\"op\":\"failed\",\"error\":\"boom\"}' >&3\nexit 1\n");
+    write_script(ready_exe, sizeof ready_exe, "ready.sh",
+                 "#!/bin/sh\necho '{\"op\":\"ready\"}' >&3\nexec sleep 30\n");
+    write_script(serving_exe, sizeof serving_exe, "serving.py", SERVING_REPLICA);
+    write_script(failing_router, sizeof failing_router, "failing_router.lua",
+                 "return { choose_replicas = function() error('no choice') end }\n");
 
     ASSERT_INT_EQ(uv_loop_init(loop), 0);
     uv_timer_init(loop, &watchdog);
@@ -417,6 +535,8 @@ int main(void)
     test_backpressure_and_disconnect();
     test_request_timeout();
     test_failed_to_start();
+    test_running_count_follows_scaling();
+    test_fallback_when_the_router_fails();
 
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_run(loop, UV_RUN_DEFAULT);
