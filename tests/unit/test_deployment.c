@@ -429,7 +429,6 @@ static void test_running_count_follows_scaling(void)
     ms_deployment_set_target(f.dep, 40);
     ASSERT_TRUE(wait_running(f.dep, 40));
     fixture_stop(&f);
-    ASSERT_INT_EQ(ms_deployment_running_replicas(f.dep), 0);
 }
 
 /* The router fails on every request: the engine's own choice (least loaded, ties in turn) still
