@@ -80,8 +80,10 @@ static json_t *deployment_json(const dep_entry_t *e)
         /* The cut above may fall inside a character; json_pack takes only valid UTF-8. */
         ms_utf8_copy(message, sizeof message, message, strlen(message));
     } else if (strcmp(status, "HEALTHY") != 0) {
-        snprintf(message, sizeof message, "%zu of %d replicas running", running,
-                 ms_deployment_target(e->dep));
+        const char *spawn = ms_deployment_spawn_error(e->dep);
+        snprintf(message, sizeof message, "%zu of %d replicas running%s%s", running,
+                 ms_deployment_target(e->dep), spawn ? "; cannot start more: " : "",
+                 spawn ? spawn : "");
     }
     json_t *d = json_pack("{s:s, s:s, s:s, s:s, s:i, s:I, s:o}", "name", e->name, "status", status,
                           "status_trigger", trigger, "message", message, "target_num_replicas",

@@ -113,6 +113,7 @@ struct ms_deployment {
     int consecutive_failures;
     int constructor_failures; /* since the last replica became ready */
     char *last_failure;
+    char spawn_error[256]; /* why the latest replica process could not start; "" = it started */
     int shutting_down;
     void (*shutdown_done)(void *);
     void *shutdown_data;
@@ -472,12 +473,14 @@ static void reconcile(ms_deployment_t *d)
     }
     for (; live < d->target_replicas; live++) {
         int slot = free_slot(d);
-        ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d);
+        ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d, d->spawn_error,
+                                           sizeof d->spawn_error);
         if (!r) {
             d->consecutive_failures++;
             uv_timer_start(&d->restart_timer, on_restart_timer, 1000, 0);
             return;
         }
+        d->spawn_error[0] = '\0';
         r->slot = slot;
         r->generation = d->generation;
         r->settings_seq = d->settings_seq;
@@ -1199,6 +1202,11 @@ ms_router_script_t *ms_deployment_router_script(ms_deployment_t *d)
 const char *ms_deployment_failure(const ms_deployment_t *d)
 {
     return deploy_failed(d) ? (d->last_failure ? d->last_failure : "unknown error") : NULL;
+}
+
+const char *ms_deployment_spawn_error(const ms_deployment_t *d)
+{
+    return d->spawn_error[0] ? d->spawn_error : NULL;
 }
 
 const char *ms_deployment_name(const ms_deployment_t *d)

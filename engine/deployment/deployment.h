@@ -95,6 +95,10 @@ struct ms_router_script *ms_deployment_router_script(ms_deployment_t *d);
  * constructor failures and no replica running), else NULL. */
 const char *ms_deployment_failure(const ms_deployment_t *d);
 
+/* Why the latest attempt to start a replica process failed (the open-files or process limit, say),
+ * or NULL when it started; attempts repeat every second while replicas are missing. */
+const char *ms_deployment_spawn_error(const ms_deployment_t *d);
+
 /* Introspection for status and tests. */
 const char *ms_deployment_name(const ms_deployment_t *d);
 size_t ms_deployment_running_replicas(const ms_deployment_t *d);

@@ -181,7 +181,8 @@ static const char *spawn_hint(int rc)
 }
 
 ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
-                               const ms_replica_events_t *events, void *owner)
+                               const ms_replica_events_t *events, void *owner, char *err,
+                               size_t err_cap)
 {
     ms_replica_t *r = ms_calloc(1, sizeof *r);
     /* One counter for every deployment: ids, tags and socket names never repeat. */
@@ -252,6 +253,8 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
     int rc = uv_spawn(loop, &r->_proc, &opts);
     if (rc != 0) {
         ms_error("replica %s: spawn failed: %s%s", r->id, uv_strerror(rc), spawn_hint(rc));
+        if (err && err_cap)
+            snprintf(err, err_cap, "%s%s", uv_strerror(rc), spawn_hint(rc));
         r->_exited = 1;
         r->state = MS_REPLICA_DEAD;
         r->_freed = 1;

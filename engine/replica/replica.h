@@ -90,9 +90,11 @@ struct ms_replica {
     uint64_t _next_health_ms;
 };
 
-/* Starts a replica process. Returns NULL (and logs) when spawning fails. */
+/* Starts a replica process. Returns NULL when spawning fails, with the reason (and what to check
+ * when it is a resource limit) logged and written to err (may be NULL). */
 ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
-                               const ms_replica_events_t *events, void *owner);
+                               const ms_replica_events_t *events, void *owner, char *err,
+                               size_t err_cap);
 /* Graceful stop: SIGTERM now, SIGKILL once timeout_s has passed. */
 void ms_replica_stop(ms_replica_t *r, double timeout_s);
 /* Immediate SIGKILL. */

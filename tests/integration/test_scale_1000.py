@@ -11,11 +11,13 @@ per idle replica, against 0.4 and 3.4) and slower to start, so the test runs 300
 deployments there: still past the old caps (256 replicas in status and metrics, 64 deployments per
 application policy). The build is told apart by asking the binary itself: a sanitized one carries
 the ASan runtime's symbols. MS_SCALE_REPLICAS and
-MS_SCALE_DEPLOYMENTS override the counts (scripts/tools/bench/scale.sh uses them).
+MS_SCALE_DEPLOYMENTS override the counts.
 """
 
 import os
 import re
+import resource
+import subprocess
 import time
 import unittest
 
@@ -250,6 +252,39 @@ class HundredDeploymentsTest(ScaleServerTestCase):
         listed = re.findall(r'^moonserve_deployment_target_replicas\{application="many",'
                             r'deployment="([^"]+)"\}', text, re.M)
         self.assertEqual(sorted(listed), sorted(self.NAMES))
+
+
+class LowFileLimitServer(harness.Server):
+    """The server under a hard open-files limit of 64: the controller cannot raise it further."""
+
+    def _spawn(self):
+        self._stderr = open(self.stderr_path, "wb")
+        self._stdout = open(self.stdout_path, "wb")
+        env = dict(os.environ)
+        env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
+        env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
+        self.proc = subprocess.Popen(
+            [harness.BIN, "run", self.config_path], cwd=self.dir, stdin=subprocess.DEVNULL,
+            stdout=self._stdout, stderr=self._stderr, env=env,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+        self.pid = self.proc.pid
+
+
+class FileLimitTest(unittest.TestCase):
+    def test_spawn_failure_reported_in_status_and_log(self):
+        # each replica costs the controller a descriptor or two: 100 cannot fit in 64
+        srv = LowFileLimitServer([hello_app("fd", "/fd", {"num_replicas": 100})])
+        self.addCleanup(srv.cleanup)
+        srv.start()
+        dep = srv.wait_status("fd", "Hello", lambda d: "open files" in d.get("message", ""),
+                              timeout=30, what="the spawn failure in the message")
+        self.assertEqual(dep["status"], "UPSCALING", dep["message"])
+        self.assertIn("cannot start more: too many open files", dep["message"])
+        self.assertGreater(len(running(dep)), 0)
+        self.assertIn("raise its hard open-files limit", srv.stderr_text())
+        # the replicas that did start serve, and the controller stops cleanly
+        self.assertEqual(srv.get("/fd/n1").status, 200)
+        self.assertEqual(srv.stop(), [])
 
 
 if __name__ == "__main__":
