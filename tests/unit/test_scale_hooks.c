@@ -217,7 +217,7 @@ static void test_failures(void)
                            "    while true do end\n"
                            "  elseif req.deployment == 'Mem' then\n"
                            "    local t = {}\n"
-                           "    while true do t[#t + 1] = string.rep('x', 1000) .. #t end\n"
+                           "    while true do t[#t + 1] = string.rep('x', 16384) .. #t end\n"
                            "  elseif req.deployment == 'Nil' then\n"
                            "    return req.missing.field\n"
                            "  end\n"
