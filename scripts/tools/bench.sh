@@ -8,7 +8,8 @@
 # CONNECTIONS (default 64), THREADS (wrk threads, default 2), PIN (none|split, default none:
 # every process unpinned; split: servers on CPU 1, wrk on CPU 0), REPLICAS (list, default "1 2"),
 # ROUNDS (default 1; with more, medians are reported too), SKIP_BUILD=1 to use the existing
-# build/moonserve.
+# build/moonserve, RELOAD_ROW (default 1: one more moonserve-1r run while every policy script is
+# hot-reloaded every 100 ms through the admin API; 0 skips it).
 #
 # Exits non-zero only when a measurement fails (a server does not come up, wrk fails, or a
 # response is not 2xx); never because of a ratio.
@@ -23,6 +24,7 @@ THREADS="${THREADS:-2}"
 PIN="${PIN:-none}"
 REPLICAS="${REPLICAS:-1 2}"
 ROUNDS="${ROUNDS:-1}"
+RELOAD_ROW="${RELOAD_ROW:-1}"
 
 "$root/scripts/tools/bootstrap.sh" nginx libnginx-mod-http-lua
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
@@ -133,11 +135,38 @@ measure() {
 
 # --- moonserve -------------------------------------------------------------------------------
 cp "$here/noop.lua" "$tmp/noop.lua"
+reloads_ok=0
+reloads_failed=0
+
+# reload_loop ADMIN_PORT: POST /api/v1/reload every 100 ms until killed; counts answers in files.
+reload_loop() {
+  local code
+  while :; do
+    code="$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$1/api/v1/reload")"
+    if [ "$code" = 200 ]; then echo >> "$tmp/reloads-ok"; else echo >> "$tmp/reloads-failed"; fi
+    sleep 0.1
+  done
+}
+
+# measure_reloading LABEL URL ADMIN_PORT: measure while reloading every 100 ms.
+measure_reloading() {
+  : > "$tmp/reloads-ok"; : > "$tmp/reloads-failed"
+  reload_loop "$3" &
+  local loop=$!
+  measure "$1" "$2" || true
+  kill "$loop" 2>/dev/null || true
+  wait "$loop" 2>/dev/null || true
+  reloads_ok=$(wc -l < "$tmp/reloads-ok")
+  reloads_failed=$(wc -l < "$tmp/reloads-failed")
+}
+
 run_moonserve() {
-  local n port pid
+  local n port admin pid
   for n in $REPLICAS; do
     port="$(free_port)"
-    sed -e "s/@PORT@/$port/" -e "s/@REPLICAS@/$n/" "$here/moonserve.yaml.in" > "$tmp/moonserve-$n.yaml"
+    admin="$(free_port)"
+    sed -e "s/@PORT@/$port/" -e "s/@ADMIN_PORT@/$admin/" -e "s/@REPLICAS@/$n/" \
+      "$here/moonserve.yaml.in" > "$tmp/moonserve-$n.yaml"
     "${server_pin[@]}" "$moonserve" run "$tmp/moonserve-$n.yaml" > "$tmp/moonserve-$n.log" 2>&1 &
     pid=$!; pids+=("$pid")
     if wait_url "http://127.0.0.1:$port/-/healthz" "$tmp/moonserve-$n.log" "$pid"; then
@@ -147,6 +176,9 @@ run_moonserve() {
         sleep 0.1
       done
       measure "moonserve-${n}r" "http://127.0.0.1:$port/" || true
+      if [ "$RELOAD_ROW" = 1 ] && [ "$n" = 1 ]; then
+        measure_reloading "moonserve-1r-reload" "http://127.0.0.1:$port/" "$admin"
+      fi
     else
       failed=1
     fi
@@ -186,10 +218,10 @@ done
 # --- report ----------------------------------------------------------------------------------
 echo
 echo "moonserve bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $CONNECTIONS connections, $THREADS wrk threads, $ROUNDS round(s), pinning: $PIN, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-14s %12s %10s %10s  %s\n' system "requests/s" "p50 ms" "p99 ms" "socket errors"
+printf '%-20s %12s %10s %10s  %s\n' system "requests/s" "p50 ms" "p99 ms" "socket errors"
 for r in "${results[@]}"; do
   IFS='|' read -r label rps p50 p99 errs <<<"$r"
-  printf '%-14s %12.0f %10.3f %10.3f  %s\n' "$label" "$rps" "$p50" "$p99" "$errs"
+  printf '%-20s %12.0f %10.3f %10.3f  %s\n' "$label" "$rps" "$p50" "$p99" "$errs"
 done
 # median LABEL FIELD: the median over rounds of one column (2 = requests/s, 3 = p50, 4 = p99).
 median() {
@@ -198,11 +230,16 @@ median() {
 }
 labels=()
 for n in $REPLICAS; do labels+=("moonserve-${n}r"); done
+if [ "$RELOAD_ROW" = 1 ] && [[ " $REPLICAS " == *" 1 "* ]]; then
+  labels+=("moonserve-1r-reload")
+  echo "reloads during moonserve-1r-reload (last round): $reloads_ok applied, $reloads_failed not"
+  [ "$reloads_failed" = 0 ] || failed=1
+fi
 if [ "$ROUNDS" -gt 1 ]; then
   echo "median over $ROUNDS rounds:"
   for l in "${labels[@]}" nginx; do
     [ -n "$(median "$l" 2)" ] || continue
-    printf '%-14s %12.0f %10.3f %10.3f\n' "$l" "$(median "$l" 2)" "$(median "$l" 3)" "$(median "$l" 4)"
+    printf '%-20s %12.0f %10.3f %10.3f\n' "$l" "$(median "$l" 2)" "$(median "$l" 3)" "$(median "$l" 4)"
   done
 fi
 nginx_rps="$(median nginx 2)"
