@@ -54,6 +54,7 @@ KINDS = ("router", "policy", "app_policy", "judge", "tick")
 BENIGN_TARGET = 0.75  # what the well-behaved policies answer (tests/hostile/_kinds.lua)
 DEADLINE_S = 3.0      # a request, a status read, a scale call: "promptly"
 HEALTH_S = 2.0
+STATUS_MAX = 1 << 20  # bytes: no message may blow up the status document
 FAIL_S = 2.0          # from the calls to the failure showing in status
 CHECK_S = 30.0
 TICK_S = 0.05
@@ -418,6 +419,11 @@ class HostileBase(unittest.TestCase):
             return max(numbers_at(node, "ticks") or [0])
         return None
 
+    def failures(self, case):
+        """The failure counts under the application, summed (a survive case that fails must
+        say where too)."""
+        return sum(numbers_at(self.app_status(case), "failures"))
+
     def exercise(self, case, since):
         """Make the engine call the armed script a few times; returns what the calls answered."""
         if self.KIND == "router":
@@ -445,9 +451,10 @@ class HostileBase(unittest.TestCase):
         code, body = self.reload(case.script(), case)
         self.assertEqual(code, 200, "%s/%s: arming reload rejected: %s" % (kind, name,
                                                                             short(body)))
+        failures_before = self.failures(case)
         armed = time.time()
         answer = self.exercise(case, armed)
-        must_fail = kind in case.must_fail
+        must_fail = kind in case.must_fail or self.failures(case) > failures_before
         if must_fail:
             doc = harness.wait_until(lambda: (lambda d: d if located(d, case) else None)(
                 self.status()), FAIL_S, 0.05)
@@ -459,8 +466,11 @@ class HostileBase(unittest.TestCase):
         bad = unlocated(doc, case)
         self.assertFalse(bad, "%s/%s: messages naming the file without a line: %r"
                          % (kind, name, [s[:300] for s in bad]))
+        size = len(json.dumps(doc))
+        self.assertLess(size, STATUS_MAX, "%s/%s: the status document grew to %d bytes"
+                        % (kind, name, size))
         self.serves(case)
-        if must_fail:
+        if kind in case.must_fail:
             self.builtin_took_over(case, answer)
         code, body = self.reload(BENIGN_TEXT, case)
         self.assertEqual(code, 200, "%s/%s: disarming reload rejected: %s" % (kind, name,
