@@ -156,7 +156,9 @@ local function tick_H(ctx, kwargs)
 end
 
 local Router = { persist = { "state" } }
-function Router:choose_replicas(candidates, request) return run(router_H(self, candidates, request)) end
+function Router:choose_replicas(candidates, request)
+  return run(router_H(self, candidates, request))
+end
 
 local M = { Router = Router }
 function M.policy(ctx, kwargs) return run(policy_H(ctx, kwargs)) end
