@@ -89,7 +89,7 @@ static int read_answer(ms_app_policy_t *p, ms_autoscaler_t *const *deps, size_t 
 {
     ms_policy_t *s = p->script;
     lua_State *L = ms_policy_current(s)->L;
-    const char *f = ms_policy_file(s), *fn = ms_policy_fn_name(s, 0);
+    const char *f = ms_policy_where(s, 0), *fn = ms_policy_fn_name(s, 0);
     int ti = lua_gettop(L) - 1, si = lua_gettop(L);
     if (!lua_istable(L, ti)) {
         ms_policy_fail(s, "%s: %s returned %s as the targets (want a table)", f, fn,

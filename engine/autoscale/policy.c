@@ -291,7 +291,7 @@ int as_run_deployment(ms_policy_t *p, ms_autoscaler_t *a, double now, int curren
     if (as_policy_call(p, 2, 2) != 0)
         return -1;
     int rc = 0;
-    const char *file = ms_policy_file(p), *fn = ms_policy_fn_name(p, 0);
+    const char *file = ms_policy_where(p, 0), *fn = ms_policy_fn_name(p, 0);
     if (as_check_target(L, -2, raw) != 0) {
         ms_policy_fail(p, "%s: %s returned %s as the target (want a finite number >= 0)", file, fn,
                        luaL_typename(L, -2));

@@ -19,7 +19,7 @@ void ms_ingress_free(ms_ingress_t *p);
 /* Registers a deployment as a handle target; if `route_prefix` is non-NULL the deployment is
  * also the application's ingress at that prefix. Strings are copied. */
 void ms_ingress_add_deployment(ms_ingress_t *p, const char *app_name, const char *deployment_name,
-                             const char *route_prefix, ms_deployment_t *d);
+                               const char *route_prefix, ms_deployment_t *d);
 /* Forgets every deployment (a redeploy registers the new set). */
 void ms_ingress_clear(ms_ingress_t *p);
 /* While draining, /-/healthz answers 503 (Ray Serve), so load balancers stop sending. */

@@ -39,6 +39,7 @@ struct ms_policy {
     uint64_t failures, reload_failures;
     char last_error[512];
     char last_reload_error[512];
+    char where[512]; /* ms_policy_where's answer */
 
     char *module_dir; /* `require` root; NULL: none */
 
@@ -323,6 +324,14 @@ static int ref_fn(ms_policy_version_t *v, const load_args_t *a, int cls, const c
     return 0;
 }
 
+/* The line fns' function at ref is defined on (0 for a C function). */
+static int defined_at(lua_State *L, int ref)
+{
+    lua_Debug ar;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    return lua_getinfo(L, ">S", &ar) && ar.linedefined > 0 ? ar.linedefined : 0;
+}
+
 static int sandbox_err(ms_policy_version_t *v, char *err, size_t cap, const char *suffix)
 {
     ms_policy_format_text(err, cap, "%s%s", v->sb->err, suffix);
@@ -360,6 +369,8 @@ static int find_fns(ms_policy_version_t *v, const load_args_t *a, char *err, siz
     for (int i = 0; i < a->nfns; i++) {
         if (ref_fn(v, a, cls, a->fns[i], &v->fn_ref[i], err, cap) != 0)
             return -1;
+        if (v->fn_ref[i] != LUA_NOREF)
+            v->fn_line[i] = defined_at(v->L, v->fn_ref[i]);
         if (v->fn_ref[i] == LUA_NOREF && (a->required & (1u << i))) {
             ms_policy_format_text(err, cap, "%s: the returned %s has no function '%s'", a->file,
                                   a->kind->is_class ? "class" : "table", a->fns[i]);
@@ -686,6 +697,16 @@ void ms_policy_fail(ms_policy_t *p, const char *fmt, ...)
     vformat_clean(clean, sizeof clean, fmt, ap);
     va_end(ap);
     note_failure(p, clean);
+}
+
+const char *ms_policy_where(ms_policy_t *p, int i)
+{
+    int line = i >= 0 && i < MS_POLICY_MAX_FNS ? p->cur->fn_line[i] : 0;
+    if (line > 0)
+        snprintf(p->where, sizeof p->where, "%s:%d", p->file, line);
+    else
+        snprintf(p->where, sizeof p->where, "%s", p->file);
+    return p->where;
 }
 
 uint64_t ms_policy_failures(const ms_policy_t *p)

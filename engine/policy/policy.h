@@ -52,12 +52,13 @@ typedef struct ms_policy_version ms_policy_version_t;
 struct ms_policy_version {
     ms_sandbox_t *sb;
     lua_State *L;
-    int fn_ref[MS_POLICY_MAX_FNS]; /* LUA_NOREF: absent (optional function) */
-    int self_ref;                  /* class kinds: the instance; LUA_NOREF otherwise */
-    int class_ref;                 /* class kinds: the class; function kinds: the module */
-    int kwargs_ref;                /* LUA_NOREF: no kwargs (pushes nil) */
-    int state_ref;                 /* the kind's state value, handed over on reload */
-    int protect_ref;               /* {__metatable = false}: the protected metatable */
+    int fn_ref[MS_POLICY_MAX_FNS];  /* LUA_NOREF: absent (optional function) */
+    int fn_line[MS_POLICY_MAX_FNS]; /* where each function is defined, for messages */
+    int self_ref;                   /* class kinds: the instance; LUA_NOREF otherwise */
+    int class_ref;                  /* class kinds: the class; function kinds: the module */
+    int kwargs_ref;                 /* LUA_NOREF: no kwargs (pushes nil) */
+    int state_ref;                  /* the kind's state value, handed over on reload */
+    int protect_ref;                /* {__metatable = false}: the protected metatable */
     char sha256[65];
     void *kind_data;
 };
@@ -135,6 +136,9 @@ void ms_policy_set_state(ms_policy_t *p);
 /* Calls the function below nargs arguments under the policy's budget (budget_us 0: the policy's
  * own). 0 with nres results left, or -1 with nothing left and the failure counted. */
 int ms_policy_call(ms_policy_t *p, int nargs, int nres, uint64_t budget_us);
+/* "file:line" of fns[i]'s definition in the version in force: bad answers are reported there,
+ * since the line of the `return` is gone once the call returned. Valid until the next call. */
+const char *ms_policy_where(ms_policy_t *p, int i);
 /* Counts a failure found by the kind (a bad answer). The message is made valid UTF-8. */
 void ms_policy_fail(ms_policy_t *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 uint64_t ms_policy_failures(const ms_policy_t *p);

@@ -681,7 +681,7 @@ static int convert_result(ms_router_script_t *s, ms_policy_version_t *v, choice_
     int res = lua_gettop(L);
     if (!lua_istable(L, res)) {
         ms_policy_fail(s->p, "%s: choose_replicas must return a list of ranks, got %s",
-                       ms_policy_file(s->p), luaL_typename(L, res));
+                       ms_policy_where(s->p, FN_CHOOSE), luaL_typename(L, res));
         return -1;
     }
     lua_rawgeti(L, res, 1);
@@ -744,7 +744,7 @@ int ms_router_script_choose(ms_router_script_t *s, const ms_route_request_t *req
          * metamethods): a request must never wait on such a router, so it counts as a failure and
          * the engine chooses. */
         ms_policy_fail(s->p, "%s: choose_replicas returned no current candidate",
-                       ms_policy_file(s->p));
+                       ms_policy_where(s->p, FN_CHOOSE));
         return -1;
     }
     return n;

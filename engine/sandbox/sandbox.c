@@ -200,9 +200,9 @@ static int sb_guard_newindex(lua_State *L)
 /* ---- environment ---------------------------------------------------------------------------- */
 
 static const char *const base_allow[] = {
-    "assert",   "error",  "getmetatable", "ipairs",   "next",         "pairs",    "pcall",
-    "rawequal", "rawget", "rawset",       "select",   "setmetatable", "tonumber", "tostring",
-    "type",     "unpack", "xpcall",       "_VERSION", NULL,
+    "assert",   "error",  "getmetatable", "ipairs",   "next",         "pairs",
+    "rawequal", "rawget", "rawset",       "select",   "setmetatable", "tonumber",
+    "tostring", "type",   "unpack",       "_VERSION", NULL,
 };
 static const char *const os_allow[] = {"time", "clock", "date", NULL};
 
@@ -246,6 +246,60 @@ static void copy_some(lua_State *L, int env, const char *name, const char *const
     lua_setfield(L, env, name);
 }
 
+/* pcall and xpcall of the sandbox. Two things LuaJIT's own cannot do: a budget or memory abort
+ * caught inside goes on at once to the caller's pcall, and so on up to the engine's (the hook
+ * would re-raise it at the next instruction anyway, but one level per instruction, and a pcall
+ * that fails before running an instruction — a stack overflow — would never give it one); and the
+ * nesting is bounded. Unbounded pcall recursion otherwise reaches Lua's stack limit, where every
+ * further call fails inside LuaJIT's stack growth without running an instruction, so neither the
+ * hook nor the clock is ever consulted again: the controller hung there. */
+#define SB_MAX_PCALL_DEPTH 200
+
+/* Raises the abort of the call in progress, or returns when there is none. */
+static void propagate_abort(lua_State *L)
+{
+    ms_sandbox_t *sb = sandbox_of(L);
+    if (!ms_sandbox_aborting(L))
+        return;
+    if (!sb->abort_msg[0])
+        hook_abort(L, sb->budget_exceeded ? "budget exceeded" : "memory limit exceeded");
+    lua_pushstring(L, sb->abort_msg);
+    lua_error(L);
+}
+
+/* Calls the function at `fn` with everything above it, under handler `handler` (0: none), and
+ * turns the outcome into pcall's results. */
+static int protected_call(lua_State *L, int fn, int handler)
+{
+    ms_sandbox_t *sb = sandbox_of(L);
+    if (sb->pcall_depth >= SB_MAX_PCALL_DEPTH)
+        return luaL_error(L, "too many nested pcalls (more than %d)", SB_MAX_PCALL_DEPTH);
+    sb->pcall_depth++;
+    int status = lua_pcall(L, lua_gettop(L) - fn, LUA_MULTRET, handler);
+    sb->pcall_depth--;
+    propagate_abort(L);
+    lua_pushboolean(L, status == 0);
+    lua_insert(L, fn);
+    return lua_gettop(L) - fn + 1;
+}
+
+static int sb_pcall(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    return protected_call(L, 1, 0);
+}
+
+/* xpcall(f, handler, ...): the handler runs under the same budget as everything else. */
+static int sb_xpcall(lua_State *L)
+{
+    luaL_checkany(L, 2);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_replace(L, 1); /* the handler at 1 */
+    lua_replace(L, 2); /* the function at 2, its arguments above */
+    return protected_call(L, 2, 1);
+}
+
 /* String values share one metatable whose __index is the real string library: point it at the
  * sandbox copy (which has no string.dump) and hide the metatable from getmetatable(""). */
 static void protect_string_metatable(lua_State *L, int env)
@@ -282,6 +336,10 @@ static void build_env(ms_sandbox_t *sb)
     copy_lib(L, env, "math", NULL);
     lua_pushcfunction(L, sb_collectgarbage);
     lua_setfield(L, env, "collectgarbage");
+    lua_pushcfunction(L, sb_pcall);
+    lua_setfield(L, env, "pcall");
+    lua_pushcfunction(L, sb_xpcall);
+    lua_setfield(L, env, "xpcall");
     lua_pushvalue(L, env);
     lua_pushcclosure(L, sb_load, 1);
     lua_pushvalue(L, -1);
@@ -304,6 +362,19 @@ static void build_env(ms_sandbox_t *sb)
 
 /* ---- calls ---------------------------------------------------------------------------------- */
 
+/* Pushes "file:line: (error object is a T value)" for the innermost Lua function on the stack, so
+ * a script raising a table, nil or an object still shows where. */
+static const char *push_where(lua_State *L, const char *type)
+{
+    lua_Debug ar;
+    for (int level = 1; lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.what[0] != 'C' && ar.currentline > 0)
+            return lua_pushfstring(L, "%s:%d: (error object is a %s value)", ar.short_src,
+                                   ar.currentline, type);
+    }
+    return lua_pushfstring(L, "(error object is a %s value)", type);
+}
+
 /* Message handler for every pcall: adds a traceback to string errors. It is a C function, so the
  * armed count hook never fires inside it, and it lifts the memory cap so building the message
  * can't fail. */
@@ -312,8 +383,8 @@ static int message_handler(lua_State *L)
     ms_sandbox_t *sb = sandbox_of(L);
     sb->mem_enforced = 0;
     const char *msg = lua_tostring(L, 1);
-    if (!msg)
-        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    if (!msg) /* never its __tostring: that would be script code outside the budget */
+        msg = push_where(L, luaL_typename(L, 1));
     luaL_traceback(L, L, msg, 1);
     return 1;
 }
@@ -333,7 +404,9 @@ static void record_call_error(ms_sandbox_t *sb, int rc)
 {
     lua_State *L = sb->L;
     const char *msg = lua_tostring(L, -1);
-    if (rc == LUA_ERRMEM || (sb->mem_exceeded && !sb->budget_exceeded)) {
+    if (sb->mem_exceeded && !sb->budget_exceeded && sb->abort_msg[0]) {
+        set_err(sb, "%s (limit %zu KiB)", sb->abort_msg, sb->mem_limit >> 10);
+    } else if (rc == LUA_ERRMEM || (sb->mem_exceeded && !sb->budget_exceeded)) {
         /* The allocator refused: the message couldn't always be built, so say it from here. */
         set_err(sb, "%s: memory limit exceeded (limit %zu KiB)", sb->chunkname,
                 sb->mem_limit >> 10);
@@ -359,6 +432,7 @@ static void arm(ms_sandbox_t *sb, uint64_t budget_us)
      * makes an abort deterministic on an idle machine, the clock bounds it on a busy one. */
     sb->max_ticks = budget_us < 100 ? 100 : budget_us;
     sb->budget_exceeded = 0;
+    sb->pcall_depth = 0;
     sb->abort_msg[0] = '\0';
     sb->mem_exceeded = 0;
     sb->mem_enforced = 1;

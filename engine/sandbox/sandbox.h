@@ -39,7 +39,8 @@ typedef struct ms_sandbox {
 
     /* Budget of the call in progress, read by the count hook. */
     int in_call;
-    int hook_fast; /* an abort left the hook firing on every instruction */
+    int hook_fast;   /* an abort left the hook firing on every instruction */
+    int pcall_depth; /* pcall/xpcall calls nested inside the call in progress */
     int budget_exceeded;
     uint64_t deadline_us;
     uint64_t budget_us;

@@ -158,7 +158,7 @@ static int read_verdict(ms_scale_hook_t *h, lua_State *L, int base, int current_
                         ms_hook_verdict_t *v, long long *target, char *reason, size_t cap)
 {
     ms_policy_t *p = h->hp;
-    const char *f = h->hook->file, *fn = h->hook->attr;
+    const char *f = ms_policy_where(p, h->hfn), *fn = h->hook->attr;
     const char *verdict = lua_type(L, base + 1) == LUA_TSTRING ? lua_tostring(L, base + 1) : NULL;
     if (verdict && strcmp(verdict, "accept") == 0) {
         *v = MS_HOOK_ACCEPT;
@@ -287,7 +287,7 @@ static void push_deployments(ms_policy_version_t *pv, json_t *state)
 static json_t *read_targets(ms_scale_hook_t *h, lua_State *L, json_t *state)
 {
     ms_policy_t *p = h->tp;
-    const char *f = h->tick->file, *fn = h->tick->attr;
+    const char *f = ms_policy_where(p, h->tfn), *fn = h->tick->attr;
     int ti = lua_gettop(L) - 1, si = lua_gettop(L);
     if (!lua_isnil(L, ti) && !lua_istable(L, ti)) {
         ms_policy_fail(p, "%s: %s returned %s as the targets (want a table or nil)", f, fn,
