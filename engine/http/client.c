@@ -121,7 +121,8 @@ static int on_message_complete(llhttp_t *p)
     /* A connection is reused only when nothing about its state is in doubt: the peer keeps it
      * open, it did not switch protocols, and the request went out whole before the answer
      * came (an early answer leaves the rest of the body in flight, to be read as a request). */
-    if (!llhttp_should_keep_alive(p) || p->upgrade || p->status_code < 200 || c->pending_writes)
+    if (!llhttp_should_keep_alive(p) || p->upgrade || p->status_code < 200 ||
+        uv_stream_get_write_queue_size(&c->h.stream) > 0)
         c->broken = 1;
     return c->closed ? -1 : HPE_PAUSED;
 }

@@ -9,7 +9,9 @@
  * on_abort when a client goes away while owed a response (and on ms_http_server_close),
  * streamed responses (chunked on HTTP/1.1 and parsed by ms_http_client, close-delimited on
  * HTTP/1.0), client error codes (a refused connect is told from a closed connection),
- * ms_http_server_inflight, and ms_http_server_stop_accepting letting in-flight
+ * ms_http_server_inflight, ms_http_client reusing a connection only when its state is certain
+ * (not after extra bytes, Connection: close, 101 or an early answer; a canned peer answers),
+ * and ms_http_server_stop_accepting letting in-flight
  * requests finish before their connections close. Every handle is closed and uv_loop_close must
  * succeed; a 10 s watchdog timer bounds the run.
  */
