@@ -75,9 +75,14 @@ static int token_equal(const char *given, size_t given_len, const char *token, s
     return diff == 0;
 }
 
-/* 0 when the request may proceed; otherwise answers 401 and returns -1. */
+/* 0 when the request may proceed; otherwise answers 400 or 401 and returns -1. */
 static int authenticate(ms_admin_t *a, ms_http_request_t *req)
 {
+    /* Two credentials are ambiguous: a proxy in front may check one and we the other. */
+    if (ms_http_request_header_count(req, "authorization") > 1) {
+        ms_http_respond_error(req, 400, "more than one Authorization header");
+        return -1;
+    }
     if (!a->token)
         return 0;
     static const ms_http_header_t challenge = {"WWW-Authenticate", 16, "Bearer", 6};

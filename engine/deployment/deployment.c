@@ -761,6 +761,9 @@ static void build_forward_head(call_t *c)
     ms_buf_append(b, "\r\nContent-Length: ", 18);
     ms_buf_append_uint(b, req->body_len);
     ms_buf_append(b, "\r\n", 2);
+    /* The hop is HTTP/1.1, which needs a Host; an HTTP/1.0 client may have sent none. */
+    if (!ms_http_request_header(req, "host", NULL))
+        ms_buf_append(b, "Host: moonserve\r\n", 17);
     for (size_t i = 0; i < req->n_headers; i++) {
         const ms_http_header_t *h = &req->headers[i];
         if (!forwardable(h))

@@ -28,6 +28,7 @@ struct ms_http_client {
     unsigned broken : 1;    /* unusable: connect failed, EOF, error */
     unsigned closed : 1;    /* ms_http_client_close called */
     unsigned head_only : 1; /* the request was HEAD: the response has no body */
+    unsigned complete : 1;  /* the response is parsed; on_done not yet called */
 };
 
 static ms_http_client_t *client_of_parser(llhttp_t *p)
@@ -111,15 +112,39 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
     return c->closed ? -1 : 0;
 }
 
+/* The parser stops after each response so that deliver() can look at what follows it. */
 static int on_message_complete(llhttp_t *p)
 {
     ms_http_client_t *c = client_of_parser(p);
     ms__headers_reset(&c->hc);
+    c->complete = 1;
+    /* A connection is reused only when nothing about its state is in doubt: the peer keeps it
+     * open, it did not switch protocols, and the request went out whole before the answer
+     * came (an early answer leaves the rest of the body in flight, to be read as a request). */
+    if (!llhttp_should_keep_alive(p) || p->upgrade || p->status_code < 200 ||
+        uv_stream_get_write_queue_size(&c->h.stream) > 0)
+        c->broken = 1;
+    return c->closed ? -1 : HPE_PAUSED;
+}
+
+/* After a parse of `n` bytes at `data` that returned `e`: hands over a complete response.
+ * Bytes after it, before a new request was sent, are another response nobody asked for: the
+ * connection is not reused. */
+static void deliver(ms_http_client_t *c, llhttp_errno_t e, const char *data, size_t n)
+{
+    if (!c->complete)
+        return;
+    c->complete = 0;
+    if (e == HPE_PAUSED && llhttp_get_error_pos(&c->parser) != data + n)
+        c->broken = 1;
+    if (c->broken)
+        uv_read_stop(&c->h.stream);
+    else
+        llhttp_resume(&c->parser);
     if (c->busy && !c->closed) {
         c->busy = 0;
         c->cb->on_done(c->cb_data);
     }
-    return c->closed ? -1 : 0;
 }
 
 static const llhttp_settings_t *response_settings(void)
@@ -146,8 +171,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (c->closed)
         return;
     if (nread < 0) {
-        if (nread == UV_EOF && c->busy)
-            llhttp_finish(&c->parser); /* completes a close-delimited body, if that is one */
+        if (nread == UV_EOF && c->busy) {
+            /* completes a close-delimited body, if that is one */
+            llhttp_errno_t e = llhttp_finish(&c->parser);
+            c->broken = c->complete; /* a response that ends here is the connection's last */
+            deliver(c, e, NULL, 0);
+        }
         uv_read_stop(s);
         fail(c, nread == UV_EOF ? MS_HTTP_CLIENT_PEER_CLOSED : MS_HTTP_CLIENT_RESET);
         return;
@@ -159,6 +188,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     llhttp_errno_t e = llhttp_execute(&c->parser, buf->base, (size_t)nread);
+    if (e == HPE_PAUSED) {
+        deliver(c, e, buf->base, (size_t)nread);
+        return;
+    }
     if (e != HPE_OK && !c->closed)
         fail(c, MS_HTTP_CLIENT_MALFORMED);
 }

@@ -93,6 +93,8 @@ void ms_http_server_close(ms_http_server_t *srv);
 
 /* Header lookup, case-insensitive. Returns NULL when absent; *len receives the value length. */
 const char *ms_http_request_header(const ms_http_request_t *req, const char *name, size_t *len);
+/* How many times the header occurs, case-insensitive. */
+size_t ms_http_request_header_count(const ms_http_request_t *req, const char *name);
 
 /* Whole response with Content-Length. `headers` may be NULL. Finishes the request. */
 void ms_http_respond(ms_http_request_t *req, int status, const ms_http_header_t *headers,

@@ -55,7 +55,11 @@ struct conn {
     ms_buf_t body;
     ms_buf_t out; /* response head scratch */
     size_t head_bytes;
-    int error_status; /* 413/431 chosen inside a parser callback */
+    int error_status;         /* 400/413/431/501 chosen inside a parser callback */
+    const char *error_reason; /* its message (static text); NULL: llhttp's reason */
+    const char *scan_from;    /* head bytes before this were checked for obs-fold */
+    const char *scan_end;     /* end of the bytes llhttp_execute was given */
+    size_t name_len;          /* bytes of the header name being parsed */
     ms_http_request_t req;
     unsigned paused : 1;     /* parser paused after a complete message */
     unsigned in_message : 1; /* bytes of a request arrived, not yet complete */
@@ -69,6 +73,10 @@ struct conn {
     unsigned reading : 1;
     unsigned in_respond : 1;
     unsigned body_phase : 1; /* head parsed, body still arriving */
+    unsigned head_scan : 1;  /* between the request target and the blank line ending the head */
+    unsigned scan_lf : 1;    /* the last head byte checked was LF */
+    unsigned absolute : 1;   /* absolute-form target (http://host/path) */
+    unsigned asterisk : 1;   /* OPTIONS * */
     int parsing;             /* depth of parse loops on the stack */
     int pending_writes;
     int open_handles;
@@ -249,6 +257,11 @@ static void reset_request_state(conn_t *c)
     ms__headers_reset(&c->hc);
     c->head_bytes = 0;
     c->error_status = 0;
+    c->error_reason = NULL;
+    c->name_len = 0;
+    c->head_scan = 0;
+    c->absolute = 0;
+    c->asterisk = 0;
     c->resp_started = 0;
     c->resp_chunked = 0;
     c->head_only = 0;
@@ -441,6 +454,46 @@ static int count_head_bytes(conn_t *c, size_t n)
     return 0;
 }
 
+/* Fails the request from inside a parser callback; parse_region answers it. */
+static int reject(conn_t *c, int status, const char *reason)
+{
+    c->error_status = status;
+    c->error_reason = reason;
+    return -1;
+}
+
+/* llhttp 8 accepts obs-fold (a header line starting with SP or HT continues the previous one),
+ * which nginx and RFC 9112 reject: peers that unfold differently would read another header
+ * set. The parser only shows header names and values, so the bytes between them (the colon,
+ * OWS, CRLF and any fold) are checked here, from `from` up to `to`, across reads. Stops at the
+ * blank line that ends the head. */
+static int scan_head(conn_t *c, const char *from, const char *to)
+{
+    for (const char *q = from; q < to && c->head_scan; q++) {
+        if (c->scan_lf && (*q == ' ' || *q == '\t'))
+            return reject(c, 400,
+                          "malformed request: obs-fold (a header line starting with "
+                          "a space or tab) is not accepted");
+        if (c->scan_lf && (*q == '\r' || *q == '\n'))
+            c->head_scan = 0;
+        c->scan_lf = *q == '\n';
+    }
+    return 0;
+}
+
+/* Checks the head bytes before a name or value piece at `at`, and its first byte (llhttp keeps
+ * the fold's whitespace in the value piece after it). */
+static int scan_before_piece(conn_t *c, const char *at, size_t n)
+{
+    if (!c->head_scan)
+        return 0;
+    if (scan_head(c, c->scan_from, at + (n > 0)))
+        return -1;
+    c->scan_from = at + n;
+    c->scan_lf = 0;
+    return 0;
+}
+
 static int on_message_begin(llhttp_t *p)
 {
     conn_t *c = conn_of_parser(p);
@@ -456,14 +509,18 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
     if (count_head_bytes(c, n))
         return -1;
     ms_buf_append(&c->target, at, n);
+    c->head_scan = 1;
+    c->scan_lf = 0;
+    c->scan_from = at + n;
     return 0;
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     conn_t *c = conn_of_parser(p);
-    if (count_head_bytes(c, n + 4)) /* ": " and CRLF count too */
+    if (count_head_bytes(c, n + 4) || scan_before_piece(c, at, n)) /* ": ", CRLF count too */
         return -1;
+    c->name_len += n;
     if (!c->body_phase) /* trailers after a chunked body are counted but not kept */
         ms__headers_add_name(&c->hc, at, n);
     return 0;
@@ -472,6 +529,9 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
 static int on_header_field_complete(llhttp_t *p)
 {
     conn_t *c = conn_of_parser(p);
+    if (c->name_len == 0)
+        return reject(c, 400, "malformed request: empty header name");
+    c->name_len = 0;
     if (!c->body_phase)
         ms__headers_name_done(&c->hc);
     return 0;
@@ -488,7 +548,7 @@ static int on_header_value_complete(llhttp_t *p)
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     conn_t *c = conn_of_parser(p);
-    if (count_head_bytes(c, n))
+    if (count_head_bytes(c, n) || scan_before_piece(c, at, n))
         return -1;
     if (!c->body_phase)
         ms__headers_add_value(&c->hc, at, n);
@@ -517,17 +577,83 @@ static void take_request_id(conn_t *c)
     ms_random_id(c->req.request_id);
 }
 
+/* Length of "http://" or "https://" at the start of the target, 0 if neither. */
+static size_t scheme_len(const char *t, size_t len)
+{
+    if (len >= 7 && strncasecmp(t, "http://", 7) == 0)
+        return 7;
+    if (len >= 8 && strncasecmp(t, "https://", 8) == 0)
+        return 8;
+    return 0;
+}
+
+/* Index just past the authority of an absolute-form target. */
+static size_t authority_end(const char *t, size_t len)
+{
+    size_t i = scheme_len(t, len);
+    while (i < len && t[i] != '/' && t[i] != '?')
+        i++;
+    return i;
+}
+
+/* The request-target forms of RFC 9112 section 3.2. Origin-form is the usual one; absolute-form
+ * (a proxy's form) is resolved to its path; asterisk-form is answered here. CONNECT's
+ * authority-form would turn the connection into a tunnel, which moonserve does not offer. */
+static int check_target(conn_t *c, llhttp_t *p)
+{
+    const char *t = c->target.data;
+    size_t len = c->target.len;
+    if (p->method == HTTP_CONNECT)
+        return reject(c, 501, "CONNECT is not supported: moonserve does not tunnel");
+    if (len > 0 && t[0] == '/')
+        return 0;
+    if (len == 1 && t[0] == '*') {
+        if (p->method != HTTP_OPTIONS)
+            return reject(c, 400, "malformed request: '*' is a target for OPTIONS only");
+        c->asterisk = 1;
+        return 0;
+    }
+    size_t s = scheme_len(t, len), end = authority_end(t, len);
+    if (s == 0 || end == s || memchr(t + s, '@', end - s))
+        return reject(c, 400,
+                      "malformed request: the target must be a path, or an http(s) URI "
+                      "with a host and no user info");
+    c->absolute = 1;
+    return 0;
+}
+
+/* RFC 9112 section 3.2: a server must answer 400 to an HTTP/1.1 request without Host and to
+ * any request with more than one. */
+static int check_host(conn_t *c, llhttp_t *p)
+{
+    size_t hosts = ms_http_request_header_count(&c->req, "host");
+    if (hosts > 1)
+        return reject(c, 400, "malformed request: more than one Host header");
+    if (hosts == 0 && p->http_major == 1 && p->http_minor >= 1)
+        return reject(c, 400, "malformed request: an HTTP/1.1 request needs a Host header");
+    return 0;
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     conn_t *c = conn_of_parser(p);
+    /* Whitespace after the last header, up to the blank line, is checked for a fold too. */
+    if (scan_head(c, c->scan_from, c->scan_end))
+        return -1;
+    c->head_scan = 0;
     ms__headers_finish(&c->hc);
     c->req.headers = c->hc.array;
     c->req.n_headers = c->hc.n;
     take_request_id(c);
+    if (check_target(c, p) || check_host(c, p))
+        return -1;
     if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->cfg.limits.max_body_bytes) {
         c->error_status = 413;
         return -1;
     }
+    /* Upgrades (websocket, h2c) are not offered: RFC 9110 section 7.8 lets a server ignore the
+     * header, so the request is served as plain HTTP/1.1 and the connection stays HTTP. */
+    p->upgrade = 0;
     size_t elen = 0;
     const char *expect = ms_http_request_header(&c->req, "expect", &elen);
     if (expect && elen == 12 && strncasecmp(expect, "100-continue", 12) == 0) {
@@ -537,6 +663,17 @@ static int on_headers_complete(llhttp_t *p)
     /* From here on the timer bounds inactivity while the body arrives. */
     c->body_phase = 1;
     conn_arm_timer(c, c->srv->cfg.limits.header_timeout_s);
+    return 0;
+}
+
+/* A chunk declared larger than the room left is refused before its data is read. */
+static int on_chunk_header(llhttp_t *p)
+{
+    conn_t *c = conn_of_parser(p);
+    if (p->content_length > c->srv->cfg.limits.max_body_bytes - c->body.len) {
+        c->error_status = 413;
+        return -1;
+    }
     return 0;
 }
 
@@ -551,28 +688,54 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
     return 0;
 }
 
+/* An absolute-form request names its host in the target, which RFC 9112 section 3.2.2 says
+ * replaces the Host header: the header is pointed at the target's authority. */
+static void take_authority(conn_t *c, const char *authority, size_t len)
+{
+    for (size_t i = 0; i < c->hc.n; i++)
+        if (header_is(&c->hc.array[i], "host")) {
+            c->hc.array[i].value = authority;
+            c->hc.array[i].value_len = len;
+        }
+}
+
 static void split_target(conn_t *c)
 {
     ms_buf_t *t = &c->target;
     size_t tlen = t->len;
-    /* Path and query are copied from the target into the same buffer: make room first so the
-     * source does not move under the copy. */
-    ms_buf_reserve(t, tlen + 3);
+    /* The origin-form target, path and query are copied from the target into the same buffer:
+     * make room first so the source does not move under the copies. */
+    ms_buf_reserve(t, 3 * tlen + 8);
     ms_buf_append(t, "", 1);
-    const char *q = memchr(t->data, '?', tlen);
-    size_t plen = q ? (size_t)(q - t->data) : tlen;
+    size_t origin_off = 0, olen = tlen, auth_end = 0;
+    if (c->absolute) {
+        auth_end = authority_end(t->data, tlen);
+        origin_off = t->len;
+        if (auth_end == tlen || t->data[auth_end] != '/')
+            ms_buf_append(t, "/", 1);
+        ms_buf_append(t, t->data + auth_end, tlen - auth_end);
+        olen = t->len - origin_off;
+        ms_buf_append(t, "", 1);
+    }
+    const char *origin = t->data + origin_off;
+    const char *q = memchr(origin, '?', olen);
+    size_t plen = q ? (size_t)(q - origin) : olen;
     size_t path_off = t->len;
-    ms_buf_append(t, t->data, plen);
+    ms_buf_append(t, origin, plen);
     ms_buf_append(t, "", 1);
     size_t query_off = t->len;
     if (q)
-        ms_buf_append(t, q + 1, tlen - plen - 1);
+        ms_buf_append(t, q + 1, olen - plen - 1);
     ms_buf_append(t, "", 1);
-    c->req.target = t->data;
-    c->req.target_len = tlen;
+    c->req.target = t->data + origin_off;
+    c->req.target_len = olen;
     c->req.path = t->data + path_off;
     c->req.path_len = plen;
     c->req.query = t->data + query_off;
+    if (c->absolute) {
+        size_t s = scheme_len(t->data, tlen);
+        take_authority(c, t->data + s, auth_end - s);
+    }
 }
 
 static int on_message_complete(llhttp_t *p)
@@ -609,6 +772,7 @@ static const llhttp_settings_t *request_settings(void)
         s.on_header_field_complete = on_header_field_complete;
         s.on_header_value_complete = on_header_value_complete;
         s.on_headers_complete = on_headers_complete;
+        s.on_chunk_header = on_chunk_header;
         s.on_body = on_body;
         s.on_message_complete = on_message_complete;
         ready = 1;
@@ -622,6 +786,13 @@ static void dispatch_request(conn_t *c)
     conn_disarm_timer(c);
     c->req_active = 1;
     srv->inflight++;
+    if (c->asterisk) {
+        /* OPTIONS * asks about the server, not a resource: no deployment is involved. */
+        static const ms_http_header_t allow = {"Allow", 5,
+                                               "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS", 44};
+        ms_http_respond(&c->req, 200, &allow, 1, "", 0);
+        return;
+    }
     srv->cfg.on_request(&c->req, srv->cfg.data);
 }
 
@@ -636,20 +807,29 @@ static size_t parse_region(conn_t *c, const char *data, size_t len)
             llhttp_resume(&c->parser);
             c->paused = 0;
         }
+        c->scan_from = data + off;
+        c->scan_end = data + len;
         llhttp_errno_t e = llhttp_execute(&c->parser, data + off, len - off);
         if (e == HPE_OK) {
             off = len;
+            /* Head bytes after the last name or value of this read are checked now. */
+            if (c->head_scan && scan_head(c, c->scan_from, c->scan_end)) {
+                fail_connection(c, c->error_status, c->error_reason);
+                break;
+            }
         } else if (e == HPE_PAUSED) {
             off = (size_t)(llhttp_get_error_pos(&c->parser) - data);
             c->paused = 1;
             dispatch_request(c);
         } else {
             int status = c->error_status ? c->error_status : 400;
-            const char *msg = status == 431   ? "request header fields too large"
+            const char *msg = c->error_reason ? c->error_reason
+                              : status == 431 ? "request header fields too large"
                               : status == 413 ? "request body too large"
                                               : llhttp_get_error_reason(&c->parser);
             char buf[256];
-            snprintf(buf, sizeof buf, "%s%s", status == 400 ? "malformed request: " : "",
+            snprintf(buf, sizeof buf, "%s%s",
+                     status == 400 && !c->error_reason ? "malformed request: " : "",
                      msg ? msg : "parse error");
             fail_connection(c, status, buf);
             off = len;
@@ -854,4 +1034,12 @@ const char *ms_http_request_header(const ms_http_request_t *req, const char *nam
         }
     }
     return NULL;
+}
+
+size_t ms_http_request_header_count(const ms_http_request_t *req, const char *name)
+{
+    size_t count = 0;
+    for (size_t i = 0; i < req->n_headers; i++)
+        count += header_is(&req->headers[i], name);
+    return count;
 }

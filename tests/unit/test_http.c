@@ -9,7 +9,9 @@
  * on_abort when a client goes away while owed a response (and on ms_http_server_close),
  * streamed responses (chunked on HTTP/1.1 and parsed by ms_http_client, close-delimited on
  * HTTP/1.0), client error codes (a refused connect is told from a closed connection),
- * ms_http_server_inflight, and ms_http_server_stop_accepting letting in-flight
+ * ms_http_server_inflight, ms_http_client reusing a connection only when its state is certain
+ * (not after extra bytes, Connection: close, 101 or an early answer; a canned peer answers),
+ * and ms_http_server_stop_accepting letting in-flight
  * requests finish before their connections close. Every handle is closed and uv_loop_close must
  * succeed; a 10 s watchdog timer bounds the run.
  */
@@ -399,20 +401,21 @@ static void test_empty_header_value(void)
 
 static void test_expect_continue(void)
 {
-    raw_t *c = raw_open("POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+    raw_t *c = raw_open(
+        "POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
     resp_t r[MAX_RESP];
     ASSERT_INT_EQ(wait_responses(c, 1, r), 1);
     ASSERT_INT_EQ(r[0].status, 100);
     raw_sends(c, "abc");
     ASSERT_INT_EQ(wait_responses(c, 2, r), 2);
     ASSERT_INT_EQ(r[1].status, 200);
-    ASSERT_STR_EQ(r[1].body, "M=POST P=/echo Q= B=abc H= N=2");
+    ASSERT_STR_EQ(r[1].body, "M=POST P=/echo Q= B=abc H= N=3");
     raw_close(c);
 }
 
 static void test_request_id(void)
 {
-    raw_t *c = raw_open("GET /echo HTTP/1.1\r\nX-Request-ID: my-id-123\r\n\r\n");
+    raw_t *c = raw_open("GET /echo HTTP/1.1\r\nHost: t\r\nX-Request-ID: my-id-123\r\n\r\n");
     resp_t r[MAX_RESP];
     ASSERT_INT_EQ(wait_responses(c, 1, r), 1);
     ASSERT_INT_EQ(r[0].status, 200);
@@ -422,12 +425,12 @@ static void test_request_id(void)
     ASSERT_TRUE(first && !strstr(first + 1, "X-Request-ID"));
 
     /* An id with a quote is not echoed into headers/JSON; a fresh one is generated. */
-    raw_sends(c, "GET /echo HTTP/1.1\r\nX-Request-ID: bad\"id\r\n\r\n");
+    raw_sends(c, "GET /echo HTTP/1.1\r\nHost: t\r\nX-Request-ID: bad\"id\r\n\r\n");
     ASSERT_INT_EQ(wait_responses(c, 2, r), 2);
     ASSERT_TRUE(is_hex_id(r[1].request_id));
     /* Too long for request_id[80]: replaced as well. */
     char big[256];
-    snprintf(big, sizeof big, "GET /echo HTTP/1.1\r\nX-Request-ID: %0100d\r\n\r\n", 7);
+    snprintf(big, sizeof big, "GET /echo HTTP/1.1\r\nHost: t\r\nX-Request-ID: %0100d\r\n\r\n", 7);
     raw_sends(c, big);
     ASSERT_INT_EQ(wait_responses(c, 3, r), 3);
     ASSERT_TRUE(is_hex_id(r[2].request_id));
@@ -437,14 +440,14 @@ static void test_request_id(void)
 static void test_pipelining(void)
 {
     ms_buf_reset(&request_log);
-    raw_t *c = raw_open("GET /echo?n=1 HTTP/1.1\r\n\r\n"
-                        "GET /echo?n=2 HTTP/1.1\r\n\r\n"
-                        "GET /echo?n=3 HTTP/1.1\r\n\r\n");
+    raw_t *c = raw_open("GET /echo?n=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                        "GET /echo?n=2 HTTP/1.1\r\nHost: t\r\n\r\n"
+                        "GET /echo?n=3 HTTP/1.1\r\nHost: t\r\n\r\n");
     resp_t r[MAX_RESP];
     ASSERT_INT_EQ(wait_responses(c, 3, r), 3);
-    ASSERT_STR_EQ(r[0].body, "M=GET P=/echo Q=n=1 B= H= N=0");
-    ASSERT_STR_EQ(r[1].body, "M=GET P=/echo Q=n=2 B= H= N=0");
-    ASSERT_STR_EQ(r[2].body, "M=GET P=/echo Q=n=3 B= H= N=0");
+    ASSERT_STR_EQ(r[0].body, "M=GET P=/echo Q=n=1 B= H= N=1");
+    ASSERT_STR_EQ(r[1].body, "M=GET P=/echo Q=n=2 B= H= N=1");
+    ASSERT_STR_EQ(r[2].body, "M=GET P=/echo Q=n=3 B= H= N=1");
     ASSERT_STR_EQ(request_log.data, "n=1;n=2;n=3;");
     ASSERT_TRUE(!c->eof);
     raw_close(c);
@@ -455,10 +458,10 @@ static void test_pipelining_deferred(void)
     ms_buf_reset(&request_log);
     int before = n_requests;
     defer_fired = 0;
-    raw_t *c =
-        raw_open("GET /defer?n=1 HTTP/1.1\r\nX-Request-ID: p1\r\n\r\n"
-                 "GET /echo?n=2 HTTP/1.1\r\nX-Request-ID: p2\r\n\r\n"
-                 "POST /echo?n=3 HTTP/1.1\r\nX-Request-ID: p3\r\nContent-Length: 3\r\n\r\nxyz");
+    raw_t *c = raw_open(
+        "GET /defer?n=1 HTTP/1.1\r\nHost: t\r\nX-Request-ID: p1\r\n\r\n"
+        "GET /echo?n=2 HTTP/1.1\r\nHost: t\r\nX-Request-ID: p2\r\n\r\n"
+        "POST /echo?n=3 HTTP/1.1\r\nHost: t\r\nX-Request-ID: p3\r\nContent-Length: 3\r\n\r\nxyz");
     defer_watch_len = &c->in.len;
     ASSERT_TRUE(wait_for(pred_flag, &defer_fired));
     defer_watch_len = NULL;
@@ -470,9 +473,9 @@ static void test_pipelining_deferred(void)
     ASSERT_INT_EQ(wait_responses(c, 3, r), 3);
     ASSERT_STR_EQ(r[0].body, "deferred Q=n=1");
     ASSERT_STR_EQ(r[0].request_id, "p1");
-    ASSERT_STR_EQ(r[1].body, "M=GET P=/echo Q=n=2 B= H= N=1");
+    ASSERT_STR_EQ(r[1].body, "M=GET P=/echo Q=n=2 B= H= N=2");
     ASSERT_STR_EQ(r[1].request_id, "p2");
-    ASSERT_STR_EQ(r[2].body, "M=POST P=/echo Q=n=3 B=xyz H= N=2");
+    ASSERT_STR_EQ(r[2].body, "M=POST P=/echo Q=n=3 B=xyz H= N=3");
     ASSERT_STR_EQ(r[2].request_id, "p3");
     ASSERT_STR_EQ(request_log.data, "n=1;n=2;n=3;");
     ASSERT_INT_EQ(ms_http_server_inflight(server), 0);
@@ -496,17 +499,17 @@ static void test_chunked_body(void)
     ASSERT_TRUE(!c->eof);
 
     /* A following request on the same connection sees only its own headers. */
-    raw_sends(c, "GET /echo HTTP/1.1\r\nX-Test: again\r\n\r\n");
+    raw_sends(c, "GET /echo HTTP/1.1\r\nHost: t\r\nX-Test: again\r\n\r\n");
     ASSERT_INT_EQ(wait_responses(c, 2, r), 2);
-    ASSERT_STR_EQ(r[1].body, "M=GET P=/echo Q= B= H=again N=1");
+    ASSERT_STR_EQ(r[1].body, "M=GET P=/echo Q= B= H=again N=2");
     raw_close(c);
 }
 
 static void test_body_too_large(void)
 {
     int before = n_requests;
-    raw_t *c =
-        raw_open("POST /echo HTTP/1.1\r\nX-Request-ID: big-1\r\nContent-Length: 100000\r\n\r\n");
+    raw_t *c = raw_open(
+        "POST /echo HTTP/1.1\r\nHost: t\r\nX-Request-ID: big-1\r\nContent-Length: 100000\r\n\r\n");
     resp_t r[MAX_RESP];
     ASSERT_INT_EQ(wait_responses(c, 1, r), 1);
     ASSERT_INT_EQ(r[0].status, 413);
@@ -520,7 +523,8 @@ static void test_body_too_large(void)
 
     /* A chunked body growing past the limit. */
     ms_buf_t req = {0};
-    ms_buf_appendf(&req, "POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n",
+    ms_buf_appendf(&req,
+                   "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n",
                    MAX_BODY_BYTES + 10);
     for (int i = 0; i < MAX_BODY_BYTES + 10; i++)
         ms_buf_append(&req, "a", 1);
@@ -541,7 +545,7 @@ static void test_headers_too_large(void)
 {
     int before = n_requests;
     ms_buf_t req = {0};
-    ms_buf_appendf(&req, "GET /echo HTTP/1.1\r\nX-Big: ");
+    ms_buf_appendf(&req, "GET /echo HTTP/1.1\r\nHost: t\r\nX-Big: ");
     for (int i = 0; i < MAX_HEADER_BYTES + 100; i++)
         ms_buf_append(&req, "b", 1);
     ms_buf_append(&req, "\r\n\r\n", 4);
@@ -559,7 +563,7 @@ static void test_headers_too_large(void)
 
     /* Many small headers add up too. */
     ms_buf_t many = {0};
-    ms_buf_appendf(&many, "GET /echo HTTP/1.1\r\n");
+    ms_buf_appendf(&many, "GET /echo HTTP/1.1\r\nHost: t\r\n");
     for (int i = 0; i < 200; i++)
         ms_buf_appendf(&many, "X-H%d: v\r\n", i);
     ms_buf_append(&many, "\r\n", 2);
@@ -586,7 +590,7 @@ static void test_garbage(void)
     raw_close(c);
 
     /* Garbage after a good request: the good one is answered, then 400 and close. */
-    c = raw_open("GET /echo?ok HTTP/1.1\r\n\r\nBLAH BLAH BLAH\r\n\r\n");
+    c = raw_open("GET /echo?ok HTTP/1.1\r\nHost: t\r\n\r\nBLAH BLAH BLAH\r\n\r\n");
     ASSERT_INT_EQ(wait_responses(c, 2, r), 2);
     ASSERT_INT_EQ(r[0].status, 200);
     ASSERT_INT_EQ(r[1].status, 400);
@@ -617,7 +621,7 @@ static void test_header_timeout(void)
 
 static void test_keep_alive_timeout(void)
 {
-    raw_t *c = raw_open("GET /echo HTTP/1.1\r\n\r\n");
+    raw_t *c = raw_open("GET /echo HTTP/1.1\r\nHost: t\r\n\r\n");
     resp_t r[MAX_RESP];
     ASSERT_INT_EQ(wait_responses(c, 1, r), 1);
     ASSERT_INT_EQ(r[0].status, 200);
@@ -638,7 +642,7 @@ static int pred_aborts(void *arg)
 static void test_abort(void)
 {
     int want = n_aborts + 1;
-    raw_t *c = raw_open("GET /hold?a HTTP/1.1\r\n\r\n");
+    raw_t *c = raw_open("GET /hold?a HTTP/1.1\r\nHost: t\r\n\r\n");
     ASSERT_TRUE(wait_for(pred_ptr, &held[0]));
     ms_http_request_t *req = held[0];
     ASSERT_INT_EQ(ms_http_server_inflight(server), 1);
@@ -667,6 +671,8 @@ typedef struct client_state {
     int error;
     ms_http_client_error_t error_code;
     int heads;
+    ms_http_client_t *cl; /* when set, idle_at_done records whether it could be reused */
+    int idle_at_done;
 } client_state_t;
 
 static void cl_head(void *data, int status, const ms_http_header_t *h, size_t n, int chunked,
@@ -695,7 +701,11 @@ static void cl_body(void *data, const char *p, size_t n)
 
 static void cl_done(void *data)
 {
-    ((client_state_t *)data)->done = 1;
+    client_state_t *s = data;
+    s->done = 1;
+    /* A pool puts the connection back from here: what it sees now decides reuse. */
+    if (s->cl)
+        s->idle_at_done = ms_http_client_idle(s->cl);
 }
 
 static void cl_error(void *data, ms_http_client_error_t err)
@@ -753,15 +763,15 @@ static void test_client_and_streaming(void)
 
     /* A POST with a body, after the stream, still on the same connection. */
     memset(&s, 0, sizeof s);
-    static const char post[] = "POST /echo HTTP/1.1\r\nContent-Length: 4\r\n\r\n";
+    static const char post[] = "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n";
     ASSERT_INT_EQ(ms_http_client_send(cl, post, sizeof post - 1, "data", 4, &client_cb, &s), 0);
     ASSERT_TRUE(wait_for(pred_client, &s));
-    ASSERT_STR_EQ(s.body.data, "M=POST P=/echo Q= B=data H= N=1");
+    ASSERT_STR_EQ(s.body.data, "M=POST P=/echo Q= B=data H= N=2");
     ms_buf_free(&s.body);
     ms_http_client_close(cl);
 
     /* The raw bytes of a streamed response are chunk-framed. */
-    raw_t *c = raw_open("GET /stream HTTP/1.1\r\n\r\n");
+    raw_t *c = raw_open("GET /stream HTTP/1.1\r\nHost: t\r\n\r\n");
     ms_buf_t *in = &c->in;
     while (!c->eof && !watchdog_fired && !(in->data && strstr(in->data, "0\r\n\r\n")))
         uv_run(loop, UV_RUN_ONCE);
@@ -830,12 +840,138 @@ static void test_client_errors(void)
                   "connection closed by peer");
 }
 
+/* ---- a peer that answers with canned bytes ------------------------------------------------ */
+
+/* Accepts one connection, reads once (the head of whatever arrives), writes `reply` and stops
+ * reading, so a large request body stays unsent. */
+typedef struct canned {
+    uv_tcp_t listener, conn;
+    const char *reply;
+    int port, accepted, conn_closed;
+} canned_t;
+
+static void canned_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    static char scratch[4096];
+    (void)h;
+    (void)suggested;
+    *buf = uv_buf_init(scratch, sizeof scratch);
+}
+
+static void canned_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+{
+    canned_t *cn = st->data;
+    (void)buf;
+    if (nread == 0)
+        return;
+    uv_read_stop(st);
+    if (nread < 0)
+        return;
+    write_req_t *w = malloc(sizeof *w);
+    uv_buf_t b = uv_buf_init((char *)cn->reply, (unsigned)strlen(cn->reply));
+    if (uv_write(&w->req, st, &b, 1, raw_written) != 0)
+        free(w);
+}
+
+static void canned_accept(uv_stream_t *l, int status)
+{
+    canned_t *cn = l->data;
+    if (status < 0 || cn->accepted)
+        return;
+    uv_tcp_init(loop, &cn->conn);
+    cn->conn.data = cn;
+    if (uv_accept(l, (uv_stream_t *)&cn->conn) == 0) {
+        cn->accepted = 1;
+        uv_read_start((uv_stream_t *)&cn->conn, canned_alloc, canned_read);
+    }
+}
+
+static void canned_start(canned_t *cn, const char *reply)
+{
+    memset(cn, 0, sizeof *cn);
+    cn->reply = reply;
+    uv_tcp_init(loop, &cn->listener);
+    cn->listener.data = cn;
+    struct sockaddr_in a;
+    uv_ip4_addr("127.0.0.1", 0, &a);
+    ASSERT_INT_EQ(uv_tcp_bind(&cn->listener, (struct sockaddr *)&a, 0), 0);
+    ASSERT_INT_EQ(uv_listen((uv_stream_t *)&cn->listener, 4, canned_accept), 0);
+    struct sockaddr_in got;
+    int len = sizeof got;
+    uv_tcp_getsockname(&cn->listener, (struct sockaddr *)&got, &len);
+    cn->port = ntohs(got.sin_port);
+}
+
+static void canned_handle_closed(uv_handle_t *h)
+{
+    ((canned_t *)h->data)->conn_closed++;
+}
+
+static int pred_canned_closed(void *arg)
+{
+    canned_t *cn = arg;
+    return cn->conn_closed == 1 + cn->accepted;
+}
+
+static void canned_stop(canned_t *cn)
+{
+    if (cn->accepted)
+        uv_close((uv_handle_t *)&cn->conn, canned_handle_closed);
+    uv_close((uv_handle_t *)&cn->listener, canned_handle_closed);
+    ASSERT_TRUE(wait_for(pred_canned_closed, cn));
+}
+
+/* Sends one request (with `body_len` bytes of body) to a peer answering `reply`; returns
+ * whether the connection was reusable when the response was handed over (-1: no response). */
+static int idle_after(const char *reply, size_t body_len)
+{
+    canned_t cn;
+    canned_start(&cn, reply);
+    ms_http_client_t *cl = ms_http_client_connect(loop, NULL, "127.0.0.1", cn.port);
+    client_state_t s = {.cl = cl};
+    char *body = calloc(1, body_len + 1);
+    char head[96];
+    int n = snprintf(head, sizeof head, "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %zu\r\n\r\n",
+                     body_len);
+    ASSERT_INT_EQ(ms_http_client_send(cl, head, (size_t)n, body, body_len, &client_cb, &s), 0);
+    ASSERT_TRUE(wait_for(pred_client, &s));
+    int idle = s.done ? s.idle_at_done : -1;
+    ms_http_client_close(cl);
+    canned_stop(&cn);
+    free(body);
+    ms_buf_free(&s.body);
+    return idle;
+}
+
+/* A replica connection is pooled again only when its state is certain. */
+static void test_client_reuse_only_when_certain(void)
+{
+    /* A plain answer: reusable. */
+    ASSERT_INT_EQ(idle_after("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 3), 1);
+    /* Bytes after the response nobody asked for: another answer would be misattributed. */
+    ASSERT_INT_EQ(idle_after("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                             "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                             3),
+                  0);
+    /* The peer is closing it. */
+    ASSERT_INT_EQ(
+        idle_after("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", 3), 0);
+    /* It switched protocols. */
+    ASSERT_INT_EQ(idle_after("HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                             "Upgrade: websocket\r\n\r\n",
+                             3),
+                  0);
+    /* An early answer while most of an 8 MiB body is still unsent. */
+    ASSERT_INT_EQ(
+        idle_after("HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n", 8u << 20), 0);
+}
+
 static void test_stop_accepting(void)
 {
     /* Two requests in flight on two connections, and one idle keep-alive connection. */
-    raw_t *a = raw_open("GET /hold?a HTTP/1.1\r\n\r\n");
-    raw_t *b = raw_open("GET /hold?b HTTP/1.1\r\n\r\n");
-    raw_t *idle = raw_open("GET /echo HTTP/1.1\r\n\r\n");
+    raw_t *a = raw_open("GET /hold?a HTTP/1.1\r\nHost: t\r\n\r\n");
+    raw_t *b = raw_open("GET /hold?b HTTP/1.1\r\nHost: t\r\n\r\n");
+    raw_t *idle = raw_open("GET /echo HTTP/1.1\r\nHost: t\r\n\r\n");
     ASSERT_TRUE(wait_for(pred_ptr, &held[0]));
     ASSERT_TRUE(wait_for(pred_ptr, &held[1]));
     resp_t r[MAX_RESP];
@@ -844,7 +980,7 @@ static void test_stop_accepting(void)
 
     ms_http_server_stop_accepting(server);
     ASSERT_TRUE(wait_eof(idle)); /* idle keep-alive connection closed */
-    raw_t *late = raw_open("GET /echo HTTP/1.1\r\n\r\n");
+    raw_t *late = raw_open("GET /echo HTTP/1.1\r\nHost: t\r\n\r\n");
     ASSERT_TRUE(wait_eof(late)); /* refused (or closed unanswered) */
     ASSERT_TRUE(late->connect_status < 0 || late->in.len == 0);
     ASSERT_TRUE(!a->eof && !b->eof);
@@ -889,7 +1025,7 @@ static void test_close_aborts(void)
     ASSERT_INT_EQ(ms_http_server_listen_tcp(loop, "127.0.0.1", 0, &cfg, &srv2), 0);
     int saved_port = port;
     port = ms_http_server_port(srv2);
-    raw_t *c = raw_open("GET /hold?z HTTP/1.1\r\n\r\n");
+    raw_t *c = raw_open("GET /hold?z HTTP/1.1\r\nHost: t\r\n\r\n");
     ASSERT_TRUE(wait_for(pred_ptr, &held[0]));
     ASSERT_INT_EQ(ms_http_server_inflight(srv2), 1);
     int want = n_aborts + 1;
@@ -934,6 +1070,7 @@ int main(void)
     test_abort();
     test_client_and_streaming();
     test_client_errors();
+    test_client_reuse_only_when_certain();
     test_close_aborts();
     test_stop_accepting();
 
