@@ -110,6 +110,7 @@ struct ms_deployment {
     uv_timer_t backoff_timer;
     int backoff_step;
     uv_timer_t restart_timer;
+    uv_timer_t spawn_timer; /* continues a scale-up past SPAWN_STEP on the next loop turn */
     int consecutive_failures;
     int constructor_failures; /* since the last replica became ready */
     char *last_failure;
@@ -458,7 +459,18 @@ static void retire_old_generation(ms_deployment_t *d)
     }
 }
 
-/* Starts replicas until the live count reaches the target, or stops the surplus. */
+/* Replica processes started per loop turn: each start is a fork and exec on the loop, so a
+ * scale-up to thousands would otherwise stop the ingress for seconds. The rest follow on the
+ * next turns, with the loop's I/O served in between. */
+#define SPAWN_STEP 8
+
+static void on_spawn_timer(uv_timer_t *t)
+{
+    reconcile(t->data);
+}
+
+/* Starts replicas (SPAWN_STEP per loop turn) until the live count reaches the target, or stops
+ * the surplus. */
 static void reconcile(ms_deployment_t *d)
 {
     if (d->shutting_down)
@@ -471,7 +483,11 @@ static void reconcile(ms_deployment_t *d)
         ms_info("replica %s: stopping (scaling %d -> %d)", r->id, live, d->target_replicas);
         retire(d, r);
     }
-    for (; live < d->target_replicas; live++) {
+    for (int started = 0; live < d->target_replicas; live++, started++) {
+        if (started == SPAWN_STEP) {
+            uv_timer_start(&d->spawn_timer, on_spawn_timer, 0, 0);
+            break;
+        }
         int slot = free_slot(d);
         ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d, d->spawn_error,
                                            sizeof d->spawn_error);
@@ -1115,7 +1131,9 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->restart_timer.data = d;
     uv_timer_init(loop, &d->cold_timer);
     d->cold_timer.data = d;
-    d->open_timers = 3;
+    uv_timer_init(loop, &d->spawn_timer);
+    d->spawn_timer.data = d;
+    d->open_timers = 4;
     reconcile(d);
     return d;
 }
@@ -1128,6 +1146,7 @@ void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data
     uv_timer_stop(&d->backoff_timer);
     uv_timer_stop(&d->restart_timer);
     uv_timer_stop(&d->cold_timer);
+    uv_timer_stop(&d->spawn_timer);
     fail_queued(d, 503, "deployment is shutting down");
     for (int i = 0; i < d->n_slots; i++) {
         ms_replica_t *r = d->slots[i];
@@ -1190,6 +1209,7 @@ void ms_deployment_free(ms_deployment_t *d)
     uv_close((uv_handle_t *)&d->backoff_timer, on_deployment_timer_closed);
     uv_close((uv_handle_t *)&d->restart_timer, on_deployment_timer_closed);
     uv_close((uv_handle_t *)&d->cold_timer, on_deployment_timer_closed);
+    uv_close((uv_handle_t *)&d->spawn_timer, on_deployment_timer_closed);
     for (size_t i = 0; i < d->n_calls; i++)
         uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_call_timer_closed);
 }
