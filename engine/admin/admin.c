@@ -38,6 +38,13 @@ struct ms_admin {
     ms_http_server_t *srv;
     char *token; /* NULL: no authentication (loopback only) */
     size_t token_len;
+    char *host;     /* as configured, for the Host rule */
+    int loopback;   /* host is a loopback name or address */
+    int wildcard;   /* host is 0.0.0.0 or ::, whose own names are unknown */
+    char port[8];   /* the port listened on, in decimal */
+    char **allowed; /* admin.allowed_hosts */
+    size_t n_allowed;
+    int any_host; /* "*" among them */
     ms_admin_callbacks_t cb;
     void *data;
 };
@@ -112,6 +119,155 @@ static int authenticate(ms_admin_t *a, ms_http_request_t *req)
         return -1;
     }
     return 0;
+}
+
+/* ---- Host, Origin and Content-Type ---------------------------------------------------------
+ * A web page can make a browser send requests here: a form or a no-cors fetch may POST with
+ * Content-Type text/plain, form-urlencoded or multipart without any preflight, and a page served
+ * from a name the attacker later points at 127.0.0.1 (DNS rebinding) talks to us as its own
+ * origin. Browsers always say where such a request comes from (Origin on every cross-origin
+ * POST, and the name they connected to in Host), and cannot send other content types without a
+ * preflight we never answer. So: Host must be one of the listener's names, Origin (when sent)
+ * must be the origin of that Host, and a state-changing request must carry JSON (or YAML for a
+ * deploy). */
+
+static int ieq(const char *a, size_t alen, const char *b)
+{
+    return alen == strlen(b) && strncasecmp(a, b, alen) == 0;
+}
+
+/* Splits a Host value into name (brackets kept for IPv6) and port (len 0 when absent). */
+static void split_host(const char *v, size_t len, size_t *name_len, const char **port,
+                       size_t *port_len)
+{
+    const char *colon = NULL;
+    if (len > 0 && v[0] == '[') {
+        const char *close = memchr(v, ']', len);
+        size_t n = close ? (size_t)(close - v) + 1 : len;
+        colon = n < len && v[n] == ':' ? v + n : NULL;
+        *name_len = n;
+    } else {
+        colon = memchr(v, ':', len);
+        *name_len = colon ? (size_t)(colon - v) : len;
+    }
+    *port = colon ? colon + 1 : v + len;
+    *port_len = colon ? (size_t)(v + len - colon - 1) : 0;
+}
+
+/* One of the listener's own names (loopback names when it listens on loopback, and the
+ * configured address), on its own port. */
+static int own_host(const ms_admin_t *a, const char *name, size_t name_len, const char *port,
+                    size_t port_len)
+{
+    int port_ok = port_len ? ieq(port, port_len, a->port) : strcmp(a->port, "80") == 0;
+    if (!port_ok)
+        return 0;
+    if (a->loopback && (ieq(name, name_len, "localhost") || ieq(name, name_len, "127.0.0.1") ||
+                        ieq(name, name_len, "[::1]")))
+        return 1;
+    if (strchr(a->host, ':')) /* IPv6: written in brackets in a Host */
+        return name_len == strlen(a->host) + 2 && name[0] == '[' &&
+               strncasecmp(name + 1, a->host, name_len - 2) == 0;
+    return ieq(name, name_len, a->host);
+}
+
+static int allowed_host(const ms_admin_t *a, const char *v, size_t len)
+{
+    size_t name_len, port_len;
+    const char *port;
+    split_host(v, len, &name_len, &port, &port_len);
+    if (own_host(a, v, name_len, port, port_len))
+        return 1;
+    for (size_t i = 0; i < a->n_allowed; i++) {
+        const char *e = a->allowed[i];
+        size_t e_name, e_port_len;
+        const char *e_port;
+        split_host(e, strlen(e), &e_name, &e_port, &e_port_len);
+        /* An entry with a port names one exact Host; without, that name on any port. */
+        if (e_port_len ? ieq(v, len, e) : (name_len == e_name && !strncasecmp(v, e, e_name)))
+            return 1;
+    }
+    return 0;
+}
+
+/* 0 when Host and Origin are acceptable; otherwise answers 403 and returns -1. */
+static int check_origin(ms_admin_t *a, ms_http_request_t *req)
+{
+    size_t hlen = 0, olen = 0;
+    const char *host = ms_http_request_header(req, "host", &hlen);
+    const char *origin = ms_http_request_header(req, "origin", &olen);
+    /* Without a Host (HTTP/1.0, or an empty one) the client is no browser; a wildcard listener
+     * without allowed_hosts has no names of its own to insist on, and its token is the guard. */
+    int check_host = !a->any_host && !(a->wildcard && a->n_allowed == 0);
+    if (host && hlen > 0 && check_host && !allowed_host(a, host, hlen)) {
+        char msg[400];
+        snprintf(msg, sizeof msg,
+                 "Host '%.*s' is not a name of this admin listener (expected 127.0.0.1:%s, "
+                 "localhost:%s or the configured host; add others to admin.allowed_hosts)",
+                 (int)(hlen > 100 ? 100 : hlen), host, a->port, a->port);
+        ms_http_respond_error(req, 403, msg);
+        return -1;
+    }
+    if (!origin)
+        return 0;
+    int same = host && ((olen == hlen + 7 && !strncasecmp(origin, "http://", 7) &&
+                         !strncasecmp(origin + 7, host, hlen)) ||
+                        (olen == hlen + 8 && !strncasecmp(origin, "https://", 8) &&
+                         !strncasecmp(origin + 8, host, hlen)));
+    if (!same) {
+        char msg[300];
+        snprintf(msg, sizeof msg,
+                 "cross-origin request refused: Origin '%.*s' is not this listener's origin",
+                 (int)(olen > 100 ? 100 : olen), origin);
+        ms_http_respond_error(req, 403, msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* The media type of Content-Type (before any parameter), trimmed and lower-cased into out;
+ * "" when the header is absent. */
+static const char *media_type(ms_http_request_t *req, char *out, size_t cap)
+{
+    size_t len = 0, n = 0;
+    const char *v = ms_http_request_header(req, "content-type", &len);
+    out[0] = '\0';
+    if (!v)
+        return out;
+    size_t i = 0;
+    while (i < len && (v[i] == ' ' || v[i] == '\t'))
+        i++;
+    for (; i < len && v[i] != ';' && v[i] != ' ' && v[i] != '\t' && n + 1 < cap; i++)
+        out[n++] = (char)((v[i] >= 'A' && v[i] <= 'Z') ? v[i] + 32 : v[i]);
+    out[n] = '\0';
+    return out;
+}
+
+static int is_yaml_type(const char *t)
+{
+    return !strcmp(t, "application/yaml") || !strcmp(t, "application/x-yaml") ||
+           !strcmp(t, "text/yaml") || !strcmp(t, "text/x-yaml");
+}
+
+/* A state-changing request carries JSON (or, where allow_yaml, YAML: *is_yaml is then set); an
+ * empty body may come without a Content-Type. Otherwise answers 415 and returns -1. */
+static int check_body_type(ms_http_request_t *req, int allow_yaml, int *is_yaml)
+{
+    char t[128];
+    media_type(req, t, sizeof t);
+    if (is_yaml)
+        *is_yaml = 0;
+    if ((!t[0] && req->body_len == 0) || !strcmp(t, "application/json"))
+        return 0;
+    if (allow_yaml && is_yaml_type(t)) {
+        *is_yaml = 1;
+        return 0;
+    }
+    char msg[300];
+    snprintf(msg, sizeof msg, "%s %s needs Content-Type: application/json%s (got %s)", req->method,
+             req->path, allow_yaml ? " or application/yaml" : "", t[0] ? t : "none");
+    ms_http_respond_error(req, 415, msg);
+    return -1;
 }
 
 /* ---- responses ----------------------------------------------------------------------------- */
@@ -242,19 +398,6 @@ static char *query_param(const char *query, const char *key, int *bad)
     return NULL;
 }
 
-static int header_contains(ms_http_request_t *req, const char *name, const char *needle)
-{
-    size_t len = 0;
-    const char *v = ms_http_request_header(req, name, &len);
-    size_t nl = strlen(needle);
-    if (!v)
-        return 0;
-    for (size_t i = 0; i + nl <= len; i++)
-        if (strncasecmp(v + i, needle, nl) == 0)
-            return 1;
-    return 0;
-}
-
 /* ---- routes -------------------------------------------------------------------------------- */
 
 /* Ray filters the status document by each application's `source` when api_type is given. An
@@ -307,13 +450,17 @@ static void route_applications(ms_admin_t *a, ms_http_request_t *req)
             respond_not_implemented(req);
             return;
         }
+        int is_yaml;
+        if (check_body_type(req, 1, &is_yaml) != 0)
+            return;
         if (req->body_len == 0) {
             ms_http_respond_error(req, 400, "empty request body: expected a config (JSON or YAML)");
             return;
         }
-        int is_yaml = header_contains(req, "content-type", "yaml");
         status = a->cb.deploy(a->data, req->body, req->body_len, is_yaml, &body);
     } else if (strcmp(m, "DELETE") == 0) {
+        if (check_body_type(req, 0, NULL) != 0)
+            return;
         if (!a->cb.shutdown) {
             respond_not_implemented(req);
             return;
@@ -385,6 +532,8 @@ static void route_scale(ms_admin_t *a, ms_http_request_t *req, const char *app_e
         respond_method_not_allowed(req, "POST");
         return;
     }
+    if (check_body_type(req, 0, NULL) != 0)
+        return;
     char *app = url_decode(app_enc, app_len, 0);
     char *dep = url_decode(dep_enc, dep_len, 0);
     if (!app || !dep || !*app || !*dep) {
@@ -438,6 +587,8 @@ static void route_reload(ms_admin_t *a, ms_http_request_t *req)
         respond_method_not_allowed(req, "POST");
         return;
     }
+    if (check_body_type(req, 0, NULL) != 0)
+        return;
     if (!a->cb.reload) {
         respond_not_implemented(req);
         return;
@@ -476,7 +627,7 @@ static void route_metrics(ms_admin_t *a, ms_http_request_t *req)
 static void on_request(ms_http_request_t *req, void *data)
 {
     ms_admin_t *a = data;
-    if (authenticate(a, req) != 0)
+    if (check_origin(a, req) != 0 || authenticate(a, req) != 0)
         return;
     const char *path = req->path;
     /* Ray's route has the trailing slash; accept it without one too, as curl users type it. */
@@ -548,6 +699,9 @@ int ms_admin_start(uv_loop_t *loop, const char *host, int port, const char *toke
         a->token = ms_strdup(token);
         a->token_len = strlen(token);
     }
+    a->host = ms_strdup(host);
+    a->loopback = host_is_loopback(host);
+    a->wildcard = !strcmp(host, "0.0.0.0") || !strcmp(host, "::");
     ms_http_server_config_t cfg = {
         .limits = {.max_header_bytes = ADMIN_MAX_HEADER_BYTES,
                    .max_body_bytes = ADMIN_MAX_BODY_BYTES,
@@ -566,9 +720,11 @@ int ms_admin_start(uv_loop_t *loop, const char *host, int port, const char *toke
             *err = b.data;
         }
         free(a->token);
+        free(a->host);
         free(a);
         return -1;
     }
+    snprintf(a->port, sizeof a->port, "%d", ms_http_server_port(a->srv));
     *out = a;
     return 0;
 }
@@ -590,5 +746,18 @@ void ms_admin_close(ms_admin_t *a)
             p[i] = 0;
         free(a->token);
     }
+    for (size_t i = 0; i < a->n_allowed; i++)
+        free(a->allowed[i]);
+    free(a->allowed);
+    free(a->host);
     free(a);
+}
+
+void ms_admin_allow_hosts(ms_admin_t *a, char *const *hosts, size_t n)
+{
+    a->allowed = ms_realloc(a->allowed, (a->n_allowed + n + 1) * sizeof *a->allowed);
+    for (size_t i = 0; i < n; i++) {
+        a->any_host |= strcmp(hosts[i], "*") == 0;
+        a->allowed[a->n_allowed++] = ms_strdup(hosts[i]);
+    }
 }

@@ -2,7 +2,9 @@
  * admin: the admin REST listener (default 127.0.0.1:8265). It authenticates (a bearer token,
  * compared in constant time, required whenever the listener is not on loopback), parses and
  * validates requests, and hands them to the controller through callbacks; every answer is JSON.
- * It owns no serving state of its own.
+ * It also refuses what a web page could make a browser send: a Host that is not the listener's
+ * (DNS rebinding), a foreign Origin, and state-changing requests whose Content-Type a form or a
+ * plain fetch can send without a CORS preflight. It owns no serving state of its own.
  */
 #ifndef MS_ADMIN_H
 #define MS_ADMIN_H
@@ -43,6 +45,9 @@ typedef struct ms_admin_callbacks {
 int ms_admin_start(uv_loop_t *loop, const char *host, int port, const char *token,
                    const ms_admin_callbacks_t *cb, void *data, ms_admin_t **out, char **err);
 int ms_admin_port(ms_admin_t *a);
+/* Host header values accepted besides the listener's own names (see admin.c's host rule):
+ * HOST (any port) or HOST:PORT, compared case-insensitively; "*" accepts any Host. Copied. */
+void ms_admin_allow_hosts(ms_admin_t *a, char *const *hosts, size_t n);
 void ms_admin_close(ms_admin_t *a);
 
 #endif

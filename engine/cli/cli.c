@@ -423,7 +423,12 @@ static int report_failure(cli_t *c, const response_t *r)
 {
     char *e = error_text(r);
     int rc;
-    if (r->status == 401 || r->status == 403) {
+    if (r->status == 403) {
+        /* Not the token: the listener refused the Host or Origin (admin.allowed_hosts). */
+        fprintf(c->err, "moonserve: the admin API at %s refused the request (HTTP 403: %s)\n",
+                c->address, e);
+        rc = MS_CLI_EXIT_AUTH;
+    } else if (r->status == 401) {
         if (c->token)
             fprintf(c->err,
                     "moonserve: the admin API at %s rejected the token (HTTP %d: %s); check "

@@ -123,6 +123,14 @@ static void dep_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
 {
     dep_build_t *db = obj;
     const char *s = ms_cfg_get_str(c, key, val);
+    const char *why = s ? ms_cfg_name_problem(s) : NULL;
+    if (why) {
+        ms_cfg_error(c, val,
+                     "deployment name '%.64s' %s (a name must not contain '/', be '.' "
+                     "or '..', or exceed %d bytes)",
+                     s, why, MS_CFG_NAME_MAX);
+        return;
+    }
     if (s) {
         ms_cfg_replace_str(&db->dep->name, s);
         db->name_node = val;
@@ -387,6 +395,14 @@ static void app_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
 {
     app_build_t *ab = obj;
     const char *s = ms_cfg_get_str(c, key, val);
+    const char *why = s ? ms_cfg_name_problem(s) : NULL;
+    if (why) {
+        ms_cfg_error(c, val,
+                     "application name '%.64s' %s (a name must not contain '/', be "
+                     "'.' or '..', or exceed %d bytes)",
+                     s, why, MS_CFG_NAME_MAX);
+        return;
+    }
     if (s) {
         ms_cfg_replace_str(&ab->app->name, s);
         ab->name_node = val;
@@ -646,10 +662,37 @@ static void admin_token(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_
         ms_cfg_replace_str(&cfg->admin.token, s);
 }
 
+/* A list of non-empty strings without spaces or control characters: Host header values. */
+static void admin_allowed_hosts(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    if (val->type != YAML_SEQUENCE_NODE) {
+        ms_cfg_bad_value(c, key, val, "a list of host names");
+        return;
+    }
+    size_t n = (size_t)(val->data.sequence.items.top - val->data.sequence.items.start);
+    for (size_t i = 0; i < n; i++) {
+        yaml_node_t *item = ms_cfg_node(c, val->data.sequence.items.start[i]);
+        const char *s = ms_cfg_value_text(item);
+        int ok = s && *s;
+        for (const char *p = s; ok && *p; p++)
+            ok = (unsigned char)*p > ' ' && *p != 0x7f && *p != '/';
+        if (!ok) {
+            ms_cfg_bad_value(c, key, item,
+                             "a list of host names (HOST or HOST:PORT, or \"*\" for any)");
+            continue;
+        }
+        cfg->admin.allowed_hosts =
+            ms_realloc(cfg->admin.allowed_hosts, (cfg->admin.n_allowed_hosts + 1) * sizeof(char *));
+        cfg->admin.allowed_hosts[cfg->admin.n_allowed_hosts++] = ms_strdup(s);
+    }
+}
+
 static const ms_cfg_field_t admin_fields[] = {
     {"host", admin_host, MS_FIELD_OK},
     {"port", admin_port, MS_FIELD_OK},
     {"token", admin_token, MS_FIELD_OK},
+    {"allowed_hosts", admin_allowed_hosts, MS_FIELD_OK},
 };
 
 static void top_admin(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
@@ -676,6 +719,15 @@ static void top_control_loop(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_
     ms_cfg_walk_fields(c, val, "in control_loop", control_fields, MS_N_FIELDS(control_fields), obj);
 }
 
+static void top_max_replicas_total(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    long long v;
+    if (ms_cfg_get_strict_int(c, key, val, 1, MS_MAX_REPLICAS_TOTAL_LIMIT,
+                              "an integer in 1..100000", &v))
+        cfg->max_replicas_total = (int)v;
+}
+
 /* ---- top level --------------------------------------------------------------------------- */
 
 static const ms_cfg_field_t top_fields[] = {
@@ -688,6 +740,7 @@ static const ms_cfg_field_t top_fields[] = {
     {"tracing_config", ms_cfg_later_mapping, MS_FIELD_LATER},
     {"admin", top_admin, MS_FIELD_OK},
     {"control_loop", top_control_loop, MS_FIELD_OK},
+    {"max_replicas_total", top_max_replicas_total, MS_FIELD_OK},
 };
 
 static void config_defaults(ms_config_t *cfg)
@@ -703,6 +756,7 @@ static void config_defaults(ms_config_t *cfg)
     cfg->control_loop_interval_s = MS_DEFAULT_CONTROL_LOOP_INTERVAL_S;
     cfg->admin.host = ms_strdup(MS_DEFAULT_ADMIN_HOST);
     cfg->admin.port = MS_DEFAULT_ADMIN_PORT;
+    cfg->max_replicas_total = MS_DEFAULT_MAX_REPLICAS_TOTAL;
 }
 
 static void walk_root(ms_cfg_ctx_t *c, yaml_node_t *root, ms_config_t *cfg)
@@ -741,6 +795,43 @@ static void syntax_error(ms_cfg_ctx_t *c, const yaml_parser_t *p)
         ms_cfg_error_at(c, m, "YAML syntax error: %s at byte %zu", problem, p->problem_offset);
     else
         ms_cfg_error_at(c, m, "YAML syntax error: %s", problem);
+}
+
+/* Walks the parse events only, counting nesting, and stops at the first collection nested deeper
+ * than MS_CFG_MAX_NESTING: loading such input into a document would cost time that grows
+ * faster than its length (libyaml keeps per-level state it rescans for every token). Syntax
+ * errors are left to the load, which reports them with its context. Returns 0 when the depth
+ * is within the bound. */
+static int check_nesting(ms_cfg_ctx_t *c, const char *text, size_t len)
+{
+    yaml_parser_t p;
+    yaml_parser_initialize(&p);
+    yaml_parser_set_input_string(&p, (const unsigned char *)text, len);
+    int depth = 0, rc = 0;
+    for (;;) {
+        yaml_event_t ev;
+        if (!yaml_parser_parse(&p, &ev))
+            break;
+        yaml_event_type_t type = ev.type;
+        if (type == YAML_SEQUENCE_START_EVENT || type == YAML_MAPPING_START_EVENT) {
+            if (++depth > MS_CFG_MAX_NESTING) {
+                ms_cfg_error_at(
+                    c,
+                    (ms_config_mark_t){(int)ev.start_mark.line + 1, (int)ev.start_mark.column + 1},
+                    "config nests deeper than %d levels of mappings and lists; "
+                    "refused without loading it",
+                    MS_CFG_MAX_NESTING);
+                rc = -1;
+            }
+        } else if (type == YAML_SEQUENCE_END_EVENT || type == YAML_MAPPING_END_EVENT) {
+            depth--;
+        }
+        yaml_event_delete(&ev);
+        if (rc != 0 || type == YAML_STREAM_END_EVENT)
+            break;
+    }
+    yaml_parser_delete(&p);
+    return rc;
 }
 
 /* Parses the first document and rejects any second one; returns 0 with *doc loaded. */
@@ -798,7 +889,7 @@ int ms_config_load_string(const char *text, size_t len, const char *name, const 
     *out = NULL;
 
     yaml_document_t doc;
-    if (parse_document(&c, text, len, &doc) == 0) {
+    if (check_nesting(&c, text, len) == 0 && parse_document(&c, text, len, &doc) == 0) {
         c.doc = &doc;
         walk_root(&c, yaml_document_get_root_node(&doc), cfg);
         yaml_document_delete(&doc);
@@ -878,6 +969,9 @@ void ms_config_free(ms_config_t *cfg)
     free(cfg->log_level);
     free(cfg->admin.host);
     free(cfg->admin.token);
+    for (size_t i = 0; i < cfg->admin.n_allowed_hosts; i++)
+        free(cfg->admin.allowed_hosts[i]);
+    free(cfg->admin.allowed_hosts);
     free(cfg->path);
     free(cfg->dir);
     free(cfg);

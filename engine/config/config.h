@@ -44,6 +44,8 @@
 #define MS_DEFAULT_ADMIN_HOST              "127.0.0.1"
 #define MS_DEFAULT_ADMIN_PORT              8265
 #define MS_DEFAULT_SCALE_TICK_INTERVAL_S   1.0
+#define MS_DEFAULT_MAX_REPLICAS_TOTAL      4096
+#define MS_MAX_REPLICAS_TOTAL_LIMIT        100000 /* the most max_replicas_total may say */
 
 /* Where a value sat in the file, for errors raised after loading (e.g. a deployment name that
  * the application's code does not declare). */
@@ -166,11 +168,14 @@ typedef struct ms_config {
     ms_http_options_t http;
     char *log_level;                /* logging_config.log_level, default "INFO" */
     double control_loop_interval_s; /* control_loop.interval_s (ours), default 0.1 */
+    int max_replicas_total;         /* max_replicas_total (ours): replicas of all deployments */
     struct {
-        char *host;  /* default 127.0.0.1 */
-        int port;    /* default 8265 */
-        char *token; /* bearer token, NULL when unset */
-    } admin;         /* admin (ours) */
+        char *host;           /* default 127.0.0.1 */
+        int port;             /* default 8265 */
+        char *token;          /* bearer token, NULL when unset */
+        char **allowed_hosts; /* extra Host header values accepted; "*" = any */
+        size_t n_allowed_hosts;
+    } admin; /* admin (ours) */
     ms_app_config_t *apps;
     size_t n_apps;
 } ms_config_t;

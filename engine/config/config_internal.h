@@ -19,6 +19,18 @@
 /* YAML aliases can nest (and even recurse), so JSON conversion has a depth and a node budget. */
 #define MS_CFG_JSON_MAX_DEPTH 64
 #define MS_CFG_JSON_MAX_NODES 100000
+/* Collections (mappings and lists) nested in one document. A real config needs about 6 levels
+ * plus what user_config holds (itself bounded at MS_CFG_JSON_MAX_DEPTH); deeper input is refused
+ * before it is loaded, since loading it costs time that grows faster than its size. */
+#define MS_CFG_MAX_NESTING 100
+
+/* Application and deployment names: what ms_cfg_name_problem accepts. */
+#define MS_CFG_NAME_MAX 255
+/* NULL when `s` is a usable application or deployment name, else why not (a constant text).
+ * A name must work as one path component and one URL path segment: no '/', not "." or "..",
+ * at most MS_CFG_NAME_MAX bytes. Other characters (quotes, backslashes, spaces, newlines) are
+ * escaped wherever a name is printed (JSON, metrics labels). */
+const char *ms_cfg_name_problem(const char *s);
 
 typedef struct ms_cfg_ctx {
     yaml_document_t *doc;

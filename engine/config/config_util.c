@@ -438,3 +438,14 @@ const char *ms_cfg_suggest(const char *key, const char *const *names, size_t n)
     }
     return best;
 }
+
+const char *ms_cfg_name_problem(const char *s)
+{
+    if (strlen(s) > MS_CFG_NAME_MAX)
+        return "longer than 255 bytes";
+    if (strchr(s, '/'))
+        return "contains '/'";
+    if (!strcmp(s, ".") || !strcmp(s, ".."))
+        return "is '.' or '..'";
+    return NULL;
+}

@@ -145,6 +145,18 @@ static int on_status(void *data, json_t **body)
     return 200;
 }
 
+/* How many replicas deployment e may have under max_replicas_total: the limit less what every
+ * other deployment is asked to keep. */
+static long long replica_room(const controller_t *c, const dep_entry_t *e)
+{
+    long long others = 0;
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (&c->deps[i] != e)
+            others += ms_deployment_target(c->deps[i].dep);
+    long long room = c->cfg->max_replicas_total - others;
+    return room > 0 ? room : 0;
+}
+
 static int on_scale(void *data, const char *app, const char *deployment, long long target,
                     json_t **body)
 {
@@ -167,8 +179,16 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
         *body = json_pack("{s:s}", "error", msg);
         return 412;
     }
-    if (target > MS_MAX_TARGET_REPLICAS) {
-        *body = json_pack("{s:s}", "error", "Invalid request body: target_num_replicas too large");
+    long long room = replica_room(c, e);
+    if (target > room) {
+        char msg[400];
+        snprintf(msg, sizeof msg,
+                 "Invalid request body: target_num_replicas %lld is over the engine's replica "
+                 "limit: max_replicas_total is %d and the other deployments keep %lld, so "
+                 "%s/%s may have at most %lld",
+                 target, c->cfg->max_replicas_total, c->cfg->max_replicas_total - room, app,
+                 deployment, room);
+        *body = json_pack("{s:s}", "error", msg);
         return 400;
     }
     long long t = target;
@@ -183,8 +203,8 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
         *body = json_pack("{s:s}", "error", reason);
         return 422;
     }
-    if (t > MS_MAX_TARGET_REPLICAS)
-        t = MS_MAX_TARGET_REPLICAS;
+    if (t > room)
+        t = room; /* a hook may raise the count, but not past the engine's limit */
     if (v == MS_HOOK_CLAMP)
         ms_info("external scaling %s/%s: %lld clamped to %lld by the hook: %s", app, deployment,
                 target, t, reason);

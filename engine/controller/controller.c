@@ -221,6 +221,7 @@ static int open_listeners(controller_t *c)
         free(err);
         return -1;
     }
+    ms_admin_allow_hosts(c->admin, c->cfg->admin.allowed_hosts, c->cfg->admin.n_allowed_hosts);
     ms_info("serving on http://%s:%d; admin API on http://%s:%d", h->host,
             ms_http_server_port(c->ingress), c->cfg->admin.host, ms_admin_port(c->admin));
     return 0;

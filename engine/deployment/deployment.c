@@ -110,6 +110,9 @@ struct ms_deployment {
     uv_timer_t backoff_timer;
     int backoff_step;
     uv_timer_t restart_timer;
+    uv_timer_t spawn_timer; /* continues a scale-up past SPAWN_STEP after a pause */
+    uint64_t spawn_turn_ms; /* the loop time (one per loop turn) of the latest spawns */
+    int spawned_in_turn;    /* replicas started at that loop time */
     int consecutive_failures;
     int constructor_failures; /* since the last replica became ready */
     char *last_failure;
@@ -458,7 +461,36 @@ static void retire_old_generation(ms_deployment_t *d)
     }
 }
 
-/* Starts replicas until the live count reaches the target, or stops the surplus. */
+/* Replica processes started per loop turn: each start is a fork and exec on the loop, so a
+ * scale-up to thousands would otherwise stop the ingress for seconds. The rest follow after
+ * SPAWN_PAUSE_MS, with the loop's I/O served in between (a 0 ms timer would not do: libuv runs
+ * a timer re-armed for "now" again within the same pass). */
+#define SPAWN_STEP     8
+#define SPAWN_PAUSE_MS 1
+
+static void on_spawn_timer(uv_timer_t *t)
+{
+    reconcile(t->data);
+}
+
+/* Whether another replica may start in this loop turn. The budget is per turn, not per call:
+ * every replica that becomes ready reconciles too, and a turn may read many of them. The
+ * loop's cached time marks the turn (libuv updates it once per turn). */
+static int spawn_allowed(ms_deployment_t *d)
+{
+    uint64_t now = uv_now(d->loop);
+    if (now != d->spawn_turn_ms) {
+        d->spawn_turn_ms = now;
+        d->spawned_in_turn = 0;
+    }
+    if (d->spawned_in_turn < SPAWN_STEP)
+        return 1;
+    uv_timer_start(&d->spawn_timer, on_spawn_timer, SPAWN_PAUSE_MS, 0);
+    return 0;
+}
+
+/* Starts replicas (SPAWN_STEP per loop turn) until the live count reaches the target, or stops
+ * the surplus. */
 static void reconcile(ms_deployment_t *d)
 {
     if (d->shutting_down)
@@ -471,7 +503,7 @@ static void reconcile(ms_deployment_t *d)
         ms_info("replica %s: stopping (scaling %d -> %d)", r->id, live, d->target_replicas);
         retire(d, r);
     }
-    for (; live < d->target_replicas; live++) {
+    for (; live < d->target_replicas && spawn_allowed(d); live++) {
         int slot = free_slot(d);
         ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d, d->spawn_error,
                                            sizeof d->spawn_error);
@@ -481,6 +513,7 @@ static void reconcile(ms_deployment_t *d)
             return;
         }
         d->spawn_error[0] = '\0';
+        d->spawned_in_turn++;
         r->slot = slot;
         r->generation = d->generation;
         r->settings_seq = d->settings_seq;
@@ -1118,7 +1151,9 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->restart_timer.data = d;
     uv_timer_init(loop, &d->cold_timer);
     d->cold_timer.data = d;
-    d->open_timers = 3;
+    uv_timer_init(loop, &d->spawn_timer);
+    d->spawn_timer.data = d;
+    d->open_timers = 4;
     reconcile(d);
     return d;
 }
@@ -1131,6 +1166,7 @@ void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data
     uv_timer_stop(&d->backoff_timer);
     uv_timer_stop(&d->restart_timer);
     uv_timer_stop(&d->cold_timer);
+    uv_timer_stop(&d->spawn_timer);
     fail_queued(d, 503, "deployment is shutting down");
     for (int i = 0; i < d->n_slots; i++) {
         ms_replica_t *r = d->slots[i];
@@ -1193,6 +1229,7 @@ void ms_deployment_free(ms_deployment_t *d)
     uv_close((uv_handle_t *)&d->backoff_timer, on_deployment_timer_closed);
     uv_close((uv_handle_t *)&d->restart_timer, on_deployment_timer_closed);
     uv_close((uv_handle_t *)&d->cold_timer, on_deployment_timer_closed);
+    uv_close((uv_handle_t *)&d->spawn_timer, on_deployment_timer_closed);
     for (size_t i = 0; i < d->n_calls; i++)
         uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_call_timer_closed);
 }

@@ -831,7 +831,8 @@ class Server(object):
         if isinstance(body, int) and not isinstance(body, bool):
             body = {"target_num_replicas": body}
         return self.admin_request("POST", "/api/v1/applications/%s/deployments/%s/scale"
-                                  % (app, deployment), body=body, timeout=timeout)
+                                  % (app, deployment), body=body, timeout=timeout,
+                                  headers={"Content-Type": "application/json"})
 
     def write_file(self, name, text):
         """(Re)write a file in the server's folder (e.g. a policy script before a reload)."""

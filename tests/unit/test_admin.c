@@ -35,7 +35,8 @@
 #include "core/core.h"
 #include "test.h"
 
-#define TOKEN "s3cret-token-0123456789"
+#define TOKEN     "s3cret-token-0123456789"
+#define JSON_TYPE "Content-Type: application/json\r\n"
 
 static uv_loop_t loop_storage;
 static uv_loop_t *loop = &loop_storage;
@@ -44,6 +45,9 @@ static uv_timer_t watchdog;
 static int watchdog_fired;
 static ms_admin_t *open_admin, *token_admin, *null_admin;
 static int open_port, token_port, null_port;
+/* Listeners with admin.allowed_hosts: two names, and "*". */
+static ms_admin_t *hosts_admin, *any_admin;
+static int hosts_port, any_port;
 
 /* ---- stub controller ------------------------------------------------------------------------ */
 
@@ -189,6 +193,16 @@ static const char *reply_header(const reply_t *r, const char *name, char *out, s
     return out;
 }
 
+/* The listener's own Host, unless the test sends a Host of its own. */
+static const char *host_line(int port, const char *headers)
+{
+    static __thread char line[64];
+    if (headers && strcasestr(headers, "Host:"))
+        return "";
+    snprintf(line, sizeof line, "Host: 127.0.0.1:%d\r\n", port);
+    return line;
+}
+
 /* Sends `method path` with extra header lines (each ending in \r\n) and a body; reads the whole
  * answer (Connection: close). */
 static void request(int port, const char *method, const char *path, const char *headers,
@@ -206,9 +220,9 @@ static void request(int port, const char *method, const char *path, const char *
     char head[4096];
     size_t blen = body ? strlen(body) : 0;
     int n = snprintf(head, sizeof head,
-                     "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%sContent-Length: %zu"
+                     "%s %s HTTP/1.1\r\n%sConnection: close\r\n%sContent-Length: %zu"
                      "\r\n\r\n",
-                     method, path, headers ? headers : "", blen);
+                     method, path, host_line(port, headers), headers ? headers : "", blen);
     send(fd, head, (size_t)n, MSG_NOSIGNAL);
     if (blen)
         send(fd, body, blen, MSG_NOSIGNAL);
@@ -377,7 +391,7 @@ static void test_applications(void)
         ASSERT_STR_EQ(stub.text, "applications: []\n");
         pthread_mutex_unlock(&stub_mu);
     }
-    request(open_port, "PUT", "/api/serve/applications/", NULL, "{}", &r);
+    request(open_port, "PUT", "/api/serve/applications/", JSON_TYPE, "{}", &r);
     ASSERT_INT_EQ(r.status, 200);
     reply_free(&r);
     pthread_mutex_lock(&stub_mu);
@@ -392,14 +406,14 @@ static void test_applications(void)
 
     /* The controller's error body is passed through, with request_id added. */
     stub_expect(400, "{\"error\": \"invalid config\", \"errors\": [\"a:1:1: x\"]}");
-    request(open_port, "PUT", "/api/serve/applications/", NULL, "{}", &r);
+    request(open_port, "PUT", "/api/serve/applications/", JSON_TYPE, "{}", &r);
     check_json_error(&r, 400);
     ASSERT_CONTAINS(r.body, "a:1:1: x");
     ASSERT_CONTAINS(r.body, "invalid config");
     reply_free(&r);
     /* An error without a body still says something. */
     stub_expect(503, NULL);
-    request(open_port, "PUT", "/api/serve/applications/", NULL, "{}", &r);
+    request(open_port, "PUT", "/api/serve/applications/", JSON_TYPE, "{}", &r);
     check_json_error(&r, 503);
     reply_free(&r);
     /* A status outside 100..599 from a callback is a bug: 500. */
@@ -456,7 +470,7 @@ static void test_scale(void)
 
     /* 0 is allowed; unknown keys are ignored as by Ray's pydantic model. */
     stub_expect(200, NULL);
-    request(open_port, "POST", "/api/v1/applications/a/deployments/d/scale", NULL,
+    request(open_port, "POST", "/api/v1/applications/a/deployments/d/scale", JSON_TYPE,
             "{\"target_num_replicas\": 0, \"note\": \"x\"}", &r);
     ASSERT_INT_EQ(r.status, 200);
     reply_free(&r);
@@ -466,13 +480,13 @@ static void test_scale(void)
 
     /* The controller decides 400/412; its body goes out with a request_id. */
     stub_expect(412, "{\"error\": \"external_scaler_enabled is false\"}");
-    request(open_port, "POST", "/api/v1/applications/a/deployments/d/scale", NULL,
+    request(open_port, "POST", "/api/v1/applications/a/deployments/d/scale", JSON_TYPE,
             "{\"target_num_replicas\": 1}", &r);
     check_json_error(&r, 412);
     ASSERT_CONTAINS(r.body, "external_scaler_enabled is false");
     reply_free(&r);
     stub_expect(400, "{\"error\": \"Application or Deployment not found\"}");
-    request(open_port, "POST", "/api/v1/applications/a/deployments/d/scale", NULL,
+    request(open_port, "POST", "/api/v1/applications/a/deployments/d/scale", JSON_TYPE,
             "{\"target_num_replicas\": 1}", &r);
     check_json_error(&r, 400);
     reply_free(&r);
@@ -498,7 +512,7 @@ static void test_scale(void)
                                "/api/v1/applications/a/deployments/d%2/scale"};
     for (size_t i = 0; i < sizeof bad_paths / sizeof bad_paths[0]; i++) {
         stub_expect(200, NULL);
-        request(open_port, "POST", bad_paths[i], NULL, "{\"target_num_replicas\": 1}", &r);
+        request(open_port, "POST", bad_paths[i], JSON_TYPE, "{\"target_num_replicas\": 1}", &r);
         check_json_error(&r, 400);
         reply_free(&r);
         ASSERT_INT_EQ(stub_calls(NULL, 0), 0);
@@ -508,7 +522,7 @@ static void test_scale(void)
                                "/api/v1/applications/a/deployments/d/scale/x",
                                "/api/v1/applications/a/scale", "/api/v1/applications/"};
     for (size_t i = 0; i < sizeof not_found / sizeof not_found[0]; i++) {
-        request(open_port, "POST", not_found[i], NULL, "{\"target_num_replicas\": 1}", &r);
+        request(open_port, "POST", not_found[i], JSON_TYPE, "{\"target_num_replicas\": 1}", &r);
         check_json_error(&r, 404);
         reply_free(&r);
     }
@@ -562,13 +576,13 @@ static void test_reload_metrics_misc(void)
     get(null_port, "/api/serve/applications/", &r);
     check_json_error(&r, 501);
     reply_free(&r);
-    request(null_port, "PUT", "/api/serve/applications/", NULL, "{}", &r);
+    request(null_port, "PUT", "/api/serve/applications/", JSON_TYPE, "{}", &r);
     check_json_error(&r, 501);
     reply_free(&r);
     request(null_port, "DELETE", "/api/serve/applications/", NULL, NULL, &r);
     check_json_error(&r, 501);
     reply_free(&r);
-    request(null_port, "POST", "/api/v1/applications/a/deployments/d/scale", NULL,
+    request(null_port, "POST", "/api/v1/applications/a/deployments/d/scale", JSON_TYPE,
             "{\"target_num_replicas\": 1}", &r);
     check_json_error(&r, 501);
     reply_free(&r);
@@ -775,9 +789,107 @@ static void test_cli(void)
     ASSERT_TRUE(!ms_cli_is_command("run"));
 }
 
+/* Host, Origin and Content-Type: what a web page could make a browser send is refused before
+ * any callback runs. */
+static void expect_refused(int port, const char *method, const char *path, const char *headers,
+                           const char *body, int status, const char *needle)
+{
+    reply_t r;
+    stub_expect(200, NULL);
+    request(port, method, path, headers, body, &r);
+    check_json_error(&r, status);
+    ASSERT_CONTAINS(r.body, needle);
+    reply_free(&r);
+    ASSERT_INT_EQ(stub_calls(NULL, 0), 0);
+}
+
+static void expect_ok(int port, const char *method, const char *path, const char *headers,
+                      const char *body)
+{
+    reply_t r;
+    stub_expect(200, "{\"ok\": true}");
+    request(port, method, path, headers, body, &r);
+    ASSERT_INT_EQ(r.status, 200);
+    reply_free(&r);
+    ASSERT_INT_EQ(stub_calls(NULL, 0), 1);
+}
+
+static void test_cross_site(void)
+{
+    const char *scale = "/api/v1/applications/a/deployments/d/scale";
+    const char *body = "{\"target_num_replicas\": 2}";
+    char own[128], h[256];
+    snprintf(own, sizeof own, "Host: localhost:%d\r\n", open_port);
+    expect_ok(open_port, "GET", "/api/serve/applications/", own, NULL);
+    snprintf(h, sizeof h, "Host: [::1]:%d\r\n", open_port);
+    expect_ok(open_port, "GET", "/api/serve/applications/", h, NULL);
+    /* No Host at all (HTTP/1.0 tools): no browser, nothing to rebind. */
+    expect_ok(open_port, "GET", "/api/serve/applications/", "Host:\r\n", NULL);
+    const char *foreign[] = {"Host: evil.example\r\n", "Host: localhost\r\n",
+                             "Host: localhost:1\r\n", "Host: 127.0.0.2\r\n",
+                             "Host: localhost.evil.example\r\n"};
+    for (size_t i = 0; i < sizeof foreign / sizeof foreign[0]; i++)
+        expect_refused(open_port, "GET", "/api/serve/applications/", foreign[i], NULL, 403,
+                       "allowed_hosts");
+    /* Refused before the token is even looked at. */
+    expect_refused(token_port, "GET", "/api/serve/applications/", "Host: evil.example\r\n", NULL,
+                   403, "allowed_hosts");
+
+    /* Origin: only the listener's own (http or https, same host and port). */
+    snprintf(h, sizeof h, "Origin: http://127.0.0.1:%d\r\n" JSON_TYPE, open_port);
+    expect_ok(open_port, "POST", scale, h, body);
+    const char *origins[] = {"Origin: http://evil.example\r\n", "Origin: null\r\n", "Origin: \r\n",
+                             "Origin: http://127.0.0.1\r\n"};
+    for (size_t i = 0; i < sizeof origins / sizeof origins[0]; i++) {
+        char hdr[256];
+        snprintf(hdr, sizeof hdr, "%s" JSON_TYPE, origins[i]);
+        expect_refused(open_port, "POST", scale, hdr, body, 403, "Origin");
+    }
+
+    /* Content types a form or a no-cors fetch can send are refused on every state change. */
+    const char *simple[] = {"Content-Type: text/plain\r\n",
+                            "Content-Type: application/x-www-form-urlencoded\r\n",
+                            "Content-Type: multipart/form-data; boundary=b\r\n",
+                            "Content-Type: text/plain; charset=application/json\r\n"};
+    for (size_t i = 0; i < sizeof simple / sizeof simple[0]; i++) {
+        expect_refused(open_port, "POST", scale, simple[i], body, 415, "application/json");
+        expect_refused(open_port, "POST", "/api/v1/reload", simple[i], "x", 415,
+                       "application/json");
+        expect_refused(open_port, "PUT", "/api/serve/applications/", simple[i], "{}", 415,
+                       "application/yaml");
+        expect_refused(open_port, "DELETE", "/api/serve/applications/", simple[i], NULL, 415,
+                       "application/json");
+    }
+    expect_refused(open_port, "POST", scale, NULL, body, 415, "got none");
+    expect_refused(open_port, "PUT", "/api/serve/applications/", NULL, "{}", 415, "got none");
+    /* Parameters and case do not matter; a bodyless reload needs no type. */
+    expect_ok(open_port, "POST", scale, "Content-Type: Application/JSON; charset=utf-8\r\n", body);
+    expect_ok(open_port, "POST", "/api/v1/reload", NULL, NULL);
+    expect_ok(open_port, "POST", "/api/v1/reload", JSON_TYPE, NULL);
+}
+
+/* allowed_hosts: names with or without a port, and "*". */
+static void test_allowed_hosts(void)
+{
+    int port = hosts_port;
+    expect_ok(port, "GET", "/api/serve/applications/", "Host: serve.internal\r\n", NULL);
+    expect_ok(port, "GET", "/api/serve/applications/", "Host: SERVE.INTERNAL:81\r\n", NULL);
+    expect_ok(port, "GET", "/api/serve/applications/", "Host: proxy.example:9000\r\n", NULL);
+    expect_refused(port, "GET", "/api/serve/applications/", "Host: proxy.example\r\n", NULL, 403,
+                   "allowed_hosts");
+    expect_refused(port, "GET", "/api/serve/applications/", "Host: other.internal\r\n", NULL, 403,
+                   "allowed_hosts");
+    expect_ok(any_port, "GET", "/api/serve/applications/", "Host: other.internal\r\n", NULL);
+    /* Any Host, but Origin must still be that Host's. */
+    expect_refused(any_port, "GET", "/api/serve/applications/",
+                   "Host: other.internal\r\nOrigin: http://evil.example\r\n", NULL, 403, "Origin");
+}
+
 static void *driver(void *arg)
 {
     (void)arg;
+    test_cross_site();
+    test_allowed_hosts();
     test_auth();
     test_applications();
     test_scale();
@@ -795,6 +907,8 @@ static void on_done(uv_async_t *h)
     ms_admin_close(open_admin);
     ms_admin_close(token_admin);
     ms_admin_close(null_admin);
+    ms_admin_close(hosts_admin);
+    ms_admin_close(any_admin);
     uv_close((uv_handle_t *)&done_async, NULL);
     uv_close((uv_handle_t *)&watchdog, NULL);
 }
@@ -865,6 +979,15 @@ int main(void)
     open_port = ms_admin_port(open_admin);
     token_port = ms_admin_port(token_admin);
     null_port = ms_admin_port(null_admin);
+    ASSERT_INT_EQ(ms_admin_start(loop, "127.0.0.1", 0, NULL, &callbacks, NULL, &hosts_admin, &err),
+                  0);
+    ASSERT_INT_EQ(ms_admin_start(loop, "127.0.0.1", 0, NULL, &callbacks, NULL, &any_admin, &err),
+                  0);
+    char *hosts[] = {"serve.internal", "Proxy.Example:9000"}, *any[] = {"*"};
+    ms_admin_allow_hosts(hosts_admin, hosts, 2);
+    ms_admin_allow_hosts(any_admin, any, 1);
+    hosts_port = ms_admin_port(hosts_admin);
+    any_port = ms_admin_port(any_admin);
     uv_async_init(loop, &done_async, on_done);
     uv_timer_init(loop, &watchdog);
     uv_timer_start(&watchdog, on_watchdog, 30000, 0);

@@ -10,7 +10,8 @@
  * Replicas that do become ready: a shell script that reports ready and sleeps (the running count
  * follows a scale from 40 to 5 and back), and a small Python replica that answers every request
  * with its replica id (a router that always fails still gets requests served, by the engine's
- * own least-loaded choice, which takes equally idle replicas in turn).
+ * own least-loaded choice, which takes equally idle replicas in turn). A target of 60 starts 8
+ * replicas at once and the rest over the next loop turns.
  * Each case ends with ms_deployment_shutdown + ms_deployment_free and every handle closed;
  * uv_loop_close must succeed, and a watchdog timer bounds the run.
  */
@@ -431,6 +432,28 @@ static void test_running_count_follows_scaling(void)
     fixture_stop(&f);
 }
 
+/* A large target starts its replicas a few per loop turn (8), not all in the call that set it,
+ * so the loop serves its other work in between; the rest follow on the next turns. */
+static void test_spawns_in_steps(void)
+{
+    fixture_t f;
+    fixture_opts_t o = {.num_replicas = 60};
+    if (fixture_start_with(&f, "Stepped", ready_exe, -1, 0, &o) != 0)
+        return;
+    ASSERT_INT_EQ(ms_deployment_replicas(f.dep, NULL, 0), 8);
+    /* Turns that only read replica output add none; the first that starts more adds at most a
+     * step per loop time it sees (three in a UV_RUN_ONCE: its start, after the poll, and the
+     * final timer pass), however many replicas report ready in it, never the whole rest. */
+    size_t n = 8;
+    for (int turns = 0; n == 8 && turns < 10000; turns++) {
+        uv_run(loop, UV_RUN_ONCE);
+        n = ms_deployment_replicas(f.dep, NULL, 0);
+    }
+    ASSERT_TRUE(n > 8 && n <= 32);
+    ASSERT_TRUE(wait_running(f.dep, 60));
+    fixture_stop(&f);
+}
+
 /* The router fails on every request: the engine's own choice (least loaded, ties in turn) still
  * serves every request, from every replica. */
 static void test_fallback_when_the_router_fails(void)
@@ -535,6 +558,7 @@ int main(void)
     test_request_timeout();
     test_failed_to_start();
     test_running_count_follows_scaling();
+    test_spawns_in_steps();
     test_fallback_when_the_router_fails();
 
     uv_close((uv_handle_t *)&watchdog, NULL);
