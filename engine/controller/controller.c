@@ -117,6 +117,17 @@ static ms_http_limits_t limits_from(const ms_http_options_t *h)
     return l;
 }
 
+/* ray_actor_options.memory (bytes, as Ray's) bounds the replica's Lua memory; without it the
+ * engine-wide default_replica_memory does (0: no cap). */
+static long long replica_memory(const controller_t *c, const planned_t *p)
+{
+    const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
+    json_t *m = file ? json_object_get(file->ray_actor_options, "memory") : NULL;
+    if (json_is_number(m) && json_number_value(m) >= 1)
+        return (long long)json_number_value(m);
+    return c->cfg->default_replica_memory;
+}
+
 void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
 {
     memset(out, 0, sizeof *out);
@@ -144,7 +155,8 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
                  .args_json = out->args_json ? out->args_json : "{}",
                  .user_config_json = p->user_config_json,
                  .max_ongoing_requests = p->max_ongoing_requests,
-                 .graceful_shutdown_wait_loop_s = p->wait_loop_s},
+                 .graceful_shutdown_wait_loop_s = p->wait_loop_s,
+                 .memory_bytes = replica_memory(c, p)},
         .on_cold_start = ms__control_on_cold_start,
         .owner_data = c,
     };
