@@ -22,7 +22,7 @@ json_t *rt_json_from_lua(lua_State *L, int idx, char *err, size_t errlen);
 /* Registers json_encode, json_decode, json_null and json_array into the table at the top. */
 void rt_json_register(lua_State *L);
 /* `s` quoted for a message: printable ASCII as is, '"' and '\\' and every other byte as \xHH;
- * cut with "..." to fit cap (>= 8). */
+ * cut with "..." to fit cap (>= 4). */
 void rt_quote_bytes(char *out, size_t cap, const char *s, size_t len);
 
 /* ---- VM (vm.c) ------------------------------------------------------------------------------ */

@@ -107,12 +107,15 @@ void rt_quote_bytes(char *out, size_t cap, const char *s, size_t len)
     size_t n = 0;
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = (unsigned char)s[i];
-        if (n + 4 + 4 >= cap) { /* room for one \xHH and the "..." */
+        int plain = ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\';
+        /* Room for this byte, the "..." if more follow, and the NUL. The previous step kept room
+         * for the "...", so it always fits. */
+        if (n + (plain ? 1 : 4) + (i + 1 < len ? 3 : 0) >= cap) {
             memcpy(out + n, "...", 3);
             n += 3;
             break;
         }
-        if (ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\')
+        if (plain)
             out[n++] = (char)ch;
         else
             n += (size_t)snprintf(out + n, cap - n, "\\x%02x", ch);
