@@ -6,8 +6,15 @@
    request is cancelled;
  - ray_actor_options.memory caps a replica's Lua memory: a handler that allocates without bound
    gets a 500 saying so, and the same replica process serves the next request;
-   default_replica_memory caps a deployment that sets none."""
+   default_replica_memory caps a deployment that sets none.
+And two leftovers (point 9):
+ - a controller killed with SIGKILL leaves its run folder; the next controller to start removes
+   it (its owner process is gone), and never the folder of a controller still running;
+ - a router script that fails to load stops `moonserve run` before the ingress opens, with the
+   same error `moonserve check` reports."""
 
+import os
+import signal
 import time
 import unittest
 
@@ -167,6 +174,63 @@ class ReplicaOutputTest(harness.ServerTestCase):
 
     def test_engine_default_caps_a_replica_without_memory(self):
         self.hog_then_serve("out", 48 * 1024)
+
+
+class RunFolderTest(unittest.TestCase):
+    def run_dir(self, server):
+        dirs = server.run_dirs()
+        self.assertEqual(len(dirs), 1, dirs)
+        self.assertTrue(os.path.isfile(os.path.join(dirs[0], "owner")), dirs)
+        return dirs[0]
+
+    def test_stale_run_folder_is_removed_at_start(self):
+        app = [harness.hello_app()]
+        killed = harness.start_server(self, app)
+        live = harness.start_server(self, app)
+        killed_dir, live_dir = self.run_dir(killed), self.run_dir(live)
+        replicas = killed.snapshot_children()
+        killed.send_signal(signal.SIGKILL)
+        self.assertIsNotNone(killed.wait_exit(10))
+        killed.stopped = True
+        self.assertTrue(harness.wait_until(
+            lambda: not any(harness.is_alive(*p) for p in replicas), 10))
+        self.assertTrue(os.path.isdir(killed_dir), "kill -9 ran no cleanup: the test needs it")
+
+        third = harness.start_server(self, app)
+        self.assertFalse(os.path.exists(killed_dir), "the stale run folder is still there")
+        self.assertIn("removed the stale run folder %s" % killed_dir, third.stderr_text())
+        # the folder of a controller that still runs is kept, and it keeps serving
+        self.assertTrue(os.path.isfile(os.path.join(live_dir, "owner")))
+        self.assertEqual(live.get("/hello/x").status, 200)
+        for s in (third, live):
+            d = self.run_dir(s)
+            s.stop()
+            self.assertFalse(os.path.exists(d), "a clean stop removes its own run folder")
+
+
+BAD_ROUTER_LUA = r'''
+local R = {}
+function R:choose_replicas( return {} end
+return R
+'''
+
+
+class BadRouterAtStartTest(unittest.TestCase):
+    def test_bad_router_stops_the_start_before_the_ingress_opens(self):
+        app = harness.hello_app(deployment={
+            "request_router_config": {"request_router_class": "bad_router.lua:R"}})
+        srv = harness.start_server(self, [app], files={"bad_router.lua": BAD_ROUTER_LUA},
+                                   wait=False)
+        rc = srv.wait_exit(20)
+        srv.stopped = True
+        self.assertEqual(rc, 1, srv.stderr_tail())
+        err = srv.stderr_text()
+        self.assertIn("request_router_class: %s/bad_router.lua:3:" % srv.dir, err)
+        self.assertNotIn("serving on", err)  # the ingress never opened
+        self.assertEqual(srv.snapshot_children(), [])
+        rc, out = harness.run_cli("check", srv.config_path)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("request_router_class: %s/bad_router.lua:3:" % srv.dir, out)
 
 
 if __name__ == "__main__":
