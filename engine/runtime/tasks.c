@@ -93,8 +93,8 @@ static void finish_failed(rt_task_t *t, const char *msg)
 static void explain_memory_error(rt_t *rt, lua_State *co)
 {
     const char *msg = rt_vm_error_text(co, -1);
-    lua_pushfstring(co, "%s (the replica's memory limit of %d KiB was reached)", msg,
-                    (int)(rt->mem.limit / 1024));
+    lua_pushfstring(co, "%s (the replica's memory limit of %f KiB was reached)", msg,
+                    (lua_Number)(rt->mem.limit / 1024)); /* %f prints an integral number whole */
     lua_replace(co, -2);
 }
 
