@@ -728,6 +728,16 @@ static void top_max_replicas_total(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key,
         cfg->max_replicas_total = (int)v;
 }
 
+static void top_replica_memory(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_config_t *cfg = obj;
+    if (ms_cfg_is_null(val))
+        cfg->default_replica_memory = 0;
+    else
+        ms_cfg_get_int(c, key, val, 0, LLONG_MAX, "an integer >= 0 (bytes)",
+                       &cfg->default_replica_memory);
+}
+
 /* ---- top level --------------------------------------------------------------------------- */
 
 static const ms_cfg_field_t top_fields[] = {
@@ -741,6 +751,7 @@ static const ms_cfg_field_t top_fields[] = {
     {"admin", top_admin, MS_FIELD_OK},
     {"control_loop", top_control_loop, MS_FIELD_OK},
     {"max_replicas_total", top_max_replicas_total, MS_FIELD_OK},
+    {"default_replica_memory", top_replica_memory, MS_FIELD_OK},
 };
 
 static void config_defaults(ms_config_t *cfg)

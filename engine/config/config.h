@@ -169,6 +169,9 @@ typedef struct ms_config {
     char *log_level;                /* logging_config.log_level, default "INFO" */
     double control_loop_interval_s; /* control_loop.interval_s (ours), default 0.1 */
     int max_replicas_total;         /* max_replicas_total (ours): replicas of all deployments */
+    /* default_replica_memory (ours): the memory cap in bytes of a Lua replica whose
+     * ray_actor_options has no memory; 0 (the default) = none */
+    long long default_replica_memory;
     struct {
         char *host;           /* default 127.0.0.1 */
         int port;             /* default 8265 */

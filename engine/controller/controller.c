@@ -3,9 +3,12 @@
  * listener; drain and stop everything on SIGTERM/SIGINT; reload policy scripts on SIGHUP.
  * See controller.h.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +120,17 @@ static ms_http_limits_t limits_from(const ms_http_options_t *h)
     return l;
 }
 
+/* ray_actor_options.memory (bytes, as Ray's) bounds the replica's Lua memory; without it the
+ * engine-wide default_replica_memory does (0: no cap). */
+static long long replica_memory(const controller_t *c, const planned_t *p)
+{
+    const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
+    json_t *m = file ? json_object_get(file->ray_actor_options, "memory") : NULL;
+    if (json_is_number(m) && json_number_value(m) >= 1)
+        return (long long)json_number_value(m);
+    return c->cfg->default_replica_memory;
+}
+
 void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
 {
     memset(out, 0, sizeof *out);
@@ -144,7 +158,8 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
                  .args_json = out->args_json ? out->args_json : "{}",
                  .user_config_json = p->user_config_json,
                  .max_ongoing_requests = p->max_ongoing_requests,
-                 .graceful_shutdown_wait_loop_s = p->wait_loop_s},
+                 .graceful_shutdown_wait_loop_s = p->wait_loop_s,
+                 .memory_bytes = replica_memory(c, p)},
         .on_cold_start = ms__control_on_cold_start,
         .owner_data = c,
     };
@@ -267,13 +282,146 @@ static void raise_fd_limit(void)
                  (unsigned long long)rl.rlim_max);
 }
 
+/* ---- run folder ------------------------------------------------------------------------------
+ * /tmp/moonserve.XXXXXX holds the handle socket and the replicas' sockets. Its `owner` file names
+ * the controller that made it ("PID STARTTIME COMM"), so a later controller can tell a folder
+ * left by a killed one (kill -9 runs no cleanup) from one still in use. */
+
+#define RUN_DIR_PREFIX "moonserve."
+#define OWNER_FILE     "owner"
+
+/* Start time (clock ticks since boot, field 22 of /proc/PID/stat) and command name of pid; -1
+ * when it is gone. Together with the pid they name one process, even after the pid is reused. */
+static int proc_identity(pid_t pid, unsigned long long *start, char *comm, size_t comm_len)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *open = strchr(buf, '('), *close = strrchr(buf, ')');
+    if (!open || !close || close < open)
+        return -1;
+    snprintf(comm, comm_len, "%.*s", (int)(close - open - 1), open + 1);
+    /* After ") " come field 3 (state) .. field 22 (starttime). */
+    char *p = close + 1;
+    for (int field = 3; field < 22 && p; field++)
+        p = strchr(p + 1, ' ');
+    if (!p || sscanf(p, " %llu", start) != 1)
+        return -1;
+    return 0;
+}
+
+/* A folder is stale when its owner file names a process that is gone, or a pid now used by
+ * another process (another start time or command). A folder without a readable owner file is
+ * left alone: it may be one a controller is just creating, or not ours at all. */
+static int run_dir_is_stale(int dirfd)
+{
+    int fd = openat(dirfd, OWNER_FILE, O_RDONLY | O_NOFOLLOW);
+    if (fd < 0)
+        return 0;
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    int pid;
+    unsigned long long start, now_start;
+    char comm[64], now_comm[64];
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    if (sscanf(buf, "%d %llu %63s", &pid, &start, comm) != 3 || pid <= 0)
+        return 0;
+    if (kill(pid, 0) != 0 && errno == ESRCH)
+        return 1;
+    if (proc_identity(pid, &now_start, now_comm, sizeof now_comm) != 0)
+        return 1;
+    return now_start != start || strcmp(now_comm, comm) != 0;
+}
+
+/* Removes the files of a stale folder (sockets and the owner file; never a subfolder), then it. */
+static void remove_run_dir(int tmpfd, const char *name, int dirfd)
+{
+    DIR *d = fdopendir(dirfd);
+    if (!d) {
+        close(dirfd);
+        return;
+    }
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            unlinkat(dirfd, e->d_name, 0);
+    closedir(d);
+    if (unlinkat(tmpfd, name, AT_REMOVEDIR) == 0)
+        ms_info("removed the stale run folder /tmp/%s", name);
+}
+
+/* Only folders of this user, real folders (not links), named as ours, are looked at. */
+static void clean_stale_run_dirs(void)
+{
+    DIR *tmp = opendir("/tmp");
+    if (!tmp)
+        return;
+    struct dirent *e;
+    while ((e = readdir(tmp)) != NULL) {
+        if (strncmp(e->d_name, RUN_DIR_PREFIX, strlen(RUN_DIR_PREFIX)) != 0)
+            continue;
+        int fd = openat(dirfd(tmp), e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+        struct stat st;
+        if (fd < 0)
+            continue;
+        if (fstat(fd, &st) != 0 || st.st_uid != getuid() || !run_dir_is_stale(fd))
+            close(fd);
+        else
+            remove_run_dir(dirfd(tmp), e->d_name, fd); /* takes fd */
+    }
+    closedir(tmp);
+}
+
+/* Creates this controller's run folder and its owner file. */
+static int make_run_dir(controller_t *c)
+{
+    clean_stale_run_dirs();
+    snprintf(c->run_dir, sizeof c->run_dir, "/tmp/" RUN_DIR_PREFIX "XXXXXX");
+    if (!mkdtemp(c->run_dir)) {
+        ms_error("cannot create a run folder under /tmp: %s", strerror(errno));
+        return -1;
+    }
+    unsigned long long start;
+    char comm[64], path[128];
+    snprintf(path, sizeof path, "%s/" OWNER_FILE, c->run_dir);
+    FILE *f = NULL;
+    if (proc_identity(getpid(), &start, comm, sizeof comm) == 0 && (f = fopen(path, "w")))
+        fprintf(f, "%d %llu %s\n", (int)getpid(), start, comm);
+    if (!f || fclose(f) != 0) {
+        ms_error("cannot write %s", path);
+        unlink(path);
+        rmdir(c->run_dir);
+        return -1;
+    }
+    return 0;
+}
+
+static void remove_own_run_dir(controller_t *c)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/" OWNER_FILE, c->run_dir);
+    unlink(path);
+    rmdir(c->run_dir);
+}
+
 int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
 {
     raise_fd_limit();
     ms_config_errors_t errs = {0};
     plan_t plan = {0};
     ms_policy_set_module_dir(cfg->dir); /* policies `require` from the config's folder */
-    if (ms__plan_build(cfg, &plan, &errs) != 0) {
+    /* Every script loads once before anything opens, as `moonserve check` loads them: a broken
+     * one stops the start with its error instead of failing a deployment after the ingress
+     * opened (and a deploy through the admin API refuses it the same way). */
+    if (ms__plan_build(cfg, &plan, &errs) != 0 || ms__plan_check_scripts(cfg, &plan, &errs) != 0) {
         for (size_t i = 0; i < errs.n; i++)
             fprintf(stderr, "%s\n", errs.items[i]);
         ms_config_errors_free(&errs);
@@ -289,9 +437,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     ms__remember_code((ms_config_t *)cfg);
     c.proxy = ms_ingress_new();
     c.deps = ms_calloc(plan.n ? plan.n : 1, sizeof *c.deps);
-    snprintf(c.run_dir, sizeof c.run_dir, "/tmp/moonserve.XXXXXX");
-    if (!mkdtemp(c.run_dir)) {
-        ms_error("cannot create a run folder under /tmp");
+    if (make_run_dir(&c) != 0) {
         ms__plan_free(&plan);
         ms_ingress_free(c.proxy);
         free_entries(&c);
@@ -320,7 +466,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     uv_run(c.loop, UV_RUN_DEFAULT);
     ms_ingress_free(c.proxy);
     free_entries(&c);
-    rmdir(c.run_dir);
+    remove_own_run_dir(&c);
     uv_loop_close(c.loop);
     return rc;
 }

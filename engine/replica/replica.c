@@ -198,9 +198,10 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
     ms_buf_appendf(&path, "%s/r%d.sock", spec->run_dir, seq);
     r->_socket_path = path.data;
 
-    char max_ongoing[16], wait_loop[32];
+    char max_ongoing[16], wait_loop[32], memory[24];
     snprintf(max_ongoing, sizeof max_ongoing, "%d", spec->max_ongoing_requests);
     snprintf(wait_loop, sizeof wait_loop, "%g", spec->graceful_shutdown_wait_loop_s);
+    snprintf(memory, sizeof memory, "%lld", spec->memory_bytes);
     char *args[] = {(char *)"moonserve",
                     (char *)"__replica",
                     (char *)"--socket",
@@ -223,6 +224,8 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
                     max_ongoing,
                     (char *)"--wait-loop-s",
                     wait_loop,
+                    (char *)"--memory-bytes",
+                    memory,
                     NULL};
 
     uv_pipe_init(loop, &r->_ctl, 0);

@@ -49,6 +49,7 @@ typedef struct ms_replica_spec {
     const char *user_config_json; /* "null" when unset */
     int max_ongoing_requests;
     double graceful_shutdown_wait_loop_s;
+    long long memory_bytes; /* cap on the replica's Lua memory (--memory-bytes); 0 = none */
 } ms_replica_spec_t;
 
 struct ms_replica {

@@ -21,12 +21,25 @@ void rt_json_push(lua_State *L, const json_t *v);
 json_t *rt_json_from_lua(lua_State *L, int idx, char *err, size_t errlen);
 /* Registers json_encode, json_decode, json_null and json_array into the table at the top. */
 void rt_json_register(lua_State *L);
+/* `s` quoted for a message: printable ASCII as is, '"' and '\\' and every other byte as \xHH;
+ * cut with "..." to fit cap (>= 4). */
+void rt_quote_bytes(char *out, size_t cap, const char *s, size_t len);
 
 /* ---- VM (vm.c) ------------------------------------------------------------------------------ */
+/* A replica's memory cap: its VM counts what LuaJIT allocates and, while `enforced` (Lua code of
+ * a task runs), refuses an allocation that would pass `limit`, which LuaJIT raises as "not enough
+ * memory" where the allocation happened. */
+typedef struct rt_mem {
+    size_t used, limit, after_gc; /* limit 0 = no cap */
+    int enforced;
+    int refused; /* an allocation was refused since the flag was last cleared */
+} rt_mem_t;
+
 /* A fresh VM whose package.path covers the engine's lua/ folder and the application file's
- * folder; `extra` (may be NULL) is added to the "moonserve.core" module. The moonserve module is
- * loaded and left in the registry (rt_vm_push_module pushes it). */
-lua_State *rt_vm_new(const char *app_file, const luaL_Reg *extra, char **err);
+ * folder, allocating through `mem` (NULL: LuaJIT's own allocator); `extra` (may be NULL) is added
+ * to the "moonserve.core" module. The moonserve module is loaded and left in the registry
+ * (rt_vm_push_module pushes it). */
+lua_State *rt_vm_new(const char *app_file, const luaL_Reg *extra, rt_mem_t *mem, char **err);
 void rt_vm_push_module(lua_State *L);
 /* Loads `file`, resolves `attr` (calling a builder with `args`) and pushes the root node.
  * Returns 0, or -1 with *err set (malloc'd, `file:line: message` when Lua gave a position). */
@@ -69,6 +82,7 @@ struct rt {
     rt_task_t *current; /* task being resumed, if any */
     rt_task_t *spare;   /* finished tasks whose coroutines are reused (no new thread per request) */
     size_t n_spare;
+    rt_mem_t mem; /* the VM's allocation count and cap */
     const char *controller_path;
     ms_http_client_t **pool; /* idle connections to the controller */
     size_t pool_len, pool_cap;
@@ -82,6 +96,9 @@ void rt_tasks_init(rt_t *rt);
  * t->co, then rt_task_start(t, nargs). */
 rt_task_t *rt_task_new(rt_t *rt, const char *fn, rt_task_done_cb done);
 void rt_task_start(rt_task_t *t, int nargs);
+/* 0 when every header is a token name and a value without control characters (HTAB allowed),
+ * else -1 with the reason in err: deployment code must not be able to inject header lines. */
+int rt_check_headers(const ms_http_header_t *hs, size_t n, char *err, size_t errlen);
 /* Drops a task that will never be resumed: cancels its timer and its handle calls. */
 void rt_task_cancel(rt_task_t *t);
 void rt_task_free(rt_task_t *t);

@@ -102,6 +102,27 @@ static long array_length(lua_State *L, int idx)
     return count == max ? max : -1;
 }
 
+void rt_quote_bytes(char *out, size_t cap, const char *s, size_t len)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        int plain = ch >= 0x20 && ch < 0x7f && ch != '"' && ch != '\\';
+        /* Room for this byte, the "..." if more follow, and the NUL. The previous step kept room
+         * for the "...", so it always fits. */
+        if (n + (plain ? 1 : 4) + (i + 1 < len ? 3 : 0) >= cap) {
+            memcpy(out + n, "...", 3);
+            n += 3;
+            break;
+        }
+        if (plain)
+            out[n++] = (char)ch;
+        else
+            n += (size_t)snprintf(out + n, cap - n, "\\x%02x", ch);
+    }
+    out[n] = '\0';
+}
+
 static json_t *from_lua(lua_State *L, int idx, int depth, char *err, size_t errlen);
 
 static json_t *table_to_json(lua_State *L, int idx, int depth, char *err, size_t errlen)
@@ -133,14 +154,24 @@ static json_t *table_to_json(lua_State *L, int idx, int depth, char *err, size_t
         }
         /* Copy the key: lua_tostring on a number key would confuse lua_next. */
         lua_pushvalue(L, -2);
-        const char *key = lua_tostring(L, -1);
+        size_t key_len;
+        const char *key = lua_tolstring(L, -1, &key_len);
         json_t *x = from_lua(L, lua_gettop(L) - 1, depth + 1, err, errlen);
         if (!x) {
             lua_pop(L, 3);
             json_decref(obj);
             return NULL;
         }
-        json_object_set_new(obj, key, x);
+        /* jansson refuses a key that is not UTF-8 (and frees x): say so instead of dropping it. */
+        if (json_object_setn_new(obj, key, key_len, x) != 0) {
+            char quoted[64];
+            rt_quote_bytes(quoted, sizeof quoted, key, key_len);
+            snprintf(err, errlen, "cannot encode the table key \"%s\" as JSON: not valid UTF-8",
+                     quoted);
+            lua_pop(L, 3);
+            json_decref(obj);
+            return NULL;
+        }
         lua_pop(L, 2);
     }
     return obj;

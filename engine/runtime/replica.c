@@ -24,6 +24,7 @@ typedef struct options {
     const char *args_json, *user_config_json;
     long max_ongoing;
     double wait_loop_s;
+    long long memory_bytes; /* 0 = no cap */
 } options_t;
 
 typedef struct replica {
@@ -74,7 +75,7 @@ static const char **option_slot(options_t *o, const char *name)
 /* Accepts `--name value` and `--name=value`; a leading "__replica" is skipped. */
 static int parse_options(int argc, char **argv, options_t *o)
 {
-    const char *max_ongoing = "100", *wait_loop = "2";
+    const char *max_ongoing = "100", *wait_loop = "2", *memory = "0";
     int i = argc > 0 && strcmp(argv[0], "__replica") == 0 ? 1 : 0;
     for (; i < argc; i++) {
         if (strncmp(argv[i], "--", 2) != 0) {
@@ -100,6 +101,8 @@ static int parse_options(int argc, char **argv, options_t *o)
             max_ongoing = value;
         else if (strcmp(name, "wait-loop-s") == 0)
             wait_loop = value;
+        else if (strcmp(name, "memory-bytes") == 0)
+            memory = value;
         else {
             fprintf(stderr, "replica: unknown option --%s\n", name);
             return -1;
@@ -107,10 +110,11 @@ static int parse_options(int argc, char **argv, options_t *o)
     }
     o->max_ongoing = strtol(max_ongoing, NULL, 10);
     o->wait_loop_s = strtod(wait_loop, NULL);
+    o->memory_bytes = strtoll(memory, NULL, 10);
     if (!o->socket || !o->app || !o->deployment || !o->import || o->max_ongoing < 1 ||
-        o->wait_loop_s < 0) {
+        o->wait_loop_s < 0 || o->memory_bytes < 0) {
         fprintf(stderr, "replica: --socket, --app, --deployment and --import are required; "
-                        "--max-ongoing must be >= 1 and --wait-loop-s >= 0\n");
+                        "--max-ongoing must be >= 1, --wait-loop-s and --memory-bytes >= 0\n");
         return -1;
     }
     if (!o->replica_id)
@@ -381,7 +385,13 @@ static void respond_from_lua(ms_http_request_t *req, lua_State *co)
         hs[i].value = lua_tolstring(co, -1, &hs[i].value_len);
         lua_pop(co, 2); /* the strings stay alive: the header table still holds them */
     }
-    ms_http_respond(req, status, hs, (size_t)n, body, body_len);
+    char err[200];
+    if (rt_check_headers(hs, (size_t)n, err, sizeof err) == 0) {
+        ms_http_respond(req, status, hs, (size_t)n, body, body_len);
+    } else {
+        ms_warn("request %s failed: %s", req->request_id, err);
+        ms_http_respond_error(req, 500, err);
+    }
     free(hs);
 }
 
@@ -527,7 +537,8 @@ static int start_construction(char **err)
     json_error_t jerr;
     json_t *args = R.opt.args_json ? json_loads(R.opt.args_json, JSON_DECODE_ANY, &jerr) : NULL;
     int rc = -1;
-    R.rt.L = rt_vm_new(file, rt_task_lib, err);
+    R.rt.mem.limit = (size_t)R.opt.memory_bytes;
+    R.rt.L = rt_vm_new(file, rt_task_lib, &R.rt.mem, err);
     if (R.rt.L) {
         lua_State *L = R.rt.L;
         rt_tasks_init(&R.rt);

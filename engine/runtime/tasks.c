@@ -7,6 +7,8 @@
  */
 #include "runtime/internal.h"
 
+#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -86,30 +88,65 @@ static void finish_failed(rt_task_t *t, const char *msg)
 
 /* Resumes t with nargs values on its stack, then either leaves it suspended in a wait or
  * hands it to its done callback (which frees it: t must not be used after this returns). */
+/* The failure's message says when the memory cap caused it: "not enough memory" alone would not
+ * tell the operator which limit to raise. The cap is off while this runs. */
+static void explain_memory_error(rt_t *rt, lua_State *co)
+{
+    const char *msg = rt_vm_error_text(co, -1);
+    lua_pushfstring(co, "%s (the replica's memory limit of %f KiB was reached)", msg,
+                    (lua_Number)(rt->mem.limit / 1024)); /* %f prints an integral number whole */
+    lua_replace(co, -2);
+}
+
+/* LuaJIT has no emergency collection: the garbage of a request that hit the cap, or a heap near
+ * it, would make the next allocations fail too. A full collection (with the cap off) runs after
+ * such a failure, and before a task once another eighth of the cap was allocated since the last
+ * one above three quarters of it. */
+static void collect_if_needed(rt_t *rt, int force)
+{
+    rt_mem_t *m = &rt->mem;
+    if (!m->limit || m->enforced)
+        return;
+    if (force || (m->used >= m->limit / 4 * 3 && m->used >= m->after_gc + m->limit / 8)) {
+        lua_gc(rt->L, LUA_GCCOLLECT, 0);
+        m->after_gc = m->used;
+    }
+}
+
 static void resume(rt_task_t *t, int nargs)
 {
     rt_t *rt = t->rt;
     rt_task_t *prev = rt->current;
+    int was_enforced = rt->mem.enforced;
     rt->current = t;
+    rt->mem.enforced = 1;
+    rt->mem.refused = 0;
     int st = lua_resume(t->co, nargs);
+    rt->mem.enforced = was_enforced;
     rt->current = prev;
+    int refused = rt->mem.refused;
     if (st == LUA_YIELD) {
         if (!t->timer && !t->waiting) /* a bare coroutine.yield: nothing would ever resume it */
             finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
+        collect_if_needed(rt, refused);
         return;
     }
     t->returned = st == 0;
+    if (st != 0 && (st == LUA_ERRMEM || refused) && rt->mem.limit)
+        explain_memory_error(rt, t->co);
     if (st != 0) {
         const char *msg = rt_vm_error_text(t->co, -1);
         luaL_traceback(rt->L, t->co, msg, 0);
         ms_debug("task failed: %s", lua_tostring(rt->L, -1));
         lua_pop(rt->L, 1);
     }
-    t->done(t, st == 0);
+    t->done(t, st == 0); /* frees t: its coroutine is garbage now */
+    collect_if_needed(rt, refused);
 }
 
 void rt_task_start(rt_task_t *t, int nargs)
 {
+    collect_if_needed(t->rt, 0);
     resume(t, nargs);
 }
 
@@ -184,14 +221,26 @@ static void on_sleep_done(uv_timer_t *timer)
     resume(t, 0);
 }
 
+/* A duration in whole milliseconds. NaN and negatives are errors, as they are most likely a
+ * bug (a subtraction gone wrong) that would otherwise pass silently as sleep(0); anything too
+ * long for the timer (math.huge included) means "until the request is cancelled": libuv clamps
+ * a due time past the end of its clock to never. */
+static uint64_t sleep_ms(lua_State *L, double s)
+{
+    if (isnan(s) || s < 0)
+        luaL_error(L, "serve.sleep: bad duration (%s)", isnan(s) ? "NaN" : "negative");
+    double ms = s * 1000.0 + 0.5;
+    return ms >= 18446744073709551615.0 ? UINT64_MAX : (uint64_t)ms;
+}
+
 static int l_sleep(lua_State *L)
 {
-    double s = luaL_checknumber(L, 1);
+    uint64_t ms = sleep_ms(L, luaL_checknumber(L, 1));
     rt_task_t *t = current_task(L, "serve.sleep");
     t->timer = ms_malloc(sizeof *t->timer);
     uv_timer_init(t->rt->loop, t->timer);
     t->timer->data = t;
-    uv_timer_start(t->timer, on_sleep_done, s > 0 ? (uint64_t)(s * 1000.0 + 0.5) : 0, 0);
+    uv_timer_start(t->timer, on_sleep_done, ms, 0);
     return lua_yield(L, 0);
 }
 
@@ -433,6 +482,47 @@ static int l_future_gc(lua_State *L)
     return 0;
 }
 
+/* RFC 9110 token characters, the only ones a field name may hold. */
+static int is_tchar(unsigned char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+static const char *bad_header(const ms_http_header_t *h)
+{
+    if (!h->name || !h->value)
+        return "is not a pair of strings";
+    if (h->name_len == 0)
+        return "has an empty name";
+    for (size_t i = 0; i < h->name_len; i++)
+        if (!is_tchar((unsigned char)h->name[i]))
+            return "has a name with a character not allowed in a header name";
+    for (size_t i = 0; i < h->value_len; i++) {
+        unsigned char ch = (unsigned char)h->value[i];
+        if (ch == '\r' || ch == '\n')
+            return "has a value with CR or LF (refused: it would inject header lines)";
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f)
+            return "has a value with a control character";
+    }
+    return NULL;
+}
+
+int rt_check_headers(const ms_http_header_t *hs, size_t n, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < n; i++) {
+        const char *why = bad_header(&hs[i]);
+        if (why) {
+            char name[64] = "?";
+            if (hs[i].name)
+                rt_quote_bytes(name, sizeof name, hs[i].name, hs[i].name_len);
+            snprintf(err, errlen, "invalid response header \"%s\": it %s", name, why);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* ---- streamed responses ----------------------------------------------------------------------
  */
 
@@ -447,7 +537,7 @@ static int l_stream_start(lua_State *L)
         return luaL_error(L, "serve.stream: the response has already started");
     if (status < 100 || status > 599)
         return luaL_error(L, "serve.stream: invalid status %d", status);
-    int n = prepare_header_list(L, 2); /* the last point that can raise: hs is not made yet */
+    int n = prepare_header_list(L, 2);
     ms_http_header_t *hs = ms_calloc((size_t)n + 1, sizeof *hs);
     size_t k = 0;
     for (int i = 0; i < n; i++) {
@@ -456,8 +546,13 @@ static int l_stream_start(lua_State *L)
         h->value = header_entry(L, 2, 2 * i + 2, &h->value_len);
         k += h->name && h->value; /* a pair that is not two strings is skipped */
     }
-    ms_http_response_start(t->req, status, hs, k);
+    char err[200];
+    int bad = rt_check_headers(hs, k, err, sizeof err);
+    if (!bad)
+        ms_http_response_start(t->req, status, hs, k);
     free(hs);
+    if (bad) /* nothing is sent yet: the request fails with a 500 like any handler error */
+        return luaL_error(L, "serve.stream: %s", err);
     t->streaming = 1;
     return 0;
 }

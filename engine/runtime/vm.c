@@ -83,9 +83,38 @@ const char *rt_vm_error_text(lua_State *L, int idx)
     return lua_tostring(L, idx);
 }
 
-lua_State *rt_vm_new(const char *app_file, const luaL_Reg *extra, char **err)
+/* Plain realloc, not ms_realloc: running out must become a Lua error, not an abort. */
+static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
-    lua_State *L = luaL_newstate();
+    rt_mem_t *m = ud;
+    size_t old = ptr ? osize : 0;
+    if (nsize == 0) {
+        free(ptr);
+        m->used -= old;
+        return NULL;
+    }
+    if (m->enforced && m->limit && nsize > old && m->used - old + nsize > m->limit) {
+        m->refused = 1;
+        return NULL;
+    }
+    void *p = realloc(ptr, nsize);
+    if (p)
+        m->used = m->used - old + nsize;
+    return p;
+}
+
+static int vm_panic(lua_State *L)
+{
+    ms_error("Lua panic: %s", rt_vm_error_text(L, -1));
+    return 0;
+}
+
+lua_State *rt_vm_new(const char *app_file, const luaL_Reg *extra, rt_mem_t *mem, char **err)
+{
+    /* LuaJIT here is GC64, which accepts a custom allocator (as the policy sandbox's). */
+    lua_State *L = mem ? lua_newstate(counting_alloc, mem) : luaL_newstate();
+    if (L && mem)
+        lua_atpanic(L, vm_panic);
     if (!L) {
         *err = ms_strdup("cannot create a Lua state (out of memory)");
         return NULL;
@@ -147,7 +176,7 @@ int ms_runtime_inspect(const char *file, const char *attr, json_t *args, json_t 
 {
     *graph = NULL;
     *err = NULL;
-    lua_State *L = rt_vm_new(file, NULL, err);
+    lua_State *L = rt_vm_new(file, NULL, NULL, err);
     if (!L)
         return -1;
     int rc = -1;

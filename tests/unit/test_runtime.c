@@ -1,12 +1,14 @@
 /*
  * Unit tests of ms_runtime_inspect: the bind graph, code options and handles of the shipped
- * examples, and the errors users see for a broken module or a wrong import attribute.
+ * examples, and the errors users see for a broken module or a wrong import attribute. Also the
+ * replica's output checks (response headers, JSON keys) and its VM's memory cap.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "runtime/internal.h"
 #include "runtime/runtime.h"
 #include "test.h"
 
@@ -165,6 +167,111 @@ static void test_direct_node(void)
     json_decref(graph);
 }
 
+static int headers_ok(const char *name, const char *value, size_t value_len, char *err)
+{
+    ms_http_header_t h = {name, name ? strlen(name) : 0, value, value_len};
+    return rt_check_headers(&h, 1, err, 200);
+}
+
+static void test_header_checks(void)
+{
+    char err[200];
+    ASSERT_INT_EQ(headers_ok("X-Fine_1.a!#$%&'*+^`|~", "a\tb \x80\xff", 6, err), 0);
+    ASSERT_INT_EQ(headers_ok("x-a", "", 0, err), 0);
+    ASSERT_INT_EQ(headers_ok("x-a", "ok\r\nSet-Cookie: x", 19, err), -1);
+    ASSERT_STR_EQ(err, "invalid response header \"x-a\": it has a value with CR or LF (refused: it "
+                       "would inject header lines)");
+    ASSERT_INT_EQ(headers_ok("x-a", "a\nb", 3, err), -1);
+    ASSERT_INT_EQ(headers_ok("x-a", "a\rb", 3, err), -1);
+    ASSERT_INT_EQ(headers_ok("x-a", "a\0b", 3, err), -1); /* a NUL inside the value counts */
+    ASSERT_TRUE(strstr(err, "control character") != NULL);
+    ASSERT_INT_EQ(headers_ok("x-a", "a\x7f", 2, err), -1);
+    ASSERT_INT_EQ(headers_ok("", "v", 1, err), -1);
+    ASSERT_TRUE(strstr(err, "empty name") != NULL);
+    ASSERT_INT_EQ(headers_ok("x a", "v", 1, err), -1);
+    ASSERT_INT_EQ(headers_ok("x:a", "v", 1, err), -1);
+    ASSERT_INT_EQ(headers_ok("x\r\ny", "v", 1, err), -1);
+    ASSERT_STR_EQ(err, "invalid response header \"x\\x0d\\x0ay\": it has a name with a character "
+                       "not allowed in a header name");
+    ASSERT_INT_EQ(headers_ok(NULL, "v", 1, err), -1);
+    ASSERT_INT_EQ(headers_ok("x", NULL, 0, err), -1);
+}
+
+static void test_quote_bytes(void)
+{
+    char out[16];
+    rt_quote_bytes(out, sizeof out, "a\"b\\\xff", 5);
+    ASSERT_STR_EQ(out, "a\\x22b\\x5c\\xff"); /* 14 bytes: fits */
+    rt_quote_bytes(out, sizeof out, "abcdefghijklmnopqrstuvwxyz", 26);
+    ASSERT_STR_EQ(out, "abcdefghijkl..."); /* 15 bytes and the NUL */
+    rt_quote_bytes(out, sizeof out, "\x01\x02\x03\x04\x05", 5);
+    ASSERT_STR_EQ(out, "\\x01\\x02\\x03...");
+}
+
+/* Runs `code` (a chunk returning a value) in a VM without the replica and encodes the result. */
+static json_t *encode_lua(const char *code, char *err, size_t errlen)
+{
+    char *perr = NULL;
+    lua_State *L = rt_vm_new(write_tmp("enc.lua", "return {}"), NULL, NULL, &perr);
+    ASSERT_TRUE(L != NULL);
+    if (!L) {
+        free(perr);
+        return NULL;
+    }
+    json_t *j = NULL;
+    if (luaL_dostring(L, code) == 0)
+        j = rt_json_from_lua(L, -1, err, errlen);
+    else
+        snprintf(err, errlen, "%s", lua_tostring(L, -1));
+    lua_close(L);
+    return j;
+}
+
+static void test_json_keys(void)
+{
+    char err[160] = "";
+    json_t *j = encode_lua("return { ['caf\\255'] = 1, ok = 2 }", err, sizeof err);
+    ASSERT_TRUE(j == NULL);
+    ASSERT_STR_EQ(err, "cannot encode the table key \"caf\\xff\" as JSON: not valid UTF-8");
+    j = encode_lua("return { ['caf\\195\\169'] = 1, ['a\\0b'] = 2 }", err, sizeof err);
+    ASSERT_TRUE(j != NULL);
+    ASSERT_INT_EQ(json_integer_value(json_object_get(j, "caf\xc3\xa9")), 1);
+    ASSERT_INT_EQ(json_integer_value(json_object_getn(j, "a\0b", 3)), 2); /* NUL kept */
+    json_decref(j);
+}
+
+/* The cap refuses only while enforced, LuaJIT raises "not enough memory" at the allocation, and
+ * the state stays usable: what the replica relies on to keep serving. */
+static void test_memory_cap(void)
+{
+    rt_mem_t mem = {.limit = 4 << 20};
+    char *err = NULL;
+    lua_State *L = rt_vm_new(write_tmp("mem.lua", "return {}"), NULL, &mem, &err);
+    ASSERT_TRUE(L != NULL);
+    if (!L) {
+        free(err);
+        return;
+    }
+    ASSERT_TRUE(mem.used > 0 && mem.used < mem.limit);
+    const char *hog = "local t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1000) .. i end";
+    mem.enforced = 1;
+    ASSERT_INT_EQ(luaL_loadstring(L, hog), 0);
+    ASSERT_INT_EQ(lua_pcall(L, 0, 0, 0), LUA_ERRMEM);
+    ASSERT_STR_EQ(lua_tostring(L, -1), "not enough memory");
+    ASSERT_TRUE(mem.refused);
+    ASSERT_TRUE(mem.used <= mem.limit);
+    lua_pop(L, 1);
+    mem.enforced = 0;
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    ASSERT_TRUE(mem.used < mem.limit / 2);
+    mem.enforced = 1;
+    ASSERT_INT_EQ(luaL_dostring(L, "return string.rep('y', 1000)"), 0);
+    ASSERT_INT_EQ(lua_objlen(L, -1), 1000);
+    mem.enforced = 0;
+    lua_close(L);
+    ASSERT_INT_EQ(mem.used, 0); /* every allocation was counted, and freed */
+}
+
 int main(void)
 {
     if (!mkdtemp(tmpdir)) {
@@ -175,6 +282,10 @@ int main(void)
     test_compose();
     test_errors();
     test_direct_node();
+    test_header_checks();
+    test_quote_bytes();
+    test_json_keys();
+    test_memory_cap();
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd) != 0)
