@@ -239,6 +239,9 @@ class StrictAdminTest(harness.ServerTestCase):
     EXTRA_CONFIG = {"admin": {"token": "adm-token"}}
 
     def admin_raw(self, raw):
+        # the admin listener answers only its own Host names (DNS-rebinding guard)
+        raw = raw.replace(b"Host: x\r\n",
+                          b"Host: 127.0.0.1:%d\r\n" % self.server.admin_port, 1)
         s = socket.create_connection((self.server.host, self.server.admin_port), timeout=5)
         try:
             s.sendall(raw)
