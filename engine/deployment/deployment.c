@@ -4,8 +4,10 @@
  *
  * A request becomes a `call`. Calls are pooled per deployment (their timers and buffers are
  * made once and reused), so the steady-state request path allocates nothing here. A call is
- * either QUEUED (in the deployment's FIFO), SENT (on a pooled connection to one replica), or
- * FREE. Every transition out of QUEUED or SENT releases the call exactly once.
+ * either QUEUED (in the deployment's FIFO), SENT (a stream on its replica's link), CANCELLING
+ * (its client has its answer or left, but the replica has not yet confirmed the stream's end:
+ * the call still holds one of the replica's slots), or FREE. Every transition out of QUEUED,
+ * SENT or CANCELLING releases the call exactly once.
  */
 #include <jansson.h>
 #include <stdio.h>
@@ -14,6 +16,7 @@
 #include <strings.h>
 
 #include "deployment/deployment.h"
+#include "link/link.h"
 #include "policy/policy.h"
 #include "router/router.h"
 
@@ -23,36 +26,35 @@
 /* Ray Serve's routing backoff: 0.025 s doubling up to 0.5 s while every ranked replica is full. */
 #define BACKOFF_INITIAL_MS 25
 #define BACKOFF_MAX_MS     500
-/* Bodies up to this size are relayed in one write with Content-Length; larger or unsized ones
- * are streamed through as they arrive. */
-#define BUFFERED_RESPONSE_LIMIT (256 * 1024)
+/* A request that never reached a replica (its link broke first) is routed again this often. */
+#define NEVER_SENT_RETRIES 3
+/* Streamed body bytes a slow client may have queued before the replica is held back (the
+ * replica's link window bounds what arrives meanwhile). */
+#define CLIENT_QUEUE_LIMIT (256 * 1024)
 /* Ray Serve: a deployment is DEPLOY_FAILED after min(3 * num_replicas, 20) constructor failures
  * with no replica running. */
 #define CONSTRUCTOR_RETRIES_PER_REPLICA 3
 #define CONSTRUCTOR_RETRIES_CAP         20
 
-typedef enum { CALL_FREE, CALL_QUEUED, CALL_SENT } call_state_t;
+typedef enum { CALL_FREE, CALL_QUEUED, CALL_SENT, CALL_CANCELLING } call_state_t;
 
 typedef struct call call_t;
 struct call {
     ms_deployment_t *dep;
-    ms_http_request_t *req;
+    ms_http_request_t *req; /* NULL once CANCELLING */
     ms_replica_t *replica;
-    ms_http_client_t *conn;
+    ms_link_t *link;
+    uint32_t stream;
     uv_timer_t timer;
     call_t *prev, *next; /* queue links, or free-list link */
     call_state_t state;
     int retried;
     uint64_t queued_at_ms; /* loop time it joined the queue (first time) */
     uint64_t sent_at_us;   /* when it was sent to its replica, for the router's latency hook */
-    int status;
     int streaming;
-    ms_buf_t head;      /* request head sent to the replica */
-    ms_buf_t resp_text; /* response header bytes, NUL-separated */
-    size_t *resp_offsets;
-    size_t n_resp_headers, resp_headers_cap;
-    ms_http_header_t *resp_headers;
-    ms_buf_t resp_body;
+    size_t owed; /* streamed bytes passed to a slow client, credited back once it drains */
+    ms_http_header_t *fwd; /* the request's forwardable headers */
+    size_t fwd_cap;
 };
 
 /* Per-slot bookkeeping that keeps admission and the fallback choice independent of the number of
@@ -316,23 +318,9 @@ static void maybe_finish_shutdown(ms_deployment_t *d)
     }
 }
 
-static void call_failed(call_t *c, int never_sent, const char *why);
-
-/* Requests in flight on a replica that died are answered now rather than when their
- * connections notice. */
-static void fail_calls_on(ms_deployment_t *d, ms_replica_t *r)
-{
-    for (size_t i = 0; i < d->n_calls; i++) {
-        call_t *c = d->all_calls[i];
-        if (c->state == CALL_SENT && c->replica == r)
-            call_failed(c, 0, "replica process exited");
-    }
-}
-
 static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signal)
 {
     ms_deployment_t *d = r->owner;
-    fail_calls_on(d, r);
     unroute(d, r->slot);
     d->slots[r->slot] = NULL;
     refile(d, r->slot);
@@ -382,8 +370,22 @@ static void on_replica_unhealthy(ms_replica_t *r)
     reconcile(d); /* the replacement starts now; the unhealthy one drains meanwhile */
 }
 
+/* The replica's link broke (it died, or sent garbage): it leaves routing at once, before the
+ * requests on the link fail, so the ones never sent go to another replica; one still running is
+ * killed and replaced, since nothing can reach it. */
+static void on_replica_link_down(ms_replica_t *r)
+{
+    ms_deployment_t *d = r->owner;
+    unroute(d, r->slot);
+    if (r->state == MS_REPLICA_RUNNING) {
+        ms_warn("replica %s: its data link broke; replacing it", r->id);
+        ms_replica_kill(r);
+    }
+}
+
 static const ms_replica_events_t replica_events = {
     .on_ready = on_replica_ready,
+    .on_link_down = on_replica_link_down,
     .on_failed = on_replica_failed,
     .on_exit = on_replica_exit,
     .on_stats = on_replica_stats,
@@ -545,7 +547,8 @@ static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
     }
     c->req = req;
     c->replica = NULL;
-    c->conn = NULL;
+    c->link = NULL;
+    c->stream = 0;
     c->prev = c->next = NULL;
     c->retried = 0;
     c->streaming = 0;
@@ -616,30 +619,38 @@ static void fail_queued(ms_deployment_t *d, int status, const char *message)
     }
 }
 
-/* The call leaves its replica: bookkeeping for in-flight counts and the connection. */
-static void call_detach(call_t *c, int reuse_conn)
+/* The call leaves its replica: bookkeeping for in-flight counts. ok: the replica answered
+ * (a 5xx counts as a failure for the router's outcome hook all the same). */
+static void call_detach(call_t *c, int ok, int status)
 {
     ms_replica_t *r = c->replica;
     ms_deployment_t *d = c->dep;
     if (!r)
         return;
-    if (d->routable[r->slot]) {
-        int ok = reuse_conn && c->status < 500; /* a replica's 5xx counts as a failure too */
+    if (d->routable[r->slot])
         ms_router_script_on_completed(d->script, r->slot,
-                                      (double)(ms_now_us() - c->sent_at_us) / 1e6, ok);
-    }
+                                      (double)(ms_now_us() - c->sent_at_us) / 1e6,
+                                      ok && status < 500);
     r->ongoing--;
     refile(d, r->slot);
     if (d->routable[r->slot])
         ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
-    if (c->conn) {
-        if (reuse_conn)
-            ms_replica_conn_put(r, c->conn);
-        else
-            ms_http_client_close(c->conn); /* closing cancels the request at the replica */
-    }
-    c->conn = NULL;
+    c->link = NULL;
+    c->stream = 0;
     c->replica = NULL;
+}
+
+/* The client has its answer (or left) while the replica still works on the request: the
+ * stream is cancelled, and the call keeps its slot on the replica until the replica confirms
+ * (on_link_released). A replica stuck on it thus gets nothing more to be stuck on. */
+static void call_cancel(call_t *c)
+{
+    uv_timer_stop(&c->timer);
+    if (c->req)
+        c->req->user = NULL;
+    c->req = NULL;
+    c->state = CALL_CANCELLING;
+    ms_link_cancel(c->link, c->stream);
 }
 
 static void on_call_timeout(uv_timer_t *t)
@@ -647,12 +658,14 @@ static void on_call_timeout(uv_timer_t *t)
     call_t *c = t->data;
     ms_deployment_t *d = c->dep;
     ms_http_request_t *req = c->req;
-    if (c->state == CALL_QUEUED)
-        queue_remove(d, c);
-    int started = ms_http_response_started(req);
-    call_detach(c, 0);
-    call_release(c);
     ms_info("request %s: timed out after %gs", req->request_id, d->request_timeout_s);
+    int started = ms_http_response_started(req);
+    if (c->state == CALL_QUEUED) {
+        queue_remove(d, c);
+        call_release(c);
+    } else {
+        call_cancel(c);
+    }
     if (started) {
         ms_http_response_abort(req);
     } else {
@@ -666,68 +679,62 @@ static void on_call_timeout(uv_timer_t *t)
 
 /* ---- relaying the replica's response -------------------------------------------------------- */
 
-static void copy_response_headers(call_t *c, const ms_http_header_t *h, size_t n)
-{
-    ms_buf_reset(&c->resp_text);
-    if (c->resp_headers_cap < n) {
-        c->resp_headers_cap = n;
-        c->resp_offsets = ms_realloc(c->resp_offsets, n * 2 * sizeof(size_t));
-        c->resp_headers = ms_realloc(c->resp_headers, n * sizeof *c->resp_headers);
-    }
-    for (size_t i = 0; i < n; i++) {
-        c->resp_offsets[2 * i] = c->resp_text.len;
-        ms_buf_append(&c->resp_text, h[i].name, h[i].name_len + 1);
-        c->resp_offsets[2 * i + 1] = c->resp_text.len;
-        ms_buf_append(&c->resp_text, h[i].value, h[i].value_len + 1);
-        c->resp_headers[i].name_len = h[i].name_len;
-        c->resp_headers[i].value_len = h[i].value_len;
-    }
-    c->n_resp_headers = n;
-}
-
-static void on_replica_head(void *data, int status, const ms_http_header_t *headers, size_t n,
-                            int chunked, int64_t content_length)
-{
-    call_t *c = data;
-    c->status = status;
-    if (chunked || content_length < 0 || content_length > BUFFERED_RESPONSE_LIMIT) {
-        c->streaming = 1;
-        ms_http_response_start(c->req, status, headers, n);
-        return;
-    }
-    copy_response_headers(c, headers, n);
-    ms_buf_reset(&c->resp_body);
-}
-
-static void on_replica_body(void *data, const char *p, size_t n)
-{
-    call_t *c = data;
-    if (c->streaming)
-        ms_http_response_chunk(c->req, p, n);
-    else
-        ms_buf_append(&c->resp_body, p, n);
-}
-
-static void on_replica_done(void *data)
+static void on_link_response(void *data, int status, const ms_http_header_t *headers, size_t n,
+                             const char *body, size_t body_len)
 {
     call_t *c = data;
     ms_deployment_t *d = c->dep;
     ms_http_request_t *req = c->req;
-    call_detach(c, 1);
-    if (c->streaming) {
-        call_release(c);
-        ms_http_response_end(req);
-    } else {
-        for (size_t i = 0; i < c->n_resp_headers; i++) {
-            c->resp_headers[i].name = c->resp_text.data + c->resp_offsets[2 * i];
-            c->resp_headers[i].value = c->resp_text.data + c->resp_offsets[2 * i + 1];
-        }
-        /* Released before responding: a pipelined request handed over synchronously by the
-         * response may reuse this call. The buffers stay valid until then. */
-        call_release(c);
-        ms_http_respond(req, c->status, c->resp_headers, c->n_resp_headers, c->resp_body.data,
-                        c->resp_body.len);
+    call_detach(c, 1, status);
+    /* Released before responding: a pipelined request handed over synchronously by the
+     * response may reuse this call. Headers and body live in the link's input meanwhile. */
+    call_release(c);
+    ms_http_respond(req, status, headers, n, body, body_len);
+    dispatch(d);
+}
+
+static void on_link_head(void *data, int status, const ms_http_header_t *headers, size_t n)
+{
+    call_t *c = data;
+    c->streaming = 1;
+    c->owed = 0;
+    ms_http_response_start(c->req, status, headers, n);
+}
+
+/* The slow client took everything queued: the replica may send what it held back. */
+static void on_client_drained(ms_http_request_t *req, void *data)
+{
+    call_t *c = data;
+    (void)req;
+    if (c->state == CALL_SENT && c->owed) {
+        ms_link_credit(c->link, c->stream, c->owed);
+        c->owed = 0;
     }
+}
+
+/* Body bytes are credited back at once while the client keeps up; past CLIENT_QUEUE_LIMIT
+ * queued for it, the credit waits for the client to drain, so the replica's window closes and
+ * the controller holds at most the window plus that limit for one slow reader. */
+static void on_link_data(void *data, const char *p, size_t n)
+{
+    call_t *c = data;
+    ms_http_response_chunk(c->req, p, n);
+    if (!c->owed && ms_http_response_queued(c->req) <= CLIENT_QUEUE_LIMIT) {
+        ms_link_credit(c->link, c->stream, n);
+        return;
+    }
+    c->owed += n;
+    ms_http_response_on_drain(c->req, on_client_drained, c);
+}
+
+static void on_link_end(void *data)
+{
+    call_t *c = data;
+    ms_deployment_t *d = c->dep;
+    ms_http_request_t *req = c->req;
+    call_detach(c, 1, 200);
+    call_release(c);
+    ms_http_response_end(req);
     dispatch(d);
 }
 
@@ -739,13 +746,14 @@ static void call_failed(call_t *c, int never_sent, const char *why)
     ms_http_request_t *req = c->req;
     ms_replica_t *r = c->replica;
     ms_warn("request %s: replica %s failed: %s", req->request_id, r ? r->id : "?", why);
-    call_detach(c, 0);
+    call_detach(c, 0, 502);
     if (ms_http_response_started(req)) {
         call_release(c);
         ms_http_response_abort(req);
-    } else if (never_sent && !c->retried) {
-        /* The request never reached the replica (it died a moment ago): route it again. */
-        c->retried = 1;
+    } else if (never_sent && c->retried < NEVER_SENT_RETRIES) {
+        /* The request never reached the replica (its link broke first): route it again; the
+         * replica has left routing already, so another one takes it. */
+        c->retried++;
         queue_push(d, c, 1);
     } else {
         char msg[256];
@@ -757,16 +765,28 @@ static void call_failed(call_t *c, int never_sent, const char *why)
     dispatch(d);
 }
 
-static void on_replica_error(void *data, ms_http_client_error_t err)
+static void on_link_error(void *data, ms_link_error_t err, int never_sent)
 {
-    call_failed(data, err == MS_HTTP_CLIENT_CONNECT_FAILED, ms_http_client_error_text(err));
+    call_failed(data, never_sent, ms_link_error_text(err));
 }
 
-static const ms_http_client_callbacks_t relay_callbacks = {
-    .on_head = on_replica_head,
-    .on_body = on_replica_body,
-    .on_done = on_replica_done,
-    .on_error = on_replica_error,
+/* A cancelled stream is over at the replica: its slot is free again. */
+static void on_link_released(void *data)
+{
+    call_t *c = data;
+    ms_deployment_t *d = c->dep;
+    call_detach(c, 0, 499);
+    call_release(c);
+    dispatch(d);
+}
+
+static const ms_link_callbacks_t relay_callbacks = {
+    .on_response = on_link_response,
+    .on_head = on_link_head,
+    .on_data = on_link_data,
+    .on_end = on_link_end,
+    .on_error = on_link_error,
+    .on_released = on_link_released,
 };
 
 /* Hop-by-hop and framing headers are the hop's own business and are not forwarded. */
@@ -781,32 +801,28 @@ static int forwardable(const ms_http_header_t *h)
     return 1;
 }
 
-static void build_forward_head(call_t *c)
+/* The request as the link carries it; the header array is the call's, reused. */
+static ms_link_request_t link_request(call_t *c)
 {
     ms_http_request_t *req = c->req;
-    ms_buf_t *b = &c->head;
-    ms_buf_reset(b);
-    ms_buf_append_str(b, req->method);
-    ms_buf_append(b, " ", 1);
-    ms_buf_append(b, req->target, req->target_len);
-    ms_buf_append(b, " HTTP/1.1\r\nX-Request-ID: ", 25);
-    ms_buf_append_str(b, req->request_id);
-    ms_buf_append(b, "\r\nContent-Length: ", 18);
-    ms_buf_append_uint(b, req->body_len);
-    ms_buf_append(b, "\r\n", 2);
-    /* The hop is HTTP/1.1, which needs a Host; an HTTP/1.0 client may have sent none. */
-    if (!ms_http_request_header(req, "host", NULL))
-        ms_buf_append(b, "Host: moonserve\r\n", 17);
-    for (size_t i = 0; i < req->n_headers; i++) {
-        const ms_http_header_t *h = &req->headers[i];
-        if (!forwardable(h))
-            continue;
-        ms_buf_append(b, h->name, h->name_len);
-        ms_buf_append(b, ": ", 2);
-        ms_buf_append(b, h->value, h->value_len);
-        ms_buf_append(b, "\r\n", 2);
+    if (c->fwd_cap < req->n_headers) {
+        c->fwd_cap = req->n_headers;
+        c->fwd = ms_realloc(c->fwd, c->fwd_cap * sizeof *c->fwd);
     }
-    ms_buf_append(b, "\r\n", 2);
+    size_t n = 0;
+    for (size_t i = 0; i < req->n_headers; i++)
+        if (forwardable(&req->headers[i]))
+            c->fwd[n++] = req->headers[i];
+    return (ms_link_request_t){
+        .method = req->method,
+        .target = req->target,
+        .target_len = req->target_len,
+        .request_id = req->request_id,
+        .headers = c->fwd,
+        .n_headers = n,
+        .body = req->body,
+        .body_len = req->body_len,
+    };
 }
 
 static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
@@ -814,14 +830,15 @@ static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
     c->state = CALL_SENT;
     c->sent_at_us = ms_now_us();
     c->replica = r;
+    c->streaming = 0;
     r->ongoing++;
     refile(d, r->slot);
     ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
-    c->conn = ms_replica_conn_get(r, d->loop);
-    build_forward_head(c);
-    if (ms_http_client_send(c->conn, c->head.data, c->head.len, c->req->body, c->req->body_len,
-                            &relay_callbacks, c) != 0)
-        call_failed(c, 1, "the connection to the replica is broken");
+    ms_link_request_t lr = link_request(c);
+    c->link = ms_replica_link(r);
+    c->stream = c->link ? ms_link_send(c->link, &lr, &relay_callbacks, c) : 0;
+    if (!c->stream)
+        call_failed(c, 1, "the link to the replica is down");
 }
 
 /* ---- choosing a replica ---------------------------------------------------------------------- */
@@ -1101,10 +1118,12 @@ void ms_deployment_abort(ms_http_request_t *req)
         return;
     ms_deployment_t *d = c->dep;
     ms_debug("request %s: client went away; cancelling", req->request_id);
-    if (c->state == CALL_QUEUED)
+    if (c->state == CALL_QUEUED) {
         queue_remove(d, c);
-    call_detach(c, 0);
-    call_release(c);
+        call_release(c);
+    } else {
+        call_cancel(c);
+    }
     dispatch(d);
 }
 
@@ -1185,11 +1204,7 @@ static void timer_closed(ms_deployment_t *d)
         return;
     for (size_t i = 0; i < d->n_calls; i++) {
         call_t *c = d->all_calls[i];
-        ms_buf_free(&c->head);
-        ms_buf_free(&c->resp_text);
-        ms_buf_free(&c->resp_body);
-        free(c->resp_offsets);
-        free(c->resp_headers);
+        free(c->fwd);
         free(c);
     }
     free(d->all_calls);

@@ -101,6 +101,10 @@ void ms_http_respond(ms_http_request_t *req, int status, const ms_http_header_t 
                      size_t n_headers, const char *body, size_t body_len);
 /* JSON error `{"error": message, "request_id": id}` with the given status. Finishes the request. */
 void ms_http_respond_error(ms_http_request_t *req, int status, const char *message);
+/* The JSON error body those send, written into out (cap >= MS_HTTP_ERROR_BODY_MAX holds any);
+ * returns its length. The message is made valid UTF-8 and cut to fit. */
+#define MS_HTTP_ERROR_BODY_MAX 1280
+size_t ms_http_error_body(char *out, size_t cap, const char *message, const char *request_id);
 /* The same with extra headers (at most 8), e.g. Retry-After. */
 void ms_http_respond_error_headers(ms_http_request_t *req, int status, const char *message,
                                    const ms_http_header_t *headers, size_t n_headers);
@@ -113,6 +117,12 @@ void ms_http_response_end(ms_http_request_t *req);
 /* Abandon a response midway (e.g. upstream died after bytes were sent): the connection is
  * closed so the client sees a truncated body rather than a hang. Finishes the request. */
 void ms_http_response_abort(ms_http_request_t *req);
+/* Response bytes queued in this process that the client has not taken yet (a slow reader). */
+size_t ms_http_response_queued(ms_http_request_t *req);
+/* Calls cb once those bytes are all written (one watcher per request, replaced by a new call;
+ * forgotten when the request finishes or is aborted). A relay uses it to pause its source. */
+typedef void (*ms_http_drain_cb)(ms_http_request_t *req, void *data);
+void ms_http_response_on_drain(ms_http_request_t *req, ms_http_drain_cb cb, void *data);
 /* True once response bytes have been queued for this request. */
 int ms_http_response_started(const ms_http_request_t *req);
 

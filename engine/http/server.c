@@ -61,6 +61,8 @@ struct conn {
     const char *scan_end;     /* end of the bytes llhttp_execute was given */
     size_t name_len;          /* bytes of the header name being parsed */
     ms_http_request_t req;
+    ms_http_drain_cb drain_cb; /* waits for the queued response bytes to be written */
+    void *drain_data;
     unsigned paused : 1;     /* parser paused after a complete message */
     unsigned in_message : 1; /* bytes of a request arrived, not yet complete */
     unsigned req_active : 1; /* request handed to the owner, response owed */
@@ -193,6 +195,11 @@ static void on_conn_write_done(void *data, int status)
     }
     if (c->close_after_write && c->pending_writes == 0 && !c->req_active)
         conn_close(c);
+    else if (c->drain_cb && c->pending_writes == 0) {
+        ms_http_drain_cb cb = c->drain_cb;
+        c->drain_cb = NULL;
+        cb(&c->req, c->drain_data);
+    }
 }
 
 static void conn_write(conn_t *c, const uv_buf_t *bufs, unsigned n)
@@ -265,6 +272,7 @@ static void reset_request_state(conn_t *c)
     c->resp_started = 0;
     c->resp_chunked = 0;
     c->head_only = 0;
+    c->drain_cb = NULL;
     c->req.user = NULL;
 }
 
@@ -306,6 +314,18 @@ static conn_t *conn_of(ms_http_request_t *req)
     return (conn_t *)((char *)req - offsetof(conn_t, req));
 }
 
+size_t ms_http_response_queued(ms_http_request_t *req)
+{
+    return uv_stream_get_write_queue_size(&conn_of(req)->h.stream);
+}
+
+void ms_http_response_on_drain(ms_http_request_t *req, ms_http_drain_cb cb, void *data)
+{
+    conn_t *c = conn_of(req);
+    c->drain_cb = cb;
+    c->drain_data = data;
+}
+
 void ms_http_respond(ms_http_request_t *req, int status, const ms_http_header_t *headers,
                      size_t n_headers, const char *body, size_t body_len)
 {
@@ -345,20 +365,26 @@ static size_t json_escape_into(char *out, size_t cap, const char *message)
     return n;
 }
 
-void ms_http_respond_error_headers(ms_http_request_t *req, int status, const char *message,
-                                   const ms_http_header_t *headers, size_t n_headers)
+size_t ms_http_error_body(char *out, size_t cap, const char *message, const char *request_id)
 {
     char escaped[1024];
     json_escape_into(escaped, sizeof escaped, message);
-    char body[1280];
-    int n = snprintf(body, sizeof body, "{\"error\": \"%s\", \"request_id\": \"%s\"}", escaped,
-                     req->request_id);
+    int n = snprintf(out, cap, "{\"error\": \"%s\", \"request_id\": \"%s\"}", escaped,
+                     request_id);
+    return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
+}
+
+void ms_http_respond_error_headers(ms_http_request_t *req, int status, const char *message,
+                                   const ms_http_header_t *headers, size_t n_headers)
+{
+    char body[MS_HTTP_ERROR_BODY_MAX];
+    size_t n = ms_http_error_body(body, sizeof body, message, req->request_id);
     ms_http_header_t all[9] = {{"Content-Type", 12, "application/json", 16}};
     if (n_headers > 8)
         n_headers = 8;
     if (n_headers)
         memcpy(all + 1, headers, n_headers * sizeof *headers);
-    ms_http_respond(req, status, all, n_headers + 1, body, (size_t)n);
+    ms_http_respond(req, status, all, n_headers + 1, body, n);
 }
 
 void ms_http_respond_error(ms_http_request_t *req, int status, const char *message)

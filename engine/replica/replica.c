@@ -14,7 +14,6 @@ static void maybe_release(ms_replica_t *r)
 {
     if (r->_freed && r->_open_handles == 0) {
         ms_buf_free(&r->_ctl_in);
-        free(r->_idle);
         free(r->_socket_path);
         free(r->last_error);
         json_decref(r->autoscaling_stats);
@@ -30,12 +29,23 @@ static void on_handle_closed(uv_handle_t *h)
     maybe_release(r);
 }
 
-static void close_idle_conns(ms_replica_t *r)
+static void close_link(ms_replica_t *r)
 {
-    for (size_t i = 0; i < r->_n_idle; i++)
-        ms_http_client_close(r->_idle[i]);
-    r->_n_idle = 0;
+    ms_link_t *l = r->_link;
+    r->_link = NULL;
+    if (l)
+        ms_link_close(l); /* its open streams fail now */
 }
+
+static void on_link_down(void *owner, ms_link_error_t err)
+{
+    ms_replica_t *r = owner;
+    ms_info("replica %s: data link down: %s", r->id, ms_link_error_text(err));
+    if (r->_events->on_link_down)
+        r->_events->on_link_down(r);
+}
+
+static const ms_link_events_t link_events = {.on_down = on_link_down};
 
 static void handle_control_lines(ms_replica_t *r);
 
@@ -66,7 +76,7 @@ static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
     unlink(r->_socket_path);
     r->_exited = 1;
     r->state = MS_REPLICA_DEAD;
-    close_idle_conns(r);
+    close_link(r);
     uv_timer_stop(&r->_kill_timer);
     uv_close((uv_handle_t *)&r->_proc, on_handle_closed);
     uv_close((uv_handle_t *)&r->_kill_timer, on_handle_closed);
@@ -287,8 +297,7 @@ void ms_replica_stop(ms_replica_t *r, double timeout_s)
     if (r->_exited)
         return;
     r->state = MS_REPLICA_STOPPING;
-    r->stop_requested = 1;
-    close_idle_conns(r);
+    r->stop_requested = 1; /* its link stays up: the requests on it drain */
     uv_process_kill(&r->_proc, SIGTERM);
     uv_timer_start(&r->_kill_timer, on_kill_timer, (uint64_t)(timeout_s * 1000.0), 0);
 }
@@ -392,27 +401,11 @@ void ms_replica_free(ms_replica_t *r)
     maybe_release(r);
 }
 
-ms_http_client_t *ms_replica_conn_get(ms_replica_t *r, uv_loop_t *loop)
+/* Connected on first use: an idle replica holds no link. A link that broke is not replaced (the
+ * replica is being replaced instead). */
+ms_link_t *ms_replica_link(ms_replica_t *r)
 {
-    while (r->_n_idle > 0) {
-        ms_http_client_t *c = r->_idle[--r->_n_idle];
-        if (ms_http_client_idle(c))
-            return c;
-        ms_http_client_close(c);
-    }
-    return ms_http_client_connect(loop, r->_socket_path, NULL, 0);
-}
-
-void ms_replica_conn_put(ms_replica_t *r, ms_http_client_t *c)
-{
-    if (r->state != MS_REPLICA_RUNNING || !ms_http_client_idle(c) ||
-        r->_n_idle >= (size_t)r->max_ongoing_requests) {
-        ms_http_client_close(c);
-        return;
-    }
-    if (r->_n_idle == r->_cap_idle) {
-        r->_cap_idle = r->_cap_idle ? r->_cap_idle * 2 : 4;
-        r->_idle = ms_realloc(r->_idle, r->_cap_idle * sizeof *r->_idle);
-    }
-    r->_idle[r->_n_idle++] = c;
+    if (!r->_link && r->state == MS_REPLICA_RUNNING)
+        r->_link = ms_link_connect(r->_proc.loop, r->_socket_path, &link_events, r);
+    return r->_link && ms_link_is_up(r->_link) ? r->_link : NULL;
 }

@@ -1,8 +1,8 @@
 /*
  * replica: the controller's view of one replica process — spawning `moonserve __replica` with a
  * control socketpair on fd 3, reading its control messages (ready / failed), stopping it
- * (SIGTERM, then SIGKILL after a timeout), noticing its exit, and pooling kept-alive HTTP
- * connections to its data socket.
+ * (SIGTERM, then SIGKILL after a timeout), noticing its exit, and holding the data link to its
+ * socket (engine/link).
  *
  * It knows nothing of queues or routing: the owner (router) decides when to start and stop
  * replicas and what to send them, and hears back through ms_replica_events_t.
@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "http/http.h"
+#include "link/link.h"
 
 typedef enum {
     MS_REPLICA_STARTING, /* spawned, constructor running */
@@ -26,10 +27,13 @@ typedef struct ms_replica ms_replica_t;
 
 typedef struct ms_replica_events {
     void (*on_ready)(ms_replica_t *r);
+    /* The data link broke while the process may still run (its streams fail right after this
+     * returns). */
+    void (*on_link_down)(ms_replica_t *r);
     /* The constructor failed; the process exits right after (on_exit follows). */
     void (*on_failed)(ms_replica_t *r, const char *error);
-    /* The process is gone. Idle pooled connections are closed; busy ones fail on their own.
-     * The owner must call ms_replica_free (now or later). */
+    /* The process is gone; its link was closed just before (open streams failed). The owner
+     * must call ms_replica_free (now or later). */
     void (*on_exit)(ms_replica_t *r, int64_t exit_status, int term_signal);
     /* Fresh stats arrived (autoscaling_stats / routing_stats updated). May be NULL. */
     void (*on_stats)(ms_replica_t *r);
@@ -77,8 +81,7 @@ struct ms_replica {
     uv_timer_t _kill_timer;
     ms_buf_t _ctl_in;
     char *_socket_path;
-    ms_http_client_t **_idle;
-    size_t _n_idle, _cap_idle;
+    ms_link_t *_link;
     const ms_replica_events_t *_events;
     int _open_handles;
     unsigned _exited : 1;
@@ -126,9 +129,7 @@ void ms_replica_configure(ms_replica_t *r, int max_ongoing_requests, double wait
 /* Releases the replica once its process is gone (state DEAD). Safe to call from on_exit. */
 void ms_replica_free(ms_replica_t *r);
 
-/* A kept-alive connection to the replica's data socket: an idle pooled one, or a new one. */
-ms_http_client_t *ms_replica_conn_get(ms_replica_t *r, uv_loop_t *loop);
-/* Gives a connection back after its response completed; broken ones are closed. */
-void ms_replica_conn_put(ms_replica_t *r, ms_http_client_t *c);
+/* The data link of a RUNNING replica (connected on first use), or NULL when it is down. */
+ms_link_t *ms_replica_link(ms_replica_t *r);
 
 #endif

@@ -12,6 +12,7 @@
 #include <uv.h>
 
 #include "http/http.h"
+#include "link/link.h"
 
 /* ---- JSON <-> Lua (luajson.c) ----------------------------------------------------------------
  * null is the lightuserdata serve.json.null; decoded arrays carry a marker metatable so an empty
@@ -65,9 +66,10 @@ struct rt_task {
     uv_timer_t *timer;      /* pending serve.sleep */
     rt_call_t *waiting;     /* future whose result() this task waits on */
     rt_call_t *calls;       /* calls this task started and that are still in flight */
-    ms_http_request_t *req; /* request tasks only */
+    ms_link_stream_t *stream; /* request tasks only */
     json_int_t ctl_id;      /* control tasks only */
     int streaming;          /* serve.stream started the response: chunks follow */
+    int stream_wait;        /* suspended in a chunk the link's window could not take yet */
     int returned;           /* the coroutine ran to completion: it can host another task */
     rt_task_t *next_spare;  /* link in rt->spare */
     rt_task_done_cb done;

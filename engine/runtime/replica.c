@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "core/core.h"
+#include "link/link.h"
 
 #define CTL_FD 3
 
@@ -30,7 +31,7 @@ typedef struct options {
 typedef struct replica {
     rt_t rt;
     options_t opt;
-    ms_http_server_t *server;
+    ms_link_server_t *server;
     uv_pipe_t ctl;
     ms_buf_t ctl_in;
     uv_signal_t sigterm;
@@ -366,14 +367,38 @@ static void push_request(lua_State *co, const ms_http_request_t *req)
     lua_setfield(co, -2, "headers");
 }
 
-/* Results on co: status, body, {name, value, ...}. */
-static void respond_from_lua(ms_http_request_t *req, lua_State *co)
+/* A JSON error answer (the same body the controller's own errors have). */
+static void respond_error(ms_link_stream_t *s, int status, const char *message)
+{
+    static const ms_http_header_t type = {"Content-Type", 12, "application/json", 16};
+    char body[MS_HTTP_ERROR_BODY_MAX];
+    size_t n = ms_http_error_body(body, sizeof body, message, s->req.request_id);
+    ms_link_respond(s, status, &type, 1, body, n, NULL, NULL);
+}
+
+/* A body larger than the link takes at once stays in the Lua string, anchored in the registry
+ * until the link has queued its last byte. */
+static void unref_body(void *ctx)
+{
+    luaL_unref(R.rt.L, LUA_REGISTRYINDEX, (int)(intptr_t)ctx);
+}
+
+/* Results on co: status, body, {name, value, ...}. A final status is 200-599: an interim one
+ * (1xx) cannot end a response. */
+static void respond_from_lua(ms_link_stream_t *s, lua_State *co)
 {
     int status = (int)lua_tointeger(co, -3);
     size_t body_len;
     const char *body = lua_tolstring(co, -2, &body_len);
-    if (status < 100 || status > 599 || !body || !lua_istable(co, -1)) {
-        ms_http_respond_error(req, 500, "handler returned an invalid response");
+    if (status < 200 || status > 599 || !body || !lua_istable(co, -1)) {
+        char msg[120];
+        if (status >= 100 && status < 200)
+            snprintf(msg, sizeof msg, "handler returned status %d: a response needs a final "
+                                      "status (200-599)", status);
+        else
+            snprintf(msg, sizeof msg, "handler returned an invalid response");
+        ms_warn("request %s failed: %s", s->req.request_id, msg);
+        respond_error(s, 500, msg);
         return;
     }
     int n = (int)lua_objlen(co, -1) / 2;
@@ -387,64 +412,69 @@ static void respond_from_lua(ms_http_request_t *req, lua_State *co)
     }
     char err[200];
     if (rt_check_headers(hs, (size_t)n, err, sizeof err) == 0) {
-        ms_http_respond(req, status, hs, (size_t)n, body, body_len);
+        lua_pushvalue(co, -2);
+        int ref = luaL_ref(co, LUA_REGISTRYINDEX);
+        if (ms_link_respond(s, status, hs, (size_t)n, body, body_len, unref_body,
+                            (void *)(intptr_t)ref))
+            luaL_unref(co, LUA_REGISTRYINDEX, ref);
     } else {
-        ms_warn("request %s failed: %s", req->request_id, err);
-        ms_http_respond_error(req, 500, err);
+        ms_warn("request %s failed: %s", s->req.request_id, err);
+        respond_error(s, 500, err);
     }
     free(hs);
 }
 
 static void on_request_done(rt_task_t *t, int ok)
 {
-    ms_http_request_t *req = t->req;
-    req->user = NULL;
+    ms_link_stream_t *s = t->stream;
+    s->user = NULL;
     if (t->streaming) {
         /* The head is gone already: an error can only cut the stream short. */
         if (ok) {
-            ms_http_response_end(req);
+            ms_link_end(s);
         } else {
-            ms_warn("request %s failed mid-stream: %s", req->request_id,
+            ms_warn("request %s failed mid-stream: %s", s->req.request_id,
                     rt_vm_error_text(t->co, -1));
-            ms_http_response_abort(req);
+            ms_link_abort(s);
         }
     } else if (ok) {
-        respond_from_lua(req, t->co);
+        respond_from_lua(s, t->co);
     } else {
         const char *msg = rt_vm_error_text(t->co, -1);
-        ms_warn("request %s failed: %s", req->request_id, msg);
-        ms_http_respond_error(req, 500, msg);
+        ms_warn("request %s failed: %s", s->req.request_id, msg);
+        respond_error(s, 500, msg);
     }
     R.ongoing--;
     rt_task_free(t);
 }
 
-static void on_request(ms_http_request_t *req, void *data)
+static void on_request(ms_link_stream_t *s, void *data)
 {
     (void)data;
     if (R.ongoing >= R.opt.max_ongoing) {
         /* Strict mode: the controller's router never sends more, so this is a safety net. */
-        ms_http_respond_error(req, 503, "replica is at max_ongoing_requests");
+        respond_error(s, 503, "replica is at max_ongoing_requests");
         return;
     }
     rt_task_t *t = rt_task_new(&R.rt, "_run_request", on_request_done);
-    t->req = req;
-    snprintf(t->request_id, sizeof t->request_id, "%s", req->request_id);
-    req->user = t;
+    t->stream = s;
+    snprintf(t->request_id, sizeof t->request_id, "%s", s->req.request_id);
+    s->user = t;
     R.ongoing++;
     push_instance(t->co);
-    push_request(t->co, req);
+    push_request(t->co, &s->req);
     rt_task_start(t, 2);
 }
 
-/* The controller closed the connection: the request is cancelled and never resumed again. */
-static void on_abort(ms_http_request_t *req, void *data)
+/* The controller cancelled the request (its client left or it timed out), or the link went
+ * away: the task is dropped and never resumed again. */
+static void on_cancel(ms_link_stream_t *s, void *data)
 {
     (void)data;
-    rt_task_t *t = req->user;
+    rt_task_t *t = s->user;
     if (!t)
         return;
-    ms_info("request %s cancelled", req->request_id);
+    ms_info("request %s cancelled", s->req.request_id);
     rt_task_cancel(t);
     rt_task_free(t);
     R.ongoing--;
@@ -455,13 +485,8 @@ static void on_abort(ms_http_request_t *req, void *data)
 
 static void become_ready(void)
 {
-    ms_http_server_config_t cfg = {
-        /* The controller already enforced client limits; these only bound a broken peer. */
-        .limits = {.max_header_bytes = 1 << 20, .max_body_bytes = (size_t)1 << 31},
-        .on_request = on_request,
-        .on_abort = on_abort,
-    };
-    int r = ms_http_server_listen_unix(R.rt.loop, R.opt.socket, &cfg, &R.server);
+    ms_link_server_config_t cfg = {.on_request = on_request, .on_cancel = on_cancel};
+    int r = ms_link_listen_unix(R.rt.loop, R.opt.socket, &cfg, &R.server);
     if (r != 0) {
         char msg[512];
         snprintf(msg, sizeof msg, "cannot listen on %s: %s", R.opt.socket,
@@ -573,7 +598,8 @@ static int start_construction(char **err)
 static void on_drain_tick(uv_timer_t *timer)
 {
     (void)timer;
-    if (R.ongoing == 0) {
+    /* Done once nothing runs and every answer has been written to the controller. */
+    if (R.ongoing == 0 && ms_link_server_busy(R.server) == 0) {
         ms_info("drained: exiting");
         finish(0);
         return;
@@ -595,7 +621,7 @@ static void on_sigterm(uv_signal_t *sig, int signum)
         return;
     }
     ms_info("SIGTERM: draining (%ld ongoing)", R.ongoing);
-    ms_http_server_stop_accepting(R.server);
+    ms_link_server_stop_accepting(R.server);
     uint64_t step = (uint64_t)(R.opt.wait_loop_s * 1000.0 + 0.5);
     uv_timer_start(&R.drain_timer, on_drain_tick, step, step ? step : 1);
 }

@@ -126,7 +126,8 @@ static void resume(rt_task_t *t, int nargs)
     rt->current = prev;
     int refused = rt->mem.refused;
     if (st == LUA_YIELD) {
-        if (!t->timer && !t->waiting) /* a bare coroutine.yield: nothing would ever resume it */
+        if (!t->timer && !t->waiting && !t->stream_wait) /* a bare coroutine.yield: nothing
+                                                           * would ever resume it */
             finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
         collect_if_needed(rt, refused);
         return;
@@ -167,6 +168,7 @@ void rt_task_cancel(rt_task_t *t)
         t->waiting->waiter = NULL;
         t->waiting = NULL;
     }
+    t->stream_wait = 0; /* the link forgets a pending chunk along with the stream */
     while (t->calls) {
         rt_call_t *c = t->calls;
         ms_http_client_close(c->client); /* the controller cancels the downstream request */
@@ -533,10 +535,12 @@ static int l_stream_start(lua_State *L)
     rt_task_t *t = current_task(L, "serve.stream");
     int status = (int)luaL_checkinteger(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
-    if (!t->req || t->streaming)
+    if (!t->stream || t->streaming)
         return luaL_error(L, "serve.stream: the response has already started");
-    if (status < 100 || status > 599)
-        return luaL_error(L, "serve.stream: invalid status %d", status);
+    if (status < 200 || status > 599)
+        return luaL_error(L, "serve.stream: invalid status %d (a response needs a final status, "
+                             "200-599)",
+                          status);
     int n = prepare_header_list(L, 2);
     ms_http_header_t *hs = ms_calloc((size_t)n + 1, sizeof *hs);
     size_t k = 0;
@@ -549,7 +553,7 @@ static int l_stream_start(lua_State *L)
     char err[200];
     int bad = rt_check_headers(hs, k, err, sizeof err);
     if (!bad)
-        ms_http_response_start(t->req, status, hs, k);
+        ms_link_start(t->stream, status, hs, k);
     free(hs);
     if (bad) /* nothing is sent yet: the request fails with a 500 like any handler error */
         return luaL_error(L, "serve.stream: %s", err);
@@ -557,7 +561,19 @@ static int l_stream_start(lua_State *L)
     return 0;
 }
 
-/* stream_send(chunk): one piece of a streamed body, written at once. */
+/* The link queued the last byte of a chunk it could not take at once: the sender goes on. */
+static void on_chunk_queued(void *ctx)
+{
+    rt_task_t *t = ctx;
+    if (!t->stream_wait)
+        return;
+    t->stream_wait = 0;
+    resume(t, 0);
+}
+
+/* stream_send(chunk): one piece of a streamed body. When the controller has not yet passed on
+ * what was sent before (its client reads slowly), the task waits here until it has: the chunk
+ * stays referenced by this call's own stack slot meanwhile. */
 static int l_stream_send(lua_State *L)
 {
     rt_task_t *t = current_task(L, "serve.stream");
@@ -565,8 +581,10 @@ static int l_stream_send(lua_State *L)
     const char *chunk = luaL_checklstring(L, 1, &len);
     if (!t->streaming)
         return luaL_error(L, "serve.stream: the response has not started");
-    ms_http_response_chunk(t->req, chunk, len);
-    return 0;
+    if (ms_link_write(t->stream, chunk, len, on_chunk_queued, t))
+        return 0;
+    t->stream_wait = 1;
+    return lua_yield(L, 0);
 }
 
 const luaL_Reg rt_task_lib[] = {

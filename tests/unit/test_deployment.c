@@ -487,10 +487,12 @@ static void test_fallback_when_the_router_fails(void)
     fixture_stop(&f);
 }
 
-/* A replica process that serves HTTP on its --socket: every request gets its --replica-id. */
+/* A replica process that speaks the data link (docs/replica-protocol.md) on its --socket: every
+ * REQUEST frame is answered by a RESPONSE frame (status 200, no headers) carrying its
+ * --replica-id. */
 static const char SERVING_REPLICA[] =
     "#!/usr/bin/env python3\n"
-    "import os, socket, sys, threading\n"
+    "import os, socket, struct, sys, threading\n"
     "arg = lambda k: sys.argv[sys.argv.index(k) + 1]\n"
     "body = arg('--replica-id').encode()\n"
     "srv = socket.socket(socket.AF_UNIX)\n"
@@ -500,13 +502,16 @@ static const char SERVING_REPLICA[] =
     "def serve(c):\n"
     "    buf = b''\n"
     "    while True:\n"
-    "        while b'\\r\\n\\r\\n' not in buf:\n"
+    "        while len(buf) < 12 or len(buf) < 12 + struct.unpack_from('<I', buf)[0]:\n"
     "            more = c.recv(65536)\n"
     "            if not more:\n"
     "                return\n"
     "            buf += more\n"
-    "        buf = buf.split(b'\\r\\n\\r\\n', 1)[1]\n"
-    "        c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(body) + body)\n"
+    "        n, stream, kind = struct.unpack_from('<IIB', buf)\n"
+    "        buf = buf[12 + n:]\n"
+    "        if kind == 1:\n"
+    "            payload = struct.pack('<II', 200, 0) + body\n"
+    "            c.sendall(struct.pack('<IIBBH', len(payload), stream, 2, 0, 0) + payload)\n"
     "while True:\n"
     "    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()\n";
 
