@@ -5,6 +5,7 @@
  * the server failed or the admin API answered an error, 2 usage error, 3 the admin API cannot be
  * reached, 4 the admin API refused the token.
  */
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,6 +93,10 @@ int main(int argc, char **argv)
 {
     /* Peers vanish (clients, replicas); their sockets must fail writes, not kill us. */
     signal(SIGPIPE, SIG_IGN);
+    /* Large buffers (a big body, a burst of output) come from mmap and go back to the system
+     * when freed. glibc would otherwise raise this threshold after the first such free and serve
+     * later ones from a heap it rarely returns: a busy minute would set the RSS for good. */
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
     const char *level = getenv("MOONSERVE_LOG_LEVEL");
     if (level)
         ms_log_parse_level(level, &ms_log_min_level);

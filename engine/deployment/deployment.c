@@ -628,9 +628,8 @@ static void call_detach(call_t *c, int ok, int status)
     if (!r)
         return;
     if (d->routable[r->slot])
-        ms_router_script_on_completed(d->script, r->slot,
-                                      (double)(ms_now_us() - c->sent_at_us) / 1e6,
-                                      ok && status < 500);
+        ms_router_script_on_completed(
+            d->script, r->slot, (double)(ms_now_us() - c->sent_at_us) / 1e6, ok && status < 500);
     r->ongoing--;
     refile(d, r->slot);
     if (d->routable[r->slot])

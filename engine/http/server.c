@@ -369,8 +369,7 @@ size_t ms_http_error_body(char *out, size_t cap, const char *message, const char
 {
     char escaped[1024];
     json_escape_into(escaped, sizeof escaped, message);
-    int n = snprintf(out, cap, "{\"error\": \"%s\", \"request_id\": \"%s\"}", escaped,
-                     request_id);
+    int n = snprintf(out, cap, "{\"error\": \"%s\", \"request_id\": \"%s\"}", escaped, request_id);
     return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
 }
 

@@ -20,7 +20,7 @@ typedef enum { SLOT_FREE, SLOT_OPEN, SLOT_CANCELLED } slot_state_t;
 typedef struct slot {
     uint32_t id;
     slot_state_t state;
-    uint32_t next_free;  /* index + 1 of the next free slot, 0 = none */
+    uint32_t next_free;   /* index + 1 of the next free slot, 0 = none */
     uint64_t request_end; /* the link's queued_end after this stream's REQUEST frame */
     const ms_link_callbacks_t *cb;
     void *data;
@@ -111,8 +111,7 @@ static int head_frame(ms_link_t *l, slot_t *s, int type, const char *p, uint32_t
     lk_reader_t r = {p, p + n, 0};
     uint32_t status = lk_get_u32(&r);
     size_t nh = 0;
-    if (lk_get_headers(&r, &l->headers, &l->headers_cap, &nh) != 0 || status < 200 ||
-        status > 599)
+    if (lk_get_headers(&r, &l->headers, &l->headers_cap, &nh) != 0 || status < 200 || status > 599)
         return -1;
     if (s->state == SLOT_CANCELLED) {
         if (type == LK_RESPONSE)

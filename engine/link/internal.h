@@ -36,11 +36,11 @@ struct lk_conn {
     uv_prepare_t flusher;
     uv_write_t wreq;
     ms_buf_t in;
-    ms_buf_t out;         /* frames queued, not yet written */
-    ms_buf_t wbuf;        /* bytes of the uv_write in flight */
-    uint64_t queued_end;  /* bytes ever queued */
-    uint64_t handed_end;  /* bytes ever handed to the kernel (or to a uv_write) */
-    uint32_t max_frame;   /* larger payloads are a protocol error */
+    ms_buf_t out;        /* frames queued, not yet written */
+    ms_buf_t wbuf;       /* bytes of the uv_write in flight */
+    uint64_t queued_end; /* bytes ever queued */
+    uint64_t handed_end; /* bytes ever handed to the kernel (or to a uv_write) */
+    uint32_t max_frame;  /* larger payloads are a protocol error */
     lk_frame_cb on_frame;
     lk_fail_cb on_fail;
     void (*on_closed)(lk_conn_t *c); /* both handles closed: free the owner */

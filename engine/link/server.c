@@ -27,8 +27,8 @@ typedef struct stream {
     size_t pend_len;
     ms_link_release_cb release;
     void *release_ctx;
-    unsigned owned : 1;      /* the owner has not ended it yet */
-    unsigned end_after : 1;  /* END once the pending bytes are queued */
+    unsigned owned : 1;     /* the owner has not ended it yet */
+    unsigned end_after : 1; /* END once the pending bytes are queued */
     unsigned has_pend : 1;
 } stream_t;
 
@@ -333,8 +333,7 @@ static void put_head(lk_conn_t *c, int status, const ms_http_header_t *hs, size_
     lk_put_headers(&c->out, hs, n);
 }
 
-static int write_body(stream_t *s, const char *p, size_t n, ms_link_release_cb release,
-                      void *ctx)
+static int write_body(stream_t *s, const char *p, size_t n, ms_link_release_cb release, void *ctx)
 {
     s->pend = p;
     s->pend_len = n;

@@ -62,16 +62,16 @@ typedef void (*rt_task_done_cb)(rt_task_t *t, int ok);
 struct rt_task {
     rt_t *rt;
     lua_State *co;
-    int co_ref;             /* registry anchor of co */
-    uv_timer_t *timer;      /* pending serve.sleep */
-    rt_call_t *waiting;     /* future whose result() this task waits on */
-    rt_call_t *calls;       /* calls this task started and that are still in flight */
+    int co_ref;               /* registry anchor of co */
+    uv_timer_t *timer;        /* pending serve.sleep */
+    rt_call_t *waiting;       /* future whose result() this task waits on */
+    rt_call_t *calls;         /* calls this task started and that are still in flight */
     ms_link_stream_t *stream; /* request tasks only */
-    json_int_t ctl_id;      /* control tasks only */
-    int streaming;          /* serve.stream started the response: chunks follow */
-    int stream_wait;        /* suspended in a chunk the link's window could not take yet */
-    int returned;           /* the coroutine ran to completion: it can host another task */
-    rt_task_t *next_spare;  /* link in rt->spare */
+    json_int_t ctl_id;        /* control tasks only */
+    int streaming;            /* serve.stream started the response: chunks follow */
+    int stream_wait;          /* suspended in a chunk the link's window could not take yet */
+    int returned;             /* the coroutine ran to completion: it can host another task */
+    rt_task_t *next_spare;    /* link in rt->spare */
     rt_task_done_cb done;
     char request_id[80];
 };

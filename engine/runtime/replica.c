@@ -393,8 +393,10 @@ static void respond_from_lua(ms_link_stream_t *s, lua_State *co)
     if (status < 200 || status > 599 || !body || !lua_istable(co, -1)) {
         char msg[120];
         if (status >= 100 && status < 200)
-            snprintf(msg, sizeof msg, "handler returned status %d: a response needs a final "
-                                      "status (200-599)", status);
+            snprintf(msg, sizeof msg,
+                     "handler returned status %d: a response needs a final "
+                     "status (200-599)",
+                     status);
         else
             snprintf(msg, sizeof msg, "handler returned an invalid response");
         ms_warn("request %s failed: %s", s->req.request_id, msg);

@@ -127,7 +127,7 @@ static void resume(rt_task_t *t, int nargs)
     int refused = rt->mem.refused;
     if (st == LUA_YIELD) {
         if (!t->timer && !t->waiting && !t->stream_wait) /* a bare coroutine.yield: nothing
-                                                           * would ever resume it */
+                                                          * would ever resume it */
             finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
         collect_if_needed(rt, refused);
         return;
@@ -538,8 +538,9 @@ static int l_stream_start(lua_State *L)
     if (!t->stream || t->streaming)
         return luaL_error(L, "serve.stream: the response has already started");
     if (status < 200 || status > 599)
-        return luaL_error(L, "serve.stream: invalid status %d (a response needs a final status, "
-                             "200-599)",
+        return luaL_error(L,
+                          "serve.stream: invalid status %d (a response needs a final status, "
+                          "200-599)",
                           status);
     int n = prepare_header_list(L, 2);
     ms_http_header_t *hs = ms_calloc((size_t)n + 1, sizeof *hs);

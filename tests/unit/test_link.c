@@ -173,7 +173,7 @@ static void cl_released(void *data)
     r->done = r->released = 1;
 }
 
-static const ms_link_callbacks_t cbs = {cl_response, cl_head, cl_data,
+static const ms_link_callbacks_t cbs = {cl_response, cl_head,  cl_data,
                                         cl_end,      cl_error, cl_released};
 
 static int link_down_count;
