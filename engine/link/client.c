@@ -161,17 +161,17 @@ static int on_frame(lk_conn_t *c, int type, uint32_t id, const char *p, uint32_t
     }
 }
 
-/* Every open stream fails (a request never written may be sent elsewhere), then the owner
- * hears of it. */
+/* The owner hears of it first, so it can stop routing to the replica before the open streams
+ * fail: a request never written is then routed again to another replica, not to this one. */
 static void on_fail(lk_conn_t *c, ms_link_error_t err)
 {
     ms_link_t *l = link_of(c);
     l->down = 1;
+    if (!l->closed && l->events && l->events->on_down)
+        l->events->on_down(l->owner, err);
     for (uint32_t i = 0; i < l->n_slots; i++)
         if (l->slots[i].state != SLOT_FREE)
             end_stream(l, &l->slots[i], err);
-    if (!l->closed && l->events && l->events->on_down)
-        l->events->on_down(l->owner, err);
 }
 
 static void on_closed(lk_conn_t *c)

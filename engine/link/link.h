@@ -78,8 +78,8 @@ typedef struct ms_link_callbacks {
 
 /* Link-wide events for the link's owner. */
 typedef struct ms_link_events {
-    /* The link broke (every open stream has had its on_error / on_released). The owner should
-     * stop routing to the replica and ms_link_close the link. */
+    /* The link broke. Called before the open streams get their on_error / on_released, so the
+     * owner can stop routing to the replica first; it closes the link later (ms_link_close). */
     void (*on_down)(void *owner, ms_link_error_t err);
 } ms_link_events_t;
 
