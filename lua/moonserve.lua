@@ -175,7 +175,15 @@ function M._graph(root)
                 handles[#handles + 1] = name
             end
         end)
-        deployments[i] = { name = info.name, options = info.options, handles = M.json.array(handles) }
+        local batched = {}
+        for k, v in pairs(node.class) do
+            if getmetatable(v) == M._Batched then
+                batched[#batched + 1] = { name = v.name or tostring(k), max_batch_size = v.opts.max_batch_size,
+                                          max_concurrent_batches = v.opts.max_concurrent_batches }
+            end
+        end
+        deployments[i] = { name = info.name, options = info.options, handles = M.json.array(handles),
+                           batched = M.json.array(batched) }
     end
     return { ingress = class_info[root.class].name, deployments = M.json.array(deployments) }
 end
@@ -195,6 +203,8 @@ local function replica_only(name)
 end
 local core_sleep, core_call, core_result = replica_only("sleep"), replica_only("call"), replica_only("result")
 local core_stream_start, core_stream_send = replica_only("stream_start"), replica_only("stream_send")
+local core_batcher_new, core_batch_submit = replica_only("batcher_new"), replica_only("batch_submit")
+local core_batch_configure, core_batch_stats = replica_only("batch_configure"), replica_only("batch_stats")
 
 -- Headers a forwarded request must not carry over: framing and routing are the new hop's own.
 local HOP_HEADERS = {
@@ -249,6 +259,99 @@ function Future:result()
     end
     self.done, self.value = true, value
     return value
+end
+
+-- ---- serve.batch (docs/batching.md) ------------------------------------------------------------
+
+-- A batched method: a callable table, so its settings can change at run time. Its batcher (in
+-- C) is made on the first call inside a replica; `moonserve check` only reads the settings.
+local Batched = {}
+Batched.__index = Batched
+M._Batched = Batched
+
+local BATCH_DEFAULTS = { max_batch_size = 10, batch_wait_timeout_s = 0.01, max_concurrent_batches = 1 }
+
+local function batch_settings(opts, level)
+    local o = {}
+    for k, v in pairs(opts) do
+        if k ~= "name" and k ~= "batch_size_fn" and BATCH_DEFAULTS[k] == nil and k ~= "latency_target_s" then
+            error("serve.batch: unknown option '" .. tostring(k) .. "'", level)
+        end
+        o[k] = v
+    end
+    for k, v in pairs(BATCH_DEFAULTS) do
+        if o[k] == nil then o[k] = v end
+    end
+    local function int_at_least(k, min)
+        local v = o[k]
+        if type(v) ~= "number" or v ~= math.floor(v) or v < min then
+            error(string.format("serve.batch: %s must be an integer >= %d, got %s", k, min, tostring(v)), level)
+        end
+    end
+    int_at_least("max_batch_size", 1)
+    int_at_least("max_concurrent_batches", 1)
+    if type(o.batch_wait_timeout_s) ~= "number" or not (o.batch_wait_timeout_s >= 0) then
+        error("serve.batch: batch_wait_timeout_s must be a number >= 0", level)
+    end
+    if o.latency_target_s ~= nil and (type(o.latency_target_s) ~= "number" or not (o.latency_target_s > 0)) then
+        error("serve.batch: latency_target_s must be a number > 0", level)
+    end
+    if o.batch_size_fn ~= nil and type(o.batch_size_fn) ~= "function" then
+        error("serve.batch: batch_size_fn must be a function", level)
+    end
+    return o
+end
+
+local function make_batched(fn, opts)
+    if type(fn) ~= "function" then
+        error("serve.batch: expects a function(self, items)", 3)
+    end
+    return setmetatable({ fn = fn, opts = batch_settings(opts, 4), name = opts.name }, Batched)
+end
+
+-- serve.batch(fn), serve.batch(opts, fn) or serve.batch(opts)(fn), as Ray's @serve.batch.
+function M.batch(a, b)
+    if type(a) == "table" and getmetatable(a) == nil and b == nil then
+        return function(fn) return make_batched(fn, a) end
+    end
+    if type(a) == "table" and getmetatable(a) == nil then
+        return make_batched(b, a)
+    end
+    return make_batched(a, {})
+end
+
+function Batched.__call(bm, self, item, ...)
+    if select("#", ...) > 0 then
+        error("a batched method takes one argument per call", 2)
+    end
+    local h = bm._h
+    if not h then
+        h = core_batcher_new(bm.fn, bm.opts, bm.name or "batched")
+        bm._h = h
+    end
+    local ok, v = core_batch_submit(h, self, item)
+    if not ok then
+        error(v, 0)
+    end
+    return v
+end
+
+local function set_option(bm, k, v)
+    local o = {}
+    for key, x in pairs(bm.opts) do o[key] = x end
+    o[k] = v
+    bm.opts = batch_settings(o, 4)
+    if bm._h then
+        core_batch_configure(bm._h, bm.opts)
+    end
+end
+
+function Batched:set_max_batch_size(n) set_option(self, "max_batch_size", n) end
+function Batched:set_batch_wait_timeout_s(s) set_option(self, "batch_wait_timeout_s", s) end
+function Batched:set_max_concurrent_batches(n) set_option(self, "max_concurrent_batches", n) end
+function Batched:set_latency_target_s(s) set_option(self, "latency_target_s", s) end
+function Batched:stats()
+    return self._h and core_batch_stats(self._h) or {}
 end
 
 -- serve.sleep(seconds) suspends the calling request (other requests run meanwhile).
@@ -413,6 +516,12 @@ function M._instantiate(root, name, app)
     for i = 1, node.nargs do
         args[i] = convert(node.args[i])
     end
+    -- A batched method is named after its field unless its options name it.
+    for k, v in pairs(node.class) do
+        if getmetatable(v) == Batched and not v.name then
+            v.name = tostring(k)
+        end
+    end
     return node.class, args, node.nargs
 end
 
@@ -431,10 +540,25 @@ function M._call_method(self, name, ...)
     end
 end
 
+-- The batch function of a batch's own task.
+function M._run_batch(fn, self, items)
+    return fn(self, items)
+end
+
+local function batching_stats(self)
+    local out = {}
+    for k, v in pairs(getmetatable(self) or {}) do
+        if getmetatable(v) == Batched and v._h then
+            out[v.name or tostring(k)] = core_batch_stats(v._h)
+        end
+    end
+    return out
+end
+
 function M._stats(self)
     local autoscaling = M._call_method(self, "record_autoscaling_stats") or {}
     local routing = M._call_method(self, "record_routing_stats") or {}
-    return autoscaling, routing
+    return autoscaling, routing, batching_stats(self)
 end
 
 function M._run_request(self, req)

@@ -406,6 +406,115 @@ static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
     free(d);
 }
 
+/* Adds replica histogram `h` ({count, sum, buckets = {{le, cumulative}, ...}}) into acc;
+ * takes h. */
+static void add_histogram(json_t *acc, const char *name, json_t *h)
+{
+    json_t *a = json_object_get(acc, name);
+    json_t *buckets = json_object_get(h, "buckets");
+    if (!json_is_array(buckets) || !a) {
+        if (json_is_array(buckets))
+            json_object_set_new(acc, name, h);
+        else
+            json_decref(h);
+        return;
+    }
+    json_t *ab = json_object_get(a, "buckets");
+    for (size_t i = 0; i < json_array_size(ab) && i < json_array_size(buckets); i++) {
+        json_t *x = json_array_get(json_array_get(ab, i), 1);
+        json_t *y = json_array_get(json_array_get(buckets, i), 1);
+        json_array_set_new(json_array_get(ab, i), 1,
+                           json_real(json_number_value(x) + json_number_value(y)));
+    }
+    json_object_set_new(a, "count", json_real(json_number_value(json_object_get(a, "count")) +
+                                              json_number_value(json_object_get(h, "count"))));
+    json_object_set_new(a, "sum", json_real(json_number_value(json_object_get(a, "sum")) +
+                                            json_number_value(json_object_get(h, "sum"))));
+    json_decref(h);
+}
+
+static void add_number(json_t *acc, const char *name, json_t *v)
+{
+    json_object_set_new(acc, name, json_real(json_number_value(json_object_get(acc, name)) +
+                                             json_number_value(v)));
+}
+
+/* The replica's histogram names; the metric of each is moonserve_batch_<name> but for the size,
+ * moonserve_batch_actual_size (Ray's serve_actual_batch_size). */
+static const char *const BATCH_HISTOGRAMS[] = {"wait_time_ms", "execution_time_ms",
+                                               "utilization_percent", "batch_size"};
+static const char *const BATCH_METRICS[] = {"wait_time_ms", "execution_time_ms",
+                                            "utilization_percent", "actual_size"};
+
+/* Every replica's serve.batch stats, summed per method (docs/batching.md, "Metrics"). */
+static json_t *batch_totals(const dep_entry_t *e)
+{
+    size_t n;
+    ms_replica_t **rs = replica_list(e, &n);
+    json_t *totals = json_object();
+    for (size_t i = 0; i < n; i++) {
+        const char *fn;
+        json_t *st;
+        json_object_foreach(rs[i]->batching_stats, fn, st)
+        {
+            json_t *acc = json_object_get(totals, fn);
+            if (!acc) {
+                acc = json_object();
+                json_object_set_new(totals, fn, acc);
+            }
+            add_number(acc, "batches_processed", json_object_get(st, "batches_processed"));
+            add_number(acc, "queue_length", json_object_get(st, "queue_length"));
+            for (size_t k = 0; k < sizeof BATCH_HISTOGRAMS / sizeof *BATCH_HISTOGRAMS; k++)
+                add_histogram(acc, BATCH_HISTOGRAMS[k],
+                              json_deep_copy(json_object_get(st, BATCH_HISTOGRAMS[k])));
+        }
+    }
+    free(rs);
+    return totals;
+}
+
+static void batch_metrics(const dep_entry_t *e, ms_buf_t *b)
+{
+    json_t *totals = batch_totals(e);
+    char *a = label_value(e->app->name), *d = label_value(e->name);
+    const char *fn;
+    json_t *acc;
+    json_object_foreach(totals, fn, acc)
+    {
+        char *f = label_value(fn);
+        char labels[600];
+        snprintf(labels, sizeof labels, "application=\"%s\",deployment=\"%s\",function_name=\"%s\"",
+                 a, d, f);
+        ms_buf_appendf(b, "moonserve_batches_processed_total{%s} %.0f\n", labels,
+                       json_number_value(json_object_get(acc, "batches_processed")));
+        ms_buf_appendf(b, "moonserve_batch_queue_length{%s} %.0f\n", labels,
+                       json_number_value(json_object_get(acc, "queue_length")));
+        for (size_t k = 0; k < sizeof BATCH_HISTOGRAMS / sizeof *BATCH_HISTOGRAMS; k++) {
+            json_t *h = json_object_get(acc, BATCH_HISTOGRAMS[k]);
+            json_t *bk = json_object_get(h, "buckets");
+            for (size_t i = 0; i < json_array_size(bk); i++) {
+                json_t *le = json_array_get(json_array_get(bk, i), 0);
+                char lebuf[32];
+                if (json_is_string(le))
+                    snprintf(lebuf, sizeof lebuf, "+Inf");
+                else
+                    snprintf(lebuf, sizeof lebuf, "%g", json_number_value(le));
+                ms_buf_appendf(b, "moonserve_batch_%s_bucket{%s,le=\"%s\"} %.0f\n",
+                               BATCH_METRICS[k], labels, lebuf,
+                               json_number_value(json_array_get(json_array_get(bk, i), 1)));
+            }
+            ms_buf_appendf(b, "moonserve_batch_%s_sum{%s} %g\n", BATCH_METRICS[k], labels,
+                           json_number_value(json_object_get(h, "sum")));
+            ms_buf_appendf(b, "moonserve_batch_%s_count{%s} %.0f\n", BATCH_METRICS[k], labels,
+                           json_number_value(json_object_get(h, "count")));
+        }
+        free(f);
+    }
+    free(a);
+    free(d);
+    json_decref(totals);
+}
+
 static int on_metrics(void *data, char **text)
 {
     controller_t *c = data;
@@ -416,9 +525,17 @@ static int on_metrics(void *data, char **text)
                           "# TYPE moonserve_deployment_ongoing_requests gauge\n"
                           "# TYPE moonserve_script_info gauge\n"
                           "# TYPE moonserve_script_failures_total counter\n"
-                          "# TYPE moonserve_controller_configs_held gauge\n");
-    for (size_t i = 0; i < c->n_deps; i++)
+                          "# TYPE moonserve_controller_configs_held gauge\n"
+                          "# TYPE moonserve_batches_processed_total counter\n"
+                          "# TYPE moonserve_batch_queue_length gauge\n"
+                          "# TYPE moonserve_batch_wait_time_ms histogram\n"
+                          "# TYPE moonserve_batch_execution_time_ms histogram\n"
+                          "# TYPE moonserve_batch_utilization_percent histogram\n"
+                          "# TYPE moonserve_batch_actual_size histogram\n");
+    for (size_t i = 0; i < c->n_deps; i++) {
         metrics_for(&c->deps[i], &b);
+        batch_metrics(&c->deps[i], &b);
+    }
     ms_policy_t **ps;
     size_t n = collect_policies(c, &ps);
     for (size_t i = 0; i < n; i++)

@@ -147,6 +147,26 @@ static void check_merged(const ms_config_t *cfg, const planned_t *p, ms_config_e
                              p->name);
 }
 
+/* As Ray Serve warns: a batched method whose batches need more requests at once than the
+ * replica admits can never fill one (it runs partial batches after every wait). */
+static void warn_unfillable_batches(const ms_config_t *cfg, const planned_t *p, json_t *batched)
+{
+    size_t i;
+    json_t *m;
+    json_array_foreach(batched, i, m)
+    {
+        json_int_t size = json_integer_value(json_object_get(m, "max_batch_size"));
+        json_int_t conc = json_integer_value(json_object_get(m, "max_concurrent_batches"));
+        if ((json_int_t)p->max_ongoing_requests < size * conc)
+            ms_warn("%s:%d:%d: warning: deployment '%s': max_ongoing_requests (%d) is less than "
+                    "max_batch_size * max_concurrent_batches (%lld) of batched method '%s': its "
+                    "batches can never fill",
+                    cfg->path, p->app->import_path_mark.line, p->app->import_path_mark.col,
+                    p->name, p->max_ongoing_requests, (long long)(size * conc),
+                    json_string_value(json_object_get(m, "name")));
+    }
+}
+
 static void check_overrides_exist(const ms_config_t *cfg, const ms_app_config_t *app, json_t *deps,
                                   ms_config_errors_t *errs)
 {
@@ -207,6 +227,7 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
         merge_basic(p, file, code);
         merge_autoscaling(cfg, p, file, code, errs);
         check_merged(cfg, p, errs);
+        warn_unfillable_batches(cfg, p, json_object_get(d, "batched"));
     }
     json_decref(graph);
     return errs->n == errors_before ? 0 : -1;

@@ -18,6 +18,7 @@ static void maybe_release(ms_replica_t *r)
         free(r->last_error);
         json_decref(r->autoscaling_stats);
         json_decref(r->routing_stats);
+        json_decref(r->batching_stats);
         free(r);
     }
 }
@@ -115,10 +116,13 @@ static void handle_stats_reply(ms_replica_t *r, json_t *msg)
         return;
     }
     json_t *as = json_object_get(msg, "autoscaling"), *rs = json_object_get(msg, "routing");
+    json_t *bs = json_object_get(msg, "batching");
     json_decref(r->autoscaling_stats);
     json_decref(r->routing_stats);
+    json_decref(r->batching_stats);
     r->autoscaling_stats = json_is_object(as) ? json_incref(as) : NULL;
     r->routing_stats = json_is_object(rs) ? json_incref(rs) : NULL;
+    r->batching_stats = json_is_object(bs) ? json_incref(bs) : NULL;
     r->stats_time = ms_wall_time();
     if (r->_events->on_stats)
         r->_events->on_stats(r);

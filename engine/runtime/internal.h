@@ -54,6 +54,8 @@ const char *rt_vm_error_text(lua_State *L, int idx);
 typedef struct rt_task rt_task_t;
 typedef struct rt_call rt_call_t;
 typedef struct rt rt_t;
+typedef struct rt_batcher rt_batcher_t;
+typedef struct rt_batch rt_batch_t;
 
 /* Called once the coroutine returned (ok=1, results on co's stack) or failed (ok=0, message on
  * top). The callback owns the task and must rt_task_free it. */
@@ -72,6 +74,14 @@ struct rt_task {
     int stream_wait;          /* suspended in a chunk the link's window could not take yet */
     int returned;             /* the coroutine ran to completion: it can host another task */
     rt_task_t *next_spare;    /* link in rt->spare */
+    /* serve.batch (batch.c): a caller waits in its batcher's queue, then in a running batch */
+    rt_batcher_t *batcher;
+    rt_batch_t *batch_run;
+    int batch_index, batch_size;
+    int batch_self_ref, batch_item_ref; /* registry anchors while queued */
+    uint64_t batch_enq_ms;
+    rt_task_t *batch_prev, *batch_next;
+    rt_batch_t *batch_ctx; /* a batch's own task: the batch it runs */
     rt_task_done_cb done;
     char request_id[80];
 };
@@ -88,9 +98,11 @@ struct rt {
     const char *controller_path;
     ms_http_client_t **pool; /* idle connections to the controller */
     size_t pool_len, pool_cap;
+    long max_ongoing;       /* the replica's max_ongoing_requests (for batch warnings) */
+    rt_batcher_t *batchers; /* every serve.batch method's batcher */
 };
 
-/* sleep, call, result, stream_start, stream_send for "moonserve.core" */
+/* sleep, call, result, stream_start, stream_send and the batch functions for "moonserve.core" */
 extern const luaL_Reg rt_task_lib[];
 /* Makes rt the one the task library uses; rt->L must exist. */
 void rt_tasks_init(rt_t *rt);
@@ -104,5 +116,21 @@ int rt_check_headers(const ms_http_header_t *hs, size_t n, char *err, size_t err
 /* Drops a task that will never be resumed: cancels its timer and its handle calls. */
 void rt_task_cancel(rt_task_t *t);
 void rt_task_free(rt_task_t *t);
+/* Resumes a suspended task with nargs values pushed on its coroutine. */
+void rt_task_resume(rt_task_t *t, int nargs);
+/* The replica's state, and the task whose coroutine is L (a Lua error naming `what` if L is not
+ * a task's own coroutine). */
+rt_t *rt_current(void);
+rt_task_t *rt_current_task(lua_State *L, const char *what);
+
+/* ---- batching (batch.c) --------------------------------------------------------------------- */
+void rt_batch_init(lua_State *L);
+/* A cancelled task leaves its batcher's queue, or its running batch's list of callers. */
+void rt_batch_forget(rt_task_t *t);
+/* batcher_new, batch_submit, batch_configure, batch_stats for "moonserve.core" */
+int rt_l_batcher_new(lua_State *L);
+int rt_l_batch_submit(lua_State *L);
+int rt_l_batch_configure(lua_State *L);
+int rt_l_batch_stats(lua_State *L);
 
 #endif

@@ -214,18 +214,21 @@ static void on_control_done(rt_task_t *t, int ok)
 static void on_stats_done(rt_task_t *t, int ok)
 {
     char err[160] = "";
-    json_t *reply = json_object(), *autoscaling = NULL, *routing = NULL;
+    json_t *reply = json_object(), *autoscaling = NULL, *routing = NULL, *batching = NULL;
     if (ok) {
-        autoscaling = rt_json_from_lua(t->co, -2, err, sizeof err);
-        routing = autoscaling ? rt_json_from_lua(t->co, -1, err, sizeof err) : NULL;
+        autoscaling = rt_json_from_lua(t->co, -3, err, sizeof err);
+        routing = autoscaling ? rt_json_from_lua(t->co, -2, err, sizeof err) : NULL;
+        batching = routing ? rt_json_from_lua(t->co, -1, err, sizeof err) : NULL;
     }
-    if (routing) {
+    if (batching) {
         json_object_set_new(reply, "ongoing", json_integer(R.ongoing));
         json_object_set_new(reply, "autoscaling", autoscaling);
         json_object_set_new(reply, "routing", routing);
+        json_object_set_new(reply, "batching", batching);
         ctl_reply(t->ctl_id, reply, NULL);
     } else {
         json_decref(autoscaling);
+        json_decref(routing);
         ctl_reply(t->ctl_id, reply, ok ? err : rt_vm_error_text(t->co, -1));
     }
     rt_task_free(t);
@@ -263,7 +266,7 @@ static void configure(json_int_t id, json_t *msg)
         return;
     }
     if (cap)
-        R.opt.max_ongoing = (long)json_integer_value(cap);
+        R.opt.max_ongoing = R.rt.max_ongoing = (long)json_integer_value(cap);
     if (step)
         R.opt.wait_loop_s = json_number_value(step);
     ctl_reply(id, json_object(), NULL);
@@ -662,6 +665,7 @@ int ms_runtime_main(int argc, char **argv)
     }
     R.rt.loop = uv_default_loop();
     R.rt.controller_path = R.opt.controller;
+    R.rt.max_ongoing = R.opt.max_ongoing;
     uv_pipe_init(R.rt.loop, &R.ctl, 0);
     if (uv_pipe_open(&R.ctl, CTL_FD) != 0 ||
         uv_read_start((uv_stream_t *)&R.ctl, ctl_alloc, ctl_read) != 0) {

@@ -42,6 +42,7 @@ static int l_future_gc(lua_State *L);
 void rt_tasks_init(rt_t *rt)
 {
     the_rt = rt;
+    rt_batch_init(rt->L);
     luaL_newmetatable(rt->L, FUTURE_MT);
     lua_pushcfunction(rt->L, l_future_gc);
     lua_setfield(rt->L, -2, "__gc");
@@ -126,8 +127,8 @@ static void resume(rt_task_t *t, int nargs)
     rt->current = prev;
     int refused = rt->mem.refused;
     if (st == LUA_YIELD) {
-        if (!t->timer && !t->waiting && !t->stream_wait) /* a bare coroutine.yield: nothing
-                                                          * would ever resume it */
+        /* A bare coroutine.yield: nothing would ever resume it. */
+        if (!t->timer && !t->waiting && !t->stream_wait && !t->batcher)
             finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
         collect_if_needed(rt, refused);
         return;
@@ -143,6 +144,16 @@ static void resume(rt_task_t *t, int nargs)
     }
     t->done(t, st == 0); /* frees t: its coroutine is garbage now */
     collect_if_needed(rt, refused);
+}
+
+void rt_task_resume(rt_task_t *t, int nargs)
+{
+    resume(t, nargs);
+}
+
+rt_t *rt_current(void)
+{
+    return the_rt;
 }
 
 void rt_task_start(rt_task_t *t, int nargs)
@@ -169,6 +180,7 @@ void rt_task_cancel(rt_task_t *t)
         t->waiting = NULL;
     }
     t->stream_wait = 0; /* the link forgets a pending chunk along with the stream */
+    rt_batch_forget(t);
     while (t->calls) {
         rt_call_t *c = t->calls;
         ms_http_client_close(c->client); /* the controller cancels the downstream request */
@@ -207,7 +219,7 @@ void rt_task_free(rt_task_t *t)
 
 /* The task running the Lua code in L, or a Lua error when L is not a task's own coroutine (a
  * user coroutine cannot be suspended on behalf of the request). */
-static rt_task_t *current_task(lua_State *L, const char *what)
+rt_task_t *rt_current_task(lua_State *L, const char *what)
 {
     rt_task_t *t = the_rt ? the_rt->current : NULL;
     if (!t || t->co != L)
@@ -238,7 +250,7 @@ static uint64_t sleep_ms(lua_State *L, double s)
 static int l_sleep(lua_State *L)
 {
     uint64_t ms = sleep_ms(L, luaL_checknumber(L, 1));
-    rt_task_t *t = current_task(L, "serve.sleep");
+    rt_task_t *t = rt_current_task(L, "serve.sleep");
     t->timer = ms_malloc(sizeof *t->timer);
     uv_timer_init(t->rt->loop, t->timer);
     t->timer->data = t;
@@ -424,7 +436,7 @@ static int l_call(lua_State *L)
     int n_headers = prepare_header_list(L, 4);
     size_t body_len;
     const char *body = luaL_checklstring(L, 5, &body_len);
-    rt_task_t *t = current_task(L, "handle:remote");
+    rt_task_t *t = rt_current_task(L, "handle:remote");
     rt_t *rt = t->rt;
     if (!rt->controller_path)
         return luaL_error(L, "handle:remote: this replica was started without --controller");
@@ -464,7 +476,7 @@ static int l_result(lua_State *L)
     rt_call_t *c = *(rt_call_t **)luaL_checkudata(L, 1, FUTURE_MT);
     if (c->state != CALL_INFLIGHT)
         return push_result(L, c);
-    rt_task_t *t = current_task(L, "future:result");
+    rt_task_t *t = rt_current_task(L, "future:result");
     if (c->waiter)
         return luaL_error(L, "future:result: another request is already waiting on this future");
     c->waiter = t;
@@ -532,7 +544,7 @@ int rt_check_headers(const ms_http_header_t *hs, size_t n, char *err, size_t err
  * (Transfer-Encoding: chunked) and ends when the request's coroutine returns. */
 static int l_stream_start(lua_State *L)
 {
-    rt_task_t *t = current_task(L, "serve.stream");
+    rt_task_t *t = rt_current_task(L, "serve.stream");
     int status = (int)luaL_checkinteger(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     if (!t->stream || t->streaming)
@@ -577,7 +589,7 @@ static void on_chunk_queued(void *ctx)
  * stays referenced by this call's own stack slot meanwhile. */
 static int l_stream_send(lua_State *L)
 {
-    rt_task_t *t = current_task(L, "serve.stream");
+    rt_task_t *t = rt_current_task(L, "serve.stream");
     size_t len;
     const char *chunk = luaL_checklstring(L, 1, &len);
     if (!t->streaming)
@@ -594,5 +606,9 @@ const luaL_Reg rt_task_lib[] = {
     {"result", l_result},
     {"stream_start", l_stream_start},
     {"stream_send", l_stream_send},
+    {"batcher_new", rt_l_batcher_new},
+    {"batch_submit", rt_l_batch_submit},
+    {"batch_configure", rt_l_batch_configure},
+    {"batch_stats", rt_l_batch_stats},
     {NULL, NULL},
 };
