@@ -1,6 +1,7 @@
 """Replica output is checked (issue 8, points 6 and 7):
  - a response header whose value holds CR or LF (or whose name is not a token) is refused with a
    500 JSON error carrying the request id, logged by the replica, and never reaches the client;
+ - a 1xx status from a handler (whole or streamed) is refused with a 500: it is no final status;
  - a table key that is not UTF-8 fails the JSON encoding with a message naming its bytes;
  - serve.sleep(NaN) and serve.sleep(-1) are errors; serve.sleep(math.huge) sleeps until the
    request is cancelled;
@@ -41,6 +42,10 @@ local routes = {
   streamcrlf = function()
     return serve.stream(function(send) send("never") end,
                         { headers = { ["x-a"] = "1\r\nX-Evil: 1" } })
+  end,
+  interim = function() return serve.response { status = 101, body = "x" } end,
+  interimstream = function()
+    return serve.stream(function(send) send("never") end, { status = 103 })
   end,
   badkey = function() return { ["caf\255"] = 1 } end,
   goodkey = function() return { ["caf\195\169"] = 1 } end,
@@ -124,6 +129,13 @@ class ReplicaOutputTest(harness.ServerTestCase):
     def test_streamed_head_is_checked_too(self):
         r, _ = self.refused("/out/streamcrlf", "CR or LF")
         self.assertIsNone(r.header("x-evil"), r)
+
+    def test_interim_status_cannot_end_a_response(self):
+        # a 1xx is no final status: passed through it would leave the client waiting for the
+        # real response (or parse the body as one)
+        r, body = self.refused("/out/interim", "status 101")
+        self.assertIn("final status (200-599)", body["error"])
+        r, body = self.refused("/out/interimstream", "invalid status 103")
 
     # -- JSON keys -------------------------------------------------------------------------
 
