@@ -22,14 +22,14 @@ Debian's python3-uvicorn and python3-numpy: /usr/bin/python3 when present).
 
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from benchlib import free_port, wrk
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 BIN = os.environ.get("BIN") or os.path.join(ROOT, "build", "moonserve")
@@ -122,14 +122,6 @@ wrk.headers["Content-Type"] = "application/json"
 '''
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def post(url, body, timeout=5):
     req = urllib.request.Request(url, data=body.encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -171,23 +163,9 @@ def start(system, tmp, port):
                             stdin=subprocess.DEVNULL), log
 
 
-def wrk(url, script, conns):
-    threads = min(THREADS, conns)
-    base = ["wrk", "-t%d" % threads, "-c%d" % conns, "-s", script]
-    if WARMUP:
-        subprocess.run(base + ["-d%ds" % WARMUP, url], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-    out = subprocess.run(base + ["-d%ds" % DURATION, "--latency", url], capture_output=True,
-                         text=True, check=True).stdout
-    if "Non-2xx" in out:
-        raise RuntimeError("non-2xx answers:\n" + out)
-
-    def ms(label):
-        m = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % re.escape(label), out, re.M)
-        v = float(m.group(1))
-        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
-    rps = float(re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M).group(1))
-    return rps, ms("50%"), ms("99%")
+def measure(url, script, conns):
+    rps, p50, p99, _ = wrk(url, min(THREADS, conns), conns, DURATION, WARMUP, script)
+    return rps, p50, p99
 
 
 def main():
@@ -208,7 +186,7 @@ def main():
                 if got.get("label") != sample["label"]:
                     raise RuntimeError("%s answered %r for a %d" % (system, got, sample["label"]))
                 for c in CONNECTIONS:
-                    results[(system, c)] = wrk(url, script, c)
+                    results[(system, c)] = measure(url, script, c)
                     print("bench digits: %s c=%d: %.0f req/s p50 %.2f ms p99 %.2f ms"
                           % ((system, c) + results[(system, c)]), file=sys.stderr)
             finally:

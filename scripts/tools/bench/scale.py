@@ -19,14 +19,14 @@ Exits non-zero when a measurement fails (a server does not come up, wrk fails, a
 
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from benchlib import free_port, wrk
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 BIN = os.environ.get("BIN") or os.path.join(ROOT, "build", "moonserve")
@@ -37,14 +37,6 @@ CONNECTIONS = int(os.environ.get("CONNECTIONS", "64"))
 THREADS = int(os.environ.get("THREADS", "2"))
 AUTOSCALING = os.environ.get("AUTOSCALING", "1") == "1"
 NOOP = os.path.join(ROOT, "scripts", "tools", "bench", "noop.lua")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def get_json(url, timeout=30):
@@ -122,25 +114,13 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url, pid):
+def measure(url, pid):
     """(requests/s, p50 ms, p99 ms, controller CPU microseconds per request)."""
     if WARMUP:
-        subprocess.run(["wrk", "-t%d" % THREADS, "-c%d" % CONNECTIONS, "-d%ds" % WARMUP, url],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wrk(url, THREADS, CONNECTIONS, WARMUP)
     cpu0 = cpu_s(pid)
-    out = subprocess.run(["wrk", "-t%d" % THREADS, "-c%d" % CONNECTIONS, "-d%ds" % DURATION,
-                          "--latency", url], capture_output=True, text=True, check=True).stdout
-    cpu = cpu_s(pid) - cpu0
-    if "Non-2xx" in out:
-        raise RuntimeError("non-2xx answers:\n" + out)
-
-    def ms(label):
-        m = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % re.escape(label), out, re.M)
-        v = float(m.group(1))
-        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
-    rps = float(re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M).group(1))
-    requests = int(re.search(r"^\s*(\d+) requests in", out, re.M).group(1))
-    return rps, ms("50%"), ms("99%"), cpu * 1e6 / requests
+    rps, p50, p99, requests = wrk(url, THREADS, CONNECTIONS, DURATION)
+    return rps, p50, p99, (cpu_s(pid) - cpu0) * 1e6 / requests
 
 
 def fmt_tick(loop):
@@ -167,7 +147,7 @@ def main():
                     row = {"n": n, "mode": "autoscaling" if autoscaling else "fixed",
                            "start_s": started, "idle": idle}
                     if not autoscaling:
-                        row["wrk"] = wrk("http://127.0.0.1:%d/" % srv.port, srv.proc.pid)
+                        row["wrk"] = measure("http://127.0.0.1:%d/" % srv.port, srv.proc.pid)
                         row["load"] = srv.status().get("control_loop")
                     rows.append(row)
                     print("bench scale: %d replicas (%s) up in %.1f s; idle tick: %s"
