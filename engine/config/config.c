@@ -724,8 +724,10 @@ static void top_max_replicas_total(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key,
     ms_config_t *cfg = obj;
     long long v;
     if (ms_cfg_get_strict_int(c, key, val, 1, MS_MAX_REPLICAS_TOTAL_LIMIT,
-                              "an integer in 1..100000", &v))
+                              "an integer in 1..100000", &v)) {
         cfg->max_replicas_total = (int)v;
+        cfg->max_replicas_total_mark = ms_cfg_mark(val);
+    }
 }
 
 static void top_replica_memory(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)

@@ -169,6 +169,7 @@ typedef struct ms_config {
     char *log_level;                /* logging_config.log_level, default "INFO" */
     double control_loop_interval_s; /* control_loop.interval_s (ours), default 0.1 */
     int max_replicas_total;         /* max_replicas_total (ours): replicas of all deployments */
+    ms_config_mark_t max_replicas_total_mark; /* where it was written; line 0 = the default */
     /* default_replica_memory (ours): the memory cap in bytes of a Lua replica whose
      * ray_actor_options has no memory; 0 (the default) = none */
     long long default_replica_memory;

@@ -156,18 +156,6 @@ static int on_status(void *data, json_t **body)
     return 200;
 }
 
-/* How many replicas deployment e may have under max_replicas_total: the limit less what every
- * other deployment is asked to keep. */
-static long long replica_room(const controller_t *c, const dep_entry_t *e)
-{
-    long long others = 0;
-    for (size_t i = 0; i < c->n_deps; i++)
-        if (&c->deps[i] != e)
-            others += ms_deployment_target(c->deps[i].dep);
-    long long room = c->cfg->max_replicas_total - others;
-    return room > 0 ? room : 0;
-}
-
 static int on_scale(void *data, const char *app, const char *deployment, long long target,
                     json_t **body)
 {
@@ -190,7 +178,7 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
         *body = json_pack("{s:s}", "error", msg);
         return 412;
     }
-    long long room = replica_room(c, e);
+    long long room = ms__control_replica_room(c, e);
     if (target > room) {
         char msg[400];
         snprintf(msg, sizeof msg,
