@@ -125,10 +125,7 @@ static void dep_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
     const char *s = ms_cfg_get_str(c, key, val);
     const char *why = s ? ms_cfg_name_problem(s) : NULL;
     if (why) {
-        ms_cfg_error(c, val,
-                     "deployment name '%.64s' %s (a name must not contain '/', be '.' "
-                     "or '..', or exceed %d bytes)",
-                     s, why, MS_CFG_NAME_MAX);
+        ms_cfg_error(c, val, "deployment name '%.64s' %s (" MS_CFG_NAME_RULE ")", s, why);
         return;
     }
     if (s) {
@@ -397,10 +394,7 @@ static void app_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
     const char *s = ms_cfg_get_str(c, key, val);
     const char *why = s ? ms_cfg_name_problem(s) : NULL;
     if (why) {
-        ms_cfg_error(c, val,
-                     "application name '%.64s' %s (a name must not contain '/', be "
-                     "'.' or '..', or exceed %d bytes)",
-                     s, why, MS_CFG_NAME_MAX);
+        ms_cfg_error(c, val, "application name '%.64s' %s (" MS_CFG_NAME_RULE ")", s, why);
         return;
     }
     if (s) {

@@ -196,6 +196,16 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
     json_array_foreach(deps, k, d)
     {
         const char *name = json_string_value(json_object_get(d, "name"));
+        /* A name from code only (no entry in the file) gets the file's rule here: it becomes a
+         * path component and a URL segment just the same. */
+        const char *why = name ? ms_cfg_name_problem(name) : NULL;
+        if (why) {
+            ms_config_errors_add(
+                errs, cfg->path, app->import_path_mark,
+                "application '%s': deployment name '%.64s' (from its code) %s (%s)", app->name,
+                name, why, MS_CFG_NAME_RULE);
+            continue;
+        }
         json_t *code = json_object_get(d, "options");
         plan->items = ms_realloc(plan->items, (plan->n + 1) * sizeof *plan->items);
         planned_t *p = &plan->items[plan->n++];

@@ -211,6 +211,31 @@ class CheckTest(unittest.TestCase):
         out = self.assert_error(path, 5, None, r"Helo")
         self.assertIn("Hello", out)
 
+    def code_named(self, name):
+        """A config whose one application's code declares a deployment called `name`."""
+        self.write("named.lua", """
+            local serve = require "moonserve"
+            local D = serve.deployment { name = "%s" }
+            function D:__call(req) return "x" end
+            return { app = D:bind() }
+            """ % name)
+        return self.write("config.yaml", """
+            applications:
+              - name: bad
+                route_prefix: /bad
+                import_path: named.lua:app
+            """)
+
+    def test_code_deployment_name_follows_the_name_rule(self):
+        self.assert_error(self.code_named(".."), 4, 18,
+                          r"^application 'bad': deployment name '\.\.' \(from its code\) is "
+                          r"'\.' or '\.\.' \(a name must not contain '/', be '\.' or '\.\.', or "
+                          r"exceed 255 bytes\)$")
+        self.assert_error(self.code_named("n" * 300), 4, 18,
+                          r"\(from its code\) is longer than 255 bytes")
+        rc, out = self.check(self.code_named("fine name"))
+        self.assertEqual(rc, 0, out)
+
     # -- Ray Serve compatibility ---------------------------------------------------------------
 
     def test_ray_config_spelling_out_builtins_and_newer_keys_passes(self):
