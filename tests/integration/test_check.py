@@ -236,6 +236,37 @@ class CheckTest(unittest.TestCase):
         rc, out = self.check(self.code_named("fine name"))
         self.assertEqual(rc, 0, out)
 
+    def actor_config(self, options):
+        return self.write("config.yaml", """
+            applications:
+              - name: hello
+                route_prefix: /hello
+                import_path: hello.lua:app
+                deployments:
+                  - name: Hello
+                    ray_actor_options: %s
+            """ % options)
+
+    def test_actor_options_warns_only_of_keys_without_effect(self):
+        rc, out = self.check(
+            self.actor_config("{memory: 100000000, num_cpus: 2, resources: {x: 1}}"))
+        self.assertEqual(rc, 0, out)
+        self.assertRegex(out, r"config.yaml:7:9: warning: ray_actor_options: 'num_cpus', "
+                              r"'resources' have no effect yet \(only 'memory' does: it caps the "
+                              r"replica's Lua memory\)")
+        self.assertNotIn("not supported yet", out)
+        rc, out = self.check(self.actor_config("{num_gpus: 1}"))
+        self.assertRegex(out, r"warning: ray_actor_options: 'num_gpus' has no effect yet")
+
+    def test_actor_options_memory_alone_warns_of_nothing(self):
+        rc, out = self.check(self.actor_config("{memory: 100000000}"))
+        self.assertEqual(rc, 0, out)
+        self.assertNotIn("warning", out)
+
+    def test_actor_options_bad_memory(self):
+        self.assert_error(self.actor_config("{memory: lots}"), 7, 37,
+                          r"memory must be a number of bytes >= 0 or null, got \"lots\"")
+
     # -- Ray Serve compatibility ---------------------------------------------------------------
 
     def test_ray_config_spelling_out_builtins_and_newer_keys_passes(self):
