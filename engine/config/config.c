@@ -125,10 +125,7 @@ static void dep_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
     const char *s = ms_cfg_get_str(c, key, val);
     const char *why = s ? ms_cfg_name_problem(s) : NULL;
     if (why) {
-        ms_cfg_error(c, val,
-                     "deployment name '%.64s' %s (a name must not contain '/', be '.' "
-                     "or '..', or exceed %d bytes)",
-                     s, why, MS_CFG_NAME_MAX);
+        ms_cfg_error(c, val, "deployment name '%.64s' %s (" MS_CFG_NAME_RULE ")", s, why);
         return;
     }
     if (s) {
@@ -187,13 +184,35 @@ static void dep_max_queued(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_no
     }
 }
 
-/* ray_actor_options has no effect on placement yet, but it is kept: a change of it is a code
- * change that rolls the replicas, as in Ray Serve. */
+/* ray_actor_options: only `memory` has an effect (it caps a Lua replica's memory). The whole
+ * mapping is kept, since a change of any key is a code change that rolls the replicas as in
+ * Ray Serve; the keys without effect (num_cpus, resources, ...) are named in one warning. */
 static void dep_actor_options(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     dep_build_t *db = obj;
     if (!ms_cfg_want_mapping(c, key, val, true) || ms_cfg_is_null(val))
         return;
+    ms_buf_t idle = {0};
+    int n_idle = 0;
+    for (yaml_node_pair_t *p = val->data.mapping.pairs.start; p < val->data.mapping.pairs.top;
+         p++) {
+        yaml_node_t *k = ms_cfg_node(c, p->key), *v = ms_cfg_node(c, p->value);
+        const char *name = ms_cfg_key_name(k);
+        double bytes;
+        if (name && strcmp(name, "memory") == 0) {
+            if (!ms_cfg_is_null(v))
+                ms_cfg_get_num(c, k, v, 0, true, "a number of bytes >= 0 or null", &bytes);
+            continue;
+        }
+        ms_buf_appendf(&idle, "%s'%s'", n_idle++ ? ", " : "", name ? name : "?");
+    }
+    if (n_idle) {
+        ms_config_mark_t m = ms_cfg_mark(key);
+        ms_warn("%s:%d:%d: warning: ray_actor_options: %s %s no effect yet (only 'memory' does: "
+                "it caps the replica's Lua memory)",
+                c->file, m.line, m.col, idle.data, n_idle == 1 ? "has" : "have");
+    }
+    ms_buf_free(&idle);
     json_decref(db->dep->ray_actor_options);
     db->dep->ray_actor_options = ms_cfg_to_json(c, val);
 }
@@ -300,7 +319,7 @@ static const ms_cfg_field_t dep_fields[] = {
     {"health_check_timeout_s", dep_health_timeout, MS_FIELD_OK},
     {"autoscaling_config", dep_autoscaling, MS_FIELD_OK},
     {"request_router_config", dep_router, MS_FIELD_OK},
-    {"ray_actor_options", dep_actor_options, MS_FIELD_LATER},
+    {"ray_actor_options", dep_actor_options, MS_FIELD_OK}, /* warns of its own idle keys */
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
     {"placement_group_bundles", ms_cfg_later_mappings, MS_FIELD_LATER},
     {"placement_group_strategy", ms_cfg_later_pg_strategy, MS_FIELD_LATER},
@@ -397,10 +416,7 @@ static void app_name(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *
     const char *s = ms_cfg_get_str(c, key, val);
     const char *why = s ? ms_cfg_name_problem(s) : NULL;
     if (why) {
-        ms_cfg_error(c, val,
-                     "application name '%.64s' %s (a name must not contain '/', be "
-                     "'.' or '..', or exceed %d bytes)",
-                     s, why, MS_CFG_NAME_MAX);
+        ms_cfg_error(c, val, "application name '%.64s' %s (" MS_CFG_NAME_RULE ")", s, why);
         return;
     }
     if (s) {
@@ -724,8 +740,10 @@ static void top_max_replicas_total(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key,
     ms_config_t *cfg = obj;
     long long v;
     if (ms_cfg_get_strict_int(c, key, val, 1, MS_MAX_REPLICAS_TOTAL_LIMIT,
-                              "an integer in 1..100000", &v))
+                              "an integer in 1..100000", &v)) {
         cfg->max_replicas_total = (int)v;
+        cfg->max_replicas_total_mark = ms_cfg_mark(val);
+    }
 }
 
 static void top_replica_memory(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)

@@ -169,6 +169,7 @@ typedef struct ms_config {
     char *log_level;                /* logging_config.log_level, default "INFO" */
     double control_loop_interval_s; /* control_loop.interval_s (ours), default 0.1 */
     int max_replicas_total;         /* max_replicas_total (ours): replicas of all deployments */
+    ms_config_mark_t max_replicas_total_mark; /* where it was written; line 0 = the default */
     /* default_replica_memory (ours): the memory cap in bytes of a Lua replica whose
      * ray_actor_options has no memory; 0 (the default) = none */
     long long default_replica_memory;
@@ -219,6 +220,17 @@ void ms_config_autoscaling_free(ms_autoscaling_config_t *a);
 /* Deep copy and free of a Lua reference (NULL-safe), for modules that keep one past the config. */
 ms_config_lua_ref_t *ms_config_lua_ref_copy(const ms_config_lua_ref_t *r);
 void ms_config_lua_ref_free(ms_config_lua_ref_t *r);
+
+/* Application and deployment names: what ms_cfg_name_problem accepts. */
+#define MS_CFG_NAME_MAX 255
+/* The rule, as error messages state it. */
+#define MS_CFG_NAME_RULE "a name must not contain '/', be '.' or '..', or exceed 255 bytes"
+/* NULL when `s` is a usable application or deployment name, else why not (a constant text).
+ * A name must work as one path component and one URL path segment: no '/', not "." or "..",
+ * at most MS_CFG_NAME_MAX bytes. Other characters (quotes, backslashes, spaces, newlines) are
+ * escaped wherever a name is printed (JSON, metrics labels). The file's names and names that
+ * come only from code (serve.deployment{name = ...}) follow the same rule. */
+const char *ms_cfg_name_problem(const char *s);
 
 /* Finds the file override for a deployment by name, or NULL. */
 const ms_deployment_config_t *ms_config_find_deployment(const ms_app_config_t *app,

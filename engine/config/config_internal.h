@@ -24,14 +24,6 @@
  * before it is loaded, since loading it costs time that grows faster than its size. */
 #define MS_CFG_MAX_NESTING 100
 
-/* Application and deployment names: what ms_cfg_name_problem accepts. */
-#define MS_CFG_NAME_MAX 255
-/* NULL when `s` is a usable application or deployment name, else why not (a constant text).
- * A name must work as one path component and one URL path segment: no '/', not "." or "..",
- * at most MS_CFG_NAME_MAX bytes. Other characters (quotes, backslashes, spaces, newlines) are
- * escaped wherever a name is printed (JSON, metrics labels). */
-const char *ms_cfg_name_problem(const char *s);
-
 typedef struct ms_cfg_ctx {
     yaml_document_t *doc;
     const char *file; /* name used in messages, as given by the caller */

@@ -442,7 +442,7 @@ const char *ms_cfg_suggest(const char *key, const char *const *names, size_t n)
 const char *ms_cfg_name_problem(const char *s)
 {
     if (strlen(s) > MS_CFG_NAME_MAX)
-        return "longer than 255 bytes";
+        return "is longer than 255 bytes";
     if (strchr(s, '/'))
         return "contains '/'";
     if (!strcmp(s, ".") || !strcmp(s, ".."))

@@ -26,10 +26,13 @@ static const char *replica_state_name(ms_replica_state_t s)
     }
 }
 
-/* Ray's DeploymentStatus from the replica counts against the target. */
+/* Ray's DeploymentStatus from the replica counts against the target; a rolling update (replicas
+ * of the previous version still live) is UPDATING until the last old one is gone. */
 static const char *deployment_status(const dep_entry_t *e, size_t running, size_t live)
 {
     int target = ms_deployment_target(e->dep);
+    if (ms_deployment_updating(e->dep))
+        return "UPDATING";
     if ((size_t)target == running && live == running)
         return "HEALTHY";
     if ((size_t)target > running)
@@ -70,13 +73,21 @@ static json_t *deployment_json(const dep_entry_t *e)
     size_t running, live;
     json_t *replicas = replicas_json(e, &running, &live);
     const char *status = deployment_status(e, running, live);
-    const char *trigger = e->autoscaler ? "AUTOSCALING" : "CONFIG_UPDATE_COMPLETED";
+    const char *trigger = strcmp(status, "UPDATING") == 0 ? "CONFIG_UPDATE_STARTED"
+                          : e->autoscaler                 ? "AUTOSCALING"
+                                                          : "CONFIG_UPDATE_COMPLETED";
     char message[600] = "";
     const char *failure = ms_deployment_failure(e->dep);
     if (failure) {
         status = "DEPLOY_FAILED";
         trigger = "REPLICA_STARTUP_FAILED";
-        snprintf(message, sizeof message, "replicas fail to start: %s", failure);
+        if (running > 0) /* a failed rolling update: the previous version still serves */
+            snprintf(message, sizeof message,
+                     "the new version fails to start; %zu replicas of the previous version keep "
+                     "serving: %s",
+                     running, failure);
+        else
+            snprintf(message, sizeof message, "replicas fail to start: %s", failure);
         /* The cut above may fall inside a character; json_pack takes only valid UTF-8. */
         ms_utf8_copy(message, sizeof message, message, strlen(message));
     } else if (strcmp(status, "HEALTHY") != 0) {
@@ -145,18 +156,6 @@ static int on_status(void *data, json_t **body)
     return 200;
 }
 
-/* How many replicas deployment e may have under max_replicas_total: the limit less what every
- * other deployment is asked to keep. */
-static long long replica_room(const controller_t *c, const dep_entry_t *e)
-{
-    long long others = 0;
-    for (size_t i = 0; i < c->n_deps; i++)
-        if (&c->deps[i] != e)
-            others += ms_deployment_target(c->deps[i].dep);
-    long long room = c->cfg->max_replicas_total - others;
-    return room > 0 ? room : 0;
-}
-
 static int on_scale(void *data, const char *app, const char *deployment, long long target,
                     json_t **body)
 {
@@ -179,7 +178,7 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
         *body = json_pack("{s:s}", "error", msg);
         return 412;
     }
-    long long room = replica_room(c, e);
+    long long room = ms__control_replica_room(c, e);
     if (target > room) {
         char msg[400];
         snprintf(msg, sizeof msg,

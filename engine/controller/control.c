@@ -153,12 +153,45 @@ static void record_sample(dep_entry_t *e, double now)
     free(running);
 }
 
-static void apply(dep_entry_t *e, const ms_autoscale_decision_t *d)
+long long ms__control_replica_room(const controller_t *c, const dep_entry_t *e)
 {
-    if (d->applied && d->target != ms_deployment_target(e->dep)) {
+    long long others = 0;
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (&c->deps[i] != e)
+            others += ms_deployment_target(c->deps[i].dep);
+    long long room = c->cfg->max_replicas_total - others;
+    return room > 0 ? room : 0;
+}
+
+/* A scaling decision cut to what max_replicas_total leaves; a cut never lowers the target in
+ * force. Each run of cuts is logged once, not every tick. */
+static int within_limit(controller_t *c, dep_entry_t *e, int target, const char *who)
+{
+    int current = ms_deployment_target(e->dep);
+    long long room = ms__control_replica_room(c, e);
+    if (target <= current || target <= room) {
+        e->limit_logged = 0;
+        return target;
+    }
+    int cut = room > current ? (int)room : current;
+    if (!e->limit_logged)
+        ms_warn("%s %s/%s: asked for %d replicas, cut to %d: max_replicas_total is %d and the "
+                "other deployments keep %lld",
+                who, e->app->name, e->name, target, cut, c->cfg->max_replicas_total,
+                c->cfg->max_replicas_total - room);
+    e->limit_logged = 1;
+    return cut;
+}
+
+static void apply(controller_t *c, dep_entry_t *e, const ms_autoscale_decision_t *d)
+{
+    if (!d->applied)
+        return;
+    int target = within_limit(c, e, d->target, "autoscaling");
+    if (target != ms_deployment_target(e->dep)) {
         ms_info("autoscaling %s/%s: %d -> %d (%s)", e->app->name, e->name, d->previous_target,
-                d->target, d->reason);
-        ms_deployment_set_target(e->dep, d->target);
+                target, d->reason);
+        ms_deployment_set_target(e->dep, target);
     }
 }
 
@@ -185,18 +218,18 @@ static void decide_app(controller_t *c, size_t app_index, double now)
     }
     ms_app_policy_decide(c->apps[app_index].policy, now, scalers, targets, n, decisions);
     for (size_t i = 0; i < n; i++)
-        apply(entries[i], &decisions[i]);
+        apply(c, entries[i], &decisions[i]);
     free(scalers);
     free(targets);
     free(entries);
     free(decisions);
 }
 
-static void decide_one(dep_entry_t *e, double now)
+static void decide_one(controller_t *c, dep_entry_t *e, double now)
 {
     ms_autoscale_decision_t d;
     ms_autoscaler_decide(e->autoscaler, now, ms_deployment_target(e->dep), &d);
-    apply(e, &d);
+    apply(c, e, &d);
 }
 
 /* An application's external_scaler tick, when due: it may set any of its deployments' targets
@@ -228,7 +261,7 @@ static void run_scale_tick(controller_t *c, size_t a, double now)
                      c->apps[a].cfg->name, (long long)t, name, MS_MAX_TARGET_REPLICAS);
             continue;
         }
-        ms_deployment_set_target(e->dep, (int)t);
+        ms_deployment_set_target(e->dep, within_limit(c, e, (int)t, "external_scaler tick"));
     }
     json_decref(targets);
     json_decref(state);
@@ -254,7 +287,7 @@ static void tick(controller_t *c)
     for (size_t i = 0; i < c->n_deps; i++) {
         dep_entry_t *e = &c->deps[i];
         if (e->autoscaler && !c->apps[e->app_index].policy)
-            decide_one(e, now);
+            decide_one(c, e, now);
     }
 }
 
@@ -326,7 +359,7 @@ void ms__control_on_cold_start(ms_deployment_t *d, void *data)
         return; /* a fixed or externally scaled count stays where it was set */
     double now = ms_wall_time();
     record_sample(e, now);
-    decide_one(e, now);
+    decide_one(c, e, now);
 }
 
 void ms__control_start(controller_t *c)

@@ -61,6 +61,7 @@ typedef struct dep_entry {
     double stats_period_s;
     double stats_timeout_s;
     json_t *actor_options; /* ray_actor_options in force (owned, may be NULL): a change rolls */
+    int limit_logged;      /* a scaling decision was cut at max_replicas_total and logged */
 } dep_entry_t;
 
 typedef struct app_entry {
@@ -124,6 +125,9 @@ int ms__control_initial_replicas(const planned_t *p);
 /* Router callback: a request waits at zero replicas. */
 void ms__control_on_cold_start(ms_deployment_t *d, void *data);
 dep_entry_t *ms__control_find(controller_t *c, const char *app, const char *deployment);
+/* How many replicas deployment e may have under max_replicas_total: the limit less what every
+ * other deployment is asked to keep. */
+long long ms__control_replica_room(const controller_t *c, const dep_entry_t *e);
 /* The control loop's settings and tick durations, for status (new reference). */
 json_t *ms__control_status(const controller_t *c);
 

@@ -216,6 +216,16 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
     json_array_foreach(deps, k, d)
     {
         const char *name = json_string_value(json_object_get(d, "name"));
+        /* A name from code only (no entry in the file) gets the file's rule here: it becomes a
+         * path component and a URL segment just the same. */
+        const char *why = name ? ms_cfg_name_problem(name) : NULL;
+        if (why) {
+            ms_config_errors_add(
+                errs, cfg->path, app->import_path_mark,
+                "application '%s': deployment name '%.64s' (from its code) %s (%s)", app->name,
+                name, why, MS_CFG_NAME_RULE);
+            continue;
+        }
         json_t *code = json_object_get(d, "options");
         plan->items = ms_realloc(plan->items, (plan->n + 1) * sizeof *plan->items);
         planned_t *p = &plan->items[plan->n++];
@@ -233,12 +243,53 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
     return errs->n == errors_before ? 0 : -1;
 }
 
+/* Where a deployment's count was written: its entry in the file, else its application's
+ * import_path (the count came from code). */
+static ms_config_mark_t count_mark(const planned_t *p)
+{
+    const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
+    return file ? file->mark : p->app->import_path_mark;
+}
+
+/* max_replicas_total bounds what the config asks for: no deployment's count or autoscaling
+ * bound may pass it, nor may the counts every deployment starts with, together. Autoscaling
+ * decisions above what is left are cut when they are made (control.c). */
+static int check_replica_limit(const ms_config_t *cfg, const plan_t *plan, ms_config_errors_t *errs)
+{
+    size_t before = errs->n;
+    int limit = cfg->max_replicas_total;
+    long long total = 0;
+    for (size_t i = 0; i < plan->n; i++) {
+        const planned_t *p = &plan->items[i];
+        const ms_autoscaling_config_t *a = p->autoscaling;
+        int n = a ? a->max_replicas : p->num_replicas;
+        if (n > limit)
+            ms_config_errors_add(errs, cfg->path, count_mark(p),
+                                 "deployment '%s' of application '%s': %s %d is over the engine's "
+                                 "replica limit, max_replicas_total %d",
+                                 p->name, p->app->name,
+                                 a ? "autoscaling_config.max_replicas" : "num_replicas", n, limit);
+        total += ms__control_initial_replicas(p);
+    }
+    if (errs->n == before && total > limit && plan->n > 0)
+        ms_config_errors_add(errs, cfg->path,
+                             cfg->max_replicas_total_mark.line ? cfg->max_replicas_total_mark
+                                                               : plan->items[0].app->mark,
+                             "the deployments start with %lld replicas together (num_replicas, or "
+                             "autoscaling initial_replicas / min_replicas), over the engine's "
+                             "replica limit, max_replicas_total %d",
+                             total, limit);
+    return errs->n == before ? 0 : -1;
+}
+
 int ms__plan_build(const ms_config_t *cfg, plan_t *plan, ms_config_errors_t *errs)
 {
     int rc = 0;
     for (size_t i = 0; i < cfg->n_apps; i++)
         if (plan_app(cfg, &cfg->apps[i], plan, errs) != 0)
             rc = -1;
+    if (rc == 0)
+        rc = check_replica_limit(cfg, plan, errs);
     return rc;
 }
 

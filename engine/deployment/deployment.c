@@ -166,14 +166,23 @@ static int any_replica_left(const ms_deployment_t *d)
     return 0;
 }
 
-static int deploy_failed(const ms_deployment_t *d)
+/* The current version cannot start: too many constructor failures in a row and none of its
+ * replicas running. Replicas of an older version may still serve (a failed rolling update). */
+static int version_failed(const ms_deployment_t *d)
 {
     if (d->constructor_failures == 0)
         return 0; /* scaled to zero is not failed */
     int cap = (d->target_replicas > 0 ? d->target_replicas : 1) * CONSTRUCTOR_RETRIES_PER_REPLICA;
     if (cap > CONSTRUCTOR_RETRIES_CAP)
         cap = CONSTRUCTOR_RETRIES_CAP;
-    return d->constructor_failures >= cap && ms_deployment_running_replicas(d) == 0;
+    return d->constructor_failures >= cap && running_current(d) == 0;
+}
+
+/* Nothing can serve: the current version failed and no older replica runs either, so requests
+ * are refused instead of waiting. */
+static int deploy_failed(const ms_deployment_t *d)
+{
+    return version_failed(d) && ms_deployment_running_replicas(d) == 0;
 }
 
 static void fail_queued(ms_deployment_t *d, int status, const char *message);
@@ -260,8 +269,12 @@ static ms_replica_t *least_loaded_available(ms_deployment_t *d)
 static void on_replica_ready(ms_replica_t *r)
 {
     ms_deployment_t *d = r->owner;
-    d->consecutive_failures = 0;
-    d->constructor_failures = 0;
+    if (r->generation == d->generation) {
+        /* Only the current version's start clears its failure count: an older replica that
+         * finishes starting during a failing update does not make the new code work. */
+        d->consecutive_failures = 0;
+        d->constructor_failures = 0;
+    }
     if (r->settings_seq != d->settings_seq) {
         /* Started before the latest lightweight update: bring it up to date first. */
         ms_replica_configure(r, d->max_ongoing_requests, d->spec.graceful_shutdown_wait_loop_s);
@@ -284,7 +297,8 @@ static void on_replica_failed(ms_replica_t *r, const char *error)
 {
     ms_deployment_t *d = r->owner;
     ms_error("replica %s: constructor failed: %s", r->id, error);
-    d->constructor_failures++;
+    if (r->generation == d->generation) /* an old version's failure says nothing of the new */
+        d->constructor_failures++;
     free(d->last_failure);
     d->last_failure = ms_strdup(error);
     if (deploy_failed(d)) {
@@ -1029,6 +1043,9 @@ void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
     replace_string(&d->spec.import_path, spec->import_path);
     replace_string(&d->spec.args_json, spec->args_json);
     d->generation++;
+    /* New code gets a fresh count of constructor failures and no backoff left from the old. */
+    d->constructor_failures = 0;
+    d->consecutive_failures = 0;
     ms_info("deployment %s: code changed; replacing replicas (new ones first)", d->name);
     reconcile(d);
 }
@@ -1255,7 +1272,15 @@ ms_router_script_t *ms_deployment_router_script(ms_deployment_t *d)
 
 const char *ms_deployment_failure(const ms_deployment_t *d)
 {
-    return deploy_failed(d) ? (d->last_failure ? d->last_failure : "unknown error") : NULL;
+    return version_failed(d) ? (d->last_failure ? d->last_failure : "unknown error") : NULL;
+}
+
+int ms_deployment_updating(const ms_deployment_t *d)
+{
+    for (int i = 0; i < d->n_slots; i++)
+        if (is_live(d->slots[i]) && d->slots[i]->generation != d->generation)
+            return 1;
+    return 0;
 }
 
 const char *ms_deployment_spawn_error(const ms_deployment_t *d)

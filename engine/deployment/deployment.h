@@ -91,9 +91,13 @@ void ms_deployment_check_health(ms_deployment_t *d);
 /* The deployment's router script, for reload and status. */
 struct ms_router_script *ms_deployment_router_script(ms_deployment_t *d);
 
-/* The constructor error when the deployment failed to start (Ray's DEPLOY_FAILED: repeated
- * constructor failures and no replica running), else NULL. */
+/* The constructor error when the current version failed to start (Ray's DEPLOY_FAILED: repeated
+ * constructor failures and none of its replicas running), else NULL. Replicas of the previous
+ * version may still be running and serving (ms_deployment_updating). */
 const char *ms_deployment_failure(const ms_deployment_t *d);
+
+/* Whether a rolling update is under way: replicas of an older version are still live. */
+int ms_deployment_updating(const ms_deployment_t *d);
 
 /* Why the latest attempt to start a replica process failed (the open-files or process limit, say),
  * or NULL when it started; attempts repeat every second while replicas are missing. */

@@ -211,6 +211,62 @@ class CheckTest(unittest.TestCase):
         out = self.assert_error(path, 5, None, r"Helo")
         self.assertIn("Hello", out)
 
+    def code_named(self, name):
+        """A config whose one application's code declares a deployment called `name`."""
+        self.write("named.lua", """
+            local serve = require "moonserve"
+            local D = serve.deployment { name = "%s" }
+            function D:__call(req) return "x" end
+            return { app = D:bind() }
+            """ % name)
+        return self.write("config.yaml", """
+            applications:
+              - name: bad
+                route_prefix: /bad
+                import_path: named.lua:app
+            """)
+
+    def test_code_deployment_name_follows_the_name_rule(self):
+        self.assert_error(self.code_named(".."), 4, 18,
+                          r"^application 'bad': deployment name '\.\.' \(from its code\) is "
+                          r"'\.' or '\.\.' \(a name must not contain '/', be '\.' or '\.\.', or "
+                          r"exceed 255 bytes\)$")
+        self.assert_error(self.code_named("n" * 300), 4, 18,
+                          r"\(from its code\) is longer than 255 bytes")
+        rc, out = self.check(self.code_named("fine name"))
+        self.assertEqual(rc, 0, out)
+
+    def actor_config(self, options):
+        return self.write("config.yaml", """
+            applications:
+              - name: hello
+                route_prefix: /hello
+                import_path: hello.lua:app
+                deployments:
+                  - name: Hello
+                    ray_actor_options: %s
+            """ % options)
+
+    def test_actor_options_warns_only_of_keys_without_effect(self):
+        rc, out = self.check(
+            self.actor_config("{memory: 100000000, num_cpus: 2, resources: {x: 1}}"))
+        self.assertEqual(rc, 0, out)
+        self.assertRegex(out, r"config.yaml:7:9: warning: ray_actor_options: 'num_cpus', "
+                              r"'resources' have no effect yet \(only 'memory' does: it caps the "
+                              r"replica's Lua memory\)")
+        self.assertNotIn("not supported yet", out)
+        rc, out = self.check(self.actor_config("{num_gpus: 1}"))
+        self.assertRegex(out, r"warning: ray_actor_options: 'num_gpus' has no effect yet")
+
+    def test_actor_options_memory_alone_warns_of_nothing(self):
+        rc, out = self.check(self.actor_config("{memory: 100000000}"))
+        self.assertEqual(rc, 0, out)
+        self.assertNotIn("warning", out)
+
+    def test_actor_options_bad_memory(self):
+        self.assert_error(self.actor_config("{memory: lots}"), 7, 37,
+                          r"memory must be a number of bytes >= 0 or null, got \"lots\"")
+
     # -- Ray Serve compatibility ---------------------------------------------------------------
 
     def test_ray_config_spelling_out_builtins_and_newer_keys_passes(self):

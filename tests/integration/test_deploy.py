@@ -143,5 +143,21 @@ class DeployTest(harness.ServerTestCase):
             what="replicas replaced after a ray_actor_options change")
 
 
+    def test_6_code_deployment_name_is_refused(self):
+        # a deployment named only in code follows the config's name rule: 400, nothing changes
+        self.server.write_file("dotdot.lua", """
+local serve = require "moonserve"
+local D = serve.deployment { name = ".." }
+function D:__call(req) return "x" end
+return { app = D:bind() }
+""")
+        apps = self.base_apps() + [{"name": "bad", "route_prefix": "/bad",
+                                    "import_path": "dotdot.lua:app"}]
+        body = self.assertErrorJSON(self.deploy(self.config(apps)), 400)
+        self.assertTrue(any("deployment name '..' (from its code) is '.' or '..'" in e
+                            for e in body.get("errors") or []), body)
+        self.assertNotIn("bad", self.server.status()["applications"])
+
+
 if __name__ == "__main__":
     harness.main()
