@@ -2,11 +2,12 @@
  * nn/forward: the batched forward pass. Each layer is one sgemm over the whole batch (the bias
  * broadcast into the output first, so the product adds onto it), then the activation; the
  * activations ping-pong between two scratch buffers the model keeps, so a pass allocates
- * nothing once the largest batch has been seen.
+ * nothing once the largest batch has been seen. cblas.h gives the BLAS prototypes only.
  */
 #include "nn/internal.h"
 
 #include <cblas.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -67,18 +68,31 @@ int nn_scratch_reserve(ms_nn_t *m, size_t rows)
     return 0;
 }
 
-/* Replicas are the unit of parallelism: one BLAS thread each, unless the operator says
- * otherwise through OpenBLAS's own variable. */
-static void blas_threads_once(void)
+/* OpenBLAS is opened on first use, not linked: its threaded build starts a pool of nproc - 1
+ * threads in every process it is loaded into, which would be every replica of every kind.
+ * Replicas are the unit of parallelism, so unless the operator set OPENBLAS_NUM_THREADS, a
+ * replica's BLAS gets one thread, set in the environment its constructor reads at load. */
+static __typeof__(cblas_sgemm) *sgemm;
+
+int nn_blas_load(char *err, size_t errlen)
 {
-    static int done;
-    if (!done++ && !getenv("OPENBLAS_NUM_THREADS"))
-        openblas_set_num_threads(1);
+    static const char *const names[] = {"libopenblas.so.0", "libopenblas.so", "libcblas.so.3",
+                                        NULL};
+    if (sgemm)
+        return 0;
+    setenv("OPENBLAS_NUM_THREADS", "1", 0);
+    for (size_t i = 0; names[i] && !sgemm; i++) {
+        void *lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        void *p = lib ? dlsym(lib, "cblas_sgemm") : NULL;
+        memcpy(&sgemm, &p, sizeof p); /* object pointer to function pointer, as dlsym requires */
+    }
+    if (!sgemm)
+        return nn_errf(err, errlen, "no BLAS library (libopenblas.so.0 not found)");
+    return 0;
 }
 
 static int cpu_forward(ms_nn_t *m, const float *in, size_t rows, float *out)
 {
-    blas_threads_once();
     const float *cur = in;
     for (size_t i = 0; i < m->n_layers; i++) {
         const nn_layer_t *l = &m->layers[i];
@@ -87,8 +101,8 @@ static int cpu_forward(ms_nn_t *m, const float *in, size_t rows, float *out)
         for (size_t r = 0; r < rows; r++)
             memcpy(dst + r * l->out, l->b, l->out * sizeof(float));
         /* dst[rows,out] += cur[rows,in] . W[out,in]^T */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)l->out, (int)l->in,
-                    1.0f, cur, (int)l->in, l->w, (int)l->in, 1.0f, dst, (int)l->out);
+        sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)l->out, (int)l->in, 1.0f,
+              cur, (int)l->in, l->w, (int)l->in, 1.0f, dst, (int)l->out);
         nn_activate(last ? m->output : m->hidden, dst, rows, l->out);
         cur = dst;
     }

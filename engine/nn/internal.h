@@ -35,6 +35,8 @@ int nn_errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((forma
 /* Applies `act` in place to rows x width values (softmax: per row). */
 void nn_activate(nn_act_t act, float *v, size_t rows, size_t width);
 const char *nn_act_name(nn_act_t act);
+/* Opens the CPU BLAS (once per process). 0, or -1 with the reason in err. */
+int nn_blas_load(char *err, size_t errlen);
 /* Makes m->scratch hold `rows` rows. 0, or -1 when memory runs out. */
 int nn_scratch_reserve(ms_nn_t *m, size_t rows);
 

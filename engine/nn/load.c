@@ -386,15 +386,17 @@ static int place(ms_nn_t *m, ms_nn_device_t device, const char *name, char *err,
 {
     static int said;
     char why[256];
-    if (device == MS_NN_CPU)
-        return 0;
-    m->gpu = nn_cuda_open(m, why, sizeof why);
-    if (m->gpu)
-        return 0;
-    if (device == MS_NN_CUDA)
-        return nn_errf(err, errlen, "%s: device \"cuda\" asked for but %s", name, why);
-    if (!said++)
-        ms_info("nn: %s; dense models run on the CPU", why);
+    if (device != MS_NN_CPU) {
+        m->gpu = nn_cuda_open(m, why, sizeof why);
+        if (m->gpu)
+            return 0;
+        if (device == MS_NN_CUDA)
+            return nn_errf(err, errlen, "%s: device \"cuda\" asked for but %s", name, why);
+        if (!said++)
+            ms_info("nn: %s; dense models run on the CPU", why);
+    }
+    if (nn_blas_load(why, sizeof why) != 0)
+        return nn_errf(err, errlen, "%s: %s", name, why);
     return 0;
 }
 

@@ -500,7 +500,11 @@ int main(void)
         perror("mkdtemp");
         return 1;
     }
+    int blas_threads_unset = getenv("OPENBLAS_NUM_THREADS") == NULL;
     test_tiny();
+    /* The CPU path opened OpenBLAS with one thread, the operator not having said otherwise. */
+    if (blas_threads_unset)
+        ASSERT_STR_EQ(getenv("OPENBLAS_NUM_THREADS"), "1");
     test_half_formats();
     test_metadata();
     test_shape_errors();
