@@ -24,6 +24,14 @@ for _, level in ipairs { "debug", "info", "warn", "error" } do
     end
 end
 
+-- serve.nn: the built-in dense-model runtime (docs/nn.md), loaded on first use.
+setmetatable(M, { __index = function(t, k)
+    if k == "nn" then
+        rawset(t, "nn", require "moonserve.nn")
+        return rawget(t, "nn")
+    end
+end })
+
 -- ---- deployments ----------------------------------------------------------------------------
 
 -- The code options serve.deployment{} accepts, with the Lua type each must have.

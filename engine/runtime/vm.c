@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "nn/nn.h"
 
 static const char MODULE_KEY[] = "moonserve.runtime.module";
 
@@ -41,22 +42,28 @@ static int open_core(lua_State *L)
     return 1;
 }
 
-static void set_package_path(lua_State *L, const char *app_file)
+/* Pushes the folder of the application file ("." when it names none). */
+static void push_app_dir(lua_State *L, const char *app_file)
 {
-    const char *lua_dir = getenv("MOONSERVE_LUA_DIR");
-    if (!lua_dir || !*lua_dir)
-        lua_dir = MS_LUA_DIR;
     const char *slash = strrchr(app_file, '/');
     int dir_len = slash ? (int)(slash - app_file) : 1;
     const char *dir = slash ? app_file : ".";
     if (slash && dir_len == 0) /* the file is directly under / */
         dir_len = 1;
+    lua_pushlstring(L, dir, (size_t)dir_len);
+}
+
+static void set_package_path(lua_State *L, const char *app_file)
+{
+    const char *lua_dir = getenv("MOONSERVE_LUA_DIR");
+    if (!lua_dir || !*lua_dir)
+        lua_dir = MS_LUA_DIR;
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "path");
     lua_pushfstring(L, "%s/?.lua;", lua_dir);
-    lua_pushlstring(L, dir, (size_t)dir_len);
+    push_app_dir(L, app_file);
     lua_pushstring(L, "/?.lua;");
-    lua_pushlstring(L, dir, (size_t)dir_len);
+    push_app_dir(L, app_file);
     lua_pushstring(L, "/?/init.lua;");
     lua_pushvalue(L, -6); /* the default path last */
     lua_concat(L, 6);
@@ -126,6 +133,10 @@ lua_State *rt_vm_new(const char *app_file, const luaL_Reg *extra, rt_mem_t *mem,
     lua_pushlightuserdata(L, (void *)extra);
     lua_pushcclosure(L, open_core, 1);
     lua_setfield(L, -2, "moonserve.core");
+    /* The dense-model runtime, loaded on first require; model paths are relative to the app. */
+    push_app_dir(L, app_file);
+    lua_pushcclosure(L, ms_nn_lua_open, 1);
+    lua_setfield(L, -2, "moonserve.nn");
     lua_pop(L, 2);
     lua_getglobal(L, "require");
     lua_pushstring(L, "moonserve");

@@ -7,6 +7,7 @@ packages=(
   build-essential cmake pkg-config git python3
   libuv1-dev node-llhttp libluajit2-5.1-dev libjansson-dev libyaml-dev libhiredis-dev
   libopenblas-dev redis-server wrk
+  python3-numpy python3-sklearn
 )
 # Extra packages a caller asks for (the benchmark adds nginx and its Lua module).
 packages+=("$@")
