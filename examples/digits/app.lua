@@ -15,10 +15,21 @@ function Digits:init(weights)
     self.width = self.model:info().input
 end
 
--- The model call, one list of rows in and one label per row out: the shape a batched method
--- has, so requests can share one forward pass.
-function Digits:predict_batch(rows)
-    return self.model:predict(rows)
+-- The model call, batched (docs/batching.md): each request passes its own row, the replica
+-- gathers the rows of concurrent requests (up to 32, waiting at most 2 ms after the first) and
+-- runs one forward pass for all of them. user_config can change both at run time.
+Digits.predict_batch = serve.batch({ max_batch_size = 32, batch_wait_timeout_s = 0.002 },
+    function(self, rows)
+        return self.model:predict(rows)
+    end)
+
+function Digits:reconfigure(config)
+    if config.max_batch_size then
+        self.predict_batch:set_max_batch_size(config.max_batch_size)
+    end
+    if config.batch_wait_timeout_s then
+        self.predict_batch:set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+    end
 end
 
 local function bad_request(req, message)
@@ -48,7 +59,7 @@ function Digits:__call(req)
     if not pixels then
         return bad_request(req, err)
     end
-    return { label = self:predict_batch({ pixels })[1] }
+    return { label = self:predict_batch(pixels) }
 end
 
 return { app = Digits:bind() }
