@@ -370,6 +370,26 @@ static void test_best_fit_and_reasons(void)
     ms_gpu_free(g);
 }
 
+/* A long device list is cut after 8 devices: the reason stays one readable line. */
+static void test_reason_lists_at_most_8_devices(void)
+{
+    ms_gpu_t *g = fake("10xA100:81920", NULL);
+    ms_gpu_pool_t *p = ms_gpu_pool_new(g);
+    ms_gpu_placement_t pl[10], extra;
+    char reason[MS_GPU_REASON_MAX];
+    for (int i = 0; i < 10; i++)
+        ASSERT_INT_EQ(place(p, 0.75, 0, &pl[i], reason), 0);
+    ASSERT_INT_EQ(place(p, 0.5, 0, &extra, reason), 1);
+    ASSERT_CONTAINS(reason,
+                    "needs 0.5 GPU, 0.25 free at most on one device (device 0: 0.75 used, ");
+    ASSERT_CONTAINS(reason, "device 7: 0.75 used, ...)");
+    ASSERT_TRUE(strstr(reason, "device 8") == NULL);
+    for (int i = 0; i < 10; i++)
+        ms_gpu_pool_release(p, &pl[i]);
+    ms_gpu_pool_free(p);
+    ms_gpu_free(g);
+}
+
 static void test_whole_devices(void)
 {
     ms_gpu_t *g = fake("4xH100:81559", NULL);
@@ -732,6 +752,7 @@ int main(void)
     test_discover_real_libraries();
     test_fractions_pack_exactly();
     test_best_fit_and_reasons();
+    test_reason_lists_at_most_8_devices();
     test_whole_devices();
     test_memory();
     test_request_check();
