@@ -15,6 +15,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+#include "autoscale/autoscale.h"
 #include "core/core.h"
 #include "gpu/gpu.h"
 #include "sandbox/sandbox.h"
@@ -742,6 +743,49 @@ static void test_gpu_utilization_policy(void)
     free(err);
 }
 
+/* Through today's autoscaler (the real policy kind, self_test at load), whose ctx has no GPU
+ * fields yet: the policy keeps the target in force and nothing counts as a failure. */
+static void test_policy_in_the_autoscaler(void)
+{
+    char *path = policy_path(), *err = NULL;
+    ms_config_lua_ref_t ref = {.path = path, .file = path, .attr = "gpu_utilization_policy"};
+    ms_autoscaling_config_t c = {
+        .min_replicas = 1,
+        .initial_replicas = -1,
+        .max_replicas = 10,
+        .target_ongoing_requests = 2,
+        .metrics_interval_s = 10,
+        .look_back_period_s = 30,
+        .smoothing_factor = 1,
+        .upscale_smoothing_factor = -1,
+        .downscale_smoothing_factor = -1,
+        .upscaling_factor = -1,
+        .downscaling_factor = -1,
+        .downscale_to_zero_delay_s = -1,
+        .aggregation_function = "mean",
+        .policy = &ref,
+    };
+    ms_autoscaler_t *a = ms_autoscaler_new("app", "Model", &c, 20000, 8u << 20, &err);
+    if (!a)
+        fprintf(stderr, "autoscaler_new: %s\n", err);
+    ASSERT_TRUE(a != NULL);
+    if (a) {
+        static const char *ids[] = {"r0", "r1"};
+        static const double reqs[] = {5, 5};
+        ms_autoscale_sample_t s = {0, 2, 2, ids, reqs, 0, NULL};
+        ms_autoscaler_record(a, &s);
+        ms_autoscale_decision_t d;
+        ASSERT_INT_EQ(ms_autoscaler_decide(a, 1, 2, &d), 2);
+        json_t *st = ms_autoscaler_status(a);
+        json_t *failures = json_object_get(json_object_get(st, "policy"), "failures");
+        ASSERT_INT_EQ(json_integer_value(failures), 0);
+        json_decref(st);
+        ms_autoscaler_free(a);
+    }
+    free(err);
+    free(path);
+}
+
 int main(void)
 {
     test_fake_spec_good();
@@ -760,5 +804,6 @@ int main(void)
     test_json_and_metrics_text();
     test_lua_fill();
     test_gpu_utilization_policy();
+    test_policy_in_the_autoscaler();
     return TEST_DONE();
 }
