@@ -189,16 +189,20 @@ static void open_nvml(ms_gpu_t *g, const char *const *names, char *why, size_t c
 static void describe_device(ms_gpu_t *g, const cudart_api_t *c, int i)
 {
     ms_gpu_device_t *d = &g->dev[i];
-    char bus[32];
+    char bus[32] = "?";
+    nvml_device_t h = NULL;
     d->index = i;
     snprintf(d->name, sizeof d->name, "CUDA device %d", i);
-    if (g->have_nvml && c->pci_bus_id(bus, (int)sizeof bus, i) == 0 &&
-        g->nvml.by_pci_bus_id(bus, &g->handle[i]) == 0) {
+    if (g->have_nvml &&
+        (c->pci_bus_id(bus, (int)sizeof bus, i) != 0 || g->nvml.by_pci_bus_id(bus, &h) != 0 || !h))
+        ms_warn("GPU %d: NVML has no device at PCI bus id %s; no metrics for it", i, bus);
+    if (h) {
+        g->handle[i] = h;
         nvml_memory_t m;
         char name[sizeof d->name];
-        if (g->nvml.name(g->handle[i], name, (unsigned)sizeof name) == 0)
+        if (g->nvml.name(h, name, (unsigned)sizeof name) == 0)
             ms_utf8_copy(d->name, sizeof d->name, name, strnlen(name, sizeof name));
-        if (g->nvml.memory(g->handle[i], &m) == 0) {
+        if (g->nvml.memory(h, &m) == 0) {
             d->memory_total_bytes = m.total;
             return;
         }

@@ -15,12 +15,14 @@ static void sample_nvml(ms_gpu_t *g)
         ms_gpu_device_t *d = &g->dev[i];
         nvml_utilization_t u;
         nvml_memory_t m;
-        nvml_return_t r = g->handle[i] ? g->nvml.utilization(g->handle[i], &u) : -1;
+        if (!g->handle[i])
+            continue; /* warned about at discovery; never sampled */
+        nvml_return_t r = g->nvml.utilization(g->handle[i], &u);
         if (r == 0)
             r = g->nvml.memory(g->handle[i], &m);
         d->has_sample = r == 0;
         if (r != 0) {
-            if (!g->sample_failing[i] && g->handle[i])
+            if (!g->sample_failing[i])
                 ms_warn("GPU %d: NVML read failed (%s); its metrics are unknown until it reads "
                         "again",
                         i, g->nvml.error_string(r));
