@@ -94,6 +94,9 @@ void ms_autoscaler_free(ms_autoscaler_t *a)
     ms_policy_free(a->script);
     ms_policy_free(a->fallback);
     as_window_free(&a->win);
+    ms_autoscaler_set_replica_gpus(a, 0, NULL, NULL);
+    free(a->gpu_ids);
+    free(a->gpu_placements);
     free(a->cfg.aggregation_function);
     ms_config_lua_ref_free(a->cfg.policy);
     json_decref(a->cfg.policy_kwargs);
@@ -105,6 +108,31 @@ void ms_autoscaler_free(ms_autoscaler_t *a)
 int ms_autoscaler_initial_replicas(const ms_autoscaler_t *a)
 {
     return a->cfg.initial_replicas >= 0 ? a->cfg.initial_replicas : a->cfg.min_replicas;
+}
+
+void ms_autoscaler_set_gpus(ms_autoscaler_t *a, const ms_gpu_t *g)
+{
+    a->gpus = g && ms_gpu_count(g) > 0 ? g : NULL;
+}
+
+void ms_autoscaler_set_replica_gpus(ms_autoscaler_t *a, size_t n, const char *const *ids,
+                                    const ms_gpu_placement_t *const *placements)
+{
+    for (size_t i = 0; i < a->n_gpu; i++)
+        free(a->gpu_ids[i]);
+    a->n_gpu = 0;
+    if (!a->gpus)
+        return; /* no GPU fields in the ctx: nothing to keep */
+    if (n > a->cap_gpu) {
+        a->cap_gpu = n;
+        a->gpu_ids = ms_realloc(a->gpu_ids, n * sizeof *a->gpu_ids);
+        a->gpu_placements = ms_realloc(a->gpu_placements, n * sizeof *a->gpu_placements);
+    }
+    for (size_t i = 0; i < n; i++) {
+        a->gpu_ids[i] = ms_strdup(ids[i]);
+        a->gpu_placements[i] = *placements[i];
+    }
+    a->n_gpu = n;
 }
 
 void ms_autoscaler_record(ms_autoscaler_t *a, const ms_autoscale_sample_t *s)

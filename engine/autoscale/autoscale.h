@@ -20,6 +20,7 @@
 #include <stddef.h>
 
 #include "config/config.h"
+#include "gpu/gpu.h"
 
 typedef struct ms_autoscaler ms_autoscaler_t;
 typedef struct ms_app_policy ms_app_policy_t;
@@ -60,6 +61,13 @@ void ms_autoscaler_free(ms_autoscaler_t *a);
 
 /* initial_replicas, or min_replicas when unset. */
 int ms_autoscaler_initial_replicas(const ms_autoscaler_t *a);
+
+/* The host's GPUs, for ctx.gpus (docs/gpu.md); NULL or none: the ctx has no GPU fields. */
+void ms_autoscaler_set_gpus(ms_autoscaler_t *a, const ms_gpu_t *g);
+/* The devices each running replica holds now (ids are replica tags), for ctx.replica_gpu_ids;
+ * copied (ignored without GPUs). */
+void ms_autoscaler_set_replica_gpus(ms_autoscaler_t *a, size_t n, const char *const *ids,
+                                    const ms_gpu_placement_t *const *placements);
 
 /* Adds a sample to the look-back window (older samples fall out). */
 void ms_autoscaler_record(ms_autoscaler_t *a, const ms_autoscale_sample_t *s);

@@ -107,6 +107,11 @@ struct ms_autoscaler {
 
     ms_autoscale_decision_t hist[AS_HISTORY];
     size_t hist_len, hist_next;
+
+    const ms_gpu_t *gpus; /* NULL: no GPU fields in the ctx */
+    char **gpu_ids;       /* replica tags and the devices they hold, as of the latest sample */
+    ms_gpu_placement_t *gpu_placements;
+    size_t n_gpu, cap_gpu;
 };
 
 /* The built-in answer for `a` (its own script when built-in, else the lazily loaded fallback).

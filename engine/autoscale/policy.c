@@ -211,6 +211,23 @@ static void push_ctx_table(ms_policy_version_t *v, const char *name)
     lua_remove(L, -2);
 }
 
+/* ctx.gpus refilled in place; ctx.replica_gpu_ids = {[replica tag] = {device, ...}}, fresh each
+ * call (replicas come and go). */
+static void fill_gpus(ms_policy_version_t *v, int ctx, const ms_autoscaler_t *a)
+{
+    lua_State *L = v->L;
+    ms_policy_subtable(v, ctx, "gpus", ms_gpu_count(a->gpus), 0);
+    ms_gpu_lua_fill(L, -1, a->gpus);
+    lua_pop(L, 1);
+    lua_createtable(L, 0, (int)a->n_gpu);
+    for (size_t i = 0; i < a->n_gpu; i++) {
+        lua_pushstring(L, a->gpu_ids[i]);
+        ms_gpu_lua_push_ids(L, &a->gpu_placements[i]);
+        lua_rawset(L, -3);
+    }
+    ms_policy_set_value(L, ctx, "replica_gpu_ids");
+}
+
 static void bind_ctx(as_version_t *k, const void *ctx, const ms_autoscaler_t *a, double now)
 {
     if (k->nbind == k->cap_bind) {
@@ -248,6 +265,8 @@ void as_ctx_push(ms_policy_t *p, const ms_autoscaler_t *a, double now, int curre
     ms_policy_subtable(v, ctx, "config", 0, 18);
     fill_config(L, lua_gettop(L), &a->cfg);
     lua_pop(L, 1);
+    if (a->gpus)
+        fill_gpus(v, ctx, a);
     bind_ctx(v->kind_data, lua_topointer(L, ctx), a, now);
 }
 

@@ -12,6 +12,7 @@
  * config_scaling.c, which also serves autoscaling options given in code as JSON.
  */
 #include "config/config_internal.h"
+#include "gpu/gpu.h"
 #include "core/core.h"
 
 #include <errno.h>
@@ -184,9 +185,22 @@ static void dep_max_queued(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_no
     }
 }
 
-/* ray_actor_options: only `memory` has an effect (it caps a Lua replica's memory). The whole
- * mapping is kept, since a change of any key is a code change that rolls the replicas as in
- * Ray Serve; the keys without effect (num_cpus, resources, ...) are named in one warning. */
+/* ray_actor_options: `memory` caps a Lua replica's memory, `num_gpus` places it on GPUs
+ * (docs/gpu.md). The whole mapping is kept, since a change of any key is a code change that
+ * rolls the replicas as in Ray Serve; the keys without effect (num_cpus, resources, ...) are
+ * named in one warning. */
+/* A share of one GPU (a fraction), or a whole number of GPUs; placement rules in engine/gpu. */
+static void check_num_gpus(ms_cfg_ctx_t *c, yaml_node_t *k, yaml_node_t *v)
+{
+    double n;
+    if (ms_cfg_is_null(v) || !ms_cfg_get_num(c, k, v, 0, true, "a number of GPUs >= 0", &n))
+        return;
+    ms_gpu_request_t rq = {.num_gpus = n};
+    char err[MS_GPU_REASON_MAX];
+    if (ms_gpu_request_check(&rq, err, sizeof err) != 0)
+        ms_cfg_error(c, v, "ray_actor_options: %s", err);
+}
+
 static void dep_actor_options(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     dep_build_t *db = obj;
@@ -204,12 +218,16 @@ static void dep_actor_options(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml
                 ms_cfg_get_num(c, k, v, 0, true, "a number of bytes >= 0 or null", &bytes);
             continue;
         }
+        if (name && strcmp(name, "num_gpus") == 0) {
+            check_num_gpus(c, k, v);
+            continue;
+        }
         ms_buf_appendf(&idle, "%s'%s'", n_idle++ ? ", " : "", name ? name : "?");
     }
     if (n_idle) {
         ms_config_mark_t m = ms_cfg_mark(key);
-        ms_warn("%s:%d:%d: warning: ray_actor_options: %s %s no effect yet (only 'memory' does: "
-                "it caps the replica's Lua memory)",
+        ms_warn("%s:%d:%d: warning: ray_actor_options: %s %s no effect yet (only 'memory' and "
+                "'num_gpus' do: the replica's Lua memory cap and its GPU share)",
                 c->file, m.line, m.col, idle.data, n_idle == 1 ? "has" : "have");
     }
     ms_buf_free(&idle);

@@ -60,9 +60,10 @@ static json_t *replicas_json(const dep_entry_t *e, size_t *running, size_t *live
         *running += r->state == MS_REPLICA_RUNNING;
         *live += r->state == MS_REPLICA_RUNNING || r->state == MS_REPLICA_STARTING;
         json_array_append_new(
-            arr, json_pack("{s:s, s:s, s:s, s:i, s:f, s:i}", "replica_id", r->replica_id,
+            arr, json_pack("{s:s, s:s, s:s, s:i, s:f, s:i, s:o}", "replica_id", r->replica_id,
                            "replica_tag", r->id, "state", replica_state_name(r->state), "pid",
-                           r->pid, "start_time_s", r->start_time, "ongoing_requests", r->ongoing));
+                           r->pid, "start_time_s", r->start_time, "ongoing_requests", r->ongoing,
+                           "gpu_ids", ms_gpu_placement_json(&r->gpu)));
     }
     free(rs);
     return arr;
@@ -153,6 +154,10 @@ static int on_status(void *data, json_t **body)
                       "MULTI_APP", "http_options", "host", c->cfg->http.host, "port",
                       c->cfg->http.port, "applications", apps, "target_capacity");
     json_object_set_new(*body, "control_loop", ms__control_status(c));
+    json_object_set_new(*body, "gpus",
+                        json_pack("{s:s, s:s, s:o}", "source", ms_gpu_source_name(c->gpus),
+                                  "message", ms_gpu_message(c->gpus), "devices",
+                                  ms_gpu_devices_json(c->gpus, c->gpu_pool)));
     return 200;
 }
 
@@ -425,17 +430,19 @@ static void add_histogram(json_t *acc, const char *name, json_t *h)
         json_array_set_new(json_array_get(ab, i), 1,
                            json_real(json_number_value(x) + json_number_value(y)));
     }
-    json_object_set_new(a, "count", json_real(json_number_value(json_object_get(a, "count")) +
-                                              json_number_value(json_object_get(h, "count"))));
-    json_object_set_new(a, "sum", json_real(json_number_value(json_object_get(a, "sum")) +
-                                            json_number_value(json_object_get(h, "sum"))));
+    json_object_set_new(a, "count",
+                        json_real(json_number_value(json_object_get(a, "count")) +
+                                  json_number_value(json_object_get(h, "count"))));
+    json_object_set_new(a, "sum",
+                        json_real(json_number_value(json_object_get(a, "sum")) +
+                                  json_number_value(json_object_get(h, "sum"))));
     json_decref(h);
 }
 
 static void add_number(json_t *acc, const char *name, json_t *v)
 {
-    json_object_set_new(acc, name, json_real(json_number_value(json_object_get(acc, name)) +
-                                             json_number_value(v)));
+    json_object_set_new(
+        acc, name, json_real(json_number_value(json_object_get(acc, name)) + json_number_value(v)));
 }
 
 /* The replica's histogram names; the metric of each is moonserve_batch_<name> but for the size,
@@ -543,6 +550,7 @@ static int on_metrics(void *data, char **text)
     /* The file's config, and the latest deploy's: a count that grew with each deploy would be
      * a leak. */
     ms_buf_appendf(&b, "moonserve_controller_configs_held %d\n", 1 + (c->deployed != NULL));
+    ms_gpu_metrics_text(c->gpus, &b);
     *text = b.data;
     return 200;
 }

@@ -95,6 +95,7 @@ int ms__control_setup(controller_t *c, const plan_t *plan)
             free(err);
             return -1;
         }
+        ms_autoscaler_set_gpus(e->autoscaler, c->gpus);
         if (c->apps[e->app_index].policy && p->autoscaling->policy)
             ms_warn("application %s: its autoscaling_policy takes precedence over deployment "
                     "%s's own policy",
@@ -112,6 +113,7 @@ static void record_sample(dep_entry_t *e, double now)
     const char **ids = ms_malloc((n ? n : 1) * sizeof *ids);
     double *running = ms_malloc((n ? n : 1) * sizeof *running);
     ms_deployment_replicas(e->dep, replicas, n);
+    const ms_gpu_placement_t **gpus = ms_malloc((n ? n : 1) * sizeof *gpus);
     size_t k = 0;
     double newest = e->stats_seen;
     for (size_t i = 0; i < n; i++) {
@@ -119,6 +121,7 @@ static void record_sample(dep_entry_t *e, double now)
         if (r->state != MS_REPLICA_RUNNING)
             continue;
         ids[k] = r->id;
+        gpus[k] = &r->gpu;
         running[k] = r->ongoing;
         if (r->stats_time > newest)
             newest = r->stats_time;
@@ -147,9 +150,11 @@ static void record_sample(dep_entry_t *e, double now)
         .custom_metrics = custom,
     };
     ms_autoscaler_record(e->autoscaler, &s);
+    ms_autoscaler_set_replica_gpus(e->autoscaler, k, ids, gpus);
     json_decref(custom);
     free(replicas);
     free(ids);
+    free(gpus);
     free(running);
 }
 
@@ -270,6 +275,7 @@ static void run_scale_tick(controller_t *c, size_t a, double now)
 static void tick(controller_t *c)
 {
     double now = ms_wall_time();
+    ms_gpu_sample(c->gpus); /* for /metrics and the policies' ctx.gpus */
     for (size_t i = 0; i < c->n_deps; i++)
         ms_deployment_check_health(c->deps[i].dep);
     for (size_t i = 0; i < c->n_deps; i++)

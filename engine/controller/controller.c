@@ -120,6 +120,14 @@ static ms_http_limits_t limits_from(const ms_http_options_t *h)
     return l;
 }
 
+/* ray_actor_options.num_gpus: the replica's GPU share (0: none). */
+static double replica_gpus(const planned_t *p)
+{
+    const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
+    json_t *n = file ? json_object_get(file->ray_actor_options, "num_gpus") : NULL;
+    return json_is_number(n) && json_number_value(n) > 0 ? json_number_value(n) : 0;
+}
+
 /* ray_actor_options.memory (bytes, as Ray's) bounds the replica's Lua memory; without it the
  * engine-wide default_replica_memory does (0: no cap). */
 static long long replica_memory(const controller_t *c, const planned_t *p)
@@ -159,7 +167,10 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
                  .user_config_json = p->user_config_json,
                  .max_ongoing_requests = p->max_ongoing_requests,
                  .graceful_shutdown_wait_loop_s = p->wait_loop_s,
-                 .memory_bytes = replica_memory(c, p)},
+                 .memory_bytes = replica_memory(c, p),
+                 .num_gpus = replica_gpus(p)},
+        .gpus = c->gpus,
+        .gpu_pool = c->gpu_pool,
         .on_cold_start = ms__control_on_cold_start,
         .owner_data = c,
     };
@@ -428,9 +439,21 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
         ms__plan_free(&plan);
         return 1;
     }
+    /* Discovery may block (driver start-up): once, before the loop. A malformed fake spec stops
+     * the start; no GPU is no error. */
+    char *gpu_err = NULL;
+    ms_gpu_t *gpus = ms_gpu_discover(NULL, &gpu_err);
+    if (!gpus) {
+        fprintf(stderr, "moonserve: %s\n", gpu_err ? gpu_err : "GPU discovery failed");
+        free(gpu_err);
+        ms__plan_free(&plan);
+        return 1;
+    }
     controller_t c = {0};
     c.loop = uv_default_loop();
     c.cfg = cfg;
+    c.gpus = gpus;
+    c.gpu_pool = ms_gpu_pool_new(gpus);
     c.exe_path = exe_path;
     /* The controller owns the config while it runs; the hashes let a later deploy tell code
      * changes from setting changes. */
@@ -441,6 +464,8 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
         ms__plan_free(&plan);
         ms_ingress_free(c.proxy);
         free_entries(&c);
+        ms_gpu_pool_free(c.gpu_pool);
+        ms_gpu_free(c.gpus);
         return 1;
     }
     snprintf(c.handle_socket, sizeof c.handle_socket, "%s/controller.sock", c.run_dir);
@@ -468,5 +493,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     free_entries(&c);
     remove_own_run_dir(&c);
     uv_loop_close(c.loop);
+    ms_gpu_pool_free(c.gpu_pool);
+    ms_gpu_free(c.gpus);
     return rc;
 }

@@ -111,6 +111,8 @@ typedef struct controller {
     int reload_in_flight;
     struct reload_waiter *reload_running, *reload_waiting;
     ms__tick_stats_t tick_stats;
+    ms_gpu_t *gpus; /* discovered at start (docs/gpu.md) */
+    ms_gpu_pool_t *gpu_pool;
 } controller_t;
 
 /* control.c: autoscalers and application policies for the planned deployments, the tick. */

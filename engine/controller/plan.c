@@ -161,8 +161,8 @@ static void warn_unfillable_batches(const ms_config_t *cfg, const planned_t *p, 
             ms_warn("%s:%d:%d: warning: deployment '%s': max_ongoing_requests (%d) is less than "
                     "max_batch_size * max_concurrent_batches (%lld) of batched method '%s': its "
                     "batches can never fill",
-                    cfg->path, p->app->import_path_mark.line, p->app->import_path_mark.col,
-                    p->name, p->max_ongoing_requests, (long long)(size * conc),
+                    cfg->path, p->app->import_path_mark.line, p->app->import_path_mark.col, p->name,
+                    p->max_ongoing_requests, (long long)(size * conc),
                     json_string_value(json_object_get(m, "name")));
     }
 }

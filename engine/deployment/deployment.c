@@ -83,8 +83,10 @@ struct ms_deployment {
     void *owner_data;
     uv_timer_t cold_timer;  /* bounds how long requests wait with no replica running */
     ms_replica_spec_t spec; /* strings owned */
-    unsigned generation;    /* bumped by a code update: older replicas are replaced */
-    unsigned settings_seq;  /* bumped by a lightweight update */
+    const ms_gpu_t *gpus;   /* shared; NULL: no GPU placement */
+    ms_gpu_pool_t *gpu_pool;
+    unsigned generation;   /* bumped by a code update: older replicas are replaced */
+    unsigned settings_seq; /* bumped by a lightweight update */
     ms_router_script_t *script;
     ms_replica_t **slots;    /* replica per router slot; NULL holes */
     unsigned char *routable; /* per slot: known to the Lua router (ready, not stopping) */
@@ -118,7 +120,7 @@ struct ms_deployment {
     int consecutive_failures;
     int constructor_failures; /* since the last replica became ready */
     char *last_failure;
-    char spawn_error[256]; /* why the latest replica process could not start; "" = it started */
+    char spawn_error[MS_GPU_REASON_MAX]; /* why the latest replica could not start; "" = it did */
     int shutting_down;
     void (*shutdown_done)(void *);
     void *shutdown_data;
@@ -345,6 +347,7 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
     else
         ms_log(level, "replica %s: exited with status %d", r->id, (int)exit_status);
     int deliberate = r->stop_requested;
+    ms_gpu_pool_release(d->gpu_pool, &r->gpu);
     ms_replica_free(r);
     if (d->shutting_down) {
         maybe_finish_shutdown(d);
@@ -505,6 +508,44 @@ static int spawn_allowed(ms_deployment_t *d)
     return 0;
 }
 
+/* A GPU share for the next replica (none when it needs none). Returns -1 when it cannot be placed
+ * now, with the reason ("needs 0.5 GPU, 0.25 free ...") as the deployment's spawn error. */
+static int place_gpus(ms_deployment_t *d, ms_gpu_placement_t *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!d->gpu_pool || d->spec.num_gpus <= 0)
+        return 0;
+    ms_gpu_request_t rq = {.num_gpus = d->spec.num_gpus};
+    char reason[MS_GPU_REASON_MAX];
+    if (ms_gpu_pool_place(d->gpu_pool, &rq, out, reason) == 0)
+        return 0;
+    if (strcmp(d->spawn_error, reason) != 0)
+        ms_warn("deployment %s: a replica stays pending: %s", d->name, reason);
+    snprintf(d->spawn_error, sizeof d->spawn_error, "%s", reason);
+    return -1;
+}
+
+/* Spawns a replica that holds `gpu`: on a host with GPUs it sees only its own devices (none for a
+ * CPU replica), and learns their indices. */
+static ms_replica_t *spawn_placed(ms_deployment_t *d, const ms_gpu_placement_t *gpu)
+{
+    ms_replica_spec_t spec = d->spec;
+    char *visible = NULL;
+    ms_buf_t ids = {0};
+    if (d->gpus && ms_gpu_count(d->gpus) > 0) {
+        visible = ms_gpu_visible_devices(d->gpus, gpu);
+        for (int i = 0; i < gpu->n_devices; i++)
+            ms_buf_appendf(&ids, "%s%d", i ? "," : "", gpu->devices[i]);
+        spec.cuda_visible_devices = visible;
+        spec.gpu_ids = ids.data ? ids.data : "";
+    }
+    ms_replica_t *r =
+        ms_replica_spawn(d->loop, &spec, &replica_events, d, d->spawn_error, sizeof d->spawn_error);
+    free(visible);
+    ms_buf_free(&ids);
+    return r;
+}
+
 /* Starts replicas (SPAWN_STEP per loop turn) until the live count reaches the target, or stops
  * the surplus. */
 static void reconcile(ms_deployment_t *d)
@@ -520,16 +561,23 @@ static void reconcile(ms_deployment_t *d)
         retire(d, r);
     }
     for (; live < d->target_replicas && spawn_allowed(d); live++) {
+        ms_gpu_placement_t gpu;
+        if (place_gpus(d, &gpu) != 0) {
+            /* Pending until a share is released: status shows why; look again in a second. */
+            uv_timer_start(&d->restart_timer, on_restart_timer, 1000, 0);
+            return;
+        }
         int slot = free_slot(d);
-        ms_replica_t *r = ms_replica_spawn(d->loop, &d->spec, &replica_events, d, d->spawn_error,
-                                           sizeof d->spawn_error);
+        ms_replica_t *r = spawn_placed(d, &gpu);
         if (!r) {
+            ms_gpu_pool_release(d->gpu_pool, &gpu);
             d->consecutive_failures++;
             uv_timer_start(&d->restart_timer, on_restart_timer, 1000, 0);
             return;
         }
         d->spawn_error[0] = '\0';
         d->spawned_in_turn++;
+        r->gpu = gpu;
         r->slot = slot;
         r->generation = d->generation;
         r->settings_seq = d->settings_seq;
@@ -1042,6 +1090,9 @@ void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
 {
     replace_string(&d->spec.import_path, spec->import_path);
     replace_string(&d->spec.args_json, spec->args_json);
+    /* ray_actor_options changes roll the replicas too: the new ones get the new cap and share. */
+    d->spec.memory_bytes = spec->memory_bytes;
+    d->spec.num_gpus = spec->num_gpus;
     d->generation++;
     /* New code gets a fresh count of constructor failures and no backoff left from the old. */
     d->constructor_failures = 0;
@@ -1180,6 +1231,9 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->spec.args_json = dup_or_empty(s->spec.args_json);
     d->spec.user_config_json = dup_or_empty(s->spec.user_config_json);
     d->spec.max_ongoing_requests = s->max_ongoing_requests;
+    d->spec.cuda_visible_devices = d->spec.gpu_ids = NULL; /* set per spawn */
+    d->gpus = s->gpus;
+    d->gpu_pool = s->gpu_pool;
     uv_timer_init(loop, &d->backoff_timer);
     d->backoff_timer.data = d;
     uv_timer_init(loop, &d->restart_timer);

@@ -13,6 +13,7 @@
 
 #include <uv.h>
 
+#include "gpu/gpu.h"
 #include "http/http.h"
 #include "replica/replica.h"
 
@@ -37,6 +38,10 @@ typedef struct ms_deployment_settings {
     const char *router_attr;
     const char *router_kwargs_json;
     ms_replica_spec_t spec; /* how to start a replica (strings copied) */
+    /* The host's GPUs and the engine-wide pool replicas with spec.num_gpus > 0 are placed in
+     * (shared, owned by the caller; NULL: no placement). */
+    const ms_gpu_t *gpus;
+    ms_gpu_pool_t *gpu_pool;
     /* A request arrived while the target is 0 replicas: the owner should scale up now, without
      * waiting for its next control tick. May be NULL. */
     void (*on_cold_start)(ms_deployment_t *d, void *data);

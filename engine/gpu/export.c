@@ -37,14 +37,15 @@ json_t *ms_gpu_placement_json(const ms_gpu_placement_t *pl)
     return ids;
 }
 
-/* t[key] = number, or nil when unknown. */
+/* t[key] = number, or nil when unknown. Raw: a script may have given the entry a metatable. */
 static void set_number(lua_State *L, const char *key, int known, double v)
 {
+    lua_pushstring(L, key);
     if (known)
         lua_pushnumber(L, v);
     else
         lua_pushnil(L);
-    lua_setfield(L, -2, key);
+    lua_rawset(L, -3);
 }
 
 void ms_gpu_lua_fill(lua_State *L, int idx, const ms_gpu_t *g)
@@ -61,8 +62,9 @@ void ms_gpu_lua_fill(lua_State *L, int idx, const ms_gpu_t *g)
             lua_rawseti(L, idx, i + 1);
         }
         set_number(L, "index", 1, i);
+        lua_pushliteral(L, "name");
         lua_pushstring(L, d->name);
-        lua_setfield(L, -2, "name");
+        lua_rawset(L, -3);
         set_number(L, "utilization", d->has_sample, d->utilization);
         set_number(L, "memory_used_bytes", d->has_sample, (double)d->memory_used_bytes);
         set_number(L, "memory_total_bytes", 1, (double)d->memory_total_bytes);

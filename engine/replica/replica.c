@@ -183,6 +183,39 @@ static void handle_control_lines(ms_replica_t *r)
     }
 }
 
+extern char **environ;
+
+/* The controller's environment with the replica's GPU variables replaced (NULL when the spec sets
+ * none, so the replica inherits it). Freed by free_env. */
+static char **replica_env(const ms_replica_spec_t *spec)
+{
+    if (!spec->cuda_visible_devices)
+        return NULL;
+    size_t n = 0;
+    while (environ[n])
+        n++;
+    char **env = ms_calloc(n + 3, sizeof *env);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(environ[i], "CUDA_VISIBLE_DEVICES=", 21) != 0 &&
+            strncmp(environ[i], "MOONSERVE_GPU_IDS=", 18) != 0)
+            env[k++] = ms_strdup(environ[i]);
+    ms_buf_t b = {0};
+    ms_buf_appendf(&b, "CUDA_VISIBLE_DEVICES=%s", spec->cuda_visible_devices);
+    env[k++] = b.data;
+    ms_buf_t ids = {0};
+    ms_buf_appendf(&ids, "MOONSERVE_GPU_IDS=%s", spec->gpu_ids ? spec->gpu_ids : "");
+    env[k++] = ids.data;
+    return env;
+}
+
+static void free_env(char **env)
+{
+    for (size_t i = 0; env && env[i]; i++)
+        free(env[i]);
+    free(env);
+}
+
 /* What to check when spawning fails for want of a resource (docs/operations.md). */
 static const char *spawn_hint(int rc)
 {
@@ -266,8 +299,11 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
     /* A session of its own keeps a terminal's Ctrl-C away from replicas: the controller alone
      * decides how they stop, so in-flight requests can drain. */
     opts.flags = UV_PROCESS_DETACHED;
+    char **env = replica_env(spec);
+    opts.env = env;
     r->_proc.data = r;
     int rc = uv_spawn(loop, &r->_proc, &opts);
+    free_env(env);
     if (rc != 0) {
         ms_error("replica %s: spawn failed: %s%s", r->id, uv_strerror(rc), spawn_hint(rc));
         if (err && err_cap)

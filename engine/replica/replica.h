@@ -13,6 +13,7 @@
 #include <jansson.h>
 #include <uv.h>
 
+#include "gpu/gpu.h"
 #include "http/http.h"
 #include "link/link.h"
 
@@ -54,6 +55,12 @@ typedef struct ms_replica_spec {
     int max_ongoing_requests;
     double graceful_shutdown_wait_loop_s;
     long long memory_bytes; /* cap on the replica's Lua memory (--memory-bytes); 0 = none */
+    double num_gpus;        /* ray_actor_options.num_gpus: the owner places the replica */
+    /* Set per spawn by the owner on a host with GPUs: the replica's CUDA_VISIBLE_DEVICES ("" hides
+     * every GPU) and MOONSERVE_GPU_IDS (the controller's device indices, "0,1"); NULL leaves the
+     * environment as it is. */
+    const char *cuda_visible_devices;
+    const char *gpu_ids;
 } ms_replica_spec_t;
 
 struct ms_replica {
@@ -76,6 +83,7 @@ struct ms_replica {
     unsigned generation;       /* owner's code generation this replica runs (rolling updates) */
     unsigned settings_seq;     /* owner's settings version it was started or configured with */
     int health_failures;       /* consecutive failed health checks */
+    ms_gpu_placement_t gpu;    /* the GPU share it holds (kept by the owner) */
     /* private */
     uv_process_t _proc;
     uv_pipe_t _ctl;

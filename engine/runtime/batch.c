@@ -22,7 +22,7 @@
 
 static const char BATCHER_MT[] = "moonserve.batcher";
 /* Ray Serve's default latency buckets (ms), for the wait and execution histograms. */
-static const double BUCKETS_MS[] = {1,   2,   5,    10,   20,   50,    100,    200,    300,   400,
+static const double BUCKETS_MS[] = {1,   2,    5,    10,   20,    50,    100,    200,    300,   400,
                                     500, 1000, 2000, 5000, 10000, 60000, 120000, 300000, 600000};
 #define N_BUCKETS (sizeof BUCKETS_MS / sizeof *BUCKETS_MS)
 static const double SIZE_BOUNDS[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
@@ -270,8 +270,8 @@ static void on_wait_over(uv_timer_t *timer)
 static void pump(rt_batcher_t *b)
 {
     while (b->head && b->running < b->set.max_concurrent) {
-        uint64_t now = uv_now(b->rt->loop), due = b->head->batch_enq_ms +
-                                                  (uint64_t)(wait_for(b) * 1000.0 + 0.5);
+        uint64_t now = uv_now(b->rt->loop),
+                 due = b->head->batch_enq_ms + (uint64_t)(wait_for(b) * 1000.0 + 0.5);
         if (b->queued_size < (size_t)b->set.max_batch_size && now < due) {
             uv_timer_start(&b->timer, on_wait_over, due - now, 0);
             return;
@@ -399,8 +399,8 @@ static long item_size(lua_State *L, rt_batcher_t *b)
         luaL_error(L, "serve.batch: batch_size_fn must return an integer >= 0");
     lua_pop(L, 1);
     if (v > b->set.max_batch_size)
-        luaL_error(L, "serve.batch: an item of size %d is larger than max_batch_size %d",
-                   (int)v, b->set.max_batch_size);
+        luaL_error(L, "serve.batch: an item of size %d is larger than max_batch_size %d", (int)v,
+                   b->set.max_batch_size);
     return (long)v;
 }
 

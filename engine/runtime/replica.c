@@ -551,6 +551,20 @@ static void set_context(lua_State *L)
     lua_setfield(L, -2, "replica_id");
     lua_pushstring(L, tag);
     lua_setfield(L, -2, "replica_tag");
+    /* The controller's indices of the GPUs placed for this replica (docs/gpu.md); the process
+     * sees them through CUDA_VISIBLE_DEVICES, numbered from 0. */
+    lua_newtable(L);
+    const char *ids = getenv("MOONSERVE_GPU_IDS");
+    for (int n = 0; ids && *ids;) {
+        char *end;
+        long id = strtol(ids, &end, 10);
+        if (end == ids)
+            break;
+        lua_pushinteger(L, id);
+        lua_rawseti(L, -2, ++n);
+        ids = *end == ',' ? end + 1 : end;
+    }
+    lua_setfield(L, -2, "gpu_ids");
     lua_setfield(L, -2, "_context");
     lua_pop(L, 1);
 }

@@ -443,7 +443,7 @@ class Server(object):
     """One `moonserve run` process with its own tempdir, port, config and Lua files."""
 
     def __init__(self, applications, http_options=None, files=None, extra_config=None,
-                 shutdown_timeout_s=15.0):
+                 shutdown_timeout_s=15.0, env=None):
         self.tmp = tempfile.TemporaryDirectory(prefix="moonserve-it-")
         self.dir = self.tmp.name
         self.host = "127.0.0.1"
@@ -465,6 +465,7 @@ class Server(object):
         self.known_children = set()  # (pid, starttime) of every descendant we ever saw
         self.shutdown_timeout_s = shutdown_timeout_s
         self.stopped = False
+        self.env = env or {}  # extra environment for the server (e.g. MOONSERVE_FAKE_GPUS)
 
     def _write_config(self):
         self.port = free_port(self.host)
@@ -514,6 +515,7 @@ class Server(object):
         env = dict(os.environ)
         env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
         env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
+        env.update(self.env)
         self.proc = subprocess.Popen([BIN, "run", self.config_path], cwd=self.dir,
                                      stdin=subprocess.DEVNULL, stdout=self._stdout,
                                      stderr=self._stderr, env=env)
@@ -857,12 +859,13 @@ class ServerTestCase(unittest.TestCase):
     FILES = None
     EXTRA_CONFIG = None
     SHUTDOWN_TIMEOUT_S = 15.0
+    ENV = None
 
     @classmethod
     def setUpClass(cls):
         cls.server = Server(cls.APPLICATIONS, cls.HTTP_OPTIONS, cls.FILES,
                             extra_config=cls.EXTRA_CONFIG,
-                            shutdown_timeout_s=cls.SHUTDOWN_TIMEOUT_S)
+                            shutdown_timeout_s=cls.SHUTDOWN_TIMEOUT_S, env=cls.ENV)
         try:
             cls.server.start()
         except BaseException:
@@ -888,11 +891,11 @@ class ServerTestCase(unittest.TestCase):
 
 
 def start_server(testcase, applications, http_options=None, files=None, shutdown_timeout_s=15.0,
-                 wait=True, extra_config=None):
+                 wait=True, extra_config=None, env=None):
     """Start a server owned by one test; cleanup always runs (kill on failure).
-    `extra_config` adds top-level keys (control_loop, admin, ...)."""
+    `extra_config` adds top-level keys (control_loop, admin, ...); `env` adds environment."""
     srv = Server(applications, http_options, files, extra_config=extra_config,
-                 shutdown_timeout_s=shutdown_timeout_s)
+                 shutdown_timeout_s=shutdown_timeout_s, env=env)
     testcase.addCleanup(srv.cleanup)
     srv.start(wait=wait)
     return srv

@@ -252,11 +252,12 @@ class CheckTest(unittest.TestCase):
             self.actor_config("{memory: 100000000, num_cpus: 2, resources: {x: 1}}"))
         self.assertEqual(rc, 0, out)
         self.assertRegex(out, r"config.yaml:7:9: warning: ray_actor_options: 'num_cpus', "
-                              r"'resources' have no effect yet \(only 'memory' does: it caps the "
-                              r"replica's Lua memory\)")
+                              r"'resources' have no effect yet \(only 'memory' and 'num_gpus' do: "
+                              r"the replica's Lua memory cap and its GPU share\)")
         self.assertNotIn("not supported yet", out)
-        rc, out = self.check(self.actor_config("{num_gpus: 1}"))
-        self.assertRegex(out, r"warning: ray_actor_options: 'num_gpus' has no effect yet")
+        rc, out = self.check(self.actor_config("{num_gpus: 0.5, memory: 100000000}"))
+        self.assertEqual(rc, 0, out)
+        self.assertNotIn("warning", out)
 
     def test_actor_options_memory_alone_warns_of_nothing(self):
         rc, out = self.check(self.actor_config("{memory: 100000000}"))
