@@ -62,6 +62,7 @@ struct rt_batcher {
     uint64_t batches, items;
     histogram_t wait_ms, exec_ms, size, utilization;
     double exec_full_s; /* adaptive: average execution time scaled to a full batch, 0 = unknown */
+    double adaptive_s;  /* adaptive: the wait learnt from how late items still joined */
 };
 
 struct rt_batch {
@@ -141,16 +142,38 @@ void rt_batch_forget(rt_task_t *t)
 
 static void schedule(rt_batcher_t *b);
 
-/* How long a batch's first item may wait: the setting, or under a latency target whatever
- * leaves room for the batch running before it and its own run (both estimated as a full
- * batch), never more than the target itself. */
+/* Under a latency target, the most a batch's first item may wait: what leaves room for the
+ * batch running before it and its own run (both estimated as a full batch). */
+static double adaptive_cap(const rt_batcher_t *b)
+{
+    if (b->exec_full_s <= 0)
+        return fmin(b->set.wait_s, b->set.target_s / 4);
+    return fmax(0.0, fmin(b->set.target_s - 2 * b->exec_full_s, b->set.target_s));
+}
+
+/* How long a batch's first item may wait: the setting, or under a latency target the learnt
+ * wait within the cap (docs/batching.md, "Adaptive batching"). */
 static double wait_for(const rt_batcher_t *b)
 {
     if (b->set.target_s <= 0)
         return b->set.wait_s;
-    if (b->exec_full_s <= 0)
-        return fmin(b->set.wait_s, b->set.target_s / 4);
-    return fmax(0.0, fmin(b->set.target_s - 2 * b->exec_full_s, b->set.target_s));
+    return fmin(b->adaptive_s, adaptive_cap(b));
+}
+
+/* Waiting pays only while items still join: the next wait moves halfway towards twice the time
+ * the latest item of this batch took to arrive after its first. A lone caller (nobody joins)
+ * drives it to 0; steady arrivals that keep joining until the deadline double it, up to the
+ * cap. */
+static void learn_wait(rt_batcher_t *b, const rt_batch_t *run)
+{
+    if (b->set.target_s <= 0)
+        return;
+    uint64_t first = run->callers[0]->batch_enq_us, last = first;
+    for (int i = 1; i < run->n; i++)
+        if (run->callers[i]->batch_enq_us > last)
+            last = run->callers[i]->batch_enq_us;
+    double want = 2.0 * (double)(last - first) / 1e6;
+    b->adaptive_s = fmin(0.5 * b->adaptive_s + 0.5 * want, adaptive_cap(b));
 }
 
 static void resume_caller(rt_task_t *t, lua_State *from, int ok)
@@ -241,6 +264,7 @@ static void start_batch(rt_batcher_t *b)
     uint64_t now = uv_now(rt->loop);
     observe(&b->wait_ms, (double)(now - b->head->batch_enq_ms), BUCKETS_MS, N_BUCKETS);
     rt_batch_t *run = take_batch(b);
+    learn_wait(b, run);
     double n = run->n;
     observe(&b->size, n, SIZE_BOUNDS, N_SIZE);
     observe(&b->utilization, 100.0 * n / b->set.max_batch_size, PERCENT_BOUNDS, N_PERCENT);
@@ -365,6 +389,7 @@ int rt_l_batcher_new(lua_State *L)
     b->next = rt->batchers;
     rt->batchers = b;
     b->set = set;
+    b->adaptive_s = set.wait_s; /* the first learnt wait starts from the setting */
     snprintf(b->name, sizeof b->name, "%s", name);
     lua_pushvalue(L, 1);
     b->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -419,6 +444,7 @@ int rt_l_batch_submit(lua_State *L)
     t->batch_run = NULL;
     t->batch_size = (int)size;
     t->batch_enq_ms = uv_now(b->rt->loop);
+    t->batch_enq_us = ms_now_us();
     append_caller(b, t);
     schedule(b);
     return lua_yield(L, 0);
