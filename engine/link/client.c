@@ -24,6 +24,11 @@ typedef struct slot {
     uint64_t request_end; /* the link's queued_end after this stream's REQUEST frame */
     const ms_link_callbacks_t *cb;
     void *data;
+    /* A large request body still to be sent in BODY frames, read in place from the caller's
+     * request (valid until the stream ends or is cancelled). */
+    const char *body;
+    size_t body_left;
+    uint32_t next_body; /* index + 1 of the next slot with body to send, 0 = none */
 } slot_t;
 
 struct ms_link {
@@ -33,7 +38,8 @@ struct ms_link {
     void *owner;
     slot_t *slots;
     uint32_t n_slots, cap_slots;
-    uint32_t free_head; /* index + 1, 0 = none */
+    uint32_t free_head;            /* index + 1, 0 = none */
+    uint32_t body_head, body_tail; /* FIFO of slots with body left (index + 1, 0 = none) */
     size_t open;
     ms_http_header_t *headers; /* decoding scratch */
     size_t headers_cap;
@@ -64,6 +70,9 @@ static slot_t *slot_new(ms_link_t *l)
         l->slots[i].id = i + 1;
     }
     slot_t *s = &l->slots[i];
+    s->body = NULL;
+    s->body_left = 0;
+    s->next_body = 0;
     /* The reuse count moves on by one per use; INDEX_BITS keep the index. */
     s->id = ((s->id & ~INDEX_MASK) + (1u << INDEX_BITS)) | (i + 1);
     l->open++;
@@ -79,8 +88,48 @@ static slot_t *slot_find(ms_link_t *l, uint32_t id)
     return s->state != SLOT_FREE && s->id == id ? s : NULL;
 }
 
+/* The slot's body leaves the FIFO (sent, or the stream is over). */
+static void drop_body(ms_link_t *l, slot_t *s)
+{
+    if (!s->body)
+        return;
+    s->body = NULL;
+    s->body_left = 0;
+    uint32_t me = (uint32_t)(s - l->slots) + 1, prev = 0;
+    for (uint32_t i = l->body_head; i && i != me; i = l->slots[i - 1].next_body)
+        prev = i;
+    if (prev)
+        l->slots[prev - 1].next_body = s->next_body;
+    else
+        l->body_head = s->next_body;
+    if (l->body_tail == me)
+        l->body_tail = prev;
+    s->next_body = 0;
+}
+
+/* Called before each write: BODY frames go out while the unwritten output is small, so a
+ * body is copied a piece at a time, never whole. */
+static void send_bodies(lk_conn_t *c)
+{
+    ms_link_t *l = link_of(c);
+    while (l->body_head && lk_backlog(c) < LK_BACKLOG) {
+        slot_t *s = &l->slots[l->body_head - 1];
+        size_t n = s->body_left < LK_BODY_PIECE ? s->body_left : LK_BODY_PIECE;
+        size_t at = lk_frame_begin(c, LK_BODY, s->id);
+        ms_buf_append(&c->out, s->body, n);
+        s->body += n;
+        s->body_left -= n;
+        if (!s->body_left) {
+            lk_frame_flags(c, at, LK_LAST);
+            drop_body(l, s);
+        }
+        lk_frame_end(c, at);
+    }
+}
+
 static void slot_free(ms_link_t *l, slot_t *s)
 {
+    drop_body(l, s);
     s->state = SLOT_FREE;
     s->cb = NULL;
     s->data = NULL;
@@ -129,8 +178,9 @@ static int head_frame(ms_link_t *l, slot_t *s, int type, const char *p, uint32_t
     return 0;
 }
 
-static int on_frame(lk_conn_t *c, int type, uint32_t id, const char *p, uint32_t n)
+static int on_frame(lk_conn_t *c, int type, int flags, uint32_t id, const char *p, uint32_t n)
 {
+    (void)flags;
     ms_link_t *l = link_of(c);
     slot_t *s = slot_find(l, id);
     if (!s)
@@ -206,6 +256,7 @@ ms_link_t *ms_link_connect(uv_loop_t *loop, const char *path, const ms_link_even
     l->conn.on_frame = on_frame;
     l->conn.on_fail = on_fail;
     l->conn.on_closed = on_closed;
+    l->conn.on_drained = send_bodies;
     l->events = events;
     l->owner = owner;
     l->connect_req.data = l;
@@ -229,7 +280,22 @@ uint32_t ms_link_send(ms_link_t *l, const ms_link_request_t *req, const ms_link_
     lk_put_str(b, req->request_id, strlen(req->request_id));
     lk_put_str(b, req->target, req->target_len);
     lk_put_headers(b, req->headers, req->n_headers);
-    ms_buf_append(b, req->body, req->body_len);
+    if (req->body_len <= LK_BODY_PIECE) {
+        ms_buf_append(b, req->body, req->body_len);
+    } else {
+        /* The body's total length, then its pieces in BODY frames (send_bodies). */
+        lk_put_u32(b, (uint32_t)req->body_len);
+        lk_put_u32(b, (uint32_t)((uint64_t)req->body_len >> 32));
+        lk_frame_flags(c, at, LK_MORE);
+        s->body = req->body;
+        s->body_left = req->body_len;
+        s->next_body = 0;
+        if (l->body_tail)
+            l->slots[l->body_tail - 1].next_body = (uint32_t)(s - l->slots) + 1;
+        else
+            l->body_head = (uint32_t)(s - l->slots) + 1;
+        l->body_tail = (uint32_t)(s - l->slots) + 1;
+    }
     lk_frame_end(c, at);
     s->request_end = c->queued_end;
     return s->id;
@@ -241,6 +307,7 @@ void ms_link_cancel(ms_link_t *l, uint32_t id)
     if (!s || s->state == SLOT_CANCELLED)
         return;
     s->state = SLOT_CANCELLED;
+    drop_body(l, s); /* the caller's request may go now: nothing refers to its body any more */
     lk_send_small(&l->conn, LK_CANCEL, id, 0, 0);
 }
 

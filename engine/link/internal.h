@@ -22,12 +22,25 @@ enum {
     LK_ABORT = 6,    /* r -> c: the stream ended early (also the answer to CANCEL) */
     LK_CANCEL = 7,   /* c -> r: the controller gave the stream up */
     LK_WINDOW = 8,   /* c -> r: u32 credit for the stream's DATA */
+    LK_BODY = 9,     /* c -> r: a piece of a request body too large for its REQUEST frame */
 };
+
+/* Frame flags. */
+enum {
+    LK_MORE = 1, /* REQUEST: the body follows in BODY frames (its u64 total length is given) */
+    LK_LAST = 2, /* BODY: the request body's last piece */
+};
+/* A request body larger than this goes in BODY frames of this size, written only while the
+ * link's unwritten output stays under LK_BACKLOG: the controller never holds a second copy of a
+ * large body, however slowly the replica reads. */
+#define LK_BODY_PIECE (64 * 1024)
+#define LK_BACKLOG    (256 * 1024)
 
 typedef struct lk_conn lk_conn_t;
 
 /* One frame; payload valid during the call. Returns -1 when the frame is malformed. */
-typedef int (*lk_frame_cb)(lk_conn_t *c, int type, uint32_t stream, const char *p, uint32_t n);
+typedef int (*lk_frame_cb)(lk_conn_t *c, int type, int flags, uint32_t stream, const char *p,
+                           uint32_t n);
 /* The connection failed (EOF, read or write error, malformed frame); called once. */
 typedef void (*lk_fail_cb)(lk_conn_t *c, ms_link_error_t err);
 
@@ -43,7 +56,8 @@ struct lk_conn {
     uint32_t max_frame;  /* larger payloads are a protocol error */
     lk_frame_cb on_frame;
     lk_fail_cb on_fail;
-    void (*on_closed)(lk_conn_t *c); /* both handles closed: free the owner */
+    void (*on_closed)(lk_conn_t *c);  /* both handles closed: free the owner */
+    void (*on_drained)(lk_conn_t *c); /* before each write: the owner may queue more (or NULL) */
     unsigned connected : 1;
     unsigned writing : 1;
     unsigned failed : 1;
@@ -64,6 +78,9 @@ void lk_conn_fail(lk_conn_t *c, ms_link_error_t err);
  * schedules the flush. */
 size_t lk_frame_begin(lk_conn_t *c, int type, uint32_t stream);
 void lk_frame_end(lk_conn_t *c, size_t at);
+void lk_frame_flags(lk_conn_t *c, size_t at, int flags);
+/* Output queued in this process and not yet taken by the kernel. */
+size_t lk_backlog(const lk_conn_t *c);
 void lk_put_u32(ms_buf_t *b, uint32_t v);
 void lk_put_str(ms_buf_t *b, const char *s, size_t n); /* u32 length, bytes */
 /* A frame with a single u32 payload (CANCEL has none: pass has_value 0). */

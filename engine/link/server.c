@@ -27,6 +27,8 @@ typedef struct stream {
     size_t pend_len;
     ms_link_release_cb release;
     void *release_ctx;
+    size_t body_total;      /* a body arriving in BODY frames: its announced length */
+    unsigned receiving : 1; /* BODY frames still to come: not handed to the owner yet */
     unsigned owned : 1;     /* the owner has not ended it yet */
     unsigned end_after : 1; /* END once the pending bytes are queued */
     unsigned has_pend : 1;
@@ -133,8 +135,10 @@ static void pending_done(stream_t *s)
 /* ---- frames from the controller -------------------------------------------------------------
  */
 
-/* Copies the request out of the frame: strings NUL-terminated, the target split at '?'. */
-static int decode_request(stream_t *s, const char *p, uint32_t n)
+/* Copies the request out of the frame: strings NUL-terminated, the target split at '?'. With
+ * `more`, the frame ends with the body's u64 length instead of the body, whose room is kept for
+ * the BODY frames. */
+static int decode_request(stream_t *s, const char *p, uint32_t n, int more)
 {
     lk_reader_t r = {p, p + n, 0};
     uint32_t ml, rl, tl;
@@ -147,12 +151,23 @@ static int decode_request(stream_t *s, const char *p, uint32_t n)
         free(hs);
         return -1;
     }
-    size_t body_len = (size_t)(r.end - r.p);
+    size_t body_len = (size_t)(r.end - r.p), room = body_len;
+    if (more) {
+        uint64_t lo = lk_get_u32(&r), hi = lk_get_u32(&r);
+        room = (size_t)(lo | hi << 32);
+        body_len = 0;
+        /* No body in the frame itself; the announced size is bounded like any frame. */
+        if (r.bad || r.p != r.end || room > 0x7fffffffu) {
+            free(hs);
+            return -1;
+        }
+    }
+    s->body_total = room;
     /* One block: header array, then method, target, path, query, header bytes, body. */
     size_t hbytes = 0;
     for (size_t i = 0; i < nh; i++)
         hbytes += hs[i].name_len + hs[i].value_len;
-    size_t total = nh * sizeof *hs + ml + 1 + 2 * ((size_t)tl + 1) + 1 + hbytes + body_len + 1;
+    size_t total = nh * sizeof *hs + ml + 1 + 2 * ((size_t)tl + 1) + 1 + hbytes + room + 1;
     char *m = ms_malloc(total);
     s->storage = m;
     ms_http_request_t *req = &s->pub.req;
@@ -196,7 +211,33 @@ static int decode_request(stream_t *s, const char *p, uint32_t n)
     return 0;
 }
 
-static int request_frame(sconn_t *sc, uint32_t id, const char *p, uint32_t n)
+/* Hands a complete request to the owner. */
+static void dispatch(stream_t *s)
+{
+    ms_link_server_t *srv = s->conn->srv;
+    s->receiving = 0;
+    s->owned = 1;
+    srv->cfg.on_request(&s->pub, srv->cfg.data);
+}
+
+/* A piece of a body announced by its REQUEST frame; the last one hands the request over. */
+static int body_frame(stream_t *s, int flags, const char *p, uint32_t n)
+{
+    ms_http_request_t *req = &s->pub.req;
+    if (!s->receiving || n > s->body_total - req->body_len)
+        return -1;
+    memcpy((char *)req->body + req->body_len, p, n);
+    req->body_len += n;
+    if (!(flags & LK_LAST))
+        return 0;
+    if (req->body_len != s->body_total)
+        return -1;
+    ((char *)req->body)[req->body_len] = '\0';
+    dispatch(s);
+    return 0;
+}
+
+static int request_frame(sconn_t *sc, uint32_t id, int flags, const char *p, uint32_t n)
 {
     size_t i = id & INDEX_MASK;
     if (i == 0 || (i < sc->table_cap && sc->table[i]))
@@ -213,16 +254,17 @@ static int request_frame(sconn_t *sc, uint32_t id, const char *p, uint32_t n)
     s->id = id;
     s->conn = sc;
     s->window = MS_LINK_WINDOW;
-    s->owned = 1;
-    if (decode_request(s, p, n) != 0) {
+    if (decode_request(s, p, n, flags & LK_MORE) != 0) {
         free(s->storage);
         free(s);
         return -1;
     }
     sc->table[i] = s;
     sc->n_streams++;
-    ms_link_server_t *srv = sc->srv;
-    srv->cfg.on_request(&s->pub, srv->cfg.data);
+    if (flags & LK_MORE)
+        s->receiving = 1;
+    else
+        dispatch(s);
     return 0;
 }
 
@@ -243,12 +285,14 @@ static void cancel_stream(stream_t *s, int answer)
     stream_free(s);
 }
 
-static int on_frame(lk_conn_t *c, int type, uint32_t id, const char *p, uint32_t n)
+static int on_frame(lk_conn_t *c, int type, int flags, uint32_t id, const char *p, uint32_t n)
 {
     sconn_t *sc = sconn_of(c);
     if (type == LK_REQUEST)
-        return request_frame(sc, id, p, n);
+        return request_frame(sc, id, flags, p, n);
     stream_t *s = stream_find(sc, id);
+    if (type == LK_BODY)
+        return s ? body_frame(s, flags, p, n) : -1;
     if (type == LK_CANCEL) {
         if (s)
             cancel_stream(s, 1);

@@ -114,6 +114,7 @@ int lk_get_headers(lk_reader_t *r, ms_http_header_t **hs, size_t *cap, size_t *n
  */
 
 static void flush(lk_conn_t *c);
+static void write_out(lk_conn_t *c);
 
 static void on_written(uv_write_t *w, int status)
 {
@@ -129,11 +130,28 @@ static void on_written(uv_write_t *w, int status)
 }
 
 /* One write of everything queued: directly when the socket takes it, else the rest is moved to
- * the in-flight buffer (a swap, no copy when nothing was taken) and written by libuv. */
+ * the in-flight buffer (a swap, no copy when nothing was taken) and written by libuv. The owner
+ * tops the output up first (request bodies in pieces), and again as long as the socket takes it
+ * all. */
 static void flush(lk_conn_t *c)
 {
-    if (c->writing || !c->connected || c->failed || c->closing || c->out.len == 0)
-        return;
+    for (int round = 0;; round++) {
+        if (c->writing || !c->connected || c->failed || c->closing)
+            return;
+        if (c->on_drained)
+            c->on_drained(c);
+        if (c->out.len == 0 || c->failed || c->closing)
+            return;
+        size_t before = c->out.len;
+        write_out(c);
+        /* All taken at once: the socket has room, so more pieces may go in this turn. */
+        if (c->writing || c->out.len != 0 || before < LK_BODY_PIECE || round == 16)
+            return;
+    }
+}
+
+static void write_out(lk_conn_t *c)
+{
     uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
     int n = uv_try_write((uv_stream_t *)&c->pipe, &b, 1);
     if (n == UV_EAGAIN)
@@ -196,6 +214,16 @@ void lk_frame_end(lk_conn_t *c, size_t at)
         uv_prepare_start(&c->flusher, on_flush_turn);
 }
 
+void lk_frame_flags(lk_conn_t *c, size_t at, int flags)
+{
+    c->out.data[at + 9] = (char)flags;
+}
+
+size_t lk_backlog(const lk_conn_t *c)
+{
+    return c->out.len + (c->writing ? c->wbuf.len : 0);
+}
+
 void lk_send_small(lk_conn_t *c, int type, uint32_t stream, int has_value, uint32_t value)
 {
     size_t at = lk_frame_begin(c, type, stream);
@@ -236,7 +264,8 @@ static void parse_frames(lk_conn_t *c)
         if (c->in.len - off - LK_HEADER < n)
             break;
         off += LK_HEADER + (size_t)n;
-        if (c->on_frame(c, (unsigned char)h[8], read_u32(h + 4), h + LK_HEADER, n) != 0) {
+        if (c->on_frame(c, (unsigned char)h[8], (unsigned char)h[9], read_u32(h + 4), h + LK_HEADER,
+                        n) != 0) {
             lk_conn_fail(c, MS_LINK_ERR_PROTOCOL);
             return;
         }

@@ -2,7 +2,8 @@
  * Unit tests of engine/link, both ends on one loop over a real Unix socket: many requests
  * arriving in one read, requests and responses passed intact (binary bodies, headers, the
  * query split), flow control of streamed bodies (the window holds a sender back until credit
- * comes), bodies passed by reference and released, cancellation answered before the slot frees,
+ * comes), bodies passed by reference and released, cancellation answered before the slot frees
+ * (also in the middle of a large request body, sent in pieces),
  * a link that breaks (requests never written may go elsewhere, written ones fail), a connect
  * that fails, and garbage from a peer closing only that connection.
  */
@@ -305,6 +306,33 @@ static void test_cancel(void)
     uv_run(loop, UV_RUN_NOWAIT);
 }
 
+/* A large body goes in pieces; a stream cancelled before its last piece never reaches the
+ * replica's owner, and its slot is released on the replica's answer. */
+static void test_cancel_during_body(void)
+{
+    ms_link_server_t *srv = start_server(ANSWER_SMALL);
+    ms_link_t *l = ms_link_connect(loop, sock_path, &events, NULL);
+    size_t n = 8 * BIG_LEN;
+    char *body = malloc(n);
+    memset(body, 'b', n);
+    result_t res = {0}, ok = {0};
+    ms_link_request_t rq = request("/up", "rid-up", body, n);
+    uint32_t id = ms_link_send(l, &rq, &cbs, &res);
+    uv_run(loop, UV_RUN_NOWAIT); /* some pieces go out, not all 8 MiB at once */
+    ms_link_cancel(l, id);
+    free(body); /* nothing refers to it after the cancel */
+    ms_link_request_t rq2 = request("/after", "rid-after", "x", 1);
+    ms_link_send(l, &rq2, &cbs, &ok);
+    run_until(&ok.done);
+    run_until(&res.released);
+    ASSERT_INT_EQ(S.requests, 1); /* only the second one */
+    ASSERT_STR_EQ(ok.body, "rid-after");
+    ASSERT_INT_EQ(res.errors, 0);
+    ms_link_close(l);
+    ms_link_server_close(srv);
+    uv_run(loop, UV_RUN_NOWAIT);
+}
+
 /* The replica side goes away with a request on it: the request fails as sent; the link reports
  * itself down; a new send is refused. A connect that fails fails its requests as never sent. */
 static void test_link_down(void)
@@ -388,6 +416,7 @@ int main(void)
     test_big_bodies_and_window(ANSWER_BIG_BODY);
     test_big_bodies_and_window(ANSWER_STREAM);
     test_cancel();
+    test_cancel_during_body();
     test_link_down();
     test_garbage_closes_one_connection();
     uv_close((uv_handle_t *)&check, NULL);
