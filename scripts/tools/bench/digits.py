@@ -15,14 +15,22 @@ It prints requests/s, p50 and p99 per system and connection count, and the ratio
 unbatched and moonserve / python at 64 connections. Every answer is checked to be the expected
 label first. Exits non-zero only when a measurement fails.
 
-Environment: BIN (default build/moonserve), DURATION (5), WARMUP (1), CONNECTIONS ("1 8 64 256"),
+MODEL=wide serves, instead of the trained 64-32-10 MLP, a wide one of the same input and output
+(64-2048-2048-10, random weights written by this script): a model whose forward pass, not the
+request, dominates the cost, as a real model's does. Every system must then give the same label.
+
+Environment: BIN (default build/moonserve), MODEL (digits|wide), DURATION (5), WARMUP (1),
+CONNECTIONS ("1 8 64 256"),
 THREADS (2), TARGET_MS (20), SYSTEMS (all four, space separated), PYTHON (the interpreter with
 Debian's python3-uvicorn and python3-numpy: /usr/bin/python3 when present).
 """
 
+import array
 import json
 import os
+import random
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,6 +47,7 @@ WARMUP = int(os.environ.get("WARMUP", "1"))
 CONNECTIONS = [int(x) for x in os.environ.get("CONNECTIONS", "1 8 64 256").split()]
 THREADS = int(os.environ.get("THREADS", "2"))
 TARGET_MS = float(os.environ.get("TARGET_MS", "20"))
+MODEL = os.environ.get("MODEL", "digits")
 PYTHON = os.environ.get("PYTHON") or ("/usr/bin/python3" if os.path.exists("/usr/bin/python3")
                                       else sys.executable)
 SYSTEMS = os.environ.get("SYSTEMS", "moonserve-unbatched moonserve-batched moonserve-adaptive "
@@ -141,8 +150,29 @@ def wait_answer(url, body, proc, timeout=60):
     raise RuntimeError("no answer from %s within %d s" % (url, timeout))
 
 
-def start(system, tmp, port):
-    weights = os.path.join(DIGITS, "weights.safetensors")
+def write_wide(path, widths=(64, 2048, 2048, 10), seed=1):
+    """A safetensors file of random layers (docs/nn.md's layer convention), scaled so the
+    activations stay in range."""
+    rnd = random.Random(seed)
+    header, blobs, offset = {}, [], 0
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        scale = (2.0 / n_in) ** 0.5
+        for name, count, shape in (("weight", n_in * n_out, [n_out, n_in]),
+                                   ("bias", n_out, [n_out])):
+            a = array.array("f", (rnd.gauss(0, scale) for _ in range(count)))
+            blob = a.tobytes()
+            header["layers.%d.%s" % (i, name)] = {"dtype": "F32", "shape": shape,
+                                                   "data_offsets": [offset, offset + len(blob)]}
+            blobs.append(blob)
+            offset += len(blob)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for blob in blobs:
+            f.write(blob)
+
+
+def start(system, tmp, port, weights):
     if system == "python-uvicorn":
         with open(os.path.join(tmp, "digits_asgi.py"), "w") as f:
             f.write(ASGI_PY % {"weights": weights})
@@ -173,18 +203,25 @@ def main():
         sample = json.load(f)[0]
     body = json.dumps({"pixels": sample["pixels"]})
     results = {}
+    expected = sample["label"] if MODEL == "digits" else None
     with tempfile.TemporaryDirectory(prefix="moonserve-digits-") as tmp:
+        weights = os.path.join(DIGITS, "weights.safetensors")
+        if MODEL == "wide":
+            weights = os.path.join(tmp, "wide.safetensors")
+            write_wide(weights)
         script = os.path.join(tmp, "post.lua")
         with open(script, "w") as f:
             f.write(WRK_POST % body)
         for system in SYSTEMS:
             port = free_port()
-            proc, log = start(system, tmp, port)
+            proc, log = start(system, tmp, port, weights)
             url = "http://127.0.0.1:%d/" % port
             try:
                 got = wait_answer(url, body, proc)
-                if got.get("label") != sample["label"]:
-                    raise RuntimeError("%s answered %r for a %d" % (system, got, sample["label"]))
+                if expected is None:
+                    expected = got.get("label")
+                if got.get("label") != expected:
+                    raise RuntimeError("%s answered %r, expected label %r" % (system, got, expected))
                 for c in CONNECTIONS:
                     results[(system, c)] = measure(url, script, c)
                     print("bench digits: %s c=%d: %.0f req/s p50 %.2f ms p99 %.2f ms"
@@ -197,10 +234,10 @@ def main():
                     proc.kill()
                     proc.wait()
                 log.close()
-    print("\nmoonserve digits bench: %s, %d CPUs, %ds per run after %ds warm-up, adaptive "
-          "target %g ms, loadavg at end: %s" % (
-              time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.cpu_count(), DURATION,
-              WARMUP, TARGET_MS, " ".join(open("/proc/loadavg").read().split()[:3])))
+    print("\nmoonserve digits bench (model %s): %s, %d CPUs, %ds per run after %ds warm-up, "
+          "adaptive target %g ms, loadavg at end: %s" % (
+              MODEL, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.cpu_count(),
+              DURATION, WARMUP, TARGET_MS, " ".join(open("/proc/loadavg").read().split()[:3])))
     print("%-22s %5s %12s %9s %9s" % ("system", "conns", "requests/s", "p50 ms", "p99 ms"))
     for system in SYSTEMS:
         for c in CONNECTIONS:
