@@ -143,12 +143,15 @@ void rt_batch_forget(rt_task_t *t)
 static void schedule(rt_batcher_t *b);
 
 /* Under a latency target, the most a batch's first item may wait: what leaves room for the
- * batch running before it and its own run (both estimated as a full batch). */
+ * batch running before it and its own run (both estimated as a full batch). A target that even
+ * two full batches overrun cannot be held by waiting less: the batcher then keeps its setting,
+ * which gives full batches and the most throughput, so the queue drains fastest. */
 static double adaptive_cap(const rt_batcher_t *b)
 {
     if (b->exec_full_s <= 0)
         return fmin(b->set.wait_s, b->set.target_s / 4);
-    return fmax(0.0, fmin(b->set.target_s - 2 * b->exec_full_s, b->set.target_s));
+    double room = b->set.target_s - 2 * b->exec_full_s;
+    return room > 0 ? room : b->set.wait_s;
 }
 
 /* How long a batch's first item may wait: the setting, or under a latency target the learnt

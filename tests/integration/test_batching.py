@@ -42,6 +42,7 @@ local function batched(name, opts)
   end)
   function D:__call(req)
     local q = req.query
+    if q.stats then return self.run:stats() end
     return self:run({ v = q.v, sleep = tonumber(q.sleep), n = tonumber(q.n), bad = q.bad })
   end
   return D
@@ -57,7 +58,10 @@ local Sized = batched("Sized", { max_batch_size = 4, batch_wait_timeout_s = 0.2,
                                    return s
                                  end })
 local Slow = batched("Slow", { max_batch_size = 4, batch_wait_timeout_s = 1.5 })
-return { one = One:bind(), two = Two:bind(), sized = Sized:bind(), slow = Slow:bind() }
+local Adaptive = batched("Adaptive", { max_batch_size = 4, batch_wait_timeout_s = 0.4,
+                                       latency_target_s = 2 })
+return { one = One:bind(), two = Two:bind(), sized = Sized:bind(), slow = Slow:bind(),
+         adaptive = Adaptive:bind() }
 '''
 
 FAST_STATS = {"request_router_config": {"request_routing_stats_period_s": 0.2}}
@@ -76,6 +80,7 @@ class BatchingTest(harness.ServerTestCase):
         app("two", "/two", "two"),
         app("sized", "/sized", "sized"),
         app("slow", "/slow", "slow"),
+        app("adaptive", "/adaptive", "adaptive"),
     ]
     FILES = {"batch.lua": BATCH_LUA}
 
@@ -133,6 +138,20 @@ class BatchingTest(harness.ServerTestCase):
         out = self.concurrent(["/slow?v=%d" % i for i in range(3)])
         self.assertTrue(all(st == 200 for st, _ in out), out)
         self.assertEqual([b["size"] for _, b in out], [3, 3, 3], out)
+
+    def test_adaptive_wait_learns_nobody_joins_a_lone_caller(self):
+        # the first wait is min(batch_wait_timeout_s, target / 4) = 0.4 s; each lone batch
+        # halves it, so ten more sequential callers drive it to (almost) nothing
+        self.assertEqual(self.call("/adaptive?v=first")[1]["size"], 1)
+        self.assertAlmostEqual(self.call("/adaptive?stats=1")[1]["wait_s"], 0.2, places=3)
+        for i in range(10):
+            status, body = self.call("/adaptive?v=%d" % i)
+            self.assertEqual((status, body["size"]), (200, 1), body)
+        self.assertLess(self.call("/adaptive?stats=1")[1]["wait_s"], 0.001)
+        # concurrent callers still share batches
+        out = self.concurrent(["/adaptive?v=c%d" % i for i in range(4)])
+        self.assertTrue(all(s == 200 for s, _ in out), out)
+        self.assertGreater(max(b["size"] for _, b in out), 1, out)
 
     def test_metrics(self):
         self.concurrent(["/one?v=%d" % i for i in range(4)])
