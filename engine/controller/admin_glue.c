@@ -345,16 +345,7 @@ static int on_shutdown(void *data, json_t **body)
 static char *label_value(const char *s)
 {
     ms_buf_t b = {0};
-    ms_buf_append(&b, "", 0); /* an empty name is an empty string, not NULL */
-    for (; *s; s++) {
-        if (*s == '\n') {
-            ms_buf_append(&b, "\\n", 2);
-            continue;
-        }
-        if (*s == '\\' || *s == '"')
-            ms_buf_append(&b, "\\", 1);
-        ms_buf_append(&b, s, 1);
-    }
+    ms_buf_append_label(&b, s);
     return b.data;
 }
 

@@ -116,6 +116,20 @@ void ms_buf_append_uint(ms_buf_t *b, uint64_t v)
     ms_buf_append(b, digits + i, sizeof digits - i);
 }
 
+void ms_buf_append_label(ms_buf_t *b, const char *s)
+{
+    ms_buf_append(b, "", 0); /* an empty value is an empty string, not NULL */
+    for (; *s; s++) {
+        if (*s == '\n') {
+            ms_buf_append(b, "\\n", 2);
+            continue;
+        }
+        if (*s == '\\' || *s == '"')
+            ms_buf_append(b, "\\", 1);
+        ms_buf_append(b, s, 1);
+    }
+}
+
 void ms_buf_consume(ms_buf_t *b, size_t n)
 {
     if (n >= b->len) {

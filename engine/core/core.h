@@ -43,6 +43,8 @@ void ms_buf_appendf(ms_buf_t *b, const char *fmt, ...) __attribute__((format(pri
 /* Hot-path appends that avoid printf: a C string, and an unsigned integer in decimal. */
 void ms_buf_append_str(ms_buf_t *b, const char *s);
 void ms_buf_append_uint(ms_buf_t *b, uint64_t v);
+/* A Prometheus label value: backslash, double quote and newline escaped. */
+void ms_buf_append_label(ms_buf_t *b, const char *s);
 void ms_buf_consume(ms_buf_t *b, size_t n); /* drop n bytes from the front */
 void ms_buf_reset(ms_buf_t *b);             /* len = 0, keep the memory */
 void ms_buf_free(ms_buf_t *b);

@@ -88,24 +88,11 @@ void ms_gpu_lua_push_ids(lua_State *L, const ms_gpu_placement_t *pl)
     }
 }
 
-/* A device name as a Prometheus label value: backslash, double quote and newline escaped. */
-static void append_label(ms_buf_t *b, const char *s)
-{
-    for (; *s; s++) {
-        if (*s == '\n')
-            ms_buf_append_str(b, "\\n");
-        else if (*s == '\\' || *s == '"')
-            ms_buf_appendf(b, "\\%c", *s);
-        else
-            ms_buf_append(b, s, 1);
-    }
-}
-
 /* `metric{gpu="i",name="..."} ` with the value still to come. */
 static void metric_start(ms_buf_t *b, const char *metric, int i, const char *name)
 {
     ms_buf_appendf(b, "%s{gpu=\"%d\",name=\"", metric, i);
-    append_label(b, name);
+    ms_buf_append_label(b, name);
     ms_buf_append_str(b, "\"} ");
 }
 

@@ -109,11 +109,11 @@ static int cpu_forward(ms_nn_t *m, const float *in, size_t rows, float *out)
             memcpy(dst + r * l->out, l->b, l->out * sizeof(float));
         /* dst[rows,out] += cur[rows,in] . W[out,in]^T */
         if (rows == 1)
-            sgemv(CblasRowMajor, CblasNoTrans, (int)l->out, (int)l->in, 1.0f, l->w, (int)l->in,
-                  cur, 1, 1.0f, dst, 1);
+            sgemv(CblasRowMajor, CblasNoTrans, (int)l->out, (int)l->in, 1.0f, l->w, (int)l->in, cur,
+                  1, 1.0f, dst, 1);
         else
-            sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)l->out, (int)l->in,
-                  1.0f, cur, (int)l->in, l->w, (int)l->in, 1.0f, dst, (int)l->out);
+            sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)l->out, (int)l->in, 1.0f,
+                  cur, (int)l->in, l->w, (int)l->in, 1.0f, dst, (int)l->out);
         nn_activate(last ? m->output : m->hidden, dst, rows, l->out);
         cur = dst;
     }

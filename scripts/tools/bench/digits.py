@@ -199,6 +199,9 @@ def measure(url, script, conns):
 
 
 def main():
+    # The Python reference's packages, as bench.sh installs nginx for its own.
+    subprocess.run([os.path.join(ROOT, "scripts", "tools", "bootstrap.sh"), "python3-uvicorn",
+                    "python3-numpy"], check=True)
     with open(os.path.join(DIGITS, "test.json")) as f:
         sample = json.load(f)[0]
     body = json.dumps({"pixels": sample["pixels"]})
