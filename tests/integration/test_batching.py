@@ -148,8 +148,8 @@ class BatchingTest(harness.ServerTestCase):
             status, body = self.call("/adaptive?v=%d" % i)
             self.assertEqual((status, body["size"]), (200, 1), body)
         self.assertLess(self.call("/adaptive?stats=1")[1]["wait_s"], 0.001)
-        # concurrent callers still share batches
-        out = self.concurrent(["/adaptive?v=c%d" % i for i in range(4)])
+        # with no wait left, callers that arrive while a batch runs still share the next one
+        out = self.concurrent(["/adaptive?v=c%d&sleep=0.3" % i for i in range(4)])
         self.assertTrue(all(s == 200 for s, _ in out), out)
         self.assertGreater(max(b["size"] for _, b in out), 1, out)
 
