@@ -353,8 +353,10 @@ run_system() {
 
 # Rounds alternate the systems within each pinning, so slow drift in the machine's load (steal
 # on this VM moves by tens of percent) hits every system alike.
+declare -A pin_started
 for pin in $PINS; do
   set_pin "$pin"
+  pin_started[$pin]="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   for round in $(seq "$ROUNDS"); do
     for s in $SYSTEMS; do run_system "$s"; done
   done
@@ -453,7 +455,7 @@ row_fmt='%-20s %5s %11.0f %9.3f %9.3f %7.1f %8.1f %8.1f  %s\n'
 head_fmt='%-20s %5s %11s %9s %9s %7s %8s %8s  %s\n'
 for pin in $PINS; do
   echo
-  echo "moonserve bench: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $THREADS wrk threads, $ROUNDS round(s), pinning: $pin, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "moonserve bench: started ${pin_started[$pin]}, $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $THREADS wrk threads, $ROUNDS round(s), pinning: $pin, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
   printf "$head_fmt" system conns "requests/s" "p50 ms" "p99 ms" "steal%" "cpu us/r" "rss MiB" "socket errors"
   for r in "${results[@]}"; do
     IFS='|' read -r p label c rps p50 p99 errs steal cpu rss <<<"$r"
