@@ -357,7 +357,7 @@ declare -A pin_started
 for pin in $PINS; do
   set_pin "$pin"
   pin_started[$pin]="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  for round in $(seq "$ROUNDS"); do
+  for _ in $(seq "$ROUNDS"); do
     for s in $SYSTEMS; do run_system "$s"; done
   done
 done
@@ -405,6 +405,7 @@ run_instr() {
   read -r -a role_names <<<"$(roles "$label")"
   for p in "${started[@]}"; do
     procs+=("${role_names[$i]}:$p")
+    # shellcheck disable=SC2046
     for q in $(tree $(pgrep -P "$p" || true)); do
       case "$label" in moonserve-1r) procs+=("replica:$q") ;; *) procs+=("${role_names[$i]}-worker:$q") ;; esac
     done
@@ -413,6 +414,10 @@ run_instr() {
   for p in "${procs[@]}"; do callgrind_control -z "${p#*:}" >/dev/null 2>&1 || true; done
   echo "bench: callgrind $label: $INSTR_REQUESTS requests" >&2
   got="$(count_fixed "$url" "$INSTR_REQUESTS")"
+  if [ -z "$got" ] || [ "$got" = 0 ]; then
+    cat "$tmp/wrk-fixed.out" >&2; echo "bench: callgrind $label: wrk failed" >&2
+    failed=1; stop_started; return
+  fi
   for p in "${procs[@]}"; do
     name="${p%%:*}"; p="${p#*:}"
     callgrind_control -d "$p" >/dev/null 2>&1 || true
@@ -427,7 +432,7 @@ run_instr() {
   stop_started
 }
 if [ "$INSTR" = 1 ]; then
-  pin=split; set_pin split
+  pin="split"; set_pin split
   for s in $INSTR_SYSTEMS; do
     case "$s" in moonserve) run_instr moonserve-1r ;; *) run_instr "$s" ;; esac
   done
