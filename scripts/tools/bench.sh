@@ -205,7 +205,7 @@ measure() {
       echo "$out" >&2; echo "bench: $label: $non2xx non-2xx responses" >&2; failed=1; return 1
     fi
     steal="$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
-      d = y[2] - x[2]; printf "%.1f", d > 0 ? 100 * (y[1] - x[1]) / d : 0 }')"
+      d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }')"
     cpu="$(awk -v t="$((t1 - t0))" -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
     rss="$(awk -v k="$(rss_kib "${procs[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')"
     results+=("$pin|$label|$c|$rps|$(to_ms "$p50")|$(to_ms "$p99")|${errs:-none}|$steal|$cpu|$rss")
