@@ -9,7 +9,8 @@ packages=(
   libopenblas-dev redis-server wrk
   python3-numpy python3-sklearn
 )
-# Extra packages a caller asks for (the benchmark adds nginx and its Lua module).
+# Extra packages a caller asks for (the benchmark adds its peers: nginx and its Lua module,
+# haproxy, python3-uvicorn with python3-uvloop and python3-httptools, and valgrind).
 packages+=("$@")
 
 missing=()
