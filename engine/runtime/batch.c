@@ -264,8 +264,8 @@ static rt_batch_t *take_batch(rt_batcher_t *b)
 static void start_batch(rt_batcher_t *b)
 {
     rt_t *rt = b->rt;
-    uint64_t now = uv_now(rt->loop);
-    observe(&b->wait_ms, (double)(now - b->head->batch_enq_ms), BUCKETS_MS, N_BUCKETS);
+    observe(&b->wait_ms, (double)(ms_now_us() - b->head->batch_enq_us) / 1000.0, BUCKETS_MS,
+            N_BUCKETS);
     rt_batch_t *run = take_batch(b);
     learn_wait(b, run);
     double n = run->n;
@@ -297,10 +297,9 @@ static void on_wait_over(uv_timer_t *timer)
 static void pump(rt_batcher_t *b)
 {
     while (b->head && b->running < b->set.max_concurrent) {
-        uint64_t now = uv_now(b->rt->loop),
-                 due = b->head->batch_enq_ms + (uint64_t)(wait_for(b) * 1000.0 + 0.5);
+        uint64_t now = ms_now_us(), due = b->head->batch_enq_us + (uint64_t)(wait_for(b) * 1e6);
         if (b->queued_size < (size_t)b->set.max_batch_size && now < due) {
-            uv_timer_start(&b->timer, on_wait_over, due - now, 0);
+            uv_timer_start(&b->timer, on_wait_over, (due - now + 999) / 1000, 0);
             return;
         }
         uv_timer_stop(&b->timer);
@@ -446,7 +445,6 @@ int rt_l_batch_submit(lua_State *L)
     t->batcher = b;
     t->batch_run = NULL;
     t->batch_size = (int)size;
-    t->batch_enq_ms = uv_now(b->rt->loop);
     t->batch_enq_us = ms_now_us();
     append_caller(b, t);
     schedule(b);

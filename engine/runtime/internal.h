@@ -78,8 +78,8 @@ struct rt_task {
     rt_batcher_t *batcher;
     rt_batch_t *batch_run;
     int batch_index, batch_size;
-    int batch_self_ref, batch_item_ref;  /* registry anchors while queued */
-    uint64_t batch_enq_ms, batch_enq_us; /* loop time (for its timer) and exact time queued */
+    int batch_self_ref, batch_item_ref; /* registry anchors while queued */
+    uint64_t batch_enq_us;              /* when it was queued (monotonic) */
     rt_task_t *batch_prev, *batch_next;
     rt_batch_t *batch_ctx; /* a batch's own task: the batch it runs */
     rt_task_done_cb done;
