@@ -195,6 +195,8 @@ char *jv_ref_dir(const char *file);
 ms_autoscaling_config_t *ms_cfg_autoscaling_yaml(ms_cfg_ctx_t *c, yaml_node_t *map,
                                                  int num_replicas_auto);
 ms_router_config_t *ms_cfg_router_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
+/* The process block of a deployment (config_process.c). */
+ms_process_config_t *ms_cfg_process_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
 /* applications[].autoscaling_policy into app->autoscaling_policy{,_kwargs,_dry_run}. */
 void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app);
 /* applications[].external_scaler (ours) into app->scale_hook, scale_tick,
