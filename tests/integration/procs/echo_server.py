@@ -95,7 +95,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         f.write("x")
                 time.sleep(0.05)
             return self.send_json(200, {"slept": True})
+        self.conn_requests = getattr(self, "conn_requests", 0) + 1
         self.send_json(200, {
+            "conn_requests": self.conn_requests,
             "method": self.command,
             "path": self.path,
             "headers": [[k, v] for k, v in self.headers.items()],
