@@ -45,6 +45,7 @@ local OPTION_TYPES = {
     health_check_period_s = "number",
     health_check_timeout_s = "number",
     autoscaling_config = "table", -- validated by the engine like the config file's
+    process = "table", -- a process deployment (docs/process-replicas.md): no Lua methods
 }
 
 -- Class metadata lives outside the class table so user methods can use any name.
@@ -128,7 +129,7 @@ local function collect(root)
         elseif prev then
             error(string.format("deployment name '%s' is bound twice with different arguments", name), 0)
         end
-        if type(node.class.__call) ~= "function" then
+        if type(node.class.__call) ~= "function" and not class_info[node.class].options.process then
             error(string.format("deployment '%s' has no __call method", name), 0)
         end
         by_name[name] = node

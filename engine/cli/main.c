@@ -16,6 +16,7 @@
 #include "config/config.h"
 #include "controller/controller.h"
 #include "core/core.h"
+#include "replica/replica.h"
 #include "runtime/runtime.h"
 
 static const char usage[] =
@@ -92,6 +93,10 @@ static int cmd_run(const char *path)
 int main(int argc, char **argv)
 {
     /* Peers vanish (clients, replicas); their sockets must fail writes, not kill us. */
+    /* The process replica shim runs the user's command: it keeps the default signal dispositions
+     * a command expects, so it goes before anything below changes them. */
+    if (argc >= 2 && strcmp(argv[1], "__exec") == 0)
+        return ms_replica_exec_main(argc - 2, argv + 2);
     signal(SIGPIPE, SIG_IGN);
     /* Large buffers (a big body, a burst of output) come from mmap and go back to the system
      * when freed. glibc would otherwise raise this threshold after the first such free and serve

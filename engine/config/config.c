@@ -308,6 +308,19 @@ static void dep_router(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t
     db->dep->set |= MS_SET_REQUEST_ROUTER_CONFIG; /* null: back to the built-in router */
 }
 
+static void dep_process(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    if (!ms_cfg_want_mapping(c, key, val, false))
+        return;
+    ms_config_process_free(db->dep->process);
+    db->dep->process = ms_cfg_process_yaml(c, val);
+    json_decref(db->dep->process_json);
+    db->dep->process_json = db->dep->process ? ms_cfg_to_json(c, val) : NULL;
+    if (db->dep->process)
+        db->dep->set |= MS_SET_PROCESS;
+}
+
 static void dep_max_concurrent(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     (void)obj;
@@ -338,6 +351,7 @@ static const ms_cfg_field_t dep_fields[] = {
     {"autoscaling_config", dep_autoscaling, MS_FIELD_OK},
     {"request_router_config", dep_router, MS_FIELD_OK},
     {"ray_actor_options", dep_actor_options, MS_FIELD_OK}, /* warns of its own idle keys */
+    {"process", dep_process, MS_FIELD_OK},                 /* ours */
     {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
     {"placement_group_bundles", ms_cfg_later_mappings, MS_FIELD_LATER},
     {"placement_group_strategy", ms_cfg_later_pg_strategy, MS_FIELD_LATER},
@@ -593,6 +607,21 @@ static const ms_cfg_field_t app_fields[] = {
     {"app_name", app_old_name, MS_FIELD_LEGACY},
 };
 
+/* Without import_path an application is made in the file alone: one process deployment, which
+ * is its ingress (ours; Ray Serve always needs code). */
+static void check_config_only_app(ms_cfg_ctx_t *c, yaml_node_t *node, ms_app_config_t *app)
+{
+    if (app->n_deployments == 1 && app->deployments[0].process)
+        return;
+    if (app->n_deployments == 1 && !app->deployments[0].process)
+        ms_cfg_error(c, node,
+                     "application '%s' is missing required key 'import_path' (an application "
+                     "without code must consist of one deployment with a 'process' block)",
+                     app->name);
+    else
+        ms_cfg_error(c, node, "application '%s' is missing required key 'import_path'", app->name);
+}
+
 static void walk_app(ms_cfg_ctx_t *c, yaml_node_t *node, app_build_t *ab)
 {
     ms_app_config_t *app = ab->app;
@@ -611,7 +640,7 @@ static void walk_app(ms_cfg_ctx_t *c, yaml_node_t *node, app_build_t *ab)
     uint64_t seen =
         ms_cfg_walk_fields(c, node, "in application", app_fields, MS_N_FIELDS(app_fields), ab);
     if (!ms_cfg_was_seen(seen, app_fields, MS_N_FIELDS(app_fields), "import_path"))
-        ms_cfg_error(c, node, "application '%s' is missing required key 'import_path'", app->name);
+        check_config_only_app(c, node, app);
     check_external_scaler(c, ab);
 }
 
@@ -994,6 +1023,8 @@ static void app_free(ms_app_config_t *app)
         free(app->deployments[i].name);
         json_decref(app->deployments[i].user_config);
         json_decref(app->deployments[i].ray_actor_options);
+        ms_config_process_free(app->deployments[i].process);
+        json_decref(app->deployments[i].process_json);
         ms_config_autoscaling_free(app->deployments[i].autoscaling);
         ms_cfg_router_free(app->deployments[i].router);
     }

@@ -96,6 +96,27 @@ typedef struct ms_router_config {
     double stats_timeout_s;            /* request_routing_stats_timeout_s */
 } ms_router_config_t;
 
+/* process (ours): a deployment whose replicas are a user command speaking HTTP
+ * (docs/process-replicas.md). Strings owned. */
+#define MS_DEFAULT_PROCESS_READY_TIMEOUT_S   60.0
+#define MS_DEFAULT_PROCESS_STREAM_BODY_BYTES (1024 * 1024)
+typedef struct ms_process_config {
+    char **argv; /* NULL-terminated; placeholders ({socket}, {port}, {replica_id}) kept */
+    size_t argc;
+    char **env; /* "NAME=value", NULL-terminated */
+    size_t n_env;
+    char *cwd;       /* absolute */
+    int listen_port; /* 0: a Unix socket (MOONSERVE_SOCKET); 1: a TCP port (PORT) */
+    char *ready_path;
+    double ready_timeout_s;
+    char *health_path;           /* NULL: none */
+    long long stream_body_bytes; /* longer (or chunked) request bodies stream through */
+    char *batch_path;            /* NULL: no batching */
+    int batch_max_size;
+    double batch_wait_timeout_s;
+    ms_config_mark_t mark;
+} ms_process_config_t;
+
 /* Bits of ms_deployment_config.set */
 enum {
     MS_SET_NUM_REPLICAS = 1 << 0,
@@ -108,6 +129,7 @@ enum {
     MS_SET_HEALTH_CHECK_TIMEOUT_S = 1 << 7,
     MS_SET_AUTOSCALING_CONFIG = 1 << 8,
     MS_SET_REQUEST_ROUTER_CONFIG = 1 << 9,
+    MS_SET_PROCESS = 1 << 10,
 };
 
 typedef struct ms_deployment_config {
@@ -125,13 +147,16 @@ typedef struct ms_deployment_config {
     json_t *ray_actor_options; /* owned; NULL when not set (kept; no effect on placement yet) */
     ms_autoscaling_config_t *autoscaling; /* owned; NULL when not set */
     ms_router_config_t *router;           /* owned; NULL when not set */
+    ms_process_config_t *process;         /* owned; NULL when not set */
+    json_t *process_json;                 /* the same as written, to compare on redeploy */
     ms_config_mark_t mark;                /* position of this entry */
 } ms_deployment_config_t;
 
 typedef struct ms_app_config {
     char *name;         /* default "default" */
     char *route_prefix; /* default "/"; NULL when the file says null (not exposed over HTTP) */
-    char *import_path;  /* as written */
+    char *import_path;  /* as written; NULL for a config-only application (one process
+                         * deployment, its ingress) */
     char *import_file;  /* resolved absolute path of the Lua file */
     char *import_attr;  /* attribute after ':' */
     json_t *args;       /* owned; {} when not set */
@@ -213,6 +238,15 @@ ms_autoscaling_config_t *ms_config_autoscaling_from_json(json_t *obj, int num_re
                                                          const char *file, ms_config_mark_t mark,
                                                          const char *what,
                                                          ms_config_errors_t *errs);
+/* Parses a process block given as JSON (from code: serve.deployment{process=}) with the same
+ * rules as the file's; relative paths resolve against `dir` (the config file's folder). Returns
+ * NULL and appends to errs when invalid. */
+ms_process_config_t *ms_config_process_from_json(json_t *obj, const char *file, const char *dir,
+                                                 ms_config_mark_t mark, const char *what,
+                                                 ms_config_errors_t *errs);
+ms_process_config_t *ms_config_process_copy(const ms_process_config_t *p);
+void ms_config_process_free(ms_process_config_t *p);
+
 /* Defaults of num_replicas: "auto" without an autoscaling_config. */
 ms_autoscaling_config_t *ms_config_autoscaling_default(int num_replicas_auto);
 void ms_config_autoscaling_free(ms_autoscaling_config_t *a);

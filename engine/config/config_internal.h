@@ -131,6 +131,63 @@ int ms_cfg_resolve_import(ms_cfg_ctx_t *c, ms_app_config_t *app, const yaml_node
  * (caller frees). */
 char *ms_cfg_resolve_lua(const char *dir, const char *key, const char *s, char **file, char **attr);
 
+/* ---- one validator for YAML and JSON options (config_json.c) ---- */
+/* An option that may come from the file (a YAML mapping) or from code (a JSON object) is walked
+ * by one table of jfield_t, so each rule lives in one place. */
+typedef struct jv {
+    ms_cfg_ctx_t *c;
+    const char *what;      /* JSON: prefix of every message; NULL for YAML */
+    ms_config_mark_t mark; /* JSON: position of every message */
+} jv_t;
+
+/* One key and its value. For YAML the nodes give positions and the "got ..." text. */
+typedef struct jkv {
+    jv_t *v;
+    const char *key;
+    json_t *val;           /* borrowed */
+    yaml_node_t *key_node; /* NULL from JSON */
+    yaml_node_t *val_node; /* NULL from JSON */
+} jkv_t;
+
+typedef void (*jfield_fn)(jkv_t *kv, void *obj);
+typedef struct jfield {
+    const char *name;
+    jfield_fn fn;
+} jfield_t;
+
+/* An error at `node` (YAML) or at the caller's mark (JSON, node NULL). */
+void jv_error(jv_t *v, const yaml_node_t *node, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* `KEY must be DESC, got VALUE` at the value. */
+void jbad(jkv_t *kv, const char *desc);
+/* Ray's lax integers: quoted ones too ("5", "5.0"), and integral reals. */
+bool jget_int(jkv_t *kv, long long lo, long long hi, const char *desc, long long *out);
+/* A finite number > lo, or >= lo when `inclusive`. */
+bool jget_num(jkv_t *kv, double lo, bool inclusive, double *out);
+/* The same, where null means "unset" and is stored as -1. */
+void jget_opt_num(jkv_t *kv, bool inclusive, double *out);
+bool jget_bool(jkv_t *kv, int *out);
+/* A mapping, copied; null gives NULL. */
+void jget_mapping(jkv_t *kv, json_t **out);
+/* A Lua reference resolved against the folder; true when it names one of Ray's built-ins (listed
+ * in `builtin`, NULL-terminated), which leaves *out unchanged. */
+bool jget_ref(jkv_t *kv, const char *const *builtin, ms_config_lua_ref_t **out);
+/* The index of `key` in fields, or n. */
+size_t jv_find(const jfield_t *fields, size_t n, const char *key);
+/* Dispatches each key of the mapping (`ymap` for YAML, else `obj`) to its field; returns a bit
+ * per field present (a misspelt key counts as its suggestion). */
+uint64_t jv_walk(jv_t *v, json_t *obj, yaml_node_t *ymap, const char *where, const jfield_t *fields,
+                 size_t n, void *dst);
+/* Ray Serve's old name of a field (config_scaling.c): reported, and today's field's bit returned
+ * (0: not one). */
+uint64_t jv_renamed(jv_t *v, const yaml_node_t *key_node, const char *key, const char *where,
+                    const jfield_t *fields, size_t n);
+/* The key's value as a YAML mapping node when it came from the file, else NULL. */
+yaml_node_t *jv_submap(jkv_t *kv);
+/* Folder that a code option's relative references resolve against: that of `file`, else the
+ * current directory. Always absolute; the caller frees it. */
+char *jv_ref_dir(const char *file);
+
 /* ---- autoscaling, routers and policies (config_scaling.c) ---- */
 /* One implementation validates both sources: a YAML mapping (errors at its nodes) and a JSON
  * object from code options (errors at one mark, prefixed). Each returns NULL after reporting
@@ -138,6 +195,8 @@ char *ms_cfg_resolve_lua(const char *dir, const char *key, const char *s, char *
 ms_autoscaling_config_t *ms_cfg_autoscaling_yaml(ms_cfg_ctx_t *c, yaml_node_t *map,
                                                  int num_replicas_auto);
 ms_router_config_t *ms_cfg_router_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
+/* The process block of a deployment (config_process.c). */
+ms_process_config_t *ms_cfg_process_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
 /* applications[].autoscaling_policy into app->autoscaling_policy{,_kwargs,_dry_run}. */
 void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app);
 /* applications[].external_scaler (ours) into app->scale_hook, scale_tick,

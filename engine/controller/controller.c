@@ -143,7 +143,8 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
 {
     memset(out, 0, sizeof *out);
     out->args_json = json_dumps(p->app->args, JSON_COMPACT);
-    ms_buf_appendf(&out->import, "%s:%s", p->app->import_file, p->app->import_attr);
+    if (p->app->import_file) /* a config-only application has no code */
+        ms_buf_appendf(&out->import, "%s:%s", p->app->import_file, p->app->import_attr);
     const ms_router_config_t *rc = p->router;
     out->router_kwargs = rc && rc->kwargs ? json_dumps(rc->kwargs, JSON_COMPACT) : NULL;
     out->s = (ms_deployment_settings_t){
@@ -162,13 +163,14 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
         .spec = {.exe_path = c->exe_path,
                  .run_dir = c->run_dir,
                  .controller_socket = c->handle_socket,
-                 .import_path = out->import.data,
+                 .import_path = out->import.data ? out->import.data : "",
                  .args_json = out->args_json ? out->args_json : "{}",
                  .user_config_json = p->user_config_json,
                  .max_ongoing_requests = p->max_ongoing_requests,
                  .graceful_shutdown_wait_loop_s = p->wait_loop_s,
                  .memory_bytes = replica_memory(c, p),
-                 .num_gpus = replica_gpus(p)},
+                 .num_gpus = replica_gpus(p),
+                 .process = p->process},
         .gpus = c->gpus,
         .gpu_pool = c->gpu_pool,
         .on_cold_start = ms__control_on_cold_start,
@@ -212,6 +214,7 @@ static int start_deployments(controller_t *c, const plan_t *plan)
         const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
         e->actor_options =
             file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
+        e->process_json = p->process_json ? json_deep_copy(p->process_json) : NULL;
         ms_ingress_add_deployment(c->proxy, p->app->name, p->name,
                                   p->is_ingress ? p->app->route_prefix : NULL, d);
     }
@@ -269,6 +272,7 @@ static void free_entries(controller_t *c)
     for (size_t i = 0; i < c->n_deps; i++) {
         free(c->deps[i].name);
         json_decref(c->deps[i].actor_options);
+        json_decref(c->deps[i].process_json);
     }
     free(c->deps);
     free(c->apps);

@@ -21,16 +21,23 @@
 static void file_sha(const char *path, char out[65])
 {
     ms_buf_t b = {0};
-    ms_read_file(path, &b); /* unreadable: the hash of what was read still tells a change */
+    if (path) /* a config-only application has no file: its hash is that of nothing */
+        ms_read_file(path, &b); /* unreadable: the hash of what was read still tells a change */
     ms_sha256_hex(b.data ? b.data : "", b.len, out);
     ms_buf_free(&b);
+}
+
+/* Equal strings, or both NULL (a config-only application has no import_path). */
+static int same_text(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
 }
 
 /* Code changes: another module or attribute, other args, or other content in the file. */
 static int code_changed(const ms_app_config_t *old, const ms_app_config_t *now)
 {
-    return strcmp(old->import_file, now->import_file) != 0 ||
-           strcmp(old->import_attr, now->import_attr) != 0 || !json_equal(old->args, now->args) ||
+    return !same_text(old->import_file, now->import_file) ||
+           !same_text(old->import_attr, now->import_attr) || !json_equal(old->args, now->args) ||
            strcmp(old->code_sha, now->code_sha) != 0;
 }
 
@@ -71,6 +78,7 @@ static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_
         const ms_deployment_config_t *file = ms_config_find_deployment(p->app, p->name);
         out->actor_options =
             file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
+        out->process_json = p->process_json ? json_deep_copy(p->process_json) : NULL;
         return 0;
     }
     kept[old - c->deps] = 1;
@@ -81,10 +89,15 @@ static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_
                           (actor && old->actor_options && json_equal(actor, old->actor_options)));
     json_decref(out->actor_options);
     out->actor_options = actor ? json_deep_copy(actor) : NULL;
+    int process_changed =
+        !(p->process_json == old->process_json ||
+          (p->process_json && old->process_json && json_equal(p->process_json, old->process_json)));
+    json_decref(out->process_json);
+    out->process_json = p->process_json ? json_deep_copy(p->process_json) : NULL;
     ms__settings_t st;
     ms__settings_fill(c, p, &st);
     ms_deployment_update(old->dep, &st.s);
-    if (code_changed(old->app, p->app) || actor_changed)
+    if (code_changed(old->app, p->app) || actor_changed || process_changed)
         ms_deployment_roll(old->dep, &st.s.spec);
     ms__settings_free(&st);
     apply_count(out, p, old->app);
@@ -101,6 +114,7 @@ static void retire_unkept(controller_t *c, const char *kept)
         ms_deployment_shutdown(c->deps[i].dep, on_retired, c->deps[i].dep);
         free(c->deps[i].name);
         json_decref(c->deps[i].actor_options);
+        json_decref(c->deps[i].process_json);
     }
 }
 

@@ -34,6 +34,8 @@ typedef struct planned {
     ms_autoscaling_config_t *autoscaling;
     int autoscaling_owned;
     const ms_router_config_t *router; /* from the file; NULL = the built-in router */
+    ms_process_config_t *process;     /* owned; NULL: a Lua deployment */
+    json_t *process_json;             /* owned reference: what it was made from, for redeploys */
 } planned_t;
 
 typedef struct plan {
@@ -61,6 +63,7 @@ typedef struct dep_entry {
     double stats_period_s;
     double stats_timeout_s;
     json_t *actor_options; /* ray_actor_options in force (owned, may be NULL): a change rolls */
+    json_t *process_json;  /* the process block in force (owned, NULL: Lua): a change rolls */
     int limit_logged;      /* a scaling decision was cut at max_replicas_total and logged */
 } dep_entry_t;
 

@@ -18,6 +18,8 @@ void ms__plan_free(plan_t *p)
         free(p->items[i].user_config_json);
         if (p->items[i].autoscaling_owned)
             ms_config_autoscaling_free(p->items[i].autoscaling);
+        ms_config_process_free(p->items[i].process);
+        json_decref(p->items[i].process_json);
     }
     free(p->items);
     p->items = NULL;
@@ -195,12 +197,45 @@ static void check_overrides_exist(const ms_config_t *cfg, const ms_app_config_t 
     }
 }
 
+/* The process block: the file's whole, else the code's (validated like the file's). */
+static void merge_process(const ms_config_t *cfg, planned_t *out,
+                          const ms_deployment_config_t *file, json_t *code,
+                          ms_config_errors_t *errs)
+{
+    if (file && (file->set & MS_SET_PROCESS)) {
+        out->process = ms_config_process_copy(file->process);
+        out->process_json = json_incref(file->process_json);
+        return;
+    }
+    json_t *proc = json_object_get(code, "process");
+    if (!proc)
+        return;
+    char what[300];
+    snprintf(what, sizeof what, "deployment '%s' (process in code)", out->name);
+    out->process = ms_config_process_from_json(proc, cfg->path, cfg->dir,
+                                               out->app->import_path_mark, what, errs);
+    out->process_json = out->process ? json_incref(proc) : NULL;
+}
+
+/* The bind graph of an application: from its code, or for a config-only application (no
+ * import_path) its one process deployment as the ingress. */
+static json_t *app_graph(const ms_app_config_t *app, char **err)
+{
+    if (!app->import_file)
+        return json_pack("{s:s, s:[{s:s, s:{}}]}", "ingress", app->deployments[0].name,
+                         "deployments", "name", app->deployments[0].name, "options");
+    json_t *graph = NULL;
+    return ms_runtime_inspect(app->import_file, app->import_attr, app->args, &graph, err) == 0
+               ? graph
+               : NULL;
+}
+
 static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *plan,
                     ms_config_errors_t *errs)
 {
-    json_t *graph = NULL;
     char *err = NULL;
-    if (ms_runtime_inspect(app->import_file, app->import_attr, app->args, &graph, &err) != 0) {
+    json_t *graph = app_graph(app, &err);
+    if (!graph) {
         ms_config_errors_add(errs, cfg->path, app->import_path_mark,
                              "application '%s' failed to load: %s", app->name,
                              err ? err : "unknown error");
@@ -236,6 +271,7 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
         const ms_deployment_config_t *file = ms_config_find_deployment(app, p->name);
         merge_basic(p, file, code);
         merge_autoscaling(cfg, p, file, code, errs);
+        merge_process(cfg, p, file, code, errs);
         check_merged(cfg, p, errs);
         warn_unfillable_batches(cfg, p, json_object_get(d, "batched"));
     }

@@ -43,8 +43,7 @@ struct call {
     ms_deployment_t *dep;
     ms_http_request_t *req; /* NULL once CANCELLING */
     ms_replica_t *replica;
-    ms_link_t *link;
-    uint32_t stream;
+    uint32_t stream; /* on the replica's data link or upstream pool */
     uv_timer_t timer;
     call_t *prev, *next; /* queue links, or free-list link */
     call_state_t state;
@@ -609,7 +608,6 @@ static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
     }
     c->req = req;
     c->replica = NULL;
-    c->link = NULL;
     c->stream = 0;
     c->prev = c->next = NULL;
     c->retried = 0;
@@ -696,7 +694,6 @@ static void call_detach(call_t *c, int ok, int status)
     refile(d, r->slot);
     if (d->routable[r->slot])
         ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
-    c->link = NULL;
     c->stream = 0;
     c->replica = NULL;
 }
@@ -711,7 +708,7 @@ static void call_cancel(call_t *c)
         c->req->user = NULL;
     c->req = NULL;
     c->state = CALL_CANCELLING;
-    ms_link_cancel(c->link, c->stream);
+    ms_replica_cancel(c->replica, c->stream);
 }
 
 static void on_call_timeout(uv_timer_t *t)
@@ -768,7 +765,7 @@ static void on_client_drained(ms_http_request_t *req, void *data)
     call_t *c = data;
     (void)req;
     if (c->state == CALL_SENT && c->owed) {
-        ms_link_credit(c->link, c->stream, c->owed);
+        ms_replica_credit(c->replica, c->stream, c->owed);
         c->owed = 0;
     }
 }
@@ -781,7 +778,7 @@ static void on_link_data(void *data, const char *p, size_t n)
     call_t *c = data;
     ms_http_response_chunk(c->req, p, n);
     if (!c->owed && ms_http_response_queued(c->req) <= CLIENT_QUEUE_LIMIT) {
-        ms_link_credit(c->link, c->stream, n);
+        ms_replica_credit(c->replica, c->stream, n);
         return;
     }
     c->owed += n;
@@ -896,8 +893,7 @@ static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
     refile(d, r->slot);
     ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
     ms_link_request_t lr = link_request(c);
-    c->link = ms_replica_link(r);
-    c->stream = c->link ? ms_link_send(c->link, &lr, &relay_callbacks, c) : 0;
+    c->stream = ms_replica_send(r, &lr, NULL, &relay_callbacks, c);
     if (!c->stream)
         call_failed(c, 1, "the link to the replica is down");
 }
@@ -1093,6 +1089,8 @@ void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
     /* ray_actor_options changes roll the replicas too: the new ones get the new cap and share. */
     d->spec.memory_bytes = spec->memory_bytes;
     d->spec.num_gpus = spec->num_gpus;
+    ms_config_process_free((ms_process_config_t *)d->spec.process);
+    d->spec.process = ms_config_process_copy(spec->process);
     d->generation++;
     /* New code gets a fresh count of constructor failures and no backoff left from the old. */
     d->constructor_failures = 0;
@@ -1232,6 +1230,7 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->spec.user_config_json = dup_or_empty(s->spec.user_config_json);
     d->spec.max_ongoing_requests = s->max_ongoing_requests;
     d->spec.cuda_visible_devices = d->spec.gpu_ids = NULL; /* set per spawn */
+    d->spec.process = ms_config_process_copy(s->spec.process);
     d->gpus = s->gpus;
     d->gpu_pool = s->gpu_pool;
     uv_timer_init(loop, &d->backoff_timer);
@@ -1291,6 +1290,7 @@ static void timer_closed(ms_deployment_t *d)
     free((char *)d->spec.import_path);
     free((char *)d->spec.args_json);
     free((char *)d->spec.user_config_json);
+    ms_config_process_free((ms_process_config_t *)d->spec.process);
     free(d->last_failure);
     free(d->app_name);
     free(d->name);

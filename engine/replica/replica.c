@@ -1,8 +1,11 @@
 /*
  * replica: process supervision and connection pooling for one replica. See replica.h.
  */
+#include <arpa/inet.h>
 #include <jansson.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +17,10 @@ static void maybe_release(ms_replica_t *r)
 {
     if (r->_freed && r->_open_handles == 0) {
         ms_buf_free(&r->_ctl_in);
+        ms_buf_free(&r->_out_buf[0]);
+        ms_buf_free(&r->_out_buf[1]);
+        free(r->_ready_path);
+        free(r->_health_path);
         free(r->_socket_path);
         free(r->last_error);
         json_decref(r->autoscaling_stats);
@@ -30,12 +37,24 @@ static void on_handle_closed(uv_handle_t *h)
     maybe_release(r);
 }
 
+static void close_probe(ms_replica_t *r)
+{
+    if (r->_probe)
+        ms_http_client_close(r->_probe);
+    r->_probe = NULL;
+}
+
 static void close_link(ms_replica_t *r)
 {
     ms_link_t *l = r->_link;
+    ms_upstream_t *u = r->_upstream;
     r->_link = NULL;
+    r->_upstream = NULL;
     if (l)
         ms_link_close(l); /* its open streams fail now */
+    if (u)
+        ms_upstream_close(u);
+    close_probe(r);
 }
 
 static void on_link_down(void *owner, ms_link_error_t err)
@@ -69,10 +88,40 @@ static void drain_control_pipe(ms_replica_t *r)
     handle_control_lines(r);
 }
 
+static void close_process_handles(ms_replica_t *r)
+{
+    if (!r->_is_process)
+        return;
+    uv_timer_stop(&r->_probe_timer);
+    uv_close((uv_handle_t *)&r->_probe_timer, on_handle_closed);
+    for (int i = 0; i < 2; i++)
+        if (!uv_is_closing((uv_handle_t *)&r->_out[i]))
+            uv_close((uv_handle_t *)&r->_out[i], on_handle_closed);
+}
+
+/* A process replica that exits before it is ready failed to start, as a Lua constructor that
+ * raises: the deployment counts it, and status shows why. */
+static void report_early_exit(ms_replica_t *r, int64_t exit_status, int term_signal)
+{
+    if (!r->_is_process || r->state != MS_REPLICA_STARTING || r->stop_requested || r->last_error)
+        return;
+    ms_buf_t b = {0};
+    if (term_signal)
+        ms_buf_appendf(&b, "the command was killed by signal %d before it was ready", term_signal);
+    else
+        ms_buf_appendf(&b, "the command exited with status %d before it was ready",
+                       (int)exit_status);
+    if (r->_last_output[0])
+        ms_buf_appendf(&b, " (its last output: %s)", r->_last_output);
+    r->last_error = b.data;
+    r->_events->on_failed(r, r->last_error);
+}
+
 static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
 {
     ms_replica_t *r = p->data;
     drain_control_pipe(r);
+    report_early_exit(r, exit_status, term_signal);
     /* A replica that was killed could not remove its own socket. */
     unlink(r->_socket_path);
     r->_exited = 1;
@@ -83,6 +132,7 @@ static void on_exit_cb(uv_process_t *p, int64_t exit_status, int term_signal)
     uv_close((uv_handle_t *)&r->_kill_timer, on_handle_closed);
     if (!uv_is_closing((uv_handle_t *)&r->_ctl))
         uv_close((uv_handle_t *)&r->_ctl, on_handle_closed);
+    close_process_handles(r);
     r->_events->on_exit(r, exit_status, term_signal);
 }
 
@@ -216,6 +266,271 @@ static void free_env(char **env)
     free(env);
 }
 
+/* ---- process replicas: what the command is told, its output, its readiness --------------------
+ */
+
+/* A free TCP port on 127.0.0.1 for a `listen: port` replica, or 0. The port is free when asked;
+ * the command binds it moments later. */
+static int pick_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0)
+        return 0;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    int port = 0;
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
+/* One argument with {socket}, {port} and {replica_id} replaced. */
+static char *substitute(const ms_replica_t *r, const char *arg)
+{
+    ms_buf_t b = {0};
+    ms_buf_append(&b, "", 0);
+    for (const char *p = arg; *p;) {
+        if (strncmp(p, "{socket}", 8) == 0) {
+            ms_buf_append_str(&b, r->_socket_path);
+            p += 8;
+        } else if (strncmp(p, "{port}", 6) == 0) {
+            ms_buf_appendf(&b, "%d", r->_port);
+            p += 6;
+        } else if (strncmp(p, "{replica_id}", 12) == 0) {
+            ms_buf_append_str(&b, r->replica_id);
+            p += 12;
+        } else {
+            ms_buf_append(&b, p++, 1);
+        }
+    }
+    return b.data;
+}
+
+static char **process_argv(const ms_replica_t *r, const ms_replica_spec_t *spec)
+{
+    const ms_process_config_t *pc = spec->process;
+    char **argv = ms_calloc(pc->argc + 3, sizeof *argv);
+    argv[0] = ms_strdup("moonserve");
+    argv[1] = ms_strdup("__exec");
+    for (size_t i = 0; i < pc->argc; i++)
+        argv[i + 2] = substitute(r, pc->argv[i]);
+    return argv;
+}
+
+static void free_list(char **list)
+{
+    for (size_t i = 0; list && list[i]; i++)
+        free(list[i]);
+    free(list);
+}
+
+/* Whether `entry` ("NAME=value") sets one of the names in `set` (each "NAME=..."). */
+static int overridden(const char *entry, char *const *set, size_t n)
+{
+    const char *eq = strchr(entry, '=');
+    size_t len = eq ? (size_t)(eq - entry) + 1 : strlen(entry);
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(entry, set[i], len) == 0)
+            return 1;
+    return 0;
+}
+
+static void env_add(char **env, size_t *n, const char *fmt, const char *value)
+{
+    ms_buf_t b = {0};
+    ms_buf_appendf(&b, fmt, value);
+    env[(*n)++] = b.data;
+}
+
+/* The engine's environment, then the deployment's env, then what the engine tells the replica
+ * (later entries win: earlier ones they name are left out). */
+static char **process_env(const ms_replica_t *r, const ms_replica_spec_t *spec, double grace_s)
+{
+    const ms_process_config_t *pc = spec->process;
+    char port[16], grace[32];
+    snprintf(port, sizeof port, "%d", r->_port);
+    snprintf(grace, sizeof grace, "%g", grace_s);
+    char *ours[16];
+    size_t n_ours = 0;
+    if (r->_port) {
+        env_add(ours, &n_ours, "PORT=%s", port);
+        env_add(ours, &n_ours, "MOONSERVE_PORT=%s", port);
+    } else {
+        env_add(ours, &n_ours, "MOONSERVE_SOCKET=%s", r->_socket_path);
+    }
+    env_add(ours, &n_ours, "MOONSERVE_REPLICA_ID=%s", r->replica_id);
+    env_add(ours, &n_ours, "MOONSERVE_APP=%s", spec->app_name);
+    env_add(ours, &n_ours, "MOONSERVE_DEPLOYMENT=%s", spec->deployment_name);
+    env_add(ours, &n_ours, "MOONSERVE_USER_CONFIG=%s", spec->user_config_json);
+    env_add(ours, &n_ours, "MOONSERVE_EXEC_GRACE_S=%s", grace);
+    if (spec->cuda_visible_devices) {
+        env_add(ours, &n_ours, "CUDA_VISIBLE_DEVICES=%s", spec->cuda_visible_devices);
+        env_add(ours, &n_ours, "MOONSERVE_GPU_IDS=%s", spec->gpu_ids ? spec->gpu_ids : "");
+    }
+    size_t n_environ = 0;
+    while (environ[n_environ])
+        n_environ++;
+    char **env = ms_calloc(n_environ + pc->n_env + n_ours + 1, sizeof *env);
+    size_t k = 0;
+    for (size_t i = 0; i < n_environ; i++)
+        if (!overridden(environ[i], pc->env, pc->n_env) && !overridden(environ[i], ours, n_ours))
+            env[k++] = ms_strdup(environ[i]);
+    for (size_t i = 0; i < pc->n_env; i++)
+        if (!overridden(pc->env[i], ours, n_ours))
+            env[k++] = ms_strdup(pc->env[i]);
+    for (size_t i = 0; i < n_ours; i++)
+        env[k++] = ours[i];
+    return env;
+}
+
+/* The command's output goes to the engine's log, a line at a time, tagged with the replica. */
+static ms_buf_t *out_buf_of(ms_replica_t *r, const uv_handle_t *h)
+{
+    return &r->_out_buf[h == (const uv_handle_t *)&r->_out[1]];
+}
+
+static void out_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    ms_buf_t *b = out_buf_of(h->data, h);
+    (void)suggested;
+    ms_buf_reserve(b, 4096);
+    *buf = uv_buf_init(b->data + b->len, (unsigned)(b->cap - b->len - 1));
+}
+
+#define OUTPUT_LINE_MAX 4096
+
+static void log_output_lines(ms_replica_t *r, ms_buf_t *b, int flush)
+{
+    for (;;) {
+        char *nl = memchr(b->data, '\n', b->len);
+        size_t n = nl ? (size_t)(nl - b->data) : b->len;
+        if (!nl && !flush && b->len < OUTPUT_LINE_MAX)
+            return;
+        if (n == 0 && !nl)
+            return;
+        size_t shown = n > OUTPUT_LINE_MAX ? OUTPUT_LINE_MAX : n;
+        if (shown && b->data[shown - 1] == '\r')
+            shown--;
+        ms_info("replica %s: %.*s", r->id, (int)shown, b->data);
+        snprintf(r->_last_output, sizeof r->_last_output, "%.*s", (int)shown, b->data);
+        ms_buf_consume(b, nl && n < OUTPUT_LINE_MAX ? n + 1 : shown);
+    }
+}
+
+static void on_out_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    ms_replica_t *r = s->data;
+    ms_buf_t *b = out_buf_of(r, (uv_handle_t *)s);
+    (void)buf;
+    if (nread < 0) {
+        log_output_lines(r, b, 1);
+        uv_read_stop(s);
+        return;
+    }
+    b->len += (size_t)nread;
+    b->data[b->len] = '\0';
+    log_output_lines(r, b, 0);
+}
+
+/* ---- process replicas: readiness and health, by GET ------------------------------------------ */
+
+#define READY_POLL_MS 100
+
+static void probe_finished(ms_replica_t *r, int answered)
+{
+    close_probe(r);
+    int ok = answered && r->_probe_status >= 200 && r->_probe_status < 300;
+    if (answered && !ok)
+        snprintf(r->_probe_error, sizeof r->_probe_error, "answered %d", r->_probe_status);
+    if (r->state == MS_REPLICA_STARTING) {
+        if (ok) {
+            uv_timer_stop(&r->_probe_timer);
+            r->state = MS_REPLICA_RUNNING;
+            r->_events->on_ready(r);
+        }
+    } else if (r->state == MS_REPLICA_RUNNING && r->_health_id) {
+        char why[200];
+        snprintf(why, sizeof why, "GET %s %s", r->_health_path, r->_probe_error);
+        health_result(r, ok, why);
+    }
+}
+
+static void on_probe_head(void *data, int status, const ms_http_header_t *h, size_t n, int chunked,
+                          int64_t content_length)
+{
+    (void)h;
+    (void)n;
+    (void)chunked;
+    (void)content_length;
+    ((ms_replica_t *)data)->_probe_status = status;
+}
+
+static void on_probe_body(void *data, const char *p, size_t n)
+{
+    (void)data;
+    (void)p;
+    (void)n;
+}
+
+static void on_probe_done(void *data)
+{
+    probe_finished(data, 1);
+}
+
+static void on_probe_error(void *data, ms_http_client_error_t err)
+{
+    ms_replica_t *r = data;
+    snprintf(r->_probe_error, sizeof r->_probe_error, "failed: %s", ms_http_client_error_text(err));
+    probe_finished(r, 0);
+}
+
+static const ms_http_client_callbacks_t probe_callbacks = {
+    .on_head = on_probe_head,
+    .on_body = on_probe_body,
+    .on_done = on_probe_done,
+    .on_error = on_probe_error,
+};
+
+static void probe_start(ms_replica_t *r, const char *path)
+{
+    close_probe(r);
+    r->_probe_status = 0;
+    r->_probe = ms_http_client_connect(r->_proc.loop, r->_port ? NULL : r->_socket_path,
+                                       "127.0.0.1", r->_port);
+    ms_buf_t head = {0};
+    ms_buf_appendf(&head, "GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", path);
+    if (ms_http_client_send(r->_probe, head.data, head.len, "", 0, &probe_callbacks, r) != 0) {
+        snprintf(r->_probe_error, sizeof r->_probe_error, "failed: cannot send");
+        close_probe(r);
+    }
+    ms_buf_free(&head);
+}
+
+/* Until the command answers ready_path, or ready_timeout_s passes: then the start failed, and
+ * the replica is killed (its exit follows). */
+static void on_ready_poll(uv_timer_t *t)
+{
+    ms_replica_t *r = t->data;
+    if (r->state != MS_REPLICA_STARTING)
+        return;
+    if (ms_wall_time() - r->start_time >= r->_ready_timeout_s) {
+        uv_timer_stop(t);
+        close_probe(r);
+        ms_buf_t b = {0};
+        ms_buf_appendf(&b, "not ready within ready_timeout_s (%gs): GET %s %s", r->_ready_timeout_s,
+                       r->_ready_path, r->_probe_error[0] ? r->_probe_error : "never answered");
+        free(r->last_error);
+        r->last_error = b.data;
+        r->_events->on_failed(r, r->last_error);
+        ms_replica_kill(r);
+        return;
+    }
+    if (!r->_probe)
+        probe_start(r, r->_ready_path);
+}
+
 /* What to check when spawning fails for want of a resource (docs/operations.md). */
 static const char *spawn_hint(int rc)
 {
@@ -225,6 +540,26 @@ static const char *spawn_hint(int rc)
     if (rc == UV_EAGAIN || rc == UV_ENOMEM)
         return " (out of processes or memory: check ulimit -u, kernel.pid_max and free memory)";
     return "";
+}
+
+/* A process replica's own state: where it listens, how it is probed, its output pipes. */
+static void prepare_process(uv_loop_t *loop, ms_replica_t *r, const ms_replica_spec_t *spec,
+                            char ***args)
+{
+    const ms_process_config_t *pc = spec->process;
+    r->_is_process = 1;
+    r->_port = pc->listen_port ? pick_port() : 0;
+    r->_ready_path = ms_strdup(pc->ready_path);
+    r->_ready_timeout_s = pc->ready_timeout_s;
+    r->_health_path = pc->health_path ? ms_strdup(pc->health_path) : NULL;
+    *args = process_argv(r, spec);
+    uv_timer_init(loop, &r->_probe_timer);
+    r->_probe_timer.data = r;
+    for (int i = 0; i < 2; i++) {
+        uv_pipe_init(loop, &r->_out[i], 0);
+        r->_out[i].data = r;
+    }
+    r->_open_handles += 3;
 }
 
 ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
@@ -249,31 +584,34 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
     snprintf(max_ongoing, sizeof max_ongoing, "%d", spec->max_ongoing_requests);
     snprintf(wait_loop, sizeof wait_loop, "%g", spec->graceful_shutdown_wait_loop_s);
     snprintf(memory, sizeof memory, "%lld", spec->memory_bytes);
-    char *args[] = {(char *)"moonserve",
-                    (char *)"__replica",
-                    (char *)"--socket",
-                    r->_socket_path,
-                    (char *)"--controller",
-                    (char *)spec->controller_socket,
-                    (char *)"--app",
-                    (char *)spec->app_name,
-                    (char *)"--deployment",
-                    (char *)spec->deployment_name,
-                    (char *)"--replica-id",
-                    r->replica_id,
-                    (char *)"--import",
-                    (char *)spec->import_path,
-                    (char *)"--args-json",
-                    (char *)spec->args_json,
-                    (char *)"--user-config-json",
-                    (char *)spec->user_config_json,
-                    (char *)"--max-ongoing",
-                    max_ongoing,
-                    (char *)"--wait-loop-s",
-                    wait_loop,
-                    (char *)"--memory-bytes",
-                    memory,
-                    NULL};
+    char *lua_args[] = {(char *)"moonserve",
+                        (char *)"__replica",
+                        (char *)"--socket",
+                        r->_socket_path,
+                        (char *)"--controller",
+                        (char *)spec->controller_socket,
+                        (char *)"--app",
+                        (char *)spec->app_name,
+                        (char *)"--deployment",
+                        (char *)spec->deployment_name,
+                        (char *)"--replica-id",
+                        r->replica_id,
+                        (char *)"--import",
+                        (char *)spec->import_path,
+                        (char *)"--args-json",
+                        (char *)spec->args_json,
+                        (char *)"--user-config-json",
+                        (char *)spec->user_config_json,
+                        (char *)"--max-ongoing",
+                        max_ongoing,
+                        (char *)"--wait-loop-s",
+                        wait_loop,
+                        (char *)"--memory-bytes",
+                        memory,
+                        NULL};
+    char **proc_args = NULL;
+    if (spec->process)
+        prepare_process(loop, r, spec, &proc_args);
 
     uv_pipe_init(loop, &r->_ctl, 0);
     r->_ctl.data = r;
@@ -289,21 +627,29 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
     stdio[2].data.fd = 2;
     stdio[3].flags = UV_CREATE_PIPE | UV_READABLE_PIPE | UV_WRITABLE_PIPE;
     stdio[3].data.stream = (uv_stream_t *)&r->_ctl;
+    if (r->_is_process)
+        for (int i = 0; i < 2; i++) {
+            stdio[1 + i].flags = UV_CREATE_PIPE | UV_WRITABLE_PIPE;
+            stdio[1 + i].data.stream = (uv_stream_t *)&r->_out[i];
+        }
 
     uv_process_options_t opts = {0};
     opts.file = spec->exe_path;
-    opts.args = args;
+    opts.args = r->_is_process ? proc_args : lua_args;
+    opts.cwd = r->_is_process ? spec->process->cwd : NULL;
     opts.exit_cb = on_exit_cb;
     opts.stdio = stdio;
     opts.stdio_count = 4;
     /* A session of its own keeps a terminal's Ctrl-C away from replicas: the controller alone
      * decides how they stop, so in-flight requests can drain. */
     opts.flags = UV_PROCESS_DETACHED;
-    char **env = replica_env(spec);
+    char **env = r->_is_process ? process_env(r, spec, spec->graceful_shutdown_wait_loop_s + 5.0)
+                                : replica_env(spec);
     opts.env = env;
     r->_proc.data = r;
     int rc = uv_spawn(loop, &r->_proc, &opts);
     free_env(env);
+    free_list(proc_args);
     if (rc != 0) {
         ms_error("replica %s: spawn failed: %s%s", r->id, uv_strerror(rc), spawn_hint(rc));
         if (err && err_cap)
@@ -315,12 +661,18 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
         uv_close((uv_handle_t *)&r->_proc, on_handle_closed);
         uv_close((uv_handle_t *)&r->_ctl, on_handle_closed);
         uv_close((uv_handle_t *)&r->_kill_timer, on_handle_closed);
+        close_process_handles(r);
         return NULL;
     }
     r->_open_handles++;
     r->pid = r->_proc.pid;
     r->start_time = ms_wall_time();
     uv_read_start((uv_stream_t *)&r->_ctl, ctl_alloc, on_ctl_read);
+    if (r->_is_process) {
+        for (int i = 0; i < 2; i++)
+            uv_read_start((uv_stream_t *)&r->_out[i], out_alloc, on_out_read);
+        uv_timer_start(&r->_probe_timer, on_ready_poll, READY_POLL_MS / 2, READY_POLL_MS);
+    }
     ms_info("replica %s: started, pid %d", r->id, r->pid);
     return r;
 }
@@ -344,8 +696,12 @@ void ms_replica_stop(ms_replica_t *r, double timeout_s)
 
 void ms_replica_kill(ms_replica_t *r)
 {
-    if (!r->_exited)
-        uv_process_kill(&r->_proc, SIGKILL);
+    if (r->_exited)
+        return;
+    /* A process replica's command may have started workers of its own: the whole group goes. */
+    if (r->_is_process)
+        kill(-r->pid, SIGKILL);
+    uv_process_kill(&r->_proc, SIGKILL);
 }
 
 typedef struct ctl_write {
@@ -377,7 +733,8 @@ static void ctl_send(ms_replica_t *r, json_t *msg)
 
 void ms_replica_poll_stats(ms_replica_t *r, double timeout_s)
 {
-    if (r->state != MS_REPLICA_RUNNING || uv_is_closing((uv_handle_t *)&r->_ctl))
+    /* A process replica has no record_*_stats(): it is scaled and routed on its request counts. */
+    if (r->_is_process || r->state != MS_REPLICA_RUNNING || uv_is_closing((uv_handle_t *)&r->_ctl))
         return;
     uint64_t now = ms_now_ms();
     if (r->_stats_id && now - r->_stats_sent_ms < (uint64_t)(timeout_s * 1000.0))
@@ -397,10 +754,15 @@ void ms_replica_check_health(ms_replica_t *r, double period_s, double timeout_s)
 {
     if (r->state != MS_REPLICA_RUNNING || uv_is_closing((uv_handle_t *)&r->_ctl))
         return;
+    if (r->_is_process && !r->_health_path)
+        return; /* without health_path a process is healthy while it runs */
     uint64_t now = ms_now_ms();
     if (r->_health_id) {
-        if (now - r->_health_sent_ms >= (uint64_t)(timeout_s * 1000.0))
+        if (now - r->_health_sent_ms >= (uint64_t)(timeout_s * 1000.0)) {
+            if (r->_is_process)
+                close_probe(r);
             health_result(r, 0, "no answer within health_check_timeout_s");
+        }
         return;
     }
     if (now < r->_next_health_ms)
@@ -411,12 +773,17 @@ void ms_replica_check_health(ms_replica_t *r, double period_s, double timeout_s)
     r->_next_health_ms = now + (uint64_t)(period_s * 1000.0 * jitter);
     r->_health_id = ++r->_ctl_seq;
     r->_health_sent_ms = now;
-    ctl_send(r, json_pack("{s:s, s:I}", "op", "health", "id", (json_int_t)r->_health_id));
+    if (r->_is_process)
+        probe_start(r, r->_health_path);
+    else
+        ctl_send(r, json_pack("{s:s, s:I}", "op", "health", "id", (json_int_t)r->_health_id));
 }
 
 void ms_replica_reconfigure(ms_replica_t *r, const char *user_config_json)
 {
     json_error_t jerr;
+    if (r->_is_process)
+        return; /* a command reads MOONSERVE_USER_CONFIG when it starts */
     json_t *uc = json_loads(user_config_json, JSON_DECODE_ANY, &jerr);
     if (!uc || !ctl_usable(r)) {
         json_decref(uc);
@@ -429,7 +796,7 @@ void ms_replica_reconfigure(ms_replica_t *r, const char *user_config_json)
 void ms_replica_configure(ms_replica_t *r, int max_ongoing_requests, double wait_loop_s)
 {
     r->max_ongoing_requests = max_ongoing_requests;
-    if (ctl_usable(r))
+    if (ctl_usable(r) && !r->_is_process)
         ctl_send(r, json_pack("{s:s, s:I, s:i, s:f}", "op", "configure", "id",
                               (json_int_t)++r->_ctl_seq, "max_ongoing_requests",
                               max_ongoing_requests, "graceful_shutdown_wait_loop_s", wait_loop_s));
@@ -443,9 +810,48 @@ void ms_replica_free(ms_replica_t *r)
 
 /* Connected on first use: an idle replica holds no link. A link that broke is not replaced (the
  * replica is being replaced instead). */
-ms_link_t *ms_replica_link(ms_replica_t *r)
+static ms_link_t *replica_link(ms_replica_t *r)
 {
     if (!r->_link && r->state == MS_REPLICA_RUNNING)
         r->_link = ms_link_connect(r->_proc.loop, r->_socket_path, &link_events, r);
     return r->_link && ms_link_is_up(r->_link) ? r->_link : NULL;
+}
+
+uint32_t ms_replica_send(ms_replica_t *r, const ms_link_request_t *lr,
+                         ms_http_request_t *body_source, const ms_link_callbacks_t *cb, void *data)
+{
+    if (!r->_is_process) {
+        ms_link_t *l = replica_link(r);
+        return l ? ms_link_send(l, lr, cb, data) : 0;
+    }
+    if (r->state != MS_REPLICA_RUNNING && r->state != MS_REPLICA_STOPPING)
+        return 0;
+    if (!r->_upstream)
+        r->_upstream = ms_upstream_new(r->_proc.loop, r->_port ? NULL : r->_socket_path, r->_port);
+    return ms_upstream_send(r->_upstream, lr, body_source, cb, data);
+}
+
+void ms_replica_cancel(ms_replica_t *r, uint32_t stream)
+{
+    if (r->_is_process) {
+        if (r->_upstream)
+            ms_upstream_cancel(r->_upstream, stream);
+    } else if (r->_link) {
+        ms_link_cancel(r->_link, stream);
+    }
+}
+
+void ms_replica_credit(ms_replica_t *r, uint32_t stream, size_t n)
+{
+    if (r->_is_process) {
+        if (r->_upstream)
+            ms_upstream_credit(r->_upstream, stream, n);
+    } else if (r->_link) {
+        ms_link_credit(r->_link, stream, n);
+    }
+}
+
+int ms_replica_is_process(const ms_replica_t *r)
+{
+    return r->_is_process;
 }

@@ -13,9 +13,11 @@
 #include <jansson.h>
 #include <uv.h>
 
+#include "config/config.h"
 #include "gpu/gpu.h"
 #include "http/http.h"
 #include "link/link.h"
+#include "upstream/upstream.h"
 
 typedef enum {
     MS_REPLICA_STARTING, /* spawned, constructor running */
@@ -61,6 +63,9 @@ typedef struct ms_replica_spec {
      * environment as it is. */
     const char *cuda_visible_devices;
     const char *gpu_ids;
+    /* A process replica (docs/process-replicas.md): the user's command, started through
+     * `moonserve __exec`, proxied over HTTP; NULL: a Lua replica. Read during the spawn only. */
+    const ms_process_config_t *process;
 } ms_replica_spec_t;
 
 struct ms_replica {
@@ -91,6 +96,20 @@ struct ms_replica {
     ms_buf_t _ctl_in;
     char *_socket_path;
     ms_link_t *_link;
+    /* process replicas */
+    int _is_process;
+    ms_upstream_t *_upstream;
+    int _port;         /* listen: port; else 0 */
+    char *_ready_path; /* GET until 2xx before the replica counts as ready */
+    double _ready_timeout_s;
+    char *_health_path; /* NULL: no health checks beyond the process being alive */
+    uv_timer_t _probe_timer;
+    ms_http_client_t *_probe; /* the readiness or health GET in flight */
+    int _probe_status;
+    char _probe_error[160]; /* what the latest readiness probe got */
+    uv_pipe_t _out[2];      /* the command's stdout and stderr, logged line by line */
+    ms_buf_t _out_buf[2];
+    char _last_output[200]; /* its latest line, for a start failure's message */
     const ms_replica_events_t *_events;
     int _open_handles;
     unsigned _exited : 1;
@@ -138,7 +157,20 @@ void ms_replica_configure(ms_replica_t *r, int max_ongoing_requests, double wait
 /* Releases the replica once its process is gone (state DEAD). Safe to call from on_exit. */
 void ms_replica_free(ms_replica_t *r);
 
-/* The data link of a RUNNING replica (connected on first use), or NULL when it is down. */
-ms_link_t *ms_replica_link(ms_replica_t *r);
+/* ---- the data path, whichever kind of replica ------------------------------------------------
+ * A Lua replica's requests go over its data link (connected on first use); a process replica's
+ * over pooled HTTP/1.1 connections (engine/upstream). Both speak ms_link_callbacks_t. */
+
+/* Sends a request to a RUNNING replica; `body_source` as ms_upstream_send (process replicas; NULL
+ * otherwise). Returns the stream id, or 0 when the replica cannot be reached (no callback
+ * fires). */
+uint32_t ms_replica_send(ms_replica_t *r, const ms_link_request_t *lr,
+                         ms_http_request_t *body_source, const ms_link_callbacks_t *cb, void *data);
+void ms_replica_cancel(ms_replica_t *r, uint32_t stream);
+void ms_replica_credit(ms_replica_t *r, uint32_t stream, size_t n);
+int ms_replica_is_process(const ms_replica_t *r);
+
+/* `moonserve __exec PROGRAM ARGS...`: the first process of a process replica (exec_shim.c). */
+int ms_replica_exec_main(int argc, char **argv);
 
 #endif

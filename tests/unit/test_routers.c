@@ -355,6 +355,210 @@ static void test_prefix_affinity(void)
     ms_router_script_free(sim.s);
 }
 
+/* ---- prefix_cache --------------------------------------------------------------------------- */
+
+/* A chat body as the OpenAI API sends it: a system prompt (one of a few shared ones), then the
+ * conversation's turns so far; turn t's body is turn t-1's plus one exchange, before the tail. */
+static char *chat_body(int system, int conv, int turns)
+{
+    ms_buf_t b = {0};
+    ms_buf_appendf(&b, "{\"model\":\"m\",\"messages\":[{\"role\":\"system\",\"content\":\"");
+    for (int i = 0; i < 24; i++)
+        ms_buf_appendf(&b, "System prompt %d, sentence %02d, shared by many chats. ", system, i);
+    ms_buf_appendf(&b, "\"}");
+    for (int t = 0; t < turns; t++)
+        ms_buf_appendf(&b,
+                       ",{\"role\":\"user\",\"content\":\"conversation %d asks question %d, which "
+                       "is long enough to fill a block or two of text\"},{\"role\":\"assistant\","
+                       "\"content\":\"an answer of some length to question %d of chat %d\"}",
+                       conv, t, t, conv);
+    ms_buf_appendf(&b, "],\"stream\":true}");
+    return b.data;
+}
+
+/* Routes one body as the engine does: choose, take, on_request_routed; the request stays in
+ * flight (ongoing + 1). Returns the replica. */
+static int route_body(sim_t *sim, const char *body)
+{
+    ms_route_request_t req = {.id = "r",
+                              .method = "POST",
+                              .path = "/v1/chat/completions",
+                              .body = body,
+                              .body_len = strlen(body)};
+    if (sim_choose(sim, &req) < 1)
+        return -1;
+    int r = sim_pick(sim);
+    if (r >= 0) {
+        ms_router_script_on_routed(sim->s, &req, r);
+        sim_set(sim, r, sim->ongoing[r] + 1);
+    }
+    return r;
+}
+
+static int route_chat(sim_t *sim, int system, int conv, int turns)
+{
+    char *body = chat_body(system, conv, turns);
+    int r = route_body(sim, body);
+    free(body);
+    return r;
+}
+
+static void sim_idle(sim_t *sim)
+{
+    for (int i = 0; i < sim->n; i++)
+        sim_set(sim, i, 0);
+}
+
+#define CONVS 24
+
+static void test_prefix_cache(void)
+{
+    sim_t sim;
+    if (sim_open(&sim, "prefix_cache.lua", "PrefixCache", NULL, 4) != 0)
+        return;
+
+    /* Two conversations sharing a system prompt: with the first one's replica no busier than
+     * the others, the second follows the shared prefix there; once that replica is more than
+     * imbalanced_threshold (2) above the least loaded, it goes elsewhere. */
+    int a = route_chat(&sim, 0, 0, 1);
+    ASSERT_TRUE(a >= 0);
+    ASSERT_INT_EQ(route_chat(&sim, 0, 1, 1), a); /* a: 1 in flight, others 0 */
+    ASSERT_INT_EQ(route_chat(&sim, 0, 2, 1), a); /* a: 2 */
+    sim_set(&sim, a, 3);                         /* 3 above the others */
+    int spilled = route_chat(&sim, 0, 3, 1);
+    ASSERT_TRUE(spilled >= 0 && spilled != a);
+    /* A conversation's next turn goes back to the replica that served it, even when another
+     * replica holds the shared system prompt too. */
+    sim_idle(&sim);
+    ASSERT_INT_EQ(route_chat(&sim, 0, 3, 2), spilled);
+    ASSERT_INT_EQ(route_chat(&sim, 0, 1, 2), a);
+    ASSERT_INT_EQ(sim.nranks, 2);
+    ASSERT_INT_EQ(sim.rank_end[1], 5); /* then every candidate */
+
+    /* A full replica spills: its conversation goes to the least-loaded replica with room. */
+    for (int i = 0; i < 4; i++)
+        sim_set(&sim, i, 8);
+    int least = (a + 1) % 4;
+    sim_set(&sim, least, 7);
+    ASSERT_INT_EQ(route_chat(&sim, 0, 1, 3), least); /* a is at its max (8) */
+    ms_router_script_free(sim.s);
+
+    /* Simulated chats: 24 conversations over 3 system prompts, 6 turns each, interleaved, two
+     * requests in flight per replica at most before one finishes. Nearly every later turn lands
+     * where its conversation has been, and the replicas share the work. */
+    if (sim_open(&sim, "prefix_cache.lua", "PrefixCache", NULL, 4) != 0)
+        return;
+    int home[CONVS], per[MAXR] = {0}, at_home = 0, later = 0;
+    srand(5);
+    for (int t = 1; t <= 6; t++) {
+        for (int k = 0; k < CONVS; k++) {
+            int r = route_chat(&sim, k % 3, k, t);
+            ASSERT_TRUE(r >= 0);
+            per[r]++;
+            if (t == 1)
+                home[k] = r;
+            else {
+                later++;
+                at_home += r == home[k];
+            }
+            /* a random request in flight finishes, so loads stay a little uneven */
+            int i = rand() % 4;
+            if (sim.ongoing[i] > 0)
+                sim_set(&sim, i, sim.ongoing[i] - 1);
+            if (sim.ongoing[i] > 1)
+                sim_set(&sim, i, sim.ongoing[i] - 1);
+        }
+        sim_idle(&sim);
+    }
+    printf("prefix_cache: %d of %d later turns at their conversation's replica; per replica "
+           "%d %d %d %d\n",
+           at_home, later, per[0], per[1], per[2], per[3]);
+    ASSERT_TRUE(at_home > later * 8 / 10);
+    for (int i = 0; i < 4; i++)
+        ASSERT_TRUE(per[i] > CONVS * 6 / 4 / 3);
+
+    /* A replica that leaves is forgotten: its conversations move, nothing fails. */
+    ms_router_script_remove_replica(sim.s, home[0]);
+    int moved = route_chat(&sim, 0, 0, 7);
+    ASSERT_TRUE(moved >= 0 && moved != home[0]);
+    ASSERT_INT_EQ(route_chat(&sim, 0, 0, 8), moved); /* and stay where they moved */
+    ASSERT_INT_EQ(ms_router_script_failures(sim.s), 0);
+
+    /* No body: one rank with everyone. */
+    ms_route_request_t plain = {.id = "r", .method = "GET", .path = "/"};
+    ASSERT_INT_EQ(sim_choose(&sim, &plain), 1);
+    ASSERT_INT_EQ(sim.rank_end[0], 3);
+    ms_router_script_free(sim.s);
+
+    /* Bounded memory: with max_blocks 64, a conversation not seen for many others is forgotten
+     * (the next turn goes by load: the replica with the fewest blocks), a recent one is not. */
+    if (sim_open(&sim, "prefix_cache.lua", "PrefixCache", "{\"max_blocks\": 64}", 4) != 0)
+        return;
+    int old_home = route_chat(&sim, 7, 0, 1);
+    for (int k = 1; k < 40; k++) {
+        route_chat(&sim, 8 + k, k, 1); /* distinct system prompts: ~25 blocks each */
+        sim_idle(&sim);
+    }
+    /* Its replica one request busier than the rest: a remembered prefix still wins there (within
+     * imbalanced_threshold), a forgotten one goes to an idle replica. */
+    int recent = route_chat(&sim, 8 + 39, 39, 2);
+    sim_idle(&sim);
+    sim_set(&sim, recent, 1);
+    ASSERT_INT_EQ(route_chat(&sim, 8 + 39, 39, 3), recent);
+    sim_idle(&sim);
+    sim_set(&sim, old_home, 1);
+    ASSERT_TRUE(route_chat(&sim, 7, 0, 2) != old_home);
+    ASSERT_INT_EQ(ms_router_script_failures(sim.s), 0);
+    ms_router_script_free(sim.s);
+
+    /* Bad kwargs fail the load. */
+    char *path = router_path("prefix_cache.lua"), *err = NULL;
+    ASSERT_TRUE(ms_router_script_new_class(path, "PrefixCache", "{\"block_chars\": 0}", 1000,
+                                           &err) == NULL);
+    ASSERT_CONTAINS(err, "block_chars");
+    free(err);
+    free(path);
+}
+
+/* The cost of one prefix_cache call on a long chat (a 30-turn history, ~9 KB), with and
+ * without a matching history; it must stay well inside the 200 us budget routers run under. */
+static void bench_prefix_cache(void)
+{
+    for (int n = 8; n <= 64; n *= 8) {
+        sim_t sim;
+        if (sim_open(&sim, "prefix_cache.lua", "PrefixCache", NULL, n) != 0)
+            return;
+        for (int k = 0; k < n; k++) {
+            route_chat(&sim, k % 4, k, 30);
+            sim_idle(&sim);
+        }
+        char *body = chat_body(1, 1, 30);
+        ms_route_request_t req = {.id = "r",
+                                  .method = "POST",
+                                  .path = "/v1/chat/completions",
+                                  .body = body,
+                                  .body_len = strlen(body)};
+        const int calls = 2000;
+        double best = 1e9;
+        for (int round = 0; round < 3; round++) {
+            uint64_t t0 = ms_now_us();
+            for (int i = 0; i < calls; i++) {
+                sim_choose(&sim, &req);
+                ms_router_script_on_routed(sim.s, &req, sim.index[0]);
+            }
+            double us = (double)(ms_now_us() - t0) / calls;
+            best = us < best ? us : best;
+        }
+        printf("PrefixCache, %d candidates, %zu-byte chat body: %.1f us/request (choose + "
+               "routed)\n",
+               n, strlen(body), best);
+        ASSERT_TRUE(best < 100);
+        ASSERT_INT_EQ(ms_router_script_failures(sim.s), 0);
+        free(body);
+        ms_router_script_free(sim.s);
+    }
+}
+
 /* ---- latency_aware -------------------------------------------------------------------------- */
 
 /* Routes `n` requests, each completing at once with its replica's latency; returns how many of
@@ -424,10 +628,9 @@ static void bench_routers(void)
     static const struct {
         const char *file, *cls;
     } routers[] = {
-        {"least_loaded.lua", "LeastLoaded"},
-        {"consistent_hash.lua", "ConsistentHash"},
-        {"prefix_affinity.lua", "PrefixAffinity"},
-        {"latency_aware.lua", "LatencyAware"},
+        {"least_loaded.lua", "LeastLoaded"},       {"consistent_hash.lua", "ConsistentHash"},
+        {"prefix_affinity.lua", "PrefixAffinity"}, {"latency_aware.lua", "LatencyAware"},
+        {"prefix_cache.lua", "PrefixCache"},
     };
     const char *body = "You are a helpful assistant. Answer briefly and precisely. | What is 2+2?";
     ms_http_header_t h[3] = {
@@ -471,7 +674,9 @@ int main(void)
     test_least_loaded();
     test_consistent_hash();
     test_prefix_affinity();
+    test_prefix_cache();
     test_latency_aware();
     bench_routers();
+    bench_prefix_cache();
     return TEST_DONE();
 }

@@ -1,0 +1,142 @@
+"""A small HTTP/1.1 server for process-replica tests (stdlib only).
+
+Listens where moonserve says (MOONSERVE_SOCKET, or PORT on 127.0.0.1). Behaviour is chosen by the
+request path:
+  GET  /health             200 unless the file named by env FAIL_HEALTH_FILE exists
+  ANY  /echo...            200 JSON: method, path, headers, body length, sha256, replica env
+  GET  /stream?n=K         chunked: K lines, one per ~10 ms, flushed one by one
+  GET  /sse?n=K            text/event-stream with K events then a comment
+  GET  /slow?s=SECONDS     sleeps, appending to env SIDE_EFFECT_FILE while it does (per 50 ms)
+  GET  /status/CODE        answers that status with a JSON body
+Env: READY_DELAY_S delays the start of listening; EXIT_AT_START=N exits with status N at once.
+"""
+import hashlib
+import http.server
+import json
+import os
+import socketserver
+import sys
+import time
+import urllib.parse
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(n) if n else b""
+
+    def send_json(self, status, obj, extra=()):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def handle_any(self):
+        url = urllib.parse.urlsplit(self.path)
+        q = dict(urllib.parse.parse_qsl(url.query))
+        data = self.body()
+        if url.path == "/health":
+            bad = os.environ.get("FAIL_HEALTH_FILE")
+            if bad and os.path.exists(bad):
+                return self.send_json(503, {"ok": False})
+            return self.send_json(200, {"ok": True})
+        if url.path.startswith("/status/"):
+            return self.send_json(int(url.path[8:]), {"status": int(url.path[8:])})
+        if url.path == "/stream":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(int(q.get("n", 3))):
+                line = ("line %d\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                time.sleep(0.01)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if url.path == "/sse":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(int(q.get("n", 3))):
+                ev = ("id: %d\nevent: tick\ndata: {\"i\": %d}\n\n" % (i, i)).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                self.wfile.flush()
+                time.sleep(0.01)
+            end = b": done\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+            return
+        if url.path == "/slow":
+            until = time.time() + float(q.get("s", "5"))
+            path = os.environ.get("SIDE_EFFECT_FILE")
+            while time.time() < until:
+                if path:
+                    with open(path, "a") as f:
+                        f.write("x")
+                time.sleep(0.05)
+            return self.send_json(200, {"slept": True})
+        self.conn_requests = getattr(self, "conn_requests", 0) + 1
+        self.send_json(200, {
+            "conn_requests": self.conn_requests,
+            "method": self.command,
+            "path": self.path,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "body_len": len(data),
+            "body_sha256": hashlib.sha256(data).hexdigest(),
+            "env": {k: v for k, v in os.environ.items()
+                    if k.startswith("MOONSERVE_") or k in ("PORT", "CUDA_VISIBLE_DEVICES", "EXTRA")},
+            "cwd": os.getcwd(),
+            "pid": os.getpid(),
+        }, extra=[("X-Upstream", "echo"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = handle_any
+
+
+class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self):
+        sock, _ = super().get_request()
+        return sock, ("local", 0)
+
+
+class TcpServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def main():
+    if os.environ.get("EXIT_AT_START"):
+        print("exiting at start as asked", file=sys.stderr, flush=True)
+        sys.exit(int(os.environ["EXIT_AT_START"]))
+    time.sleep(float(os.environ.get("READY_DELAY_S", "0")))
+    sock = os.environ.get("MOONSERVE_SOCKET")
+    if sock:
+        srv = UnixServer(sock, Handler)
+    else:
+        srv = TcpServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+    print("echo server %s listening" % os.environ.get("MOONSERVE_REPLICA_ID"), flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Process replicas (docs/process-replicas.md): a deployment whose replicas are a user command
+speaking HTTP. The engine starts the command where it is told to listen, waits for ready_path,
+proxies requests over pooled keep-alive connections (methods, headers, bodies, chunked streams
+and SSE passed through), restarts a crashed command, reports a failing start in status, checks
+health_path, places it on (fake) GPUs, lets Lua deployments call it through a handle, stops it
+gracefully, and leaves nothing running after the engine is killed with SIGKILL."""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import unittest
+
+import harness
+from harness import run_cli, wait_until
+
+ECHO_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "procs", "echo_server.py")
+
+
+def process_app(name="echo", route_prefix="/", replicas=1, env=None, **process):
+    proc = {"command": [sys.executable, ECHO_SERVER], "ready_path": "/health"}
+    if env:
+        proc["env"] = env
+    proc.update(process)
+    dep = {"name": "Echo", "num_replicas": replicas, "graceful_shutdown_timeout_s": 3,
+           "process": proc}
+    return {"name": name, "route_prefix": route_prefix, "deployments": [dep]}
+
+
+def echo(server, path="/echo", method="GET", body=None, headers=None):
+    r = server.request(method, path, body=body, headers=headers)
+    if r.status != 200:
+        raise AssertionError("%s %s -> %r" % (method, path, r))
+    return r.json()
+
+
+class ProcessCase(unittest.TestCase):
+    def start(self, *apps, env=None, files=None):
+        self.server = harness.Server(list(apps), env=env, files=files)
+        self.addCleanup(self.server.cleanup)
+        self.server.start()
+        return self.server
+
+    def wait_running(self, app, n, timeout=20):
+        return self.server.wait_status(app, "Echo", lambda d: len(
+            [r for r in d.get("replicas") or [] if r["state"] == "RUNNING"]) == n,
+            timeout=timeout, what="%d RUNNING" % n)
+
+
+class TestPassThrough(ProcessCase):
+    def setUp(self):
+        self.start(process_app(env={"EXTRA": "yes"}))
+        self.wait_running("echo", 1)
+
+    def test_request_reaches_the_command_faithfully(self):
+        body = os.urandom(200000)
+        got = echo(self.server, "/echo/a%20b?x=1&y=2", "PUT", body,
+                   {"X-Custom": "v1", "Content-Type": "application/octet-stream"})
+        self.assertEqual(got["method"], "PUT")
+        self.assertEqual(got["path"], "/echo/a%20b?x=1&y=2")
+        self.assertEqual(got["body_len"], len(body))
+        self.assertEqual(got["body_sha256"], hashlib.sha256(body).hexdigest())
+        hdrs = {k.lower(): v for k, v in got["headers"]}
+        self.assertEqual(hdrs["x-custom"], "v1")
+        self.assertEqual(hdrs["content-type"], "application/octet-stream")
+        self.assertIn("x-request-id", hdrs)
+        self.assertEqual(got["env"]["EXTRA"], "yes")
+        self.assertEqual(got["env"]["MOONSERVE_DEPLOYMENT"], "Echo")
+        self.assertTrue(got["env"]["MOONSERVE_SOCKET"].endswith(".sock"))
+        self.assertEqual(got["cwd"], os.path.realpath(self.server.dir))
+
+    def test_response_headers_and_status_pass_through(self):
+        r = self.server.request("GET", "/echo", headers={"X-Request-ID": "rid-process-1"})
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.header("x-upstream"), "echo")
+        cookies = [v for k, v in r.header_list if k.lower() == "set-cookie"]
+        self.assertEqual(cookies, ["a=1", "b=2"])
+        self.assertEqual(r.header("x-request-id"), "rid-process-1")
+        r = self.server.request("GET", "/status/404")
+        self.assertEqual((r.status, r.json()), (404, {"status": 404}))
+        r = self.server.request("GET", "/status/204")
+        self.assertEqual((r.status, r.body), (204, b""))
+
+    def test_chunked_stream_arrives_piece_by_piece(self):
+        s = self.server.connect(timeout=10)
+        self.addCleanup(s.close)
+        s.sendall(b"GET /stream?n=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+        reads, data = 0, b""
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(65536)
+            self.assertTrue(chunk, "connection closed early: %r" % data)
+            data += chunk
+            reads += 1
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertIn(b"transfer-encoding: chunked", head.lower())
+        lines = harness.parse_response_bytes(data).body.decode().splitlines()
+        self.assertEqual(lines, ["line %d" % i for i in range(20)])
+        self.assertGreater(reads, 3, "the stream came in one piece: it was buffered")
+
+    def test_sse_framing_is_intact(self):
+        r = self.server.request("GET", "/sse?n=3")
+        self.assertEqual(r.header("content-type"), "text/event-stream")
+        self.assertEqual(r.header("cache-control"), "no-cache")
+        expected = "".join("id: %d\nevent: tick\ndata: {\"i\": %d}\n\n" % (i, i)
+                           for i in range(3)) + ": done\n\n"
+        self.assertEqual(r.text, expected)
+
+    def test_keep_alive_connections_are_reused(self):
+        # Sequential requests from fresh client connections share one pooled connection to
+        # the command: its handler counts the requests it served on its connection.
+        counts = [echo(self.server)["conn_requests"] for _ in range(5)]
+        self.assertEqual(counts, [1, 2, 3, 4, 5])
+
+
+class TestListenPort(ProcessCase):
+    def test_port_mode_and_placeholders(self):
+        self.start(process_app(listen="port",
+                               command=[sys.executable, ECHO_SERVER, "--id={replica_id}",
+                                        "--port={port}"]))
+        self.wait_running("echo", 1)
+        got = echo(self.server)
+        port = int(got["env"]["PORT"])
+        self.assertEqual(got["env"]["MOONSERVE_PORT"], str(port))
+        self.assertNotIn("MOONSERVE_SOCKET", got["env"])
+        rid = got["env"]["MOONSERVE_REPLICA_ID"]
+        with open("/proc/%d/cmdline" % got["pid"], "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertIn(("--id=%s" % rid).encode(), argv)
+        self.assertIn(("--port=%d" % port).encode(), argv)
+
+
+class TestLifecycle(ProcessCase):
+    def test_crash_is_restarted(self):
+        self.start(process_app())
+        self.wait_running("echo", 1)
+        first = echo(self.server)["pid"]
+        os.kill(first, signal.SIGKILL)
+        got = wait_until(lambda: (lambda r: r.status == 200 and r.json()["pid"] != first and r)(
+            self.server.request("GET", "/echo")), 20, 0.1)
+        self.assertTrue(got, "no new replica answered; stderr:\n" + self.server.stderr_tail())
+        self.assertIn("Echo#", self.server.stderr_text())
+
+    def test_output_is_logged_with_the_replica_id(self):
+        self.start(process_app())
+        self.wait_running("echo", 1)
+        rid = echo(self.server)["env"]["MOONSERVE_REPLICA_ID"]
+        self.assertTrue(wait_until(lambda: "replica Echo#%s: echo server %s listening" % (rid, rid)
+                                   in self.server.stderr_text(), 5))
+
+    def test_command_that_exits_at_start_fails_the_deployment(self):
+        self.start(process_app(env={"EXIT_AT_START": "3"}))
+        dep = self.server.wait_status("echo", "Echo", lambda d: d["status"] == "DEPLOY_FAILED",
+                                      timeout=30, what="DEPLOY_FAILED")
+        self.assertIn("exited with status 3 before it was ready", dep["message"])
+        self.assertIn("exiting at start as asked", dep["message"])
+        r = self.server.request("GET", "/echo")
+        self.assertEqual(r.status, 503)
+
+    def test_not_ready_in_time_fails_with_the_reason(self):
+        self.start(process_app(env={"READY_DELAY_S": "30"}, ready_timeout_s=0.5))
+        dep = self.server.wait_status("echo", "Echo", lambda d: d["status"] == "DEPLOY_FAILED",
+                                      timeout=30, what="DEPLOY_FAILED")
+        self.assertIn("not ready within ready_timeout_s (0.5s): GET /health", dep["message"])
+
+    def test_failing_health_path_replaces_the_replica(self):
+        flag = os.path.join(harness.tempfile.gettempdir(), "ms-health-%d" % os.getpid())
+        self.addCleanup(lambda: os.path.exists(flag) and os.unlink(flag))
+        app = process_app(env={"FAIL_HEALTH_FILE": flag}, health_path="/health")
+        app["deployments"][0].update(health_check_period_s=0.2, health_check_timeout_s=1)
+        self.start(app)
+        self.wait_running("echo", 1)
+        first = echo(self.server)["pid"]
+        open(flag, "w").close()
+        self.assertTrue(wait_until(lambda: "unhealthy after 3 failed health checks"
+                                   in self.server.stderr_text(), 15), self.server.stderr_tail())
+        os.unlink(flag)
+        got = wait_until(lambda: (lambda r: r.status == 200 and r.json()["pid"] != first)(
+            self.server.request("GET", "/echo")), 20, 0.1)
+        self.assertTrue(got)
+
+    def test_graceful_stop_and_nothing_left(self):
+        self.start(process_app(replicas=2))
+        self.wait_running("echo", 2)
+        pids = {echo(self.server)["pid"] for _ in range(6)}
+        self.server.stop()
+        for pid in pids:
+            self.assertTrue(wait_until(lambda: not os.path.exists("/proc/%d" % pid), 5))
+
+    def test_no_orphan_after_the_engine_is_killed(self):
+        self.start(process_app(replicas=2))
+        self.wait_running("echo", 2)
+        dep = self.server.deployment_status("echo", "Echo")
+        shims = [r["pid"] for r in dep["replicas"]]
+        commands = set()
+        for _ in range(20):
+            commands.add(echo(self.server)["pid"])
+            if len(commands) == 2:
+                break
+        self.assertEqual(len(commands), 2)
+        os.kill(self.server.pid, signal.SIGKILL)
+        self.server.proc.wait(5)
+        for pid in shims + list(commands):
+            self.assertTrue(wait_until(lambda: not harness.is_alive(pid), 10),
+                            "pid %d outlived the engine" % pid)
+
+
+class TestPlacementAndComposition(ProcessCase):
+    def test_cuda_visible_devices_in_fake_gpu_mode(self):
+        app = process_app(replicas=2)
+        app["deployments"][0]["ray_actor_options"] = {"num_gpus": 1}
+        self.start(app, env={"MOONSERVE_FAKE_GPUS": "A100:16384,A100:16384"})
+        self.wait_running("echo", 2)
+        seen = set()
+        for _ in range(30):
+            seen.add(echo(self.server)["env"].get("CUDA_VISIBLE_DEVICES"))
+            if len(seen) == 2:
+                break
+        self.assertEqual(seen, {"0", "1"})
+
+    def test_called_from_lua_through_a_handle(self):
+        lua = r'''
+local serve = require "moonserve"
+local Model = serve.deployment { name = "Model", process = {
+  command = { PYTHON, SERVER }, ready_path = "/health" } }
+local Ingress = serve.deployment { name = "Ingress" }
+function Ingress:init(model) self.model = model end
+function Ingress:__call(req)
+  local out = self.model:remote(req):result()
+  return { via = "lua", model = out }
+end
+return { app = Ingress:bind(Model:bind()) }
+'''
+        lua = lua.replace("PYTHON", json.dumps(sys.executable)).replace(
+            "SERVER", json.dumps(ECHO_SERVER))
+        self.start({"name": "comp", "route_prefix": "/", "import_path": "comp.lua:app"},
+                   files={"comp.lua": lua})
+        self.server.wait_status("comp", "Model", lambda d: d["status"] == "HEALTHY", timeout=20)
+        r = self.server.request("POST", "/echo/x", body=b"payload")
+        self.assertEqual(r.status, 200, r)
+        got = r.json()
+        self.assertEqual(got["via"], "lua")
+        self.assertEqual(got["model"]["body_len"], 7)
+        self.assertEqual(got["model"]["env"]["MOONSERVE_DEPLOYMENT"], "Model")
+
+
+class TestConfigErrors(unittest.TestCase):
+    def check(self, process, expect):
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "c.yaml")
+            app = {"name": "a", "deployments": [{"name": "P", "process": process}]}
+            with open(path, "w") as f:
+                f.write(harness.to_yaml({"applications": [app]}))
+            rc, out = run_cli("check", path)
+            self.assertEqual(rc, 1, out)
+            self.assertRegex(out, r"c\.yaml:\d+:\d+: .*" + expect)
+
+    def test_errors_name_the_problem(self):
+        self.check({"ready_path": "/"}, "process is missing required key 'command'")
+        self.check({"command": []}, "command must be a non-empty list")
+        self.check({"command": ["no-such-program-xyz"]}, "program 'no-such-program-xyz' not "
+                                                         "found in PATH")
+        self.check({"command": ["true"], "ready_pth": "/"}, "did you mean 'ready_path'")
+        self.check({"command": ["true"], "ready_path": "health"}, "ready_path must be a path")
+        self.check({"command": ["true"], "listen": "tcp"}, "listen must be")
+        self.check({"command": ["true"], "cwd": "/no/such/dir"}, "cwd: /no/such/dir is not a "
+                                                                 "folder")
+
+    def test_config_only_application_needs_a_process(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "c.yaml")
+            with open(path, "w") as f:
+                f.write(harness.to_yaml({"applications": [
+                    {"name": "a", "deployments": [{"name": "P", "num_replicas": 1}]}]}))
+            rc, out = run_cli("check", path)
+            self.assertEqual(rc, 1, out)
+            self.assertIn("without code must consist of one deployment with a 'process' block",
+                          out)
+            with open(path, "w") as f:
+                f.write(harness.to_yaml({"applications": [
+                    {"name": "a", "deployments": [{"name": "P", "process": {"command": ["true"]}}]}]}))
+            rc, out = run_cli("check", path)
+            self.assertEqual(rc, 0, out)
+
+
+if __name__ == "__main__":
+    harness.main()
