@@ -236,8 +236,12 @@ class EndToEndTest(unittest.TestCase):
             err = r.json()
             self.assertIn(message, err["error"], r)
             self.assertEqual(err.get("request_id"), r.header("x-request-id"), r)
-        # None of them reached a replica: server.py would have answered 400 with its own words.
-        self.assertNotIn("item 0", self.server.stderr_text())
+        # 422 itself says the ingress answered: had a body reached server.py, its 400 would have
+        # made the handle call fail and the ingress answer 500.
+
+    def test_replicas_logged_start(self):
+        log = self.server.stderr_text()
+        self.assertEqual(log.count("torch-classifier: model loaded"), 2, log[-3000:])
 
 
 if __name__ == "__main__":
