@@ -98,8 +98,7 @@ typedef struct ms_router_config {
 
 /* process (ours): a deployment whose replicas are a user command speaking HTTP
  * (docs/process-replicas.md). Strings owned. */
-#define MS_DEFAULT_PROCESS_READY_TIMEOUT_S   60.0
-#define MS_DEFAULT_PROCESS_STREAM_BODY_BYTES (1024 * 1024)
+#define MS_DEFAULT_PROCESS_READY_TIMEOUT_S 60.0
 typedef struct ms_process_config {
     char **argv; /* NULL-terminated; placeholders ({socket}, {port}, {replica_id}) kept */
     size_t argc;
@@ -109,11 +108,7 @@ typedef struct ms_process_config {
     int listen_port; /* 0: a Unix socket (MOONSERVE_SOCKET); 1: a TCP port (PORT) */
     char *ready_path;
     double ready_timeout_s;
-    char *health_path;           /* NULL: none */
-    long long stream_body_bytes; /* longer (or chunked) request bodies stream through */
-    char *batch_path;            /* NULL: no batching */
-    int batch_max_size;
-    double batch_wait_timeout_s;
+    char *health_path; /* NULL: none */
     ms_config_mark_t mark;
 } ms_process_config_t;
 

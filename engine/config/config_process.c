@@ -6,7 +6,6 @@
 #include "core/core.h"
 
 #include <ctype.h>
-#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -188,51 +187,6 @@ static void pr_health_path(jkv_t *kv, void *obj)
     get_path(kv, &((proc_build_t *)obj)->p->health_path, 1);
 }
 
-static void pr_stream_body(jkv_t *kv, void *obj)
-{
-    long long v;
-    if (jget_int(kv, 0, LLONG_MAX, "an integer number of bytes >= 0", &v))
-        ((proc_build_t *)obj)->p->stream_body_bytes = v;
-}
-
-static void bt_path(jkv_t *kv, void *obj)
-{
-    get_path(kv, &((proc_build_t *)obj)->p->batch_path, 0);
-}
-
-static void bt_size(jkv_t *kv, void *obj)
-{
-    long long v;
-    if (jget_int(kv, 1, 100000, "an integer in 1..100000", &v))
-        ((proc_build_t *)obj)->p->batch_max_size = (int)v;
-}
-
-static void bt_wait(jkv_t *kv, void *obj)
-{
-    jget_num(kv, 0, true, &((proc_build_t *)obj)->p->batch_wait_timeout_s);
-}
-
-static const jfield_t batch_fields[] = {
-    {"path", bt_path},
-    {"max_batch_size", bt_size},
-    {"batch_wait_timeout_s", bt_wait},
-};
-
-static void pr_batching(jkv_t *kv, void *obj)
-{
-    proc_build_t *b = obj;
-    if (json_is_null(kv->val))
-        return;
-    if (!json_is_object(kv->val)) {
-        jbad(kv, "a mapping {path, max_batch_size, batch_wait_timeout_s} or null");
-        return;
-    }
-    uint64_t seen = jv_walk(kv->v, kv->val, jv_submap(kv), "in process.batching", batch_fields,
-                            MS_N_FIELDS(batch_fields), b);
-    if (!(seen & 1))
-        jv_error(kv->v, kv->val_node, "process.batching is missing required key 'path'");
-}
-
 static const jfield_t process_fields[] = {
     {"command", pr_command},
     {"env", pr_env},
@@ -241,8 +195,6 @@ static const jfield_t process_fields[] = {
     {"ready_path", pr_ready_path},
     {"ready_timeout_s", pr_ready_timeout},
     {"health_path", pr_health_path},
-    {"stream_body_bytes", pr_stream_body},
-    {"batching", pr_batching},
 };
 
 /* Whether `prog` names an executable: a path (relative to cwd) or a name found in PATH. */
@@ -278,9 +230,6 @@ static ms_process_config_t *process_parse(jv_t *v, json_t *obj, yaml_node_t *yma
     p->cwd = ms_strdup(dir);
     p->ready_path = ms_strdup("/");
     p->ready_timeout_s = MS_DEFAULT_PROCESS_READY_TIMEOUT_S;
-    p->stream_body_bytes = MS_DEFAULT_PROCESS_STREAM_BODY_BYTES;
-    p->batch_max_size = 10;
-    p->batch_wait_timeout_s = 0.01;
     p->mark = v->mark;
     proc_build_t b = {p, dir, NULL, NULL};
     size_t before = v->c->n_errors;
@@ -351,7 +300,6 @@ ms_process_config_t *ms_config_process_copy(const ms_process_config_t *p)
     c->cwd = dup_opt(p->cwd);
     c->ready_path = dup_opt(p->ready_path);
     c->health_path = dup_opt(p->health_path);
-    c->batch_path = dup_opt(p->batch_path);
     return c;
 }
 
@@ -364,6 +312,5 @@ void ms_config_process_free(ms_process_config_t *p)
     free(p->cwd);
     free(p->ready_path);
     free(p->health_path);
-    free(p->batch_path);
     free(p);
 }

@@ -24,22 +24,12 @@ REPLICAS = 3
 
 def serve(testcase, router):
     d = testcase.tmp.name
-    config, port = llm_prefix.run_config(d, REPLICAS, router)
-    proc = llm_prefix.start(harness.BIN, config, port, REPLICAS)
+    config, port, admin = llm_prefix.run_config(d, REPLICAS, router)
+    proc = llm_prefix.start(harness.BIN, config, admin, REPLICAS)
     testcase.addCleanup(llm_prefix.stop, proc)
     return port
 
 
-def engine_has_process_deployments():
-    """False while the binary refuses the `process` key (the engine side is not merged yet)."""
-    with tempfile.TemporaryDirectory(prefix="moonserve-llm-check-") as d:
-        config, _ = llm_prefix.run_config(d, 1)
-        _, out = harness.run_cli("check", config)
-    return "unknown key 'process'" not in out
-
-
-@unittest.skipUnless(engine_has_process_deployments(),
-                     "this moonserve has no process deployments (docs/process-replicas.md)")
 class LLMRoutingTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory(prefix="moonserve-llm-")
@@ -51,9 +41,13 @@ class LLMRoutingTest(unittest.TestCase):
         for name, router in (("default", None), ("prefix", llm_prefix.ROUTER)):
             # one server at a time, stopped before the next starts (measure() owns it)
             out[name] = llm_prefix.measure(harness.BIN, REPLICAS, requests, 4, router)
-        print("default %s\nprefix  %s\noracle hit rate %.3f"
-              % (out["default"], out["prefix"], llm_prefix.oracle_hit_rate(requests)))
-        self.assertGreater(out["prefix"]["hit_rate"], out["default"]["hit_rate"] + 0.15, out)
+        oracle = llm_prefix.oracle_hit_rate(requests)
+        print("default %s\nprefix  %s\noracle hit rate %.3f" % (out["default"], out["prefix"], oracle))
+        # The shared system prompts are cached everywhere whatever the routing: what affinity can
+        # add is the gap up to the oracle's rate, and it must win most of it.
+        gap = oracle - out["default"]["hit_rate"]
+        self.assertGreater(gap, 0.1, out)
+        self.assertGreater(out["prefix"]["hit_rate"], out["default"]["hit_rate"] + 0.5 * gap, out)
         self.assertLess(out["prefix"]["mean_ms"], out["default"]["mean_ms"], out)
         self.assertEqual(len(out["prefix"]["per_replica"]), REPLICAS, out)  # all replicas used
 

@@ -84,13 +84,20 @@ def oracle_hit_rate(requests):
     return hit / max(total, 1)
 
 
+# The prefix router's settings in the benchmark: a replica may run this many requests above the
+# least loaded one before affinity gives way (4 slots per replica, 2 of them spare).
+ROUTER_KWARGS = {"imbalanced_threshold": 4}
+
+
 def run_config(dirname, replicas, router=None, slots=4, cache_blocks=512):
     """A moonserve config: one application without import_path, one process deployment."""
     port, admin = free_port(), free_port()
     router_cfg = ""
     if router:
-        router_cfg = "        request_router_config:\n          request_router_class: %s\n" % (
-            json.dumps(router))
+        router_cfg = ("        request_router_config:\n"
+                      "          request_router_class: %s\n"
+                      "          request_router_kwargs: %s\n"
+                      % (json.dumps(router), json.dumps(ROUTER_KWARGS)))
     cfg = """http_options: {host: 127.0.0.1, port: %d}
 admin: {host: 127.0.0.1, port: %d}
 applications:
@@ -111,27 +118,43 @@ applications:
     path = os.path.join(dirname, "config.yaml")
     with open(path, "w") as f:
         f.write(cfg)
-    return path, port
+    return path, port, admin
 
 
-def start(binary, config, port, replicas, timeout=60):
+def running_replicas(admin):
+    """RUNNING replicas of llm/LLM in the engine's status document."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=2)
+    try:
+        conn.request("GET", "/api/serve/applications/")
+        doc = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    dep = doc["applications"]["llm"]["deployments"]["LLM"]
+    return sum(1 for r in dep.get("replicas") or [] if r["state"] == "RUNNING")
+
+
+def start(binary, config, admin, replicas, timeout=60):
+    """Runs moonserve and waits until the status document shows every replica RUNNING (asking
+    the replicas themselves would not do: an affinity router sends the same probe to one)."""
+    err = tempfile.TemporaryFile()
     proc = subprocess.Popen([binary, "run", config], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + timeout
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "warm"}],
-                       "max_tokens": 1})
-    seen = set()
-    while len(seen) < replicas:  # every replica answered once: all are ready
+    while True:
+        try:
+            if running_replicas(admin) == replicas:
+                proc.err_file = err  # closed by stop()
+                return proc
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+            pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("moonserve did not serve %d replicas: %s"
-                               % (replicas, proc.stderr.read().decode()[-2000:]))
-        try:
-            r = request(port, json.loads(body)["messages"], stream=False, max_tokens=1)
-            seen.add(r["replica"])
-        except (OSError, http.client.HTTPException, RuntimeError):
-            time.sleep(0.1)
-    return proc
+            proc.wait()
+            err.seek(0)
+            text = err.read().decode()[-2000:]
+            err.close()
+            raise RuntimeError("moonserve did not run %d replicas: %s" % (replicas, text))
+        time.sleep(0.1)
 
 
 def stop(proc):
@@ -141,6 +164,8 @@ def stop(proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if getattr(proc, "err_file", None):
+        proc.err_file.close()
 
 
 def request(port, messages, stream=True, max_tokens=16, conn=None):
@@ -218,8 +243,8 @@ def summarize(results):
 
 def measure(binary, replicas, requests, concurrency, router):
     with tempfile.TemporaryDirectory(prefix="llm-prefix-") as d:
-        config, port = run_config(d, replicas, router)
-        proc = start(binary, config, port, replicas)
+        config, port, admin = run_config(d, replicas, router)
+        proc = start(binary, config, admin, replicas)
         try:
             return summarize(run_replay(port, requests, concurrency))
         finally:
