@@ -617,7 +617,7 @@ ms_replica_t *ms_replica_spawn(uv_loop_t *loop, const ms_replica_spec_t *spec,
     r->_ctl.data = r;
     uv_timer_init(loop, &r->_kill_timer);
     r->_kill_timer.data = r;
-    r->_open_handles = 2;
+    r->_open_handles += 2; /* the process handles (prepare_process) may be counted already */
 
     uv_stdio_container_t stdio[4];
     stdio[0].flags = UV_IGNORE;

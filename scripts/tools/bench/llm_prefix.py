@@ -19,12 +19,13 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from benchlib import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -32,13 +33,6 @@ SERVER = os.path.join(ROOT, "examples", "llm", "llm_server.py")
 ROUTER = os.path.join(ROOT, "scripts", "routers", "prefix_cache.lua") + ":PrefixCache"
 BLOCK = 64  # llm_server.py's default block size in characters
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def replay(convs, turns, systems, seed=1):
