@@ -91,7 +91,8 @@ static int hop_by_hop(const ms_http_header_t *h)
     return 0;
 }
 
-/* Keeps the end-to-end headers of a response, copied (they live only during on_head). */
+/* Keeps the end-to-end headers of a response, copied (they live only during on_head). The
+ * buffer is sized first, so it does not move while the pointers into it are taken. */
 static void keep_headers(up_conn_t *c, const ms_http_header_t *h, size_t n)
 {
     ms_buf_reset(&c->head_copy);
@@ -99,25 +100,23 @@ static void keep_headers(up_conn_t *c, const ms_http_header_t *h, size_t n)
         c->hdrs_cap = n;
         c->hdrs = ms_realloc(c->hdrs, n * sizeof *c->hdrs);
     }
-    size_t *off = ms_calloc(n ? 2 * n : 1, sizeof *off);
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += h[i].name_len + h[i].value_len;
+    ms_buf_reserve(&c->head_copy, total + 1);
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         if (hop_by_hop(&h[i]))
             continue;
-        off[2 * k] = c->head_copy.len;
+        ms_http_header_t *x = &c->hdrs[k++];
+        x->name = c->head_copy.data + c->head_copy.len;
+        x->name_len = h[i].name_len;
         ms_buf_append(&c->head_copy, h[i].name, h[i].name_len);
-        off[2 * k + 1] = c->head_copy.len;
+        x->value = c->head_copy.data + c->head_copy.len;
+        x->value_len = h[i].value_len;
         ms_buf_append(&c->head_copy, h[i].value, h[i].value_len);
-        c->hdrs[k].name_len = h[i].name_len;
-        c->hdrs[k].value_len = h[i].value_len;
-        k++;
-    }
-    for (size_t i = 0; i < k; i++) { /* the buffer has stopped moving */
-        c->hdrs[i].name = c->head_copy.data + off[2 * i];
-        c->hdrs[i].value = c->head_copy.data + off[2 * i + 1];
     }
     c->n_hdrs = k;
-    free(off);
 }
 
 static void on_up_head(void *data, int status, const ms_http_header_t *headers, size_t n,
