@@ -3,6 +3,7 @@
  * the controller -> replica hop and for handle calls from replicas. Pools live with the owners;
  * this file only knows one connection.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -24,6 +25,13 @@ struct ms_http_client {
     const ms_http_client_callbacks_t *cb;
     void *cb_data;
     int pending_writes;
+    ms_buf_t held; /* response bytes read but not parsed while paused */
+    void (*drain_cb)(void *data);
+    void *drain_data;
+    int parsing;            /* llhttp_execute on the stack: pause/resume only set flags */
+    unsigned body_open : 1; /* send_head: the request body is not finished yet */
+    unsigned chunked : 1;   /* that body is chunk-framed by ms_http_client_write */
+    unsigned paused : 1;    /* ms_http_client_pause: no callbacks, no reading */
     unsigned busy : 1;      /* a response is owed */
     unsigned broken : 1;    /* unusable: connect failed, EOF, error */
     unsigned closed : 1;    /* ms_http_client_close called */
@@ -101,7 +109,9 @@ static int on_headers_complete(llhttp_t *p)
     }
     if (c->closed)
         return -1;
-    return c->head_only ? 1 : 0;
+    if (c->head_only)
+        return 1; /* no body: only on_done is left, and deliver() holds it while paused */
+    return c->paused ? HPE_PAUSED : 0;
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t n)
@@ -109,7 +119,9 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
     ms_http_client_t *c = client_of_parser(p);
     if (c->busy && !c->closed)
         c->cb->on_body(c->cb_data, at, n);
-    return c->closed ? -1 : 0;
+    if (c->closed)
+        return -1;
+    return c->paused ? HPE_PAUSED : 0;
 }
 
 /* The parser stops after each response so that deliver() can look at what follows it. */
@@ -122,29 +134,49 @@ static int on_message_complete(llhttp_t *p)
      * open, it did not switch protocols, and the request went out whole before the answer
      * came (an early answer leaves the rest of the body in flight, to be read as a request). */
     if (!llhttp_should_keep_alive(p) || p->upgrade || p->status_code < 200 ||
-        uv_stream_get_write_queue_size(&c->h.stream) > 0)
+        uv_stream_get_write_queue_size(&c->h.stream) > 0 || c->body_open)
         c->broken = 1;
     return c->closed ? -1 : HPE_PAUSED;
 }
 
-/* After a parse of `n` bytes at `data` that returned `e`: hands over a complete response.
- * Bytes after it, before a new request was sent, are another response nobody asked for: the
- * connection is not reused. */
-static void deliver(ms_http_client_t *c, llhttp_errno_t e, const char *data, size_t n)
+/* Hands over a complete response, unless the owner paused (then resume does). */
+static void deliver(ms_http_client_t *c)
 {
-    if (!c->complete)
+    if (!c->complete || c->paused)
         return;
     c->complete = 0;
-    if (e == HPE_PAUSED && llhttp_get_error_pos(&c->parser) != data + n)
-        c->broken = 1;
-    if (c->broken)
+    if (c->broken) {
         uv_read_stop(&c->h.stream);
-    else
+        ms_buf_reset(&c->held);
+    } else
         llhttp_resume(&c->parser);
     if (c->busy && !c->closed) {
         c->busy = 0;
         c->cb->on_done(c->cb_data);
     }
+}
+
+/* Parses n bytes at data; returns how many were taken. Fewer when the owner paused inside a
+ * callback: the rest is the caller's to keep. Bytes after a complete response, before a new
+ * request was sent, are another response nobody asked for: the connection is not reused. */
+static size_t parse_response(ms_http_client_t *c, const char *data, size_t n)
+{
+    c->parsing++;
+    llhttp_errno_t e = llhttp_execute(&c->parser, data, n);
+    c->parsing--;
+    size_t used = n;
+    if (e == HPE_PAUSED) {
+        used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
+        if (c->complete && used != n)
+            c->broken = 1;
+        else if (!c->complete)
+            llhttp_resume(&c->parser); /* the parser goes on where it stopped */
+    } else if (e != HPE_OK && !c->closed) {
+        fail(c, MS_HTTP_CLIENT_MALFORMED);
+        return n;
+    }
+    deliver(c);
+    return c->broken ? n : used;
 }
 
 static const llhttp_settings_t *response_settings(void)
@@ -174,8 +206,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (nread == UV_EOF && c->busy) {
             /* completes a close-delimited body, if that is one */
             llhttp_errno_t e = llhttp_finish(&c->parser);
+            (void)e;
             c->broken = c->complete; /* a response that ends here is the connection's last */
-            deliver(c, e, NULL, 0);
+            deliver(c);
         }
         uv_read_stop(s);
         fail(c, nread == UV_EOF ? MS_HTTP_CLIENT_PEER_CLOSED : MS_HTTP_CLIENT_RESET);
@@ -187,13 +220,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         fail(c, MS_HTTP_CLIENT_UNEXPECTED);
         return;
     }
-    llhttp_errno_t e = llhttp_execute(&c->parser, buf->base, (size_t)nread);
-    if (e == HPE_PAUSED) {
-        deliver(c, e, buf->base, (size_t)nread);
-        return;
-    }
-    if (e != HPE_OK && !c->closed)
-        fail(c, MS_HTTP_CLIENT_MALFORMED);
+    size_t used = parse_response(c, buf->base, (size_t)nread);
+    if (used < (size_t)nread && !c->closed)
+        ms_buf_append(&c->held, buf->base + used, (size_t)nread - used);
 }
 
 static void on_connect(uv_connect_t *req, int status)
@@ -205,7 +234,8 @@ static void on_connect(uv_connect_t *req, int status)
         fail(c, MS_HTTP_CLIENT_CONNECT_FAILED);
         return;
     }
-    uv_read_start(&c->h.stream, ms__alloc_read_buffer, on_read);
+    if (!c->paused)
+        uv_read_start(&c->h.stream, ms__alloc_read_buffer, on_read);
 }
 
 ms_http_client_t *ms_http_client_connect(uv_loop_t *loop, const char *path, const char *host,
@@ -237,8 +267,17 @@ ms_http_client_t *ms_http_client_connect(uv_loop_t *loop, const char *path, cons
 static void on_write_done(void *data, int status)
 {
     ms_http_client_t *c = data;
-    if (status < 0 && !c->closed)
+    if (c->closed)
+        return;
+    if (status < 0) {
         fail(c, MS_HTTP_CLIENT_WRITE_FAILED);
+        return;
+    }
+    if (c->drain_cb && uv_stream_get_write_queue_size(&c->h.stream) == 0) {
+        void (*cb)(void *) = c->drain_cb;
+        c->drain_cb = NULL;
+        cb(c->drain_data);
+    }
 }
 
 int ms_http_client_send(ms_http_client_t *c, const char *head, size_t head_len, const char *body,
@@ -249,6 +288,7 @@ int ms_http_client_send(ms_http_client_t *c, const char *head, size_t head_len, 
     c->cb = cb;
     c->cb_data = data;
     c->busy = 1;
+    c->body_open = 0;
     c->head_only = head_len >= 5 && memcmp(head, "HEAD ", 5) == 0;
     uv_buf_t bufs[2] = {uv_buf_init((char *)head, (unsigned)head_len),
                         uv_buf_init((char *)body, (unsigned)body_len)};
@@ -262,6 +302,88 @@ int ms_http_client_send(ms_http_client_t *c, const char *head, size_t head_len, 
     return 0;
 }
 
+int ms_http_client_send_head(ms_http_client_t *c, const char *head, size_t head_len, int chunked,
+                             const ms_http_client_callbacks_t *cb, void *data)
+{
+    if (ms_http_client_send(c, head, head_len, NULL, 0, cb, data) != 0)
+        return -1;
+    c->body_open = 1;
+    c->chunked = chunked ? 1 : 0;
+    return 0;
+}
+
+static void client_write(ms_http_client_t *c, const uv_buf_t *bufs, unsigned n)
+{
+    if (ms__stream_write(&c->h.stream, bufs, n, &c->pending_writes, on_write_done, c) < 0)
+        fail(c, MS_HTTP_CLIENT_WRITE_FAILED);
+}
+
+void ms_http_client_write(ms_http_client_t *c, const char *p, size_t n)
+{
+    if (n == 0 || !c->body_open || c->broken || c->closed)
+        return;
+    if (!c->chunked) {
+        uv_buf_t b = uv_buf_init((char *)p, (unsigned)n);
+        client_write(c, &b, 1);
+        return;
+    }
+    char size_line[24];
+    int len = snprintf(size_line, sizeof size_line, "%zx\r\n", n);
+    uv_buf_t bufs[3] = {uv_buf_init(size_line, (unsigned)len), uv_buf_init((char *)p, (unsigned)n),
+                        uv_buf_init("\r\n", 2)};
+    client_write(c, bufs, 3);
+}
+
+void ms_http_client_finish(ms_http_client_t *c)
+{
+    if (!c->body_open)
+        return;
+    c->body_open = 0;
+    if (c->chunked && !c->broken && !c->closed) {
+        uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
+        client_write(c, &b, 1);
+    }
+}
+
+size_t ms_http_client_queued(const ms_http_client_t *c)
+{
+    return uv_stream_get_write_queue_size(&c->h.stream);
+}
+
+void ms_http_client_on_drain(ms_http_client_t *c, void (*cb)(void *data), void *data)
+{
+    c->drain_cb = cb;
+    c->drain_data = data;
+}
+
+void ms_http_client_pause(ms_http_client_t *c)
+{
+    if (c->paused || c->closed)
+        return;
+    c->paused = 1;
+    uv_read_stop(&c->h.stream);
+}
+
+/* Parses what was kept while paused, then reads again unless paused anew. */
+void ms_http_client_resume(ms_http_client_t *c)
+{
+    if (!c->paused || c->closed)
+        return;
+    c->paused = 0;
+    if (c->parsing)
+        return; /* inside on_body: the parse goes on when the callback returns */
+    if (c->held.len > 0) {
+        size_t used = parse_response(c, c->held.data, c->held.len);
+        if (c->closed)
+            return;
+        ms_buf_consume(&c->held, used);
+    } else
+        deliver(c);
+    if (!c->paused && !c->broken && !c->closed && c->held.len == 0 && c->connect_req.handle &&
+        uv_is_readable(&c->h.stream))
+        uv_read_start(&c->h.stream, ms__alloc_read_buffer, on_read);
+}
+
 int ms_http_client_idle(const ms_http_client_t *c)
 {
     return !c->busy && !c->broken && !c->closed;
@@ -271,6 +393,7 @@ static void on_closed(uv_handle_t *h)
 {
     ms_http_client_t *c = h->data;
     ms__headers_free(&c->hc);
+    ms_buf_free(&c->held);
     free(c);
 }
 

@@ -59,6 +59,8 @@ struct ms_http_request {
     char request_id[80]; /* from X-Request-ID when given (truncated), else generated */
     int http_minor;      /* 0 or 1 */
     void *user;          /* free for the owner of the server */
+    int body_streamed;   /* 1: the body is not read yet; see ms_http_request_body_read */
+    int64_t body_length; /* Content-Length of a streamed body, -1 when chunked */
 };
 
 /* Called once per complete request. The owner must eventually finish a response on it, unless
@@ -73,6 +75,12 @@ typedef struct ms_http_server_config {
     ms_http_request_cb on_request;
     ms_http_abort_cb on_abort;
     void *data;
+    /* Optional. Called once a request's head is complete and a body follows (Content-Length > 0
+     * or chunked), with everything but the body valid. Returning 1 hands the request to
+     * on_request at once with its body unread (body_streamed = 1, body "", body_len 0): the
+     * owner pulls it with ms_http_request_body_read, and max_body_bytes does not bound it.
+     * Returning 0 (or no hook) reads the body whole first, as always. */
+    int (*stream_body)(const ms_http_request_t *req, void *data);
 } ms_http_server_config_t;
 
 /* Listen on host:port (TCP). port 0 picks a free port; see ms_http_server_port. */
@@ -96,6 +104,23 @@ const char *ms_http_request_header(const ms_http_request_t *req, const char *nam
 /* How many times the header occurs, case-insensitive. */
 size_t ms_http_request_header_count(const ms_http_request_t *req, const char *name);
 
+/* Streamed request bodies (body_streamed = 1). Pieces are decoded (chunk framing removed) and
+ * valid only during on_data; on_end follows the last one. Until a reader is set, and while it is
+ * paused, the connection does not read from its socket (the body's inactivity timeout does not
+ * run then either: the owner is the slow one). Bytes that arrived before the reader was set
+ * come first, possibly from inside ms_http_request_body_read. For a request whose body was read
+ * whole, the body is delivered as one piece and on_end. If the response finishes before the
+ * body was all read, the connection closes after the response. */
+typedef struct ms_http_body_reader {
+    void (*on_data)(void *data, const char *p, size_t n);
+    void (*on_end)(void *data);
+} ms_http_body_reader_t;
+/* Starts or resumes delivery to r (copied) with `data`. */
+void ms_http_request_body_read(ms_http_request_t *req, const ms_http_body_reader_t *r, void *data);
+/* Stops delivery (and socket reading) until the next ms_http_request_body_read. May be called
+ * from inside on_data. */
+void ms_http_request_body_pause(ms_http_request_t *req);
+
 /* Whole response with Content-Length. `headers` may be NULL. Finishes the request. */
 void ms_http_respond(ms_http_request_t *req, int status, const ms_http_header_t *headers,
                      size_t n_headers, const char *body, size_t body_len);
@@ -114,6 +139,14 @@ void ms_http_response_start(ms_http_request_t *req, int status, const ms_http_he
                             size_t n_headers);
 void ms_http_response_chunk(ms_http_request_t *req, const char *data, size_t len);
 void ms_http_response_end(ms_http_request_t *req);
+/* Streaming response with a known length (a relay passing an upstream's Content-Length on): the
+ * head carries Content-Length, then ms_http_response_chunk writes bytes unframed and
+ * ms_http_response_end finishes. If the bytes written differ from content_length, the
+ * connection is closed after them, so the client sees a truncated (or cut) body. HEAD: head
+ * only. */
+void ms_http_response_start_length(ms_http_request_t *req, int status,
+                                   const ms_http_header_t *headers, size_t n_headers,
+                                   uint64_t content_length);
 /* Abandon a response midway (e.g. upstream died after bytes were sent): the connection is
  * closed so the client sees a truncated body rather than a hang. Finishes the request. */
 void ms_http_response_abort(ms_http_request_t *req);
@@ -168,6 +201,29 @@ ms_http_client_t *ms_http_client_connect(uv_loop_t *loop, const char *path, cons
  * Content-Length in the head). Callbacks fire with `data`. Returns 0 or -1 if busy/broken. */
 int ms_http_client_send(ms_http_client_t *c, const char *head, size_t head_len, const char *body,
                         size_t body_len, const ms_http_client_callbacks_t *cb, void *data);
+/* Send a request head only; the body follows through ms_http_client_write and ends with
+ * ms_http_client_finish. `head` ends with CRLF CRLF and frames the body: with chunked = 1 it
+ * must say Transfer-Encoding: chunked and each write (n > 0) becomes one chunk; otherwise it
+ * carries Content-Length and writes go out as they are. Returns 0 or -1 if busy/broken.
+ * The response may arrive, even completely (on_done), before finish: that is allowed, but the
+ * connection is then not reused (ms_http_client_idle says 0; further writes are dropped), as
+ * for any answer that came before the whole request was written. */
+int ms_http_client_send_head(ms_http_client_t *c, const char *head, size_t head_len, int chunked,
+                             const ms_http_client_callbacks_t *cb, void *data);
+/* Body bytes, copied only if the socket does not take them at once. A write failure calls
+ * on_error (possibly from inside this call). */
+void ms_http_client_write(ms_http_client_t *c, const char *p, size_t n);
+/* The body is complete (chunked: writes the last chunk). */
+void ms_http_client_finish(ms_http_client_t *c);
+/* Request bytes queued in this process, not yet taken by the socket. */
+size_t ms_http_client_queued(const ms_http_client_t *c);
+/* Calls cb once when that queue empties (replaced by a new call). A relay resumes its source
+ * from here. */
+void ms_http_client_on_drain(ms_http_client_t *c, void (*cb)(void *data), void *data);
+/* Response backpressure: while paused no on_body or on_done fires and the socket is not read;
+ * bytes already read are kept and parsed on resume. Both may be called from inside on_body. */
+void ms_http_client_pause(ms_http_client_t *c);
+void ms_http_client_resume(ms_http_client_t *c);
 int ms_http_client_idle(const ms_http_client_t *c); /* connected-or-connecting, nothing pending */
 /* Close the connection; no callback fires afterwards. Frees c once the handle is closed. */
 void ms_http_client_close(ms_http_client_t *c);

@@ -63,6 +63,9 @@ struct conn {
     ms_http_request_t req;
     ms_http_drain_cb drain_cb; /* waits for the queued response bytes to be written */
     void *drain_data;
+    ms_http_body_reader_t reader; /* of a streamed body */
+    void *reader_data;
+    uint64_t resp_left;      /* bytes a start_length response still owes */
     unsigned paused : 1;     /* parser paused after a complete message */
     unsigned in_message : 1; /* bytes of a request arrived, not yet complete */
     unsigned req_active : 1; /* request handed to the owner, response owed */
@@ -74,12 +77,18 @@ struct conn {
     unsigned closing : 1;
     unsigned reading : 1;
     unsigned in_respond : 1;
-    unsigned body_phase : 1; /* head parsed, body still arriving */
-    unsigned head_scan : 1;  /* between the request target and the blank line ending the head */
-    unsigned scan_lf : 1;    /* the last head byte checked was LF */
-    unsigned absolute : 1;   /* absolute-form target (http://host/path) */
-    unsigned asterisk : 1;   /* OPTIONS * */
-    int parsing;             /* depth of parse loops on the stack */
+    unsigned body_phase : 1;    /* head parsed, body still arriving */
+    unsigned head_scan : 1;     /* between the request target and the blank line ending the head */
+    unsigned scan_lf : 1;       /* the last head byte checked was LF */
+    unsigned absolute : 1;      /* absolute-form target (http://host/path) */
+    unsigned asterisk : 1;      /* OPTIONS * */
+    unsigned streamed : 1;      /* the active request's body is pulled by the owner */
+    unsigned body_reading : 1;  /* a reader is set and not paused */
+    unsigned body_complete : 1; /* the streamed body was parsed to its end */
+    unsigned end_told : 1;      /* on_end was called */
+    unsigned resp_length : 1;   /* start_length response: resp_left counts down */
+    unsigned resp_over : 1;     /* more bytes were offered than declared */
+    int parsing;                /* depth of parse loops on the stack */
     int pending_writes;
     int open_handles;
     uint64_t deadline_ms; /* loop time at which the connection times out; 0 = none */
@@ -87,6 +96,7 @@ struct conn {
 
 static const llhttp_settings_t *request_settings(void);
 static void conn_close(conn_t *c);
+static void conn_start_reading(conn_t *c);
 static void conn_drain_input(conn_t *c);
 
 /* ---- timers ------------------------------------------------------------------------------- */
@@ -98,8 +108,11 @@ static void conn_drain_input(conn_t *c);
 static void on_conn_timeout(uv_timer_t *t)
 {
     conn_t *c = t->data;
-    if (c->req_active || c->deadline_ms == 0)
-        return; /* the owner bounds the time a request may take */
+    /* The owner bounds the time a request may take, except while it is reading a streamed
+     * body: then a silent client is the slow one. */
+    int reading_body = c->streamed && c->body_reading && !c->body_complete;
+    if ((c->req_active && !reading_body) || c->deadline_ms == 0)
+        return;
     uint64_t now = uv_now(t->loop);
     if (now < c->deadline_ms) {
         uv_timer_start(&c->timer, on_conn_timeout, c->deadline_ms - now, 0);
@@ -271,6 +284,14 @@ static void reset_request_state(conn_t *c)
     c->asterisk = 0;
     c->resp_started = 0;
     c->resp_chunked = 0;
+    c->resp_length = 0;
+    c->resp_over = 0;
+    c->streamed = 0;
+    c->body_reading = 0;
+    c->body_complete = 0;
+    c->end_told = 0;
+    c->req.body_streamed = 0;
+    c->req.body_length = 0;
     c->head_only = 0;
     c->drain_cb = NULL;
     c->req.user = NULL;
@@ -285,6 +306,9 @@ static void finish_request(conn_t *c)
     ms_http_server_t *srv = c->srv;
     c->req_active = 0;
     srv->inflight--;
+    /* Unread body bytes would be parsed as the next request: the connection ends here. */
+    if (c->streamed && !c->body_complete)
+        c->close_after_write = 1;
     reset_request_state(c);
     if (c->closing)
         return;
@@ -412,7 +436,14 @@ void ms_http_response_chunk(ms_http_request_t *req, const char *data, size_t len
     conn_t *c = conn_of(req);
     if (len == 0 || c->head_only)
         return;
+    if (c->resp_length && c->resp_over)
+        return;
     c->in_respond = 1;
+    if (c->resp_length && len > c->resp_left) {
+        len = (size_t)c->resp_left;
+        c->resp_over = 1;
+    }
+    c->resp_left -= len;
     if (c->resp_chunked) {
         char size_line[24];
         int n = snprintf(size_line, sizeof size_line, "%zx\r\n", len);
@@ -435,7 +466,28 @@ void ms_http_response_end(ms_http_request_t *req)
         conn_write(c, &b, 1);
         c->in_respond = 0;
     }
+    if (c->resp_length && !c->head_only && (c->resp_left != 0 || c->resp_over)) {
+        ms_debug("http: response length differs from its Content-Length (request %s)",
+                 req->request_id);
+        c->keep_alive = 0;
+        c->close_after_write = 1;
+    }
     finish_request(c);
+}
+
+void ms_http_response_start_length(ms_http_request_t *req, int status,
+                                   const ms_http_header_t *headers, size_t n_headers,
+                                   uint64_t content_length)
+{
+    conn_t *c = conn_of(req);
+    c->in_respond = 1;
+    c->resp_started = 1;
+    c->resp_length = 1;
+    c->resp_left = content_length;
+    build_head(c, status, headers, n_headers, (long long)content_length);
+    uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
+    conn_write(c, &b, 1);
+    c->in_respond = 0;
 }
 
 void ms_http_response_abort(ms_http_request_t *req)
@@ -659,6 +711,28 @@ static int check_host(conn_t *c, llhttp_t *p)
     return 0;
 }
 
+static void split_target(conn_t *c);
+static void fill_request(conn_t *c, llhttp_t *p);
+
+/* Asks the owner whether this request's body streams; fills the request for the hook. */
+static int want_stream(conn_t *c, llhttp_t *p)
+{
+    ms_http_server_t *srv = c->srv;
+    int chunked = (p->flags & F_CHUNKED) != 0;
+    int has_body = chunked || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
+    if (!srv->cfg.stream_body || !has_body || c->asterisk)
+        return 0;
+    split_target(c);
+    fill_request(c, p);
+    c->req.body_streamed = 0;
+    c->req.body_length = chunked ? -1 : (int64_t)p->content_length;
+    if (srv->cfg.stream_body(&c->req, srv->cfg.data) != 1)
+        return 0;
+    c->streamed = 1;
+    c->req.body_streamed = 1;
+    return 1;
+}
+
 static int on_headers_complete(llhttp_t *p)
 {
     conn_t *c = conn_of_parser(p);
@@ -672,7 +746,9 @@ static int on_headers_complete(llhttp_t *p)
     take_request_id(c);
     if (check_target(c, p) || check_host(c, p))
         return -1;
-    if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->cfg.limits.max_body_bytes) {
+    int streamed = want_stream(c, p);
+    if (!streamed && (p->flags & F_CONTENT_LENGTH) &&
+        p->content_length > c->srv->cfg.limits.max_body_bytes) {
         c->error_status = 413;
         return -1;
     }
@@ -688,13 +764,16 @@ static int on_headers_complete(llhttp_t *p)
     /* From here on the timer bounds inactivity while the body arrives. */
     c->body_phase = 1;
     conn_arm_timer(c, c->srv->cfg.limits.header_timeout_s);
-    return 0;
+    /* A streamed request is handed over now; its body stays unparsed until it is pulled. */
+    return streamed ? HPE_PAUSED : 0;
 }
 
 /* A chunk declared larger than the room left is refused before its data is read. */
 static int on_chunk_header(llhttp_t *p)
 {
     conn_t *c = conn_of_parser(p);
+    if (c->streamed)
+        return 0;
     if (p->content_length > c->srv->cfg.limits.max_body_bytes - c->body.len) {
         c->error_status = 413;
         return -1;
@@ -705,6 +784,11 @@ static int on_chunk_header(llhttp_t *p)
 static int on_body(llhttp_t *p, const char *at, size_t n)
 {
     conn_t *c = conn_of_parser(p);
+    if (c->streamed) {
+        c->reader.on_data(c->reader_data, at, n);
+        /* Paused, answered or gone inside on_data: the parser stops after this piece. */
+        return c->body_reading && c->req_active && !c->closing ? 0 : HPE_PAUSED;
+    }
     if (c->body.len + n > c->srv->cfg.limits.max_body_bytes) {
         c->error_status = 413;
         return -1;
@@ -763,11 +847,10 @@ static void split_target(conn_t *c)
     }
 }
 
-static int on_message_complete(llhttp_t *p)
+/* The request fields known once the head is parsed, and the body read so far. */
+static void fill_request(conn_t *c, llhttp_t *p)
 {
-    conn_t *c = conn_of_parser(p);
     ms_http_request_t *r = &c->req;
-    split_target(c);
     if (c->body.len == 0)
         ms_buf_append(&c->body, "", 0);
     r->method = llhttp_method_name((llhttp_method_t)p->method);
@@ -778,8 +861,19 @@ static int on_message_complete(llhttp_t *p)
     r->http_minor = p->http_minor;
     c->keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
     c->head_only = p->method == HTTP_HEAD;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    conn_t *c = conn_of_parser(p);
     c->in_message = 0;
     c->body_phase = 0;
+    if (c->streamed) {
+        c->body_complete = 1;
+        return HPE_PAUSED; /* pipelined bytes behind it stay unparsed */
+    }
+    split_target(c);
+    fill_request(c, p);
     /* Stop here so pipelined bytes behind this request stay unparsed until it is answered. */
     return HPE_PAUSED;
 }
@@ -864,12 +958,127 @@ static size_t parse_region(conn_t *c, const char *data, size_t len)
     return off;
 }
 
+/* ---- streamed request bodies --------------------------------------------------------------- */
+
+/* Parses bytes of a streamed body (on_body hands them to the reader); returns how many were
+ * taken: fewer when the reader paused, or when the body ended and pipelined bytes follow. */
+static size_t feed_body(conn_t *c, const char *data, size_t len)
+{
+    if (c->paused) {
+        llhttp_resume(&c->parser);
+        c->paused = 0;
+    }
+    c->parsing++;
+    llhttp_errno_t e = llhttp_execute(&c->parser, data, len);
+    c->parsing--;
+    if (e == HPE_OK)
+        return len;
+    if (e == HPE_PAUSED) {
+        c->paused = 1;
+        return (size_t)(llhttp_get_error_pos(&c->parser) - data);
+    }
+    /* The request was handed over already: nothing can be answered in its place. */
+    ms_info("http: malformed body of streamed request %s: %s", c->req.request_id,
+            llhttp_get_error_reason(&c->parser));
+    conn_close(c);
+    return len;
+}
+
+/* Socket reading follows the reader: a streamed body not being read is not read from the socket
+ * either, so the kernel's window holds the client back. */
+static void body_update_reading(conn_t *c)
+{
+    if (c->close_after_write || c->closing)
+        return;
+    if (!c->body_complete && !c->body_reading) {
+        uv_read_stop(&c->h.stream);
+        c->reading = 0;
+    } else
+        conn_start_reading(c);
+}
+
+/* Delivers the buffered bytes of a streamed body while the reader takes them, then on_end. Runs
+ * only outside parse loops, so c->in is not consumed under a parse of it. */
+static void body_pump(conn_t *c)
+{
+    for (;;) {
+        if (!c->streamed || !c->body_reading || c->body_complete || !c->req_active || c->closing ||
+            c->parsing)
+            break;
+        /* With nothing buffered, a paused parser may still owe the end of the message. */
+        if (c->in.len == 0 && !c->paused)
+            break;
+        int empty = c->in.len == 0;
+        size_t used = feed_body(c, empty ? "" : c->in.data, c->in.len);
+        if (c->closing)
+            return;
+        ms_buf_consume(&c->in, used);
+        if (empty)
+            break;
+    }
+    if (!c->streamed || c->closing || c->parsing)
+        return;
+    body_update_reading(c);
+    if (c->body_complete && c->body_reading && !c->end_told) {
+        c->end_told = 1;
+        c->reader.on_end(c->reader_data);
+    }
+}
+
+void ms_http_request_body_read(ms_http_request_t *req, const ms_http_body_reader_t *r, void *data)
+{
+    conn_t *c = conn_of(req);
+    if (!c->streamed) {
+        /* A body read whole is given as it is, so a relay handles both kinds alike. */
+        if (c->end_told)
+            return;
+        c->end_told = 1;
+        if (req->body_len > 0)
+            r->on_data(data, req->body, req->body_len);
+        r->on_end(data);
+        return;
+    }
+    c->reader = *r;
+    c->reader_data = data;
+    if (c->body_reading || c->end_told)
+        return;
+    c->body_reading = 1;
+    if (!c->body_complete)
+        conn_arm_timer(c, c->srv->cfg.limits.header_timeout_s);
+    body_pump(c);
+}
+
+void ms_http_request_body_pause(ms_http_request_t *req)
+{
+    conn_t *c = conn_of(req);
+    if (!c->streamed || !c->body_reading)
+        return;
+    c->body_reading = 0;
+    conn_disarm_timer(c); /* the owner is the slow one now */
+    if (!c->body_complete && !c->close_after_write && !c->closing) {
+        uv_read_stop(&c->h.stream);
+        c->reading = 0;
+    }
+}
+
 static void conn_drain_input(conn_t *c)
 {
     while (c->in.len > 0 && !c->req_active && !c->closing && !c->close_after_write) {
         size_t used = parse_region(c, c->in.data, c->in.len);
         ms_buf_consume(&c->in, used);
     }
+    body_pump(c);
+}
+
+/* A read while a streamed body is owed: parsed in place when nothing is buffered before it. */
+static void read_streamed_body(conn_t *c, const char *data, size_t n)
+{
+    if (c->in.len == 0 && c->body_reading && c->parsing == 0) {
+        size_t used = feed_body(c, data, n);
+        if (!c->closing && c->streamed && used < n)
+            ms_buf_append(&c->in, data + used, n - used);
+    } else
+        ms_buf_append(&c->in, data, n);
 }
 
 static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
@@ -882,7 +1091,9 @@ static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread == 0 || c->close_after_write)
         return;
     size_t n = (size_t)nread;
-    if (c->req_active || c->in.len > 0) {
+    if (c->req_active && c->streamed && !c->body_complete) {
+        read_streamed_body(c, buf->base, n);
+    } else if (c->req_active || c->in.len > 0) {
         ms_buf_append(&c->in, buf->base, n);
         if (!c->req_active)
             conn_drain_input(c);
@@ -897,7 +1108,8 @@ static void on_conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         if (!c->req_active && !c->closing)
             conn_drain_input(c);
     }
-    if (!c->closing && c->in_message && c->body_phase)
+    body_pump(c);
+    if (!c->closing && c->in_message && c->body_phase && (!c->streamed || c->body_reading))
         conn_arm_timer(c, c->srv->cfg.limits.header_timeout_s);
 }
 
