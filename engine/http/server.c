@@ -722,7 +722,6 @@ static int want_stream(conn_t *c, llhttp_t *p)
     int has_body = chunked || ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
     if (!srv->cfg.stream_body || !has_body || c->asterisk)
         return 0;
-    split_target(c);
     fill_request(c, p);
     c->req.body_streamed = 0;
     c->req.body_length = chunked ? -1 : (int64_t)p->content_length;
@@ -746,6 +745,7 @@ static int on_headers_complete(llhttp_t *p)
     take_request_id(c);
     if (check_target(c, p) || check_host(c, p))
         return -1;
+    split_target(c);
     int streamed = want_stream(c, p);
     if (!streamed && (p->flags & F_CONTENT_LENGTH) &&
         p->content_length > c->srv->cfg.limits.max_body_bytes) {
@@ -872,7 +872,6 @@ static int on_message_complete(llhttp_t *p)
         c->body_complete = 1;
         return HPE_PAUSED; /* pipelined bytes behind it stay unparsed */
     }
-    split_target(c);
     fill_request(c, p);
     /* Stop here so pipelined bytes behind this request stay unparsed until it is answered. */
     return HPE_PAUSED;

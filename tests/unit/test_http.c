@@ -95,12 +95,79 @@ static void on_stream_timer(uv_timer_t *t)
     ms_http_response_end(req);
 }
 
+/* Streamed bodies (paths under /pull): the test pulls the body, pausing after every piece and
+ * resuming from a timer, so the server's pause and resume are both exercised. */
+static ms_http_request_t *pulling;
+static ms_buf_t pulled;
+static int pulled_pieces;
+static uv_timer_t pull_timer;
+
+static int stream_body(const ms_http_request_t *req, void *data)
+{
+    (void)data;
+    return strncmp(req->path, "/pull", 5) == 0;
+}
+
+static void on_pull_timer(uv_timer_t *t);
+
+static void pull_data(void *data, const char *p, size_t n)
+{
+    (void)data;
+    ms_buf_append(&pulled, p, n);
+    pulled_pieces++;
+    ms_http_request_body_pause(pulling);
+    uv_timer_start(&pull_timer, on_pull_timer, 0, 0);
+}
+
+static void pull_end(void *data)
+{
+    (void)data;
+    ms_http_request_t *req = pulling;
+    pulling = NULL;
+    uv_timer_stop(&pull_timer);
+    char body[256];
+    int n = snprintf(body, sizeof body, "P=%s streamed=%d len=%zu head=%.8s", req->path,
+                     req->body_streamed, pulled.len, pulled.data ? pulled.data : "");
+    ms_http_respond(req, 200, NULL, 0, body, (size_t)n);
+}
+
+static const ms_http_body_reader_t pull_reader = {pull_data, pull_end};
+
+static void on_pull_timer(uv_timer_t *t)
+{
+    (void)t;
+    if (pulling)
+        ms_http_request_body_read(pulling, &pull_reader, NULL);
+}
+
+static void start_pull(ms_http_request_t *req)
+{
+    if (strcmp(req->query, "early") == 0) {
+        /* Answered before the body is read: the connection must close after the answer. */
+        ms_http_respond(req, 413, NULL, 0, "no", 2);
+        return;
+    }
+    if (strcmp(req->query, "length") == 0) {
+        ms_http_response_start_length(req, 200, NULL, 0, 10);
+        ms_http_response_chunk(req, "01234", 5);
+        ms_http_response_chunk(req, "56789", 5);
+        ms_http_response_end(req);
+        return;
+    }
+    ms_buf_reset(&pulled);
+    pulled_pieces = 0;
+    pulling = req;
+    ms_http_request_body_read(req, &pull_reader, NULL);
+}
+
 static void on_request(ms_http_request_t *req, void *data)
 {
     (void)data;
     n_requests++;
     ms_buf_appendf(&request_log, "%s;", req->query);
-    if (strcmp(req->path, "/defer") == 0) {
+    if (req->body_streamed) {
+        start_pull(req);
+    } else if (strcmp(req->path, "/defer") == 0) {
         deferred = req;
         uv_timer_start(&defer_timer, on_defer_timer, 100, 0);
     } else if (strcmp(req->path, "/hold") == 0) {
@@ -133,6 +200,8 @@ static void on_abort(ms_http_request_t *req, void *data)
         deferred = NULL;
     if (streaming == req)
         streaming = NULL;
+    if (pulling == req)
+        pulling = NULL;
 }
 
 /* ---- waiting -------------------------------------------------------------------------------- */
@@ -502,6 +571,59 @@ static void test_chunked_body(void)
     raw_sends(c, "GET /echo HTTP/1.1\r\nHost: t\r\nX-Test: again\r\n\r\n");
     ASSERT_INT_EQ(wait_responses(c, 2, r), 2);
     ASSERT_STR_EQ(r[1].body, "M=GET P=/echo Q= B= H=again N=2");
+    raw_close(c);
+}
+
+/* A streamed body arrives in pieces through the reader, with pauses, and is not bounded by
+ * max_body_bytes; the request behind it on the connection is served after it, in order. */
+static void test_streamed_body(void)
+{
+    size_t big = 3 * MAX_BODY_BYTES;
+    ms_buf_t req = {0};
+    ms_buf_appendf(&req, "POST /pull HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n", big);
+    for (size_t i = 0; i < big; i++)
+        ms_buf_append(&req, i == 0 ? "S" : "b", 1);
+    ms_buf_appendf(&req, "POST /pull HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         "3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nT: 1\r\n\r\n"
+                         "GET /echo?after HTTP/1.1\r\nHost: x\r\n\r\n");
+    raw_t *c = raw_open(NULL);
+    raw_send(c, req.data, req.len);
+    ms_buf_free(&req);
+    resp_t r[MAX_RESP];
+    ASSERT_INT_EQ(wait_responses(c, 3, r), 3);
+    ASSERT_INT_EQ(r[0].status, 200);
+    char want[128];
+    snprintf(want, sizeof want, "P=/pull streamed=1 len=%zu head=Sbbbbbbb", big);
+    ASSERT_STR_EQ(r[0].body, want);
+    ASSERT_STR_EQ(r[1].body, "P=/pull streamed=1 len=7 head=abcdefg");
+    ASSERT_STR_EQ(r[2].body, "M=GET P=/echo Q=after B= H= N=1");
+    ASSERT_TRUE(pulled_pieces >= 2);
+    ASSERT_TRUE(!c->eof);
+    raw_close(c);
+}
+
+/* Answering before the streamed body is read leaves the connection unusable: it closes. */
+static void test_streamed_body_answered_early(void)
+{
+    raw_t *c = raw_open("POST /pull?early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                        "only a little");
+    resp_t r[MAX_RESP];
+    ASSERT_INT_EQ(wait_responses(c, 1, r), 1);
+    ASSERT_INT_EQ(r[0].status, 413);
+    ASSERT_TRUE(wait_eof(c));
+    raw_close(c);
+}
+
+/* A response with a known length carries Content-Length and unframed bytes. */
+static void test_response_with_length(void)
+{
+    raw_t *c = raw_open("POST /pull?length HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi");
+    resp_t r[MAX_RESP];
+    ASSERT_INT_EQ(wait_responses(c, 1, r), 1);
+    ASSERT_INT_EQ(r[0].status, 200);
+    ASSERT_TRUE(strstr(r[0].head, "Content-Length: 10") != NULL);
+    ASSERT_TRUE(strstr(r[0].head, "chunked") == NULL);
+    ASSERT_STR_EQ(r[0].body, "0123456789");
     raw_close(c);
 }
 
@@ -1020,6 +1142,7 @@ static void test_close_aborts(void)
         .limits = {MAX_HEADER_BYTES, MAX_BODY_BYTES, HEADER_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S},
         .on_request = on_request,
         .on_abort = on_abort,
+        .stream_body = stream_body,
     };
     ms_http_server_t *srv2 = NULL;
     ASSERT_INT_EQ(ms_http_server_listen_tcp(loop, "127.0.0.1", 0, &cfg, &srv2), 0);
@@ -1045,11 +1168,13 @@ int main(void)
     uv_timer_start(&watchdog, on_watchdog, 10000, 0);
     uv_timer_init(loop, &defer_timer);
     uv_timer_init(loop, &stream_timer);
+    uv_timer_init(loop, &pull_timer);
 
     ms_http_server_config_t cfg = {
         .limits = {MAX_HEADER_BYTES, MAX_BODY_BYTES, HEADER_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S},
         .on_request = on_request,
         .on_abort = on_abort,
+        .stream_body = stream_body,
     };
     ASSERT_INT_EQ(ms_http_server_listen_tcp(loop, "127.0.0.1", 0, &cfg, &server), 0);
     port = ms_http_server_port(server);
@@ -1062,6 +1187,9 @@ int main(void)
     test_pipelining();
     test_pipelining_deferred();
     test_chunked_body();
+    test_streamed_body();
+    test_streamed_body_answered_early();
+    test_response_with_length();
     test_body_too_large();
     test_headers_too_large();
     test_garbage();
@@ -1077,9 +1205,11 @@ int main(void)
     ms_http_server_close(server);
     uv_close((uv_handle_t *)&defer_timer, NULL);
     uv_close((uv_handle_t *)&stream_timer, NULL);
+    uv_close((uv_handle_t *)&pull_timer, NULL);
     uv_close((uv_handle_t *)&watchdog, NULL);
     uv_run(loop, UV_RUN_DEFAULT);
     ASSERT_INT_EQ(uv_loop_close(loop), 0);
     ms_buf_free(&request_log);
+    ms_buf_free(&pulled);
     return TEST_DONE();
 }
