@@ -99,6 +99,8 @@ typedef struct ms_router_config {
 /* process (ours): a deployment whose replicas are a user command speaking HTTP
  * (docs/process-replicas.md). Strings owned. */
 #define MS_DEFAULT_PROCESS_READY_TIMEOUT_S 60.0
+/* Request bodies longer than this (or chunked) stream to a process replica as they arrive. */
+#define MS_DEFAULT_PROCESS_STREAM_BODY_BYTES (1024 * 1024)
 typedef struct ms_process_config {
     char **argv; /* NULL-terminated; placeholders ({socket}, {port}, {replica_id}) kept */
     size_t argc;
@@ -109,6 +111,7 @@ typedef struct ms_process_config {
     char *ready_path;
     double ready_timeout_s;
     char *health_path; /* NULL: none */
+    long long stream_body_bytes;
     ms_config_mark_t mark;
 } ms_process_config_t;
 

@@ -6,6 +6,7 @@
 #include "core/core.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -187,6 +188,12 @@ static void pr_health_path(jkv_t *kv, void *obj)
     get_path(kv, &((proc_build_t *)obj)->p->health_path, 1);
 }
 
+static void pr_stream_body_bytes(jkv_t *kv, void *obj)
+{
+    jget_int(kv, 0, LLONG_MAX, "an integer >= 0 (bytes; 0 streams every body)",
+             &((proc_build_t *)obj)->p->stream_body_bytes);
+}
+
 static const jfield_t process_fields[] = {
     {"command", pr_command},
     {"env", pr_env},
@@ -195,6 +202,7 @@ static const jfield_t process_fields[] = {
     {"ready_path", pr_ready_path},
     {"ready_timeout_s", pr_ready_timeout},
     {"health_path", pr_health_path},
+    {"stream_body_bytes", pr_stream_body_bytes},
 };
 
 /* Whether `prog` names an executable: a path (relative to cwd) or a name found in PATH. */
@@ -230,6 +238,7 @@ static ms_process_config_t *process_parse(jv_t *v, json_t *obj, yaml_node_t *yma
     p->cwd = ms_strdup(dir);
     p->ready_path = ms_strdup("/");
     p->ready_timeout_s = MS_DEFAULT_PROCESS_READY_TIMEOUT_S;
+    p->stream_body_bytes = MS_DEFAULT_PROCESS_STREAM_BODY_BYTES;
     p->mark = v->mark;
     proc_build_t b = {p, dir, NULL, NULL};
     size_t before = v->c->n_errors;

@@ -751,12 +751,51 @@ static void on_link_response(void *data, int status, const ms_http_header_t *hea
     dispatch(d);
 }
 
+/* A Content-Length among the head's headers, as a number; -1 when absent or not a number. */
+static int64_t head_length(const ms_http_header_t *headers, size_t n, size_t *at)
+{
+    for (size_t i = 0; i < n; i++) {
+        const ms_http_header_t *h = &headers[i];
+        if (h->name_len != 14 || strncasecmp(h->name, "content-length", 14) != 0)
+            continue;
+        int64_t v = 0;
+        if (h->value_len == 0 || h->value_len > 18)
+            return -1;
+        for (size_t k = 0; k < h->value_len; k++) {
+            if (h->value[k] < '0' || h->value[k] > '9')
+                return -1;
+            v = v * 10 + (h->value[k] - '0');
+        }
+        *at = i;
+        return v;
+    }
+    return -1;
+}
+
+/* A streamed response keeps the replica's Content-Length when it gave one (a process replica's
+ * download keeps its length, so clients see progress and truncation); otherwise it is chunked.
+ * The header itself is left to the HTTP layer, which writes the framing. */
 static void on_link_head(void *data, int status, const ms_http_header_t *headers, size_t n)
 {
     call_t *c = data;
     c->streaming = 1;
     c->owed = 0;
-    ms_http_response_start(c->req, status, headers, n);
+    size_t at = 0;
+    int64_t len = head_length(headers, n, &at);
+    if (len < 0) {
+        ms_http_response_start(c->req, status, headers, n);
+        return;
+    }
+    if (c->fwd_cap < n) {
+        c->fwd_cap = n;
+        c->fwd = ms_realloc(c->fwd, c->fwd_cap * sizeof *c->fwd);
+    }
+    /* The request's forwarded headers are no longer needed: the array is reused. */
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (i != at)
+            c->fwd[k++] = headers[i];
+    ms_http_response_start_length(c->req, status, c->fwd, k, (uint64_t)len);
 }
 
 /* The slow client took everything queued: the replica may send what it held back. */
@@ -893,7 +932,7 @@ static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
     refile(d, r->slot);
     ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
     ms_link_request_t lr = link_request(c);
-    c->stream = ms_replica_send(r, &lr, NULL, &relay_callbacks, c);
+    c->stream = ms_replica_send(r, &lr, c->req->body_streamed ? c->req : NULL, &relay_callbacks, c);
     if (!c->stream)
         call_failed(c, 1, "the link to the replica is down");
 }
@@ -1174,6 +1213,12 @@ void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
     dispatch(d);
     if (c->state == CALL_QUEUED && ms_deployment_running_replicas(d) == 0)
         hold_for_cold_start(d);
+}
+
+int ms_deployment_streams_body(const ms_deployment_t *d, int64_t body_length)
+{
+    const ms_process_config_t *p = d->spec.process;
+    return p && (body_length < 0 || body_length > p->stream_body_bytes);
 }
 
 void ms_deployment_abort(ms_http_request_t *req)

@@ -108,6 +108,12 @@ int ms_deployment_updating(const ms_deployment_t *d);
  * or NULL when it started; attempts repeat every second while replicas are missing. */
 const char *ms_deployment_spawn_error(const ms_deployment_t *d);
 
+/* Whether a request whose head is all that has arrived should have its body streamed to the
+ * replica as it arrives rather than read whole first (ms_http_server_config_t.stream_body): a
+ * process deployment streams chunked bodies and those longer than its
+ * process.stream_body_bytes. body_length is -1 for a chunked body. */
+int ms_deployment_streams_body(const ms_deployment_t *d, int64_t body_length);
+
 /* Introspection for status and tests. */
 const char *ms_deployment_name(const ms_deployment_t *d);
 size_t ms_deployment_running_replicas(const ms_deployment_t *d);

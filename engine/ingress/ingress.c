@@ -138,6 +138,14 @@ static void on_ingress_request(ms_http_request_t *req, void *data)
     ms_deployment_submit(t->dep, req);
 }
 
+/* A body streams when the deployment that will get the request says so (process replicas take
+ * large and chunked bodies as they arrive). */
+static int ingress_stream_body(const ms_http_request_t *req, void *data)
+{
+    const target_t *t = match_route(data, req->path, req->path_len);
+    return t && ms_deployment_streams_body(t->dep, req->body_length);
+}
+
 static void on_handle_request(ms_http_request_t *req, void *data)
 {
     ms_ingress_t *p = data;
@@ -169,8 +177,10 @@ static void on_abort(ms_http_request_t *req, void *data)
 
 ms_http_server_config_t ms_ingress_ingress_config(ms_ingress_t *p)
 {
-    ms_http_server_config_t cfg = {
-        .on_request = on_ingress_request, .on_abort = on_abort, .data = p};
+    ms_http_server_config_t cfg = {.on_request = on_ingress_request,
+                                   .on_abort = on_abort,
+                                   .data = p,
+                                   .stream_body = ingress_stream_body};
     return cfg;
 }
 

@@ -115,6 +115,133 @@ class TestPassThrough(ProcessCase):
         self.assertEqual(counts, [1, 2, 3, 4, 5])
 
 
+def peak_rss_kib(pid):
+    """The process's peak resident set (VmHWM), in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM for pid %d" % pid)
+
+
+def read_response_head(sock):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(4096)
+        if not piece:
+            raise AssertionError("closed before the head: %r" % data)
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head.decode("latin-1").lower(), rest
+
+
+class TestLargeBodies(ProcessCase):
+    """Bodies larger than the engine should hold stream through it in both directions, so the
+    engine's peak memory stays far below the body's size."""
+    MIB = 1 << 20
+
+    def setUp(self):
+        self.progress = os.path.join(harness.tempfile.gettempdir(),
+                                     "ms-progress-%d-%s" % (os.getpid(), self.id()))
+        self.addCleanup(lambda: os.path.exists(self.progress) and os.unlink(self.progress))
+        self.start(process_app(env={"PROGRESS_FILE": self.progress}))
+        self.wait_running("echo", 1)
+
+    def upload(self, body_pieces, headers, total):
+        s = self.server.connect(timeout=60)
+        self.addCleanup(s.close)
+        head = "POST /sink HTTP/1.1\r\nHost: x\r\n" + "".join(
+            "%s: %s\r\n" % kv for kv in headers.items()) + "\r\n"
+        s.sendall(head.encode())
+        digest = hashlib.sha256()
+        for piece, raw in body_pieces:
+            digest.update(piece)
+            s.sendall(raw)
+        r = harness.HTTPReader(s).read_response()
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["body_len"], total)
+        self.assertEqual(r.json()["body_sha256"], digest.hexdigest())
+        return r.json()
+
+    def test_100_mib_upload_streams_without_buffering(self):
+        before = peak_rss_kib(self.server.pid)
+        piece = os.urandom(self.MIB)
+        total = 100 * self.MIB
+        got = self.upload(((piece, piece) for _ in range(100)),
+                          {"Content-Length": str(total)}, total)
+        self.assertFalse(got["chunked"])
+        grown = peak_rss_kib(self.server.pid) - before
+        self.assertLess(grown, 32 * 1024, "engine peak RSS grew %d KiB for a 100 MiB body" % grown)
+
+    def test_chunked_upload_streams_with_its_framing_rewritten(self):
+        before = peak_rss_kib(self.server.pid)
+        piece = os.urandom(256 * 1024)
+        n = 160  # 40 MiB
+        raw = b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
+        pieces = [(piece, raw)] * n + [(b"", b"0\r\nX-Trailer: t\r\n\r\n")]
+        got = self.upload(pieces, {"Transfer-Encoding": "chunked"}, n * len(piece))
+        self.assertTrue(got["chunked"])
+        grown = peak_rss_kib(self.server.pid) - before
+        self.assertLess(grown, 24 * 1024, "engine peak RSS grew %d KiB for a 40 MiB body" % grown)
+
+    def test_small_bodies_still_buffered_and_echoed(self):
+        body = os.urandom(1000)
+        got = echo(self.server, "/echo", "POST", body)
+        self.assertEqual(got["body_sha256"], hashlib.sha256(body).hexdigest())
+        hdrs = {k.lower(): v for k, v in got["headers"]}
+        self.assertEqual(hdrs["content-length"], "1000")
+
+    def written(self):
+        try:
+            with open(self.progress) as f:
+                return int(f.read() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def test_content_length_passes_through(self):
+        r = self.server.request("GET", "/big?mb=2", timeout=30)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.header("content-length"), str(2 * self.MIB))
+        self.assertIsNone(r.header("transfer-encoding"))
+        self.assertEqual(r.body, (bytes(range(256)) * 256) * 32)
+
+    def test_slow_reader_holds_back_the_command(self):
+        mib = 100
+        before = peak_rss_kib(self.server.pid)
+        s = self.server.connect(timeout=60)
+        self.addCleanup(s.close)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(b"GET /big?mb=%d HTTP/1.1\r\nHost: x\r\n\r\n" % mib)
+        # The command starts writing; with nobody reading, it must stall once the socket
+        # buffers and the engine's bounded window are full.
+        self.assertTrue(wait_until(lambda: self.written() >= self.MIB, 20))
+        self.assertTrue(wait_until(lambda: self._steady(self.written()), 20),
+                        "the command never stalled: %d bytes written" % self.written())
+        held = self.written()
+        self.assertLess(held, 32 * self.MIB, "the command wrote %d bytes to a client that "
+                                             "reads nothing" % held)
+        head, rest = read_response_head(s)
+        self.assertIn("content-length: %d" % (mib * self.MIB), head)
+        got, digest = len(rest), hashlib.sha256(rest)
+        while got < mib * self.MIB:
+            piece = s.recv(1 << 20)
+            self.assertTrue(piece, "closed after %d bytes" % got)
+            digest.update(piece)
+            got += len(piece)
+        expect = hashlib.sha256((bytes(range(256)) * 256) * (16 * mib)).hexdigest()
+        self.assertEqual((got, digest.hexdigest()), (mib * self.MIB, expect))
+        grown = peak_rss_kib(self.server.pid) - before
+        self.assertLess(grown, 32 * 1024, "engine peak RSS grew %d KiB for a 100 MiB body" % grown)
+
+    def _steady(self, n):
+        """True when the command's progress stays at n across a few polls (it is blocked)."""
+        for _ in range(10):
+            time.sleep(0.05)
+            if self.written() != n:
+                return False
+        return True
+
+
 class TestListenPort(ProcessCase):
     def test_port_mode_and_placeholders(self):
         self.start(process_app(listen="port",

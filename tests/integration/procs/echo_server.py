@@ -8,6 +8,9 @@ request path:
   GET  /sse?n=K            text/event-stream with K events then a comment
   GET  /slow?s=SECONDS     sleeps, appending to env SIDE_EFFECT_FILE while it does (per 50 ms)
   GET  /status/CODE        answers that status with a JSON body
+  ANY  /sink               reads the body piece by piece (never whole): JSON length and sha256
+  GET  /big?mb=N           N MiB with a Content-Length, written in 64 KiB pieces; the bytes
+                           written so far go to the file named by env PROGRESS_FILE
 Env: READY_DELAY_S delays the start of listening; EXIT_AT_START=N exits with status N at once.
 """
 import hashlib
@@ -39,6 +42,49 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(n) if n else b""
 
+    def pieces(self):
+        """The body in pieces as they arrive (Content-Length or chunked), never held whole."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return
+                while size:
+                    piece = self.rfile.read(min(size, 1 << 16))
+                    size -= len(piece)
+                    yield piece
+                self.rfile.readline()
+        left = int(self.headers.get("Content-Length") or 0)
+        while left:
+            piece = self.rfile.read(min(left, 1 << 16))
+            if not piece:
+                return
+            left -= len(piece)
+            yield piece
+
+    def sink(self):
+        h, n = hashlib.sha256(), 0
+        for piece in self.pieces():
+            h.update(piece)
+            n += len(piece)
+        self.send_json(200, {"body_len": n, "body_sha256": h.hexdigest(),
+                             "chunked": "Transfer-Encoding" in self.headers})
+
+    def big(self, mib):
+        progress = os.environ.get("PROGRESS_FILE")
+        piece = bytes(range(256)) * 256
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(mib << 20))
+        self.end_headers()
+        for i in range(mib * 16):
+            self.wfile.write(piece)
+            if progress and i % 16 == 15:
+                with open(progress + ".tmp", "w") as f:
+                    f.write(str((i + 1) * len(piece)))
+                os.replace(progress + ".tmp", progress)
+
     def send_json(self, status, obj, extra=()):
         data = json.dumps(obj).encode()
         self.send_response(status)
@@ -52,6 +98,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_any(self):
         url = urllib.parse.urlsplit(self.path)
         q = dict(urllib.parse.parse_qsl(url.query))
+        if url.path == "/sink":
+            return self.sink()
+        if url.path == "/big":
+            return self.big(int(q.get("mb", "1")))
         data = self.body()
         if url.path == "/health":
             bad = os.environ.get("FAIL_HEALTH_FILE")
