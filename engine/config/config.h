@@ -101,6 +101,9 @@ typedef struct ms_router_config {
 #define MS_DEFAULT_PROCESS_READY_TIMEOUT_S 60.0
 /* Request bodies longer than this (or chunked) stream to a process replica as they arrive. */
 #define MS_DEFAULT_PROCESS_STREAM_BODY_BYTES (1024 * 1024)
+/* Ray Serve's @serve.batch defaults, for process.batch. */
+#define MS_DEFAULT_MAX_BATCH_SIZE       10
+#define MS_DEFAULT_BATCH_WAIT_TIMEOUT_S 0.01
 typedef struct ms_process_config {
     char **argv; /* NULL-terminated; placeholders ({socket}, {port}, {replica_id}) kept */
     size_t argc;
@@ -112,6 +115,10 @@ typedef struct ms_process_config {
     double ready_timeout_s;
     char *health_path; /* NULL: none */
     long long stream_body_bytes;
+    /* process.batch: requests sent together as one (docs/process-replicas.md#batching) */
+    int batch_max_size; /* 0: no batching */
+    double batch_wait_timeout_s;
+    char *batch_path;
     ms_config_mark_t mark;
 } ms_process_config_t;
 

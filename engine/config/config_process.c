@@ -194,6 +194,47 @@ static void pr_stream_body_bytes(jkv_t *kv, void *obj)
              &((proc_build_t *)obj)->p->stream_body_bytes);
 }
 
+static void pb_max_batch_size(jkv_t *kv, void *obj)
+{
+    long long n = 0;
+    if (jget_int(kv, 1, 100000, "an integer from 1 to 100000", &n))
+        ((ms_process_config_t *)obj)->batch_max_size = (int)n;
+}
+
+static void pb_wait(jkv_t *kv, void *obj)
+{
+    jget_num(kv, 0, true, &((ms_process_config_t *)obj)->batch_wait_timeout_s);
+}
+
+static void pb_path(jkv_t *kv, void *obj)
+{
+    get_path(kv, &((ms_process_config_t *)obj)->batch_path, 0);
+}
+
+/* The names and defaults of Ray Serve's @serve.batch. */
+static const jfield_t batch_fields[] = {
+    {"max_batch_size", pb_max_batch_size},
+    {"batch_wait_timeout_s", pb_wait},
+    {"path", pb_path},
+};
+
+static void pr_batch(jkv_t *kv, void *obj)
+{
+    ms_process_config_t *p = ((proc_build_t *)obj)->p;
+    if (json_is_null(kv->val))
+        return;
+    if (!json_is_object(kv->val)) {
+        jbad(kv, "a mapping (max_batch_size, batch_wait_timeout_s, path), or null");
+        return;
+    }
+    p->batch_max_size = MS_DEFAULT_MAX_BATCH_SIZE;
+    p->batch_wait_timeout_s = MS_DEFAULT_BATCH_WAIT_TIMEOUT_S;
+    free(p->batch_path);
+    p->batch_path = ms_strdup("/batch");
+    jv_walk(kv->v, kv->val, jv_submap(kv), "in process.batch", batch_fields,
+            MS_N_FIELDS(batch_fields), p);
+}
+
 static const jfield_t process_fields[] = {
     {"command", pr_command},
     {"env", pr_env},
@@ -203,6 +244,7 @@ static const jfield_t process_fields[] = {
     {"ready_timeout_s", pr_ready_timeout},
     {"health_path", pr_health_path},
     {"stream_body_bytes", pr_stream_body_bytes},
+    {"batch", pr_batch},
 };
 
 /* Whether `prog` names an executable: a path (relative to cwd) or a name found in PATH. */
@@ -309,6 +351,7 @@ ms_process_config_t *ms_config_process_copy(const ms_process_config_t *p)
     c->cwd = dup_opt(p->cwd);
     c->ready_path = dup_opt(p->ready_path);
     c->health_path = dup_opt(p->health_path);
+    c->batch_path = dup_opt(p->batch_path);
     return c;
 }
 
@@ -321,5 +364,6 @@ void ms_config_process_free(ms_process_config_t *p)
     free(p->cwd);
     free(p->ready_path);
     free(p->health_path);
+    free(p->batch_path);
     free(p);
 }

@@ -39,6 +39,7 @@
 typedef enum { CALL_FREE, CALL_QUEUED, CALL_SENT, CALL_CANCELLING } call_state_t;
 
 typedef struct call call_t;
+typedef struct batch batch_t;
 struct call {
     ms_deployment_t *dep;
     ms_http_request_t *req; /* NULL once CANCELLING */
@@ -54,6 +55,22 @@ struct call {
     size_t owed; /* streamed bytes passed to a slow client, credited back once it drains */
     ms_http_header_t *fwd; /* the request's forwardable headers */
     size_t fwd_cap;
+    batch_t *batch; /* the batch it was sent in (process.batch), else NULL */
+};
+
+/* Requests of a batched process deployment sent to one replica as one (process.batch): the
+ * batch owns the stream, its calls each hold one of the replica's slots. */
+struct batch {
+    ms_deployment_t *dep;
+    ms_replica_t *replica;
+    uint32_t stream;
+    call_t **calls;
+    int n, cap;
+    int status;
+    ms_buf_t body; /* the request's JSON array, then the response's body */
+    char size_text[16];
+    ms_http_header_t head[2];
+    batch_t *next_free, *next_all;
 };
 
 /* Per-slot bookkeeping that keeps admission and the fallback choice independent of the number of
@@ -110,6 +127,8 @@ struct ms_deployment {
     call_t *free_calls;
     call_t **all_calls; /* every call ever made, for teardown */
     size_t n_calls, calls_cap;
+    batch_t *free_batches, *all_batches;
+    uv_timer_t batch_timer; /* the oldest queued request's batch wait ends */
     uv_timer_t backoff_timer;
     int backoff_step;
     uv_timer_t restart_timer;
@@ -612,6 +631,7 @@ static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
     c->prev = c->next = NULL;
     c->retried = 0;
     c->streaming = 0;
+    c->batch = NULL;
     c->queued_at_ms = uv_now(d->loop);
     req->user = c;
     if (d->request_timeout_s > 0)
@@ -708,7 +728,9 @@ static void call_cancel(call_t *c)
         c->req->user = NULL;
     c->req = NULL;
     c->state = CALL_CANCELLING;
-    ms_replica_cancel(c->replica, c->stream);
+    /* A batch's other requests still want their answers: this one just gets none. */
+    if (!c->batch)
+        ms_replica_cancel(c->replica, c->stream);
 }
 
 static void on_call_timeout(uv_timer_t *t)
@@ -937,6 +959,238 @@ static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
         call_failed(c, 1, "the link to the replica is down");
 }
 
+/* ---- batches (process.batch) ----------------------------------------------------------------- */
+
+static int batched(const ms_deployment_t *d)
+{
+    return d->spec.process && d->spec.process->batch_max_size > 0;
+}
+
+static batch_t *batch_acquire(ms_deployment_t *d)
+{
+    int cap = d->spec.process->batch_max_size;
+    batch_t *b = d->free_batches;
+    if (b) {
+        d->free_batches = b->next_free;
+    } else {
+        b = ms_calloc(1, sizeof *b);
+        b->dep = d;
+        b->next_all = d->all_batches;
+        d->all_batches = b;
+    }
+    if (b->cap < cap) {
+        b->cap = cap;
+        b->calls = ms_realloc(b->calls, (size_t)cap * sizeof *b->calls);
+    }
+    b->n = 0;
+    b->status = 0;
+    ms_buf_reset(&b->body);
+    return b;
+}
+
+static void batch_release(batch_t *b)
+{
+    ms_deployment_t *d = b->dep;
+    b->replica = NULL;
+    b->next_free = d->free_batches;
+    d->free_batches = b;
+}
+
+/* Why the replica's answer cannot be split among the batch's callers; NULL when it can. */
+static const char *batch_answer_problem(const batch_t *b, json_t *results, char *buf, size_t cap)
+{
+    if (b->status != 200)
+        snprintf(buf, cap, "it answered status %d", b->status);
+    else if (!json_is_array(results))
+        snprintf(buf, cap, "its answer is not a JSON array");
+    else if (json_array_size(results) != (size_t)b->n)
+        snprintf(buf, cap, "it answered %zu results for %d requests", json_array_size(results),
+                 b->n);
+    else
+        return NULL;
+    return buf;
+}
+
+static void respond_result(ms_http_request_t *req, json_t *result)
+{
+    static const ms_http_header_t type = {"Content-Type", 12, "application/json", 16};
+    char *text = json_dumps(result, JSON_COMPACT | JSON_ENCODE_ANY);
+    ms_http_respond(req, 200, &type, 1, text, strlen(text));
+    free(text);
+}
+
+/* The replica answered the batch: caller i gets element i of the JSON array, as JSON with 200;
+ * an answer that does not split (not 200, not an array, another length) fails every caller. */
+static void batch_finish(batch_t *b, const char *body, size_t len)
+{
+    ms_deployment_t *d = b->dep;
+    json_t *results = b->status == 200 ? json_loadb(body, len, 0, NULL) : NULL;
+    char why[96];
+    const char *problem = batch_answer_problem(b, results, why, sizeof why);
+    if (problem)
+        ms_warn("deployment %s: replica %s failed a batch of %d: %s", d->name, b->replica->id, b->n,
+                problem);
+    for (int i = 0; i < b->n; i++) {
+        call_t *c = b->calls[i];
+        ms_http_request_t *req = c->req;
+        call_detach(c, !problem, problem ? 502 : 200);
+        c->batch = NULL;
+        call_release(c);
+        if (!req)
+            continue; /* timed out or left while the batch ran */
+        if (!problem) {
+            respond_result(req, json_array_get(results, (size_t)i));
+            continue;
+        }
+        char msg[256];
+        snprintf(msg, sizeof msg, "replica %s of deployment %s failed a batch of %d: %s",
+                 b->replica->id, d->name, b->n, problem);
+        ms_http_respond_error(req, 502, msg);
+    }
+    json_decref(results);
+    batch_release(b);
+    dispatch(d);
+}
+
+static void on_batch_response(void *data, int status, const ms_http_header_t *headers, size_t n,
+                              const char *body, size_t body_len)
+{
+    batch_t *b = data;
+    (void)headers, (void)n;
+    b->status = status;
+    batch_finish(b, body, body_len);
+}
+
+static void on_batch_head(void *data, int status, const ms_http_header_t *headers, size_t n)
+{
+    batch_t *b = data;
+    (void)headers, (void)n;
+    b->status = status;
+    ms_buf_reset(&b->body);
+}
+
+static void on_batch_data(void *data, const char *p, size_t n)
+{
+    batch_t *b = data;
+    ms_buf_append(&b->body, p, n);
+    ms_replica_credit(b->replica, b->stream, n);
+}
+
+static void on_batch_end(void *data)
+{
+    batch_t *b = data;
+    batch_finish(b, b->body.data ? b->body.data : "", b->body.len);
+}
+
+/* The batch never got an answer. Requests that surely never reached the replica are routed
+ * again, in their order; the rest fail with 502. */
+static void batch_failed(batch_t *b, int never_sent, const char *why)
+{
+    ms_deployment_t *d = b->dep;
+    ms_warn("deployment %s: replica %s failed a batch of %d: %s", d->name, b->replica->id, b->n,
+            why);
+    char msg[256];
+    snprintf(msg, sizeof msg, "replica %s of deployment %s failed while handling the request",
+             b->replica->id, d->name);
+    for (int i = b->n - 1; i >= 0; i--) {
+        call_t *c = b->calls[i];
+        ms_http_request_t *req = c->req;
+        call_detach(c, 0, 502);
+        c->batch = NULL;
+        if (req && never_sent && c->retried < NEVER_SENT_RETRIES) {
+            c->retried++;
+            queue_push(d, c, 1);
+            continue;
+        }
+        call_release(c);
+        if (req)
+            ms_http_respond_error(req, 502, msg);
+    }
+    batch_release(b);
+    dispatch(d);
+}
+
+static void on_batch_error(void *data, ms_link_error_t err, int never_sent)
+{
+    batch_failed(data, never_sent, ms_link_error_text(err));
+}
+
+static const ms_link_callbacks_t batch_callbacks = {
+    .on_response = on_batch_response,
+    .on_head = on_batch_head,
+    .on_data = on_batch_data,
+    .on_end = on_batch_end,
+    .on_error = on_batch_error,
+};
+
+/* Takes the queue's first requests, as many as the batch and the replica's free slots allow,
+ * and sends their bodies to r as one JSON array. */
+static void send_batch(ms_deployment_t *d, ms_replica_t *r)
+{
+    const ms_process_config_t *pc = d->spec.process;
+    batch_t *b = batch_acquire(d);
+    b->replica = r;
+    int room = r->max_ongoing_requests - r->ongoing;
+    uint64_t now = ms_now_us();
+    ms_buf_append(&b->body, "[", 1);
+    while (d->queue_head && b->n < pc->batch_max_size && b->n < room) {
+        call_t *c = d->queue_head;
+        queue_remove(d, c);
+        c->state = CALL_SENT;
+        c->sent_at_us = now;
+        c->replica = r;
+        c->batch = b;
+        c->stream = 0;
+        b->calls[b->n++] = c;
+        if (b->n > 1)
+            ms_buf_append(&b->body, ",", 1);
+        if (c->req->body_len)
+            ms_buf_append(&b->body, c->req->body, c->req->body_len);
+        else
+            ms_buf_append(&b->body, "null", 4);
+    }
+    ms_buf_append(&b->body, "]", 1);
+    r->ongoing += b->n;
+    refile(d, r->slot);
+    ms_router_script_set_ongoing(d->script, r->slot, r->ongoing);
+    int len = snprintf(b->size_text, sizeof b->size_text, "%d", b->n);
+    b->head[0] = (ms_http_header_t){"Content-Type", 12, "application/json", 16};
+    b->head[1] = (ms_http_header_t){"X-Moonserve-Batch-Size", 22, b->size_text, (size_t)len};
+    ms_link_request_t lr = {
+        .method = "POST",
+        .target = pc->batch_path,
+        .target_len = strlen(pc->batch_path),
+        .request_id = b->calls[0]->req->request_id,
+        .headers = b->head,
+        .n_headers = 2,
+        .body = b->body.data,
+        .body_len = b->body.len,
+    };
+    b->stream = ms_replica_send(r, &lr, NULL, &batch_callbacks, b);
+    if (!b->stream)
+        batch_failed(b, 1, "the link to the replica is down");
+}
+
+static void on_batch_timer(uv_timer_t *t)
+{
+    dispatch(t->data);
+}
+
+/* A batch leaves once it is full or its oldest request has waited batch_wait_timeout_s (Ray
+ * Serve's rule: the wait counts from the batch's first item). */
+static int batch_should_wait(ms_deployment_t *d)
+{
+    const ms_process_config_t *pc = d->spec.process;
+    if (d->queued >= (size_t)pc->batch_max_size)
+        return 0;
+    uint64_t due = d->queue_head->queued_at_ms + (uint64_t)(pc->batch_wait_timeout_s * 1000.0);
+    uint64_t now = uv_now(d->loop);
+    if (now >= due)
+        return 0;
+    uv_timer_start(&d->batch_timer, on_batch_timer, due - now, 0);
+    return 1;
+}
+
 /* ---- choosing a replica ---------------------------------------------------------------------- */
 
 static ms_replica_t *usable(const ms_deployment_t *d, int slot)
@@ -1008,6 +1262,8 @@ static void on_backoff_timer(uv_timer_t *t)
 static void dispatch(ms_deployment_t *d)
 {
     while (d->queue_head && d->n_available > 0) {
+        if (batched(d) && batch_should_wait(d))
+            return;
         call_t *c = d->queue_head;
         ms_replica_t *r = choose(d, c);
         if (!r) {
@@ -1020,6 +1276,10 @@ static void dispatch(ms_deployment_t *d)
             return;
         }
         d->backoff_step = 0;
+        if (batched(d)) {
+            send_batch(d, r);
+            continue;
+        }
         queue_remove(d, c);
         send_call(d, c, r);
     }
@@ -1186,6 +1446,17 @@ void ms_deployment_poll_stats(ms_deployment_t *d, double period_s, double timeou
     }
 }
 
+/* A batch carries its requests' bodies as the elements of one JSON array. */
+static int body_is_json(const ms_http_request_t *req)
+{
+    if (req->body_len == 0)
+        return 1;
+    json_t *j = json_loadb(req->body, req->body_len, JSON_DECODE_ANY, NULL);
+    int ok = j != NULL;
+    json_decref(j);
+    return ok;
+}
+
 void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
 {
     if (d->shutting_down) {
@@ -1208,6 +1479,14 @@ void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
         ms_http_respond_error(req, 503, msg);
         return;
     }
+    if (batched(d) && !body_is_json(req)) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "deployment %s batches its requests: the request body must be JSON (or empty)",
+                 d->name);
+        ms_http_respond_error(req, 400, msg);
+        return;
+    }
     call_t *c = call_acquire(d, req);
     queue_push(d, c, 0);
     dispatch(d);
@@ -1218,7 +1497,7 @@ void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
 int ms_deployment_streams_body(const ms_deployment_t *d, int64_t body_length)
 {
     const ms_process_config_t *p = d->spec.process;
-    return p && (body_length < 0 || body_length > p->stream_body_bytes);
+    return p && !p->batch_max_size && (body_length < 0 || body_length > p->stream_body_bytes);
 }
 
 void ms_deployment_abort(ms_http_request_t *req)
@@ -1286,7 +1565,9 @@ ms_deployment_t *ms_deployment_new(uv_loop_t *loop, const ms_deployment_settings
     d->cold_timer.data = d;
     uv_timer_init(loop, &d->spawn_timer);
     d->spawn_timer.data = d;
-    d->open_timers = 4;
+    uv_timer_init(loop, &d->batch_timer);
+    d->batch_timer.data = d;
+    d->open_timers = 5;
     reconcile(d);
     return d;
 }
@@ -1300,6 +1581,7 @@ void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data
     uv_timer_stop(&d->restart_timer);
     uv_timer_stop(&d->cold_timer);
     uv_timer_stop(&d->spawn_timer);
+    uv_timer_stop(&d->batch_timer);
     fail_queued(d, 503, "deployment is shutting down");
     for (int i = 0; i < d->n_slots; i++) {
         ms_replica_t *r = d->slots[i];
@@ -1322,6 +1604,12 @@ static void timer_closed(ms_deployment_t *d)
         free(c);
     }
     free(d->all_calls);
+    for (batch_t *b = d->all_batches, *next; b; b = next) {
+        next = b->next_all;
+        free(b->calls);
+        ms_buf_free(&b->body);
+        free(b);
+    }
     free(d->slots);
     free(d->routable);
     free(d->info);
@@ -1360,6 +1648,7 @@ void ms_deployment_free(ms_deployment_t *d)
     uv_close((uv_handle_t *)&d->restart_timer, on_deployment_timer_closed);
     uv_close((uv_handle_t *)&d->cold_timer, on_deployment_timer_closed);
     uv_close((uv_handle_t *)&d->spawn_timer, on_deployment_timer_closed);
+    uv_close((uv_handle_t *)&d->batch_timer, on_deployment_timer_closed);
     for (size_t i = 0; i < d->n_calls; i++)
         uv_close((uv_handle_t *)&d->all_calls[i]->timer, on_call_timer_closed);
 }

@@ -242,6 +242,108 @@ class TestLargeBodies(ProcessCase):
         return True
 
 
+class TestBatching(ProcessCase):
+    """process.batch: queued requests leave together as one JSON array, split back per caller."""
+
+    def start_batched(self, max_batch_size, wait_s):
+        self.log = os.path.join(harness.tempfile.gettempdir(),
+                                "ms-batches-%d-%s" % (os.getpid(), self.id()))
+        self.addCleanup(lambda: os.path.exists(self.log) and os.unlink(self.log))
+        app = process_app(env={"BATCH_LOG_FILE": self.log},
+                          batch={"max_batch_size": max_batch_size,
+                                 "batch_wait_timeout_s": wait_s})
+        app["deployments"][0]["max_ongoing_requests"] = 8
+        self.start(app)
+        self.wait_running("echo", 1)
+
+    def batches(self):
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as f:
+            return [json.loads(line) for line in f]
+
+    def call(self, item):
+        return self.server.request("POST", "/anything", body=json.dumps(item).encode(),
+                                   headers={"Content-Type": "application/json"}, timeout=20)
+
+    def test_concurrent_requests_leave_as_one_batch(self):
+        # A long wait: the batch can only leave because it filled.
+        self.start_batched(4, 30)
+        out = harness.run_threads(self.call, [({"x": i},) for i in range(4)], 20)
+        for i, (r, err) in enumerate(out):
+            self.assertIsNone(err)
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(r.header("content-type"), "application/json")
+            self.assertEqual(r.json(), {"y": 2 * i, "batch_size": 4, "header": "4",
+                                        "item": {"x": i}})
+        self.assertEqual(len(self.batches()), 1)
+
+    def test_a_lone_request_leaves_after_the_wait(self):
+        self.start_batched(4, 0.05)
+        r = self.call({"x": 21})
+        self.assertEqual((r.status, r.json()["y"], r.json()["batch_size"]), (200, 42, 1), r)
+        r = self.server.request("POST", "/anything")
+        self.assertEqual((r.status, r.json()["item"]), (200, None), r)
+
+    def test_an_answer_that_does_not_split_fails_every_caller(self):
+        self.start_batched(2, 30)
+        for bad, why in (({"short": True}, "it answered 1 results for 2 requests"),
+                         ({"fail": True}, "it answered status 500")):
+            out = harness.run_threads(self.call, [({"x": 1},), (bad,)], 20)
+            for r, err in out:
+                self.assertIsNone(err)
+                self.assertEqual(r.status, 502, r)
+                self.assertIn("failed a batch of 2: " + why, r.json()["error"])
+                self.assertEqual(r.json()["request_id"], r.header("x-request-id"))
+        out = harness.run_threads(self.call, [({"x": 5},), ({"x": 6},)], 20)
+        self.assertEqual(sorted(r.json()["y"] for r, _ in out), [10, 12])
+
+    def test_a_body_that_is_not_json_is_refused(self):
+        self.start_batched(2, 0.01)
+        r = self.server.request("POST", "/anything", body=b"{not json")
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("must be JSON", r.json()["error"])
+        self.assertEqual(self.batches(), [])
+
+    def queued(self, n):
+        return self.server.wait_status("echo", "Echo", lambda d: d["queued_requests"] == n,
+                                       timeout=10, what="%d queued" % n)
+
+    def test_a_caller_that_left_is_not_sent(self):
+        self.start_batched(2, 30)
+        s = self.server.connect()
+        body = json.dumps({"x": 1, "who": "gone"}).encode()
+        s.sendall(harness.build_request("POST", "/anything", {"Content-Type": "application/json"},
+                                        body))
+        self.queued(1)
+        s.close()
+        self.queued(0)
+        out = harness.run_threads(self.call, [({"x": 2},), ({"x": 3},)], 20)
+        self.assertEqual(sorted(r.json()["y"] for r, _ in out), [4, 6])
+        self.assertEqual([sorted(i["x"] for i in b) for b in self.batches()], [[2, 3]])
+
+    def test_a_caller_leaving_a_running_batch_leaves_the_others_their_answer(self):
+        self.start_batched(2, 30)
+        release = self.log + ".go"
+        self.addCleanup(lambda: os.path.exists(release) and os.unlink(release))
+        s = self.server.connect()
+        s.sendall(harness.build_request("POST", "/anything", {},
+                                        json.dumps({"x": 1}).encode()))
+        self.queued(1)
+        out = []
+        t = harness.threading.Thread(
+            target=lambda: out.append(self.call({"x": 2, "wait_for": release})))
+        t.start()
+        self.assertTrue(wait_until(lambda: len(self.batches()) == 1, 10))
+        s.close()
+        open(release, "w").close()
+        t.join(20)
+        self.assertEqual((out[0].status, out[0].json()["y"]), (200, 4), out)
+        # The replica's slots were all given back: a full batch still goes.
+        out = harness.run_threads(self.call, [({"x": 7},), ({"x": 8},)], 20)
+        self.assertEqual(sorted(r.json()["y"] for r, _ in out), [14, 16])
+
+
 class TestListenPort(ProcessCase):
     def test_port_mode_and_placeholders(self):
         self.start(process_app(listen="port",
@@ -395,6 +497,13 @@ class TestConfigErrors(unittest.TestCase):
         self.check({"command": ["true"], "listen": "tcp"}, "listen must be")
         self.check({"command": ["true"], "cwd": "/no/such/dir"}, "cwd: /no/such/dir is not a "
                                                                  "folder")
+        self.check({"command": ["true"], "batch": 5}, "batch must be a mapping")
+        self.check({"command": ["true"], "batch": {"max_batch_size": 0}},
+                   "max_batch_size must be an integer from 1")
+        self.check({"command": ["true"], "batch": {"max_batch_sise": 2}},
+                   "did you mean 'max_batch_size'")
+        self.check({"command": ["true"], "batch": {"path": "batch"}}, "path must be a path")
+        self.check({"command": ["true"], "stream_body_bytes": -1}, "stream_body_bytes must be")
 
     def test_config_only_application_needs_a_process(self):
         import tempfile

@@ -9,6 +9,11 @@ request path:
   GET  /slow?s=SECONDS     sleeps, appending to env SIDE_EFFECT_FILE while it does (per 50 ms)
   GET  /status/CODE        answers that status with a JSON body
   ANY  /sink               reads the body piece by piece (never whole): JSON length and sha256
+  POST /batch              a batch (process.batch): a JSON array of items; answers one result per
+                           item ({"y": 2*x, "batch_size", "header", "item"}). Items may ask for
+                           {"fail": true} (the batch answers 500), {"short": true} (one result
+                           too few) or {"wait_for": PATH} (answer once PATH exists). Each batch
+                           is appended as a JSON line to the file named by env BATCH_LOG_FILE
   GET  /big?mb=N           N MiB with a Content-Length, written in 64 KiB pieces; the bytes
                            written so far go to the file named by env PROGRESS_FILE
 Env: READY_DELAY_S delays the start of listening; EXIT_AT_START=N exits with status N at once.
@@ -85,6 +90,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     f.write(str((i + 1) * len(piece)))
                 os.replace(progress + ".tmp", progress)
 
+    def batch(self, items):
+        log = os.environ.get("BATCH_LOG_FILE")
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps(items) + "\n")
+        asks = [it if isinstance(it, dict) else {} for it in items]
+        for ask in asks:
+            until = time.time() + 20
+            while ask.get("wait_for") and not os.path.exists(ask["wait_for"]) and \
+                    time.time() < until:
+                time.sleep(0.01)
+        if any(ask.get("fail") for ask in asks):
+            return self.send_json(500, {"error": "failed as asked"})
+        results = [{"y": 2 * ask["x"] if "x" in ask else None, "batch_size": len(items),
+                    "header": self.headers.get("X-Moonserve-Batch-Size"), "item": it}
+                   for ask, it in zip(asks, items)]
+        if any(ask.get("short") for ask in asks):
+            results.pop()
+        self.send_json(200, results)
+
     def send_json(self, status, obj, extra=()):
         data = json.dumps(obj).encode()
         self.send_response(status)
@@ -103,6 +128,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/big":
             return self.big(int(q.get("mb", "1")))
         data = self.body()
+        if url.path == "/batch":
+            return self.batch(json.loads(data))
         if url.path == "/health":
             bad = os.environ.get("FAIL_HEALTH_FILE")
             if bad and os.path.exists(bad):
