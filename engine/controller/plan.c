@@ -169,6 +169,17 @@ static void warn_unfillable_batches(const ms_config_t *cfg, const planned_t *p, 
     }
 }
 
+/* The same for process.batch: a batch takes at most the replica's free slots. */
+static void warn_unfillable_process_batch(const ms_config_t *cfg, const planned_t *p)
+{
+    if (!p->process || p->max_ongoing_requests >= p->process->batch_max_size)
+        return;
+    ms_warn("%s:%d:%d: warning: deployment '%s': max_ongoing_requests (%d) is less than "
+            "process.batch.max_batch_size (%d): its batches can never fill",
+            cfg->path, p->process->mark.line, p->process->mark.col, p->name,
+            p->max_ongoing_requests, p->process->batch_max_size);
+}
+
 static void check_overrides_exist(const ms_config_t *cfg, const ms_app_config_t *app, json_t *deps,
                                   ms_config_errors_t *errs)
 {
@@ -274,6 +285,7 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
         merge_process(cfg, p, file, code, errs);
         check_merged(cfg, p, errs);
         warn_unfillable_batches(cfg, p, json_object_get(d, "batched"));
+        warn_unfillable_process_batch(cfg, p);
     }
     json_decref(graph);
     return errs->n == errors_before ? 0 : -1;

@@ -505,6 +505,21 @@ class TestConfigErrors(unittest.TestCase):
         self.check({"command": ["true"], "batch": {"path": "batch"}}, "path must be a path")
         self.check({"command": ["true"], "stream_body_bytes": -1}, "stream_body_bytes must be")
 
+    def test_check_warns_about_a_batch_that_cannot_fill(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "c.yaml")
+            for ongoing, warned in ((3, True), (4, False)):
+                with open(path, "w") as f:
+                    f.write(harness.to_yaml({"applications": [{"name": "a", "deployments": [
+                        {"name": "P", "max_ongoing_requests": ongoing,
+                         "process": {"command": ["true"], "batch": {"max_batch_size": 4}}}]}]}))
+                rc, out = run_cli("check", path)
+                self.assertEqual(rc, 0, out)
+                self.assertEqual("max_ongoing_requests (3) is less than "
+                                 "process.batch.max_batch_size (4): its batches can never fill"
+                                 in out, warned, out)
+
     def test_config_only_application_needs_a_process(self):
         import tempfile
         with tempfile.TemporaryDirectory() as d:
