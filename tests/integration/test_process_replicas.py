@@ -344,6 +344,92 @@ class TestBatching(ProcessCase):
         self.assertEqual(sorted(r.json()["y"] for r, _ in out), [14, 16])
 
 
+class TestAsForLuaReplicas(ProcessCase):
+    """Admission, queues, timeouts, cancellation, scaling to and from zero and metrics treat a
+    process deployment as they treat a Lua one."""
+
+    def gate(self, name):
+        path = os.path.join(harness.tempfile.gettempdir(),
+                            "ms-gate-%d-%s-%s" % (os.getpid(), self.id(), name))
+        self.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
+        return path
+
+    def logged(self, text, timeout=10):
+        self.assertTrue(wait_until(lambda: text in self.server.stderr_text(), timeout),
+                        "%r not logged:\n%s" % (text, self.server.stderr_tail()))
+
+    def test_max_ongoing_requests_queues_the_rest(self):
+        app = process_app()
+        app["deployments"][0]["max_ongoing_requests"] = 1
+        self.start(app)
+        self.wait_running("echo", 1)
+        gate = self.gate("a")
+        out = []
+        t = harness.threading.Thread(target=lambda: out.append(
+            self.server.request("GET", "/wait?file=" + gate, timeout=20)))
+        t.start()
+        self.logged("wait %s: started" % os.path.basename(gate))
+        u = harness.threading.Thread(target=lambda: out.append(
+            self.server.request("GET", "/echo", timeout=20)))
+        u.start()
+        self.server.wait_status("echo", "Echo", lambda d: d["queued_requests"] == 1,
+                                what="1 queued")
+        metrics = self.server.admin_request("GET", "/metrics").body.decode()
+        self.assertRegex(metrics, r'moonserve_deployment_queued_requests\{[^}]*deployment="Echo"'
+                                  r'[^}]*\} 1\b')
+        self.assertRegex(metrics, r'moonserve_deployment_ongoing_requests\{[^}]*deployment='
+                                  r'"Echo"[^}]*\} 1\b')
+        self.assertEqual(out, [], "the queued request was answered while the first ran")
+        open(gate, "w").close()
+        t.join(20)
+        u.join(20)
+        self.assertEqual(sorted(r.status for r in out), [200, 200])
+
+    def test_a_client_that_leaves_closes_the_command_request(self):
+        self.start(process_app())
+        self.wait_running("echo", 1)
+        gate = self.gate("never")
+        s = self.server.connect()
+        s.sendall(harness.build_request("GET", "/wait?file=" + gate))
+        self.logged("wait %s: started" % os.path.basename(gate))
+        s.close()
+        self.logged("wait %s: client went away" % os.path.basename(gate))
+        self.assertEqual(echo(self.server)["method"], "GET")
+
+    def test_request_timeout_answers_408_and_closes_the_command_request(self):
+        self.server = harness.Server([process_app()], http_options={"request_timeout_s": 0.5})
+        self.addCleanup(self.server.cleanup)
+        self.server.start()
+        self.wait_running("echo", 1)
+        gate = self.gate("never")
+        r = self.server.request("GET", "/wait?file=" + gate, timeout=20)
+        self.assertEqual(r.status, 408, r)
+        self.assertEqual(r.json()["request_id"], r.header("x-request-id"))
+        self.logged("wait %s: client went away" % os.path.basename(gate))
+
+    def test_scales_from_zero_and_back_to_zero(self):
+        app = process_app(replicas=1)
+        dep = app["deployments"][0]
+        del dep["num_replicas"]
+        dep["autoscaling_config"] = {
+            "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
+            "target_ongoing_requests": 1, "upscale_delay_s": 30, "downscale_delay_s": 0.2,
+            "downscale_to_zero_delay_s": 0.5, "metrics_interval_s": 0.1,
+            "look_back_period_s": 0.3}
+        self.server = harness.Server([app], extra_config={"control_loop": {"interval_s": 0.05}})
+        self.addCleanup(self.server.cleanup)
+        self.server.start()
+        self.assertEqual(self.server.deployment_status("echo", "Echo")["target_num_replicas"], 0)
+        got = echo(self.server)  # held through the cold start, then served
+        self.assertTrue(harness.is_alive(got["pid"]))
+        self.server.wait_status("echo", "Echo", lambda d: d["target_num_replicas"] == 0 and not [
+            r for r in d.get("replicas") or [] if r["state"] == "RUNNING"], timeout=15,
+            what="back to zero")
+        self.assertTrue(wait_until(lambda: not harness.is_alive(got["pid"]), 10),
+                        "the command outlived its replica")
+        self.assertNotEqual(echo(self.server)["pid"], got["pid"])
+
+
 class TestListenPort(ProcessCase):
     def test_port_mode_and_placeholders(self):
         self.start(process_app(listen="port",

@@ -9,6 +9,8 @@ request path:
   GET  /slow?s=SECONDS     sleeps, appending to env SIDE_EFFECT_FILE while it does (per 50 ms)
   GET  /status/CODE        answers that status with a JSON body
   ANY  /sink               reads the body piece by piece (never whole): JSON length and sha256
+  GET  /wait?file=PATH      answers once PATH exists; prints "wait NAME: started" and, when the
+                           engine closes the connection first, "wait NAME: client went away"
   POST /batch              a batch (process.batch): a JSON array of items; answers one result per
                            item ({"y": 2*x, "batch_size", "header", "item"}). Items may ask for
                            {"fail": true} (the batch answers 500), {"short": true} (one result
@@ -22,6 +24,8 @@ import hashlib
 import http.server
 import json
 import os
+import select
+import socket
 import socketserver
 import sys
 import time
@@ -90,6 +94,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     f.write(str((i + 1) * len(piece)))
                 os.replace(progress + ".tmp", progress)
 
+    def wait(self, path):
+        name = os.path.basename(path)
+        print("wait %s: started" % name, flush=True)
+        while not os.path.exists(path):
+            ready, _, _ = select.select([self.connection], [], [], 0.02)
+            if ready and not self.connection.recv(1, socket.MSG_PEEK):
+                print("wait %s: client went away" % name, flush=True)
+                self.close_connection = True
+                return
+        self.send_json(200, {"waited": name})
+
     def batch(self, items):
         log = os.environ.get("BATCH_LOG_FILE")
         if log:
@@ -130,6 +145,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = self.body()
         if url.path == "/batch":
             return self.batch(json.loads(data))
+        if url.path == "/wait":
+            return self.wait(q["file"])
         if url.path == "/health":
             bad = os.environ.get("FAIL_HEALTH_FILE")
             if bad and os.path.exists(bad):
