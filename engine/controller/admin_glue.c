@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "controller/internal.h"
+#include "metrics/metrics.h"
 #include "policy/policy.h"
 #include "router/router.h"
 
@@ -349,9 +350,9 @@ static char *label_value(const char *s)
     return b.data;
 }
 
-/* moonserve_script_info (version and hash as labels) and the failure counter of one policy
+/* moonserve_script_info (version and hash as labels) or the failure counter of one policy
  * script, in the one shape every kind shares. */
-static void script_metrics(ms_buf_t *b, const ms_policy_t *p)
+static void script_metric(ms_buf_t *b, const ms_policy_t *p, int failures)
 {
     json_t *info = ms_policy_info(p);
     const char *kind = json_string_value(json_object_get(info, "kind"));
@@ -359,46 +360,78 @@ static void script_metrics(ms_buf_t *b, const ms_policy_t *p)
     const char *dep_name = json_string_value(json_object_get(info, "deployment"));
     const char *sha = json_string_value(json_object_get(info, "sha256"));
     char *app = label_value(app_name ? app_name : ""), *dep = label_value(dep_name ? dep_name : "");
-    ms_buf_appendf(b,
-                   "moonserve_script_info{kind=\"%s\",application=\"%s\",deployment=\"%s\","
-                   "version=\"%lld\",sha256=\"%s\"} 1\n",
-                   kind, app, dep, (long long)json_integer_value(json_object_get(info, "version")),
-                   sha ? sha : "");
-    ms_buf_appendf(b,
-                   "moonserve_script_failures_total{kind=\"%s\",application=\"%s\","
-                   "deployment=\"%s\"} %lld\n",
-                   kind, app, dep,
-                   (long long)json_integer_value(json_object_get(info, "failures")));
+    if (failures)
+        ms_buf_appendf(b,
+                       "moonserve_script_failures_total{kind=\"%s\",application=\"%s\","
+                       "deployment=\"%s\"} %lld\n",
+                       kind, app, dep,
+                       (long long)json_integer_value(json_object_get(info, "failures")));
+    else
+        ms_buf_appendf(b,
+                       "moonserve_script_info{kind=\"%s\",application=\"%s\",deployment=\"%s\","
+                       "version=\"%lld\",sha256=\"%s\"} 1\n",
+                       kind, app, dep,
+                       (long long)json_integer_value(json_object_get(info, "version")),
+                       sha ? sha : "");
     free(app);
     free(dep);
     json_decref(info);
 }
 
-static void metrics_for(const dep_entry_t *e, ms_buf_t *b)
+static void script_metrics(controller_t *c, ms_buf_t *b)
 {
-    size_t n;
+    ms_policy_t **ps;
+    size_t n = collect_policies(c, &ps);
+    ms_metrics_family(b, "moonserve_script_info", "gauge",
+                      "The policy and router scripts loaded: version and sha256 as labels.");
+    for (size_t i = 0; i < n; i++)
+        script_metric(b, ps[i], 0);
+    ms_metrics_family(
+        b, "moonserve_script_failures_total", "counter",
+        "Calls into a policy or router script that failed (errors, budget overruns).");
+    for (size_t i = 0; i < n; i++)
+        script_metric(b, ps[i], 1);
+    free(ps);
+}
+
+typedef enum { DEP_TARGET, DEP_RUNNING, DEP_QUEUED, DEP_ONGOING, DEP_FAMILIES } dep_family_t;
+
+static const char *const DEP_FAMILY[DEP_FAMILIES][2] = {
+    {"moonserve_deployment_target_replicas", "Replicas the deployment is scaling to."},
+    {"moonserve_deployment_running_replicas", "Replicas running and serving."},
+    {"moonserve_deployment_queued_requests", "Requests waiting for a replica (Ray's "
+                                             "serve_deployment_queued_queries)."},
+    {"moonserve_deployment_ongoing_requests", "Requests sent to replicas and not finished (Ray's "
+                                              "serve_num_ongoing_requests_at_replicas)."},
+};
+
+static size_t dep_value(const dep_entry_t *e, dep_family_t f)
+{
+    if (f == DEP_TARGET)
+        return (size_t)ms_deployment_target(e->dep);
+    if (f == DEP_QUEUED)
+        return ms_deployment_queued(e->dep);
+    size_t n, v = 0;
     ms_replica_t **rs = replica_list(e, &n);
-    size_t running = 0, ongoing = 0;
-    for (size_t i = 0; i < n; i++) {
-        running += rs[i]->state == MS_REPLICA_RUNNING;
-        ongoing += (size_t)rs[i]->ongoing;
-    }
+    for (size_t i = 0; i < n; i++)
+        v += f == DEP_RUNNING ? rs[i]->state == MS_REPLICA_RUNNING : (size_t)rs[i]->ongoing;
     free(rs);
-    char *a = label_value(e->app->name), *d = label_value(e->name);
-    ms_buf_appendf(
-        b, "moonserve_deployment_target_replicas{application=\"%s\",deployment=\"%s\"} %d\n", a, d,
-        ms_deployment_target(e->dep));
-    ms_buf_appendf(
-        b, "moonserve_deployment_running_replicas{application=\"%s\",deployment=\"%s\"} %zu\n", a,
-        d, running);
-    ms_buf_appendf(
-        b, "moonserve_deployment_queued_requests{application=\"%s\",deployment=\"%s\"} %zu\n", a, d,
-        ms_deployment_queued(e->dep));
-    ms_buf_appendf(
-        b, "moonserve_deployment_ongoing_requests{application=\"%s\",deployment=\"%s\"} %zu\n", a,
-        d, ongoing);
-    free(a);
-    free(d);
+    return v;
+}
+
+static void deployment_metrics(controller_t *c, ms_buf_t *b)
+{
+    for (int f = 0; f < DEP_FAMILIES; f++) {
+        ms_metrics_family(b, DEP_FAMILY[f][0], "gauge", DEP_FAMILY[f][1]);
+        for (size_t i = 0; i < c->n_deps; i++) {
+            const dep_entry_t *e = &c->deps[i];
+            char *a = label_value(e->app->name), *d = label_value(e->name);
+            ms_buf_appendf(b, "%s{application=\"%s\",deployment=\"%s\"} %zu\n", DEP_FAMILY[f][0], a,
+                           d, dep_value(e, (dep_family_t)f));
+            free(a);
+            free(d);
+        }
+    }
 }
 
 /* Adds replica histogram `h` ({count, sum, buckets = {{le, cumulative}, ...}}) into acc;
@@ -436,12 +469,20 @@ static void add_number(json_t *acc, const char *name, json_t *v)
         acc, name, json_real(json_number_value(json_object_get(acc, name)) + json_number_value(v)));
 }
 
-/* The replica's histogram names; the metric of each is moonserve_batch_<name> but for the size,
- * moonserve_batch_actual_size (Ray's serve_actual_batch_size). */
-static const char *const BATCH_HISTOGRAMS[] = {"wait_time_ms", "execution_time_ms",
-                                               "utilization_percent", "batch_size"};
-static const char *const BATCH_METRICS[] = {"wait_time_ms", "execution_time_ms",
-                                            "utilization_percent", "actual_size"};
+/* The replica's histograms (times in ms), and the metric each becomes: times in seconds, as
+ * Prometheus names them; Ray's names are serve_batch_wait_time_ms and so on. */
+static const struct {
+    const char *stat, *metric, *help;
+    double scale;
+} BATCH_HISTOGRAMS[] = {
+    {"wait_time_ms", "moonserve_batch_wait_time_seconds",
+     "Time a batch's first request waited for the batch to run.", 1e-3},
+    {"execution_time_ms", "moonserve_batch_execution_time_seconds", "Time a batch ran.", 1e-3},
+    {"utilization_percent", "moonserve_batch_utilization_percent",
+     "Batch size over max_batch_size, in percent.", 1},
+    {"batch_size", "moonserve_batch_actual_size", "Requests in a batch.", 1},
+};
+#define N_BATCH_HISTOGRAMS (sizeof BATCH_HISTOGRAMS / sizeof *BATCH_HISTOGRAMS)
 
 /* Every replica's serve.batch stats, summed per method (docs/batching.md, "Metrics"). */
 static json_t *batch_totals(const dep_entry_t *e)
@@ -461,87 +502,105 @@ static json_t *batch_totals(const dep_entry_t *e)
             }
             add_number(acc, "batches_processed", json_object_get(st, "batches_processed"));
             add_number(acc, "queue_length", json_object_get(st, "queue_length"));
-            for (size_t k = 0; k < sizeof BATCH_HISTOGRAMS / sizeof *BATCH_HISTOGRAMS; k++)
-                add_histogram(acc, BATCH_HISTOGRAMS[k],
-                              json_deep_copy(json_object_get(st, BATCH_HISTOGRAMS[k])));
+            for (size_t k = 0; k < N_BATCH_HISTOGRAMS; k++)
+                add_histogram(acc, BATCH_HISTOGRAMS[k].stat,
+                              json_deep_copy(json_object_get(st, BATCH_HISTOGRAMS[k].stat)));
         }
     }
     free(rs);
     return totals;
 }
 
-static void batch_metrics(const dep_entry_t *e, ms_buf_t *b)
+static void batch_histogram(ms_buf_t *b, size_t k, const char *labels, json_t *h)
 {
-    json_t *totals = batch_totals(e);
-    char *a = label_value(e->app->name), *d = label_value(e->name);
-    const char *fn;
-    json_t *acc;
-    json_object_foreach(totals, fn, acc)
-    {
-        char *f = label_value(fn);
-        char labels[600];
-        snprintf(labels, sizeof labels, "application=\"%s\",deployment=\"%s\",function_name=\"%s\"",
-                 a, d, f);
-        ms_buf_appendf(b, "moonserve_batches_processed_total{%s} %.0f\n", labels,
-                       json_number_value(json_object_get(acc, "batches_processed")));
-        ms_buf_appendf(b, "moonserve_batch_queue_length{%s} %.0f\n", labels,
-                       json_number_value(json_object_get(acc, "queue_length")));
-        for (size_t k = 0; k < sizeof BATCH_HISTOGRAMS / sizeof *BATCH_HISTOGRAMS; k++) {
-            json_t *h = json_object_get(acc, BATCH_HISTOGRAMS[k]);
-            json_t *bk = json_object_get(h, "buckets");
-            for (size_t i = 0; i < json_array_size(bk); i++) {
-                json_t *le = json_array_get(json_array_get(bk, i), 0);
-                char lebuf[32];
-                if (json_is_string(le))
-                    snprintf(lebuf, sizeof lebuf, "+Inf");
-                else
-                    snprintf(lebuf, sizeof lebuf, "%g", json_number_value(le));
-                ms_buf_appendf(b, "moonserve_batch_%s_bucket{%s,le=\"%s\"} %.0f\n",
-                               BATCH_METRICS[k], labels, lebuf,
-                               json_number_value(json_array_get(json_array_get(bk, i), 1)));
-            }
-            ms_buf_appendf(b, "moonserve_batch_%s_sum{%s} %g\n", BATCH_METRICS[k], labels,
-                           json_number_value(json_object_get(h, "sum")));
-            ms_buf_appendf(b, "moonserve_batch_%s_count{%s} %.0f\n", BATCH_METRICS[k], labels,
-                           json_number_value(json_object_get(h, "count")));
-        }
-        free(f);
+    const char *metric = BATCH_HISTOGRAMS[k].metric;
+    double scale = BATCH_HISTOGRAMS[k].scale;
+    json_t *bk = json_object_get(h, "buckets");
+    for (size_t i = 0; i < json_array_size(bk); i++) {
+        json_t *le = json_array_get(json_array_get(bk, i), 0);
+        char lebuf[32];
+        if (json_is_string(le))
+            snprintf(lebuf, sizeof lebuf, "+Inf");
+        else
+            snprintf(lebuf, sizeof lebuf, "%g", json_number_value(le) * scale);
+        ms_buf_appendf(b, "%s_bucket{%s,le=\"%s\"} %.0f\n", metric, labels, lebuf,
+                       json_number_value(json_array_get(json_array_get(bk, i), 1)));
     }
-    free(a);
-    free(d);
-    json_decref(totals);
+    ms_buf_appendf(b, "%s_sum{%s} %.9g\n", metric, labels,
+                   json_number_value(json_object_get(h, "sum")) * scale);
+    ms_buf_appendf(b, "%s_count{%s} %.0f\n", metric, labels,
+                   json_number_value(json_object_get(h, "count")));
+}
+
+/* One family's lines for every deployment's batched methods. family < 0: the counter
+ * (-1) or the queue-length gauge (-2); else BATCH_HISTOGRAMS[family]. */
+static void batch_family(ms_buf_t *b, json_t **totals, const controller_t *c, int family)
+{
+    for (size_t i = 0; i < c->n_deps; i++) {
+        char *a = label_value(c->deps[i].app->name), *d = label_value(c->deps[i].name);
+        const char *fn;
+        json_t *acc;
+        json_object_foreach(totals[i], fn, acc)
+        {
+            char *f = label_value(fn);
+            ms_buf_t labels = {0};
+            ms_buf_appendf(&labels, "application=\"%s\",deployment=\"%s\",function_name=\"%s\"", a,
+                           d, f);
+            if (family == -1)
+                ms_buf_appendf(b, "moonserve_batches_processed_total{%s} %.0f\n", labels.data,
+                               json_number_value(json_object_get(acc, "batches_processed")));
+            else if (family == -2)
+                ms_buf_appendf(b, "moonserve_batch_queue_length{%s} %.0f\n", labels.data,
+                               json_number_value(json_object_get(acc, "queue_length")));
+            else
+                batch_histogram(b, (size_t)family, labels.data,
+                                json_object_get(acc, BATCH_HISTOGRAMS[family].stat));
+            ms_buf_free(&labels);
+            free(f);
+        }
+        free(a);
+        free(d);
+    }
+}
+
+static void batch_metrics(controller_t *c, ms_buf_t *b)
+{
+    json_t **totals = ms_calloc(c->n_deps + 1, sizeof *totals);
+    for (size_t i = 0; i < c->n_deps; i++)
+        totals[i] = batch_totals(&c->deps[i]);
+    ms_metrics_family(b, "moonserve_batches_processed_total", "counter",
+                      "Batches a batched method ran.");
+    batch_family(b, totals, c, -1);
+    ms_metrics_family(b, "moonserve_batch_queue_length", "gauge",
+                      "Requests waiting in a batched method's queue.");
+    batch_family(b, totals, c, -2);
+    for (size_t k = 0; k < N_BATCH_HISTOGRAMS; k++) {
+        ms_metrics_family(b, BATCH_HISTOGRAMS[k].metric, "histogram", BATCH_HISTOGRAMS[k].help);
+        batch_family(b, totals, c, (int)k);
+    }
+    for (size_t i = 0; i < c->n_deps; i++)
+        json_decref(totals[i]);
+    free(totals);
 }
 
 static int on_metrics(void *data, char **text)
 {
     controller_t *c = data;
     ms_buf_t b = {0};
-    ms_buf_append_str(&b, "# TYPE moonserve_deployment_target_replicas gauge\n"
-                          "# TYPE moonserve_deployment_running_replicas gauge\n"
-                          "# TYPE moonserve_deployment_queued_requests gauge\n"
-                          "# TYPE moonserve_deployment_ongoing_requests gauge\n"
-                          "# TYPE moonserve_script_info gauge\n"
-                          "# TYPE moonserve_script_failures_total counter\n"
-                          "# TYPE moonserve_controller_configs_held gauge\n"
-                          "# TYPE moonserve_batches_processed_total counter\n"
-                          "# TYPE moonserve_batch_queue_length gauge\n"
-                          "# TYPE moonserve_batch_wait_time_ms histogram\n"
-                          "# TYPE moonserve_batch_execution_time_ms histogram\n"
-                          "# TYPE moonserve_batch_utilization_percent histogram\n"
-                          "# TYPE moonserve_batch_actual_size histogram\n");
-    for (size_t i = 0; i < c->n_deps; i++) {
-        metrics_for(&c->deps[i], &b);
-        batch_metrics(&c->deps[i], &b);
-    }
-    ms_policy_t **ps;
-    size_t n = collect_policies(c, &ps);
-    for (size_t i = 0; i < n; i++)
-        script_metrics(&b, ps[i]);
-    free(ps);
+    deployment_metrics(c, &b);
+    batch_metrics(c, &b);
+    script_metrics(c, &b);
     /* The file's config, and the latest deploy's: a count that grew with each deploy would be
      * a leak. */
+    ms_metrics_family(&b, "moonserve_controller_configs_held", "gauge",
+                      "Configs the controller holds (the file's and the latest deploy's).");
     ms_buf_appendf(&b, "moonserve_controller_configs_held %d\n", 1 + (c->deployed != NULL));
     ms_gpu_metrics_text(c->gpus, &b);
+    ms_ingress_metrics_text(c->proxy, &b);
+    ms_metrics_family(&b, "moonserve_http_ongoing_requests", "gauge",
+                      "HTTP requests received and not answered yet.");
+    ms_buf_appendf(&b, "moonserve_http_ongoing_requests %zu\n",
+                   c->ingress ? ms_http_server_inflight(c->ingress) : (size_t)0);
     *text = b.data;
     return 200;
 }

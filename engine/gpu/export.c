@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "gpu/internal.h"
+#include "metrics/metrics.h"
 
 json_t *ms_gpu_devices_json(const ms_gpu_t *g, const ms_gpu_pool_t *p)
 {
@@ -100,20 +101,25 @@ void ms_gpu_metrics_text(const ms_gpu_t *g, ms_buf_t *b)
 {
     if (g->n == 0)
         return;
-    ms_buf_append_str(b, "# TYPE moonserve_gpu_utilization gauge\n"
-                         "# TYPE moonserve_gpu_memory_used_bytes gauge\n"
-                         "# TYPE moonserve_gpu_memory_total_bytes gauge\n");
-    for (int i = 0; i < g->n; i++) {
-        const ms_gpu_device_t *d = &g->dev[i];
-        if (d->has_sample) {
-            metric_start(b, "moonserve_gpu_utilization", i, d->name);
-            ms_buf_appendf(b, "%.4g\n", d->utilization);
-            metric_start(b, "moonserve_gpu_memory_used_bytes", i, d->name);
-            ms_buf_append_uint(b, d->memory_used_bytes);
+    ms_metrics_family(b, "moonserve_gpu_utilization", "gauge",
+                      "GPU utilization (0..1) at the latest sample (NVML, or the fake GPUs).");
+    for (int i = 0; i < g->n; i++)
+        if (g->dev[i].has_sample) {
+            metric_start(b, "moonserve_gpu_utilization", i, g->dev[i].name);
+            ms_buf_appendf(b, "%.4g\n", g->dev[i].utilization);
+        }
+    ms_metrics_family(b, "moonserve_gpu_memory_used_bytes", "gauge",
+                      "GPU memory in use at the latest sample.");
+    for (int i = 0; i < g->n; i++)
+        if (g->dev[i].has_sample) {
+            metric_start(b, "moonserve_gpu_memory_used_bytes", i, g->dev[i].name);
+            ms_buf_append_uint(b, g->dev[i].memory_used_bytes);
             ms_buf_append_str(b, "\n");
         }
-        metric_start(b, "moonserve_gpu_memory_total_bytes", i, d->name);
-        ms_buf_append_uint(b, d->memory_total_bytes);
+    ms_metrics_family(b, "moonserve_gpu_memory_total_bytes", "gauge", "GPU memory in all.");
+    for (int i = 0; i < g->n; i++) {
+        metric_start(b, "moonserve_gpu_memory_total_bytes", i, g->dev[i].name);
+        ms_buf_append_uint(b, g->dev[i].memory_total_bytes);
         ms_buf_append_str(b, "\n");
     }
 }

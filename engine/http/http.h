@@ -61,6 +61,8 @@ struct ms_http_request {
     void *user;          /* free for the owner of the server */
     int body_streamed;   /* 1: the body is not read yet; see ms_http_request_body_read */
     int64_t body_length; /* Content-Length of a streamed body, -1 when chunked */
+    void *route;         /* the server owner's too, kept for on_complete (deployments use user) */
+    uint64_t started_ns; /* uv_hrtime() when the request was handed over */
 };
 
 /* Called once per complete request. The owner must eventually finish a response on it, unless
@@ -81,7 +83,17 @@ typedef struct ms_http_server_config {
      * owner pulls it with ms_http_request_body_read, and max_body_bytes does not bound it.
      * Returning 0 (or no hook) reads the body whole first, as always. */
     int (*stream_body)(const ms_http_request_t *req, void *data);
+    /* Optional. Called once per request that was answered or given up, when it ends: its
+     * response fully queued (`status` as sent; requests refused while parsing, 400/413/431,
+     * included), or the client gone first (`disconnected`, status MS_HTTP_DISCONNECTED), with
+     * the nanoseconds since it was handed over. For metrics and access logs: it must not
+     * respond. */
+    void (*on_complete)(const ms_http_request_t *req, int status, int disconnected,
+                        uint64_t elapsed_ns, void *data);
 } ms_http_server_config_t;
+
+/* The status on_complete reports for a request whose client left first (nginx's 499). */
+#define MS_HTTP_DISCONNECTED 499
 
 /* Listen on host:port (TCP). port 0 picks a free port; see ms_http_server_port. */
 int ms_http_server_listen_tcp(uv_loop_t *loop, const char *host, int port,

@@ -92,10 +92,12 @@ struct conn {
     int pending_writes;
     int open_handles;
     uint64_t deadline_ms; /* loop time at which the connection times out; 0 = none */
+    int resp_status;      /* of the active request's response, once its head is built */
 };
 
 static const llhttp_settings_t *request_settings(void);
 static void conn_close(conn_t *c);
+static void tell_complete(conn_t *c, int status, int disconnected);
 static void conn_start_reading(conn_t *c);
 static void conn_drain_input(conn_t *c);
 
@@ -183,6 +185,7 @@ static void conn_close(conn_t *c)
     if (c->req_active) {
         c->req_active = 0;
         srv->inflight--;
+        tell_complete(c, MS_HTTP_DISCONNECTED, 1);
         if (srv->cfg.on_abort)
             srv->cfg.on_abort(&c->req, srv->cfg.data);
     }
@@ -236,6 +239,7 @@ static void build_head(conn_t *c, int status, const ms_http_header_t *headers, s
 {
     ms_buf_t *b = &c->out;
     ms_buf_reset(b);
+    c->resp_status = status;
     ms_buf_append(b, c->req.http_minor == 0 ? "HTTP/1.0 " : "HTTP/1.1 ", 9);
     ms_buf_append_uint(b, (uint64_t)status);
     ms_buf_append(b, " ", 1);
@@ -295,17 +299,28 @@ static void reset_request_state(conn_t *c)
     c->head_only = 0;
     c->drain_cb = NULL;
     c->req.user = NULL;
+    c->req.route = NULL;
+    c->resp_status = 0;
 }
 
 static void conn_start_reading(conn_t *c);
 
 /* The response of the active request is fully queued: release the request and move on to the
  * next pipelined one, or wait for it. */
+static void tell_complete(conn_t *c, int status, int disconnected)
+{
+    ms_http_server_t *srv = c->srv;
+    if (srv->cfg.on_complete)
+        srv->cfg.on_complete(&c->req, status, disconnected, uv_hrtime() - c->req.started_ns,
+                             srv->cfg.data);
+}
+
 static void finish_request(conn_t *c)
 {
     ms_http_server_t *srv = c->srv;
     c->req_active = 0;
     srv->inflight--;
+    tell_complete(c, c->resp_status, 0);
     /* Unread body bytes would be parsed as the next request: the connection ends here. */
     if (c->streamed && !c->body_complete)
         c->close_after_write = 1;
@@ -507,6 +522,7 @@ static void fail_connection(conn_t *c, int status, const char *message)
     if (c->req.request_id[0] == '\0')
         ms_random_id(c->req.request_id);
     c->req.http_minor = 1;
+    c->req.started_ns = uv_hrtime();
     c->req_active = 1; /* respond's bookkeeping expects an active request */
     srv->inflight++;
     c->keep_alive = 0;
@@ -903,6 +919,7 @@ static void dispatch_request(conn_t *c)
     ms_http_server_t *srv = c->srv;
     conn_disarm_timer(c);
     c->req_active = 1;
+    c->req.started_ns = uv_hrtime();
     srv->inflight++;
     if (c->asterisk) {
         /* OPTIONS * asks about the server, not a resource: no deployment is involved. */

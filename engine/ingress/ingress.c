@@ -6,6 +6,19 @@
 #include <string.h>
 
 #include "ingress/ingress.h"
+#include "metrics/metrics.h"
+
+/* One route's request metrics. They outlive a redeploy that keeps the route (a new target with
+ * the same application, deployment and prefix takes them over), and a request in flight keeps
+ * its route's entry alive after a redeploy that drops it. */
+typedef struct route_stats route_stats_t;
+struct route_stats {
+    char *labels; /* application="..",deployment="..",route=".." */
+    ms_request_stats_t s;
+    size_t inflight;
+    int retired; /* no target uses it: not exported, freed once nothing is in flight */
+    route_stats_t *next;
+};
 
 typedef struct target {
     char *app_name;
@@ -13,11 +26,14 @@ typedef struct target {
     char *route_prefix; /* NULL unless this deployment is an exposed ingress */
     size_t prefix_len;
     ms_deployment_t *dep;
+    route_stats_t *stats; /* NULL unless route_prefix is set */
 } target_t;
 
 struct ms_ingress {
     target_t *targets;
     size_t n_targets;
+    route_stats_t *stats;        /* every route's, retired ones included */
+    ms_request_stats_t unrouted; /* 404s, /-/ paths and requests refused while parsing */
     int draining;
     ms_buf_t routes_json; /* /-/routes body, rebuilt when targets change */
 };
@@ -29,8 +45,51 @@ ms_ingress_t *ms_ingress_new(void)
     return ms_calloc(1, sizeof(ms_ingress_t));
 }
 
+static void free_retired_stats(ms_ingress_t *p)
+{
+    for (route_stats_t **at = &p->stats; *at;) {
+        route_stats_t *rs = *at;
+        if (!rs->retired || rs->inflight) {
+            at = &rs->next;
+            continue;
+        }
+        *at = rs->next;
+        free(rs->labels);
+        free(rs);
+    }
+}
+
+/* The route's entry: a retired one with the same labels is taken over, else a new one. */
+static route_stats_t *stats_for(ms_ingress_t *p, const char *app, const char *dep,
+                                const char *route)
+{
+    ms_buf_t labels = {0};
+    ms_buf_append_str(&labels, "application=\"");
+    ms_buf_append_label(&labels, app);
+    ms_buf_append_str(&labels, "\",deployment=\"");
+    ms_buf_append_label(&labels, dep);
+    ms_buf_append_str(&labels, "\",route=\"");
+    ms_buf_append_label(&labels, route);
+    ms_buf_append_str(&labels, "\"");
+    for (route_stats_t *rs = p->stats; rs; rs = rs->next)
+        if (rs->retired && strcmp(rs->labels, labels.data) == 0) {
+            rs->retired = 0;
+            ms_buf_free(&labels);
+            return rs;
+        }
+    route_stats_t *rs = ms_calloc(1, sizeof *rs);
+    rs->labels = labels.data;
+    rs->next = p->stats;
+    p->stats = rs;
+    return rs;
+}
+
 void ms_ingress_clear(ms_ingress_t *p)
 {
+    /* Routes the last redeploy dropped go now; the others wait for the new set to take them. */
+    free_retired_stats(p);
+    for (route_stats_t *rs = p->stats; rs; rs = rs->next)
+        rs->retired = 1;
     for (size_t i = 0; i < p->n_targets; i++) {
         free(p->targets[i].app_name);
         free(p->targets[i].deployment_name);
@@ -45,6 +104,9 @@ void ms_ingress_clear(ms_ingress_t *p)
 void ms_ingress_free(ms_ingress_t *p)
 {
     ms_ingress_clear(p);
+    for (route_stats_t *rs = p->stats; rs; rs = rs->next)
+        rs->inflight = 0; /* the servers are closed before the ingress is freed */
+    free_retired_stats(p);
     ms_buf_free(&p->routes_json);
     free(p);
 }
@@ -76,6 +138,7 @@ void ms_ingress_add_deployment(ms_ingress_t *p, const char *app_name, const char
     t->route_prefix = route_prefix ? ms_strdup(route_prefix) : NULL;
     t->prefix_len = route_prefix ? strlen(route_prefix) : 0;
     t->dep = d;
+    t->stats = route_prefix ? stats_for(p, app_name, deployment_name, route_prefix) : NULL;
     rebuild_routes_json(p);
 }
 
@@ -135,7 +198,32 @@ static void on_ingress_request(ms_http_request_t *req, void *data)
         ms_http_respond_error(req, 404, msg);
         return;
     }
+    req->route = t->stats;
+    t->stats->inflight++;
     ms_deployment_submit(t->dep, req);
+}
+
+static void on_ingress_complete(const ms_http_request_t *req, int status, int disconnected,
+                                uint64_t elapsed_ns, void *data)
+{
+    ms_ingress_t *p = data;
+    route_stats_t *rs = req->route;
+    ms_request_stats_record(rs ? &rs->s : &p->unrouted, req->method, status, disconnected,
+                            (double)elapsed_ns / 1e6);
+    if (rs && --rs->inflight == 0 && rs->retired)
+        free_retired_stats(p);
+}
+
+void ms_ingress_metrics_text(const ms_ingress_t *p, ms_buf_t *b)
+{
+    for (int f = 0; f < MS_REQUEST_FAMILIES; f++) {
+        ms_request_stats_type(b, (ms_request_family_t)f);
+        for (const route_stats_t *rs = p->stats; rs; rs = rs->next)
+            if (!rs->retired)
+                ms_request_stats_text(b, (ms_request_family_t)f, rs->labels, &rs->s);
+        ms_request_stats_text(b, (ms_request_family_t)f,
+                              "application=\"\",deployment=\"\",route=\"\"", &p->unrouted);
+    }
 }
 
 /* A body streams when the deployment that will get the request says so (process replicas take
@@ -180,7 +268,8 @@ ms_http_server_config_t ms_ingress_ingress_config(ms_ingress_t *p)
     ms_http_server_config_t cfg = {.on_request = on_ingress_request,
                                    .on_abort = on_abort,
                                    .data = p,
-                                   .stream_body = ingress_stream_body};
+                                   .stream_body = ingress_stream_body,
+                                   .on_complete = on_ingress_complete};
     return cfg;
 }
 

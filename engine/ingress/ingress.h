@@ -25,6 +25,10 @@ void ms_ingress_clear(ms_ingress_t *p);
 /* While draining, /-/healthz answers 503 (Ray Serve), so load balancers stop sending. */
 void ms_ingress_set_draining(ms_ingress_t *p, int draining);
 
+/* The HTTP ingress's request metrics (docs/metrics.md), in the Prometheus text format: per
+ * route, and for requests no route took (route ""). */
+void ms_ingress_metrics_text(const ms_ingress_t *p, ms_buf_t *b);
+
 /* Server configurations wired to the ingress; limits are filled by the caller. */
 ms_http_server_config_t ms_ingress_ingress_config(ms_ingress_t *p);
 ms_http_server_config_t ms_ingress_handle_config(ms_ingress_t *p);

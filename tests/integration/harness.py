@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -983,6 +984,17 @@ class LoadGen(object):
     def __exit__(self, *exc):
         self.stop()
         return False
+
+
+def assert_promtool_accepts(testcase, text):
+    """`promtool check metrics` (Debian's prometheus, installed by the bootstrap) finds nothing
+    to say about a /metrics text: it parses, and every family has help and a proper name."""
+    if not shutil.which("promtool"):
+        raise AssertionError("promtool missing: the bootstrap installs Debian's prometheus")
+    p = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                       capture_output=True, timeout=30)
+    said = (p.stdout + p.stderr).decode().strip()
+    testcase.assertEqual((p.returncode, said), (0, ""), text[:3000])
 
 
 def run_cli(*args, timeout=30):

@@ -168,11 +168,13 @@ class BatchingTest(harness.ServerTestCase):
 
         text = harness.wait_until(scraped, timeout=10)
         self.assertTrue(text, "no batch metrics for One.run")
-        for name in ("moonserve_batch_queue_length{", "moonserve_batch_wait_time_ms_bucket{",
-                     "moonserve_batch_execution_time_ms_count{",
+        for name in ("moonserve_batch_queue_length{",
+                     "moonserve_batch_wait_time_seconds_bucket{",
+                     "moonserve_batch_execution_time_seconds_count{",
                      "moonserve_batch_utilization_percent_sum{",
                      "moonserve_batch_actual_size_bucket{"):
             self.assertIn(name, text)
+        harness.assert_promtool_accepts(self, text)
 
 
 class BatchReconfigureTest(harness.ServerTestCase):

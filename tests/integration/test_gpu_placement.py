@@ -95,6 +95,7 @@ class GpuPlacementTest(harness.ServerTestCase):
         text = self.server.admin_request("GET", "/metrics").body.decode()
         self.assertIn('moonserve_gpu_memory_total_bytes{gpu="0",name="A100"} %d'
                       % (81920 * 1024 * 1024), text)
+        harness.assert_promtool_accepts(self, text)
 
 
 class GpuReleaseTest(unittest.TestCase):

@@ -1,0 +1,126 @@
+"""GET /metrics on the admin listener (docs/metrics.md): HTTP request counters and latency
+histograms per route and status class, errors apart, disconnections counted as such, requests no
+route took under route "", label values bounded by the config whatever paths clients send, and
+the whole text accepted by Prometheus's own checker (`promtool check metrics`)."""
+
+import re
+import unittest
+
+import harness
+from harness import hello_app, start_server, wait_until
+
+LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse(text):
+    """{(name, ((label, value), ...)): float} for every sample line."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = LINE.match(line)
+        if not m:
+            raise AssertionError("not a sample line: %r" % line)
+        labels = tuple(sorted(LABEL.findall(m.group(2) or "")))
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def key(name, **labels):
+    return (name, tuple(sorted(labels.items())))
+
+
+HELLO = dict(application="hello", deployment="Hello", route="/hello")
+NONE = dict(application="", deployment="", route="")
+
+
+class MetricsTest(unittest.TestCase):
+    def setUp(self):
+        self.srv = start_server(self, [hello_app()])
+
+    def scrape(self):
+        r = self.srv.admin_request("GET", "/metrics")
+        self.assertEqual(r.status, 200)
+        return r.body.decode()
+
+    def value(self, samples, name, **labels):
+        return samples.get(key(name, **labels), 0.0)
+
+    def test_requests_are_counted_by_route_method_and_status_class(self):
+        before = parse(self.scrape())
+        for _ in range(3):
+            self.assertEqual(self.srv.get("/hello/x").status, 200)
+        self.assertEqual(self.srv.request("POST", "/hello/y", body=b"{}").status, 200)
+        self.assertEqual(self.srv.get("/hello/boom").status, 500)
+        self.assertEqual(self.srv.get("/nowhere").status, 404)
+        after = parse(self.scrape())
+
+        def delta(name, **labels):
+            return self.value(after, name, **labels) - self.value(before, name, **labels)
+        total = "moonserve_http_requests_total"
+        errors = "moonserve_http_error_requests_total"
+        self.assertEqual(delta(total, method="GET", status_class="2xx", **HELLO), 3)
+        self.assertEqual(delta(total, method="POST", status_class="2xx", **HELLO), 1)
+        self.assertEqual(delta(total, method="GET", status_class="5xx", **HELLO), 1)
+        self.assertEqual(delta(errors, method="GET", status_class="5xx", **HELLO), 1)
+        self.assertEqual(delta(errors, method="GET", status_class="2xx", **HELLO), 0)
+        self.assertNotIn(key(errors, method="GET", status_class="2xx", **HELLO), after)
+        self.assertEqual(delta(total, method="GET", status_class="4xx", **NONE), 1)
+        self.assertEqual(delta(errors, method="GET", status_class="4xx", **NONE), 1)
+
+        hist = "moonserve_http_request_duration_seconds"
+        labels = dict(status_class="2xx", **HELLO)
+        self.assertEqual(delta(hist + "_count", **labels), 4)
+        bounds = ["0.001", "0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.3", "0.4",
+                  "0.5", "1", "2", "5", "10", "60", "120", "300", "600", "+Inf"]
+        counts = [self.value(after, hist + "_bucket", le=le, **labels) for le in bounds]
+        self.assertEqual(counts, sorted(counts), "buckets are not cumulative")
+        self.assertEqual(counts[-1], self.value(after, hist + "_count", **labels))
+        self.assertGreater(self.value(after, hist + "_sum", **labels), 0)
+
+    def test_latency_lands_in_the_right_bucket(self):
+        self.assertEqual(self.srv.get("/hello/slow?sleep=0.25").status, 200)
+        after = parse(self.scrape())
+        labels = dict(status_class="2xx", **HELLO)
+        hist = "moonserve_http_request_duration_seconds_bucket"
+        self.assertEqual(self.value(after, hist, le="0.2", **labels), 0)
+        self.assertEqual(self.value(after, hist, le="1", **labels), 1)
+        self.assertGreaterEqual(self.value(after, "moonserve_http_request_duration_seconds_sum",
+                                           **labels), 0.25)
+
+    def test_a_client_that_leaves_is_a_disconnection(self):
+        s = self.srv.connect()
+        s.sendall(harness.build_request("GET", "/hello/slow?sleep=30"))
+        self.assertTrue(wait_until(
+            lambda: 'moonserve_http_ongoing_requests 1' in self.scrape(), 5))
+        s.close()
+        name = "moonserve_http_requests_total"
+        ok = wait_until(lambda: self.value(parse(self.scrape()), name, method="GET",
+                                           status_class="disconnection", **HELLO) == 1, 10)
+        self.assertTrue(ok, self.scrape())
+        self.assertEqual(self.value(parse(self.scrape()), "moonserve_http_error_requests_total",
+                                    method="GET", status_class="disconnection", **HELLO), 1)
+
+    def test_label_values_stay_bounded_under_many_paths(self):
+        for i in range(10):
+            self.srv.get("/hello/p%d" % i)
+            self.srv.get("/gone%d" % i)
+        few = set(parse(self.scrape()))
+        for i in range(1000):
+            r = self.srv.get("/hello/path-%d?q=%d" % (i, i) if i % 2 else "/other-%d" % i)
+            self.assertIn(r.status, (200, 404))
+        text = self.scrape()
+        many = set(parse(text))
+        self.assertEqual(many, few, "series appeared: %s" % sorted(many - few)[:5])
+        self.assertNotIn("path-", text)
+        self.assertNotIn("other-", text)
+
+    def test_promtool_accepts_the_text(self):
+        self.srv.get("/hello/x")
+        self.srv.get("/nowhere")
+        harness.assert_promtool_accepts(self, self.scrape())
+
+
+if __name__ == "__main__":
+    harness.main()
