@@ -419,19 +419,81 @@ static size_t dep_value(const dep_entry_t *e, dep_family_t f)
     return v;
 }
 
+static char *dep_labels(const dep_entry_t *e)
+{
+    ms_buf_t b = {0};
+    ms_buf_append_str(&b, "application=\"");
+    ms_buf_append_label(&b, e->app->name);
+    ms_buf_append_str(&b, "\",deployment=\"");
+    ms_buf_append_label(&b, e->name);
+    ms_buf_append_str(&b, "\"");
+    return b.data;
+}
+
+/* The request counters of every deployment; errors_only: the error classes alone. */
+static void dep_requests(controller_t *c, char **labels, ms_buf_t *b, int errors_only)
+{
+    const char *name = errors_only ? "moonserve_deployment_error_requests_total"
+                                   : "moonserve_deployment_requests_total";
+    ms_metrics_family(b, name, "counter",
+                      errors_only ? "Requests a deployment's replicas failed, answered with an "
+                                    "error, or dropped (client gone, timed out)."
+                                  : "Requests that left a deployment's replicas, by status class "
+                                    "(HTTP and handle calls).");
+    for (size_t i = 0; i < c->n_deps; i++) {
+        const ms_deployment_stats_t *st = ms_deployment_stats(c->deps[i].dep);
+        for (int k = 0; k < MS_STATUS_CLASSES; k++)
+            if (st->requests[k] && (!errors_only || ms_metrics_class_is_error(k)))
+                ms_buf_appendf(b, "%s{%s,status_class=\"%s\"} %llu\n", name, labels[i],
+                               ms_metrics_status_class_name(k),
+                               (unsigned long long)st->requests[k]);
+    }
+}
+
+static void dep_counter(controller_t *c, char **labels, ms_buf_t *b, const char *name,
+                        const char *help, int failures)
+{
+    ms_metrics_family(b, name, "counter", help);
+    for (size_t i = 0; i < c->n_deps; i++) {
+        const ms_deployment_stats_t *st = ms_deployment_stats(c->deps[i].dep);
+        ms_buf_appendf(b, "%s{%s} %llu\n", name, labels[i],
+                       (unsigned long long)(failures ? st->replica_failures : st->replica_starts));
+    }
+}
+
+static void dep_histogram(controller_t *c, char **labels, ms_buf_t *b, const char *name,
+                          const char *help, int queue_wait)
+{
+    ms_metrics_family(b, name, "histogram", help);
+    for (size_t i = 0; i < c->n_deps; i++) {
+        const ms_deployment_stats_t *st = ms_deployment_stats(c->deps[i].dep);
+        ms_histogram_text(b, name, labels[i], queue_wait ? &st->queue_wait : &st->processing);
+    }
+}
+
 static void deployment_metrics(controller_t *c, ms_buf_t *b)
 {
+    char **labels = ms_calloc(c->n_deps + 1, sizeof *labels);
+    for (size_t i = 0; i < c->n_deps; i++)
+        labels[i] = dep_labels(&c->deps[i]);
     for (int f = 0; f < DEP_FAMILIES; f++) {
         ms_metrics_family(b, DEP_FAMILY[f][0], "gauge", DEP_FAMILY[f][1]);
-        for (size_t i = 0; i < c->n_deps; i++) {
-            const dep_entry_t *e = &c->deps[i];
-            char *a = label_value(e->app->name), *d = label_value(e->name);
-            ms_buf_appendf(b, "%s{application=\"%s\",deployment=\"%s\"} %zu\n", DEP_FAMILY[f][0], a,
-                           d, dep_value(e, (dep_family_t)f));
-            free(a);
-            free(d);
-        }
+        for (size_t i = 0; i < c->n_deps; i++)
+            ms_buf_appendf(b, "%s{%s} %zu\n", DEP_FAMILY[f][0], labels[i],
+                           dep_value(&c->deps[i], (dep_family_t)f));
     }
+    dep_requests(c, labels, b, 0);
+    dep_requests(c, labels, b, 1);
+    dep_histogram(c, labels, b, "moonserve_deployment_processing_duration_seconds",
+                  "Time from a request's sending to a replica to its end there.", 0);
+    dep_histogram(c, labels, b, "moonserve_deployment_queue_wait_seconds",
+                  "Time a request waited in the deployment's queue for a replica.", 1);
+    dep_counter(c, labels, b, "moonserve_deployment_replica_starts_total", "Replicas started.", 0);
+    dep_counter(c, labels, b, "moonserve_deployment_replica_failures_total",
+                "Replicas lost unasked: crashes, constructor failures, unhealthy replacements.", 1);
+    for (size_t i = 0; i < c->n_deps; i++)
+        free(labels[i]);
+    free(labels);
 }
 
 /* Adds replica histogram `h` ({count, sum, buckets = {{le, cumulative}, ...}}) into acc;

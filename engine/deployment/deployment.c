@@ -144,6 +144,7 @@ struct ms_deployment {
     void *shutdown_data;
     int open_timers;
     int freed;
+    ms_deployment_stats_t stats;
 };
 
 static void dispatch(ms_deployment_t *d);
@@ -375,6 +376,7 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
         reconcile(d);
         return;
     }
+    d->stats.replica_failures++;
     d->consecutive_failures++;
     /* Replacements back off exponentially so a crash loop cannot spin the machine. */
     uint64_t delay_ms = 100;
@@ -401,6 +403,7 @@ static void on_replica_unhealthy(ms_replica_t *r)
     ms_deployment_t *d = r->owner;
     ms_error("replica %s: unhealthy after %d failed health checks; replacing it", r->id,
              r->health_failures);
+    d->stats.replica_failures++;
     retire(d, r);
     reconcile(d); /* the replacement starts now; the unhealthy one drains meanwhile */
 }
@@ -595,6 +598,7 @@ static void reconcile(ms_deployment_t *d)
         }
         d->spawn_error[0] = '\0';
         d->spawned_in_turn++;
+        d->stats.replica_starts++;
         r->gpu = gpu;
         r->slot = slot;
         r->generation = d->generation;
@@ -707,9 +711,11 @@ static void call_detach(call_t *c, int ok, int status)
     ms_deployment_t *d = c->dep;
     if (!r)
         return;
+    double took_s = (double)(ms_now_us() - c->sent_at_us) / 1e6;
+    d->stats.requests[ms_metrics_status_class(status, !ok && status == MS_HTTP_DISCONNECTED)]++;
+    ms_histogram_observe(&d->stats.processing, took_s * 1e3);
     if (d->routable[r->slot])
-        ms_router_script_on_completed(
-            d->script, r->slot, (double)(ms_now_us() - c->sent_at_us) / 1e6, ok && status < 500);
+        ms_router_script_on_completed(d->script, r->slot, took_s, ok && status < 500);
     r->ongoing--;
     refile(d, r->slot);
     if (d->routable[r->slot])
@@ -894,7 +900,7 @@ static void on_link_released(void *data)
 {
     call_t *c = data;
     ms_deployment_t *d = c->dep;
-    call_detach(c, 0, 499);
+    call_detach(c, 0, MS_HTTP_DISCONNECTED);
     call_release(c);
     dispatch(d);
 }
@@ -944,8 +950,14 @@ static ms_link_request_t link_request(call_t *c)
     };
 }
 
+static void note_queue_wait(ms_deployment_t *d, const call_t *c)
+{
+    ms_histogram_observe(&d->stats.queue_wait, (double)(uv_now(d->loop) - c->queued_at_ms));
+}
+
 static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
 {
+    note_queue_wait(d, c);
     c->state = CALL_SENT;
     c->sent_at_us = ms_now_us();
     c->replica = r;
@@ -1136,6 +1148,7 @@ static void send_batch(ms_deployment_t *d, ms_replica_t *r)
     while (d->queue_head && b->n < pc->batch_max_size && b->n < room) {
         call_t *c = d->queue_head;
         queue_remove(d, c);
+        note_queue_wait(d, c);
         c->state = CALL_SENT;
         c->sent_at_us = now;
         c->replica = r;
@@ -1661,6 +1674,11 @@ ms_router_script_t *ms_deployment_router_script(ms_deployment_t *d)
 const char *ms_deployment_failure(const ms_deployment_t *d)
 {
     return version_failed(d) ? (d->last_failure ? d->last_failure : "unknown error") : NULL;
+}
+
+const ms_deployment_stats_t *ms_deployment_stats(const ms_deployment_t *d)
+{
+    return &d->stats;
 }
 
 int ms_deployment_updating(const ms_deployment_t *d)

@@ -15,6 +15,7 @@
 
 #include "gpu/gpu.h"
 #include "http/http.h"
+#include "metrics/metrics.h"
 #include "replica/replica.h"
 
 typedef struct ms_deployment ms_deployment_t;
@@ -113,6 +114,20 @@ const char *ms_deployment_spawn_error(const ms_deployment_t *d);
  * process deployment streams chunked bodies and those longer than its
  * process.stream_body_bytes. body_length is -1 for a chunked body. */
 int ms_deployment_streams_body(const ms_deployment_t *d, int64_t body_length);
+
+/* What a deployment counted since it was made (docs/metrics.md): every request that left a
+ * replica (answered, failed, or cancelled: "disconnection"), by status class; the time from
+ * sending to its end and from arrival to sending (Ray's router fulfillment time); replicas
+ * started and replicas lost without being asked to stop (crashes, constructor failures,
+ * unhealthy replacements). */
+typedef struct ms_deployment_stats {
+    uint64_t requests[MS_STATUS_CLASSES];
+    ms_histogram_t processing;
+    ms_histogram_t queue_wait;
+    uint64_t replica_starts;
+    uint64_t replica_failures;
+} ms_deployment_stats_t;
+const ms_deployment_stats_t *ms_deployment_stats(const ms_deployment_t *d);
 
 /* Introspection for status and tests. */
 const char *ms_deployment_name(const ms_deployment_t *d);

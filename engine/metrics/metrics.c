@@ -57,7 +57,7 @@ static int method_index(const char *method)
     return MS_METHOD_OTHER;
 }
 
-static int class_index(int status, int disconnected)
+int ms_metrics_status_class(int status, int disconnected)
 {
     if (disconnected)
         return MS_STATUS_CLASSES - 1;
@@ -68,13 +68,17 @@ static int class_index(int status, int disconnected)
 void ms_request_stats_record(ms_request_stats_t *s, const char *method, int status,
                              int disconnected, double latency_ms)
 {
-    int k = class_index(status, disconnected);
+    int k = ms_metrics_status_class(status, disconnected);
     s->count[method_index(method ? method : "")][k]++;
     ms_histogram_observe(&s->latency[k], latency_ms);
 }
 
-/* Ray Serve: 2xx and 3xx are not errors; every other code, and a disconnection, is. */
-static int class_is_error(int k)
+const char *ms_metrics_status_class_name(int k)
+{
+    return CLASS_NAMES[k];
+}
+
+int ms_metrics_class_is_error(int k)
 {
     return k != 1 && k != 2;
 }
@@ -84,7 +88,7 @@ static void counts_text(ms_buf_t *b, int errors_only, const char *labels,
 {
     for (int m = 0; m < MS_METHODS; m++)
         for (int k = 0; k < MS_STATUS_CLASSES; k++)
-            if (s->count[m][k] && (!errors_only || class_is_error(k)))
+            if (s->count[m][k] && (!errors_only || ms_metrics_class_is_error(k)))
                 ms_buf_appendf(b,
                                "moonserve_http_%srequests_total{%s,method=\"%s\","
                                "status_class=\"%s\"} %llu\n",

@@ -45,6 +45,13 @@ enum {
 /* Status classes 1xx..5xx, and "disconnection": the client left before its answer. */
 enum { MS_STATUS_CLASSES = 6 };
 
+/* The class of a status: 0..4 for 1xx..5xx (anything else counts as 5xx), 5 for a
+ * disconnection; and its label value. */
+int ms_metrics_status_class(int status, int disconnected);
+const char *ms_metrics_status_class_name(int k);
+/* Ray Serve: 2xx and 3xx are not errors; every other class is. */
+int ms_metrics_class_is_error(int k);
+
 /* One route's HTTP requests: counts by method and status class, latency by status class. */
 typedef struct ms_request_stats {
     uint64_t count[MS_METHODS][MS_STATUS_CLASSES];

@@ -101,6 +101,11 @@ class MetricsTest(unittest.TestCase):
         self.assertTrue(ok, self.scrape())
         self.assertEqual(self.value(parse(self.scrape()), "moonserve_http_error_requests_total",
                                     method="GET", status_class="disconnection", **HELLO), 1)
+        # The replica confirms the cancel; then the deployment counts it too.
+        dep = dict(application="hello", deployment="Hello")
+        self.assertTrue(wait_until(lambda: self.value(
+            parse(self.scrape()), "moonserve_deployment_requests_total",
+            status_class="disconnection", **dep) == 1, 10), self.scrape())
 
     def test_label_values_stay_bounded_under_many_paths(self):
         for i in range(10):
@@ -115,6 +120,30 @@ class MetricsTest(unittest.TestCase):
         self.assertEqual(many, few, "series appeared: %s" % sorted(many - few)[:5])
         self.assertNotIn("path-", text)
         self.assertNotIn("other-", text)
+
+    def test_deployment_counts_requests_and_replica_losses(self):
+        dep = dict(application="hello", deployment="Hello")
+        before = parse(self.scrape())
+        self.assertEqual(self.value(before, "moonserve_deployment_replica_starts_total", **dep), 1)
+        self.assertEqual(self.srv.get("/hello/x").status, 200)
+        self.assertEqual(self.srv.get("/hello/boom").status, 500)
+        after = parse(self.scrape())
+
+        def delta(name, **labels):
+            return self.value(after, name, **labels) - self.value(before, name, **labels)
+        self.assertEqual(delta("moonserve_deployment_requests_total", status_class="2xx", **dep), 1)
+        self.assertEqual(delta("moonserve_deployment_requests_total", status_class="5xx", **dep), 1)
+        self.assertEqual(delta("moonserve_deployment_error_requests_total", status_class="5xx",
+                               **dep), 1)
+        self.assertEqual(delta("moonserve_deployment_processing_duration_seconds_count", **dep), 2)
+        self.assertEqual(delta("moonserve_deployment_queue_wait_seconds_count", **dep), 2)
+
+        pid = self.srv.replica_pids()[0]
+        harness.os.kill(pid, harness.signal.SIGKILL)
+        name = "moonserve_deployment_replica_starts_total"
+        self.assertTrue(wait_until(lambda: self.value(parse(self.scrape()), name, **dep) == 2, 15))
+        self.assertEqual(self.value(parse(self.scrape()),
+                                    "moonserve_deployment_replica_failures_total", **dep), 1)
 
     def test_promtool_accepts_the_text(self):
         self.srv.get("/hello/x")
