@@ -350,27 +350,23 @@ static char *label_value(const char *s)
     return b.data;
 }
 
-/* moonserve_script_info (version and hash as labels) or the failure counter of one policy
- * script, in the one shape every kind shares. */
-static void script_metric(ms_buf_t *b, const ms_policy_t *p, int failures)
+/* One script's sample of a family: moonserve_script_info (version and hash as labels) when
+ * field is NULL, else the integer `field` of its info, with `extra` labels (may be ""). */
+static void script_metric(ms_buf_t *b, const ms_policy_t *p, const char *name, const char *field,
+                          const char *extra)
 {
     json_t *info = ms_policy_info(p);
-    const char *kind = json_string_value(json_object_get(info, "kind"));
     const char *app_name = json_string_value(json_object_get(info, "application"));
     const char *dep_name = json_string_value(json_object_get(info, "deployment"));
     const char *sha = json_string_value(json_object_get(info, "sha256"));
     char *app = label_value(app_name ? app_name : ""), *dep = label_value(dep_name ? dep_name : "");
-    if (failures)
-        ms_buf_appendf(b,
-                       "moonserve_script_failures_total{kind=\"%s\",application=\"%s\","
-                       "deployment=\"%s\"} %lld\n",
-                       kind, app, dep,
-                       (long long)json_integer_value(json_object_get(info, "failures")));
+    ms_buf_appendf(b, "%s{kind=\"%s\",application=\"%s\",deployment=\"%s\"", name,
+                   json_string_value(json_object_get(info, "kind")), app, dep);
+    if (field)
+        ms_buf_appendf(b, "%s} %lld\n", extra,
+                       (long long)json_integer_value(json_object_get(info, field)));
     else
-        ms_buf_appendf(b,
-                       "moonserve_script_info{kind=\"%s\",application=\"%s\",deployment=\"%s\","
-                       "version=\"%lld\",sha256=\"%s\"} 1\n",
-                       kind, app, dep,
+        ms_buf_appendf(b, ",version=\"%lld\",sha256=\"%s\"} 1\n",
                        (long long)json_integer_value(json_object_get(info, "version")),
                        sha ? sha : "");
     free(app);
@@ -378,19 +374,35 @@ static void script_metric(ms_buf_t *b, const ms_policy_t *p, int failures)
     json_decref(info);
 }
 
+static const struct {
+    const char *name, *type, *help, *field, *extra;
+} SCRIPT_FAMILIES[] = {
+    {"moonserve_script_info", "gauge",
+     "The policy and router scripts loaded: version and sha256 as labels.", NULL, ""},
+    {"moonserve_script_failures_total", "counter",
+     "Calls into a policy or router script that failed (errors, budget overruns).", "failures", ""},
+    {"moonserve_script_budget_overruns_total", "counter",
+     "Calls into a script stopped because they ran past their time budget.", "budget_overruns", ""},
+    {"moonserve_script_reloads_total", "counter",
+     "Reloads of a script, by result (a failed one leaves the old version in force).", "reloads",
+     ",result=\"ok\""},
+    {"moonserve_script_reloads_total", NULL, NULL, "reload_failures", ",result=\"failed\""},
+    {"moonserve_script_memory_bytes", "gauge", "Memory the script's Lua state holds.",
+     "memory_bytes", ""},
+};
+
 static void script_metrics(controller_t *c, ms_buf_t *b)
 {
     ms_policy_t **ps;
     size_t n = collect_policies(c, &ps);
-    ms_metrics_family(b, "moonserve_script_info", "gauge",
-                      "The policy and router scripts loaded: version and sha256 as labels.");
-    for (size_t i = 0; i < n; i++)
-        script_metric(b, ps[i], 0);
-    ms_metrics_family(
-        b, "moonserve_script_failures_total", "counter",
-        "Calls into a policy or router script that failed (errors, budget overruns).");
-    for (size_t i = 0; i < n; i++)
-        script_metric(b, ps[i], 1);
+    for (size_t f = 0; f < sizeof SCRIPT_FAMILIES / sizeof *SCRIPT_FAMILIES; f++) {
+        if (SCRIPT_FAMILIES[f].type)
+            ms_metrics_family(b, SCRIPT_FAMILIES[f].name, SCRIPT_FAMILIES[f].type,
+                              SCRIPT_FAMILIES[f].help);
+        for (size_t i = 0; i < n; i++)
+            script_metric(b, ps[i], SCRIPT_FAMILIES[f].name, SCRIPT_FAMILIES[f].field,
+                          SCRIPT_FAMILIES[f].extra);
+    }
     free(ps);
 }
 
@@ -657,6 +669,15 @@ static int on_metrics(void *data, char **text)
     ms_metrics_family(&b, "moonserve_controller_configs_held", "gauge",
                       "Configs the controller holds (the file's and the latest deploy's).");
     ms_buf_appendf(&b, "moonserve_controller_configs_held %d\n", 1 + (c->deployed != NULL));
+    ms_metrics_family(&b, "moonserve_controller_control_loops_total", "counter",
+                      "Control-loop ticks run (health checks, stats polls, autoscaling).");
+    ms_buf_appendf(&b, "moonserve_controller_control_loops_total %llu\n",
+                   (unsigned long long)c->tick_stats.ticks);
+    ms_metrics_family(&b, "moonserve_event_loop_idle_seconds_total", "counter",
+                      "Time the controller's event loop waited for events; 1 - its rate is the "
+                      "loop's utilization.");
+    ms_buf_appendf(&b, "moonserve_event_loop_idle_seconds_total %.6f\n",
+                   (double)uv_metrics_idle_time(c->loop) / 1e9);
     ms_gpu_metrics_text(c->gpus, &b);
     ms_ingress_metrics_text(c->proxy, &b);
     ms_metrics_family(&b, "moonserve_http_ongoing_requests", "gauge",

@@ -455,6 +455,8 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     }
     controller_t c = {0};
     c.loop = uv_default_loop();
+    /* For /metrics: the time the loop spends waiting for events gives its utilization. */
+    uv_loop_configure(c.loop, UV_METRICS_IDLE_TIME);
     c.cfg = cfg;
     c.gpus = gpus;
     c.gpu_pool = ms_gpu_pool_new(gpus);

@@ -37,6 +37,7 @@ struct ms_policy {
     ms_policy_version_t *cur;
     uint64_t version;
     uint64_t failures, reload_failures;
+    uint64_t budget_overruns; /* failed calls that ran out of their time budget */
     char last_error[512];
     char last_reload_error[512];
     char where[512]; /* ms_policy_where's answer */
@@ -683,6 +684,7 @@ int ms_policy_call(ms_policy_t *p, int nargs, int nres, uint64_t budget_us)
     ms_sandbox_t *sb = p->cur->sb;
     if (ms_sandbox_call(sb, nargs, nres, budget_us ? budget_us : p->budget_us) == 0)
         return 0;
+    p->budget_overruns += sb->budget_exceeded != 0;
     char clean[sizeof p->last_error];
     ms_policy_clean_text(clean, sizeof clean, sb->err, strlen(sb->err));
     note_failure(p, clean);
@@ -749,6 +751,9 @@ json_t *ms_policy_info(const ms_policy_t *p)
     json_object_set_new(j, "failures", json_integer((json_int_t)p->failures));
     json_object_set_new(j, "last_error", str_or_null(p->last_error));
     json_object_set_new(j, "reload_failures", json_integer((json_int_t)p->reload_failures));
+    json_object_set_new(j, "reloads", json_integer((json_int_t)(p->version - 1)));
+    json_object_set_new(j, "budget_overruns", json_integer((json_int_t)p->budget_overruns));
+    json_object_set_new(j, "memory_bytes", json_integer((json_int_t)p->cur->sb->mem_used));
     json_object_set_new(j, "last_reload_error", str_or_null(p->last_reload_error));
     return j;
 }

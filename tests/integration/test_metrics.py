@@ -35,6 +35,47 @@ HELLO = dict(application="hello", deployment="Hello", route="/hello")
 NONE = dict(application="", deployment="", route="")
 
 
+SPIN_ROUTER = r'''
+local R = {}
+function R:choose_replicas(candidates, request)
+  while true do end
+end
+return { Router = R }
+'''
+
+
+class ScriptMetricsTest(unittest.TestCase):
+    """A router script's overruns, reloads and memory reach /metrics."""
+
+    def test_overruns_reloads_and_memory(self):
+        dep = {"num_replicas": 1, "request_router_config": {
+            "request_router_class": "router.lua:Router"}}
+        srv = start_server(self, [hello_app(deployment=dep)], files={"router.lua": SPIN_ROUTER})
+        labels = dict(kind="router", application="hello", deployment="Hello")
+
+        def value(name, **extra):
+            want = dict(labels, **extra) if name.startswith("moonserve_script") else extra
+            return parse(srv.admin_request("GET", "/metrics").body.decode()).get(
+                key(name, **want), 0.0)
+        for _ in range(2):
+            self.assertEqual(srv.get("/hello/x").status, 200)  # the fallback serves it
+        self.assertEqual(value("moonserve_script_budget_overruns_total"), 2)
+        self.assertEqual(value("moonserve_script_failures_total"), 2)
+        self.assertGreater(value("moonserve_script_memory_bytes"), 1000)
+        srv.write_file("router.lua", "this is not lua")
+        self.assertEqual(srv.reload()[0], 422)
+        self.assertEqual(value("moonserve_script_reloads_total", result="failed"), 1)
+        self.assertEqual(value("moonserve_script_reloads_total", result="ok"), 0)
+        srv.write_file("router.lua", SPIN_ROUTER + "\n-- v2\n")
+        self.assertEqual(srv.reload()[0], 200)
+        self.assertEqual(value("moonserve_script_reloads_total", result="ok"), 1)
+        self.assertTrue(wait_until(lambda: value("moonserve_controller_control_loops_total") > 0,
+                                   10))
+        text = srv.admin_request("GET", "/metrics").body.decode()
+        self.assertRegex(text, r'moonserve_event_loop_idle_seconds_total [0-9.]+')
+        harness.assert_promtool_accepts(self, text)
+
+
 class MetricsTest(unittest.TestCase):
     def setUp(self):
         self.srv = start_server(self, [hello_app()])
