@@ -368,6 +368,11 @@ static json_t *decision_json(const ms_autoscale_decision_t *d)
                      "reason", d->reason);
 }
 
+const ms_autoscale_decision_t *ms_autoscaler_last_decision(const ms_autoscaler_t *a)
+{
+    return a->hist_len ? &a->hist[(a->hist_next + AS_HISTORY - 1) % AS_HISTORY] : NULL;
+}
+
 json_t *ms_autoscaler_status(const ms_autoscaler_t *a)
 {
     json_t *recent = json_array();

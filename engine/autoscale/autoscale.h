@@ -80,6 +80,9 @@ void ms_autoscaler_record(ms_autoscaler_t *a, const ms_autoscale_sample_t *s);
 int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
                          ms_autoscale_decision_t *out);
 
+/* The latest decision, or NULL before the first. */
+const ms_autoscale_decision_t *ms_autoscaler_last_decision(const ms_autoscaler_t *a);
+
 /* Status: {"policy": {the policy core's script object}, "dry_run": bool,
  *          "recent_decisions": [{now, current_replicas, previous_target, total_requests,
  *          queued_requests, raw_target, target, applied, reason}, ...]}. New reference. */

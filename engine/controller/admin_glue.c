@@ -483,6 +483,30 @@ static void dep_histogram(controller_t *c, char **labels, ms_buf_t *b, const cha
     }
 }
 
+/* The latest decision's inputs and raw answer, for deployments that autoscale. */
+static void autoscaling_metrics(controller_t *c, char **labels, ms_buf_t *b)
+{
+    static const char *const FAMILY[3][2] = {
+        {"moonserve_autoscaling_desired_replicas",
+         "The autoscaling policy's latest raw answer, before factors, bounds and delays."},
+        {"moonserve_autoscaling_total_requests",
+         "Requests (queued and running, over the look-back window) the latest decision saw."},
+        {"moonserve_autoscaling_queued_requests", "Requests queued that the latest decision saw."},
+    };
+    for (int f = 0; f < 3; f++) {
+        ms_metrics_family(b, FAMILY[f][0], "gauge", FAMILY[f][1]);
+        for (size_t i = 0; i < c->n_deps; i++) {
+            const ms_autoscale_decision_t *d =
+                c->deps[i].autoscaler ? ms_autoscaler_last_decision(c->deps[i].autoscaler) : NULL;
+            if (d)
+                ms_buf_appendf(b, "%s{%s} %.6g\n", FAMILY[f][0], labels[i],
+                               f == 0   ? d->raw_target
+                               : f == 1 ? d->total_requests
+                                        : d->queued_requests);
+        }
+    }
+}
+
 static void deployment_metrics(controller_t *c, ms_buf_t *b)
 {
     char **labels = ms_calloc(c->n_deps + 1, sizeof *labels);
@@ -494,6 +518,7 @@ static void deployment_metrics(controller_t *c, ms_buf_t *b)
             ms_buf_appendf(b, "%s{%s} %zu\n", DEP_FAMILY[f][0], labels[i],
                            dep_value(&c->deps[i], (dep_family_t)f));
     }
+    autoscaling_metrics(c, labels, b);
     dep_requests(c, labels, b, 0);
     dep_requests(c, labels, b, 1);
     dep_histogram(c, labels, b, "moonserve_deployment_processing_duration_seconds",

@@ -76,6 +76,23 @@ class ScriptMetricsTest(unittest.TestCase):
         harness.assert_promtool_accepts(self, text)
 
 
+class AutoscalingMetricsTest(unittest.TestCase):
+    def test_latest_decision_is_exported(self):
+        dep = {"num_replicas": "auto", "autoscaling_config": {
+            "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+            "metrics_interval_s": 0.1, "look_back_period_s": 0.3}}
+        srv = start_server(self, [hello_app(deployment=dep)],
+                           extra_config={"control_loop": {"interval_s": 0.05}})
+        labels = dict(application="hello", deployment="Hello")
+        k = key("moonserve_autoscaling_desired_replicas", **labels)
+        self.assertTrue(wait_until(lambda: k in parse(
+            srv.admin_request("GET", "/metrics").body.decode()), 10))
+        got = parse(srv.admin_request("GET", "/metrics").body.decode())
+        self.assertEqual(got[key("moonserve_autoscaling_total_requests", **labels)], 0)
+        self.assertEqual(got[key("moonserve_autoscaling_queued_requests", **labels)], 0)
+        self.assertLessEqual(got[k], 1)
+
+
 class MetricsTest(unittest.TestCase):
     def setUp(self):
         self.srv = start_server(self, [hello_app()])
