@@ -24,11 +24,13 @@ for _, level in ipairs { "debug", "info", "warn", "error" } do
     end
 end
 
--- serve.nn: the built-in dense-model runtime (docs/nn.md), loaded on first use.
+-- serve.nn: the built-in dense-model runtime (docs/nn.md), and serve.metrics: Counter, Gauge
+-- and Histogram (docs/metrics.md), loaded on first use.
+local LAZY = { nn = "moonserve.nn", metrics = "moonserve.metrics" }
 setmetatable(M, { __index = function(t, k)
-    if k == "nn" then
-        rawset(t, "nn", require "moonserve.nn")
-        return rawget(t, "nn")
+    if LAZY[k] then
+        rawset(t, k, require(LAZY[k]))
+        return rawget(t, k)
     end
 end })
 
@@ -567,7 +569,8 @@ end
 function M._stats(self)
     local autoscaling = M._call_method(self, "record_autoscaling_stats") or {}
     local routing = M._call_method(self, "record_routing_stats") or {}
-    return autoscaling, routing, batching_stats(self)
+    local metrics = package.loaded["moonserve.metrics"]
+    return autoscaling, routing, batching_stats(self), metrics and metrics._snapshot() or {}
 end
 
 function M._run_request(self, req)

@@ -507,6 +507,209 @@ static void autoscaling_metrics(controller_t *c, char **labels, ms_buf_t *b)
     }
 }
 
+/* ---- custom metrics (serve.metrics) ------------------------------------------------------------
+ * Replicas report their Counter, Gauge and Histogram values with each stats poll; here they are
+ * summed per deployment and tag set. A replica's snapshot is checked again (names, tag keys,
+ * shapes), since the text must stay well-formed whatever a script put in it. */
+
+#define CUSTOM_MAX_SERIES 10000 /* over every deployment and metric */
+
+static void add_number(json_t *acc, const char *name, json_t *v);
+
+static int metric_name_ok(const char *s)
+{
+    if (!s || !*s || (*s >= '0' && *s <= '9') || strncmp(s, "__", 2) == 0 ||
+        strncmp(s, "moonserve_", 10) == 0 || strlen(s) > 200)
+        return 0;
+    for (const char *p = s; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              *p == '_'))
+            return 0;
+    return 1;
+}
+
+static int tags_ok(json_t *tags)
+{
+    const char *k;
+    json_t *v;
+    if (json_is_array(tags) && json_array_size(tags) == 0)
+        return 1; /* an empty Lua table */
+    if (!json_is_object(tags))
+        return 0;
+    json_object_foreach(tags, k, v)
+    {
+        if (!metric_name_ok(k) || !json_is_string(v) || strcmp(k, "application") == 0 ||
+            strcmp(k, "deployment") == 0 || strcmp(k, "le") == 0)
+            return 0;
+    }
+    return 1;
+}
+
+static void add_series(json_t *agg, json_t *s, int histogram, size_t n_buckets)
+{
+    if (!histogram) {
+        add_number(agg, "value", json_object_get(s, "value"));
+        return;
+    }
+    json_t *from = json_object_get(s, "buckets"), *to = json_object_get(agg, "buckets");
+    for (size_t i = 0; i < n_buckets && i < json_array_size(from); i++)
+        json_array_set_new(to, i,
+                           json_real(json_number_value(json_array_get(to, i)) +
+                                     json_number_value(json_array_get(from, i))));
+    add_number(agg, "count", json_object_get(s, "count"));
+    add_number(agg, "sum", json_object_get(s, "sum"));
+}
+
+/* Folds one replica's metric into all[name]: {type, description, boundaries, series: {key:
+ * {dep, tags, value | buckets, count, sum}}}. A name another deployment uses with another type
+ * or other boundaries is left out. */
+static void fold_metric(json_t *all, size_t dep, const char *name, json_t *m, size_t *n_series)
+{
+    const char *type = json_string_value(json_object_get(m, "type"));
+    json_t *bounds = json_object_get(m, "boundaries");
+    int histogram = type && strcmp(type, "histogram") == 0;
+    if (!metric_name_ok(name) || !type ||
+        (!histogram && strcmp(type, "counter") != 0 && strcmp(type, "gauge") != 0) ||
+        (histogram && (!json_is_array(bounds) || json_array_size(bounds) == 0)))
+        return;
+    json_t *e = json_object_get(all, name);
+    if (!e) {
+        const char *help = json_string_value(json_object_get(m, "description"));
+        e = json_pack("{s:s, s:s, s:O, s:{}}", "type", type, "description", help ? help : "",
+                      "boundaries", histogram ? bounds : json_null(), "series");
+        json_object_set_new(all, name, e);
+    }
+    if (strcmp(json_string_value(json_object_get(e, "type")), type) != 0 ||
+        (histogram && !json_equal(json_object_get(e, "boundaries"), bounds)))
+        return;
+    size_t nb = histogram ? json_array_size(bounds) + 1 : 0;
+    json_t *series = json_object_get(m, "series"), *s, *out = json_object_get(e, "series");
+    size_t i;
+    json_array_foreach(series, i, s)
+    {
+        json_t *tags = json_object_get(s, "tags");
+        if (!tags_ok(tags))
+            continue;
+        char *tk = json_dumps(tags, JSON_COMPACT | JSON_SORT_KEYS);
+        ms_buf_t key = {0};
+        ms_buf_appendf(&key, "%zu %s", dep, tk ? tk : "");
+        free(tk);
+        json_t *agg = json_object_get(out, key.data);
+        if (!agg && *n_series < CUSTOM_MAX_SERIES) {
+            (*n_series)++;
+            agg = json_pack("{s:I, s:O}", "dep", (json_int_t)dep, "tags", tags);
+            if (histogram) {
+                json_t *b = json_array();
+                for (size_t k = 0; k < nb; k++)
+                    json_array_append_new(b, json_real(0));
+                json_object_set_new(agg, "buckets", b);
+            }
+            json_object_set_new(out, key.data, agg);
+        }
+        ms_buf_free(&key);
+        if (agg)
+            add_series(agg, s, histogram, nb);
+    }
+}
+
+/* A HELP text on one line, with backslashes escaped, as the format wants. */
+static void append_help(ms_buf_t *b, const char *s)
+{
+    for (; *s; s++) {
+        if (*s == '\\')
+            ms_buf_append_str(b, "\\\\");
+        else if (*s == '\n')
+            ms_buf_append_str(b, "\\n");
+        else
+            ms_buf_append(b, s, 1);
+    }
+}
+
+static void custom_labels(ms_buf_t *out, char **dep_labels, json_t *agg)
+{
+    ms_buf_append_str(out, dep_labels[json_integer_value(json_object_get(agg, "dep"))]);
+    const char *k;
+    json_t *v;
+    json_t *tags = json_object_get(agg, "tags");
+    json_object_foreach(tags, k, v)
+    {
+        ms_buf_appendf(out, ",%s=\"", k);
+        ms_buf_append_label(out, json_string_value(v));
+        ms_buf_append_str(out, "\"");
+    }
+}
+
+static void custom_family(ms_buf_t *b, char **dep_labels, const char *name, json_t *e)
+{
+    const char *type = json_string_value(json_object_get(e, "type"));
+    size_t len = strlen(name);
+    int counter = strcmp(type, "counter") == 0;
+    /* Prometheus names counters NAME_total (Ray's exporter adds the suffix too). */
+    const char *suffix =
+        counter && !(len > 6 && strcmp(name + len - 6, "_total") == 0) ? "_total" : "";
+    ms_buf_appendf(b, "# HELP %s%s ", name, suffix);
+    append_help(b, json_string_value(json_object_get(e, "description")));
+    ms_buf_appendf(b, "\n# TYPE %s%s %s\n", name, suffix, type);
+    ms_buf_t labels = {0};
+    const char *key;
+    json_t *agg;
+    json_t *bounds = json_object_get(e, "boundaries");
+    json_object_foreach(json_object_get(e, "series"), key, agg)
+    {
+        ms_buf_reset(&labels);
+        custom_labels(&labels, dep_labels, agg);
+        if (strcmp(type, "histogram") != 0) {
+            ms_buf_appendf(b, "%s%s{%s} %.17g\n", name, suffix, labels.data,
+                           json_number_value(json_object_get(agg, "value")));
+            continue;
+        }
+        json_t *buckets = json_object_get(agg, "buckets");
+        double cumulative = 0;
+        for (size_t i = 0; i < json_array_size(buckets); i++) {
+            cumulative += json_number_value(json_array_get(buckets, i));
+            char le[32];
+            if (i < json_array_size(bounds))
+                ms_buf_appendf(
+                    b, "%s_bucket{%s,le=\"%s\"} %.17g\n", name, labels.data,
+                    ms_metrics_number(le, sizeof le, json_number_value(json_array_get(bounds, i))),
+                    cumulative);
+            else
+                ms_buf_appendf(b, "%s_bucket{%s,le=\"+Inf\"} %.17g\n", name, labels.data,
+                               cumulative);
+        }
+        ms_buf_appendf(b, "%s_sum{%s} %.17g\n%s_count{%s} %.17g\n", name, labels.data,
+                       json_number_value(json_object_get(agg, "sum")), name, labels.data,
+                       json_number_value(json_object_get(agg, "count")));
+    }
+    ms_buf_free(&labels);
+}
+
+static void custom_metrics(controller_t *c, char **dep_labels, ms_buf_t *b)
+{
+    json_t *all = json_object();
+    size_t n_series = 0;
+    for (size_t i = 0; i < c->n_deps; i++) {
+        size_t n;
+        ms_replica_t **rs = replica_list(&c->deps[i], &n);
+        for (size_t k = 0; k < n; k++) {
+            const char *name;
+            json_t *m;
+            json_object_foreach(rs[k]->custom_metrics, name, m)
+            {
+                fold_metric(all, i, name, m, &n_series);
+            }
+        }
+        free(rs);
+    }
+    const char *name;
+    json_t *e;
+    json_object_foreach(all, name, e)
+    {
+        custom_family(b, dep_labels, name, e);
+    }
+    json_decref(all);
+}
+
 static void deployment_metrics(controller_t *c, ms_buf_t *b)
 {
     char **labels = ms_calloc(c->n_deps + 1, sizeof *labels);
@@ -528,6 +731,7 @@ static void deployment_metrics(controller_t *c, ms_buf_t *b)
     dep_counter(c, labels, b, "moonserve_deployment_replica_starts_total", "Replicas started.", 0);
     dep_counter(c, labels, b, "moonserve_deployment_replica_failures_total",
                 "Replicas lost unasked: crashes, constructor failures, unhealthy replacements.", 1);
+    custom_metrics(c, labels, b);
     for (size_t i = 0; i < c->n_deps; i++)
         free(labels[i]);
     free(labels);

@@ -2,6 +2,7 @@
  * metrics: see metrics.h.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "metrics/metrics.h"
@@ -41,6 +42,16 @@ void ms_histogram_text(ms_buf_t *b, const char *name, const char *labels, const 
     }
     ms_buf_appendf(b, "%s_sum{%s} %.9g\n", name, labels, h->sum / 1000.0);
     ms_buf_appendf(b, "%s_count{%s} %llu\n", name, labels, (unsigned long long)h->count);
+}
+
+const char *ms_metrics_number(char *buf, size_t cap, double v)
+{
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(buf, cap, "%.*g", prec, v);
+        if (strtod(buf, NULL) == v)
+            break;
+    }
+    return buf;
 }
 
 void ms_metrics_family(ms_buf_t *b, const char *name, const char *type, const char *help)

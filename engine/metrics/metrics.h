@@ -27,6 +27,10 @@ void ms_histogram_observe(ms_histogram_t *h, double value_ms);
  * braces ("" for none). */
 void ms_histogram_text(ms_buf_t *b, const char *name, const char *labels, const ms_histogram_t *h);
 
+/* The shortest text that reads back as v (0.1 is "0.1", not 0.10000000000000001), for label
+ * values such as `le`. buf holds at least 32 bytes. */
+const char *ms_metrics_number(char *buf, size_t cap, double v);
+
 /* A family's # HELP and # TYPE lines; its samples must follow together. */
 void ms_metrics_family(ms_buf_t *b, const char *name, const char *type, const char *help);
 

@@ -26,6 +26,7 @@ static void maybe_release(ms_replica_t *r)
         json_decref(r->autoscaling_stats);
         json_decref(r->routing_stats);
         json_decref(r->batching_stats);
+        json_decref(r->custom_metrics);
         free(r);
     }
 }
@@ -166,10 +167,12 @@ static void handle_stats_reply(ms_replica_t *r, json_t *msg)
         return;
     }
     json_t *as = json_object_get(msg, "autoscaling"), *rs = json_object_get(msg, "routing");
-    json_t *bs = json_object_get(msg, "batching");
+    json_t *bs = json_object_get(msg, "batching"), *cm = json_object_get(msg, "metrics");
     json_decref(r->autoscaling_stats);
     json_decref(r->routing_stats);
     json_decref(r->batching_stats);
+    json_decref(r->custom_metrics);
+    r->custom_metrics = json_is_object(cm) ? json_incref(cm) : NULL;
     r->autoscaling_stats = json_is_object(as) ? json_incref(as) : NULL;
     r->routing_stats = json_is_object(rs) ? json_incref(rs) : NULL;
     r->batching_stats = json_is_object(bs) ? json_incref(bs) : NULL;

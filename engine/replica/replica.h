@@ -84,6 +84,7 @@ struct ms_replica {
     json_t *autoscaling_stats; /* latest record_autoscaling_stats() result, or NULL */
     json_t *routing_stats;     /* latest record_routing_stats() result, or NULL */
     json_t *batching_stats;    /* latest serve.batch stats by method name, or NULL */
+    json_t *custom_metrics;    /* latest serve.metrics snapshot by metric name, or NULL */
     double stats_time;         /* wall clock of the latest stats, 0 = never */
     unsigned generation;       /* owner's code generation this replica runs (rolling updates) */
     unsigned settings_seq;     /* owner's settings version it was started or configured with */

@@ -213,22 +213,22 @@ static void on_control_done(rt_task_t *t, int ok)
 
 static void on_stats_done(rt_task_t *t, int ok)
 {
+    static const char *const KEYS[] = {"autoscaling", "routing", "batching", "metrics"};
+    enum { N = sizeof KEYS / sizeof *KEYS };
     char err[160] = "";
-    json_t *reply = json_object(), *autoscaling = NULL, *routing = NULL, *batching = NULL;
-    if (ok) {
-        autoscaling = rt_json_from_lua(t->co, -3, err, sizeof err);
-        routing = autoscaling ? rt_json_from_lua(t->co, -2, err, sizeof err) : NULL;
-        batching = routing ? rt_json_from_lua(t->co, -1, err, sizeof err) : NULL;
+    json_t *reply = json_object();
+    int got = 0;
+    for (; ok && got < N; got++) {
+        json_t *v = rt_json_from_lua(t->co, got - N, err, sizeof err);
+        if (!v)
+            break;
+        json_object_set_new(reply, KEYS[got], v);
     }
-    if (batching) {
+    if (got == N) {
         json_object_set_new(reply, "ongoing", json_integer(R.ongoing));
-        json_object_set_new(reply, "autoscaling", autoscaling);
-        json_object_set_new(reply, "routing", routing);
-        json_object_set_new(reply, "batching", batching);
         ctl_reply(t->ctl_id, reply, NULL);
     } else {
-        json_decref(autoscaling);
-        json_decref(routing);
+        json_object_clear(reply);
         ctl_reply(t->ctl_id, reply, ok ? err : rt_vm_error_text(t->co, -1));
     }
     rt_task_free(t);

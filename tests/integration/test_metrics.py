@@ -93,6 +93,92 @@ class AutoscalingMetricsTest(unittest.TestCase):
         self.assertLessEqual(got[k], 1)
 
 
+CUSTOM_LUA = r'''
+local serve = require "moonserve"
+local metrics = serve.metrics
+local M = serve.deployment { name = "M" }
+function M:init()
+  self.hits = metrics.Counter { name = "model_hits", description = "Hits, by model.",
+                                tag_keys = { "model" } }
+  self.hits:set_default_tags { model = "default" }
+  self.up = metrics.Gauge { name = "replicas_up", description = "Set to 3 by each replica." }
+  self.up:set(3)
+  self.lat = metrics.Histogram { name = "model_latency_seconds", description = "Latency.",
+                                 boundaries = { 0.01, 0.1, 1 }, tag_keys = { "model" } }
+end
+local function err(f) local ok, e = pcall(f); return ok and "no error" or tostring(e) end
+function M:__call(req)
+  if req.path:find("errors") then
+    return {
+      unknown_tag = err(function() self.hits:inc(1, { nope = "x" }) end),
+      missing_tag = err(function() self.lat:observe(1) end),
+      negative = err(function() self.hits:inc(-1) end),
+      reserved = err(function() metrics.Counter { name = "moonserve_x" } end),
+      bad_name = err(function() metrics.Gauge { name = "no-dash" } end),
+      no_bounds = err(function() metrics.Histogram { name = "h" } end),
+      reserved_tag = err(function() metrics.Gauge { name = "g", tag_keys = { "deployment" } } end),
+      other_kind = err(function() metrics.Gauge { name = "model_hits", tag_keys = { "model" } } end),
+    }
+  end
+  local model = req.query.model
+  self.hits:inc(1, model and { model = model } or nil)
+  self.lat:observe(tonumber(req.query.v or "0.05"), { model = model or "default" })
+  return { ok = true }
+end
+return { app = M:bind() }
+'''
+
+
+class CustomMetricsTest(unittest.TestCase):
+    """serve.metrics in deployment code: summed over the replicas, exported with the rest."""
+
+    def setUp(self):
+        dep = {"name": "M", "num_replicas": 2,
+               "request_router_config": {"request_routing_stats_period_s": 0.2}}
+        self.srv = start_server(self, [{"name": "m", "route_prefix": "/m",
+                                        "import_path": "m.lua:app", "deployments": [dep]}],
+                                files={"m.lua": CUSTOM_LUA})
+        self.labels = dict(application="m", deployment="M")
+
+    def samples(self):
+        return parse(self.srv.admin_request("GET", "/metrics").body.decode())
+
+    def test_values_are_summed_over_replicas(self):
+        for i in range(8):
+            self.assertEqual(self.srv.get("/m/x?model=a" if i % 2 else "/m/x?v=0.5").status, 200)
+        hits = key("model_hits_total", model="a", **self.labels)
+        dflt = key("model_hits_total", model="default", **self.labels)
+        ok = wait_until(lambda: (lambda s: s.get(hits) == 4 and s.get(dflt) == 4)(self.samples()),
+                        10)
+        self.assertTrue(ok, self.srv.admin_request("GET", "/metrics").body.decode())
+        got = self.samples()
+        self.assertEqual(got[key("replicas_up", **self.labels)], 6)
+        lat = "model_latency_seconds"
+        self.assertEqual(got[key(lat + "_bucket", le="0.1", model="a", **self.labels)], 4)
+        self.assertEqual(got[key(lat + "_bucket", le="0.1", model="default", **self.labels)], 0)
+        self.assertEqual(got[key(lat + "_bucket", le="1", model="default", **self.labels)], 4)
+        self.assertEqual(got[key(lat + "_bucket", le="+Inf", model="default", **self.labels)], 4)
+        self.assertAlmostEqual(got[key(lat + "_sum", model="default", **self.labels)], 2.0)
+        self.assertEqual(got[key(lat + "_count", model="a", **self.labels)], 4)
+        text = self.srv.admin_request("GET", "/metrics").body.decode()
+        self.assertIn("# HELP model_hits_total Hits, by model.\n# TYPE model_hits_total counter",
+                      text)
+        harness.assert_promtool_accepts(self, text)
+
+    def test_misuse_is_a_clear_error(self):
+        r = self.srv.get("/m/errors")
+        self.assertEqual(r.status, 200, r)
+        got = r.json()
+        self.assertIn("unknown tag key nope", got["unknown_tag"])
+        self.assertIn("missing value for tag key model", got["missing_tag"])
+        self.assertIn("negative", got["negative"])
+        self.assertIn("prefix moonserve_ is the engine's", got["reserved"])
+        self.assertIn("name must match", got["bad_name"])
+        self.assertIn("boundaries must be", got["no_bounds"])
+        self.assertIn("tag key deployment is not allowed", got["reserved_tag"])
+        self.assertIn("already exists as a Counter", got["other_kind"])
+
+
 class MetricsTest(unittest.TestCase):
     def setUp(self):
         self.srv = start_server(self, [hello_app()])

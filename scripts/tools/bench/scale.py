@@ -107,6 +107,17 @@ class Server:
         self.log.close()
 
 
+def scrape_ms(admin, n=20):
+    """Median wall time of GET /metrics on the admin listener, ms, and the text's size."""
+    times, size = [], 0
+    for _ in range(n):
+        t0 = time.monotonic()
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % admin, timeout=30) as r:
+            size = len(r.read())
+        times.append((time.monotonic() - t0) * 1e3)
+    return sorted(times)[len(times) // 2], size
+
+
 def cpu_s(pid):
     """utime + stime of a process, seconds."""
     with open("/proc/%d/stat" % pid) as f:
@@ -145,7 +156,7 @@ def main():
                     started = time.monotonic() - t0
                     idle = srv.tick()
                     row = {"n": n, "mode": "autoscaling" if autoscaling else "fixed",
-                           "start_s": started, "idle": idle}
+                           "start_s": started, "idle": idle, "scrape": scrape_ms(srv.admin)}
                     if not autoscaling:
                         row["wrk"] = measure("http://127.0.0.1:%d/" % srv.port, srv.proc.pid)
                         row["load"] = srv.status().get("control_loop")
@@ -163,14 +174,16 @@ def main():
                                   open("/proc/loadavg").read().split(" ", 3)[:3]))
     print("ticks: mean over the run / max over the last 64 ticks, wall clock and the "
           "controller's CPU time")
-    print("%-9s %-12s %8s  %-42s %s" % ("replicas", "mode", "start s", "idle tick",
-                                         "requests/s  p50 ms  p99 ms  us/req | tick under load"))
+    print("%-9s %-12s %8s  %-16s %-42s %s" % (
+        "replicas", "mode", "start s", "/metrics ms, KB", "idle tick",
+        "requests/s  p50 ms  p99 ms  us/req | tick under load"))
     for r in rows:
         load = ""
         if "wrk" in r:
             load = "%10.0f %7.3f %7.3f %6.1f | %s" % (r["wrk"] + (fmt_tick(r["load"]),))
-        print("%-9d %-12s %8.1f  %-42s %s" % (r["n"], r["mode"], r["start_s"],
-                                              fmt_tick(r["idle"]), load))
+        scrape = "%.2f, %.0f" % (r["scrape"][0], r["scrape"][1] / 1024.0)
+        print("%-9d %-12s %8.1f  %-16s %-42s %s" % (r["n"], r["mode"], r["start_s"], scrape,
+                                                    fmt_tick(r["idle"]), load))
 
 
 if __name__ == "__main__":
