@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <uv.h>
 
 #include "cli/cli.h"
@@ -54,8 +55,9 @@ static int load_config(const char *path, ms_config_t **cfg)
         return print_errors(&errs);
     ms_config_errors_free(&errs);
     ms_log_level_t level;
-    if (ms_log_parse_level((*cfg)->log_level, &level) == 0)
+    if (ms_log_parse_level((*cfg)->logging.level, &level) == 0)
         ms_log_min_level = level;
+    ms_log_set_json((*cfg)->logging.json);
     return 0;
 }
 
@@ -102,9 +104,13 @@ int main(int argc, char **argv)
      * when freed. glibc would otherwise raise this threshold after the first such free and serve
      * later ones from a heap it rarely returns: a busy minute would set the RSS for good. */
     mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+    /* A replica learns its deployment's logging_config from these (and so may a user). */
     const char *level = getenv("MOONSERVE_LOG_LEVEL");
     if (level)
         ms_log_parse_level(level, &ms_log_min_level);
+    const char *encoding = getenv("MOONSERVE_LOG_ENCODING");
+    if (encoding)
+        ms_log_set_json(strcasecmp(encoding, "JSON") == 0);
     if (argc < 2) {
         print_usage(stderr);
         return 2;

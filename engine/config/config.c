@@ -28,7 +28,7 @@
 static void top_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     ms_config_t *cfg = obj;
-    ms_cfg_walk_logging(c, key, val, &cfg->log_level);
+    ms_cfg_walk_logging(c, key, val, &cfg->logging);
 }
 
 /* ---- http_options ------------------------------------------------------------------------ */
@@ -308,6 +308,11 @@ static void dep_router(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t
     db->dep->set |= MS_SET_REQUEST_ROUTER_CONFIG; /* null: back to the built-in router */
 }
 
+static void dep_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_cfg_walk_logging(c, key, val, &((dep_build_t *)obj)->dep->logging);
+}
+
 static void dep_process(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     dep_build_t *db = obj;
@@ -352,7 +357,7 @@ static const ms_cfg_field_t dep_fields[] = {
     {"request_router_config", dep_router, MS_FIELD_OK},
     {"ray_actor_options", dep_actor_options, MS_FIELD_OK}, /* warns of its own idle keys */
     {"process", dep_process, MS_FIELD_OK},                 /* ours */
-    {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
+    {"logging_config", dep_logging, MS_FIELD_OK},
     {"placement_group_bundles", ms_cfg_later_mappings, MS_FIELD_LATER},
     {"placement_group_strategy", ms_cfg_later_pg_strategy, MS_FIELD_LATER},
     {"max_replicas_per_node", ms_cfg_later_per_node, MS_FIELD_LATER},
@@ -536,6 +541,11 @@ static void app_autoscaling_policy(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key,
     ms_cfg_app_policy_yaml(c, val, ab->app);
 }
 
+static void app_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_cfg_walk_logging(c, key, val, &((app_build_t *)obj)->app->logging);
+}
+
 static void app_external_scaler(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     app_build_t *ab = obj;
@@ -601,7 +611,7 @@ static const ms_cfg_field_t app_fields[] = {
     {"autoscaling_policy", app_autoscaling_policy, MS_FIELD_OK},
     {"external_scaler_enabled", app_external_scaler, MS_FIELD_OK},
     {"external_scaler", app_scaler_hooks, MS_FIELD_OK},
-    {"logging_config", ms_cfg_later_logging, MS_FIELD_LATER},
+    {"logging_config", app_logging, MS_FIELD_OK},
     {"host", app_legacy, MS_FIELD_LEGACY},
     {"port", app_legacy, MS_FIELD_LEGACY},
     {"app_name", app_old_name, MS_FIELD_LEGACY},
@@ -828,7 +838,11 @@ static void config_defaults(ms_config_t *cfg)
     cfg->http.max_header_bytes = MS_DEFAULT_MAX_HEADER_BYTES;
     cfg->http.max_body_bytes = MS_DEFAULT_MAX_BODY_BYTES;
     cfg->http.header_timeout_s = MS_DEFAULT_HEADER_TIMEOUT_S;
-    cfg->log_level = ms_strdup("INFO");
+    cfg->logging =
+        (ms_logging_config_t){.set = MS_LOG_SET_LEVEL | MS_LOG_SET_ENCODING | MS_LOG_SET_ACCESS,
+                              .level = "INFO",
+                              .json = 0,
+                              .access_log = 1};
     cfg->control_loop_interval_s = MS_DEFAULT_CONTROL_LOOP_INTERVAL_S;
     cfg->admin.host = ms_strdup(MS_DEFAULT_ADMIN_HOST);
     cfg->admin.port = MS_DEFAULT_ADMIN_PORT;
@@ -1044,7 +1058,6 @@ void ms_config_free(ms_config_t *cfg)
         app_free(&cfg->apps[i]);
     free(cfg->apps);
     free(cfg->http.host);
-    free(cfg->log_level);
     free(cfg->admin.host);
     free(cfg->admin.token);
     for (size_t i = 0; i < cfg->admin.n_allowed_hosts; i++)

@@ -122,6 +122,18 @@ typedef struct ms_process_config {
     ms_config_mark_t mark;
 } ms_process_config_t;
 
+/* logging_config at one level (docs/logging.md). The application and deployment levels override
+ * the level above field by field: `set` says which fields this one gave. */
+typedef struct ms_logging_config {
+    unsigned set;   /* MS_LOG_SET_* */
+    char level[8];  /* DEBUG, INFO, WARNING or ERROR (Ray's names mapped to ours) */
+    int json;       /* encoding: JSON (1) or TEXT (0) */
+    int access_log; /* enable_access_log */
+} ms_logging_config_t;
+enum { MS_LOG_SET_LEVEL = 1 << 0, MS_LOG_SET_ENCODING = 1 << 1, MS_LOG_SET_ACCESS = 1 << 2 };
+/* `over`'s fields where it set them, `base`'s elsewhere. */
+ms_logging_config_t ms_config_logging_merge(ms_logging_config_t base, ms_logging_config_t over);
+
 /* Bits of ms_deployment_config.set */
 enum {
     MS_SET_NUM_REPLICAS = 1 << 0,
@@ -154,6 +166,7 @@ typedef struct ms_deployment_config {
     ms_router_config_t *router;           /* owned; NULL when not set */
     ms_process_config_t *process;         /* owned; NULL when not set */
     json_t *process_json;                 /* the same as written, to compare on redeploy */
+    ms_logging_config_t logging;          /* its logging_config (fields it set) */
     ms_config_mark_t mark;                /* position of this entry */
 } ms_deployment_config_t;
 
@@ -177,6 +190,7 @@ typedef struct ms_app_config {
     ms_config_lua_ref_t *scale_tick;   /* external_scaler.tick: sets targets on a schedule */
     double scale_tick_interval_s;      /* external_scaler.tick_interval_s, > 0, default 1 */
     json_t *scale_hook_kwargs;         /* external_scaler.kwargs, owned; NULL when unset */
+    ms_logging_config_t logging;       /* its logging_config (fields it set) */
     ms_config_mark_t mark;             /* position of this application entry */
     ms_config_mark_t import_path_mark; /* position of the import_path value */
     char code_sha[65]; /* SHA-256 of import_file when deployed; filled by the controller */
@@ -196,7 +210,7 @@ typedef struct ms_config {
     char *path; /* as given */
     char *dir;  /* absolute folder of the file; import paths resolve against it */
     ms_http_options_t http;
-    char *log_level;                /* logging_config.log_level, default "INFO" */
+    ms_logging_config_t logging;    /* the top-level logging_config, every field set */
     double control_loop_interval_s; /* control_loop.interval_s (ours), default 0.1 */
     int max_replicas_total;         /* max_replicas_total (ours): replicas of all deployments */
     ms_config_mark_t max_replicas_total_mark; /* where it was written; line 0 = the default */

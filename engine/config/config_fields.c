@@ -277,10 +277,6 @@ void ms_cfg_later_per_node(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_no
 
 /* ---- logging_config ------------------------------------------------------------------------ */
 
-typedef struct logging_build {
-    char **level; /* where log_level goes; NULL where logging_config is not effective yet */
-} logging_build_t;
-
 /* Ray Serve validates log_level against Python's logging tables: a name from
  * logging._nameToLevel (case matters) or, unquoted, a number from logging._levelToName. Each maps
  * to the nearest of our four levels; there is nothing above ERROR, and NOTSET logs everything. */
@@ -309,11 +305,11 @@ static void log_level(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t 
 {
     static const char desc[] = "one of CRITICAL, FATAL, ERROR, WARNING, WARN, INFO, DEBUG, NOTSET "
                                "or 50, 40, 30, 20, 10, 0";
-    logging_build_t *lb = obj;
+    ms_logging_config_t *lc = obj;
     const char *ours = ray_level(val);
     if (ours) {
-        if (lb->level)
-            ms_cfg_replace_str(lb->level, ours);
+        snprintf(lc->level, sizeof lc->level, "%s", ours);
+        lc->set |= MS_LOG_SET_LEVEL;
         return;
     }
     const char *s = ms_cfg_value_text(val);
@@ -329,36 +325,38 @@ static void log_level(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t 
     ms_cfg_bad_value(c, key, val, desc);
 }
 
-/* The remaining logging fields are checked but have no effect yet; at app and deployment level
- * the whole logging_config already got its warning, so only the top level warns per field. */
-static void log_warn_field(ms_cfg_ctx_t *c, logging_build_t *lb, yaml_node_t *key)
-{
-    if (lb->level)
-        ms_cfg_warn_unsupported(c, key);
-}
-
 static void log_encoding(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
     static const char *const encodings[] = {"TEXT", "JSON", NULL};
-    if (ms_cfg_get_choice(c, key, val, encodings, false, "TEXT or JSON"))
-        log_warn_field(c, obj, key);
+    ms_logging_config_t *lc = obj;
+    const char *s = ms_cfg_get_choice(c, key, val, encodings, false, "TEXT or JSON");
+    if (!s)
+        return;
+    lc->json = strcmp(s, "JSON") == 0;
+    lc->set |= MS_LOG_SET_ENCODING;
 }
 
+/* Checked, but with no effect yet: logs go to stderr (docs/logging.md). */
 static void log_dir(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
+    (void)obj;
     if (!ms_cfg_is_null(val) && ms_cfg_get_str(c, key, val))
-        log_warn_field(c, obj, key);
+        ms_cfg_warn_unsupported(c, key);
 }
 
 static void log_access(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
+    ms_logging_config_t *lc = obj;
     bool b;
-    if (ms_cfg_get_bool(c, key, val, &b))
-        log_warn_field(c, obj, key);
+    if (!ms_cfg_get_bool(c, key, val, &b))
+        return;
+    lc->access_log = b;
+    lc->set |= MS_LOG_SET_ACCESS;
 }
 
 static void log_attrs(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
+    (void)obj;
     if (val->type != YAML_SEQUENCE_NODE) {
         ms_cfg_bad_value(c, key, val, "a list of strings");
         return;
@@ -368,7 +366,7 @@ static void log_attrs(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t 
          it++)
         ok = ms_cfg_get_str(c, key, ms_cfg_node(c, *it)) && ok;
     if (ok && val->data.sequence.items.top > val->data.sequence.items.start)
-        log_warn_field(c, obj, key);
+        ms_cfg_warn_unsupported(c, key);
 }
 
 static const ms_cfg_field_t logging_fields[] = {
@@ -379,17 +377,23 @@ static const ms_cfg_field_t logging_fields[] = {
     {"additional_log_standard_attrs", log_attrs, MS_FIELD_OK},
 };
 
-void ms_cfg_walk_logging(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, char **level)
+void ms_cfg_walk_logging(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val,
+                         ms_logging_config_t *out)
 {
-    logging_build_t lb = {level};
     if (ms_cfg_is_null(val) || !ms_cfg_want_mapping(c, key, val, true))
         return;
     ms_cfg_walk_fields(c, val, "in logging_config", logging_fields, MS_N_FIELDS(logging_fields),
-                       &lb);
+                       out);
 }
 
-void ms_cfg_later_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+ms_logging_config_t ms_config_logging_merge(ms_logging_config_t base, ms_logging_config_t over)
 {
-    (void)obj;
-    ms_cfg_walk_logging(c, key, val, NULL);
+    if (over.set & MS_LOG_SET_LEVEL)
+        memcpy(base.level, over.level, sizeof base.level);
+    if (over.set & MS_LOG_SET_ENCODING)
+        base.json = over.json;
+    if (over.set & MS_LOG_SET_ACCESS)
+        base.access_log = over.access_log;
+    base.set |= over.set;
+    return base;
 }

@@ -108,13 +108,13 @@ const char *ms_cfg_get_choice(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *va
 bool ms_cfg_want_mapping(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, bool null_ok);
 void ms_cfg_replace_str(char **dst, const char *s);
 
-/* logging_config at any level; `level` receives log_level, NULL where it has no effect yet. */
-void ms_cfg_walk_logging(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val, char **level);
+/* logging_config at any level, into *out (the fields given are marked in out->set). */
+void ms_cfg_walk_logging(ms_cfg_ctx_t *c, yaml_node_t *key, yaml_node_t *val,
+                         ms_logging_config_t *out);
 
 /* Loose checks for keys that later work will implement (field functions; obj unused). */
 void ms_cfg_later_mapping(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_string(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
-void ms_cfg_later_logging(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_proxy_location(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_target_capacity(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);
 void ms_cfg_later_mappings(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val);

@@ -275,6 +275,7 @@ static void run_scale_tick(controller_t *c, size_t a, double now)
 static void tick(controller_t *c)
 {
     double now = ms_wall_time();
+    ms_log_flush();         /* access lines wait at most one tick */
     ms_gpu_sample(c->gpus); /* for /metrics and the policies' ctx.gpus */
     for (size_t i = 0; i < c->n_deps; i++)
         ms_deployment_check_health(c->deps[i].dep);

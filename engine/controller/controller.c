@@ -170,12 +170,14 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
                  .graceful_shutdown_wait_loop_s = p->wait_loop_s,
                  .memory_bytes = replica_memory(c, p),
                  .num_gpus = replica_gpus(p),
-                 .process = p->process},
+                 .process = p->process,
+                 .log_json = p->logging.json},
         .gpus = c->gpus,
         .gpu_pool = c->gpu_pool,
         .on_cold_start = ms__control_on_cold_start,
         .owner_data = c,
     };
+    memcpy(out->s.spec.log_level, p->logging.level, sizeof out->s.spec.log_level);
 }
 
 void ms__settings_free(ms__settings_t *st)
@@ -215,8 +217,10 @@ static int start_deployments(controller_t *c, const plan_t *plan)
         e->actor_options =
             file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
         e->process_json = p->process_json ? json_deep_copy(p->process_json) : NULL;
+        e->logging = p->logging;
         ms_ingress_add_deployment(c->proxy, p->app->name, p->name,
-                                  p->is_ingress ? p->app->route_prefix : NULL, d);
+                                  p->is_ingress ? p->app->route_prefix : NULL, d,
+                                  p->logging.access_log);
     }
     return 0;
 }
@@ -465,6 +469,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
      * changes from setting changes. */
     ms__remember_code((ms_config_t *)cfg);
     c.proxy = ms_ingress_new();
+    ms_ingress_set_access_log(c.proxy, cfg->logging.access_log);
     c.deps = ms_calloc(plan.n ? plan.n : 1, sizeof *c.deps);
     if (make_run_dir(&c) != 0) {
         ms__plan_free(&plan);
@@ -495,6 +500,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     }
     ms__plan_free(&plan);
     uv_run(c.loop, UV_RUN_DEFAULT);
+    ms_log_flush();
     ms_ingress_free(c.proxy);
     free_entries(&c);
     remove_own_run_dir(&c);

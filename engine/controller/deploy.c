@@ -79,6 +79,7 @@ static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_
         out->actor_options =
             file && file->ray_actor_options ? json_deep_copy(file->ray_actor_options) : NULL;
         out->process_json = p->process_json ? json_deep_copy(p->process_json) : NULL;
+        out->logging = p->logging;
         return 0;
     }
     kept[old - c->deps] = 1;
@@ -97,7 +98,10 @@ static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_
     ms__settings_t st;
     ms__settings_fill(c, p, &st);
     ms_deployment_update(old->dep, &st.s);
-    if (code_changed(old->app, p->app) || actor_changed || process_changed)
+    /* A replica reads its logging_config at start: a change replaces the replicas. */
+    int logging_changed = memcmp(&old->logging, &p->logging, sizeof p->logging) != 0;
+    out->logging = p->logging;
+    if (code_changed(old->app, p->app) || actor_changed || process_changed || logging_changed)
         ms_deployment_roll(old->dep, &st.s.spec);
     ms__settings_free(&st);
     apply_count(out, p, old->app);
@@ -139,6 +143,12 @@ static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
     c->deps = deps;
     c->n_deps = n;
     ms_ingress_clear(c->proxy);
+    ms_ingress_set_access_log(c->proxy, cfg->logging.access_log);
+    /* The controller's own logging follows the new config at once. */
+    ms_log_level_t level;
+    if (ms_log_parse_level(cfg->logging.level, &level) == 0)
+        ms_log_min_level = level;
+    ms_log_set_json(cfg->logging.json);
     for (size_t i = 0; i < plan->n; i++)
         for (size_t k = 0; k < n; k++)
             if (c->deps[k].app == plan->items[i].app &&
@@ -146,7 +156,7 @@ static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
                 ms_ingress_add_deployment(
                     c->proxy, plan->items[i].app->name, c->deps[k].name,
                     plan->items[i].is_ingress ? plan->items[i].app->route_prefix : NULL,
-                    c->deps[k].dep);
+                    c->deps[k].dep, plan->items[i].logging.access_log);
     if (ms__control_setup(c, plan) != 0)
         ms_error("deploy: some policies failed to load; their deployments keep their counts");
 }

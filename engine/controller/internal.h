@@ -36,6 +36,7 @@ typedef struct planned {
     const ms_router_config_t *router; /* from the file; NULL = the built-in router */
     ms_process_config_t *process;     /* owned; NULL: a Lua deployment */
     json_t *process_json;             /* owned reference: what it was made from, for redeploys */
+    ms_logging_config_t logging;      /* the file's: top level, then application, then deployment */
 } planned_t;
 
 typedef struct plan {
@@ -53,6 +54,7 @@ void ms__plan_free(plan_t *p);
 /* A running deployment and what drives its replica count. */
 typedef struct dep_entry {
     ms_deployment_t *dep;
+    ms_logging_config_t logging; /* in force for its replicas (a change replaces them) */
     const ms_app_config_t *app;
     char *name;
     size_t app_index;

@@ -281,6 +281,8 @@ static int plan_app(const ms_config_t *cfg, const ms_app_config_t *app, plan_t *
         p->is_ingress = ingress && name && strcmp(ingress, name) == 0;
         const ms_deployment_config_t *file = ms_config_find_deployment(app, p->name);
         merge_basic(p, file, code);
+        p->logging = ms_config_logging_merge(ms_config_logging_merge(cfg->logging, app->logging),
+                                             file ? file->logging : (ms_logging_config_t){0});
         merge_autoscaling(cfg, p, file, code, errs);
         merge_process(cfg, p, file, code, errs);
         check_merged(cfg, p, errs);

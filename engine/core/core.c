@@ -177,27 +177,150 @@ int ms_log_parse_level(const char *name, ms_log_level_t *out)
     return -1;
 }
 
-static void log_v(ms_log_level_t level, const char *fmt, va_list ap)
+static int log_json;
+/* Access lines wait here and leave in batches (a write per request would cost as much as the
+ * request); other lines flush them first, so the log keeps its order. */
+static ms_buf_t access_buf;
+#define ACCESS_FLUSH_BYTES (32 * 1024)
+/* Writes of at most PIPE_BUF bytes to a pipe are atomic: lines from several processes sharing
+ * stderr never interleave within one. */
+#define ATOMIC_WRITE 4096
+
+void ms_log_set_json(int json)
 {
-    static const char *tags[] = {"DEBUG", "INFO", "WARN", "ERROR"};
-    char line[4096];
+    log_json = json;
+}
+
+static void write_all(const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(STDERR_FILENO, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return;
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+void ms_log_flush(void)
+{
+    const char *p = access_buf.data, *end = p + access_buf.len;
+    while (p < end) {
+        /* Whole lines, up to ATOMIC_WRITE bytes at a time. */
+        const char *cut = p + ((size_t)(end - p) > ATOMIC_WRITE ? ATOMIC_WRITE : (size_t)(end - p));
+        if (cut < end) {
+            const char *nl = cut;
+            while (nl > p && nl[-1] != '\n')
+                nl--;
+            if (nl > p)
+                cut = nl;
+        }
+        write_all(p, (size_t)(cut - p));
+        p = cut;
+    }
+    ms_buf_reset(&access_buf);
+}
+
+/* A JSON string: quotes, backslashes and control bytes escaped, bytes that are not UTF-8
+ * replaced. */
+static void append_json_string(ms_buf_t *b, const char *s)
+{
+    char clean[4096];
+    size_t n = ms_utf8_copy(clean, sizeof clean, s, strlen(s));
+    ms_buf_append(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)clean[i];
+        if (ch == '"' || ch == '\\') {
+            char esc[2] = {'\\', (char)ch};
+            ms_buf_append(b, esc, 2);
+        } else if (ch < 0x20) {
+            ms_buf_appendf(b, "\\u%04x", ch);
+        } else {
+            ms_buf_append(b, &clean[i], 1);
+        }
+    }
+    ms_buf_append(b, "\"", 1);
+}
+
+static const char *const LEVEL_TAGS[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+
+/* `TIME LEVEL [role pid] ` (TEXT), or `{"time": .., "level": .., "role": .., "pid": ..,` (JSON). */
+static void line_start(ms_buf_t *b, ms_log_level_t level)
+{
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s [%s %d] ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                     ts.tv_nsec / 1000000, tags[level], log_role, (int)getpid());
-    if (n < 0 || (size_t)n >= sizeof line)
-        n = 0;
-    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
-    size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
-    if (len > sizeof line - 2)
-        len = sizeof line - 2;
-    line[len++] = '\n';
+    char when[96];
+    snprintf(when, sizeof when, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+    if (!log_json) {
+        ms_buf_appendf(b, "%s %s [%s %d] ", when, LEVEL_TAGS[level], log_role, (int)getpid());
+        return;
+    }
+    ms_buf_appendf(b, "{\"time\": \"%s\", \"level\": \"%s\", \"role\": ", when, LEVEL_TAGS[level]);
+    append_json_string(b, log_role);
+    ms_buf_appendf(b, ", \"pid\": %d, ", (int)getpid());
+}
+
+static void log_v(ms_log_level_t level, const char *fmt, va_list ap)
+{
+    char msg[4096];
+    int m = vsnprintf(msg, sizeof msg, fmt, ap);
+    if (m < 0)
+        msg[0] = '\0';
+    ms_buf_t b = {0};
+    line_start(&b, level);
+    if (log_json) {
+        ms_buf_append_str(&b, "\"message\": ");
+        append_json_string(&b, msg);
+        ms_buf_append_str(&b, "}\n");
+    } else {
+        ms_buf_append_str(&b, msg);
+        ms_buf_append(&b, "\n", 1);
+    }
+    ms_log_flush();
     /* One write per line keeps lines from different processes from interleaving. */
-    ssize_t w = write(STDERR_FILENO, line, len);
-    (void)w;
+    write_all(b.data, b.len < ATOMIC_WRITE ? b.len : ATOMIC_WRITE);
+    ms_buf_free(&b);
+}
+
+static void access_field(ms_buf_t *b, const char *key, const char *value, int first)
+{
+    if (log_json) {
+        ms_buf_appendf(b, "%s\"%s\": ", first ? "" : ", ", key);
+        append_json_string(b, value ? value : "");
+        return;
+    }
+    ms_buf_appendf(b, "%s%s=", first ? "" : " ", key);
+    append_json_string(b, value ? value : "");
+}
+
+void ms_log_access(const ms_access_record_t *r)
+{
+    if (MS_LOG_INFO < ms_log_min_level)
+        return;
+    ms_buf_t *b = &access_buf;
+    line_start(b, MS_LOG_INFO);
+    ms_buf_append_str(b, log_json ? "\"message\": \"access\", " : "access ");
+    access_field(b, "request_id", r->request_id, 1);
+    access_field(b, "application", r->application, 0);
+    access_field(b, "deployment", r->deployment, 0);
+    access_field(b, "replica", r->replica, 0);
+    access_field(b, "method", r->method, 0);
+    access_field(b, "route", r->route, 0);
+    const char *sep = log_json ? ", \"" : " ";
+    const char *eq = log_json ? "\": " : "=";
+    if (r->disconnected)
+        ms_buf_appendf(b, "%sstatus%s%s", sep, eq,
+                       log_json ? "\"disconnection\"" : "disconnection");
+    else
+        ms_buf_appendf(b, "%sstatus%s%d", sep, eq, r->status);
+    ms_buf_appendf(b, "%slatency_ms%s%.3f%s\n", sep, eq, r->latency_ms, log_json ? "}" : "");
+    if (b->len >= ACCESS_FLUSH_BYTES)
+        ms_log_flush();
 }
 
 void ms__log(ms_log_level_t level, const char *fmt, ...)

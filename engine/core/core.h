@@ -50,14 +50,26 @@ void ms_buf_reset(ms_buf_t *b);             /* len = 0, keep the memory */
 void ms_buf_free(ms_buf_t *b);
 
 /* ---- logging -------------------------------------------------------------------------------
- * Lines go to stderr as `TIME LEVEL [role pid] message`. The level is checked before the
- * arguments are evaluated, so a filtered-out debug line costs one comparison.
+ * Lines go to stderr as `TIME LEVEL [role pid] message`, or as one JSON object per line
+ * (docs/logging.md). The level is checked before the arguments are evaluated, so a filtered-out
+ * debug line costs one comparison.
  */
 typedef enum { MS_LOG_DEBUG, MS_LOG_INFO, MS_LOG_WARN, MS_LOG_ERROR } ms_log_level_t;
 extern ms_log_level_t ms_log_min_level;
 void ms_log_set_role(const char *role); /* "controller", "replica Model#2", ... (copied) */
 int ms_log_parse_level(const char *name, ms_log_level_t *out); /* 0 ok, -1 unknown name */
+void ms_log_set_json(int json); /* logging_config.encoding: JSON (1) or TEXT (0) */
 void ms__log(ms_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* One HTTP request's access line, at INFO. Lines are buffered and written in batches of whole
+ * lines: call ms_log_flush regularly (the control loop does) and before exiting. */
+typedef struct ms_access_record {
+    const char *request_id, *application, *deployment, *replica, *method, *route;
+    int status;
+    int disconnected; /* the client left before its answer: status is not meaningful */
+    double latency_ms;
+} ms_access_record_t;
+void ms_log_access(const ms_access_record_t *r);
+void ms_log_flush(void);
 #define ms_log(level, ...)                                                                         \
     do {                                                                                           \
         if ((level) >= ms_log_min_level)                                                           \

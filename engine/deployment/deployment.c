@@ -950,14 +950,16 @@ static ms_link_request_t link_request(call_t *c)
     };
 }
 
-static void note_queue_wait(ms_deployment_t *d, const call_t *c)
+/* The call leaves the queue for replica r: its wait is measured and its replica noted. */
+static void note_sent(ms_deployment_t *d, const call_t *c, const ms_replica_t *r)
 {
     ms_histogram_observe(&d->stats.queue_wait, (double)(uv_now(d->loop) - c->queued_at_ms));
+    snprintf(c->req->served_by, sizeof c->req->served_by, "%s", r->id);
 }
 
 static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)
 {
-    note_queue_wait(d, c);
+    note_sent(d, c, r);
     c->state = CALL_SENT;
     c->sent_at_us = ms_now_us();
     c->replica = r;
@@ -1148,7 +1150,7 @@ static void send_batch(ms_deployment_t *d, ms_replica_t *r)
     while (d->queue_head && b->n < pc->batch_max_size && b->n < room) {
         call_t *c = d->queue_head;
         queue_remove(d, c);
-        note_queue_wait(d, c);
+        note_sent(d, c, r);
         c->state = CALL_SENT;
         c->sent_at_us = now;
         c->replica = r;
@@ -1403,11 +1405,15 @@ void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
     d->spec.num_gpus = spec->num_gpus;
     ms_config_process_free((ms_process_config_t *)d->spec.process);
     d->spec.process = ms_config_process_copy(spec->process);
+    memcpy(d->spec.log_level, spec->log_level, sizeof d->spec.log_level);
+    d->spec.log_json = spec->log_json;
     d->generation++;
     /* New code gets a fresh count of constructor failures and no backoff left from the old. */
     d->constructor_failures = 0;
     d->consecutive_failures = 0;
-    ms_info("deployment %s: code changed; replacing replicas (new ones first)", d->name);
+    ms_info("deployment %s: code or replica settings changed; replacing replicas (new ones "
+            "first)",
+            d->name);
     reconcile(d);
 }
 

@@ -14,6 +14,8 @@
 typedef struct route_stats route_stats_t;
 struct route_stats {
     char *labels; /* application="..",deployment="..",route=".." */
+    char *app, *deployment, *route;
+    int access_log; /* logging_config.enable_access_log of the route's deployment */
     ms_request_stats_t s;
     size_t inflight;
     int retired; /* no target uses it: not exported, freed once nothing is in flight */
@@ -34,6 +36,7 @@ struct ms_ingress {
     size_t n_targets;
     route_stats_t *stats;        /* every route's, retired ones included */
     ms_request_stats_t unrouted; /* 404s, /-/ paths and requests refused while parsing */
+    int access_log;              /* for those: the top-level enable_access_log */
     int draining;
     ms_buf_t routes_json; /* /-/routes body, rebuilt when targets change */
 };
@@ -55,6 +58,9 @@ static void free_retired_stats(ms_ingress_t *p)
         }
         *at = rs->next;
         free(rs->labels);
+        free(rs->app);
+        free(rs->deployment);
+        free(rs->route);
         free(rs);
     }
 }
@@ -79,6 +85,9 @@ static route_stats_t *stats_for(ms_ingress_t *p, const char *app, const char *de
         }
     route_stats_t *rs = ms_calloc(1, sizeof *rs);
     rs->labels = labels.data;
+    rs->app = ms_strdup(app);
+    rs->deployment = ms_strdup(dep);
+    rs->route = ms_strdup(route);
     rs->next = p->stats;
     p->stats = rs;
     return rs;
@@ -129,7 +138,7 @@ static void rebuild_routes_json(ms_ingress_t *p)
 }
 
 void ms_ingress_add_deployment(ms_ingress_t *p, const char *app_name, const char *deployment_name,
-                               const char *route_prefix, ms_deployment_t *d)
+                               const char *route_prefix, ms_deployment_t *d, int access_log)
 {
     p->targets = ms_realloc(p->targets, (p->n_targets + 1) * sizeof *p->targets);
     target_t *t = &p->targets[p->n_targets++];
@@ -139,7 +148,14 @@ void ms_ingress_add_deployment(ms_ingress_t *p, const char *app_name, const char
     t->prefix_len = route_prefix ? strlen(route_prefix) : 0;
     t->dep = d;
     t->stats = route_prefix ? stats_for(p, app_name, deployment_name, route_prefix) : NULL;
+    if (t->stats)
+        t->stats->access_log = access_log;
     rebuild_routes_json(p);
+}
+
+void ms_ingress_set_access_log(ms_ingress_t *p, int on)
+{
+    p->access_log = on;
 }
 
 void ms_ingress_set_draining(ms_ingress_t *p, int draining)
@@ -208,8 +224,20 @@ static void on_ingress_complete(const ms_http_request_t *req, int status, int di
 {
     ms_ingress_t *p = data;
     route_stats_t *rs = req->route;
-    ms_request_stats_record(rs ? &rs->s : &p->unrouted, req->method, status, disconnected,
-                            (double)elapsed_ns / 1e6);
+    double ms = (double)elapsed_ns / 1e6;
+    ms_request_stats_record(rs ? &rs->s : &p->unrouted, req->method, status, disconnected, ms);
+    if (rs ? rs->access_log : p->access_log) {
+        ms_access_record_t a = {.request_id = req->request_id,
+                                .application = rs ? rs->app : "",
+                                .deployment = rs ? rs->deployment : "",
+                                .replica = req->served_by,
+                                .method = req->method,
+                                .route = rs ? rs->route : "",
+                                .status = status,
+                                .disconnected = disconnected,
+                                .latency_ms = ms};
+        ms_log_access(&a);
+    }
     if (rs && --rs->inflight == 0 && rs->retired)
         free_retired_stats(p);
 }

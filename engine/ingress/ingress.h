@@ -17,9 +17,12 @@ ms_ingress_t *ms_ingress_new(void);
 void ms_ingress_free(ms_ingress_t *p);
 
 /* Registers a deployment as a handle target; if `route_prefix` is non-NULL the deployment is
- * also the application's ingress at that prefix. Strings are copied. */
+ * also the application's ingress at that prefix, and `access_log` says whether its requests get
+ * access lines (docs/logging.md). Strings are copied. */
 void ms_ingress_add_deployment(ms_ingress_t *p, const char *app_name, const char *deployment_name,
-                               const char *route_prefix, ms_deployment_t *d);
+                               const char *route_prefix, ms_deployment_t *d, int access_log);
+/* Access lines for requests no route took (404s, /-/ paths, refused requests). */
+void ms_ingress_set_access_log(ms_ingress_t *p, int on);
 /* Forgets every deployment (a redeploy registers the new set). */
 void ms_ingress_clear(ms_ingress_t *p);
 /* While draining, /-/healthz answers 503 (Ray Serve), so load balancers stop sending. */

@@ -238,27 +238,50 @@ static void handle_control_lines(ms_replica_t *r)
 
 extern char **environ;
 
-/* The controller's environment with the replica's GPU variables replaced (NULL when the spec sets
- * none, so the replica inherits it). Freed by free_env. */
+static int env_overridden(const char *entry, char *const *over, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strcspn(over[i], "=") + 1;
+        if (strncmp(entry, over[i], len) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* The controller's environment with the replica's own variables (GPUs, logging) replaced; NULL
+ * when the spec sets none, so the replica inherits it. Freed by free_env. */
 static char **replica_env(const ms_replica_spec_t *spec)
 {
-    if (!spec->cuda_visible_devices)
+    char *over[4];
+    size_t n_over = 0;
+    ms_buf_t b = {0};
+    if (spec->cuda_visible_devices) {
+        ms_buf_appendf(&b, "CUDA_VISIBLE_DEVICES=%s", spec->cuda_visible_devices);
+        over[n_over++] = b.data;
+        b = (ms_buf_t){0};
+        ms_buf_appendf(&b, "MOONSERVE_GPU_IDS=%s", spec->gpu_ids ? spec->gpu_ids : "");
+        over[n_over++] = b.data;
+        b = (ms_buf_t){0};
+    }
+    if (spec->log_level[0]) {
+        ms_buf_appendf(&b, "MOONSERVE_LOG_LEVEL=%s", spec->log_level);
+        over[n_over++] = b.data;
+        b = (ms_buf_t){0};
+        ms_buf_appendf(&b, "MOONSERVE_LOG_ENCODING=%s", spec->log_json ? "JSON" : "TEXT");
+        over[n_over++] = b.data;
+    }
+    if (n_over == 0)
         return NULL;
     size_t n = 0;
     while (environ[n])
         n++;
-    char **env = ms_calloc(n + 3, sizeof *env);
+    char **env = ms_calloc(n + n_over + 1, sizeof *env);
     size_t k = 0;
     for (size_t i = 0; i < n; i++)
-        if (strncmp(environ[i], "CUDA_VISIBLE_DEVICES=", 21) != 0 &&
-            strncmp(environ[i], "MOONSERVE_GPU_IDS=", 18) != 0)
+        if (!env_overridden(environ[i], over, n_over))
             env[k++] = ms_strdup(environ[i]);
-    ms_buf_t b = {0};
-    ms_buf_appendf(&b, "CUDA_VISIBLE_DEVICES=%s", spec->cuda_visible_devices);
-    env[k++] = b.data;
-    ms_buf_t ids = {0};
-    ms_buf_appendf(&ids, "MOONSERVE_GPU_IDS=%s", spec->gpu_ids ? spec->gpu_ids : "");
-    env[k++] = ids.data;
+    for (size_t i = 0; i < n_over; i++)
+        env[k++] = over[i];
     return env;
 }
 

@@ -63,6 +63,10 @@ typedef struct ms_replica_spec {
      * environment as it is. */
     const char *cuda_visible_devices;
     const char *gpu_ids;
+    /* The deployment's logging_config for the replica (MOONSERVE_LOG_LEVEL and
+     * MOONSERVE_LOG_ENCODING); "" leaves the environment's. */
+    char log_level[8];
+    int log_json;
     /* A process replica (docs/process-replicas.md): the user's command, started through
      * `moonserve __exec`, proxied over HTTP; NULL: a Lua replica. Read during the spawn only. */
     const ms_process_config_t *process;

@@ -124,7 +124,7 @@ static void test_defaults(void)
     ASSERT_INT_EQ(cfg->http.max_header_bytes, 32768);
     ASSERT_INT_EQ(cfg->http.max_body_bytes, 64 * 1024 * 1024);
     ASSERT_TRUE(cfg->http.header_timeout_s == 10.0);
-    ASSERT_STR_EQ(cfg->log_level, "INFO");
+    ASSERT_STR_EQ(cfg->logging.level, "INFO");
     ASSERT_INT_EQ(cfg->n_apps, 1);
     ms_app_config_t *app = &cfg->apps[0];
     ASSERT_STR_EQ(app->name, "default");
@@ -208,7 +208,7 @@ static void test_all_fields(void)
     ASSERT_INT_EQ(cfg->http.max_header_bytes, 2048);
     ASSERT_INT_EQ(cfg->http.max_body_bytes, 0);
     ASSERT_TRUE(cfg->http.header_timeout_s == 3);
-    ASSERT_STR_EQ(cfg->log_level, "DEBUG");
+    ASSERT_STR_EQ(cfg->logging.level, "DEBUG");
     ASSERT_INT_EQ(cfg->n_apps, 2);
     ms_app_config_t *a = &cfg->apps[0];
     ASSERT_STR_EQ(a->name, "a");
@@ -568,7 +568,7 @@ static void test_later_keys_accepted(void)
                                  "        placement_group_bundles: [{CPU: 1}]\n"
                                  "        placement_group_strategy: SPREAD\n");
     /* The app-level logging_config does not change the process log level. */
-    ASSERT_STR_EQ(cfg ? cfg->log_level : NULL, "INFO");
+    ASSERT_STR_EQ(cfg ? cfg->logging.level : NULL, "INFO");
     ms_config_free(cfg);
     expect_error("grpc_options: 5\napplications: []\n",
                  "t.yaml:1:15: grpc_options must be a mapping or null, got \"5\"");
@@ -1369,7 +1369,7 @@ static const char *top_level_of(const char *value)
     static char buf[256];
     snprintf(buf, sizeof(buf), "logging_config: {log_level: %s}\napplications: []\n", value);
     ms_config_t *cfg = expect_ok(buf);
-    snprintf(buf, sizeof(buf), "%s", cfg ? cfg->log_level : "(failed)");
+    snprintf(buf, sizeof(buf), "%s", cfg ? cfg->logging.level : "(failed)");
     ms_config_free(cfg);
     return buf;
 }
