@@ -398,10 +398,18 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     b->resolve_wanted = 0;
     char ip[64] = "";
     if (wanted && status == 0 && res) {
-        if (res->ai_family == AF_INET6)
-            uv_ip6_name((struct sockaddr_in6 *)res->ai_addr, ip, sizeof ip);
+        /* Successive attempts walk the addresses: "localhost" may give ::1 first to a Redis
+         * that listens on 127.0.0.1 only. */
+        unsigned n = 0;
+        for (struct addrinfo *a = res; a; a = a->ai_next)
+            n++;
+        struct addrinfo *a = res;
+        for (unsigned i = b->attempt % n; i > 0; i--)
+            a = a->ai_next;
+        if (a->ai_family == AF_INET6)
+            uv_ip6_name((struct sockaddr_in6 *)a->ai_addr, ip, sizeof ip);
         else
-            uv_ip4_name((struct sockaddr_in *)res->ai_addr, ip, sizeof ip);
+            uv_ip4_name((struct sockaddr_in *)a->ai_addr, ip, sizeof ip);
     }
     uv_freeaddrinfo(res);
     if (b->closing) {
