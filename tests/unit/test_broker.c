@@ -522,6 +522,72 @@ static void test_auth(void)
     redis_kill(&r);
 }
 
+/* ---- a peer that resets the connection ------------------------------------------------------
+ * A fake Redis on the loop answers the handshake's PING, then resets the connection (RST).
+ * libuv reports that as a poll error; the broker must take it as a lost connection at once,
+ * not keep an idle connection it believes is up (hiredis 0.14's stock libuv adapter drops
+ * that event). */
+
+static uv_tcp_t fake_server;
+static uv_tcp_t fake_conn;
+static char fake_buf[256];
+
+static void fake_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
+{
+    (void)h;
+    (void)hint;
+    *buf = uv_buf_init(fake_buf, sizeof fake_buf);
+}
+
+/* The PONG and the RST leave in one go, so the broker finds the reply and the reset in one
+ * poll event: the reply must be read and the reset still noticed. */
+static void fake_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
+{
+    (void)buf;
+    if (n <= 0)
+        return;
+    uv_read_stop(s);
+    static char pong[] = "+PONG\r\n";
+    uv_buf_t out = uv_buf_init(pong, sizeof pong - 1);
+    ASSERT_INT_EQ(uv_try_write(s, &out, 1), (int)sizeof pong - 1);
+    uv_tcp_close_reset((uv_tcp_t *)s, NULL);
+}
+
+static void fake_accept(uv_stream_t *server, int status)
+{
+    if (status < 0)
+        return;
+    uv_tcp_init(loop, &fake_conn);
+    uv_accept(server, (uv_stream_t *)&fake_conn);
+    uv_read_start((uv_stream_t *)&fake_conn, fake_alloc, fake_read);
+}
+
+static void test_reset_by_peer(void)
+{
+    struct sockaddr_in a;
+    uv_ip4_addr("127.0.0.1", 0, &a);
+    uv_tcp_init(loop, &fake_server);
+    uv_tcp_bind(&fake_server, (struct sockaddr *)&a, 0);
+    uv_listen((uv_stream_t *)&fake_server, 4, fake_accept);
+    int len = sizeof a;
+    uv_tcp_getsockname(&fake_server, (struct sockaddr *)&a, &len);
+    char url[300];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", ntohs(a.sin_port));
+    state_log_t st = {0};
+    /* backoff far beyond the test, so it sees exactly one connection */
+    ms_broker_opts_t o = {
+        .on_state = on_state, .state_data = &st, .backoff_min_ms = 60000, .backoff_max_ms = 60000};
+    ms_broker_t *b = new_broker(url, &o);
+    wait_for(pred_connected, b);
+    wait_for(pred_down, &st);
+    ASSERT_INT_EQ(st.ups, 1);
+    ASSERT_INT_EQ(st.downs, 1);
+    ASSERT_CONTAINS(st.why, "reset");
+    ASSERT_TRUE(!ms_broker_connected(b));
+    ms_broker_free(b);
+    uv_close((uv_handle_t *)&fake_server, NULL);
+}
+
 /* A listener that never accepts: the kernel completes the handshake, the PING is never
  * answered, so only the connect timeout ends the attempt. */
 static void test_connect_timeout(void)
@@ -861,6 +927,7 @@ static int run_redis_tests(void)
     test_select(tcp.port, &unix_r);
     test_auth();
     test_connect_timeout();
+    test_reset_by_peer();
     test_command_timeout(tcp.port);
     test_free_in_flight(tcp.port);
     test_kill_restart(&tcp);
