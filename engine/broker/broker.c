@@ -300,8 +300,6 @@ static void drop_connection(ms_broker_t *b, int free_ctx, ms_broker_status_t hea
 static void on_connect_timeout(uv_timer_t *t)
 {
     ms_broker_t *b = t->data;
-    if (b->resolving)
-        uv_cancel((uv_req_t *)&b->resolver); /* may be too late: resolve_wanted covers that */
     char why[96];
     snprintf(why, sizeof why, "not connected within the %d ms connect timeout",
              b->opts.connect_timeout_ms);
@@ -444,6 +442,10 @@ static void start_connect(ms_broker_t *b)
         connect_to(b, b->url.host);
         return;
     }
+    if (b->resolving) { /* a slow lookup outlived its attempt: this one takes its answer */
+        b->resolve_wanted = 1;
+        return;
+    }
     struct addrinfo hints;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
@@ -528,6 +530,8 @@ ms_broker_status_t ms_broker_command(ms_broker_t *b, ms_broker_cb cb, void *data
 {
     char why[320];
     ms_broker_status_t st = MS_BROKER_DOWN;
+    if (argc < 1) /* Redis answers nothing to an empty command: the replies would shift */
+        ms_fatal("ms_broker_command: no arguments");
     if (b->closing) {
         st = MS_BROKER_CLOSED;
         snprintf(why, sizeof why, "the broker is closed");

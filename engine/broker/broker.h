@@ -99,7 +99,8 @@ int ms_broker_connected(const ms_broker_t *b);
  * 503 bodies. Never holds the password. */
 const char *ms_broker_last_error(const ms_broker_t *b);
 
-/* Sends one command, argv[i] being argvlen[i] bytes (binary-safe; copied before this returns).
+/* Sends one command (argc >= 1), argv[i] being argvlen[i] bytes (binary-safe; copied before
+ * this returns).
  * Returns MS_BROKER_OK when the command went out and cb will follow from the loop; otherwise
  * cb has already been called with the returned status (MS_BROKER_DOWN). */
 ms_broker_status_t ms_broker_command(ms_broker_t *b, ms_broker_cb cb, void *data, int argc,
