@@ -365,6 +365,10 @@ static void connect_to(ms_broker_t *b, const char *ip)
         drop_connection(b, 0, MS_BROKER_LOST, "cannot poll the Redis socket");
         return;
     }
+    /* TCP keepalive (15 s in hiredis): an idle connection to a Redis that vanished without a
+     * FIN or RST (a dead host, a partition) is found out even when no command times out. */
+    if (!b->url.path[0])
+        redisEnableKeepAlive(&ac->c);
     b->ac = ac;
     ac->data = b;
     redisAsyncSetConnectCallback(ac, on_connected);

@@ -588,6 +588,63 @@ static void test_reset_by_peer(void)
     uv_close((uv_handle_t *)&fake_server, NULL);
 }
 
+/* ---- reconnect backoff ----------------------------------------------------------------------
+ * A fake Redis that accepts and hangs up at once: every attempt fails, and the gaps between
+ * attempts must follow the backoff (each at least half its step, none past the cap). */
+
+#define BACKOFF_ATTEMPTS 6
+static uv_tcp_t hangup_server;
+static uv_tcp_t hangup_conns[BACKOFF_ATTEMPTS];
+static uint64_t accepted_at[BACKOFF_ATTEMPTS];
+static int n_accepted;
+
+static void hangup_accept(uv_stream_t *server, int status)
+{
+    if (status < 0 || n_accepted == BACKOFF_ATTEMPTS)
+        return;
+    uv_tcp_t *c = &hangup_conns[n_accepted];
+    accepted_at[n_accepted++] = ms_now_ms();
+    uv_tcp_init(loop, c);
+    uv_accept(server, (uv_stream_t *)c);
+    uv_close((uv_handle_t *)c, NULL);
+}
+
+static int pred_all_accepted(void *arg)
+{
+    (void)arg;
+    return n_accepted == BACKOFF_ATTEMPTS;
+}
+
+static void test_backoff(void)
+{
+    struct sockaddr_in a;
+    uv_ip4_addr("127.0.0.1", 0, &a);
+    uv_tcp_init(loop, &hangup_server);
+    uv_tcp_bind(&hangup_server, (struct sockaddr *)&a, 0);
+    uv_listen((uv_stream_t *)&hangup_server, 8, hangup_accept);
+    int len = sizeof a;
+    uv_tcp_getsockname(&hangup_server, (struct sockaddr *)&a, &len);
+    char url[300];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", ntohs(a.sin_port));
+    ms_broker_opts_t o = {.backoff_min_ms = 100, .backoff_max_ms = 400};
+    ms_broker_t *b = new_broker(url, &o);
+    ASSERT_TRUE(wait_for(pred_all_accepted, NULL));
+    ASSERT_CONTAINS(ms_broker_last_error(b), "closed the connection");
+    ASSERT_TRUE(!ms_broker_connected(b));
+    ms_broker_free(b);
+    uv_close((uv_handle_t *)&hangup_server, NULL);
+    /* steps 100, 200, 400, 400, 400 ms, each drawn from [step/2, step] (5 ms for the loop's
+     * cached clock); an uncapped step would reach 800 */
+    static const int step[BACKOFF_ATTEMPTS - 1] = {100, 200, 400, 400, 400};
+    for (int i = 0; i + 1 < BACKOFF_ATTEMPTS; i++) {
+        long long gap = (long long)(accepted_at[i + 1] - accepted_at[i]);
+        if (gap < step[i] / 2 - 5 || gap > step[i] + 300)
+            fprintf(stderr, "backoff gap %d: %lld ms for a %d ms step\n", i, gap, step[i]);
+        ASSERT_TRUE(gap >= step[i] / 2 - 5);
+        ASSERT_TRUE(gap <= step[i] + 300);
+    }
+}
+
 /* A listener that never accepts: the kernel completes the handshake, the PING is never
  * answered, so only the connect timeout ends the attempt. */
 static void test_connect_timeout(void)
@@ -928,6 +985,7 @@ static int run_redis_tests(void)
     test_auth();
     test_connect_timeout();
     test_reset_by_peer();
+    test_backoff();
     test_command_timeout(tcp.port);
     test_free_in_flight(tcp.port);
     test_kill_restart(&tcp);
