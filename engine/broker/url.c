@@ -139,6 +139,17 @@ static int parse_hostport(const char *s, size_t n, ms_broker_url_t *out, char *e
     }
     if (hlen == 0)
         return url_err(err, errlen, "no host (redis://host:port/db)");
+    if (host != s && !memchr(host, ':', hlen))
+        return url_err(err, errlen, "brackets are for IPv6 addresses ([::1])");
+    /* A name, an IPv4 address, or (in brackets) an IPv6 one: anything else could only fail
+     * later, at every connect attempt, with a vaguer message. */
+    const char *allowed = host == s
+                              ? "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_"
+                              : "0123456789abcdefABCDEF:.";
+    for (size_t i = 0; i < hlen; i++)
+        if (!strchr(allowed, host[i]))
+            return url_err(err, errlen, "the host has a character not allowed there (0x%02x)",
+                           (unsigned char)host[i]);
     if (hlen >= sizeof out->host)
         return url_err(err, errlen, "the host is longer than %zu bytes", sizeof out->host - 1);
     memcpy(out->host, host, hlen);

@@ -340,6 +340,9 @@ static void test_urls(void)
     url_ok("redis://u:p@ss@h", "h", 6379, "", "u", "p@ss", 0); /* the last '@' ends it */
     url_ok("redis://[::1]:6390/4", "::1", 6390, "", "", "", 4);
     url_ok("redis://[::1]", "::1", 6379, "", "", "", 0);
+    url_ok("redis://redis-0.redis_svc.ns.svc.cluster.local",
+           "redis-0.redis_svc.ns.svc.cluster.local", 6379, "", "", "", 0);
+    url_ok("redis://[::ffff:10.0.0.1]:7", "::ffff:10.0.0.1", 7, "", "", "", 0);
     url_ok("unix:///run/redis.sock", "", 0, "/run/redis.sock", "", "", 0);
     url_ok("unix:///tmp/my%20redis.sock?db=7", "", 0, "/tmp/my redis.sock", "", "", 7);
     url_ok("unix:///r.sock?password=pw&db=1", "", 0, "/r.sock", "", "pw", 1);
@@ -361,6 +364,10 @@ static void test_urls(void)
     url_bad("redis://h?x", "query parameters are for unix:// URLs");
     url_bad("redis://[::1", "closing ']'");
     url_bad("redis://[::1]x", "after ']'");
+    url_bad("redis://[abc.example]", "brackets are for IPv6");
+    url_bad("redis://[::g]", "not allowed there (0x67)");
+    url_bad("redis://my host:1", "not allowed there (0x20)");
+    url_bad("redis://h%41:1", "not allowed there (0x25)");
     url_bad("redis://secret@h", "user:password or :password");
     url_bad("redis://u:@h", "password is empty");
     url_bad("redis://u:%zz@h", "bad %-escape in the password");
