@@ -111,4 +111,33 @@ ms_broker_status_t ms_broker_command(ms_broker_t *b, ms_broker_cb cb, void *data
  * closed the handles. */
 void ms_broker_free(ms_broker_t *b);
 
+/* ---- Redis Streams replies ---------------------------------------------------------------------
+ * Views into the replies of the stream commands the task queues use, so their callers need not
+ * walk nested arrays by hand. Nothing is copied or allocated: every pointer points into the
+ * reply and is valid as long as it is (during the command's callback). */
+
+typedef struct ms_broker_entry {
+    const char *id; /* "1700000000000-0" */
+    size_t id_len;
+    /* field, value, field, value, ... (2 * n_fields elements); NULL when the entry was deleted
+     * from the stream after it was delivered (XREADGROUP of pending ids, XCLAIM, Redis 6.2's
+     * XAUTOCLAIM) */
+    const redisReply *fields;
+    size_t n_fields;
+} ms_broker_entry_t;
+
+/* The entry list of an XREADGROUP or XREAD reply (its first stream's: the task queues read one
+ * stream per command): returns its length and sets *list, 0 for a nil reply (nothing new), -1
+ * when the reply has another shape. XRANGE and XCLAIM replies are entry lists already. */
+long ms_broker_stream_entries(const redisReply *r, const redisReply **list);
+/* The same for XAUTOCLAIM's [cursor, entries, deleted ids]: *cursor (and *cursor_len) get the id
+ * to continue from ("0-0" once the whole pending list has been scanned). */
+long ms_broker_autoclaim_entries(const redisReply *r, const redisReply **list, const char **cursor,
+                                 size_t *cursor_len);
+/* Entry i of such a list: 0, or -1 when it is not an entry. */
+int ms_broker_entry(const redisReply *list, size_t i, ms_broker_entry_t *out);
+/* The value of field `name` (binary-safe) in an entry, NULL when it has none. */
+const redisReply *ms_broker_entry_field(const ms_broker_entry_t *e, const char *name,
+                                        size_t name_len);
+
 #endif

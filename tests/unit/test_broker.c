@@ -763,62 +763,68 @@ static void test_kill_restart(redis_t *r)
     ms_broker_free(b);
 }
 
-/* ---- Redis Streams, as the task queue will use them ----------------------------------------- */
+/* ---- Redis Streams, as the task queue will use them -----------------------------------------
+ * Replies are read through the broker's stream views (ms_broker_stream_entries & co). */
 
 typedef struct entry {
     int calls;
     ms_broker_status_t status;
+    long n_entries;   /* -1: the reply had another shape */
     char id[64];      /* the first entry's id */
+    int deleted;      /* the first entry has nil fields */
     char payload[64]; /* its "payload" field */
     size_t payload_len;
-    size_t n_entries;
     char next[64]; /* XAUTOCLAIM's cursor */
 } entry_t;
 
-/* Reads entries [[id, [field, value, ...]], ...] into e (the first one only). */
-static void read_entries(entry_t *e, const redisReply *list)
+static void first_entry(entry_t *e, const redisReply *list)
 {
-    if (list->type != REDIS_REPLY_ARRAY)
+    ms_broker_entry_t ent;
+    if (e->n_entries <= 0 || ms_broker_entry(list, 0, &ent) < 0)
         return;
-    e->n_entries = list->elements;
-    if (list->elements == 0)
-        return;
-    const redisReply *ent = list->element[0];
-    if (ent->type != REDIS_REPLY_ARRAY || ent->elements != 2)
-        return;
-    snprintf(e->id, sizeof e->id, "%.*s", (int)ent->element[0]->len, ent->element[0]->str);
-    const redisReply *fields = ent->element[1];
-    for (size_t i = 0; i + 1 < fields->elements; i += 2)
-        if (strcmp(fields->element[i]->str, "payload") == 0) {
-            e->payload_len = fields->element[i + 1]->len;
-            memcpy(e->payload, fields->element[i + 1]->str,
-                   e->payload_len < sizeof e->payload ? e->payload_len : sizeof e->payload);
-        }
+    snprintf(e->id, sizeof e->id, "%.*s", (int)ent.id_len, ent.id);
+    e->deleted = ent.fields == NULL;
+    const redisReply *v = ms_broker_entry_field(&ent, "payload", 7);
+    if (v) {
+        e->payload_len = v->len;
+        memcpy(e->payload, v->str, v->len < sizeof e->payload ? v->len : sizeof e->payload);
+    }
 }
 
-/* XREADGROUP: [[stream, entries]] or nil when nothing is new */
 static void on_xread(void *data, ms_broker_status_t st, const redisReply *r, const char *err)
 {
     (void)err;
     entry_t *e = data;
     e->calls++;
     e->status = st;
-    if (st == MS_BROKER_OK && r->type == REDIS_REPLY_ARRAY && r->elements == 1 &&
-        r->element[0]->elements == 2)
-        read_entries(e, r->element[0]->element[1]);
+    const redisReply *list;
+    e->n_entries = ms_broker_stream_entries(r, &list);
+    first_entry(e, list);
 }
 
-/* XAUTOCLAIM: [next-cursor, entries, deleted-ids] */
 static void on_xautoclaim(void *data, ms_broker_status_t st, const redisReply *r, const char *err)
 {
     (void)err;
     entry_t *e = data;
     e->calls++;
     e->status = st;
-    if (st == MS_BROKER_OK && r->type == REDIS_REPLY_ARRAY && r->elements >= 2) {
-        snprintf(e->next, sizeof e->next, "%.*s", (int)r->element[0]->len, r->element[0]->str);
-        read_entries(e, r->element[1]);
-    }
+    const redisReply *list;
+    const char *cursor = "";
+    size_t cursor_len = 0;
+    e->n_entries = ms_broker_autoclaim_entries(r, &list, &cursor, &cursor_len);
+    snprintf(e->next, sizeof e->next, "%.*s", (int)cursor_len, cursor);
+    first_entry(e, list);
+}
+
+/* XRANGE and XCLAIM answer with an entry list */
+static void on_xrange(void *data, ms_broker_status_t st, const redisReply *r, const char *err)
+{
+    (void)err;
+    entry_t *e = data;
+    e->calls++;
+    e->status = st;
+    e->n_entries = r && r->type == REDIS_REPLY_ARRAY ? (long)r->elements : -1;
+    first_entry(e, r);
 }
 
 static int pred_entry(void *arg)
@@ -826,17 +832,22 @@ static int pred_entry(void *arg)
     return ((entry_t *)arg)->calls > 0;
 }
 
-static void xread(ms_broker_t *b, entry_t *e, const char *consumer)
+static void stream_cmd(ms_broker_t *b, entry_t *e, ms_broker_cb cb, int argc, const char **argv)
 {
-    const char *argv[] = {"XREADGROUP", "GROUP",   "workers", consumer, "COUNT",
-                          "10",         "STREAMS", "tasks",   ">"};
-    size_t lens[9];
-    for (int i = 0; i < 9; i++)
+    size_t lens[16];
+    for (int i = 0; i < argc; i++)
         lens[i] = strlen(argv[i]);
     memset(e, 0, sizeof *e);
-    ms_broker_command(b, on_xread, e, 9, argv, lens);
+    ms_broker_command(b, cb, e, argc, argv, lens);
     wait_for(pred_entry, e);
     ASSERT_INT_EQ(e->calls, 1);
+}
+
+static void xread(ms_broker_t *b, entry_t *e, const char *consumer, const char *from)
+{
+    const char *argv[] = {"XREADGROUP", "GROUP",   "workers", consumer, "COUNT",
+                          "10",         "STREAMS", "tasks",   from};
+    stream_cmd(b, e, on_xread, 9, argv);
 }
 
 static void test_streams(ms_broker_t *b)
@@ -850,10 +861,10 @@ static void test_streams(ms_broker_t *b)
     ASSERT_CONTAINS(c.err, "BUSYGROUP");
 
     static const char payload[] = "{\"x\":1}\0\xfe";
-    const char *add[] = {"XADD", "tasks", "*", "payload", payload};
-    size_t add_len[] = {4, 5, 1, 7, sizeof payload};
+    const char *add[] = {"XADD", "tasks", "*", "attempt", "1", "payload", payload};
+    size_t add_len[] = {4, 5, 1, 7, 1, 7, sizeof payload};
     memset(&c, 0, sizeof c);
-    ms_broker_command(b, on_call, &c, 5, add, add_len);
+    ms_broker_command(b, on_call, &c, 7, add, add_len);
     wait_call(&c);
     ASSERT_INT_EQ(c.status, MS_BROKER_OK);
     ASSERT_INT_EQ(c.type, REDIS_REPLY_STRING);
@@ -861,15 +872,19 @@ static void test_streams(ms_broker_t *b)
     snprintf(id, sizeof id, "%.60s", c.str);
 
     entry_t e;
-    xread(b, &e, "c1");
+    xread(b, &e, "c1", ">");
     ASSERT_INT_EQ(e.status, MS_BROKER_OK);
     ASSERT_INT_EQ(e.n_entries, 1);
     ASSERT_STR_EQ(e.id, id);
+    ASSERT_INT_EQ(e.deleted, 0);
     ASSERT_INT_EQ(e.payload_len, sizeof payload);
     ASSERT_TRUE(memcmp(e.payload, payload, sizeof payload) == 0);
-    xread(b, &e, "c1"); /* nothing new: nil */
+    xread(b, &e, "c1", ">"); /* nothing new: nil */
     ASSERT_INT_EQ(e.status, MS_BROKER_OK);
     ASSERT_INT_EQ(e.n_entries, 0);
+    xread(b, &e, "c1", "0"); /* c1's pending entries: the one it holds */
+    ASSERT_INT_EQ(e.n_entries, 1);
+    ASSERT_STR_EQ(e.id, id);
 
     ASSERT_INT_EQ(run_cmd(b, &c, "XPENDING", "tasks", "workers", NULL), MS_BROKER_OK);
     ASSERT_INT_EQ(c.elements, 4);
@@ -877,19 +892,16 @@ static void test_streams(ms_broker_t *b)
     ASSERT_INT_EQ(c.integer, 1);
     ASSERT_INT_EQ(run_cmd(b, &c, "XACK", "tasks", "workers", id, NULL), MS_BROKER_OK);
     ASSERT_INT_EQ(c.integer, 0); /* acknowledged once only */
+    xread(b, &e, "c1", "0");
+    ASSERT_INT_EQ(e.n_entries, 0); /* [[tasks, []]]: nothing pending any more */
 
     /* a task read by c1 and never acknowledged (c1 died) is claimed by c2 */
     ASSERT_INT_EQ(run_cmd(b, &c, "XADD", "tasks", "*", "payload", "second", NULL), MS_BROKER_OK);
     snprintf(id, sizeof id, "%.60s", c.str);
-    xread(b, &e, "c1");
+    xread(b, &e, "c1", ">");
     ASSERT_STR_EQ(e.id, id);
     const char *claim[] = {"XAUTOCLAIM", "tasks", "workers", "c2", "0", "0-0", "COUNT", "10"};
-    size_t claim_len[8];
-    for (int i = 0; i < 8; i++)
-        claim_len[i] = strlen(claim[i]);
-    memset(&e, 0, sizeof e);
-    ms_broker_command(b, on_xautoclaim, &e, 8, claim, claim_len);
-    wait_for(pred_entry, &e);
+    stream_cmd(b, &e, on_xautoclaim, 8, claim);
     ASSERT_INT_EQ(e.status, MS_BROKER_OK);
     ASSERT_INT_EQ(e.n_entries, 1);
     ASSERT_STR_EQ(e.id, id);
@@ -898,11 +910,102 @@ static void test_streams(ms_broker_t *b)
     ASSERT_INT_EQ(run_cmd(b, &c, "XPENDING", "tasks", "workers", "-", "+", "10", "c2", NULL),
                   MS_BROKER_OK);
     ASSERT_INT_EQ(c.elements, 1);
+    const char *range[] = {"XRANGE", "tasks", id, id};
+    stream_cmd(b, &e, on_xrange, 4, range);
+    ASSERT_INT_EQ(e.n_entries, 1);
+    ASSERT_STR_EQ(e.payload, "second");
     ASSERT_INT_EQ(run_cmd(b, &c, "XACK", "tasks", "workers", id, NULL), MS_BROKER_OK);
     ASSERT_INT_EQ(c.integer, 1);
     ASSERT_INT_EQ(run_cmd(b, &c, "XPENDING", "tasks", "workers", NULL), MS_BROKER_OK);
     ASSERT_INT_EQ(c.elements, 4);
-    ASSERT_INT_EQ(c.calls, 1);
+
+    /* an entry deleted while a consumer holds it: nil fields in the pending history */
+    ASSERT_INT_EQ(run_cmd(b, &c, "XADD", "tasks", "*", "payload", "third", NULL), MS_BROKER_OK);
+    snprintf(id, sizeof id, "%.60s", c.str);
+    xread(b, &e, "c3", ">");
+    ASSERT_INT_EQ(run_cmd(b, &c, "XDEL", "tasks", id, NULL), MS_BROKER_OK);
+    xread(b, &e, "c3", "0");
+    ASSERT_INT_EQ(e.n_entries, 1);
+    ASSERT_STR_EQ(e.id, id);
+    ASSERT_INT_EQ(e.deleted, 1);
+    ASSERT_INT_EQ(e.payload_len, 0);
+    ASSERT_INT_EQ(run_cmd(b, &c, "XACK", "tasks", "workers", id, NULL), MS_BROKER_OK);
+    ASSERT_INT_EQ(c.integer, 1);
+
+    /* other shapes are refused, not misread */
+    ASSERT_INT_EQ(run_cmd(b, &c, "SET", "plain", "x", NULL), MS_BROKER_OK);
+    const char *get[] = {"GET", "plain"};
+    stream_cmd(b, &e, on_xread, 2, get);
+    ASSERT_INT_EQ(e.n_entries, -1);
+    stream_cmd(b, &e, on_xautoclaim, 2, get);
+    ASSERT_INT_EQ(e.n_entries, -1);
+    const char *xlen[] = {"XRANGE", "tasks", "-", "+"}; /* an entry list is not an XREAD reply */
+    stream_cmd(b, &e, on_xread, 4, xlen);
+    ASSERT_INT_EQ(e.n_entries, -1);
+}
+
+/* The views on hand-made replies: shapes Redis does not send must not be misread. */
+static void test_stream_views(void)
+{
+    redisReply id = {.type = REDIS_REPLY_STRING, .str = "1-0", .len = 3};
+    redisReply k = {.type = REDIS_REPLY_STRING, .str = "payload", .len = 7};
+    redisReply v = {.type = REDIS_REPLY_STRING, .str = "p\0q", .len = 3};
+    redisReply *kv[] = {&k, &v};
+    redisReply fields = {.type = REDIS_REPLY_ARRAY, .elements = 2, .element = kv};
+    redisReply odd = {.type = REDIS_REPLY_ARRAY, .elements = 1, .element = kv};
+    redisReply *ent_el[] = {&id, &fields};
+    redisReply ent = {.type = REDIS_REPLY_ARRAY, .elements = 2, .element = ent_el};
+    redisReply *bad_el[] = {&id, &odd};
+    redisReply bad = {.type = REDIS_REPLY_ARRAY, .elements = 2, .element = bad_el};
+    redisReply *list_el[] = {&ent, &bad, &id};
+    redisReply list = {.type = REDIS_REPLY_ARRAY, .elements = 3, .element = list_el};
+    ms_broker_entry_t e;
+    ASSERT_INT_EQ(ms_broker_entry(&list, 0, &e), 0);
+    ASSERT_INT_EQ(e.id_len, 3);
+    ASSERT_INT_EQ(e.n_fields, 1);
+    const redisReply *got = ms_broker_entry_field(&e, "payload", 7);
+    ASSERT_TRUE(got == &v);
+    ASSERT_TRUE(ms_broker_entry_field(&e, "pay", 3) == NULL);
+    ASSERT_INT_EQ(ms_broker_entry(&list, 1, &e), -1); /* odd field count */
+    ASSERT_INT_EQ(ms_broker_entry(&list, 2, &e), -1); /* not an entry */
+    ASSERT_INT_EQ(ms_broker_entry(&list, 3, &e), -1); /* past the end */
+    ASSERT_INT_EQ(ms_broker_entry(&id, 0, &e), -1);   /* not a list */
+
+    const redisReply *out;
+    redisReply nil = {.type = REDIS_REPLY_NIL};
+    ASSERT_INT_EQ(ms_broker_stream_entries(&nil, &out), 0);
+    ASSERT_INT_EQ(ms_broker_stream_entries(NULL, &out), -1);
+    redisReply empty = {.type = REDIS_REPLY_ARRAY};
+    ASSERT_INT_EQ(ms_broker_stream_entries(&empty, &out), -1);
+    redisReply name = {.type = REDIS_REPLY_STRING, .str = "tasks", .len = 5};
+    redisReply *st_el[] = {&name, &list};
+    redisReply st = {.type = REDIS_REPLY_ARRAY, .elements = 2, .element = st_el};
+    redisReply *top_el[] = {&st};
+    redisReply top = {.type = REDIS_REPLY_ARRAY, .elements = 1, .element = top_el};
+    ASSERT_INT_EQ(ms_broker_stream_entries(&top, &out), 3);
+    ASSERT_TRUE(out == &list);
+    redisReply *st_bad_el[] = {&name, &id};
+    redisReply st_bad = {.type = REDIS_REPLY_ARRAY, .elements = 2, .element = st_bad_el};
+    redisReply *top_bad_el[] = {&st_bad};
+    redisReply top_bad = {.type = REDIS_REPLY_ARRAY, .elements = 1, .element = top_bad_el};
+    ASSERT_INT_EQ(ms_broker_stream_entries(&top_bad, &out), -1);
+    ASSERT_INT_EQ(ms_broker_stream_entries(&list, &out), -1); /* an XRANGE-style entry list */
+
+    /* XAUTOCLAIM: Redis 7's three elements and Redis 6.2's two */
+    redisReply cur = {.type = REDIS_REPLY_STRING, .str = "5-0", .len = 3};
+    redisReply *ac7_el[] = {&cur, &list, &empty};
+    redisReply ac7 = {.type = REDIS_REPLY_ARRAY, .elements = 3, .element = ac7_el};
+    const char *cursor = NULL;
+    size_t cursor_len = 0;
+    ASSERT_INT_EQ(ms_broker_autoclaim_entries(&ac7, &out, &cursor, &cursor_len), 3);
+    ASSERT_INT_EQ(cursor_len, 3);
+    ASSERT_TRUE(cursor && memcmp(cursor, "5-0", 3) == 0);
+    redisReply ac62 = {.type = REDIS_REPLY_ARRAY, .elements = 2, .element = ac7_el};
+    ASSERT_INT_EQ(ms_broker_autoclaim_entries(&ac62, &out, &cursor, &cursor_len), 3);
+    redisReply *acbad_el[] = {&list, &list};
+    redisReply acbad = {.type = REDIS_REPLY_ARRAY, .elements = 2, .element = acbad_el};
+    ASSERT_INT_EQ(ms_broker_autoclaim_entries(&acbad, &out, &cursor, &cursor_len), -1);
+    ASSERT_INT_EQ(ms_broker_autoclaim_entries(&nil, &out, &cursor, &cursor_len), -1);
 }
 
 /* ---- freeing with commands in flight -------------------------------------------------------- */
@@ -1013,6 +1116,7 @@ int main(void)
     uv_timer_start(&watchdog, on_watchdog, 40000, 0);
 
     test_urls();
+    test_stream_views();
     if (have_redis())
         run_redis_tests();
     else
