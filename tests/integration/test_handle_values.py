@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import unittest
 
 import harness
@@ -150,7 +151,9 @@ function CASES.errors(self, req)
   cyc.a.b = cyc
   return {
     fn = raised(function() local _ = c:remote(1, print) end),
-    nested = raised(function() local _ = c.echo:remote({ x = { 1, 2, { f = function() end } } }) end),
+    nested = raised(function()
+      local _ = c.echo:remote({ x = { 1, 2, { f = function() end } } })
+    end),
     thread = raised(function() local _ = c:remote(coroutine.create(print)) end),
     userdata = raised(function() local _ = c:remote(io.stdout) end),
     cdata = raised(function() local _ = c:remote(ffi.new("int", 1)) end),
@@ -306,8 +309,9 @@ class HandleValuesTest(harness.ServerTestCase):
         here = r"values\.lua:\d+: "
         self.assertRegex(got["fn"], here + r"handle:remote: call to Callee\.__call: argument 2: "
                                            r"cannot pass a function$")
-        self.assertRegex(got["nested"], here + r"handle:remote: call to Callee\.echo: argument 1, field \"x\", item 3, "
-                                               r"field \"f\": cannot pass a function")
+        self.assertRegex(got["nested"], here + r"handle:remote: call to Callee\.echo: argument 1, "
+                                               r"field \"x\", item 3, field \"f\": cannot pass "
+                                               r"a function")
         self.assertRegex(got["thread"], here + r".*argument 1: cannot pass a thread")
         self.assertRegex(got["userdata"], here + r".*cannot pass a userdata \(only "
                                                  r"serve\.json\.null passes\)")
@@ -402,6 +406,63 @@ class HandleValuesTest(harness.ServerTestCase):
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.header("content-type"), "application/x-moonserve-values")
         self.assertEqual(r.body, b"\x01\x03\xb1\x02")  # one value: 305
+
+
+PROCESS_LUA = r'''
+local serve = require "moonserve"
+local Model = serve.deployment { name = "Model", process = {
+  command = { PYTHON, SERVER }, ready_path = "/health" } }
+local Ingress = serve.deployment { name = "Ingress" }
+function Ingress:init(model) self.model = model end
+local function raised(fn)
+  local ok, err = pcall(fn)
+  return ok and "no error" or tostring(err)
+end
+function Ingress:__call(req)
+  local m = self.model
+  return {
+    table = m:options { multiplexed_model_id = "m2" }:remote({ a = 1 }):result(),
+    string = m:remote("hi"):result(),
+    none = m:remote():result(),
+    method = raised(function() local _ = m.predict:remote(1) end),
+    two = raised(function() local _ = m:remote(1, 2) end),
+    number = raised(function() local _ = m:remote(1) end),
+  }
+end
+return { app = Ingress:bind(Model:bind()) }
+'''
+
+
+class ProcessDeploymentTest(unittest.TestCase):
+    """A process deployment speaks HTTP: a handle to it keeps sending requests (a table as a
+    JSON body, a string as a text body) and refuses methods and several arguments."""
+
+    def test_process_deployment_gets_http(self):
+        echo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "procs", "echo_server.py")
+        lua = PROCESS_LUA.replace("PYTHON", json.dumps(sys.executable)).replace(
+            "SERVER", json.dumps(echo))
+        srv = harness.start_server(self, [{"name": "p", "route_prefix": "/",
+                                           "import_path": "p.lua:app"}], files={"p.lua": lua})
+        srv.wait_status("p", "Model", lambda d: d["status"] == "HEALTHY", timeout=20)
+        r = srv.get("/")
+        self.assertEqual(r.status, 200, r)
+        got = r.json()
+
+        def headers(x):
+            return {k.lower(): v for k, v in x["headers"]}
+        t = got["table"]
+        self.assertEqual((t["method"], t["path"], t["body_len"]), ("POST", "/", len('{"a":1}')))
+        self.assertEqual(headers(t)["content-type"], "application/json")
+        self.assertEqual(headers(t)["serve_multiplexed_model_id"], "m2")
+        self.assertNotIn("x-moonserve-method", headers(t))
+        self.assertEqual(headers(got["string"])["content-type"], "text/plain; charset=utf-8")
+        self.assertEqual(got["string"]["body_len"], 2)
+        self.assertEqual(got["none"]["body_len"], 0)
+        self.assertRegex(got["method"], r"p\.lua:\d+: handle:remote: Model is a process "
+                                        r"deployment: it has no methods \(method 'predict'\)")
+        self.assertRegex(got["two"], r"p\.lua:\d+: .*takes one argument .*got 2")
+        self.assertRegex(got["number"], r"p\.lua:\d+: .*takes a request, a string, a table or "
+                                        r"nil, got number")
 
 
 if __name__ == "__main__":
