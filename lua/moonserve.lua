@@ -197,13 +197,13 @@ function M._graph(root)
     return { ingress = class_info[root.class].name, deployments = M.json.array(deployments) }
 end
 
--- ---- values through handles (docs/replica-protocol.md, "Values") ----------------------------
+-- ---- values through handles (docs/replica-protocol.md, "Value encoding") -------------------
 --
--- A handle call carries Lua values as one compact binary payload: a varint count, then each
--- value as a tag byte and its payload. Integral numbers up to 2^53 travel as varints (one byte
--- below 128), every other number as its 8 bytes, so numbers come back bit-exact; strings are
--- binary-safe; tables keep the array/object distinction. Written with string.buffer and the FFI,
--- so neither side allocates more than the payload and the values.
+-- A handle call carries Lua values as one compact binary payload in the body of the existing
+-- handle-call request: a varint count, then each value as a tag byte and its payload. Integral
+-- numbers up to 2^53 travel as varints (one byte below 128), every other number as its 8 bytes,
+-- so numbers come back bit-exact; strings are binary-safe; tables keep the array/object
+-- distinction. Written with string.buffer and the FFI: no intermediate strings or tables.
 
 local ffi = require "ffi"
 local strbuf = require "string.buffer"
@@ -221,6 +221,8 @@ assert(ffi.abi("le"), "the handle value encoding assumes a little-endian host")
 -- The one table argument of a __call that came through a handle: Lua code written when such a
 -- table arrived as a JSON request body calls `req:json()` on it, which still returns the table.
 local LegacyArg = { __index = { json = function(t) return t end } }
+
+local Request = {} -- the metatable of request objects (below)
 
 local out = strbuf.new()
 local dbl = ffi.new("double[1]")
@@ -263,7 +265,9 @@ local put_value
 
 local function put_table(t, depth, path, active)
     local mt = getmetatable(t)
-    if mt ~= nil and mt ~= ARRAY_MT and mt ~= LegacyArg then
+    if mt == Request then
+        encode_fail(path, "a request object (a request is forwarded only alone, to __call)")
+    elseif mt ~= nil and mt ~= ARRAY_MT and mt ~= LegacyArg then
         encode_fail(path, "a table with a metatable (an object such as a request, response, handle or class instance)")
     elseif active[t] then
         encode_fail(path, "a table that contains itself (a cycle)")
@@ -342,24 +346,30 @@ end
 
 -- The payload for values v[1..n]; on a value that cannot pass, nil and the reason, which names
 -- the value as `label` and its position ("argument 2").
-local function values_encode(v, n, label)
-    out:reset()
+local function put_values(v, n, label)
     put_varint(n)
     local path = {}
     for i = 1, n do
         path[1] = label .. " " .. i
-        local ok, err = pcall(put_value, v[i], 1, path, {})
-        if not ok then
-            out:reset()
-            if type(err) == "table" and err.values_error then
-                return nil, err.values_error
-            end
-            error(err, 0) -- out of memory: not the value's fault
-        end
+        put_value(v[i], 1, path, {})
     end
-    local s = out:tostring()
+end
+
+local function values_encode(v, n, label)
     out:reset()
-    return s
+    local ok, err = pcall(put_values, v, n, label)
+    local s = ok and out:tostring()
+    if #out > 1048576 then
+        out:free() -- the buffer is reused: do not keep a large call's space
+    else
+        out:reset()
+    end
+    if ok then
+        return s
+    elseif type(err) == "table" and err.values_error then
+        return nil, err.values_error
+    end
+    error(err, 0) -- out of memory: not the value's fault
 end
 
 -- Decodes a payload into (n, {v1, ..., vn}); a malformed one raises.
@@ -474,7 +484,6 @@ local Handle = {}
 local HandleMethods = {}
 local Future = {}
 Future.__index = Future
-local Request = {}
 
 local function replica_only(name)
     return core[name] or function()
@@ -490,12 +499,16 @@ local function new_handle(state)
     return setmetatable({ [STATE] = state }, Handle)
 end
 
+local function is_identifier(s)
+    return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil
+end
+
 -- handle.name -> a handle calling method `name` (as Ray's handle.name.remote()).
 Handle.__index = function(h, k)
     local m = HandleMethods[k]
     if m then
         return m
-    elseif type(k) == "string" then
+    elseif is_identifier(k) then
         return HandleMethods.options(h, { method_name = k })
     end
 end
@@ -513,10 +526,6 @@ local function class_method(cls, name)
     if type(f) == "function" or getmetatable(f) == M._Batched then
         return f
     end
-end
-
-local function is_identifier(s)
-    return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil
 end
 
 -- The options handle:options{} accepts; each check returns an error message or nil.

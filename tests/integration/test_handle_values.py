@@ -320,8 +320,9 @@ class HandleValuesTest(harness.ServerTestCase):
                                               r"pass a table that contains itself \(a cycle\)")
         self.assertRegex(got["object"], here + r".*cannot pass a table with a metatable")
         self.assertRegex(got["handle"], here + r".*cannot pass a table with a metatable")
-        self.assertRegex(got["request_to_method"], here + r".*cannot pass a table with a "
-                                                          r"metatable")
+        self.assertRegex(got["request_to_method"], here + r".*argument 1: cannot pass a request "
+                                                          r"object \(a request is forwarded only "
+                                                          r"alone, to __call\)")
         self.assertRegex(got["bad_return"], r"call to v/Callee\.bad_return failed with status "
                                             r"500: .*Callee\.bad_return: return value 1, field "
                                             r".+f.+: cannot pass a function through a handle")
@@ -371,6 +372,12 @@ class HandleValuesTest(harness.ServerTestCase):
                                          "Content-Type": "application/x-moonserve-values"})
         body = self.assertErrorJSON(r, 400)
         self.assertIn("X-Moonserve-Method is reserved for handle calls", body["error"])
+        # the connection stays usable: the next request on it is served
+        bad = harness.build_request("POST", "/v/x", {"X-Moonserve-Method": "__call"}, b"\x00")
+        first, second = self.server.raw(bad + harness.build_request("GET", "/v/call_default"),
+                                        n_responses=2)
+        self.assertEqual(first.status, 400, first)
+        self.assertEqual(second.status, 200, second)
 
     def handle_socket(self):
         for pid in self.server.replica_pids():
@@ -398,9 +405,17 @@ class HandleValuesTest(harness.ServerTestCase):
         r = self.raw_handle_call("nope", b"\x00")
         self.assertEqual(r.status, 404, r)
         self.assertEqual(r.json()["error"], "deployment 'Callee' has no method 'nope'")
-        r = self.raw_handle_call("echo", b"\x02\x63")
-        self.assertEqual(r.status, 400, r)
-        self.assertIn("malformed handle value payload", r.json()["error"])
+        for bad, why in [(b"", "truncated"), (b"\x02\x63", "count larger than the payload"),
+                         (b"\x01\x63", "unknown tag 99"), (b"\x01\x02\x02", "left-over"),
+                         (b"\x01\x06\x05ab", "count larger than the payload"),
+                         (b"\x01\x05\x00\x00", "truncated"),
+                         (b"\x01\x03" + b"\x80" * 8 + b"\x01", "varint too long"),
+                         (b"\x01\x07\x01\x00", "nil in an array"),
+                         (b"\x01\x08\x01\x00\x02", "nil or NaN key"),
+                         (b"\x01" + b"\x07\x01" * 101 + b"\x02", "nested too deep")]:
+            r = self.raw_handle_call("echo", bad)
+            self.assertEqual(r.status, 400, (bad, r))
+            self.assertIn("malformed handle value payload: " + why, r.json()["error"], bad)
         # the documented encoding, by hand: add(300, 5)
         r = self.raw_handle_call("add", b"\x02\x03\xac\x02\x03\x05")
         self.assertEqual(r.status, 200, r)
