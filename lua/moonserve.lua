@@ -199,13 +199,293 @@ function M._graph(root)
     return { ingress = class_info[root.class].name, deployments = M.json.array(deployments) }
 end
 
+-- ---- values through handles (docs/replica-protocol.md, "Value encoding") -------------------
+--
+-- A handle call carries Lua values as one compact binary payload in the body of the existing
+-- handle-call request: a varint count, then each value as a tag byte and its payload. Integral
+-- numbers up to 2^53 travel as varints (one byte below 128), every other number as its 8 bytes,
+-- so numbers come back bit-exact; strings are binary-safe; tables keep the array/object
+-- distinction. Written with string.buffer and the FFI: no intermediate strings or tables.
+
+local ffi = require "ffi"
+local strbuf = require "string.buffer"
+local table_new = require "table.new"
+
+local VALUES_TYPE = "application/x-moonserve-values"
+local VALUES_MAX_DEPTH = 100
+local TWO53 = 2 ^ 53
+local ARRAY_MT = getmetatable(M.json.array())
+local T_NIL, T_FALSE, T_TRUE, T_UINT, T_NEGINT, T_DOUBLE, T_STRING, T_ARRAY, T_MAP, T_NULL =
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9
+
+assert(ffi.abi("le"), "the handle value encoding assumes a little-endian host")
+
+-- The one table argument of a __call that came through a handle: Lua code written when such a
+-- table arrived as a JSON request body calls `req:json()` on it, which still returns the table.
+local LegacyArg = { __index = { json = function(t) return t end } }
+
+local Request = {} -- the metatable of request objects (below)
+
+local out = strbuf.new()
+local dbl = ffi.new("double[1]")
+
+local function put_varint(n) -- 0 <= n <= 2^53, integral
+    local p = out:reserve(8)
+    local i = 0
+    while n >= 128 do
+        local low = n % 128
+        p[i] = low + 128
+        n = (n - low) / 128
+        i = i + 1
+    end
+    p[i] = n
+    out:commit(i + 1)
+end
+
+local function put_tag(tag)
+    local p = out:reserve(1)
+    p[0] = tag
+    out:commit(1)
+end
+
+-- Raised with a path into the value ("argument 2, field "a", item 3"); path[1] is the label
+-- and position of the top-level value, the rest the keys below it.
+local function encode_fail(path, what)
+    local parts = { path[1] }
+    for i = 2, #path do
+        local k = path[i]
+        parts[i] = type(k) == "number" and "item " .. k
+            or type(k) == "string" and string.format("field %q", k) or "a " .. type(k) .. " key"
+    end
+    if #parts > 8 then -- deep paths: the top and the bottom say where
+        parts = { parts[1], parts[2], parts[3], "...", parts[#parts - 1], parts[#parts] }
+    end
+    error({ values_error = table.concat(parts, ", ") .. ": cannot pass " .. what }, 0)
+end
+
+local put_value
+
+local function put_table(t, depth, path, active)
+    local mt = getmetatable(t)
+    if mt == Request then
+        encode_fail(path, "a request object (a request is forwarded only alone, to __call)")
+    elseif mt ~= nil and mt ~= ARRAY_MT and mt ~= LegacyArg then
+        encode_fail(path, "a table with a metatable (an object such as a request, response, handle or class instance)")
+    elseif active[t] then
+        encode_fail(path, "a table that contains itself (a cycle)")
+    elseif depth >= VALUES_MAX_DEPTH then
+        encode_fail(path, "tables nested deeper than " .. VALUES_MAX_DEPTH)
+    end
+    active[t] = true
+    -- An array is a table whose keys are exactly 1..n (or an empty one marked serve.json.array).
+    local count, max, array = 0, 0, true
+    for k in pairs(t) do
+        count = count + 1
+        if array and type(k) == "number" and k >= 1 and k % 1 == 0 then
+            max = k > max and k or max
+        else
+            array = false
+        end
+    end
+    if count == 0 then
+        array = mt == ARRAY_MT
+    else
+        array = array and max == count -- positive integer keys, as many as the largest: 1..n
+    end
+    local n = #path + 1
+    if array then
+        put_tag(T_ARRAY)
+        put_varint(count)
+        for i = 1, count do
+            path[n] = i
+            put_value(t[i], depth + 1, path, active)
+        end
+    else
+        put_tag(T_MAP)
+        put_varint(count)
+        for k, v in pairs(t) do
+            path[n] = k
+            put_value(k, depth + 1, path, active)
+            put_value(v, depth + 1, path, active)
+        end
+    end
+    path[n] = nil
+    active[t] = nil
+end
+
+put_value = function(v, depth, path, active)
+    local tv = type(v)
+    if tv == "nil" then
+        put_tag(T_NIL)
+    elseif tv == "boolean" then
+        put_tag(v and T_TRUE or T_FALSE)
+    elseif tv == "number" then
+        if v % 1 == 0 and v >= -TWO53 and v <= TWO53 and (v ~= 0 or 1 / v > 0) then
+            if v >= 0 then
+                put_tag(T_UINT)
+                put_varint(v)
+            else
+                put_tag(T_NEGINT)
+                put_varint(-v)
+            end
+        else -- fractions, -0.0, infinities, NaN and integers beyond 2^53
+            put_tag(T_DOUBLE)
+            dbl[0] = v
+            out:putcdata(dbl, 8)
+        end
+    elseif tv == "string" then
+        put_tag(T_STRING)
+        put_varint(#v)
+        out:put(v)
+    elseif tv == "table" then
+        put_table(v, depth, path, active)
+    elseif v == M.json.null then
+        put_tag(T_NULL)
+    else
+        encode_fail(path, "a " .. tv .. (tv == "userdata" and " (only serve.json.null passes)" or ""))
+    end
+end
+
+-- The payload for values v[1..n]; on a value that cannot pass, nil and the reason, which names
+-- the value as `label` and its position ("argument 2").
+local function put_values(v, n, label)
+    put_varint(n)
+    local path = {}
+    for i = 1, n do
+        path[1] = label .. " " .. i
+        put_value(v[i], 1, path, {})
+    end
+end
+
+local function values_encode(v, n, label)
+    out:reset()
+    local ok, err = pcall(put_values, v, n, label)
+    local s = ok and out:tostring()
+    if #out > 1048576 then
+        out:free() -- the buffer is reused: do not keep a large call's space
+    else
+        out:reset()
+    end
+    if ok then
+        return s
+    elseif type(err) == "table" and err.values_error then
+        return nil, err.values_error
+    end
+    error(err, 0) -- out of memory: not the value's fault
+end
+
+-- Decodes a payload into (n, {v1, ..., vn}); a malformed one raises.
+local function values_decode(s)
+    local p, len, pos = ffi.cast("const uint8_t *", s), #s, 0
+    local function malformed(why)
+        error("malformed handle value payload: " .. why .. " at byte " .. pos, 0)
+    end
+    local function varint()
+        local n, scale = 0, 1
+        repeat
+            if pos >= len then
+                malformed("truncated")
+            elseif scale > TWO53 then
+                malformed("varint too long")
+            end
+            local b = p[pos]
+            pos = pos + 1
+            n = n + (b % 128) * scale
+            scale = scale * 128
+        until b < 128
+        if n > TWO53 then
+            malformed("integer beyond 2^53")
+        end
+        return n
+    end
+    local function count(min_bytes_each)
+        local n = varint()
+        if n * min_bytes_each > len - pos then
+            malformed("count larger than the payload")
+        end
+        return n
+    end
+    local value
+    value = function(depth)
+        if pos >= len then
+            malformed("truncated")
+        elseif depth > VALUES_MAX_DEPTH then
+            malformed("nested too deep")
+        end
+        local tag = p[pos]
+        pos = pos + 1
+        if tag == T_NIL then
+            return nil
+        elseif tag == T_FALSE then
+            return false
+        elseif tag == T_TRUE then
+            return true
+        elseif tag == T_UINT then
+            return varint()
+        elseif tag == T_NEGINT then
+            return -varint()
+        elseif tag == T_DOUBLE then
+            if len - pos < 8 then
+                malformed("truncated")
+            end
+            ffi.copy(dbl, p + pos, 8)
+            pos = pos + 8
+            return dbl[0]
+        elseif tag == T_STRING then
+            local n = count(1)
+            local v = ffi.string(p + pos, n)
+            pos = pos + n
+            return v
+        elseif tag == T_ARRAY then
+            local n = count(1)
+            local t = table_new(n, 0)
+            for i = 1, n do
+                local v = value(depth + 1)
+                if v == nil then
+                    malformed("nil in an array")
+                end
+                t[i] = v
+            end
+            return setmetatable(t, ARRAY_MT)
+        elseif tag == T_MAP then
+            local n = count(2)
+            local t = table_new(0, n)
+            for _ = 1, n do
+                local k = value(depth + 1)
+                if k == nil or k ~= k then
+                    malformed("nil or NaN key")
+                end
+                t[k] = value(depth + 1)
+            end
+            return t
+        elseif tag == T_NULL then
+            return M.json.null
+        end
+        pos = pos - 1
+        malformed("unknown tag " .. tag)
+    end
+    local n = count(1)
+    local vals = table_new(n, 0)
+    for i = 1, n do
+        vals[i] = value(1)
+    end
+    if pos ~= len then
+        malformed("left-over bytes")
+    end
+    return n, vals
+end
+
+M._values = { encode = values_encode, decode = values_decode, content_type = VALUES_TYPE }
+
 -- ---- handles and futures --------------------------------------------------------------------
 
+-- A handle's state sits under a key no method name can be, so `handle.anything` stays free for
+-- method names. state: app, deployment, class (nil for a process deployment), opts.
+local STATE = {}
 local Handle = {}
-Handle.__index = Handle
+local HandleMethods = {}
 local Future = {}
 Future.__index = Future
-local Request = {}
 
 local function replica_only(name)
     return core[name] or function()
@@ -217,25 +497,108 @@ local core_stream_start, core_stream_send = replica_only("stream_start"), replic
 local core_batcher_new, core_batch_submit = replica_only("batcher_new"), replica_only("batch_submit")
 local core_batch_configure, core_batch_stats = replica_only("batch_configure"), replica_only("batch_stats")
 
+local function new_handle(state)
+    return setmetatable({ [STATE] = state }, Handle)
+end
+
+local function is_identifier(s)
+    return type(s) == "string" and s:match("^[%a_][%w_]*$") ~= nil
+end
+
+-- handle.name -> a handle calling method `name` (as Ray's handle.name.remote()).
+Handle.__index = function(h, k)
+    local m = HandleMethods[k]
+    if m then
+        return m
+    elseif is_identifier(k) then
+        return HandleMethods.options(h, { method_name = k })
+    end
+end
+
+Handle.__tostring = function(h)
+    local st = rawget(h, STATE)
+    return string.format("handle(%s/%s%s)", st.app, st.deployment,
+        st.opts.method_name and "." .. st.opts.method_name or "")
+end
+
+-- The function a class offers as method `name` through handles (a batched method counts), or
+-- nil. Only the class's own fields: `bind` and anything set on an instance are not methods.
+local function class_method(cls, name)
+    local f = rawget(cls, name)
+    if type(f) == "function" or getmetatable(f) == M._Batched then
+        return f
+    end
+end
+
+-- The options handle:options{} accepts; each check returns an error message or nil.
+local HANDLE_OPTIONS = {
+    method_name = function(v)
+        return not is_identifier(v) and "method_name must be a method name (a Lua identifier)" or nil
+    end,
+    multiplexed_model_id = function(v)
+        return type(v) ~= "string" and "multiplexed_model_id must be a string" or nil
+    end,
+    stream = function(v)
+        if type(v) ~= "boolean" then
+            return "stream must be a boolean"
+        end
+        return v and "stream = true is not supported yet: a handle call's answer arrives whole" or nil
+    end,
+}
+
+-- handle:options{...} -> a new handle with the options merged over this one's.
+function HandleMethods.options(h, opts)
+    if getmetatable(h) ~= Handle then
+        error("options must be called as handle:options{...}", 2)
+    end
+    if type(opts) ~= "table" then
+        error("handle:options expects a table of options", 2)
+    end
+    local st = rawget(h, STATE)
+    local merged = {}
+    for k, v in pairs(st.opts) do
+        merged[k] = v
+    end
+    for k, v in pairs(opts) do
+        local check = HANDLE_OPTIONS[k]
+        if not check then
+            error(string.format("handle:options: unknown or unsupported option '%s' (supported: "
+                .. "method_name, multiplexed_model_id, stream = false)", tostring(k)), 2)
+        end
+        local problem = check(v)
+        if problem then
+            error("handle:options: " .. problem, 2)
+        end
+        merged[k] = v
+    end
+    return new_handle({ app = st.app, deployment = st.deployment, class = st.class, opts = merged })
+end
+
 -- Headers a forwarded request must not carry over: framing and routing are the new hop's own.
 local HOP_HEADERS = {
     ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
     host = true, ["x-request-id"] = true, ["x-moonserve-target"] = true, ["keep-alive"] = true,
+    ["x-moonserve-method"] = true,
 }
 
--- handle:remote(arg) sends the call at once and returns a future. arg: a request object
--- (forwarded as is), a string (POST body), a table (POST JSON body) or nil (POST, no body).
-function Handle:remote(arg)
+-- A request forwarded as is, for a request object; for a process deployment also a string
+-- (POST body), a table (POST JSON body) or nothing (POST, no body). Returns method, path,
+-- body, headers.
+local function http_call(st, n, arg)
     local method, path, body, headers = "POST", "/", "", {}
+    local mid = st.opts.multiplexed_model_id
     if getmetatable(arg) == Request then
         method, body = arg.method, arg.body
         path = arg.path .. (arg.query_string ~= "" and ("?" .. arg.query_string) or "")
         for k, v in pairs(arg.headers) do
-            if not HOP_HEADERS[k] then
+            if not HOP_HEADERS[k] and not (mid and k == "serve_multiplexed_model_id") then
                 headers[#headers + 1] = k
                 headers[#headers + 1] = v
             end
         end
+    elseif n > 1 then
+        error(string.format("handle:remote: %s is a process deployment: it takes one argument "
+            .. "(a request, a string, a table or nil), got %d", st.deployment, n), 3)
     elseif type(arg) == "string" then
         body = arg
         headers = { "content-type", "text/plain; charset=utf-8" }
@@ -243,19 +606,60 @@ function Handle:remote(arg)
         body = M.json.encode(arg)
         headers = { "content-type", "application/json" }
     elseif arg ~= nil then
-        error("handle:remote expects a request, a string, a table or nil, got " .. type(arg), 2)
+        error("handle:remote: a process deployment takes a request, a string, a table or nil, got "
+            .. type(arg), 3)
     end
-    local target = self.app .. "/" .. self.deployment
-    return setmetatable({ target = target, call = core_call(target, method, path, headers, body) }, Future)
+    return method, path, body, headers
 end
 
--- future:result() yields the request's coroutine until the answer arrives. A JSON answer is
--- decoded; any other body is returned as a string; a non-2xx status raises an error. Runtime
--- errors here carry no position: handlers often tail-call result(), which would make level 2
--- point into this file.
+-- handle:remote(...) sends the call at once and returns a future. A Lua deployment's method
+-- receives the same values (docs/lua-api.md); a request object alone is forwarded to __call as
+-- an HTTP request, and a process deployment gets an HTTP request (http_call).
+function HandleMethods.remote(h, ...)
+    if getmetatable(h) ~= Handle then
+        error("remote must be called as handle:remote(...)", 2)
+    end
+    local st = rawget(h, STATE)
+    local n, first = select("#", ...), ...
+    local name = st.opts.method_name
+    local target = st.app .. "/" .. st.deployment
+    local future = { target = target }
+    local method, path, body, headers
+    if st.class == nil or (name == nil and n == 1 and getmetatable(first) == Request) then
+        if name then
+            error(string.format("handle:remote: %s is a process deployment: it has no methods "
+                .. "(method '%s')", st.deployment, name), 2)
+        end
+        method, path, body, headers = http_call(st, n, first)
+    else
+        name = name or "__call"
+        if not class_method(st.class, name) then
+            error(string.format("handle:remote: deployment '%s' has no method '%s'", st.deployment, name), 2)
+        end
+        local err
+        body, err = values_encode({ ... }, n, "argument")
+        if not body then
+            error(string.format("handle:remote: call to %s.%s: %s", st.deployment, name, err), 2)
+        end
+        method, path = "POST", "/"
+        headers = { "content-type", VALUES_TYPE, "x-moonserve-method", name }
+        future.values, future.target = true, target .. "." .. name
+    end
+    if st.opts.multiplexed_model_id then
+        headers[#headers + 1] = "serve_multiplexed_model_id"
+        headers[#headers + 1] = st.opts.multiplexed_model_id
+    end
+    future.call = core_call(target, method, path, headers, body)
+    return setmetatable(future, Future)
+end
+
+-- future:result() yields the request's coroutine until the answer arrives. A values answer is
+-- decoded into the method's return values, a JSON answer is decoded, any other body is returned
+-- as a string; a non-2xx status raises an error. Runtime errors here carry no position: handlers
+-- often tail-call result(), which would make level 2 point into this file.
 function Future:result()
     if self.done then
-        return self.value
+        return unpack(self.value, 1, self.n)
     end
     local status, ctype, body = core_result(self.call)
     if status == nil then
@@ -264,12 +668,19 @@ function Future:result()
     if status < 200 or status > 299 then
         error(string.format("call to %s failed with status %d: %s", self.target, status, body), 0)
     end
-    local value = body
-    if ctype and ctype:lower():find("application/json", 1, true) then
-        value = M.json.decode(body)
+    ctype = ctype and ctype:lower() or ""
+    local n, value = 1, { body }
+    if self.values and ctype == VALUES_TYPE then
+        local ok, k, vals = pcall(values_decode, body)
+        if not ok then
+            error(string.format("call to %s: %s", self.target, k), 0)
+        end
+        n, value = k, vals
+    elseif ctype:find("application/json", 1, true) then
+        value[1] = M.json.decode(body)
     end
-    self.done, self.value = true, value
-    return value
+    self.done, self.value, self.n = true, value, n
+    return unpack(value, 1, n)
 end
 
 -- ---- serve.batch (docs/batching.md) ------------------------------------------------------------
@@ -510,7 +921,9 @@ function M._instantiate(root, name, app)
     local copies = {}
     local function convert(v)
         if is_node(v) then
-            return setmetatable({ app = app, deployment = class_info[v.class].name }, Handle)
+            local info = class_info[v.class]
+            return new_handle({ app = app, deployment = info.name, opts = {},
+                                class = not info.options.process and v.class or nil })
         elseif type(v) ~= "table" or getmetatable(v) ~= nil then
             return v
         elseif copies[v] then
@@ -573,7 +986,45 @@ function M._stats(self)
     return autoscaling, routing, batching_stats(self), metrics and metrics._snapshot() or {}
 end
 
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
+-- A call through a handle (it carries X-Moonserve-Method, which the HTTP ingress refuses from
+-- clients): the method gets the decoded values and its results go back encoded, except a
+-- serve.response or serve.stream, which is answered as HTTP as it would be to a client.
+local function run_values_call(self, req, name)
+    local f = class_method(getmetatable(self), name)
+    if not f then
+        local msg = string.format("deployment '%s' has no method '%s'", M._context.deployment, name)
+        return to_http(M.response { status = 404, body = { error = msg, request_id = req.id } })
+    end
+    local ok, n, args = pcall(values_decode, req.body)
+    if not ok then
+        return to_http(M.response { status = 400, body = { error = n, request_id = req.id } })
+    end
+    if n == 1 and name == "__call" and type(args[1]) == "table" and getmetatable(args[1]) == nil then
+        setmetatable(args[1], LegacyArg)
+    end
+    local res = pack(f(self, unpack(args, 1, n)))
+    local mt = getmetatable(res[1])
+    if mt == Stream then
+        return run_stream(res[1])
+    elseif mt == Response then
+        return to_http(res[1])
+    end
+    local payload, err = values_encode(res, res.n, "return value")
+    if not payload then
+        error(string.format("%s.%s: %s through a handle", M._context.deployment, name, err), 0)
+    end
+    return 200, payload, { "Content-Type", VALUES_TYPE }
+end
+
 function M._run_request(self, req)
+    local method = req.headers["x-moonserve-method"]
+    if method then
+        return run_values_call(self, req, method)
+    end
     setmetatable(req, Request)
     local res = self:__call(req)
     if getmetatable(res) == Stream then

@@ -216,6 +216,13 @@ static void on_ingress_request(ms_http_request_t *req, void *data)
     }
     req->route = t->stats;
     t->stats->inflight++;
+    /* The header marks a call through a handle, which may name any method of the class and
+     * whose body the replica decodes as Lua values: only replicas, on the handle socket, send
+     * it. */
+    if (ms_http_request_header(req, "x-moonserve-method", NULL)) {
+        ms_http_respond_error(req, 400, "X-Moonserve-Method is reserved for handle calls");
+        return;
+    }
     ms_deployment_submit(t->dep, req);
 }
 
