@@ -334,17 +334,6 @@ static void respond_method_not_allowed(ms_http_request_t *req, const char *allow
 
 /* ---- helpers ------------------------------------------------------------------------------- */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Percent-decodes s[0..n) into a new string. `plus_is_space` for query strings. Returns NULL on
  * a malformed escape or a decoded NUL (which no C string can carry). */
 static char *url_decode(const char *s, size_t n, int plus_is_space)
@@ -354,8 +343,8 @@ static char *url_decode(const char *s, size_t n, int plus_is_space)
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
         if (c == '%') {
-            int hi = i + 2 < n ? hexval(s[i + 1]) : -1;
-            int lo = i + 2 < n ? hexval(s[i + 2]) : -1;
+            int hi = i + 2 < n ? ms_hex_digit(s[i + 1]) : -1;
+            int lo = i + 2 < n ? ms_hex_digit(s[i + 2]) : -1;
             if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) {
                 free(out);
                 return NULL;

@@ -9,6 +9,7 @@
 #include <strings.h>
 
 #include "broker/broker.h"
+#include "core/core.h"
 
 #define REDIS_DEFAULT_PORT 6379
 
@@ -29,17 +30,6 @@ static int url_err(char *err, size_t errlen, const char *fmt, ...)
     return -1;
 }
 
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Copies n bytes of src into dst (cap bytes, NUL included), decoding %XX escapes. `what` names
  * the part for the error message; the text itself is never quoted (it may be a secret). */
 static int decode(const char *src, size_t n, char *dst, size_t cap, const char *what, char *err,
@@ -49,8 +39,8 @@ static int decode(const char *src, size_t n, char *dst, size_t cap, const char *
     for (size_t i = 0; i < n; i++) {
         char c = src[i];
         if (c == '%') {
-            int hi = i + 2 < n ? hex_digit(src[i + 1]) : -1;
-            int lo = i + 2 < n ? hex_digit(src[i + 2]) : -1;
+            int hi = i + 2 < n ? ms_hex_digit(src[i + 1]) : -1;
+            int lo = i + 2 < n ? ms_hex_digit(src[i + 2]) : -1;
             if (hi < 0 || lo < 0)
                 return url_err(err, errlen, "bad %%-escape in the %s (use %%XX, two hex digits)",
                                what);

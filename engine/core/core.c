@@ -457,3 +457,14 @@ int ms_read_file(const char *path, ms_buf_t *out)
     }
     return 0;
 }
+
+int ms_hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}

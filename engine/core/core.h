@@ -102,6 +102,8 @@ int ms_read_file(const char *path, ms_buf_t *out);
  * dropped, and when out is too small the copy ends before a character, never inside one. The
  * copy is never longer than s, so out may be s. Returns the length written. */
 size_t ms_utf8_copy(char *out, size_t cap, const char *s, size_t n);
+/* The value of one hex digit, either case; -1 for anything else (percent-decoding). */
+int ms_hex_digit(char c);
 
 /* ---- misc ---------------------------------------------------------------------------------- */
 /* SHA-256 of data as 64 lowercase hex digits plus NUL, for script fingerprints. */
