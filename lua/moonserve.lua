@@ -119,8 +119,9 @@ local function node_children(node, fn)
 end
 
 -- Walks the bind graph from the root: returns the nodes in discovery order (root first) and a
--- name -> node map. Two different nodes may not share a deployment name, and every class must
--- define __call (checked here so `moonserve check` reports it without constructing anything).
+-- name -> node map. Two different nodes may not share a deployment name, and the ingress (the
+-- root), which HTTP requests reach, must define __call (checked here so `moonserve check`
+-- reports it without constructing anything); the others are reached through handles only.
 local function collect(root)
     local order, by_name = {}, {}
     local function visit(node)
@@ -131,7 +132,8 @@ local function collect(root)
         elseif prev then
             error(string.format("deployment name '%s' is bound twice with different arguments", name), 0)
         end
-        if type(node.class.__call) ~= "function" and not class_info[node.class].options.process then
+        if node == root and type(node.class.__call) ~= "function"
+            and not class_info[node.class].options.process then
             error(string.format("deployment '%s' has no __call method", name), 0)
         end
         by_name[name] = node
@@ -493,6 +495,8 @@ local function replica_only(name)
     end
 end
 local core_sleep, core_call, core_result = replica_only("sleep"), replica_only("call"), replica_only("result")
+local core_wait, core_done, core_cancel = replica_only("wait"), replica_only("done"), replica_only("cancel")
+local core_time_left = replica_only("time_left")
 local core_stream_start, core_stream_send = replica_only("stream_start"), replica_only("stream_send")
 local core_batcher_new, core_batch_submit = replica_only("batcher_new"), replica_only("batch_submit")
 local core_batch_configure, core_batch_stats = replica_only("batch_configure"), replica_only("batch_stats")
@@ -544,6 +548,9 @@ local HANDLE_OPTIONS = {
         end
         return v and "stream = true is not supported yet: a handle call's answer arrives whole" or nil
     end,
+    timeout_s = function(v)
+        return not (type(v) == "number" and v >= 0) and "timeout_s must be a number >= 0" or nil
+    end,
 }
 
 -- handle:options{...} -> a new handle with the options merged over this one's.
@@ -563,7 +570,7 @@ function HandleMethods.options(h, opts)
         local check = HANDLE_OPTIONS[k]
         if not check then
             error(string.format("handle:options: unknown or unsupported option '%s' (supported: "
-                .. "method_name, multiplexed_model_id, stream = false)", tostring(k)), 2)
+                .. "method_name, multiplexed_model_id, timeout_s, stream = false)", tostring(k)), 2)
         end
         local problem = check(v)
         if problem then
@@ -578,7 +585,7 @@ end
 local HOP_HEADERS = {
     ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
     host = true, ["x-request-id"] = true, ["x-moonserve-target"] = true, ["keep-alive"] = true,
-    ["x-moonserve-method"] = true,
+    ["x-moonserve-method"] = true, ["x-moonserve-timeout-ms"] = true,
 }
 
 -- A request forwarded as is, for a request object; for a process deployment also a string
@@ -623,7 +630,7 @@ function HandleMethods.remote(h, ...)
     local n, first = select("#", ...), ...
     local name = st.opts.method_name
     local target = st.app .. "/" .. st.deployment
-    local future = { target = target }
+    local future = { target = target, app = st.app, deployment = st.deployment }
     local method, path, body, headers
     if st.class == nil or (name == nil and n == 1 and getmetatable(first) == Request) then
         if name then
@@ -643,44 +650,244 @@ function HandleMethods.remote(h, ...)
         end
         method, path = "POST", "/"
         headers = { "content-type", VALUES_TYPE, "x-moonserve-method", name }
-        future.values, future.target = true, target .. "." .. name
+        future.values, future.target, future.method = true, target .. "." .. name, name
     end
     if st.opts.multiplexed_model_id then
         headers[#headers + 1] = "serve_multiplexed_model_id"
         headers[#headers + 1] = st.opts.multiplexed_model_id
     end
-    future.call = core_call(target, method, path, headers, body)
+    future.call = core_call(target, method, path, headers, body, st.opts.timeout_s)
     return setmetatable(future, Future)
 end
 
--- future:result() yields the request's coroutine until the answer arrives. A values answer is
--- decoded into the method's return values, a JSON answer is decoded, any other body is returned
--- as a string; a non-2xx status raises an error. Runtime errors here carry no position: handlers
--- often tail-call result(), which would make level 2 point into this file.
-function Future:result()
-    if self.done then
-        return unpack(self.value, 1, self.n)
-    end
-    local status, ctype, body = core_result(self.call)
-    if status == nil then
-        error(string.format("call to %s failed: %s", self.target, ctype), 0)
-    end
-    if status < 200 or status > 299 then
-        error(string.format("call to %s failed with status %d: %s", self.target, status, body), 0)
-    end
-    ctype = ctype and ctype:lower() or ""
-    local n, value = 1, { body }
-    if self.values and ctype == VALUES_TYPE then
-        local ok, k, vals = pcall(values_decode, body)
-        if not ok then
-            error(string.format("call to %s: %s", self.target, k), 0)
+-- ---- call errors ------------------------------------------------------------------------------
+
+-- What a failed handle call raises: an object whose fields say what failed, and whose text (its
+-- tostring, which is also what an uncaught one reports) names the callee and keeps its message.
+local CallError = {}
+CallError.__index = CallError
+CallError.__tostring = function(e)
+    return e.text
+end
+M.CallError = CallError
+
+function M.is_call_error(v)
+    return getmetatable(v) == CallError
+end
+
+-- kind: "timeout" (408: a deadline or timeout_s passed), "cancelled" (future:cancel()),
+-- "unavailable" (no answer: the controller or replica went away) or "failed" (any other non-2xx).
+local function call_error(f, kind, status, message, text)
+    return setmetatable({ kind = kind, status = status, message = message, app = f.app,
+        deployment = f.deployment, method = f.method, target = f.target, text = text }, CallError)
+end
+
+-- The message of an error answer: the "error" field of a JSON error body, else the body.
+local function answer_message(ctype, body)
+    if ctype:find("application/json", 1, true) then
+        local ok, v = pcall(M.json.decode, body)
+        if ok and type(v) == "table" and type(v.error) == "string" then
+            return v.error
         end
-        n, value = k, vals
-    elseif ctype:find("application/json", 1, true) then
-        value[1] = M.json.decode(body)
     end
-    self.done, self.value, self.n = true, value, n
-    return unpack(value, 1, n)
+    return body
+end
+
+-- The future's outcome once its call ended: true and the values, or false and a CallError.
+local function settle(f)
+    if f.settled then
+        return f.ok, f.value
+    end
+    local status, ctype, body = core_result(f.call)
+    local ok, value = true, nil
+    if status == nil then
+        local kind = body == "cancelled" and "cancelled" or "unavailable"
+        ok, value = false, call_error(f, kind, nil, ctype,
+            string.format("call to %s failed: %s", f.target, ctype))
+    else
+        ctype = ctype and ctype:lower() or ""
+        if status < 200 or status > 299 then
+            local msg = answer_message(ctype, body)
+            ok, value = false, call_error(f, status == 408 and "timeout" or "failed", status, msg,
+                string.format("call to %s failed with status %d: %s", f.target, status, msg))
+        elseif f.values and ctype == VALUES_TYPE then
+            local good, k, vals = pcall(values_decode, body)
+            if good then
+                vals.n, value = k, vals
+            else
+                ok, value = false, call_error(f, "failed", status, k,
+                    string.format("call to %s: %s", f.target, k))
+            end
+        elseif ctype:find("application/json", 1, true) then
+            value = { n = 1, M.json.decode(body) }
+        else
+            value = { n = 1, body }
+        end
+    end
+    f.settled, f.ok, f.value = true, ok, value
+    return ok, value
+end
+
+local function timeout_error(f, timeout_s)
+    return call_error(f, "timeout", 408, "no answer within " .. timeout_s .. "s",
+        string.format("call to %s: no answer within %gs", f.target, timeout_s))
+end
+
+-- future:result([timeout_s]) suspends the request until the answer arrives and returns the
+-- method's values; a failed call raises its CallError. With timeout_s, no answer in time raises
+-- a "timeout" CallError and leaves the call running (result() may be called again, or cancel()).
+-- Errors carry no position: handlers often tail-call result(), which would make level 2 point
+-- into this file.
+function Future:result(timeout_s)
+    if not core_wait(self.call, 1, timeout_s) then
+        error(timeout_error(self, timeout_s), 0)
+    end
+    local ok, value = settle(self)
+    if not ok then
+        error(value, 0)
+    end
+    return unpack(value, 1, value.n)
+end
+
+-- Whether the call has ended (result() would not wait).
+function Future:done()
+    return core_done(self.call)
+end
+
+-- Ends the call now; the callee's request is cancelled at every depth. result() then raises a
+-- "cancelled" CallError. Nothing happens once the call has ended.
+function Future:cancel()
+    core_cancel(self.call)
+end
+
+-- The futures of a list, checked and without repeats, and their calls.
+local function future_list(futures, who)
+    if type(futures) ~= "table" then
+        error(who .. ": expects a list of futures", 3)
+    end
+    local list, calls, seen = {}, {}, {}
+    for i = 1, #futures do
+        local f = futures[i]
+        if getmetatable(f) ~= Future then
+            error(string.format("%s: item %d is not a future (%s)", who, i, type(f)), 3)
+        end
+        if not seen[f] then
+            seen[f] = true
+            list[#list + 1], calls[#calls + 1] = f, f.call
+        end
+    end
+    return list, calls
+end
+
+local function wait_options(opts, who, allowed)
+    if opts == nil then
+        return {}
+    elseif type(opts) ~= "table" then
+        error(who .. ": options must be a table", 3)
+    end
+    for k, v in pairs(opts) do
+        if not allowed[k] then
+            error(string.format("%s: unknown option '%s'", who, tostring(k)), 3)
+        end
+        if k == "timeout_s" and not (type(v) == "number" and v >= 0) then
+            error(who .. ": timeout_s must be a number >= 0", 3)
+        end
+        if k == "num_returns" and not (type(v) == "number" and v >= 1 and v % 1 == 0) then
+            error(who .. ": num_returns must be a whole number >= 1", 3)
+        end
+    end
+    return opts
+end
+
+local function split_done(list)
+    local done, pending = {}, {}
+    for _, f in ipairs(list) do
+        local t = core_done(f.call) and done or pending
+        t[#t + 1] = f
+    end
+    return done, pending
+end
+
+-- serve.wait(futures, {num_returns =, timeout_s =}) -> done, pending: waits until num_returns
+-- (default: all) of the futures have ended, or timeout_s passed, and returns two lists of them.
+-- Nothing is cancelled; failed calls count as ended (their result() raises).
+function M.wait(futures, opts)
+    local o = wait_options(opts, "serve.wait", { num_returns = true, timeout_s = true })
+    local list, calls = future_list(futures, "serve.wait")
+    core_wait(calls, math.min(o.num_returns or #list, #list), o.timeout_s)
+    return split_done(list)
+end
+
+local function cancel_all(list)
+    for _, f in ipairs(list) do
+        core_cancel(f.call)
+    end
+end
+
+-- serve.gather(futures, {timeout_s =}) -> a list of each future's (first) result, in order. The
+-- first call to fail, or the time limit, raises its CallError at once and cancels the calls
+-- still running: the request cannot use their results any more.
+function M.gather(futures, opts)
+    local o = wait_options(opts, "serve.gather", { timeout_s = true })
+    local list, calls = future_list(futures, "serve.gather")
+    local in_time = core_wait(calls, #list, o.timeout_s, true)
+    local out = {}
+    for i, f in ipairs(list) do
+        if core_done(f.call) then
+            local ok, value = settle(f)
+            if not ok then
+                cancel_all(list)
+                error(value, 0)
+            end
+            out[i] = value[1]
+        end
+    end
+    if not in_time then
+        cancel_all(list)
+        error(timeout_error({ target = #list .. " calls" }, o.timeout_s), 0)
+    end
+    -- results by the caller's positions (a repeated future fills each of its places)
+    local by_future, res = {}, {}
+    for i, f in ipairs(list) do
+        by_future[f] = out[i]
+    end
+    for i = 1, #futures do
+        res[i] = by_future[futures[i]]
+    end
+    return res
+end
+
+-- serve.first(futures, {timeout_s =}) -> the first future to end, then its values: the others
+-- are cancelled (a race, e.g. a hedged request). A failed first call raises its CallError; so
+-- does the time limit (then every call is cancelled).
+function M.first(futures, opts)
+    local o = wait_options(opts, "serve.first", { timeout_s = true })
+    local list, calls = future_list(futures, "serve.first")
+    if #list == 0 then
+        error("serve.first: expects at least one future", 2)
+    end
+    if not core_wait(calls, 1, o.timeout_s) then
+        cancel_all(list)
+        error(timeout_error({ target = #list .. " calls" }, o.timeout_s), 0)
+    end
+    local winner
+    for _, f in ipairs(list) do
+        if not winner and core_done(f.call) then
+            winner = f
+        else
+            core_cancel(f.call)
+        end
+    end
+    local ok, value = settle(winner)
+    if not ok then
+        error(value, 0)
+    end
+    return winner, unpack(value, 1, value.n)
+end
+
+-- Seconds left before the request's deadline (docs/lua-api.md, "Deadlines"), or nil without one.
+function M.time_left()
+    return core_time_left()
 end
 
 -- ---- serve.batch (docs/batching.md) ------------------------------------------------------------

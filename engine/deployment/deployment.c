@@ -53,9 +53,12 @@ struct call {
     uint64_t sent_at_us;   /* when it was sent to its replica, for the router's latency hook */
     int streaming;
     size_t owed; /* streamed bytes passed to a slow client, credited back once it drains */
-    ms_http_header_t *fwd; /* the request's forwardable headers */
+    ms_http_header_t *fwd; /* the request's forwardable headers, and its deadline */
     size_t fwd_cap;
-    batch_t *batch; /* the batch it was sent in (process.batch), else NULL */
+    uint64_t timeout_ms;    /* the hop's time limit: request_timeout_s or the deadline header */
+    uint64_t deadline_ms;   /* loop time it runs out; both UINT64_MAX without a limit */
+    char deadline_text[24]; /* the deadline header's value sent on */
+    batch_t *batch;         /* the batch it was sent in (process.batch), else NULL */
 };
 
 /* Requests of a batched process deployment sent to one replica as one (process.batch): the
@@ -612,7 +615,15 @@ static void reconcile(ms_deployment_t *d)
 
 static void on_call_timeout(uv_timer_t *t);
 
-static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
+/* The hop's time limit in ms (UINT64_MAX: none): request_timeout_s, or what the deadline header
+ * says is left when that is less. */
+static uint64_t hop_timeout_ms(const ms_deployment_t *d, int has_deadline, uint64_t left_ms)
+{
+    uint64_t ms = d->request_timeout_s > 0 ? (uint64_t)(d->request_timeout_s * 1000.0) : UINT64_MAX;
+    return has_deadline && left_ms < ms ? left_ms : ms;
+}
+
+static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req, uint64_t timeout_ms)
 {
     call_t *c = d->free_calls;
     if (c) {
@@ -637,9 +648,11 @@ static call_t *call_acquire(ms_deployment_t *d, ms_http_request_t *req)
     c->streaming = 0;
     c->batch = NULL;
     c->queued_at_ms = uv_now(d->loop);
+    c->timeout_ms = timeout_ms;
+    c->deadline_ms = timeout_ms == UINT64_MAX ? UINT64_MAX : c->queued_at_ms + timeout_ms;
     req->user = c;
-    if (d->request_timeout_s > 0)
-        uv_timer_start(&c->timer, on_call_timeout, (uint64_t)(d->request_timeout_s * 1000.0), 0);
+    if (timeout_ms != UINT64_MAX)
+        uv_timer_start(&c->timer, on_call_timeout, timeout_ms, 0);
     return c;
 }
 
@@ -744,7 +757,8 @@ static void on_call_timeout(uv_timer_t *t)
     call_t *c = t->data;
     ms_deployment_t *d = c->dep;
     ms_http_request_t *req = c->req;
-    ms_info("request %s: timed out after %gs", req->request_id, d->request_timeout_s);
+    double after_s = (double)c->timeout_ms / 1000.0;
+    ms_info("request %s: timed out after %gs", req->request_id, after_s);
     int started = ms_http_response_started(req);
     if (c->state == CALL_QUEUED) {
         queue_remove(d, c);
@@ -756,8 +770,7 @@ static void on_call_timeout(uv_timer_t *t)
         ms_http_response_abort(req);
     } else {
         char msg[160];
-        snprintf(msg, sizeof msg, "Request %s timed out after %gs.", req->request_id,
-                 d->request_timeout_s);
+        snprintf(msg, sizeof msg, "Request %s timed out after %gs.", req->request_id, after_s);
         ms_http_respond_error(req, 408, msg);
     }
     dispatch(d);
@@ -914,12 +927,15 @@ static const ms_link_callbacks_t relay_callbacks = {
     .on_released = on_link_released,
 };
 
-/* Hop-by-hop and framing headers are the hop's own business and are not forwarded. */
+/* Hop-by-hop and framing headers are the hop's own business and are not forwarded; nor is the
+ * deadline as it arrived: the time left is sent instead. */
 static int forwardable(const ms_http_header_t *h)
 {
-    static const char *const skip[] = {"connection",     "keep-alive",   "transfer-encoding",
-                                       "content-length", "x-request-id", "te",
-                                       "upgrade",        "expect",       "proxy-connection"};
+    static const char *const skip[] = {"connection",        "keep-alive",
+                                       "transfer-encoding", "content-length",
+                                       "x-request-id",      "te",
+                                       "upgrade",           "expect",
+                                       "proxy-connection",  "x-moonserve-timeout-ms"};
     for (size_t i = 0; i < sizeof skip / sizeof *skip; i++)
         if (h->name_len == strlen(skip[i]) && strncasecmp(h->name, skip[i], h->name_len) == 0)
             return 0;
@@ -930,14 +946,22 @@ static int forwardable(const ms_http_header_t *h)
 static ms_link_request_t link_request(call_t *c)
 {
     ms_http_request_t *req = c->req;
-    if (c->fwd_cap < req->n_headers) {
-        c->fwd_cap = req->n_headers;
+    if (c->fwd_cap < req->n_headers + 1) {
+        c->fwd_cap = req->n_headers + 1;
         c->fwd = ms_realloc(c->fwd, c->fwd_cap * sizeof *c->fwd);
     }
     size_t n = 0;
     for (size_t i = 0; i < req->n_headers; i++)
         if (forwardable(&req->headers[i]))
             c->fwd[n++] = req->headers[i];
+    if (c->deadline_ms != UINT64_MAX) {
+        uint64_t now = uv_now(c->dep->loop);
+        uint64_t left = c->deadline_ms > now ? c->deadline_ms - now : 0;
+        int len =
+            snprintf(c->deadline_text, sizeof c->deadline_text, "%llu", (unsigned long long)left);
+        c->fwd[n++] = (ms_http_header_t){MS_LINK_DEADLINE_HEADER, MS_LINK_DEADLINE_HEADER_LEN,
+                                         c->deadline_text, (size_t)len};
+    }
     return (ms_link_request_t){
         .method = req->method,
         .target = req->target,
@@ -1506,7 +1530,23 @@ void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
         ms_http_respond_error(req, 400, msg);
         return;
     }
-    call_t *c = call_acquire(d, req);
+    uint64_t left_ms = 0;
+    int has_deadline = ms_link_deadline(req->headers, req->n_headers, &left_ms);
+    if (has_deadline < 0) {
+        ms_http_respond_error(req, 400,
+                              MS_LINK_DEADLINE_HEADER " must be a whole number of milliseconds");
+        return;
+    }
+    if (has_deadline && left_ms == 0) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "Request %s timed out: its deadline had passed before it "
+                 "reached deployment %s.",
+                 req->request_id, d->name);
+        ms_http_respond_error(req, 408, msg);
+        return;
+    }
+    call_t *c = call_acquire(d, req, hop_timeout_ms(d, has_deadline, left_ms));
     queue_push(d, c, 0);
     dispatch(d);
     if (c->state == CALL_QUEUED && ms_deployment_running_replicas(d) == 0)

@@ -57,6 +57,14 @@ typedef enum {
 
 const char *ms_link_error_text(ms_link_error_t err);
 
+/* A request's deadline travels with it, at every hop, as the time it has left in whole
+ * milliseconds counted from when the hop received it (docs/replica-protocol.md, "Deadlines"). */
+#define MS_LINK_DEADLINE_HEADER     "X-Moonserve-Timeout-Ms"
+#define MS_LINK_DEADLINE_HEADER_LEN 22
+/* The value of the deadline header among headers: 1 with the milliseconds in *ms, 0 when there
+ * is none, -1 when one is not a whole number of milliseconds (digits only, at most 12). */
+int ms_link_deadline(const ms_http_header_t *headers, size_t n, uint64_t *ms);
+
 /* Per-stream callbacks; header and body pointers are valid only during the call. Exactly one of
  * on_response, on_end or on_error ends a stream that was not cancelled. */
 typedef struct ms_link_callbacks {

@@ -3,6 +3,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "link/internal.h"
 
@@ -26,6 +27,30 @@ const char *ms_link_error_text(ms_link_error_t err)
         return "the replica ended the response early";
     }
     return "?";
+}
+
+int ms_link_deadline(const ms_http_header_t *headers, size_t n, uint64_t *ms)
+{
+    int found = 0;
+    for (size_t i = 0; i < n; i++) {
+        const ms_http_header_t *h = &headers[i];
+        if (h->name_len != MS_LINK_DEADLINE_HEADER_LEN ||
+            strncasecmp(h->name, MS_LINK_DEADLINE_HEADER, h->name_len) != 0)
+            continue;
+        if (h->value_len == 0 || h->value_len > 12)
+            return -1;
+        uint64_t v = 0;
+        for (size_t k = 0; k < h->value_len; k++) {
+            if (h->value[k] < '0' || h->value[k] > '9')
+                return -1;
+            v = v * 10 + (uint64_t)(h->value[k] - '0');
+        }
+        /* Repeats are allowed (a proxy may add one): the strictest wins. */
+        if (!found || v < *ms)
+            *ms = v;
+        found = 1;
+    }
+    return found;
 }
 
 static void shrink(ms_buf_t *b)

@@ -47,10 +47,14 @@ void rt_vm_push_module(lua_State *L);
 int rt_vm_load_app(lua_State *L, const char *file, const char *attr, json_t *args, char **err);
 /* The message of the error value at the top of L's stack (never NULL; valid while it stays). */
 const char *rt_vm_error_text(lua_State *L, int idx);
+/* Replaces the error value on top of the dead coroutine co with its __tostring (run on L, the
+ * VM's main state) when it is an error object, so every report of it has its message. */
+void rt_vm_stringify_error(lua_State *L, lua_State *co);
 
 /* ---- replica state and tasks (tasks.c) -------------------------------------------------------
  * A task is one coroutine run to completion across loop iterations: a request, the constructor,
- * or a control call. It is suspended in at most one wait (a timer or a handle call) at a time. */
+ * or a control call. It is suspended in at most one wait at a time: a timer, a set of handle
+ * calls (with an optional timer: core.wait), a chunk the link could not take, or a batch. */
 typedef struct rt_task rt_task_t;
 typedef struct rt_call rt_call_t;
 typedef struct rt rt_t;
@@ -64,9 +68,14 @@ typedef void (*rt_task_done_cb)(rt_task_t *t, int ok);
 struct rt_task {
     rt_t *rt;
     lua_State *co;
-    int co_ref;               /* registry anchor of co */
-    uv_timer_t *timer;        /* pending serve.sleep */
-    rt_call_t *waiting;       /* future whose result() this task waits on */
+    int co_ref;           /* registry anchor of co */
+    uv_timer_t *timer;    /* pending serve.sleep, or the time limit of a core.wait */
+    rt_call_t **wait_set; /* the calls a core.wait is suspended on (wait_n of them) */
+    int wait_n, wait_cap; /* wait_set survives the task's reuse: only its length is reset */
+    int wait_need;        /* how many more of them must end before the wait does */
+    int wait_fail_fast;   /* a failed one ends the wait at once */
+    int has_deadline;
+    uint64_t deadline_ms;     /* loop time the request must be answered by (docs: Deadlines) */
     rt_call_t *calls;         /* calls this task started and that are still in flight */
     ms_link_stream_t *stream; /* request tasks only */
     json_int_t ctl_id;        /* control tasks only */
@@ -102,7 +111,8 @@ struct rt {
     rt_batcher_t *batchers; /* every serve.batch method's batcher */
 };
 
-/* sleep, call, result, stream_start, stream_send and the batch functions for "moonserve.core" */
+/* sleep, call, wait, result, done, cancel, time_left, stream_start, stream_send and the batch
+ * functions for "moonserve.core" */
 extern const luaL_Reg rt_task_lib[];
 /* Makes rt the one the task library uses; rt->L must exist. */
 void rt_tasks_init(rt_t *rt);

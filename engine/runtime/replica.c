@@ -464,6 +464,13 @@ static void on_request(ms_link_stream_t *s, void *data)
     rt_task_t *t = rt_task_new(&R.rt, "_run_request", on_request_done);
     t->stream = s;
     snprintf(t->request_id, sizeof t->request_id, "%s", s->req.request_id);
+    /* The controller enforces the deadline (it cancels the request when it passes); the task
+     * keeps it to send what is left with each handle call. */
+    uint64_t left_ms;
+    if (ms_link_deadline(s->req.headers, s->req.n_headers, &left_ms) > 0) {
+        t->has_deadline = 1;
+        t->deadline_ms = uv_now(R.rt.loop) + left_ms;
+    }
     s->user = t;
     R.ongoing++;
     push_instance(t->co);

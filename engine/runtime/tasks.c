@@ -1,9 +1,11 @@
 /*
  * runtime/tasks: coroutines of a Lua replica and what they wait on. Each request (and the
  * constructor, and each control call) runs as a task: a Lua thread resumed from the uv loop. A
- * task suspends in serve.sleep (a uv timer) or in future:result() (a handle call: an HTTP request
- * to the controller's Unix socket over a pooled connection). Cancelling a task closes its timer
- * and the connections of its calls, which in turn cancels the downstream requests.
+ * task suspends in serve.sleep (a uv timer) or in core.wait on a set of handle calls (each an HTTP
+ * request to the controller's Unix socket over a pooled connection), until enough of them ended
+ * or its time limit passed. Cancelling a task closes its timer and the connections of its calls,
+ * which in turn cancels the downstream requests. A request's deadline goes with each call it
+ * makes, as the time it has left (docs/replica-protocol.md, "Deadlines").
  */
 #include "runtime/internal.h"
 
@@ -23,9 +25,10 @@ struct rt_call {
     rt_t *rt;
     rt_task_t *owner;         /* task that started the call, while in flight */
     rt_call_t *next, **prevp; /* the owner's list of in-flight calls */
-    rt_task_t *waiter;        /* task suspended in result() on this call */
+    rt_task_t *waiter;        /* task whose core.wait includes this call */
     ms_http_client_t *client;
     int state;
+    int cancelled; /* ended by future:cancel() */
     int collected; /* the future userdata is gone: free the call when it ends */
     int status;
     char *ctype;
@@ -65,9 +68,13 @@ rt_task_t *rt_task_new(rt_t *rt, const char *fn, rt_task_done_cb done)
         rt->n_spare--;
         lua_State *co = t->co;
         int co_ref = t->co_ref;
+        rt_call_t **wait_set = t->wait_set;
+        int wait_cap = t->wait_cap;
         memset(t, 0, sizeof *t);
         t->co = co;
         t->co_ref = co_ref;
+        t->wait_set = wait_set;
+        t->wait_cap = wait_cap;
     } else {
         t = ms_calloc(1, sizeof *t);
         t->co = lua_newthread(rt->L);
@@ -128,12 +135,14 @@ static void resume(rt_task_t *t, int nargs)
     int refused = rt->mem.refused;
     if (st == LUA_YIELD) {
         /* A bare coroutine.yield: nothing would ever resume it. */
-        if (!t->timer && !t->waiting && !t->stream_wait && !t->batcher)
+        if (!t->timer && !t->wait_n && !t->stream_wait && !t->batcher)
             finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
         collect_if_needed(rt, refused);
         return;
     }
     t->returned = st == 0;
+    if (st != 0)
+        rt_vm_stringify_error(rt->L, t->co);
     if (st != 0 && (st == LUA_ERRMEM || refused) && rt->mem.limit)
         explain_memory_error(rt, t->co);
     if (st != 0) {
@@ -169,16 +178,27 @@ static void free_timer(uv_handle_t *h)
 
 static void call_end(rt_call_t *c, int state);
 
-void rt_task_cancel(rt_task_t *t)
+static void close_timer(rt_task_t *t)
 {
     if (t->timer) {
         uv_close((uv_handle_t *)t->timer, free_timer);
         t->timer = NULL;
     }
-    if (t->waiting) {
-        t->waiting->waiter = NULL;
-        t->waiting = NULL;
-    }
+}
+
+/* t stops listening to the calls of its core.wait. */
+static void wait_forget(rt_task_t *t)
+{
+    for (int i = 0; i < t->wait_n; i++)
+        if (t->wait_set[i]->waiter == t)
+            t->wait_set[i]->waiter = NULL;
+    t->wait_n = 0;
+}
+
+void rt_task_cancel(rt_task_t *t)
+{
+    close_timer(t);
+    wait_forget(t);
     t->stream_wait = 0; /* the link forgets a pending chunk along with the stream */
     rt_batch_forget(t);
     while (t->calls) {
@@ -211,6 +231,7 @@ void rt_task_free(rt_task_t *t)
         return;
     }
     luaL_unref(rt->L, LUA_REGISTRYINDEX, t->co_ref);
+    free(t->wait_set);
     free(t);
 }
 
@@ -239,17 +260,17 @@ static void on_sleep_done(uv_timer_t *timer)
  * bug (a subtraction gone wrong) that would otherwise pass silently as sleep(0); anything too
  * long for the timer (math.huge included) means "until the request is cancelled": libuv clamps
  * a due time past the end of its clock to never. */
-static uint64_t sleep_ms(lua_State *L, double s)
+static uint64_t duration_ms(lua_State *L, double s, const char *what)
 {
     if (isnan(s) || s < 0)
-        luaL_error(L, "serve.sleep: bad duration (%s)", isnan(s) ? "NaN" : "negative");
+        luaL_error(L, "%s: bad duration (%s)", what, isnan(s) ? "NaN" : "negative");
     double ms = s * 1000.0 + 0.5;
     return ms >= 18446744073709551615.0 ? UINT64_MAX : (uint64_t)ms;
 }
 
 static int l_sleep(lua_State *L)
 {
-    uint64_t ms = sleep_ms(L, luaL_checknumber(L, 1));
+    uint64_t ms = duration_ms(L, luaL_checknumber(L, 1), "serve.sleep");
     rt_task_t *t = rt_current_task(L, "serve.sleep");
     t->timer = ms_malloc(sizeof *t->timer);
     uv_timer_init(t->rt->loop, t->timer);
@@ -292,13 +313,15 @@ static void call_free(rt_call_t *c)
     free(c);
 }
 
-/* Pushes what result() returns: status, content type, body — or nil, reason on failure. */
+/* Pushes what result() returns: status, content type, body — or nil, reason and "cancelled"
+ * or "unavailable" when no answer came. */
 static int push_result(lua_State *L, rt_call_t *c)
 {
     if (c->state == CALL_FAILED) {
         lua_pushnil(L);
         lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
-        return 2;
+        lua_pushstring(L, c->cancelled ? "cancelled" : "unavailable");
+        return 3;
     }
     lua_pushinteger(L, c->status);
     if (c->ctype)
@@ -309,7 +332,28 @@ static int push_result(lua_State *L, rt_call_t *c)
     return 3;
 }
 
-/* The call is over: unlink it from its owner, wake its waiter, free it if Lua dropped it. */
+static int call_failed(const rt_call_t *c)
+{
+    return c->state == CALL_FAILED || c->status < 200 || c->status > 299;
+}
+
+/* Ends t's core.wait, which returns ok (1: enough calls ended, 0: its time limit passed). */
+static void wait_end(rt_task_t *t, int ok)
+{
+    wait_forget(t);
+    close_timer(t);
+    lua_pushboolean(t->co, ok);
+    resume(t, 1);
+}
+
+static void on_wait_timeout(uv_timer_t *timer)
+{
+    rt_task_t *t = timer->data;
+    wait_end(t, 0);
+}
+
+/* The call is over: unlink it from its owner, count it for its waiter, free it if Lua dropped
+ * it (then nothing waits on it: a wait's calls are anchored on the waiting coroutine's stack). */
 static void call_end(rt_call_t *c, int state)
 {
     c->state = state;
@@ -324,9 +368,8 @@ static void call_end(rt_call_t *c, int state)
     c->waiter = NULL;
     if (c->collected) {
         call_free(c);
-    } else if (w) {
-        w->waiting = NULL;
-        resume(w, push_result(w->co, c)); /* may collect and free c: do not touch it after */
+    } else if (w && (--w->wait_need <= 0 || (w->wait_fail_fast && call_failed(c)))) {
+        wait_end(w, 1); /* may collect and free c: do not touch it after */
     }
 }
 
@@ -409,14 +452,17 @@ static const char *header_entry(lua_State *L, int idx, int i, size_t *len)
 }
 
 /* Builds the request head: method and path (strings at 2 and 3), the target deployment, the
- * parent request's id, the n forwarded headers (the list at index 4, readied by
- * prepare_header_list) and the body framing. Raises no Lua error, so head cannot leak. */
+ * parent request's id, its time limit (UINT64_MAX: none), the n forwarded headers (the list at
+ * index 4, readied by prepare_header_list) and the body framing. Raises no Lua error, so head
+ * cannot leak. */
 static void build_head(lua_State *L, int n, ms_buf_t *head, const char *target, const char *rid,
-                       size_t body_len)
+                       uint64_t limit_ms, size_t body_len)
 {
     ms_buf_appendf(head, "%s %s HTTP/1.1\r\nHost: moonserve\r\nX-Moonserve-Target: %s\r\n",
                    lua_tostring(L, 2), lua_tostring(L, 3), target);
     ms_buf_appendf(head, "X-Request-ID: %s\r\nContent-Length: %zu\r\n", rid, body_len);
+    if (limit_ms != UINT64_MAX)
+        ms_buf_appendf(head, MS_LINK_DEADLINE_HEADER ": %llu\r\n", (unsigned long long)limit_ms);
     for (int i = 0; i < n; i++) {
         const char *name = header_entry(L, 4, 2 * i + 1, NULL);
         const char *value = header_entry(L, 4, 2 * i + 2, NULL);
@@ -426,7 +472,24 @@ static void build_head(lua_State *L, int n, ms_buf_t *head, const char *target, 
     ms_buf_append(head, "\r\n", 2);
 }
 
-/* core.call(target, method, path, headers, body) -> future userdata; sends at once. */
+/* How long a call may take in ms (UINT64_MAX: no limit): what is left of the request's deadline,
+ * or the call's own timeout_s when that is sooner. Raises on a bad timeout_s. */
+static uint64_t call_limit_ms(lua_State *L, const rt_task_t *t, int idx)
+{
+    uint64_t limit = UINT64_MAX;
+    if (t->has_deadline) {
+        uint64_t now = uv_now(t->rt->loop);
+        limit = t->deadline_ms > now ? t->deadline_ms - now : 0;
+    }
+    if (!lua_isnoneornil(L, idx)) {
+        uint64_t own = duration_ms(L, luaL_checknumber(L, idx), "handle:options timeout_s");
+        if (own < limit)
+            limit = own;
+    }
+    return limit;
+}
+
+/* core.call(target, method, path, headers, body[, timeout_s]) -> future userdata; sends at once. */
 static int l_call(lua_State *L)
 {
     /* Everything that can raise comes first: a Lua error unwinds past C frees. */
@@ -437,6 +500,7 @@ static int l_call(lua_State *L)
     size_t body_len;
     const char *body = luaL_checklstring(L, 5, &body_len);
     rt_task_t *t = rt_current_task(L, "handle:remote");
+    uint64_t limit_ms = call_limit_ms(L, t, 6);
     rt_t *rt = t->rt;
     if (!rt->controller_path)
         return luaL_error(L, "handle:remote: this replica was started without --controller");
@@ -457,7 +521,7 @@ static int l_call(lua_State *L)
     t->calls = c;
 
     ms_buf_t head = {0};
-    build_head(L, n_headers, &head, target, t->request_id, body_len);
+    build_head(L, n_headers, &head, target, t->request_id, limit_ms, body_len);
     c->client = pool_take(rt);
     if (ms_http_client_send(c->client, head.data, head.len, body, body_len, &call_callbacks, c) !=
         0) {
@@ -470,18 +534,132 @@ static int l_call(lua_State *L)
     return 1;
 }
 
-/* core.result(future) -> status, content_type, body (or nil, reason), yielding until done. */
+/* The call of the future at idx, or NULL when the value there is not a future. */
+static rt_call_t *to_call(lua_State *L, int idx)
+{
+    rt_call_t **ud = lua_touserdata(L, idx);
+    if (!ud || !lua_getmetatable(L, idx))
+        return NULL;
+    luaL_getmetatable(L, FUTURE_MT);
+    int same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    return same ? *ud : NULL;
+}
+
+static rt_call_t *check_call(lua_State *L, int idx)
+{
+    rt_call_t *c = to_call(L, idx);
+    if (!c)
+        luaL_argerror(L, idx, "not a future");
+    return c;
+}
+
+/* The call at position i (1-based) of the list at index 1 of a core.wait, or the future there. */
+static rt_call_t *wait_item(lua_State *L, int i)
+{
+    if (lua_type(L, 1) == LUA_TUSERDATA)
+        return check_call(L, 1);
+    lua_rawgeti(L, 1, i);
+    rt_call_t *c = to_call(L, -1);
+    lua_pop(L, 1); /* the list keeps the future alive */
+    if (!c)
+        luaL_error(L, "serve.wait: item %d is not a future", i);
+    return c;
+}
+
+/* core.wait(futures, need[, timeout_s[, fail_fast]]) -> true once `need` of the distinct futures
+ * in the list (or the one future given instead) have ended (or, with fail_fast, one of them
+ * failed), false when timeout_s passed first. Suspends the task only when it must. The list stays
+ * on the caller's stack, so its futures cannot be collected while the task waits on them. */
+static int l_wait(lua_State *L)
+{
+    int n = lua_type(L, 1) == LUA_TUSERDATA
+                ? 1
+                : (luaL_checktype(L, 1, LUA_TTABLE), (int)lua_objlen(L, 1));
+    int need = (int)luaL_checkinteger(L, 2);
+    int has_limit = !lua_isnoneornil(L, 3);
+    uint64_t limit_ms = has_limit ? duration_ms(L, luaL_checknumber(L, 3), "serve.wait") : 0;
+    int fail_fast = lua_toboolean(L, 4);
+    rt_task_t *t = rt_current_task(L, "serve.wait");
+    int ended = 0, failed = 0;
+    for (int i = 1; i <= n; i++) { /* everything that can raise, before any state changes */
+        rt_call_t *c = wait_item(L, i);
+        if (c->state != CALL_INFLIGHT) {
+            ended++;
+            failed |= call_failed(c);
+        } else if (c->waiter) {
+            return luaL_error(L, "serve.wait: another request is already waiting on item %d", i);
+        }
+    }
+    if (ended >= need || (fail_fast && failed) || (has_limit && limit_ms == 0)) {
+        lua_pushboolean(L, ended >= need || (fail_fast && failed));
+        return 1;
+    }
+    if (t->wait_cap < n) {
+        t->wait_cap = n;
+        t->wait_set = ms_realloc(t->wait_set, (size_t)n * sizeof *t->wait_set);
+    }
+    t->wait_n = 0;
+    for (int i = 1; i <= n; i++) {
+        rt_call_t *c = wait_item(L, i);
+        if (c->state == CALL_INFLIGHT && !c->waiter) {
+            c->waiter = t;
+            t->wait_set[t->wait_n++] = c;
+        }
+    }
+    t->wait_need = need - ended;
+    t->wait_fail_fast = fail_fast;
+    if (has_limit) {
+        t->timer = ms_malloc(sizeof *t->timer);
+        uv_timer_init(t->rt->loop, t->timer);
+        t->timer->data = t;
+        uv_timer_start(t->timer, on_wait_timeout, limit_ms, 0);
+    }
+    return lua_yield(L, 0);
+}
+
+/* core.result(future) -> status, content_type, body (or nil, reason, kind); the call must have
+ * ended (the Lua side waits first). */
 static int l_result(lua_State *L)
 {
-    rt_call_t *c = *(rt_call_t **)luaL_checkudata(L, 1, FUTURE_MT);
+    rt_call_t *c = check_call(L, 1);
+    if (c->state == CALL_INFLIGHT)
+        return luaL_error(L, "future:result: the call has not ended");
+    return push_result(L, c);
+}
+
+/* core.done(future) -> whether the call has ended. */
+static int l_done(lua_State *L)
+{
+    lua_pushboolean(L, check_call(L, 1)->state != CALL_INFLIGHT);
+    return 1;
+}
+
+/* core.cancel(future): a call in flight ends now as cancelled; closing its connection makes the
+ * controller cancel the request downstream, at every depth. A task waiting on it is woken. */
+static int l_cancel(lua_State *L)
+{
+    rt_call_t *c = check_call(L, 1);
     if (c->state != CALL_INFLIGHT)
-        return push_result(L, c);
-    rt_task_t *t = rt_current_task(L, "future:result");
-    if (c->waiter)
-        return luaL_error(L, "future:result: another request is already waiting on this future");
-    c->waiter = t;
-    t->waiting = c;
-    return lua_yield(L, 0);
+        return 0;
+    ms_http_client_close(c->client);
+    c->client = NULL;
+    c->cancelled = 1;
+    ms_buf_reset(&c->body);
+    ms_buf_appendf(&c->body, "cancelled by the caller");
+    call_end(c, CALL_FAILED);
+    return 0;
+}
+
+/* core.time_left() -> seconds left of the request's deadline (0 once past), or nil without one. */
+static int l_time_left(lua_State *L)
+{
+    rt_task_t *t = rt_current_task(L, "serve.time_left");
+    if (!t->has_deadline)
+        return 0;
+    uint64_t now = uv_now(t->rt->loop);
+    lua_pushnumber(L, t->deadline_ms > now ? (double)(t->deadline_ms - now) / 1000.0 : 0.0);
+    return 1;
 }
 
 static int l_future_gc(lua_State *L)
@@ -603,7 +781,11 @@ static int l_stream_send(lua_State *L)
 const luaL_Reg rt_task_lib[] = {
     {"sleep", l_sleep},
     {"call", l_call},
+    {"wait", l_wait},
     {"result", l_result},
+    {"done", l_done},
+    {"cancel", l_cancel},
+    {"time_left", l_time_left},
     {"stream_start", l_stream_start},
     {"stream_send", l_stream_send},
     {"batcher_new", rt_l_batcher_new},

@@ -78,6 +78,28 @@ static char *take_error(lua_State *L)
     return s;
 }
 
+/* tostring through the value's __tostring, run protected: it is deployment code. */
+static int error_tostring(lua_State *L)
+{
+    if (!luaL_callmeta(L, 1, "__tostring") || !lua_isstring(L, -1))
+        lua_pushnil(L);
+    return 1;
+}
+
+void rt_vm_stringify_error(lua_State *L, lua_State *co)
+{
+    if (lua_type(co, -1) == LUA_TSTRING || lua_type(co, -1) == LUA_TNUMBER)
+        return;
+    /* co is dead: the metamethod runs on L. */
+    lua_pushcfunction(L, error_tostring);
+    lua_xmove(co, L, 1);
+    if (lua_pcall(L, 1, 1, 0) != 0 || !lua_isstring(L, -1)) {
+        lua_pop(L, 1);
+        lua_pushliteral(L, "(error object without a message)");
+    }
+    lua_xmove(L, co, 1);
+}
+
 const char *rt_vm_error_text(lua_State *L, int idx)
 {
     if (idx < 0)

@@ -189,7 +189,7 @@ function CASES.options_errors(self, req)
   local c = self.c
   return {
     unknown = raised(function() local _ = c:options { colour = "red" } end),
-    timeout = raised(function() local _ = c:options { timeout_s = 1 } end),
+    timeout = raised(function() local _ = c:options { timeout_s = -1 } end),
     stream = raised(function() local _ = c:options { stream = true } end),
     stream_false = raised(function() local _ = c:options { stream = false }:remote():result() end),
     bad_name = raised(function() local _ = c:options { method_name = "not a name" } end),
@@ -348,8 +348,8 @@ class HandleValuesTest(harness.ServerTestCase):
         got = self.call("/v/options_errors")
         self.assertRegex(got["unknown"], r"values\.lua:\d+: handle:options: unknown or "
                                          r"unsupported option 'colour' \(supported: method_name, "
-                                         r"multiplexed_model_id, stream = false\)")
-        self.assertRegex(got["timeout"], r"unsupported option 'timeout_s'")
+                                         r"multiplexed_model_id, timeout_s, stream = false\)")
+        self.assertRegex(got["timeout"], r"timeout_s must be a number >= 0")
         self.assertRegex(got["stream"], r"values\.lua:\d+: handle:options: stream = true is not "
                                         r"supported yet")
         self.assertEqual(got["stream_false"], "no error")

@@ -401,8 +401,33 @@ static void test_garbage_closes_one_connection(void)
     uv_run(loop, UV_RUN_NOWAIT);
 }
 
+/* The deadline header: digits only, case-insensitive name, the smallest of repeats. */
+static void test_deadline_header(void)
+{
+    uint64_t ms = 7;
+    ms_http_header_t none[] = {{"Host", 4, "x", 1}};
+    ASSERT_INT_EQ(ms_link_deadline(none, 1, &ms), 0);
+    ms_http_header_t two[] = {{"x-moonserve-timeout-ms", 22, "1500", 4},
+                              {"Host", 4, "x", 1},
+                              {"X-MOONSERVE-TIMEOUT-MS", 22, "250", 3}};
+    ASSERT_INT_EQ(ms_link_deadline(two, 3, &ms), 1);
+    ASSERT_INT_EQ((long long)ms, 250);
+    ms_http_header_t zero[] = {{"X-Moonserve-Timeout-Ms", 22, "0", 1}};
+    ASSERT_INT_EQ(ms_link_deadline(zero, 1, &ms), 1);
+    ASSERT_INT_EQ((long long)ms, 0);
+    const char *bad[] = {"", "-5", "1.5", "10s", " 10", "1234567890123"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        ms_http_header_t h = {"X-Moonserve-Timeout-Ms", 22, bad[i], strlen(bad[i])};
+        ASSERT_INT_EQ(ms_link_deadline(&h, 1, &ms), -1);
+    }
+    ms_http_header_t max = {"X-Moonserve-Timeout-Ms", 22, "999999999999", 12};
+    ASSERT_INT_EQ(ms_link_deadline(&max, 1, &ms), 1);
+    ASSERT_TRUE(ms == 999999999999ULL);
+}
+
 int main(void)
 {
+    test_deadline_header();
     loop = uv_default_loop();
     snprintf(sock_path, sizeof sock_path, "/tmp/ms_test_link_%d.sock", (int)getpid());
     uv_check_t check;
