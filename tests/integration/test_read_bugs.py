@@ -170,6 +170,7 @@ local Caller = serve.deployment { name = "Caller" }
 function Caller:__call(req)
   if req.path:find("numbers") then
     local fut = core.call("hello/Hello", "GET", "/x", { "x-num", 42, 7, "seven" }, "")
+    core.wait(fut, 1)
     local status, ctype, body = core.result(fut)
     return { status = status, headers = serve.json.decode(body).headers }
   end
