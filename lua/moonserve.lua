@@ -214,6 +214,7 @@ local strbuf = require "string.buffer"
 local table_new = require "table.new"
 
 local VALUES_TYPE = "application/x-moonserve-values"
+local VALUE_STREAM_TYPE = "application/x-moonserve-value-stream"
 local VALUES_MAX_DEPTH = 100
 local TWO53 = 2 ^ 53
 local ARRAY_MT = getmetatable(M.json.array())
@@ -488,6 +489,8 @@ local Handle = {}
 local HandleMethods = {}
 local Future = {}
 Future.__index = Future
+local StreamResponse = {} -- what handle:options{stream = true}:remote() returns (below)
+StreamResponse.__index = StreamResponse
 
 local function replica_only(name)
     return core[name] or function()
@@ -496,6 +499,7 @@ local function replica_only(name)
 end
 local core_sleep, core_call, core_result = replica_only("sleep"), replica_only("call"), replica_only("result")
 local core_wait, core_done, core_cancel = replica_only("wait"), replica_only("done"), replica_only("cancel")
+local core_wait_data, core_take = replica_only("wait_data"), replica_only("take")
 local core_time_left = replica_only("time_left")
 local core_stream_start, core_stream_send = replica_only("stream_start"), replica_only("stream_send")
 local core_batcher_new, core_batch_submit = replica_only("batcher_new"), replica_only("batch_submit")
@@ -543,10 +547,7 @@ local HANDLE_OPTIONS = {
         return type(v) ~= "string" and "multiplexed_model_id must be a string" or nil
     end,
     stream = function(v)
-        if type(v) ~= "boolean" then
-            return "stream must be a boolean"
-        end
-        return v and "stream = true is not supported yet: a handle call's answer arrives whole" or nil
+        return type(v) ~= "boolean" and "stream must be a boolean" or nil
     end,
     timeout_s = function(v)
         return not (type(v) == "number" and v >= 0) and "timeout_s must be a number >= 0" or nil
@@ -570,7 +571,7 @@ function HandleMethods.options(h, opts)
         local check = HANDLE_OPTIONS[k]
         if not check then
             error(string.format("handle:options: unknown or unsupported option '%s' (supported: "
-                .. "method_name, multiplexed_model_id, timeout_s, stream = false)", tostring(k)), 2)
+                .. "method_name, multiplexed_model_id, timeout_s, stream)", tostring(k)), 2)
         end
         local problem = check(v)
         if problem then
@@ -585,7 +586,7 @@ end
 local HOP_HEADERS = {
     ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
     host = true, ["x-request-id"] = true, ["x-moonserve-target"] = true, ["keep-alive"] = true,
-    ["x-moonserve-method"] = true, ["x-moonserve-timeout-ms"] = true,
+    ["x-moonserve-method"] = true, ["x-moonserve-timeout-ms"] = true, ["x-moonserve-stream"] = true,
 }
 
 -- A request forwarded as is, for a request object; for a process deployment also a string
@@ -656,7 +657,15 @@ function HandleMethods.remote(h, ...)
         headers[#headers + 1] = "serve_multiplexed_model_id"
         headers[#headers + 1] = st.opts.multiplexed_model_id
     end
-    future.call = core_call(target, method, path, headers, body, st.opts.timeout_s)
+    local stream = st.opts.stream == true
+    if stream and future.values then
+        headers[#headers + 1], headers[#headers + 2] = "x-moonserve-stream", "1"
+    end
+    future.call = core_call(target, method, path, headers, body, st.opts.timeout_s, stream)
+    if stream then
+        future.pending = strbuf.new()
+        return setmetatable(future, StreamResponse)
+    end
     return setmetatable(future, Future)
 end
 
@@ -701,9 +710,13 @@ local function settle(f)
     local status, ctype, body = core_result(f.call)
     local ok, value = true, nil
     if status == nil then
-        local kind = body == "cancelled" and "cancelled" or "unavailable"
-        ok, value = false, call_error(f, kind, nil, ctype,
-            string.format("call to %s failed: %s", f.target, ctype))
+        if body == "timeout" then
+            ok, value = false, call_error(f, "timeout", 408, "the time limit passed mid-answer",
+                string.format("call to %s: the time limit passed mid-answer (%s)", f.target, ctype))
+        else
+            ok, value = false, call_error(f, body, nil, ctype,
+                string.format("call to %s failed: %s", f.target, ctype))
+        end
     else
         ctype = ctype and ctype:lower() or ""
         if status < 200 or status > 299 then
@@ -757,6 +770,133 @@ end
 -- Ends the call now; the callee's request is cancelled at every depth. result() then raises a
 -- "cancelled" CallError. Nothing happens once the call has ended.
 function Future:cancel()
+    core_cancel(self.call)
+end
+
+-- ---- streams through handles (docs/lua-api.md, "Streaming through handles") ----------------
+--
+-- A Lua method called with stream = true that returns serve.stream sends each send(v) as one
+-- frame: a varint length, a kind byte ('v': one value in the value encoding; 'e': the producer
+-- failed, with its message), and the payload. Any other stream call (a request forwarded as
+-- is, a process deployment) yields the body's bytes as they arrive.
+
+local function varint_bytes(n)
+    local b = {}
+    while n >= 128 do
+        local low = n % 128
+        b[#b + 1] = string.char(low + 128)
+        n = (n - low) / 128
+    end
+    b[#b + 1] = string.char(n)
+    return table.concat(b)
+end
+
+local function frame(kind, payload)
+    return varint_bytes(#payload + 1) .. kind .. payload
+end
+
+-- The next whole frame in buf: kind and payload, or nil while it is incomplete.
+local function pop_frame(buf)
+    local p, len = buf:ref()
+    local n, scale, i = 0, 1, 0
+    repeat
+        if i >= len then
+            return nil
+        elseif i >= 8 then
+            error("malformed value stream: frame length too long", 0)
+        end
+        local b = p[i]
+        i = i + 1
+        n = n + (b % 128) * scale
+        scale = scale * 128
+    until b < 128
+    if n < 1 then
+        error("malformed value stream: empty frame", 0)
+    elseif len - i < n then
+        return nil
+    end
+    local kind, payload = string.char(p[i]), ffi.string(p + i + 1, n - 1)
+    buf:skip(i + n)
+    return kind, payload
+end
+
+-- The next item of the stream from what has arrived, or nil when more must come first.
+local function next_item(g)
+    if not g.framed then
+        if #g.pending == 0 then
+            return nil
+        end
+        local s = g.pending:get()
+        return s
+    end
+    local ok, kind, payload = pcall(pop_frame, g.pending)
+    if ok and kind == "v" then
+        local good, n, vals = pcall(values_decode, payload)
+        if good and n == 1 and vals[1] ~= nil then
+            return vals[1]
+        end
+        kind, payload = "e", good and "a stream item must be one value, not nil" or n
+    elseif not ok then
+        kind, payload = "e", kind
+    end
+    if kind ~= nil then
+        core_cancel(g.call)
+        g.ended = true
+        error(call_error(g, "failed", 200, payload, string.format("stream from %s failed: %s",
+            g.target, payload)), 0)
+    end
+end
+
+-- stream:next() -> the next item the callee sent, waiting for it; nil once the stream ended. A
+-- failure (an error answer, the producer raising, a cancel or a deadline) raises its CallError.
+function StreamResponse:next()
+    while true do
+        local item = next_item(self)
+        if item ~= nil then
+            return item
+        elseif self.ended then
+            return nil
+        end
+        local data, ctype = core_take(self.call)
+        if data then
+            if self.framed == nil then
+                self.framed = ctype == VALUE_STREAM_TYPE
+                if self.values and not self.framed then
+                    core_cancel(self.call)
+                    self.ended = true
+                    local msg = string.format("%s did not return serve.stream (it was called "
+                        .. "with stream = true)", self.target)
+                    error(call_error(self, "failed", 200, msg, msg), 0)
+                end
+            end
+            self.pending:put(data)
+        elseif core_done(self.call) then
+            self.ended = true
+            local ok, err = settle(self)
+            if not ok then
+                error(err, 0)
+            elseif #self.pending > 0 then
+                local msg = "the stream ended inside a frame"
+                error(call_error(self, "failed", 200, msg, "stream from " .. self.target .. ": " .. msg), 0)
+            end
+        else
+            core_wait_data(self.call)
+        end
+    end
+end
+
+-- `for item in stream do ... end` calls stream:next() until it returns nil.
+StreamResponse.__call = StreamResponse.next
+
+-- Whether the stream has ended: next() returned nil or raised, or cancel() was called.
+function StreamResponse:done()
+    return self.ended == true
+end
+
+-- Ends the stream now; the producer's request is cancelled at every depth.
+function StreamResponse:cancel()
+    self.ended = true
+    self.pending:reset()
     core_cancel(self.call)
 end
 
@@ -1062,6 +1202,97 @@ function M.stream(producer, opts)
                           headers = opts.headers or {} }, Stream)
 end
 
+-- ---- Server-Sent Events (docs/lua-api.md, "Server-Sent Events") ----------------------------
+
+local function sse_field(ev, k)
+    local v = ev[k]
+    if v == nil then
+        return nil
+    elseif type(v) ~= "string" and type(v) ~= "number" then
+        error(string.format("serve.sse: %s must be a string or a number", k), 3)
+    end
+    v = tostring(v)
+    if v:find("[\r\n]") or (k == "id" and v:find("\0", 1, true)) then
+        error(string.format("serve.sse: %s must be one line%s", k, k == "id" and " without NUL" or ""), 3)
+    end
+    return v
+end
+
+-- Appends `name: line` for each line of text (CRLF, CR and LF all end a line, as for a reader).
+local function sse_lines(parts, name, text)
+    text = text:gsub("\r\n", "\n"):gsub("\r", "\n")
+    for line in (text .. "\n"):gmatch("([^\n]*)\n") do
+        parts[#parts + 1] = name .. line .. "\n"
+    end
+end
+
+-- serve.sse_event(ev) -> the text of one event: ev is a string (its data) or a table with data
+-- (a string, or a table sent as JSON), event, id, retry (ms) and comment, each optional.
+function M.sse_event(ev)
+    if type(ev) ~= "table" then
+        if type(ev) ~= "string" then
+            error("serve.sse: an event is a string or a table, got " .. type(ev), 2)
+        end
+        ev = { data = ev }
+    end
+    for k in pairs(ev) do
+        if k ~= "data" and k ~= "event" and k ~= "id" and k ~= "retry" and k ~= "comment" then
+            error(string.format("serve.sse: unknown event field '%s'", tostring(k)), 2)
+        end
+    end
+    local parts = {}
+    if ev.comment ~= nil then
+        sse_lines(parts, ": ", tostring(ev.comment))
+    end
+    local event, id = sse_field(ev, "event"), sse_field(ev, "id")
+    if event then
+        parts[#parts + 1] = "event: " .. event .. "\n"
+    end
+    if id then
+        parts[#parts + 1] = "id: " .. id .. "\n"
+    end
+    if ev.retry ~= nil then
+        if type(ev.retry) ~= "number" or ev.retry < 0 or ev.retry % 1 ~= 0 then
+            error("serve.sse: retry must be a whole number of milliseconds", 2)
+        end
+        parts[#parts + 1] = string.format("retry: %d\n", ev.retry)
+    end
+    local data = ev.data
+    if data ~= nil then
+        sse_lines(parts, "data: ", type(data) == "string" and data or M.json.encode(data))
+    end
+    if #parts == 0 then
+        error("serve.sse: an event needs data, a comment, event, id or retry", 2)
+    end
+    parts[#parts + 1] = "\n"
+    return table.concat(parts)
+end
+
+-- serve.sse(producer, {status=, headers=}): a serve.stream of Server-Sent Events; producer(send)
+-- sends each event with send(ev) (see sse_event); send{comment = "keep-alive"} keeps an idle
+-- connection open through proxies.
+function M.sse(producer, opts)
+    if type(producer) ~= "function" then
+        error("serve.sse: expects a function(send)", 2)
+    end
+    opts = opts or {}
+    local headers = { ["Content-Type"] = "text/event-stream; charset=utf-8",
+                      ["Cache-Control"] = "no-cache", ["X-Accel-Buffering"] = "no" }
+    for k, v in pairs(opts.headers or {}) do
+        for d in pairs(headers) do -- a name given in any case replaces the default
+            if d:lower() == tostring(k):lower() then
+                headers[d] = nil
+            end
+        end
+        headers[k] = v
+    end
+    return M.stream(function(send)
+        producer(function(ev)
+            send(M.sse_event(ev))
+        end)
+    end, { status = opts.status, headers = headers })
+end
+
 local function flatten_headers(headers, default_ctype)
     local flat, has_ctype = {}, false
     for k, v in pairs(headers) do
@@ -1085,6 +1316,30 @@ end
 local function run_stream(s)
     core_stream_start(s.status, flatten_headers(s.headers, "text/plain; charset=utf-8"))
     s.producer(send_chunk)
+end
+
+local function send_frame(v)
+    if v == nil then
+        error("send: a stream item cannot be nil (it would end the caller's loop)", 2)
+    end
+    local payload, err = values_encode({ v }, 1, "stream item")
+    if not payload then
+        error("send: " .. err, 2)
+    end
+    core_stream_send(frame("v", payload))
+end
+
+-- A stream to a handle caller that asked for one: each send(v) is a value frame; a producer
+-- that raises ends the stream with an error frame, which the caller raises as a CallError
+-- (the status went out as 200 already). The status and headers of serve.stream do not apply.
+local function run_frame_stream(s, req)
+    core_stream_start(200, { "Content-Type", VALUE_STREAM_TYPE })
+    local ok, err = pcall(s.producer, send_frame)
+    if not ok then
+        local msg = tostring(err)
+        core.log("warn", string.format("request %s failed mid-stream: %s", req.id, msg))
+        core_stream_send(frame("e", msg))
+    end
 end
 
 -- Turns a handler's return value into status, body, and a flat {name, value, ...} header list.
@@ -1215,7 +1470,9 @@ local function run_values_call(self, req, name)
     end
     local res = pack(f(self, unpack(args, 1, n)))
     local mt = getmetatable(res[1])
-    if mt == Stream then
+    if mt == Stream and req.headers["x-moonserve-stream"] then
+        return run_frame_stream(res[1], req)
+    elseif mt == Stream then
         return run_stream(res[1])
     elseif mt == Response then
         return to_http(res[1])

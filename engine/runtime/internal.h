@@ -74,6 +74,7 @@ struct rt_task {
     int wait_n, wait_cap; /* wait_set survives the task's reuse: only its length is reset */
     int wait_need;        /* how many more of them must end before the wait does */
     int wait_fail_fast;   /* a failed one ends the wait at once */
+    int wait_data;        /* core.wait_data: body arriving on the one stream call ends it too */
     int has_deadline;
     uint64_t deadline_ms;     /* loop time the request must be answered by (docs: Deadlines) */
     rt_call_t *calls;         /* calls this task started and that are still in flight */

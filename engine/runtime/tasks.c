@@ -19,6 +19,10 @@
 /* Idle controller connections kept for reuse; more are closed when they finish. */
 #define RT_POOL_MAX 64
 
+/* A streamed call's body that Lua has not taken yet; above this the connection stops reading,
+ * so a slow reader slows the producer down (through the controller) instead of growing this. */
+#define STREAM_HIGH_WATER (256 * 1024)
+
 enum { CALL_INFLIGHT, CALL_DONE, CALL_FAILED };
 
 struct rt_call {
@@ -30,7 +34,10 @@ struct rt_call {
     int state;
     int cancelled; /* ended by future:cancel() */
     int collected; /* the future userdata is gone: free the call when it ends */
+    int stream;    /* stream = true: Lua takes the body in pieces as they arrive */
+    int paused;    /* the client stopped reading: the untaken body reached STREAM_HIGH_WATER */
     int status;
+    uint64_t deadline_ms; /* loop time its time limit passes (UINT64_MAX: none) */
     char *ctype;
     ms_buf_t body; /* response body, or the failure reason */
 };
@@ -193,6 +200,7 @@ static void wait_forget(rt_task_t *t)
         if (t->wait_set[i]->waiter == t)
             t->wait_set[i]->waiter = NULL;
     t->wait_n = 0;
+    t->wait_data = 0;
 }
 
 void rt_task_cancel(rt_task_t *t)
@@ -313,14 +321,17 @@ static void call_free(rt_call_t *c)
     free(c);
 }
 
-/* Pushes what result() returns: status, content type, body — or nil, reason and "cancelled"
- * or "unavailable" when no answer came. */
+/* Pushes what result() returns: status, content type, body — or nil, reason and "cancelled",
+ * "timeout" or "unavailable" when no whole answer came. A connection that ends once the call's
+ * time limit passed is the controller enforcing it on an answer already under way (a stream). */
 static int push_result(lua_State *L, rt_call_t *c)
 {
     if (c->state == CALL_FAILED) {
         lua_pushnil(L);
         lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
-        lua_pushstring(L, c->cancelled ? "cancelled" : "unavailable");
+        lua_pushstring(L, c->cancelled                            ? "cancelled"
+                          : uv_now(c->rt->loop) >= c->deadline_ms ? "timeout"
+                                                                  : "unavailable");
         return 3;
     }
     lua_pushinteger(L, c->status);
@@ -337,7 +348,8 @@ static int call_failed(const rt_call_t *c)
     return c->state == CALL_FAILED || c->status < 200 || c->status > 299;
 }
 
-/* Ends t's core.wait, which returns ok (1: enough calls ended, 0: its time limit passed). */
+/* Ends t's core.wait (or core.wait_data), which returns ok (1: enough calls ended, or data came;
+ * 0: its time limit passed). */
 static void wait_end(rt_task_t *t, int ok)
 {
     wait_forget(t);
@@ -388,10 +400,25 @@ static void on_call_head(void *data, int status, const ms_http_header_t *headers
     }
 }
 
+/* Whether a streamed call has body Lua may take now (a failed answer is only read whole). */
+static int stream_readable(const rt_call_t *c)
+{
+    return c->state != CALL_FAILED && c->body.len > 0 && c->status >= 200 && c->status <= 299;
+}
+
 static void on_call_body(void *data, const char *p, size_t n)
 {
     rt_call_t *c = data;
     ms_buf_append(&c->body, p, n);
+    if (!c->stream || !stream_readable(c))
+        return;
+    if (c->body.len >= STREAM_HIGH_WATER && !c->paused) {
+        c->paused = 1;
+        ms_http_client_pause(c->client);
+    }
+    rt_task_t *w = c->waiter;
+    if (w && w->wait_data)
+        wait_end(w, 1); /* the reader may cancel the call: the client copes inside its callback */
 }
 
 static void on_call_done(void *data)
@@ -489,7 +516,8 @@ static uint64_t call_limit_ms(lua_State *L, const rt_task_t *t, int idx)
     return limit;
 }
 
-/* core.call(target, method, path, headers, body[, timeout_s]) -> future userdata; sends at once. */
+/* core.call(target, method, path, headers, body[, timeout_s[, stream]]) -> future userdata; sends
+ * at once. A stream call's body is taken in pieces by core.take as it arrives. */
 static int l_call(lua_State *L)
 {
     /* Everything that can raise comes first: a Lua error unwinds past C frees. */
@@ -501,6 +529,7 @@ static int l_call(lua_State *L)
     const char *body = luaL_checklstring(L, 5, &body_len);
     rt_task_t *t = rt_current_task(L, "handle:remote");
     uint64_t limit_ms = call_limit_ms(L, t, 6);
+    int stream = lua_toboolean(L, 7);
     rt_t *rt = t->rt;
     if (!rt->controller_path)
         return luaL_error(L, "handle:remote: this replica was started without --controller");
@@ -513,6 +542,8 @@ static int l_call(lua_State *L)
     *ud = c;
     c->rt = rt;
     c->state = CALL_INFLIGHT;
+    c->stream = stream;
+    c->deadline_ms = limit_ms == UINT64_MAX ? UINT64_MAX : uv_now(rt->loop) + limit_ms;
     c->owner = t;
     c->next = t->calls;
     if (c->next)
@@ -616,6 +647,55 @@ static int l_wait(lua_State *L)
         uv_timer_start(t->timer, on_wait_timeout, limit_ms, 0);
     }
     return lua_yield(L, 0);
+}
+
+/* core.wait_data(future) -> true once a stream call has body to take or has ended; suspends the
+ * task until then. */
+static int l_wait_data(lua_State *L)
+{
+    rt_call_t *c = check_call(L, 1);
+    rt_task_t *t = rt_current_task(L, "stream:next");
+    if (!c->stream)
+        return luaL_argerror(L, 1, "not a stream call");
+    if (c->state != CALL_INFLIGHT || stream_readable(c)) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (c->waiter)
+        return luaL_error(L, "stream:next: another request is already reading this stream");
+    if (t->wait_cap < 1) {
+        t->wait_cap = 1;
+        t->wait_set = ms_realloc(t->wait_set, sizeof *t->wait_set);
+    }
+    c->waiter = t;
+    t->wait_set[0] = c;
+    t->wait_n = 1;
+    t->wait_need = 1;
+    t->wait_fail_fast = 0;
+    t->wait_data = 1;
+    return lua_yield(L, 0);
+}
+
+/* core.take(future) -> the body a stream call received since the last take, and the answer's
+ * content type; nil when there is none (yet, or the answer failed: result() tells). */
+static int l_take(lua_State *L)
+{
+    rt_call_t *c = check_call(L, 1);
+    if (!c->stream)
+        return luaL_argerror(L, 1, "not a stream call");
+    if (!stream_readable(c))
+        return 0;
+    lua_pushlstring(L, c->body.data, c->body.len);
+    if (c->ctype)
+        lua_pushstring(L, c->ctype);
+    else
+        lua_pushnil(L);
+    ms_buf_reset(&c->body);
+    if (c->paused && c->client) {
+        c->paused = 0;
+        ms_http_client_resume(c->client); /* may parse what it held, even to the answer's end */
+    }
+    return 2;
 }
 
 /* core.result(future) -> status, content_type, body (or nil, reason, kind); the call must have
@@ -783,6 +863,8 @@ const luaL_Reg rt_task_lib[] = {
     {"call", l_call},
     {"wait", l_wait},
     {"result", l_result},
+    {"wait_data", l_wait_data},
+    {"take", l_take},
     {"done", l_done},
     {"cancel", l_cancel},
     {"time_left", l_time_left},

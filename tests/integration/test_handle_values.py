@@ -190,7 +190,7 @@ function CASES.options_errors(self, req)
   return {
     unknown = raised(function() local _ = c:options { colour = "red" } end),
     timeout = raised(function() local _ = c:options { timeout_s = -1 } end),
-    stream = raised(function() local _ = c:options { stream = true } end),
+    stream = raised(function() local _ = c:options { stream = "yes" } end),
     stream_false = raised(function() local _ = c:options { stream = false }:remote():result() end),
     bad_name = raised(function() local _ = c:options { method_name = "not a name" } end),
     bad_model = raised(function() local _ = c:options { multiplexed_model_id = 7 } end),
@@ -348,10 +348,9 @@ class HandleValuesTest(harness.ServerTestCase):
         got = self.call("/v/options_errors")
         self.assertRegex(got["unknown"], r"values\.lua:\d+: handle:options: unknown or "
                                          r"unsupported option 'colour' \(supported: method_name, "
-                                         r"multiplexed_model_id, timeout_s, stream = false\)")
+                                         r"multiplexed_model_id, timeout_s, stream\)")
         self.assertRegex(got["timeout"], r"timeout_s must be a number >= 0")
-        self.assertRegex(got["stream"], r"values\.lua:\d+: handle:options: stream = true is not "
-                                        r"supported yet")
+        self.assertRegex(got["stream"], r"values\.lua:\d+: handle:options: stream must be a boolean")
         self.assertEqual(got["stream_false"], "no error")
         self.assertRegex(got["bad_name"], r"method_name must be a method name")
         self.assertRegex(got["bad_model"], r"multiplexed_model_id must be a string")
