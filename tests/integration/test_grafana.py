@@ -12,6 +12,9 @@ import copy
 import json
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import unittest
 
 import harness
@@ -342,9 +345,10 @@ class DashboardTest(harness.ServerTestCase):
         # a control-loop tick: wait for both rather than for a fixed time.
         def ready():
             text = srv.admin_request("GET", "/metrics").body.decode()
-            return text if ("moonserve_batch_actual_size_bucket{" in text and
-                            "moonserve_autoscaling_desired_replicas{" in text and
-                            "moonserve_gpu_utilization{" in text) else None
+            return text if all(name + "{" in text for name in (
+                "moonserve_batch_actual_size_bucket", "moonserve_autoscaling_desired_replicas",
+                "moonserve_gpu_utilization", "moonserve_deployment_error_requests_total",
+                "moonserve_http_error_requests_total")) else None
         cls.text = wait_until(ready, 15)
         if not cls.text:
             raise AssertionError("metrics never complete:\n" +
@@ -382,12 +386,42 @@ class DashboardTest(harness.ServerTestCase):
         harness.assert_promtool_accepts(self, self.text)
 
 
+def as_plain_promql(expr):
+    """The text Prometheus would get: Grafana's range variables as a duration, the others (all
+    inside label matchers here) as a regex matching anything."""
+    expr = re.sub(r'\$(?:\{)?__(?:rate_interval|interval|range)\}?', "5m", expr)
+    return re.sub(r'\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*', ".*", expr)
+
+
+def promtool_rejects(exprs):
+    """`promtool check rules` (Prometheus's own PromQL parser) over one recording rule per
+    expression: its complaints, or "" when every expression parses."""
+    if not shutil.which("promtool"):
+        raise AssertionError("promtool missing: the bootstrap installs Debian's prometheus")
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": "dashboard:q%d" % i, "expr": e} for i, e in enumerate(exprs)]}]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="moonserve-rules-") as f:
+        json.dump(rules, f)  # JSON is YAML, and keeps every string exactly as it is
+        f.flush()
+        p = subprocess.run(["promtool", "check", "rules", f.name], capture_output=True,
+                           timeout=30)
+    return "" if p.returncode == 0 else (p.stdout + p.stderr).decode()
+
+
 class ShapeTest(unittest.TestCase):
-    """The JSON is a dashboard Grafana 10 imports."""
+    """The JSON is a dashboard Grafana 10 imports, and its PromQL parses."""
 
     @classmethod
     def setUpClass(cls):
         cls.dash = load_dashboard()
+
+    def test_every_query_parses_in_prometheus(self):
+        exprs = [as_plain_promql(e) for _, e, _ in dashboard_queries(self.dash)]
+        self.assertEqual(promtool_rejects(exprs), "")
+        self.assertIn('application=~".*"', " ".join(exprs))
+        # and the check can fail: a missing parenthesis is a syntax error
+        said = promtool_rejects(["up", "sum(rate(up[5m])"])
+        self.assertIn('"dashboard:q1": could not parse expression', said)
 
     def test_top_level(self):
         d = self.dash
