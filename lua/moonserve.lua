@@ -500,6 +500,24 @@ end
 local core_sleep, core_call, core_result = replica_only("sleep"), replica_only("call"), replica_only("result")
 local core_wait, core_done, core_cancel = replica_only("wait"), replica_only("done"), replica_only("cancel")
 local core_wait_data, core_take = replica_only("wait_data"), replica_only("take")
+
+-- The request each task's coroutine serves, and the model id of a batch's task: what
+-- serve.get_multiplexed_model_id() reads. Coroutines are reused, so each request sets both.
+local task_request = setmetatable({}, { __mode = "k" })
+local task_model = setmetatable({}, { __mode = "k" })
+
+-- serve.get_multiplexed_model_id() -> the model id of the request being served (its
+-- serve_multiplexed_model_id header, which a handle's multiplexed_model_id option sets), or ""
+-- when it has none. Inside a batch, the id all of the batch's items share.
+function M.get_multiplexed_model_id()
+    local co = coroutine.running()
+    local id = task_model[co]
+    if id then
+        return id
+    end
+    local req = task_request[co]
+    return req and req.headers["serve_multiplexed_model_id"] or ""
+end
 local core_time_left = replica_only("time_left")
 local core_stream_start, core_stream_send = replica_only("stream_start"), replica_only("stream_send")
 local core_batcher_new, core_batch_submit = replica_only("batcher_new"), replica_only("batch_submit")
@@ -594,7 +612,8 @@ local HOP_HEADERS = {
 -- body, headers.
 local function http_call(st, n, arg)
     local method, path, body, headers = "POST", "/", "", {}
-    local mid = st.opts.multiplexed_model_id
+    local mid = st.opts.multiplexed_model_id or M.get_multiplexed_model_id()
+    mid = mid ~= "" and mid or nil
     if getmetatable(arg) == Request then
         method, body = arg.method, arg.body
         path = arg.path .. (arg.query_string ~= "" and ("?" .. arg.query_string) or "")
@@ -653,9 +672,11 @@ function HandleMethods.remote(h, ...)
         headers = { "content-type", VALUES_TYPE, "x-moonserve-method", name }
         future.values, future.target, future.method = true, target .. "." .. name, name
     end
-    if st.opts.multiplexed_model_id then
+    -- The request's own model id goes on to the calls it makes, unless the handle names one.
+    local mid = st.opts.multiplexed_model_id or M.get_multiplexed_model_id()
+    if mid ~= "" then
         headers[#headers + 1] = "serve_multiplexed_model_id"
-        headers[#headers + 1] = st.opts.multiplexed_model_id
+        headers[#headers + 1] = mid
     end
     local stream = st.opts.stream == true
     if stream and future.values then
@@ -1098,7 +1119,8 @@ function Batched.__call(bm, self, item, ...)
         h = core_batcher_new(bm.fn, bm.opts, bm.name or "batched")
         bm._h = h
     end
-    local ok, v = core_batch_submit(h, self, item)
+    local mid = M.get_multiplexed_model_id()
+    local ok, v = core_batch_submit(h, self, item, mid ~= "" and mid or nil)
     if not ok then
         error(v, 0)
     end
@@ -1121,6 +1143,11 @@ function Batched:set_max_concurrent_batches(n) set_option(self, "max_concurrent_
 function Batched:set_latency_target_s(s) set_option(self, "latency_target_s", s) end
 function Batched:stats()
     return self._h and core_batch_stats(self._h) or {}
+end
+
+-- serve.multiplexed([opts,] loader): a per-replica LRU cache of models (lua/moonserve/multiplex.lua).
+function M.multiplexed(opts, loader)
+    return require("moonserve.multiplex").new(opts, loader)
 end
 
 -- serve.sleep(seconds) suspends the calling request (other requests run meanwhile).
@@ -1426,9 +1453,15 @@ function M._call_method(self, name, ...)
     end
 end
 
--- The batch function of a batch's own task.
-function M._run_batch(fn, self, items)
+-- The batch function of a batch's own task; model is the multiplexed model id its items share.
+function M._run_batch(fn, self, model, items)
+    task_model[coroutine.running()] = model
     return fn(self, items)
+end
+
+-- A task core.spawn started (serve.multiplexed's loads).
+function M._run_spawned(f, args)
+    return f(unpack(args, 1, args.n))
 end
 
 local function batching_stats(self)
@@ -1485,6 +1518,8 @@ local function run_values_call(self, req, name)
 end
 
 function M._run_request(self, req)
+    local co = coroutine.running()
+    task_request[co], task_model[co] = req, nil
     local method = req.headers["x-moonserve-method"]
     if method then
         return run_values_call(self, req, method)

@@ -528,6 +528,25 @@ static int metric_name_ok(const char *s)
     return 1;
 }
 
+/* The engine's own metrics that replicas keep (lua/moonserve/multiplex.lua) and that travel
+ * with the custom ones: the only moonserve_ names a replica may report. */
+static const char *const REPLICA_ENGINE_METRICS[] = {
+    "moonserve_multiplexed_get_model_requests_total",
+    "moonserve_multiplexed_models_load_total",
+    "moonserve_multiplexed_models_unload_total",
+    "moonserve_multiplexed_models",
+    "moonserve_multiplexed_model_load_latency_seconds",
+    "moonserve_multiplexed_model_unload_latency_seconds",
+};
+
+static int replica_metric_name_ok(const char *s)
+{
+    for (size_t i = 0; i < sizeof REPLICA_ENGINE_METRICS / sizeof *REPLICA_ENGINE_METRICS; i++)
+        if (s && strcmp(s, REPLICA_ENGINE_METRICS[i]) == 0)
+            return 1;
+    return metric_name_ok(s);
+}
+
 static int tags_ok(json_t *tags)
 {
     const char *k;
@@ -568,7 +587,7 @@ static void fold_metric(json_t *all, size_t dep, const char *name, json_t *m, si
     const char *type = json_string_value(json_object_get(m, "type"));
     json_t *bounds = json_object_get(m, "boundaries");
     int histogram = type && strcmp(type, "histogram") == 0;
-    if (!metric_name_ok(name) || !type ||
+    if (!replica_metric_name_ok(name) || !type ||
         (!histogram && strcmp(type, "counter") != 0 && strcmp(type, "gauge") != 0) ||
         (histogram && (!json_is_array(bounds) || json_array_size(bounds) == 0)))
         return;

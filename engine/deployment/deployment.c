@@ -290,6 +290,22 @@ static ms_replica_t *least_loaded_available(ms_deployment_t *d)
     return d->min_bucket < d->n_buckets ? d->slots[d->bucket_head[d->min_bucket]] : NULL;
 }
 
+/* Hands the replica's multiplexed model ids to the router (docs/routing.md: promptly, not a
+ * stats period later). Ids that are not strings were dropped by the replica already. */
+static void push_model_ids(ms_deployment_t *d, ms_replica_t *r)
+{
+    size_t n = r->model_ids ? json_array_size(r->model_ids) : 0;
+    const char **ids = ms_calloc(n + 1, sizeof *ids);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *id = json_string_value(json_array_get(r->model_ids, i));
+        if (id)
+            ids[k++] = id;
+    }
+    ms_router_script_set_model_ids(d->script, r->slot, ids, k);
+    free(ids);
+}
+
 static void on_replica_ready(ms_replica_t *r)
 {
     ms_deployment_t *d = r->owner;
@@ -307,6 +323,8 @@ static void on_replica_ready(ms_replica_t *r)
     }
     ms_router_script_add_replica(d->script, r->slot, r->id, r->max_ongoing_requests);
     d->routable[r->slot] = 1;
+    if (r->model_ids) /* models its constructor loaded */
+        push_model_ids(d, r);
     refile(d, r->slot);
     /* Its routing stats are wanted now, not a whole stats period later (Ray probes new replicas
      * at once too). */
@@ -401,6 +419,13 @@ static void on_replica_stats(ms_replica_t *r)
     free(text);
 }
 
+static void on_replica_models(ms_replica_t *r)
+{
+    ms_deployment_t *d = r->owner;
+    if (d->routable[r->slot])
+        push_model_ids(d, r);
+}
+
 static void on_replica_unhealthy(ms_replica_t *r)
 {
     ms_deployment_t *d = r->owner;
@@ -431,6 +456,7 @@ static const ms_replica_events_t replica_events = {
     .on_exit = on_replica_exit,
     .on_stats = on_replica_stats,
     .on_unhealthy = on_replica_unhealthy,
+    .on_models = on_replica_models,
 };
 
 /* A slot for a new replica: a hole, or a new one. Every per-slot array grows here, so nothing on

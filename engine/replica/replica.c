@@ -27,6 +27,7 @@ static void maybe_release(ms_replica_t *r)
         json_decref(r->routing_stats);
         json_decref(r->batching_stats);
         json_decref(r->custom_metrics);
+        json_decref(r->model_ids);
         free(r);
     }
 }
@@ -194,6 +195,11 @@ static void handle_control_line(ms_replica_t *r, const char *line, size_t len)
         r->_events->on_ready(r);
     } else if (strcmp(op, "reply") == 0) {
         handle_stats_reply(r, msg);
+    } else if (strcmp(op, "models") == 0 && json_is_array(json_object_get(msg, "ids"))) {
+        json_decref(r->model_ids);
+        r->model_ids = json_incref(json_object_get(msg, "ids"));
+        if (r->_events->on_models)
+            r->_events->on_models(r);
     } else if (strcmp(op, "failed") == 0) {
         const char *err = json_string_value(json_object_get(msg, "error"));
         free(r->last_error);

@@ -42,6 +42,8 @@ typedef struct ms_replica_events {
     void (*on_stats)(ms_replica_t *r);
     /* MS_REPLICA_UNHEALTHY_THRESHOLD health checks in a row failed. May be NULL. */
     void (*on_unhealthy)(ms_replica_t *r);
+    /* The replica reported the multiplexed models it holds (model_ids updated). May be NULL. */
+    void (*on_models)(ms_replica_t *r);
 } ms_replica_events_t;
 
 /* Everything a replica process needs to know; strings are copied by ms_replica_spawn. */
@@ -89,11 +91,12 @@ struct ms_replica {
     json_t *routing_stats;     /* latest record_routing_stats() result, or NULL */
     json_t *batching_stats;    /* latest serve.batch stats by method name, or NULL */
     json_t *custom_metrics;    /* latest serve.metrics snapshot by metric name, or NULL */
-    double stats_time;         /* wall clock of the latest stats, 0 = never */
-    unsigned generation;       /* owner's code generation this replica runs (rolling updates) */
-    unsigned settings_seq;     /* owner's settings version it was started or configured with */
-    int health_failures;       /* consecutive failed health checks */
-    ms_gpu_placement_t gpu;    /* the GPU share it holds (kept by the owner) */
+    json_t *model_ids;      /* multiplexed models it holds or loads (array of strings), or NULL */
+    double stats_time;      /* wall clock of the latest stats, 0 = never */
+    unsigned generation;    /* owner's code generation this replica runs (rolling updates) */
+    unsigned settings_seq;  /* owner's settings version it was started or configured with */
+    int health_failures;    /* consecutive failed health checks */
+    ms_gpu_placement_t gpu; /* the GPU share it holds (kept by the owner) */
     /* private */
     uv_process_t _proc;
     uv_pipe_t _ctl;

@@ -119,7 +119,19 @@ static void drop_refs(lua_State *L, rt_task_t *t)
 {
     luaL_unref(L, LUA_REGISTRYINDEX, t->batch_item_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, t->batch_self_ref);
-    t->batch_item_ref = t->batch_self_ref = LUA_NOREF;
+    luaL_unref(L, LUA_REGISTRYINDEX, t->batch_model_ref);
+    t->batch_item_ref = t->batch_self_ref = t->batch_model_ref = LUA_NOREF;
+}
+
+/* Whether two queued callers asked for the same multiplexed model (strings are interned: equal
+ * ones are one object). */
+static int same_model(lua_State *L, const rt_task_t *a, const rt_task_t *b)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, a->batch_model_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, b->batch_model_ref);
+    int same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    return same;
 }
 
 void rt_batch_forget(rt_task_t *t)
@@ -236,7 +248,9 @@ static void on_batch_done(rt_task_t *bt, int ok)
 }
 
 /* Takes callers from the head while they fit; one that does not goes to the back of the queue
- * and closes the batch (as Ray Serve's batch_size_fn handling). Returns the batch. */
+ * and closes the batch (as Ray Serve's batch_size_fn handling). A batch holds one multiplexed
+ * model's items only, the head's: the others keep their places for the batches after it.
+ * Returns the batch. */
 static rt_batch_t *take_batch(rt_batcher_t *b)
 {
     int max = b->set.max_batch_size;
@@ -246,8 +260,12 @@ static rt_batch_t *take_batch(rt_batcher_t *b)
     run->n = 0;
     long size = 0;
     size_t looked = 0, queued = b->queued;
-    while (b->head && run->n < max && looked++ < queued) {
-        rt_task_t *t = b->head;
+    rt_task_t *next = b->head;
+    while (next && run->n < max && looked++ < queued) {
+        rt_task_t *t = next;
+        next = t->batch_next;
+        if (run->n > 0 && !same_model(b->rt->L, run->callers[0], t))
+            continue;
         unlink_caller(b, t);
         if (run->n > 0 && size + t->batch_size > max) {
             append_caller(b, t);
@@ -280,13 +298,15 @@ static void start_batch(rt_batcher_t *b)
     lua_rawgeti(co, LUA_REGISTRYINDEX, b->fn_ref);
     lua_rawgeti(co, LUA_REGISTRYINDEX, run->callers[0]->batch_self_ref);
     lua_createtable(co, run->n, 0);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, run->callers[0]->batch_model_ref);
+    lua_insert(co, -2);
     for (int i = 0; i < run->n; i++) {
         lua_rawgeti(co, LUA_REGISTRYINDEX, run->callers[i]->batch_item_ref);
         lua_rawseti(co, -2, i + 1);
         drop_refs(rt->L, run->callers[i]);
     }
     run->started_us = ms_now_us();
-    rt_task_start(bt, 3);
+    rt_task_start(bt, 4); /* _run_batch(fn, self, model, items) */
 }
 
 static void on_wait_over(uv_timer_t *timer)
@@ -431,17 +451,20 @@ static long item_size(lua_State *L, rt_batcher_t *b)
     return (long)v;
 }
 
-/* batch_submit(batcher, self, item) -> ok, result_or_error, suspending until its batch ran. */
+/* batch_submit(batcher, self, item[, model_id]) -> ok, result_or_error, suspending until its
+ * batch ran. */
 int rt_l_batch_submit(lua_State *L)
 {
     rt_batcher_t *b = check_batcher(L, 1);
-    lua_settop(L, 3);
+    lua_settop(L, 4);
     rt_task_t *t = rt_current_task(L, "a batched method");
     long size = item_size(L, b);
     lua_pushvalue(L, 2);
     t->batch_self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pushvalue(L, 3);
     t->batch_item_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, 4);
+    t->batch_model_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* nil: LUA_REFNIL, equal to itself */
     t->batcher = b;
     t->batch_run = NULL;
     t->batch_size = (int)size;

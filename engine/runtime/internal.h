@@ -76,19 +76,21 @@ struct rt_task {
     int wait_fail_fast;   /* a failed one ends the wait at once */
     int wait_data;        /* core.wait_data: body arriving on the one stream call ends it too */
     int has_deadline;
-    uint64_t deadline_ms;     /* loop time the request must be answered by (docs: Deadlines) */
-    rt_call_t *calls;         /* calls this task started and that are still in flight */
-    ms_link_stream_t *stream; /* request tasks only */
-    json_int_t ctl_id;        /* control tasks only */
-    int streaming;            /* serve.stream started the response: chunks follow */
-    int stream_wait;          /* suspended in a chunk the link's window could not take yet */
-    int returned;             /* the coroutine ran to completion: it can host another task */
-    rt_task_t *next_spare;    /* link in rt->spare */
+    uint64_t deadline_ms; /* loop time the request must be answered by (docs: Deadlines) */
+    rt_call_t *calls;     /* calls this task started and that are still in flight */
+    rt_task_t *sig_next, **sig_prevp; /* in the list of the signal it waits on (core.signal) */
+    ms_link_stream_t *stream;         /* request tasks only */
+    json_int_t ctl_id;                /* control tasks only */
+    int streaming;                    /* serve.stream started the response: chunks follow */
+    int stream_wait;       /* suspended in a chunk the link's window could not take yet */
+    int returned;          /* the coroutine ran to completion: it can host another task */
+    rt_task_t *next_spare; /* link in rt->spare */
     /* serve.batch (batch.c): a caller waits in its batcher's queue, then in a running batch */
     rt_batcher_t *batcher;
     rt_batch_t *batch_run;
     int batch_index, batch_size;
     int batch_self_ref, batch_item_ref; /* registry anchors while queued */
+    int batch_model_ref;                /* its multiplexed model id (a string, or LUA_REFNIL) */
     uint64_t batch_enq_us;              /* when it was queued (monotonic) */
     rt_task_t *batch_prev, *batch_next;
     rt_batch_t *batch_ctx; /* a batch's own task: the batch it runs */
@@ -143,5 +145,7 @@ int rt_l_batcher_new(lua_State *L);
 int rt_l_batch_submit(lua_State *L);
 int rt_l_batch_configure(lua_State *L);
 int rt_l_batch_stats(lua_State *L);
+/* report_models for "moonserve.core" (runtime/replica.c: it writes to the control channel) */
+int rt_l_report_models(lua_State *L);
 
 #endif

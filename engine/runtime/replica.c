@@ -191,6 +191,25 @@ static void ctl_reply(json_int_t id, json_t *reply, const char *error)
     ctl_send(reply, -1);
 }
 
+/* report_models(ids): tells the controller which multiplexed models this replica holds or is
+ * loading (a list of strings), so routers send it those models' requests at once rather than
+ * a stats period later. */
+int rt_l_report_models(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    json_t *ids = json_array();
+    for (int i = 1; i <= (int)lua_objlen(L, 1); i++) {
+        lua_rawgeti(L, 1, i);
+        size_t n;
+        const char *id = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+        if (id)
+            json_array_append_new(ids, json_stringn(id, n));
+        lua_pop(L, 1);
+    }
+    ctl_send(json_pack("{s:s, s:o}", "op", "models", "ids", ids), -1);
+    return 0;
+}
+
 static void fail_startup(const char *error)
 {
     ms_error("replica failed to start: %s", error);

@@ -43,6 +43,13 @@ struct rt_call {
 };
 
 static const char FUTURE_MT[] = "moonserve.future";
+static const char SIGNAL_MT[] = "moonserve.signal";
+
+/* A list of tasks waiting for another task to say "go on" (serve.multiplexed's load lock). A
+ * waiting task keeps the signal on its stack, so a signal with waiters is never collected. */
+typedef struct rt_signal {
+    rt_task_t *head;
+} rt_signal_t;
 
 /* The task library's C functions are reached from Lua without a context pointer. */
 static rt_t *the_rt;
@@ -56,6 +63,8 @@ void rt_tasks_init(rt_t *rt)
     luaL_newmetatable(rt->L, FUTURE_MT);
     lua_pushcfunction(rt->L, l_future_gc);
     lua_setfield(rt->L, -2, "__gc");
+    lua_pop(rt->L, 1);
+    luaL_newmetatable(rt->L, SIGNAL_MT);
     lua_pop(rt->L, 1);
 }
 
@@ -142,7 +151,7 @@ static void resume(rt_task_t *t, int nargs)
     int refused = rt->mem.refused;
     if (st == LUA_YIELD) {
         /* A bare coroutine.yield: nothing would ever resume it. */
-        if (!t->timer && !t->wait_n && !t->stream_wait && !t->batcher)
+        if (!t->timer && !t->wait_n && !t->stream_wait && !t->batcher && !t->sig_prevp)
             finish_failed(t, "coroutine.yield called outside serve.sleep / future:result()");
         collect_if_needed(rt, refused);
         return;
@@ -203,10 +212,23 @@ static void wait_forget(rt_task_t *t)
     t->wait_data = 0;
 }
 
+/* t stops waiting on its signal. */
+static void signal_forget(rt_task_t *t)
+{
+    if (!t->sig_prevp)
+        return;
+    *t->sig_prevp = t->sig_next;
+    if (t->sig_next)
+        t->sig_next->sig_prevp = t->sig_prevp;
+    t->sig_prevp = NULL;
+    t->sig_next = NULL;
+}
+
 void rt_task_cancel(rt_task_t *t)
 {
     close_timer(t);
     wait_forget(t);
+    signal_forget(t);
     t->stream_wait = 0; /* the link forgets a pending chunk along with the stream */
     rt_batch_forget(t);
     while (t->calls) {
@@ -285,6 +307,85 @@ static int l_sleep(lua_State *L)
     t->timer->data = t;
     uv_timer_start(t->timer, on_sleep_done, ms, 0);
     return lua_yield(L, 0);
+}
+
+/* ---- signals ----------------------------------------------------------------------------------
+ */
+
+/* core.signal() -> a new signal. */
+static int l_signal(lua_State *L)
+{
+    rt_signal_t *sig = lua_newuserdata(L, sizeof *sig);
+    sig->head = NULL;
+    luaL_getmetatable(L, SIGNAL_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+/* core.signal_wait(sig): suspends the task until core.signal_fire(sig). */
+static int l_signal_wait(lua_State *L)
+{
+    rt_signal_t *sig = luaL_checkudata(L, 1, SIGNAL_MT);
+    rt_task_t *t = rt_current_task(L, "serve.multiplexed");
+    t->sig_next = sig->head;
+    if (t->sig_next)
+        t->sig_next->sig_prevp = &t->sig_next;
+    t->sig_prevp = &sig->head;
+    sig->head = t;
+    return lua_yield(L, 0);
+}
+
+/* core.signal_fire(sig): every task waiting on sig goes on, from the loop's next turn (not
+ * inside the caller's own resume), in the order they began waiting. */
+static int l_signal_fire(lua_State *L)
+{
+    rt_signal_t *sig = luaL_checkudata(L, 1, SIGNAL_MT);
+    while (sig->head) {
+        rt_task_t *t = sig->head;
+        while (t->sig_next) /* the oldest waiter first: the list is newest first */
+            t = t->sig_next;
+        signal_forget(t);
+        t->timer = ms_malloc(sizeof *t->timer);
+        uv_timer_init(t->rt->loop, t->timer);
+        t->timer->data = t;
+        uv_timer_start(t->timer, on_sleep_done, 0, 0);
+    }
+    return 0;
+}
+
+static void on_spawned_done(rt_task_t *t, int ok)
+{
+    if (!ok)
+        ms_warn("background task failed: %s", rt_vm_error_text(t->co, -1));
+    rt_task_free(t);
+}
+
+static void on_spawn_due(uv_timer_t *timer)
+{
+    rt_task_t *t = timer->data;
+    t->timer = NULL;
+    uv_close((uv_handle_t *)timer, free_timer);
+    rt_task_start(t, 2);
+}
+
+/* core.spawn(f, args): runs f(unpack(args)) as a task of its own, from the loop's next turn. It
+ * belongs to no request, so no request's cancellation stops it (serve.multiplexed loads a model
+ * in one: the requests waiting for it come and go). An error is logged. */
+static int l_spawn(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    rt_current_task(L, "serve.multiplexed");
+    rt_task_t *t = rt_task_new(the_rt, "_run_spawned", on_spawned_done);
+    snprintf(t->request_id, sizeof t->request_id, "background");
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_xmove(L, t->co, 2);
+    t->timer = ms_malloc(sizeof *t->timer);
+    uv_timer_init(the_rt->loop, t->timer);
+    t->timer->data = t;
+    uv_timer_start(t->timer, on_spawn_due, 0, 0);
+    return 0;
 }
 
 /* ---- handle calls -----------------------------------------------------------------------------
@@ -742,6 +843,13 @@ static int l_time_left(lua_State *L)
     return 1;
 }
 
+/* core.now() -> seconds on the monotonic clock (for durations). */
+static int l_now(lua_State *L)
+{
+    lua_pushnumber(L, (double)ms_now_us() / 1e6);
+    return 1;
+}
+
 static int l_future_gc(lua_State *L)
 {
     rt_call_t *c = *(rt_call_t **)lua_touserdata(L, 1);
@@ -868,11 +976,17 @@ const luaL_Reg rt_task_lib[] = {
     {"done", l_done},
     {"cancel", l_cancel},
     {"time_left", l_time_left},
+    {"signal", l_signal},
+    {"signal_wait", l_signal_wait},
+    {"signal_fire", l_signal_fire},
+    {"spawn", l_spawn},
+    {"now", l_now},
     {"stream_start", l_stream_start},
     {"stream_send", l_stream_send},
     {"batcher_new", rt_l_batcher_new},
     {"batch_submit", rt_l_batch_submit},
     {"batch_configure", rt_l_batch_configure},
     {"batch_stats", rt_l_batch_stats},
+    {"report_models", rt_l_report_models},
     {NULL, NULL},
 };

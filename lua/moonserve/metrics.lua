@@ -19,11 +19,11 @@ local function log_warn(msg)
     if ok and serve.log then serve.log.warn("%s", msg) end
 end
 
-local function check_name(kind, name)
+local function check_name(kind, name, engine)
     if type(name) ~= "string" or not name:match(NAME) or name:sub(1, 2) == "__" then
         error(kind .. ": name must match [a-zA-Z_][a-zA-Z0-9_]*, got " .. tostring(name), 3)
     end
-    if name:sub(1, 10) == "moonserve_" then
+    if name:sub(1, 10) == "moonserve_" and not engine then
         error(kind .. ": the prefix moonserve_ is the engine's (" .. name .. ")", 3)
     end
 end
@@ -150,9 +150,9 @@ function Histogram:observe(value, tags)
     s.sum = s.sum + value
 end
 
-local function new(kind, class, opts)
+local function new(kind, class, opts, engine)
     if type(opts) ~= "table" then error(kind .. ": options must be a table", 3) end
-    check_name(kind, opts.name)
+    check_name(kind, opts.name, engine)
     local tag_keys = check_tag_keys(kind, opts.tag_keys)
     local boundaries = kind == "Histogram" and check_boundaries(opts.boundaries) or nil
     local old = registry[opts.name]
@@ -181,6 +181,11 @@ end
 function M.Counter(opts) return new("Counter", Counter, opts) end
 function M.Gauge(opts) return new("Gauge", Gauge, opts) end
 function M.Histogram(opts) return new("Histogram", Histogram, opts) end
+
+-- The engine's own replica-side metrics (serve.multiplexed's), which carry the moonserve_ prefix
+-- and travel and aggregate exactly as custom ones do.
+local CLASSES = { Counter = Counter, Gauge = Gauge, Histogram = Histogram }
+function M._engine(kind, opts) return new(kind, CLASSES[kind], opts, true) end
 
 -- What the stats poll carries: {name = {type, description, boundaries?, series = {...}}}.
 function M._snapshot()
