@@ -10,9 +10,11 @@ dispatched by an ingress class, matched below the application's route_prefix.
   full serve.response passing through. Handlers may suspend (serve.sleep) and raise errors
   (500, as any handler's).
 - A client cannot forge X-Moonserve-Route-Prefix.
+- examples/ingress (POST /submit, GET /status/:task_id) goes from pending to done.
 """
 
 import json
+import os
 import unittest
 
 import harness
@@ -205,6 +207,42 @@ class IngressRoutesTest(harness.ServerTestCase):
         self.assertEqual(r.status, 202, r)
         self.assertEqual(r.header("x-custom"), "yes")
         self.assertEqual(r.body, b"custom body")
+
+
+with open(os.path.join(harness.SOURCE_DIR, "examples", "ingress", "app.lua")) as f:
+    EXAMPLE_LUA = f.read()
+
+
+class IngressExampleTest(harness.ServerTestCase):
+    # Jobs take 2 s: the first status query, made at once, sees the task pending.
+    APPLICATIONS = [{"name": "tasks", "route_prefix": "/tasks", "import_path": "app.lua:app",
+                     "args": {"work_s": 2}}]
+    FILES = {"app.lua": EXAMPLE_LUA}
+
+    def test_submit_then_status(self):
+        r = self.server.request("POST", "/tasks/submit",
+                                body=json.dumps({"text": "the moon is a harsh mistress"}).encode())
+        self.assertEqual(r.status, 202, r)
+        task_id = r.json()["task_id"]
+        first = self.server.get("/tasks/status/" + task_id)
+        self.assertEqual(first.status, 200, first)
+        self.assertEqual(first.json()["status"], "pending", first)
+
+        def done():
+            doc = self.server.get("/tasks/status/" + task_id).json()
+            return doc if doc["status"] == "done" else None
+        doc = harness.wait_until(done, 10)
+        self.assertTrue(doc, "the task never finished")
+        self.assertEqual(doc["result"], {"words": 6, "upper": "THE MOON IS A HARSH MISTRESS"})
+
+    def test_unknown_task_404(self):
+        r = self.server.get("/tasks/status/nope")
+        self.assertEqual(r.status, 404, r)
+        self.assertIn("no task nope", r.json()["error"])
+
+    def test_bad_submit(self):
+        self.assertEqual(self.server.request("POST", "/tasks/submit", body=b"{").status, 400)
+        self.assertEqual(self.server.request("POST", "/tasks/submit", body=b"[1]").status, 422)
 
 
 if __name__ == "__main__":
