@@ -212,7 +212,8 @@ local ROUTE_OPTIONS = { response_type = true, status = true, name = true }
 
 -- app:route(method(s), path, fn [, opts]) or app:route(method(s), path, opts, fn). method is a
 -- name ("GET") or a list of names; opts: response_type, status (of a successful answer), name.
-function App:route(methods, path, a, b)
+-- (Called by the wrappers below only, so the definer's code is always 3 levels up.)
+local function add(self, methods, path, a, b)
     local fn, opts = a, b
     if type(a) == "table" and type(b) == "function" then fn, opts = b, a end
     if type(fn) ~= "function" then error("routes: a route needs a function(self, req, params)", 3) end
@@ -263,9 +264,13 @@ function App:route(methods, path, a, b)
     return self
 end
 
+function App:route(methods, path, a, b)
+    return (add(self, methods, path, a, b))
+end
+
 for _, m in ipairs { "get", "post", "put", "delete", "patch", "options", "head" } do
     App[m] = function(self, path, a, b)
-        return self:route(m:upper(), path, a, b)
+        return (add(self, m:upper(), path, a, b))
     end
 end
 
