@@ -24,12 +24,17 @@ for _, level in ipairs { "debug", "info", "warn", "error" } do
     end
 end
 
--- serve.nn: the built-in dense-model runtime (docs/nn.md), and serve.metrics: Counter, Gauge
--- and Histogram (docs/metrics.md), loaded on first use.
-local LAZY = { nn = "moonserve.nn", metrics = "moonserve.metrics" }
+-- serve.nn: the built-in dense-model runtime (docs/nn.md), serve.metrics: Counter, Gauge
+-- and Histogram (docs/metrics.md), and serve.routes: ingress routes (docs/lua-api.md), loaded
+-- on first use; serve.app and serve.ingress are serve.routes'.
+local LAZY = { nn = "moonserve.nn", metrics = "moonserve.metrics", routes = "moonserve.routes" }
+local LAZY_FIELDS = { app = "moonserve.routes", ingress = "moonserve.routes" }
 setmetatable(M, { __index = function(t, k)
     if LAZY[k] then
         rawset(t, k, require(LAZY[k]))
+        return rawget(t, k)
+    elseif LAZY_FIELDS[k] then
+        rawset(t, k, require(LAZY_FIELDS[k])[k])
         return rawget(t, k)
     end
 end })

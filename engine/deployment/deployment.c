@@ -968,18 +968,31 @@ static int forwardable(const ms_http_header_t *h)
     return 1;
 }
 
-/* The request as the link carries it; the header array is the call's, reused. */
+static int is_route_prefix_header(const ms_http_header_t *h)
+{
+    return h->name_len == MS_ROUTE_PREFIX_HEADER_LEN &&
+           strncasecmp(h->name, MS_ROUTE_PREFIX_HEADER, h->name_len) == 0;
+}
+
+/* The request as the link carries it; the header array is the call's, reused. A request from
+ * the ingress tells the replica the route_prefix it matched (ingress routes match below it,
+ * docs/lua-api.md); a client's own copy of that header is dropped. A handle call keeps the
+ * header its caller forwarded. */
 static ms_link_request_t link_request(call_t *c)
 {
     ms_http_request_t *req = c->req;
-    if (c->fwd_cap < req->n_headers + 1) {
-        c->fwd_cap = req->n_headers + 1;
+    if (c->fwd_cap < req->n_headers + 2) {
+        c->fwd_cap = req->n_headers + 2;
         c->fwd = ms_realloc(c->fwd, c->fwd_cap * sizeof *c->fwd);
     }
     size_t n = 0;
     for (size_t i = 0; i < req->n_headers; i++)
-        if (forwardable(&req->headers[i]))
+        if (forwardable(&req->headers[i]) &&
+            !(req->route_prefix && is_route_prefix_header(&req->headers[i])))
             c->fwd[n++] = req->headers[i];
+    if (req->route_prefix)
+        c->fwd[n++] = (ms_http_header_t){MS_ROUTE_PREFIX_HEADER, MS_ROUTE_PREFIX_HEADER_LEN,
+                                         req->route_prefix, strlen(req->route_prefix)};
     if (c->deadline_ms != UINT64_MAX) {
         uint64_t now = uv_now(c->dep->loop);
         uint64_t left = c->deadline_ms > now ? c->deadline_ms - now : 0;

@@ -62,8 +62,9 @@ struct ms_http_request {
     int body_streamed;   /* 1: the body is not read yet; see ms_http_request_body_read */
     int64_t body_length; /* Content-Length of a streamed body, -1 when chunked */
     void *route;         /* the server owner's too, kept for on_complete (deployments use user) */
-    char served_by[96];  /* the replica that took it ("" when none), for access logs */
-    uint64_t started_ns; /* uv_hrtime() when the request was handed over */
+    const char *route_prefix; /* the application's route_prefix that matched (ingress), or NULL */
+    char served_by[96];       /* the replica that took it ("" when none), for access logs */
+    uint64_t started_ns;      /* uv_hrtime() when the request was handed over */
 };
 
 /* Called once per complete request. The owner must eventually finish a response on it, unless

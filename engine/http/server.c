@@ -300,6 +300,7 @@ static void reset_request_state(conn_t *c)
     c->drain_cb = NULL;
     c->req.user = NULL;
     c->req.route = NULL;
+    c->req.route_prefix = NULL;
     c->req.served_by[0] = '\0';
     c->resp_status = 0;
 }

@@ -215,6 +215,9 @@ static void on_ingress_request(ms_http_request_t *req, void *data)
         return;
     }
     req->route = t->stats;
+    /* The route's stats entry lives while the request is in flight, so its copy of the prefix
+     * outlives a redeploy that changes the route; the replica learns it from a header. */
+    req->route_prefix = t->stats->route;
     t->stats->inflight++;
     /* The header marks a call through a handle, which may name any method of the class and
      * whose body the replica decodes as Lua values: only replicas, on the handle socket, send

@@ -59,7 +59,10 @@ const char *ms_link_error_text(ms_link_error_t err);
 
 /* A request's deadline travels with it, at every hop, as the time it has left in whole
  * milliseconds counted from when the hop received it (docs/replica-protocol.md, "Deadlines"). */
-#define MS_LINK_DEADLINE_HEADER     "X-Moonserve-Timeout-Ms"
+#define MS_LINK_DEADLINE_HEADER "X-Moonserve-Timeout-Ms"
+/* The application's route_prefix an ingress request matched (set by the engine only). */
+#define MS_ROUTE_PREFIX_HEADER      "X-Moonserve-Route-Prefix"
+#define MS_ROUTE_PREFIX_HEADER_LEN  24
 #define MS_LINK_DEADLINE_HEADER_LEN 22
 /* The value of the deadline header among headers: 1 with the milliseconds in *ms, 0 when there
  * is none, -1 when one is not a whole number of milliseconds (digits only, at most 12). */
