@@ -81,9 +81,7 @@ const ms_policy_kind_t as_app_kind = {
 
 char *as_builtin_path(void)
 {
-    const char *dir = getenv("MOONSERVE_LUA_DIR");
-    if (!dir || !*dir)
-        dir = MS_LUA_DIR;
+    const char *dir = ms_lua_dir();
     ms_buf_t b = {0};
     ms_buf_appendf(&b, "%s/autoscaling.lua", dir);
     return b.data;

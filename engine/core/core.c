@@ -4,9 +4,12 @@
 #include "core/core.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -456,6 +459,51 @@ int ms_read_file(const char *path, ms_buf_t *out)
         return -1;
     }
     return 0;
+}
+
+static char exe_lua_dir[PATH_MAX + 64];
+static pthread_once_t exe_lua_once = PTHREAD_ONCE_INIT;
+
+static int is_dir(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* Resolved once: the executable does not move while it runs, and reload prepares scripts off the
+ * event loop, so the lookup must be safe from any thread. */
+static void find_exe_lua_dir(void)
+{
+    char prefix[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", prefix, sizeof prefix - 1);
+    if (n <= 0) {
+        /* No /proc: the working directory's lua/ is the only guess left. */
+        snprintf(exe_lua_dir, sizeof exe_lua_dir, "lua");
+        return;
+    }
+    prefix[n] = '\0';
+    /* PREFIX/bin/moonserve -> PREFIX. The kernel's path has no symlinks, "." or "..", so taking
+     * two components off by hand is the real parent, and errors read without "bin/..". A binary
+     * in / or /bin leaves "", so the paths below start at /. */
+    for (int up = 0; up < 2; up++) {
+        char *slash = strrchr(prefix, '/');
+        if (slash)
+            *slash = '\0';
+    }
+    char build[sizeof exe_lua_dir];
+    snprintf(exe_lua_dir, sizeof exe_lua_dir, "%s/share/moonserve/lua", prefix);
+    snprintf(build, sizeof build, "%s/lua", prefix);
+    if (!is_dir(exe_lua_dir) && is_dir(build))
+        memcpy(exe_lua_dir, build, sizeof build);
+}
+
+const char *ms_lua_dir(void)
+{
+    const char *env = getenv("MOONSERVE_LUA_DIR");
+    if (env && *env)
+        return env;
+    pthread_once(&exe_lua_once, find_exe_lua_dir);
+    return exe_lua_dir;
 }
 
 int ms_hex_digit(char c)

@@ -95,6 +95,14 @@ double ms_wall_time(void); /* seconds since the epoch, for status and logs */
  * may then hold part of the file. Blocking: for start-up, reload and admin paths only. */
 int ms_read_file(const char *path, ms_buf_t *out);
 
+/* The engine's Lua folder (the `moonserve` module, the built-in router and autoscaling policy):
+ * $MOONSERVE_LUA_DIR when set and not empty (read on every call); else, found relative to the
+ * running executable so an installed tree can be moved, <exe dir>/../share/moonserve/lua (an
+ * installed layout), then <exe dir>/../lua (a build folder inside the source tree, such as
+ * build/moonserve). When neither exists the first is returned, so errors name where it was
+ * expected. No source path is compiled in (docs/install.md). Thread-safe; never NULL. */
+const char *ms_lua_dir(void);
+
 /* ---- text ---------------------------------------------------------------------------------- */
 /* Copies n bytes of s into out (cap bytes, NUL included) as valid UTF-8, for script and user text
  * bound for JSON (jansson refuses anything else): a byte that does not begin a valid sequence

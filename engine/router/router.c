@@ -363,9 +363,7 @@ static const ms_policy_kind_t router_kind = {
 
 static char *builtin_router_path(void)
 {
-    const char *dir = getenv("MOONSERVE_LUA_DIR");
-    if (!dir || !*dir)
-        dir = MS_LUA_DIR;
+    const char *dir = ms_lua_dir();
     ms_buf_t b = {0};
     ms_buf_appendf(&b, "%s/router.lua", dir);
     return b.data;

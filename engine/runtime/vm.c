@@ -55,9 +55,7 @@ static void push_app_dir(lua_State *L, const char *app_file)
 
 static void set_package_path(lua_State *L, const char *app_file)
 {
-    const char *lua_dir = getenv("MOONSERVE_LUA_DIR");
-    if (!lua_dir || !*lua_dir)
-        lua_dir = MS_LUA_DIR;
+    const char *lua_dir = ms_lua_dir();
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "path");
     lua_pushfstring(L, "%s/?.lua;", lua_dir);

@@ -396,13 +396,20 @@ static void test_sandbox(void)
     ASSERT_CONTAINS(dummy, "/nonexistent/router.lua");
     free(dummy);
 
-    /* MOONSERVE_LUA_DIR overrides where the built-in router is looked for. */
+    /* MOONSERVE_LUA_DIR overrides where the built-in router is looked for. The test's own value
+     * (ctest sets it: see tests/CMakeLists.txt) is put back for the tests after this one. */
+    const char *was = getenv("MOONSERVE_LUA_DIR");
+    char *saved = was ? ms_strdup(was) : NULL;
     setenv("MOONSERVE_LUA_DIR", "/nonexistent-lua-dir", 1);
     dummy = NULL;
     ASSERT_TRUE(ms_router_script_new(NULL, NULL, 1000, &dummy) == NULL);
     ASSERT_CONTAINS(dummy, "/nonexistent-lua-dir/router.lua");
     free(dummy);
-    unsetenv("MOONSERVE_LUA_DIR");
+    if (saved)
+        setenv("MOONSERVE_LUA_DIR", saved, 1);
+    else
+        unsetenv("MOONSERVE_LUA_DIR");
+    free(saved);
 }
 
 static void write_file(const char *path, const char *text)
