@@ -579,10 +579,13 @@ static void add_series(json_t *agg, json_t *s, int histogram, size_t n_buckets)
     add_number(agg, "sum", json_object_get(s, "sum"));
 }
 
-/* Folds one replica's metric into all[name]: {type, description, boundaries, series: {key:
- * {dep, tags, value | buckets, count, sum}}}. A name another deployment uses with another type
+/* Folds one replica's (or script's) metric into all[name]: {type, description, boundaries,
+ * series: {key: {labels, tags, value | buckets, count, sum}}}; labels is the Prometheus label
+ * text of the deployment (or script) it belongs to, and series with the same labels and tags add
+ * up. A name another deployment uses with another type
  * or other boundaries is left out. */
-static void fold_metric(json_t *all, size_t dep, const char *name, json_t *m, size_t *n_series)
+static void fold_metric(json_t *all, const char *labels, const char *name, json_t *m,
+                        size_t *n_series)
 {
     const char *type = json_string_value(json_object_get(m, "type"));
     json_t *bounds = json_object_get(m, "boundaries");
@@ -611,12 +614,12 @@ static void fold_metric(json_t *all, size_t dep, const char *name, json_t *m, si
             continue;
         char *tk = json_dumps(tags, JSON_COMPACT | JSON_SORT_KEYS);
         ms_buf_t key = {0};
-        ms_buf_appendf(&key, "%zu %s", dep, tk ? tk : "");
+        ms_buf_appendf(&key, "%s %s", labels, tk ? tk : "");
         free(tk);
         json_t *agg = json_object_get(out, key.data);
         if (!agg && *n_series < CUSTOM_MAX_SERIES) {
             (*n_series)++;
-            agg = json_pack("{s:I, s:O}", "dep", (json_int_t)dep, "tags", tags);
+            agg = json_pack("{s:s, s:O}", "labels", labels, "tags", tags);
             if (histogram) {
                 json_t *b = json_array();
                 for (size_t k = 0; k < nb; k++)
@@ -644,9 +647,9 @@ static void append_help(ms_buf_t *b, const char *s)
     }
 }
 
-static void custom_labels(ms_buf_t *out, char **dep_labels, json_t *agg)
+static void custom_labels(ms_buf_t *out, json_t *agg)
 {
-    ms_buf_append_str(out, dep_labels[json_integer_value(json_object_get(agg, "dep"))]);
+    ms_buf_append_str(out, json_string_value(json_object_get(agg, "labels")));
     const char *k;
     json_t *v;
     json_t *tags = json_object_get(agg, "tags");
@@ -658,7 +661,7 @@ static void custom_labels(ms_buf_t *out, char **dep_labels, json_t *agg)
     }
 }
 
-static void custom_family(ms_buf_t *b, char **dep_labels, const char *name, json_t *e)
+static void custom_family(ms_buf_t *b, const char *name, json_t *e)
 {
     const char *type = json_string_value(json_object_get(e, "type"));
     size_t len = strlen(name);
@@ -676,7 +679,7 @@ static void custom_family(ms_buf_t *b, char **dep_labels, const char *name, json
     json_object_foreach(json_object_get(e, "series"), key, agg)
     {
         ms_buf_reset(&labels);
-        custom_labels(&labels, dep_labels, agg);
+        custom_labels(&labels, agg);
         if (strcmp(type, "histogram") != 0) {
             ms_buf_appendf(b, "%s%s{%s} %.17g\n", name, suffix, labels.data,
                            json_number_value(json_object_get(agg, "value")));
@@ -703,10 +706,50 @@ static void custom_family(ms_buf_t *b, char **dep_labels, const char *name, json
     ms_buf_free(&labels);
 }
 
+/* The application and deployment labels of a script's metrics ("" for what it lacks: an
+ * application policy has no deployment), as replicas' metrics have. */
+static char *script_labels(const ms_policy_t *p)
+{
+    json_t *info = ms_policy_info(p);
+    const char *app = json_string_value(json_object_get(info, "application"));
+    const char *dep = json_string_value(json_object_get(info, "deployment"));
+    ms_buf_t b = {0};
+    ms_buf_append_str(&b, "application=\"");
+    ms_buf_append_label(&b, app ? app : "");
+    ms_buf_append_str(&b, "\",deployment=\"");
+    ms_buf_append_label(&b, dep ? dep : "");
+    ms_buf_append_str(&b, "\"");
+    json_decref(info);
+    return b.data;
+}
+
+/* Metrics that policy and router scripts defined (require "moonserve.metrics"). */
+static void fold_script_metrics(controller_t *c, json_t *all, size_t *n_series)
+{
+    ms_policy_t **ps;
+    size_t n = collect_policies(c, &ps);
+    for (size_t i = 0; i < n; i++) {
+        json_t *snap = ms_policy_metrics(ps[i]);
+        if (!snap)
+            continue;
+        char *labels = script_labels(ps[i]);
+        const char *name;
+        json_t *m;
+        json_object_foreach(snap, name, m)
+        {
+            fold_metric(all, labels, name, m, n_series);
+        }
+        free(labels);
+        json_decref(snap);
+    }
+    free(ps);
+}
+
 static void custom_metrics(controller_t *c, char **dep_labels, ms_buf_t *b)
 {
     json_t *all = json_object();
     size_t n_series = 0;
+    fold_script_metrics(c, all, &n_series);
     for (size_t i = 0; i < c->n_deps; i++) {
         size_t n;
         ms_replica_t **rs = replica_list(&c->deps[i], &n);
@@ -715,7 +758,7 @@ static void custom_metrics(controller_t *c, char **dep_labels, ms_buf_t *b)
             json_t *m;
             json_object_foreach(rs[k]->custom_metrics, name, m)
             {
-                fold_metric(all, i, name, m, &n_series);
+                fold_metric(all, dep_labels[i], name, m, &n_series);
             }
         }
         free(rs);
@@ -724,7 +767,7 @@ static void custom_metrics(controller_t *c, char **dep_labels, ms_buf_t *b)
     json_t *e;
     json_object_foreach(all, name, e)
     {
-        custom_family(b, dep_labels, name, e);
+        custom_family(b, name, e);
     }
     json_decref(all);
 }

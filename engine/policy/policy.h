@@ -149,6 +149,11 @@ const char *ms_policy_last_error(const ms_policy_t *p); /* "" if none */
  * shape of every policy script. New reference. */
 json_t *ms_policy_info(const ms_policy_t *p);
 
+/* The custom metrics the script defined through `require "moonserve.metrics"`, in the shape of a
+ * replica's metrics snapshot ({name: {type, description, boundaries, series}}), or NULL when it
+ * defined none (policy/metrics.c; reads the state raw, runs no Lua). */
+json_t *ms_policy_metrics(const ms_policy_t *p);
+
 /* ---- reload -----------------------------------------------------------------------------------
  */
 

@@ -17,10 +17,15 @@
 
 #include <lauxlib.h>
 
+#include "core/core.h"
 #include "sandbox/sandbox.h"
 #include "sandbox/sandbox_lib.h"
 
 #define MOD_NAME_MAX 200
+
+/* The one engine module scripts may require (Counter, Gauge, Histogram: docs/metrics.md); it
+ * comes from the engine's Lua folder, never from the config's. */
+static const char ENGINE_METRICS[] = "moonserve.metrics";
 
 #define UP_ENV   lua_upvalueindex(1)
 #define UP_CACHE lua_upvalueindex(2)
@@ -149,8 +154,9 @@ static int sb_require(lua_State *L)
         if (*c == '.')
             *c = '/';
     const ms_sandbox_t *sb = lua_touserdata(L, lua_upvalueindex(4));
+    const char *dir = strcmp(name, ENGINE_METRICS) == 0 ? ms_lua_dir() : sb->module_dir;
     const char *text;
-    size_t n = read_module(L, sb->module_dir, name, rel, &text);
+    size_t n = read_module(L, dir, name, rel, &text);
     run_module(L, name, rel, text, n);
     if (lua_isnil(L, -1)) { /* as Lua's require: a module that returns nothing is `true` */
         lua_pop(L, 1);
@@ -159,6 +165,26 @@ static int sb_require(lua_State *L)
     lua_pushvalue(L, -1);
     lua_setfield(L, UP_CACHE, name);
     return 1;
+}
+
+int ms_sandbox_push_loaded(ms_sandbox_t *sb, const char *name)
+{
+    lua_State *L = sb->L;
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sb->env_ref);
+    lua_pushliteral(L, "require");
+    lua_rawget(L, -2);
+    if (lua_tocfunction(L, -1) == sb_require && lua_getupvalue(L, -1, 2)) {
+        lua_pushstring(L, name);
+        lua_rawget(L, -2);
+        if (lua_istable(L, -1)) {
+            lua_replace(L, top + 1);
+            lua_settop(L, top + 1);
+            return 0;
+        }
+    }
+    lua_settop(L, top);
+    return -1;
 }
 
 void ms_sandbox_push_require(ms_sandbox_t *sb)

@@ -70,10 +70,15 @@ int ms_sandbox_call(ms_sandbox_t *sb, int nargs, int nres, uint64_t budget_us);
 /* Gives scripts `require`: `require "a.b"` loads DIR/a/b.lua (text only; names are dot-separated
  * words of letters, digits, '_' and '-', so no absolute path or ".." can be named; no C modules),
  * runs it in the sandbox environment under the budget of the call in progress and caches its
- * value per state; a cycle and a missing file are clear errors. Setting
+ * value per state; a cycle and a missing file are clear errors. "moonserve.metrics" is the
+ * engine's own module, loaded from its Lua folder (ms_lua_dir). Setting
  * it again starts a fresh cache; NULL or "" removes `require`. Call it before loading the script
  * that requires. */
 void ms_sandbox_set_module_dir(ms_sandbox_t *sb, const char *dir);
+
+/* Pushes the value `require(name)` returned in this state, when it is a table and the module has
+ * been loaded; returns 0, or -1 (nothing pushed). Runs no Lua code: raw reads only. */
+int ms_sandbox_push_loaded(ms_sandbox_t *sb, const char *name);
 
 /* Decodes JSON text into a Lua value and pushes it (objects and arrays become tables, null
  * becomes nil). NULL or "" pushes an empty table. Returns 0, or -1 with sb->err set. */

@@ -13,6 +13,9 @@ local NAME = "^[a-zA-Z_][a-zA-Z0-9_]*$"
 local RESERVED = { application = true, deployment = true, le = true, quantile = true }
 
 local registry, n_registered = {}, 0
+-- Read by the controller, raw, for metrics defined in policy and router scripts
+-- (engine/policy/metrics.c); replicas send _snapshot() instead.
+M._registry = registry
 
 local function log_warn(msg)
     local ok, serve = pcall(require, "moonserve")
