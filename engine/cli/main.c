@@ -111,6 +111,9 @@ int main(int argc, char **argv)
     const char *encoding = getenv("MOONSERVE_LOG_ENCODING");
     if (encoding)
         ms_log_set_json(strcasecmp(encoding, "JSON") == 0);
+    const char *to_stderr = getenv("MOONSERVE_LOG_TO_STDERR");
+    if (to_stderr && strcmp(to_stderr, "0") == 0)
+        ms_log_set_stderr(0);
     if (argc < 2) {
         print_usage(stderr);
         return 2;

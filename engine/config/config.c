@@ -838,11 +838,12 @@ static void config_defaults(ms_config_t *cfg)
     cfg->http.max_header_bytes = MS_DEFAULT_MAX_HEADER_BYTES;
     cfg->http.max_body_bytes = MS_DEFAULT_MAX_BODY_BYTES;
     cfg->http.header_timeout_s = MS_DEFAULT_HEADER_TIMEOUT_S;
-    cfg->logging =
-        (ms_logging_config_t){.set = MS_LOG_SET_LEVEL | MS_LOG_SET_ENCODING | MS_LOG_SET_ACCESS,
-                              .level = "INFO",
-                              .json = 0,
-                              .access_log = 1};
+    cfg->logging = (ms_logging_config_t){.set = MS_LOG_SET_ALL,
+                                         .level = "INFO",
+                                         .json = 0,
+                                         .access_log = 1,
+                                         .rotation_max_bytes = MS_DEFAULT_ROTATION_MAX_BYTES,
+                                         .rotation_backup_count = MS_DEFAULT_ROTATION_BACKUP_COUNT};
     cfg->control_loop_interval_s = MS_DEFAULT_CONTROL_LOOP_INTERVAL_S;
     cfg->admin.host = ms_strdup(MS_DEFAULT_ADMIN_HOST);
     cfg->admin.port = MS_DEFAULT_ADMIN_PORT;

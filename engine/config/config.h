@@ -124,13 +124,35 @@ typedef struct ms_process_config {
 
 /* logging_config at one level (docs/logging.md). The application and deployment levels override
  * the level above field by field: `set` says which fields this one gave. */
+/* logs_dir is held in place (not a pointer) so the struct copies and compares as a value: a
+ * deploy tells a changed logging_config with memcmp. Unused bytes stay zero. */
+#define MS_LOGS_DIR_MAX 1024
 typedef struct ms_logging_config {
-    unsigned set;   /* MS_LOG_SET_* */
+    unsigned set; /* MS_LOG_SET_* */
+    /* Log files (docs/logging.md): their rotation (rotation_max_bytes 0 = never;
+     * rotation_backup_count rotated files kept) and the folder, absolute ("" = stderr only).
+     * The fields are ordered so the struct has no padding for memcmp to trip over. */
+    int rotation_backup_count;
+    long long rotation_max_bytes;
     char level[8];  /* DEBUG, INFO, WARNING or ERROR (Ray's names mapped to ours) */
     int json;       /* encoding: JSON (1) or TEXT (0) */
     int access_log; /* enable_access_log */
+    char logs_dir[MS_LOGS_DIR_MAX];
 } ms_logging_config_t;
-enum { MS_LOG_SET_LEVEL = 1 << 0, MS_LOG_SET_ENCODING = 1 << 1, MS_LOG_SET_ACCESS = 1 << 2 };
+_Static_assert(sizeof(ms_logging_config_t) == 4 + 4 + 8 + 8 + 4 + 4 + MS_LOGS_DIR_MAX,
+               "ms_logging_config_t must have no padding (it is compared with memcmp)");
+enum {
+    MS_LOG_SET_LEVEL = 1 << 0,
+    MS_LOG_SET_ENCODING = 1 << 1,
+    MS_LOG_SET_ACCESS = 1 << 2,
+    MS_LOG_SET_DIR = 1 << 3,
+    MS_LOG_SET_MAX_BYTES = 1 << 4,
+    MS_LOG_SET_BACKUPS = 1 << 5,
+};
+#define MS_LOG_SET_ALL 0x3fu
+/* Ray's defaults (RAY_ROTATION_MAX_BYTES, RAY_ROTATION_BACKUP_COUNT). */
+#define MS_DEFAULT_ROTATION_MAX_BYTES    (512LL * 1024 * 1024)
+#define MS_DEFAULT_ROTATION_BACKUP_COUNT 5
 /* `over`'s fields where it set them, `base`'s elsewhere. */
 ms_logging_config_t ms_config_logging_merge(ms_logging_config_t base, ms_logging_config_t over);
 

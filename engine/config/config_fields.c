@@ -7,10 +7,15 @@
 #include "config/config_internal.h"
 #include "core/core.h"
 
+#include <errno.h>
+#include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ---- value checks: each reports `KEY must be DESC, got VALUE` at the value ------------------ */
 
@@ -336,12 +341,94 @@ static void log_encoding(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node
     lc->set |= MS_LOG_SET_ENCODING;
 }
 
-/* Checked, but with no effect yet: logs go to stderr (docs/logging.md). */
+/* Why `dir` (absolute) cannot be a log folder, or NULL when it is one or can be made one: it is
+ * a writable folder, or the nearest part of it that exists is. Checked at load so that `check`,
+ * a start and a reload all refuse a bad logs_dir with its position; the folder itself is made
+ * when the files open (ms_log_set_file). */
+static const char *logs_dir_problem(const char *dir, char *why, size_t cap)
+{
+    char path[MS_LOGS_DIR_MAX];
+    size_t len = strnlen(dir, sizeof path - 1);
+    memcpy(path, dir, len);
+    path[len] = '\0';
+    int own = 1; /* `path` is still the folder asked for, not one above it */
+    for (;;) {
+        struct stat st;
+        if (stat(path, &st) == 0) {
+            if (!S_ISDIR(st.st_mode))
+                snprintf(why, cap, "'%s' is not a folder", path);
+            else if (access(path, W_OK | X_OK) != 0)
+                snprintf(why, cap, "'%s' is not writable%s", path, own ? "" : " (to create it in)");
+            else
+                return NULL;
+            return why;
+        }
+        if (errno != ENOENT && errno != ENOTDIR) { /* ENOTDIR: a file above; found next */
+            snprintf(why, cap, "'%s': %s", path, strerror(errno));
+            return why;
+        }
+        char *slash = strrchr(path, '/');
+        if (!slash || slash == path)
+            return NULL; /* up to the root: nothing there to stop mkdir */
+        *slash = '\0';
+        own = 0;
+    }
+}
+
+/* A folder for log files, relative to the config's folder; null = stderr only (which overrides
+ * a level above). */
 static void log_dir(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
 {
-    (void)obj;
-    if (!ms_cfg_is_null(val) && ms_cfg_get_str(c, key, val))
-        ms_cfg_warn_unsupported(c, key);
+    ms_logging_config_t *lc = obj;
+    if (ms_cfg_is_null(val)) {
+        memset(lc->logs_dir, 0, sizeof lc->logs_dir);
+        lc->set |= MS_LOG_SET_DIR;
+        return;
+    }
+    const char *s = ms_cfg_get_str(c, key, val);
+    if (!s)
+        return;
+    char abs[MS_LOGS_DIR_MAX + 1];
+    int n = s[0] == '/' ? snprintf(abs, sizeof abs, "%s", s)
+                        : snprintf(abs, sizeof abs, "%s/%s", c->dir ? c->dir : ".", s);
+    /* Room for the longest file name (replica_APP_DEPLOYMENT_ID.log.N) in a path. */
+    if (n < 0 || (size_t)n >= MS_LOGS_DIR_MAX - 300) {
+        ms_cfg_error(c, val, "logs_dir is too long (at most %d bytes once made absolute)",
+                     MS_LOGS_DIR_MAX - 301);
+        return;
+    }
+    while (n > 1 && abs[n - 1] == '/')
+        abs[--n] = '\0';
+    char why[MS_LOGS_DIR_MAX + 64];
+    if (logs_dir_problem(abs, why, sizeof why)) {
+        ms_cfg_error(c, val, "logs_dir '%s' cannot hold log files: %s", abs, why);
+        return;
+    }
+    memset(lc->logs_dir, 0, sizeof lc->logs_dir);
+    memcpy(lc->logs_dir, abs, (size_t)n);
+    lc->set |= MS_LOG_SET_DIR;
+}
+
+/* Ray Serve takes these from RAY_ROTATION_MAX_BYTES and RAY_ROTATION_BACKUP_COUNT; moonserve
+ * has them in logging_config, at every level (docs/logging.md). */
+static void log_max_bytes(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_logging_config_t *lc = obj;
+    long long v;
+    if (!ms_cfg_get_int(c, key, val, 0, LLONG_MAX, "an integer >= 0 (bytes; 0 = never rotate)", &v))
+        return;
+    lc->rotation_max_bytes = v;
+    lc->set |= MS_LOG_SET_MAX_BYTES;
+}
+
+static void log_backups(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    ms_logging_config_t *lc = obj;
+    long long v;
+    if (!ms_cfg_get_int(c, key, val, 0, 1000, "an integer from 0 to 1000", &v))
+        return;
+    lc->rotation_backup_count = (int)v;
+    lc->set |= MS_LOG_SET_BACKUPS;
 }
 
 static void log_access(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
@@ -373,6 +460,8 @@ static const ms_cfg_field_t logging_fields[] = {
     {"log_level", log_level, MS_FIELD_OK},
     {"encoding", log_encoding, MS_FIELD_OK},
     {"logs_dir", log_dir, MS_FIELD_OK},
+    {"rotation_max_bytes", log_max_bytes, MS_FIELD_OK},
+    {"rotation_backup_count", log_backups, MS_FIELD_OK},
     {"enable_access_log", log_access, MS_FIELD_OK},
     {"additional_log_standard_attrs", log_attrs, MS_FIELD_OK},
 };
@@ -394,6 +483,12 @@ ms_logging_config_t ms_config_logging_merge(ms_logging_config_t base, ms_logging
         base.json = over.json;
     if (over.set & MS_LOG_SET_ACCESS)
         base.access_log = over.access_log;
+    if (over.set & MS_LOG_SET_DIR)
+        memcpy(base.logs_dir, over.logs_dir, sizeof base.logs_dir);
+    if (over.set & MS_LOG_SET_MAX_BYTES)
+        base.rotation_max_bytes = over.rotation_max_bytes;
+    if (over.set & MS_LOG_SET_BACKUPS)
+        base.rotation_backup_count = over.rotation_backup_count;
     base.set |= over.set;
     return base;
 }

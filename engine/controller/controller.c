@@ -171,13 +171,16 @@ void ms__settings_fill(controller_t *c, const planned_t *p, ms__settings_t *out)
                  .memory_bytes = replica_memory(c, p),
                  .num_gpus = replica_gpus(p),
                  .process = p->process,
-                 .log_json = p->logging.json},
+                 .log_json = p->logging.json,
+                 .log_rotation_max_bytes = p->logging.rotation_max_bytes,
+                 .log_rotation_backup_count = p->logging.rotation_backup_count},
         .gpus = c->gpus,
         .gpu_pool = c->gpu_pool,
         .on_cold_start = ms__control_on_cold_start,
         .owner_data = c,
     };
     memcpy(out->s.spec.log_level, p->logging.level, sizeof out->s.spec.log_level);
+    memcpy(out->s.spec.logs_dir, p->logging.logs_dir, sizeof out->s.spec.logs_dir);
 }
 
 void ms__settings_free(ms__settings_t *st)
@@ -437,6 +440,11 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     ms_config_errors_t errs = {0};
     plan_t plan = {0};
     ms_policy_set_module_dir(cfg->dir); /* policies `require` from the config's folder */
+    char log_err[1600];
+    if (ms__apply_log_file(cfg, log_err, sizeof log_err) != 0) {
+        fprintf(stderr, "moonserve: %s\n", log_err);
+        return 1;
+    }
     /* Every script loads once before anything opens, as `moonserve check` loads them: a broken
      * one stops the start with its error instead of failing a deployment after the ingress
      * opened (and a deploy through the admin API refuses it the same way). */

@@ -149,6 +149,11 @@ static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
     if (ms_log_parse_level(cfg->logging.level, &level) == 0)
         ms_log_min_level = level;
     ms_log_set_json(cfg->logging.json);
+    char log_err[1600];
+    /* The config was checked (logs_dir can hold files): this fails only if the folder changed
+     * since, and a deploy already under way goes on. */
+    if (ms__apply_log_file(cfg, log_err, sizeof log_err) != 0)
+        ms_error("deploy: %s; the controller's lines keep going where they went", log_err);
     for (size_t i = 0; i < plan->n; i++)
         for (size_t k = 0; k < n; k++)
             if (c->deps[k].app == plan->items[i].app &&
@@ -159,6 +164,13 @@ static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
                     c->deps[k].dep, plan->items[i].logging.access_log);
     if (ms__control_setup(c, plan) != 0)
         ms_error("deploy: some policies failed to load; their deployments keep their counts");
+}
+
+int ms__apply_log_file(const ms_config_t *cfg, char *err, size_t err_cap)
+{
+    const ms_logging_config_t *lc = &cfg->logging;
+    return ms_log_set_file(lc->logs_dir, "controller.log", lc->rotation_max_bytes,
+                           lc->rotation_backup_count, err, err_cap);
 }
 
 void ms__remember_code(ms_config_t *cfg)

@@ -156,6 +156,9 @@ int ms__plan_check_scripts(const ms_config_t *cfg, const plan_t *plan, ms_config
 int ms__deploy(controller_t *c, const char *text, size_t len, json_t **body);
 /* Records each application file's SHA-256 in its config, so a deploy can tell code changes. */
 void ms__remember_code(ms_config_t *cfg);
+/* The controller's log file from the top-level logging_config: DIR/controller.log, or stderr
+ * only. Returns 0, or -1 with a message in err (the file in use until then stays). */
+int ms__apply_log_file(const ms_config_t *cfg, char *err, size_t err_cap);
 
 /* admin_glue.c */
 ms_admin_callbacks_t ms__admin_callbacks(void);

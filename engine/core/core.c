@@ -4,6 +4,7 @@
 #include "core/core.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -194,10 +195,10 @@ void ms_log_set_json(int json)
     log_json = json;
 }
 
-static void write_all(const char *p, size_t n)
+static void write_fd(int fd, const char *p, size_t n)
 {
     while (n > 0) {
-        ssize_t w = write(STDERR_FILENO, p, n);
+        ssize_t w = write(fd, p, n);
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0)
@@ -205,6 +206,179 @@ static void write_all(const char *p, size_t n)
         p += w;
         n -= (size_t)w;
     }
+}
+
+/* ---- log files (logging_config.logs_dir) -----------------------------------------------------
+ * One file per process (controller.log, replica_APP_DEPLOYMENT_ID.log), so each has one writer
+ * and rotation needs no lock between processes: the writer knows the size it wrote. The mutex
+ * only guards this process's file state against a line from another thread. Writes go straight
+ * to the file, as they go to stderr: a page-cache write, and a rotation is a few renames. */
+#define LOG_PATH_MAX 1400
+static struct {
+    int fd; /* -1: no file */
+    char path[LOG_PATH_MAX];
+    long long max_bytes; /* 0: never rotate */
+    int backups;
+    long long size;  /* bytes in the file now */
+    int open_failed; /* a reopen after a rotation failed and was reported */
+} log_file = {.fd = -1};
+static pthread_mutex_t log_file_mu = PTHREAD_MUTEX_INITIALIZER;
+static int log_to_stderr = 1;
+
+static int open_log_file(const char *path, int trunc, long long *size)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (trunc ? O_TRUNC : 0), 0644);
+    struct stat st;
+    *size = fd >= 0 && fstat(fd, &st) == 0 ? (long long)st.st_size : 0;
+    return fd;
+}
+
+/* FILE -> FILE.1 -> FILE.2 ... -> FILE.N, the oldest overwritten; with no backups the file
+ * starts again empty. Then a new FILE. */
+static void rotate_log_file(void)
+{
+    close(log_file.fd);
+    log_file.fd = -1;
+    char from[LOG_PATH_MAX + 16], to[LOG_PATH_MAX + 16];
+    for (int i = log_file.backups - 1; i >= 1; i--) {
+        snprintf(from, sizeof from, "%s.%d", log_file.path, i);
+        snprintf(to, sizeof to, "%s.%d", log_file.path, i + 1);
+        rename(from, to); /* ENOENT: fewer rotations so far */
+    }
+    if (log_file.backups > 0) {
+        snprintf(to, sizeof to, "%s.1", log_file.path);
+        rename(log_file.path, to);
+    }
+    log_file.fd = open_log_file(log_file.path, log_file.backups == 0, &log_file.size);
+    if (log_file.fd < 0 && !log_file.open_failed) {
+        log_file.open_failed = 1;
+        char msg[LOG_PATH_MAX + 128];
+        int n = snprintf(msg, sizeof msg,
+                         "moonserve: log file %s: cannot reopen after rotation: %s; "
+                         "logging to stderr only\n",
+                         log_file.path, strerror(errno));
+        write_fd(STDERR_FILENO, msg, n > 0 && (size_t)n < sizeof msg ? (size_t)n : 0);
+    }
+}
+
+/* Whole lines, so that a file holds at most max_bytes; a single line longer than that gets a
+ * file to itself. */
+static void file_write(const char *p, size_t n)
+{
+    while (n > 0 && log_file.fd >= 0) {
+        size_t take = n;
+        if (log_file.max_bytes > 0 && log_file.size + (long long)n > log_file.max_bytes) {
+            long long room = log_file.max_bytes - log_file.size;
+            size_t fit = room > 0 ? (size_t)room : 0; /* < n here */
+            while (fit > 0 && p[fit - 1] != '\n')
+                fit--;
+            if (fit == 0 && log_file.size > 0) {
+                rotate_log_file();
+                continue;
+            }
+            if (fit == 0) {
+                const char *nl = memchr(p, '\n', n);
+                fit = nl ? (size_t)(nl - p) + 1 : n;
+            }
+            take = fit;
+        }
+        write_fd(log_file.fd, p, take);
+        log_file.size += (long long)take;
+        p += take;
+        n -= take;
+    }
+}
+
+/* Every log byte leaves here: to the file when there is one, and to stderr unless a file is open
+ * and MOONSERVE_LOG_TO_STDERR=0 turned stderr off. */
+static void emit(const char *p, size_t n)
+{
+    pthread_mutex_lock(&log_file_mu);
+    if (log_file.fd < 0 || log_to_stderr)
+        write_fd(STDERR_FILENO, p, n);
+    if (log_file.fd >= 0)
+        file_write(p, n);
+    pthread_mutex_unlock(&log_file_mu);
+}
+
+void ms_log_set_stderr(int on)
+{
+    log_to_stderr = on;
+}
+
+/* mkdir -p, 0755. */
+static int make_dirs(const char *dir)
+{
+    char path[LOG_PATH_MAX];
+    snprintf(path, sizeof path, "%s", dir);
+    for (char *q = path + 1;; q++) {
+        if (*q != '/' && *q != '\0')
+            continue;
+        char was = *q;
+        *q = '\0';
+        if (mkdir(path, 0755) != 0 && errno != EEXIST)
+            return -1;
+        *q = was;
+        if (was == '\0')
+            break;
+    }
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return -1;
+    if (!S_ISDIR(st.st_mode)) {
+        errno = ENOTDIR;
+        return -1;
+    }
+    return 0;
+}
+
+int ms_log_set_file(const char *dir, const char *name, long long max_bytes, int backup_count,
+                    char *err, size_t err_cap)
+{
+    char path[LOG_PATH_MAX];
+    int fd = -1;
+    long long size = 0;
+    if (dir && dir[0]) {
+        int n = snprintf(path, sizeof path, "%s/", dir);
+        if (n < 0 || (size_t)n >= sizeof path - 1 - strlen(name)) {
+            snprintf(err, err_cap, "log folder %s: path too long", dir);
+            return -1;
+        }
+        /* Names come from application and deployment names: never a path. */
+        for (const char *q = name; *q && (size_t)n < sizeof path - 1; q++)
+            path[n++] = *q == '/' ? '_' : *q;
+        path[n] = '\0';
+        pthread_mutex_lock(&log_file_mu);
+        int same = log_file.fd >= 0 && strcmp(log_file.path, path) == 0;
+        if (same) {
+            log_file.max_bytes = max_bytes;
+            log_file.backups = backup_count;
+        }
+        pthread_mutex_unlock(&log_file_mu);
+        if (same)
+            return 0;
+        if (make_dirs(dir) != 0) {
+            snprintf(err, err_cap, "log folder %s: cannot create it: %s", dir, strerror(errno));
+            return -1;
+        }
+        fd = open_log_file(path, 0, &size);
+        if (fd < 0) {
+            snprintf(err, err_cap, "log file %s: cannot open it: %s", path, strerror(errno));
+            return -1;
+        }
+    }
+    ms_log_flush(); /* lines waiting belong where the log went until now */
+    pthread_mutex_lock(&log_file_mu);
+    if (log_file.fd >= 0)
+        close(log_file.fd);
+    log_file.fd = fd;
+    snprintf(log_file.path, sizeof log_file.path, "%s", fd >= 0 ? path : "");
+    log_file.max_bytes = max_bytes;
+    log_file.backups = backup_count;
+    log_file.size = size;
+    log_file.open_failed = 0;
+    pthread_mutex_unlock(&log_file_mu);
+    return 0;
 }
 
 void ms_log_flush(void)
@@ -220,7 +394,7 @@ void ms_log_flush(void)
             if (nl > p)
                 cut = nl;
         }
-        write_all(p, (size_t)(cut - p));
+        emit(p, (size_t)(cut - p));
         p = cut;
     }
     ms_buf_reset(&access_buf);
@@ -285,8 +459,13 @@ static void log_v(ms_log_level_t level, const char *fmt, va_list ap)
         ms_buf_append(&b, "\n", 1);
     }
     ms_log_flush();
-    /* One write per line keeps lines from different processes from interleaving. */
-    write_all(b.data, b.len < ATOMIC_WRITE ? b.len : ATOMIC_WRITE);
+    /* One write per line keeps lines from different processes from interleaving. A longer line
+     * is cut, and keeps its newline. */
+    if (b.len > ATOMIC_WRITE) {
+        b.len = ATOMIC_WRITE;
+        b.data[ATOMIC_WRITE - 1] = '\n';
+    }
+    emit(b.data, b.len);
     ms_buf_free(&b);
 }
 

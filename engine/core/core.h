@@ -50,9 +50,9 @@ void ms_buf_reset(ms_buf_t *b);             /* len = 0, keep the memory */
 void ms_buf_free(ms_buf_t *b);
 
 /* ---- logging -------------------------------------------------------------------------------
- * Lines go to stderr as `TIME LEVEL [role pid] message`, or as one JSON object per line
- * (docs/logging.md). The level is checked before the arguments are evaluated, so a filtered-out
- * debug line costs one comparison.
+ * Lines go to stderr, and to a log file when logs_dir is set, as `TIME LEVEL [role pid] message`,
+ * or as one JSON object per line (docs/logging.md). The level is checked before the arguments are
+ * evaluated, so a filtered-out debug line costs one comparison.
  */
 typedef enum { MS_LOG_DEBUG, MS_LOG_INFO, MS_LOG_WARN, MS_LOG_ERROR } ms_log_level_t;
 extern ms_log_level_t ms_log_min_level;
@@ -70,6 +70,16 @@ typedef struct ms_access_record {
 } ms_access_record_t;
 void ms_log_access(const ms_access_record_t *r);
 void ms_log_flush(void);
+/* logging_config.logs_dir (docs/logging.md): from now on lines also go to DIR/NAME (the folder
+ * made as needed, the file appended to), rotated when a line would take it past max_bytes
+ * (0 = never) with backup_count older files kept (NAME.1 newest); dir NULL or "" closes the file.
+ * The same file again only updates the rotation settings. Blocking (mkdir, open): for start-up
+ * and reload. Returns 0, or -1 with a message in err (the previous file, if any, is kept). */
+int ms_log_set_file(const char *dir, const char *name, long long max_bytes, int backup_count,
+                    char *err, size_t err_cap);
+/* MOONSERVE_LOG_TO_STDERR=0: while a log file is open, lines go to it only (as Ray Serve's
+ * RAY_SERVE_LOG_TO_STDERR=0). Without a file they always go to stderr. */
+void ms_log_set_stderr(int on);
 #define ms_log(level, ...)                                                                         \
     do {                                                                                           \
         if ((level) >= ms_log_min_level)                                                           \

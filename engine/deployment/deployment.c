@@ -1470,6 +1470,9 @@ void ms_deployment_roll(ms_deployment_t *d, const ms_replica_spec_t *spec)
     d->spec.process = ms_config_process_copy(spec->process);
     memcpy(d->spec.log_level, spec->log_level, sizeof d->spec.log_level);
     d->spec.log_json = spec->log_json;
+    memcpy(d->spec.logs_dir, spec->logs_dir, sizeof d->spec.logs_dir);
+    d->spec.log_rotation_max_bytes = spec->log_rotation_max_bytes;
+    d->spec.log_rotation_backup_count = spec->log_rotation_backup_count;
     d->generation++;
     /* New code gets a fresh count of constructor failures and no backoff left from the old. */
     d->constructor_failures = 0;

@@ -258,7 +258,7 @@ static int env_overridden(const char *entry, char *const *over, size_t n)
  * when the spec sets none, so the replica inherits it. Freed by free_env. */
 static char **replica_env(const ms_replica_spec_t *spec)
 {
-    char *over[4];
+    char *over[7];
     size_t n_over = 0;
     ms_buf_t b = {0};
     if (spec->cuda_visible_devices) {
@@ -274,6 +274,18 @@ static char **replica_env(const ms_replica_spec_t *spec)
         over[n_over++] = b.data;
         b = (ms_buf_t){0};
         ms_buf_appendf(&b, "MOONSERVE_LOG_ENCODING=%s", spec->log_json ? "JSON" : "TEXT");
+        over[n_over++] = b.data;
+        b = (ms_buf_t){0};
+        /* Always set, empty for none, so a folder in the controller's own environment does not
+         * leak into replicas whose deployment logs to stderr. */
+        ms_buf_appendf(&b, "MOONSERVE_LOGS_DIR=%s", spec->logs_dir);
+        over[n_over++] = b.data;
+        b = (ms_buf_t){0};
+        ms_buf_appendf(&b, "MOONSERVE_LOG_ROTATION_MAX_BYTES=%lld", spec->log_rotation_max_bytes);
+        over[n_over++] = b.data;
+        b = (ms_buf_t){0};
+        ms_buf_appendf(&b, "MOONSERVE_LOG_ROTATION_BACKUP_COUNT=%d",
+                       spec->log_rotation_backup_count);
         over[n_over++] = b.data;
     }
     if (n_over == 0)

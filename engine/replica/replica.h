@@ -65,10 +65,14 @@ typedef struct ms_replica_spec {
      * environment as it is. */
     const char *cuda_visible_devices;
     const char *gpu_ids;
-    /* The deployment's logging_config for the replica (MOONSERVE_LOG_LEVEL and
-     * MOONSERVE_LOG_ENCODING); "" leaves the environment's. */
+    /* The deployment's logging_config for the replica (MOONSERVE_LOG_LEVEL,
+     * MOONSERVE_LOG_ENCODING, MOONSERVE_LOGS_DIR, MOONSERVE_LOG_ROTATION_MAX_BYTES and
+     * MOONSERVE_LOG_ROTATION_BACKUP_COUNT); log_level "" leaves the environment's. */
     char log_level[8];
     int log_json;
+    int log_rotation_backup_count;
+    long long log_rotation_max_bytes;
+    char logs_dir[MS_LOGS_DIR_MAX]; /* "" = stderr only */
     /* A process replica (docs/process-replicas.md): the user's command, started through
      * `moonserve __exec`, proxied over HTTP; NULL: a Lua replica. Read during the spawn only. */
     const ms_process_config_t *process;

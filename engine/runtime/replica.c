@@ -686,6 +686,26 @@ static int tie_to_parent(pid_t parent)
     return 0;
 }
 
+/* logging_config.logs_dir of the replica's deployment, from the controller (MOONSERVE_LOGS_DIR,
+ * empty for none): REPLICA's own file replica_APP_DEPLOYMENT_ID.log, as Ray Serve names it. A
+ * folder that went bad since the config was checked costs the file, not the replica. */
+static void open_log_file(void)
+{
+    const char *dir = getenv("MOONSERVE_LOGS_DIR");
+    if (!dir || !dir[0])
+        return;
+    const char *max = getenv("MOONSERVE_LOG_ROTATION_MAX_BYTES");
+    const char *backups = getenv("MOONSERVE_LOG_ROTATION_BACKUP_COUNT");
+    long long max_bytes = max && max[0] ? strtoll(max, NULL, 10) : 512LL * 1024 * 1024;
+    long n_backups = backups && backups[0] ? strtol(backups, NULL, 10) : 5;
+    char name[512], err[1600];
+    snprintf(name, sizeof name, "replica_%s_%s_%s.log", R.opt.app, R.opt.deployment,
+             R.opt.replica_id);
+    if (ms_log_set_file(dir, name, max_bytes < 0 ? 0 : max_bytes,
+                        n_backups < 0 ? 0 : (int)n_backups, err, sizeof err) != 0)
+        ms_warn("%s; logging to stderr only", err);
+}
+
 int ms_runtime_main(int argc, char **argv)
 {
     pid_t parent = getppid();
@@ -694,6 +714,7 @@ int ms_runtime_main(int argc, char **argv)
     char role[256];
     snprintf(role, sizeof role, "replica %s/%s#%s", R.opt.app, R.opt.deployment, R.opt.replica_id);
     ms_log_set_role(role);
+    open_log_file();
     /* Ctrl-C reaches the whole process group; the controller decides when replicas stop. */
     signal(SIGINT, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);

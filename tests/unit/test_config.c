@@ -209,6 +209,7 @@ static void test_all_fields(void)
     ASSERT_INT_EQ(cfg->http.max_body_bytes, 0);
     ASSERT_TRUE(cfg->http.header_timeout_s == 3);
     ASSERT_STR_EQ(cfg->logging.level, "DEBUG");
+    ASSERT_STR_EQ(cfg->logging.logs_dir, "/tmp/logs");
     ASSERT_INT_EQ(cfg->n_apps, 2);
     ms_app_config_t *a = &cfg->apps[0];
     ASSERT_STR_EQ(a->name, "a");
@@ -1406,6 +1407,64 @@ static void test_ray_log_levels(void)
     expect_error(APP_DEP "        logging_config: {log_level: Info}\n", want);
 }
 
+/* logs_dir and its rotation (docs/logging.md): Ray's defaults, a relative folder resolved
+ * against the config's, null for stderr only, overrides per level, and bad folders refused at
+ * the value. */
+static void test_log_files(void)
+{
+    ms_config_t *cfg = expect_ok("applications: []\n");
+    if (cfg) {
+        ASSERT_STR_EQ(cfg->logging.logs_dir, "");
+        ASSERT_TRUE(cfg->logging.rotation_max_bytes == 512LL * 1024 * 1024);
+        ASSERT_INT_EQ(cfg->logging.rotation_backup_count, 5);
+    }
+    ms_config_free(cfg);
+    cfg = expect_ok("logging_config: {logs_dir: out/logs/, rotation_max_bytes: 1000,\n"
+                    "                 rotation_backup_count: 0}\n"
+                    "applications:\n"
+                    "  - import_path: app.lua:A\n"
+                    "    logging_config: {logs_dir: null}\n"
+                    "    deployments:\n"
+                    "      - name: D\n"
+                    "        logging_config: {logs_dir: /tmp/d, rotation_backup_count: 3}\n");
+    if (cfg) {
+        ASSERT_STR_EQ(cfg->logging.logs_dir, tmp_path("out/logs"));
+        ASSERT_TRUE(cfg->logging.rotation_max_bytes == 1000);
+        ASSERT_INT_EQ(cfg->logging.rotation_backup_count, 0);
+        const ms_app_config_t *a = &cfg->apps[0];
+        ms_logging_config_t app = ms_config_logging_merge(cfg->logging, a->logging);
+        ASSERT_STR_EQ(app.logs_dir, "");
+        ASSERT_TRUE(app.rotation_max_bytes == 1000);
+        const ms_deployment_config_t *d = ms_config_find_deployment(a, "D");
+        ms_logging_config_t dep = ms_config_logging_merge(app, d ? d->logging : app);
+        ASSERT_STR_EQ(dep.logs_dir, "/tmp/d");
+        ASSERT_INT_EQ(dep.rotation_backup_count, 3);
+        ASSERT_TRUE(dep.rotation_max_bytes == 1000);
+    }
+    ms_config_free(cfg);
+
+    write_file("plain", "not a folder\n");
+    char want[PATH_MAX * 3];
+    snprintf(want, sizeof want,
+             "t.yaml:1:28: logs_dir '%s/plain/logs' cannot hold log files: '%s/plain' is not a "
+             "folder",
+             tmpdir, tmpdir);
+    expect_error("logging_config: {logs_dir: plain/logs}\napplications: []\n", want);
+    snprintf(want, sizeof want,
+             "t.yaml:5:36: logs_dir '%s/plain' cannot hold log files: '%s/plain' is not a "
+             "folder",
+             tmpdir, tmpdir);
+    expect_error(APP_DEP "        logging_config: {logs_dir: plain}\n", want);
+    expect_error("logging_config: {logs_dir: ''}\napplications: []\n",
+                 "t.yaml:1:28: logs_dir must be a non-empty string, got \"\"");
+    expect_error("logging_config: {rotation_max_bytes: 1.5}\napplications: []\n",
+                 "t.yaml:1:38: rotation_max_bytes must be an integer >= 0 (bytes; 0 = never "
+                 "rotate), got \"1.5\"");
+    expect_error("logging_config: {rotation_backup_count: 1001}\napplications: []\n",
+                 "t.yaml:1:41: rotation_backup_count must be an integer from 0 to 1000, got "
+                 "\"1001\"");
+}
+
 /* Each field follows its pydantic type in Ray's schema: lax ints and floats take quoted
  * numbers, StrictInt and the int-or-"auto" union do not. */
 static void test_ray_number_types(void)
@@ -1490,6 +1549,7 @@ int main(void)
     test_ray_old_keys();
     test_ray_newer_keys();
     test_ray_log_levels();
+    test_log_files();
     test_ray_number_types();
     cleanup_tmpdir();
     return TEST_DONE();
