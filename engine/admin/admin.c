@@ -9,9 +9,12 @@
  *   GET|PUT|DELETE /api/serve/applications/          status, declarative deploy, shutdown
  *   POST /api/v1/applications/{app}/deployments/{deployment}/scale   external scaling
  *   POST /api/v1/reload                               hot reload of policy/router scripts
+ *   GET  /api/v1/history                              decisions, reloads, replica lifecycle
  *   GET  /metrics                                     Prometheus text
  */
 #include <arpa/inet.h>
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -588,6 +591,121 @@ static void route_reload(ms_admin_t *a, ms_http_request_t *req)
     a->cb.reload(a->data, r);
 }
 
+/* ---- GET /api/v1/history ---------------------------------------------------------------------
+ * Parameters: kind (a comma-separated list of autoscaling, reloads, lifecycle; default all),
+ * app, deployment, since (unix seconds, a finite number), limit (1..1000, default 100). Anything
+ * else in a known parameter is a 400 naming it; unknown parameters are ignored, as elsewhere. */
+
+static int parse_kinds(const char *v, unsigned *out)
+{
+    static const struct {
+        const char *name;
+        unsigned bit;
+    } kinds[] = {{"autoscaling", MS_ADMIN_HISTORY_AUTOSCALING},
+                 {"reloads", MS_ADMIN_HISTORY_RELOADS},
+                 {"lifecycle", MS_ADMIN_HISTORY_LIFECYCLE}};
+    *out = 0;
+    const char *p = v;
+    for (;;) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        unsigned bit = 0;
+        for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++)
+            if (n == strlen(kinds[k].name) && memcmp(p, kinds[k].name, n) == 0)
+                bit = kinds[k].bit;
+        if (!bit)
+            return -1;
+        *out |= bit;
+        if (!end)
+            return 0;
+        p = end + 1;
+    }
+}
+
+/* A query parameter that must be non-empty text when present: NULL (absent) or the value.
+ * A malformed or empty one sets *msg (the 400's message). */
+static char *text_param(ms_http_request_t *req, const char *key, char *msg, size_t cap)
+{
+    if (msg[0])
+        return NULL;
+    int bad;
+    char *v = query_param(req->query, key, &bad);
+    if (bad || (v && !*v)) {
+        snprintf(msg, cap, "Invalid '%s' value: %s", key,
+                 bad ? "malformed percent-encoding" : "empty");
+        free(v);
+        return NULL;
+    }
+    return v;
+}
+
+static void parse_history_query(ms_http_request_t *req, ms_admin_history_query_t *q,
+                                char *strings[5], char *msg, size_t cap)
+{
+    char *kind = strings[0] = text_param(req, "kind", msg, cap);
+    q->application = strings[1] = text_param(req, "app", msg, cap);
+    q->deployment = strings[2] = text_param(req, "deployment", msg, cap);
+    char *since = strings[3] = text_param(req, "since", msg, cap);
+    char *limit = strings[4] = text_param(req, "limit", msg, cap);
+    if (msg[0])
+        return;
+    if (kind && parse_kinds(kind, &q->kinds) != 0) {
+        snprintf(msg, cap,
+                 "Invalid 'kind' value: %.100s. Must be a comma-separated list of autoscaling, "
+                 "reloads, lifecycle",
+                 kind);
+        return;
+    }
+    char *end;
+    if (since) {
+        errno = 0;
+        q->since = strtod(since, &end);
+        q->has_since = 1;
+        if (*end != '\0' || errno == ERANGE || !isfinite(q->since)) {
+            snprintf(msg, cap, "Invalid 'since' value: %.100s. Must be unix seconds (a number)",
+                     since);
+            return;
+        }
+    }
+    if (limit) {
+        errno = 0;
+        long v = strtol(limit, &end, 10);
+        if (*end != '\0' || errno == ERANGE || v < 1 || v > MS_ADMIN_HISTORY_MAX_LIMIT) {
+            snprintf(msg, cap, "Invalid 'limit' value: %.100s. Must be an integer from 1 to %d",
+                     limit, MS_ADMIN_HISTORY_MAX_LIMIT);
+            return;
+        }
+        q->limit = (int)v;
+    }
+}
+
+static void route_history(ms_admin_t *a, ms_http_request_t *req)
+{
+    if (strcmp(req->method, "GET") != 0) {
+        respond_method_not_allowed(req, "GET");
+        return;
+    }
+    ms_admin_history_query_t q = {
+        .kinds =
+            MS_ADMIN_HISTORY_AUTOSCALING | MS_ADMIN_HISTORY_RELOADS | MS_ADMIN_HISTORY_LIFECYCLE,
+        .limit = 100,
+    };
+    char *strings[5] = {NULL};
+    char msg[256] = "";
+    parse_history_query(req, &q, strings, msg, sizeof msg);
+    if (msg[0]) {
+        ms_http_respond_error(req, 400, msg);
+    } else if (!a->cb.history) {
+        respond_not_implemented(req);
+    } else {
+        json_t *body = NULL;
+        int status = a->cb.history(a->data, &q, &body);
+        respond_result(req, status, body);
+    }
+    for (int i = 0; i < 5; i++)
+        free(strings[i]);
+}
+
 static void route_metrics(ms_admin_t *a, ms_http_request_t *req)
 {
     if (strcmp(req->method, "GET") != 0) {
@@ -626,6 +744,10 @@ static void on_request(ms_http_request_t *req, void *data)
     }
     if (strcmp(path, "/api/v1/reload") == 0) {
         route_reload(a, req);
+        return;
+    }
+    if (strcmp(path, "/api/v1/history") == 0) {
+        route_history(a, req);
         return;
     }
     if (strcmp(path, "/metrics") == 0) {

@@ -20,6 +20,21 @@ typedef struct ms_admin_reply ms_admin_reply_t;
  * went away meanwhile the answer is dropped. */
 void ms_admin_reply_send(ms_admin_reply_t *r, int status, json_t *body);
 
+/* GET /api/v1/history, validated: which histories (bits MS_ADMIN_HISTORY_*), the filters, and
+ * how many of the newest entries of each. */
+#define MS_ADMIN_HISTORY_AUTOSCALING 1
+#define MS_ADMIN_HISTORY_RELOADS     2
+#define MS_ADMIN_HISTORY_LIFECYCLE   4
+#define MS_ADMIN_HISTORY_MAX_LIMIT   1000
+typedef struct ms_admin_history_query {
+    unsigned kinds;
+    const char *application; /* NULL: any */
+    const char *deployment;  /* NULL: any */
+    int has_since;
+    double since; /* unix seconds: entries strictly after */
+    int limit;    /* 1..MS_ADMIN_HISTORY_MAX_LIMIT */
+} ms_admin_history_query_t;
+
 /* Callbacks into the controller. Each returns an HTTP status and sets *body (a new reference,
  * or NULL for an empty body). */
 typedef struct ms_admin_callbacks {
@@ -38,6 +53,8 @@ typedef struct ms_admin_callbacks {
     void (*reload)(void *data, ms_admin_reply_t *reply);
     /* GET /metrics: Prometheus text appended to *text (malloc'd, caller frees) */
     int (*metrics)(void *data, char **text);
+    /* GET /api/v1/history */
+    int (*history)(void *data, const ms_admin_history_query_t *q, json_t **body);
 } ms_admin_callbacks_t;
 
 /* Listens on host:port. Refuses (returns -1 with *err) a non-loopback host without a token.

@@ -176,7 +176,8 @@ void ms_app_policy_decide(ms_app_policy_t *p, double now, ms_autoscaler_t *const
             }
         }
         as_finalize(deps[i], now, current_targets[i], raw[i], keep[i], p->dry_run, &aggs[i], note,
-                    &out[i]);
+                    p->script, failed ? p->script : NULL, &out[i]);
+        out[i].app_scope = 1;
     }
     free(aggs);
     free(raw);

@@ -248,8 +248,13 @@ static int cold_start(const ms_autoscaler_t *a, int current_target, const as_agg
 
 /* The paths that take an answer at once, and a kept target, leave the delay run alone, as Ray's
  * wrapper returns the policy state untouched there: a run in progress goes on afterwards. */
+static const char *clamped(int desired, const ms_autoscaling_config_t *c)
+{
+    return desired > c->max_replicas ? "clamped to max_replicas" : "clamped to min_replicas";
+}
+
 static int decide_target(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,
-                         const as_agg_t *agg, char *why, size_t cap)
+                         const as_agg_t *agg, char *why, size_t cap, const char **outcome)
 {
     const ms_autoscaling_config_t *c = &a->cfg;
     int running = a->win.running;
@@ -258,14 +263,17 @@ static int decide_target(ms_autoscaler_t *a, double now, int current_target, dou
         int t = clamp(cold, c->min_replicas, c->max_replicas);
         snprintf(why, cap, "cold start %d -> %d: %g requests waiting, no replica running",
                  current_target, t, waiting_requests(a, agg));
+        *outcome = "cold start";
         return t;
     }
     if (keep) {
         snprintf(why, cap, "keep %d", current_target);
+        *outcome = "target kept";
         return current_target;
     }
     int desired = apply_factors(c, running, raw);
     int bounded = clamp(desired, c->min_replicas, c->max_replicas);
+    *outcome = bounded != desired ? clamped(desired, c) : "policy";
     /* No replica running and no request: a positive answer is taken at once (the built-in one
      * is the target itself, so starting replicas stay); an answer of 0 goes through the delays
      * like any downscale. */
@@ -278,6 +286,8 @@ static int decide_target(ms_autoscaler_t *a, double now, int current_target, dou
         return bounded;
     }
     int t = apply_delays(a, now, current_target, bounded, why, cap);
+    if (t == current_target && bounded != current_target) /* a run waits for its delay */
+        *outcome = bounded > t ? "upscale delay pending" : "downscale delay pending";
     /* Ray's controller bounds every answer, a target kept by a waiting run included: one left
      * outside the bounds (a redeploy changed them) comes back within them at once. */
     int within = clamp(t, c->min_replicas, c->max_replicas);
@@ -285,6 +295,7 @@ static int decide_target(ms_autoscaler_t *a, double now, int current_target, dou
         size_t len = strlen(why);
         snprintf(why + len, cap - len, "; %d is outside [%d, %d]: %d", t, c->min_replicas,
                  c->max_replicas, within);
+        *outcome = clamped(t, c);
     }
     return within;
 }
@@ -308,10 +319,12 @@ static void remember(ms_autoscaler_t *a, const ms_autoscale_decision_t *d)
 }
 
 int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,
-                int dry_run, const as_agg_t *agg, const char *note, ms_autoscale_decision_t *out)
+                int dry_run, const as_agg_t *agg, const char *note, const ms_policy_t *scope,
+                const ms_policy_t *failed, ms_autoscale_decision_t *out)
 {
     char why[160];
-    int t = decide_target(a, now, current_target, raw, keep, agg, why, sizeof why);
+    const char *outcome = "policy";
+    int t = decide_target(a, now, current_target, raw, keep, agg, why, sizeof why, &outcome);
     /* A cold start's answer stands for the policy's, which it leaves out. */
     int cold = cold_start(a, current_target, agg);
     double answer = cold >= 0 ? cold : keep ? current_target : raw;
@@ -324,7 +337,16 @@ int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, 
         .raw_target = answer,
         .target = t,
         .applied = !dry_run,
+        .outcome = outcome,
+        .policy_failed = failed != NULL,
+        .policy_version = scope ? ms_policy_version(scope) : 0,
+        .min_replicas = a->cfg.min_replicas,
+        .max_replicas = a->cfg.max_replicas,
+        .upscaling_factor = up_factor(&a->cfg),
+        .downscaling_factor = down_factor(&a->cfg),
     };
+    if (failed)
+        snprintf(d.failure, sizeof d.failure, "%s", ms_policy_last_error(failed));
     snprintf(d.reason, sizeof d.reason, "%s%s%s%s", dry_run ? "dry_run: " : "", why,
              note ? "; " : "", note ? note : "");
     if (!dry_run && t > current_target)
@@ -345,16 +367,19 @@ int ms_autoscaler_decide(ms_autoscaler_t *a, double now, int current_target,
     double raw = 0;
     const char *note = NULL;
     int keep = 0;
+    const ms_policy_t *failed = NULL;
     /* Ray's wrapper answers a cold start without calling the policy. */
     if (cold_start(a, current_target, &agg) < 0 &&
         as_run_deployment(a->script, a, now, current_target, &agg, &raw) != 0) {
+        failed = a->script;
         note = "policy failed, built-in used";
         if (a->builtin || as_builtin_raw(a, now, current_target, &agg, &raw) != 0) {
             keep = 1; /* nothing to go on */
             note = "policy failed, target kept";
         }
     }
-    return as_finalize(a, now, current_target, raw, keep, a->cfg.dry_run, &agg, note, out);
+    return as_finalize(a, now, current_target, raw, keep, a->cfg.dry_run, &agg, note, a->script,
+                       failed, out);
 }
 
 /* ---- status --------------------------------------------------------------------------------- */

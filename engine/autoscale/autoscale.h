@@ -18,6 +18,7 @@
 
 #include <jansson.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "config/config.h"
 #include "gpu/gpu.h"
@@ -48,6 +49,16 @@ typedef struct ms_autoscale_decision {
     int target;             /* after factors, bounds and delays */
     int applied;            /* 0 under dry_run */
     char reason[200];       /* e.g. "upscale 2 -> 3 after upscale_delay_s 30s" */
+    /* For the decision history (docs/admin-api.md): the rule that settled the target, one of
+     * "policy", "cold start", "upscale delay pending", "downscale delay pending",
+     * "clamped to min_replicas", "clamped to max_replicas", "target kept" (a static string). */
+    const char *outcome;
+    int policy_failed;       /* the policy failed this decision (the built-in answered, or kept) */
+    char failure[300];       /* its message (file:line: message) when policy_failed */
+    int app_scope;           /* decided by the application's policy */
+    uint64_t policy_version; /* of the policy asked (the application's at app scope) */
+    int min_replicas, max_replicas;
+    double upscaling_factor, downscaling_factor; /* in force (smoothing_factor when unset) */
 } ms_autoscale_decision_t;
 
 /* Loads the deployment's policy (cfg->policy, or the built-in) into a fresh sandbox. Budgets:

@@ -120,7 +120,10 @@ int as_builtin_raw(ms_autoscaler_t *a, double now, int current_target, const as_
                    double *raw);
 /* Applies cold start, factors, bounds and delays to `raw` (or keeps the target when `keep`),
  * records the decision in a's history and *out, and returns the target to put in force. */
+/* `failed` (may be NULL): the policy that failed this decision, whose last error the decision
+ * keeps; `scope` the policy asked (the deployment's, or the application's), for its version. */
 int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, int keep,
-                int dry_run, const as_agg_t *agg, const char *note, ms_autoscale_decision_t *out);
+                int dry_run, const as_agg_t *agg, const char *note, const ms_policy_t *scope,
+                const ms_policy_t *failed, ms_autoscale_decision_t *out);
 
 #endif

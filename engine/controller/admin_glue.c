@@ -1,7 +1,9 @@
 /*
  * controller/admin_glue: what the admin API asks of the controller — the status document (Ray
  * Serve's ServeInstanceDetails, plus script versions and recent autoscaling decisions), external
- * scaling, hot reload of every policy and router script, shutdown, and Prometheus metrics.
+ * scaling, hot reload of every policy and router script, shutdown, Prometheus metrics, and the
+ * histories of decisions, reloads and replica lifecycle (engine/history) with their reload
+ * entries.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +11,7 @@
 #include <unistd.h>
 
 #include "controller/internal.h"
+#include "history/history.h"
 #include "metrics/metrics.h"
 #include "policy/policy.h"
 #include "router/router.h"
@@ -70,6 +73,19 @@ static json_t *replicas_json(const dep_entry_t *e, size_t *running, size_t *live
     return arr;
 }
 
+/* The deployment's placement counters (docs/admin-api.md, "routing"); the router's failures and
+ * budget overruns are its script's, as `router` shows them (they restart at a redeploy). */
+static json_t *routing_json(const dep_entry_t *e, json_t *router)
+{
+    const ms_deployment_stats_t *st = ms_deployment_stats(e->dep);
+    return json_pack("{s:{s:I, s:I, s:I}, s:I, s:I, s:I, s:I}", "rank_served", "1",
+                     (json_int_t)st->rank_served[0], "2", (json_int_t)st->rank_served[1], "3+",
+                     (json_int_t)st->rank_served[2], "fallbacks", (json_int_t)st->fallbacks,
+                     "backoffs", (json_int_t)st->backoffs, "budget_overruns",
+                     json_integer_value(json_object_get(router, "budget_overruns")),
+                     "router_errors", json_integer_value(json_object_get(router, "failures")));
+}
+
 static json_t *deployment_json(const dep_entry_t *e)
 {
     size_t running, live;
@@ -102,7 +118,9 @@ static json_t *deployment_json(const dep_entry_t *e)
                           "status_trigger", trigger, "message", message, "target_num_replicas",
                           ms_deployment_target(e->dep), "queued_requests",
                           (json_int_t)ms_deployment_queued(e->dep), "replicas", replicas);
-    json_object_set_new(d, "router", ms_router_script_info(ms_deployment_router_script(e->dep)));
+    json_t *router = ms_router_script_info(ms_deployment_router_script(e->dep));
+    json_object_set_new(d, "routing", routing_json(e, router));
+    json_object_set_new(d, "router", router);
     if (e->autoscaler)
         json_object_set_new(d, "autoscaling", ms_autoscaler_status(e->autoscaler));
     return d;
@@ -202,9 +220,13 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
     ms_hook_verdict_t v = ms_scale_hook_judge(
         hook, deployment, target, ms_deployment_target(e->dep),
         (int)ms_deployment_running_replicas(e->dep), ms_wall_time(), &t, reason, sizeof reason);
+    int previous = ms_deployment_target(e->dep);
     if (v == MS_HOOK_REFUSE) {
         ms_info("external scaling %s/%s: %lld refused by the hook: %s", app, deployment, target,
                 reason);
+        char why[MS_SCALE_HOOK_REASON_MAX + 32];
+        snprintf(why, sizeof why, "refused by the hook: %s", reason);
+        ms__control_history_external(c, e, "api", target, previous, previous, why);
         *body = json_pack("{s:s}", "error", reason);
         return 422;
     }
@@ -214,6 +236,12 @@ static int on_scale(void *data, const char *app, const char *deployment, long lo
         ms_info("external scaling %s/%s: %lld clamped to %lld by the hook: %s", app, deployment,
                 target, t, reason);
     ms_info("external scaling %s/%s: target %lld", app, deployment, t);
+    char why[MS_SCALE_HOOK_REASON_MAX + 32] = "";
+    if (v == MS_HOOK_CLAMP)
+        snprintf(why, sizeof why, "clamped by the hook to %lld: %s", t, reason);
+    else if (t != target)
+        snprintf(why, sizeof why, "cut at max_replicas_total");
+    ms__control_history_external(c, e, "api", target, t, previous, why[0] ? why : NULL);
     ms_deployment_set_target(e->dep, (int)t);
     *body = json_pack("{s:s}", "message",
                       "Scaling request received. Deployment will get scaled asynchronously.");
@@ -272,12 +300,126 @@ static void log_reload(json_t *scripts, int ok)
            ok ? "applied" : "rejected, nothing changed", json_array_size(scripts));
 }
 
+/* ---- reload history ------------------------------------------------------------------------
+ * One entry per script and reload (docs/admin-api.md): who asked, what changed against the
+ * script as it was when the reload began, and the result (a script that prepared fine is still
+ * "failed" when another one rejected the reload, since nothing was committed). */
+
+static const char *str_or(json_t *o, const char *key, const char *dflt)
+{
+    const char *v = json_string_value(json_object_get(o, key));
+    return v ? v : dflt;
+}
+
+/* Who a script is: kind, application, deployment and role (one policy each). */
+static char *script_key(json_t *info)
+{
+    ms_buf_t b = {0};
+    ms_buf_appendf(&b, "%s\x1f%s\x1f%s\x1f%s", str_or(info, "kind", ""),
+                   str_or(info, "application", ""), str_or(info, "deployment", ""),
+                   str_or(info, "role", ""));
+    return b.data;
+}
+
+static json_t *scripts_now(controller_t *c)
+{
+    ms_policy_t **ps;
+    size_t n = collect_policies(c, &ps);
+    json_t *all = json_object();
+    for (size_t i = 0; i < n; i++) {
+        json_t *info = ms_policy_info(ps[i]);
+        char *key = script_key(info);
+        json_object_set_new(all, key, info);
+        free(key);
+    }
+    free(ps);
+    return all;
+}
+
+static const char *requested_by(const reload_waiter_t *w)
+{
+    int admin = 0, sighup = 0;
+    for (; w; w = w->next) {
+        admin |= w->reply != NULL;
+        sighup |= w->reply == NULL;
+    }
+    return admin && sighup ? "admin+sighup" : admin ? "admin" : "sighup";
+}
+
+static json_t *script_changes(json_t *before, json_t *s, int ok)
+{
+    json_t *changed = json_array();
+    if (!before) {
+        json_array_append_new(changed, json_string("new script"));
+        return changed;
+    }
+    const char *path0 = str_or(before, "path", ""), *path1 = str_or(s, "path", "");
+    if (strcmp(path0, path1) != 0) {
+        ms_buf_t b = {0};
+        ms_buf_appendf(&b, "path %s -> %s", path0, path1);
+        json_t *text = json_string(b.data);
+        json_array_append_new(changed, text ? text : json_string("path"));
+        ms_buf_free(&b);
+    }
+    const char *sha0 = str_or(before, "sha256", ""), *sha1 = str_or(s, "sha256", "");
+    if (strcmp(sha0, sha1) != 0) {
+        char text[80];
+        snprintf(text, sizeof text, "sha256 %.12s -> %.12s", sha0, sha1);
+        json_array_append_new(changed, json_string(text));
+    }
+    json_int_t v0 = json_integer_value(json_object_get(before, "version"));
+    json_int_t v1 = json_integer_value(json_object_get(s, "version"));
+    if (ok && v0 != v1) {
+        char text[80];
+        snprintf(text, sizeof text, "version %lld -> %lld", (long long)v0, (long long)v1);
+        json_array_append_new(changed, json_string(text));
+    }
+    return changed;
+}
+
+static void record_reload(controller_t *c, json_t *scripts, int ok)
+{
+    const char *who = requested_by(c->reload_running);
+    double now = ms_wall_time();
+    size_t i;
+    json_t *s;
+    json_array_foreach(scripts, i, s)
+    {
+        char *key = script_key(s);
+        json_t *before = c->reload_before ? json_object_get(c->reload_before, key) : NULL;
+        free(key);
+        const char *err = json_string_value(json_object_get(s, "error"));
+        int script_ok = json_is_true(json_object_get(s, "ok"));
+        json_t *error = err  ? json_string(err)
+                        : ok ? json_null()
+                             : json_string("not applied: another script failed to prepare");
+        if (!error)
+            error = json_string("(message not valid UTF-8)");
+        json_t *e = json_pack(
+            "{s:f, s:s, s:O, s:O, s:O, s:s, s:o, s:s, s:o, s:O, s:I, s:s?, s:O}", "time", now,
+            "kind", str_or(s, "kind", "?"), "application",
+            json_object_get(s, "application") ? json_object_get(s, "application") : json_null(),
+            "deployment",
+            json_object_get(s, "deployment") ? json_object_get(s, "deployment") : json_null(),
+            "role", json_object_get(s, "role") ? json_object_get(s, "role") : json_null(),
+            "requested_by", who, "changed", script_changes(before, s, ok && script_ok), "result",
+            ok ? "ok" : "failed", "error", error, "version",
+            json_object_get(s, "version") ? json_object_get(s, "version") : json_null(), "reload",
+            (json_int_t)c->reloads, "path", str_or(s, "path", NULL), "sha256",
+            json_object_get(s, "sha256") ? json_object_get(s, "sha256") : json_null());
+        ms_history_record(MS_HISTORY_RELOADS, e);
+    }
+    json_decref(c->reload_before);
+    c->reload_before = NULL;
+}
+
 static void start_reload(controller_t *c);
 
 static void on_reloaded(void *data, json_t *scripts, int ok)
 {
     controller_t *c = data;
     log_reload(scripts, ok);
+    record_reload(c, scripts, ok);
     reload_waiter_t *w = c->reload_running;
     c->reload_running = NULL;
     while (w) {
@@ -300,6 +442,9 @@ static void start_reload(controller_t *c)
     c->reload_running = c->reload_waiting;
     c->reload_waiting = NULL;
     c->reload_in_flight = 1;
+    c->reloads++;
+    json_decref(c->reload_before);
+    c->reload_before = scripts_now(c);
     if (ms_policy_reload_start(c->loop, ps, n, on_reloaded, c) != 0) {
         /* No worker could take it: prepare here rather than not at all. */
         json_t *scripts = NULL;
@@ -979,6 +1124,31 @@ static int on_metrics(void *data, char **text)
     return 200;
 }
 
+/* ---- history --------------------------------------------------------------------------------- */
+
+static int on_history(void *data, const ms_admin_history_query_t *q, json_t **body)
+{
+    (void)data;
+    static const unsigned bits[MS_HISTORY_KINDS] = {
+        [MS_HISTORY_AUTOSCALING] = MS_ADMIN_HISTORY_AUTOSCALING,
+        [MS_HISTORY_RELOADS] = MS_ADMIN_HISTORY_RELOADS,
+        [MS_HISTORY_LIFECYCLE] = MS_ADMIN_HISTORY_LIFECYCLE,
+    };
+    ms_history_filter_t f = {
+        .application = q->application,
+        .deployment = q->deployment,
+        .has_since = q->has_since,
+        .since = q->since,
+        .limit = (size_t)q->limit,
+    };
+    *body = json_object();
+    for (int k = 0; k < MS_HISTORY_KINDS; k++)
+        if (q->kinds & bits[k])
+            json_object_set_new(*body, ms_history_kind_name((ms_history_kind_t)k),
+                                ms_history_query(ms_history_of((ms_history_kind_t)k), &f));
+    return 200;
+}
+
 ms_admin_callbacks_t ms__admin_callbacks(void)
 {
     ms_admin_callbacks_t cb = {
@@ -988,6 +1158,7 @@ ms_admin_callbacks_t ms__admin_callbacks(void)
         .scale = on_scale,
         .reload = on_reload,
         .metrics = on_metrics,
+        .history = on_history,
     };
     return cb;
 }

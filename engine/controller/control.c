@@ -12,6 +12,8 @@
 #include <time.h>
 
 #include "controller/internal.h"
+#include "history/history.h"
+#include "policy/policy.h"
 
 /* Policies run on the controller's loop: a few milliseconds at most, and a bounded heap. */
 #define POLICY_BUDGET_US 5000.0
@@ -188,11 +190,83 @@ static int within_limit(controller_t *c, dep_entry_t *e, int target, const char 
     return cut;
 }
 
+/* ---- decision history ------------------------------------------------------------------------
+ * One entry per decision that changes something (docs/admin-api.md, "GET /api/v1/history"): the
+ * first of each autoscaler, then any whose raw target or reason differs from the last recorded
+ * one, or that moves the target. A steady state, or the same failure every tick, is one entry. */
+
+static json_t *decision_entry(const dep_entry_t *e, const ms_autoscale_decision_t *d, int applied,
+                              const char *reason)
+{
+    json_t *j = json_pack(
+        "{s:f, s:s, s:s, s:s, s:I, s:{s:f, s:f, s:f, s:f, s:i, s:i}, s:f, s:i, s:i, s:{s:i, s:i}, "
+        "s:{s:f, s:f}, s:s, s:s, s:b}",
+        "time", d->now, "application", e->app->name, "deployment", e->name, "scope",
+        d->app_scope ? "application" : "deployment", "policy_version",
+        (json_int_t)d->policy_version, "inputs", "total_ongoing_requests", d->total_requests,
+        "total_num_requests", d->total_requests, "total_running_requests",
+        d->total_requests - d->queued_requests, "total_queued_requests", d->queued_requests,
+        "running_replicas", d->current_replicas, "current_target", d->previous_target, "raw_target",
+        d->raw_target, "applied_target", applied, "previous_target", d->previous_target, "bounds",
+        "min_replicas", d->min_replicas, "max_replicas", d->max_replicas, "factors",
+        "upscaling_factor", d->upscaling_factor, "downscaling_factor", d->downscaling_factor,
+        "reason", reason, "detail", d->reason, "dry_run", !d->applied);
+    return j;
+}
+
+static void record_decision(dep_entry_t *e, const ms_autoscale_decision_t *d, int applied, int cut)
+{
+    char reason[sizeof e->history_reason];
+    if (d->policy_failed)
+        ms_policy_format_text(reason, sizeof reason, "policy failed: %s", d->failure);
+    else if (cut)
+        snprintf(reason, sizeof reason, "clamped to max_replicas_total");
+    else
+        snprintf(reason, sizeof reason, "%s", d->outcome ? d->outcome : "policy");
+    if (e->history_have && d->raw_target == e->history_raw && applied == d->previous_target &&
+        strcmp(reason, e->history_reason) == 0)
+        return;
+    e->history_have = 1;
+    e->history_raw = d->raw_target;
+    memcpy(e->history_reason, reason, sizeof reason);
+    ms_history_record(MS_HISTORY_AUTOSCALING, decision_entry(e, d, applied, reason));
+}
+
+void ms__control_history_external(controller_t *c, const dep_entry_t *e, const char *source,
+                                  long long requested, long long applied, int previous,
+                                  const char *why)
+{
+    json_t *version = json_null();
+    ms_scale_hook_t *hook = c->apps[e->app_index].scale_hook;
+    struct ms_policy *ps[4];
+    if (hook && ms_scale_hook_policies(hook, ps) > 0)
+        version = json_integer((json_int_t)ms_policy_version(ps[0]));
+    char reason[400];
+    if (why)
+        ms_policy_format_text(reason, sizeof reason, "external scale: %s", why);
+    else
+        snprintf(reason, sizeof reason, "external scale");
+    json_t *j = json_pack(
+        "{s:f, s:s, s:s, s:s, s:o, s:{s:I, s:I, s:i}, s:I, s:I, s:i, s:{s:n, s:n}, s:{s:n, s:n}, "
+        "s:s, s:s, s:b}",
+        "time", ms_wall_time(), "application", e->app->name, "deployment", e->name, "scope",
+        "deployment", "policy_version", version, "inputs", "requested_target",
+        (json_int_t)requested, "running_replicas",
+        (json_int_t)ms_deployment_running_replicas(e->dep), "current_target", previous,
+        "raw_target", (json_int_t)requested, "applied_target", (json_int_t)applied,
+        "previous_target", previous, "bounds", "min_replicas", "max_replicas", "factors",
+        "upscaling_factor", "downscaling_factor", "reason", reason, "source", source, "dry_run", 0);
+    ms_history_record(MS_HISTORY_AUTOSCALING, j);
+}
+
 static void apply(controller_t *c, dep_entry_t *e, const ms_autoscale_decision_t *d)
 {
-    if (!d->applied)
+    if (!d->applied) {
+        record_decision(e, d, d->previous_target, 0);
         return;
+    }
     int target = within_limit(c, e, d->target, "autoscaling");
+    record_decision(e, d, target, target != d->target);
     if (target != ms_deployment_target(e->dep)) {
         ms_info("autoscaling %s/%s: %d -> %d (%s)", e->app->name, e->name, d->previous_target,
                 target, d->reason);
@@ -266,7 +340,13 @@ static void run_scale_tick(controller_t *c, size_t a, double now)
                      c->apps[a].cfg->name, (long long)t, name, MS_MAX_TARGET_REPLICAS);
             continue;
         }
-        ms_deployment_set_target(e->dep, within_limit(c, e, (int)t, "external_scaler tick"));
+        int previous = ms_deployment_target(e->dep);
+        int applied = within_limit(c, e, (int)t, "external_scaler tick");
+        /* A tick answers every interval: only one that moves the target is a decision. */
+        if (applied != previous)
+            ms__control_history_external(c, e, "tick", t, applied, previous,
+                                         applied != t ? "cut at max_replicas_total" : NULL);
+        ms_deployment_set_target(e->dep, applied);
     }
     json_decref(targets);
     json_decref(state);

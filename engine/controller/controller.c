@@ -16,6 +16,7 @@
 
 #include "controller/controller.h"
 #include "controller/internal.h"
+#include "history/history.h"
 #include "policy/policy.h"
 
 static double max_shutdown_timeout(const plan_t *plan)
@@ -284,6 +285,8 @@ static void free_entries(controller_t *c)
     free(c->deps);
     free(c->apps);
     ms_config_free(c->deployed);
+    json_decref(c->reload_before);
+    ms_history_release_all();
 }
 
 /* Each replica costs the controller a few descriptors (its control pipe, pooled connections, its

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "controller/internal.h"
+#include "history/history.h"
 
 /* SHA-256 of the application file, to notice code changes behind an unchanged import_path. */
 static void file_sha(const char *path, char out[65])
@@ -65,13 +66,28 @@ static void apply_count(dep_entry_t *e, const planned_t *p, const ms_app_config_
     ms_deployment_set_target(e->dep, p->num_replicas);
 }
 
-static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_entry_t *out)
+/* "app/deployment: what", into the deploy's list of changes (its reload history entry). */
+static void note_change(json_t *changed, const char *app, const char *dep, const char *what)
+{
+    ms_buf_t b = {0};
+    ms_buf_appendf(&b, "%s/%s: %s", app, dep, what);
+    json_t *text = json_string(b.data);
+    if (text)
+        json_array_append_new(changed, text);
+    ms_buf_free(&b);
+}
+
+static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_entry_t *out,
+                           json_t *changed)
 {
     dep_entry_t *old = find_entry(c, p->app->name, p->name, kept);
     if (!old) {
         ms_deployment_t *d = ms__start_deployment(c, p);
-        if (!d)
+        if (!d) {
+            note_change(changed, p->app->name, p->name, "failed to start");
             return -1;
+        }
+        note_change(changed, p->app->name, p->name, "started");
         memset(out, 0, sizeof *out);
         out->dep = d;
         out->name = ms_strdup(p->name);
@@ -101,18 +117,32 @@ static int update_or_start(controller_t *c, const planned_t *p, char *kept, dep_
     /* A replica reads its logging_config at start: a change replaces the replicas. */
     int logging_changed = memcmp(&old->logging, &p->logging, sizeof p->logging) != 0;
     out->logging = p->logging;
-    if (code_changed(old->app, p->app) || actor_changed || process_changed || logging_changed)
+    int code = code_changed(old->app, p->app);
+    if (code || actor_changed || process_changed || logging_changed) {
+        ms_buf_t why = {0};
+        ms_buf_appendf(&why, "replicas replaced (%s%s%s%s)", code ? "code, " : "",
+                       actor_changed ? "ray_actor_options, " : "",
+                       process_changed ? "process, " : "",
+                       logging_changed ? "logging_config, " : "");
+        why.data[why.len - 3] = ')'; /* the last ", " goes */
+        why.data[why.len - 2] = '\0';
+        note_change(changed, p->app->name, p->name, why.data);
+        ms_buf_free(&why);
         ms_deployment_roll(old->dep, &st.s.spec);
+    } else {
+        note_change(changed, p->app->name, p->name, "settings applied in place");
+    }
     ms__settings_free(&st);
     apply_count(out, p, old->app);
     return 0;
 }
 
-static void retire_unkept(controller_t *c, const char *kept)
+static void retire_unkept(controller_t *c, const char *kept, json_t *changed)
 {
     for (size_t i = 0; i < c->n_deps; i++) {
         if (kept[i])
             continue;
+        note_change(changed, c->deps[i].app->name, c->deps[i].name, "stopped (not in the config)");
         ms_info("deployment %s/%s: not in the new config; stopping it", c->deps[i].app->name,
                 c->deps[i].name);
         ms_deployment_shutdown(c->deps[i].dep, on_retired, c->deps[i].dep);
@@ -122,7 +152,7 @@ static void retire_unkept(controller_t *c, const char *kept)
     }
 }
 
-static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
+static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan, json_t *changed)
 {
     char *kept = ms_calloc(c->n_deps ? c->n_deps : 1, 1);
     dep_entry_t *deps = ms_calloc(plan->n ? plan->n : 1, sizeof *deps);
@@ -131,13 +161,13 @@ static void apply(controller_t *c, ms_config_t *cfg, const plan_t *plan)
     c->cfg = cfg;
     for (size_t i = 0; i < plan->n; i++) {
         const planned_t *p = &plan->items[i];
-        if (update_or_start(c, p, kept, &deps[n]) != 0)
+        if (update_or_start(c, p, kept, &deps[n], changed) != 0)
             continue; /* logged; the rest of the config still applies */
         deps[n].app = p->app;
         deps[n].app_index = (size_t)(p->app - cfg->apps);
         n++;
     }
-    retire_unkept(c, kept);
+    retire_unkept(c, kept, changed);
     free(kept);
     free(c->deps);
     c->deps = deps;
@@ -173,13 +203,25 @@ int ms__apply_log_file(const ms_config_t *cfg, char *err, size_t err_cap)
                            lc->rotation_backup_count, err, err_cap);
 }
 
+/* A deploy's entry in the reload history: kind "config", the whole config (no application). */
+static void record_deploy(controller_t *c, json_t *changed, const char *error)
+{
+    json_t *err = error ? json_string(error) : json_null();
+    json_t *e =
+        json_pack("{s:f, s:s, s:n, s:n, s:n, s:s, s:o, s:s, s:o, s:I}", "time", ms_wall_time(),
+                  "kind", "config", "application", "deployment", "role", "requested_by", "deploy",
+                  "changed", changed, "result", error ? "failed" : "ok", "error",
+                  err ? err : json_null(), "version", (json_int_t)c->deploys);
+    ms_history_record(MS_HISTORY_RELOADS, e);
+}
+
 void ms__remember_code(ms_config_t *cfg)
 {
     for (size_t i = 0; i < cfg->n_apps; i++)
         file_sha(cfg->apps[i].import_file, cfg->apps[i].code_sha);
 }
 
-static int invalid(ms_config_errors_t *errs, json_t **body)
+static int invalid(controller_t *c, ms_config_errors_t *errs, json_t **body)
 {
     json_t *list = json_array();
     for (size_t i = 0; i < errs->n; i++)
@@ -187,6 +229,12 @@ static int invalid(ms_config_errors_t *errs, json_t **body)
     char msg[160];
     snprintf(msg, sizeof msg, "invalid config (%zu error%s); nothing changed", errs->n,
              errs->n == 1 ? "" : "s");
+    ms_buf_t text = {0};
+    ms_buf_append_str(&text, msg);
+    for (size_t i = 0; i < errs->n; i++)
+        ms_buf_appendf(&text, "%s%s", i ? "; " : ": ", errs->items[i]);
+    record_deploy(c, json_array(), text.data);
+    ms_buf_free(&text);
     *body = json_pack("{s:s, s:o}", "error", msg, "errors", list);
     ms_config_errors_free(errs);
     return 400;
@@ -201,12 +249,12 @@ int ms__deploy(controller_t *c, const char *text, size_t len, json_t **body)
     ms_config_errors_t errs = {0};
     ms_config_t *cfg = NULL;
     if (ms_config_load_string(text, len, "deploy", c->cfg->dir, &cfg, &errs) != 0)
-        return invalid(&errs, body);
+        return invalid(c, &errs, body);
     plan_t plan = {0};
     if (ms__plan_build(cfg, &plan, &errs) != 0 || ms__plan_check_scripts(cfg, &plan, &errs) != 0) {
         ms__plan_free(&plan);
         ms_config_free(cfg);
-        return invalid(&errs, body);
+        return invalid(c, &errs, body);
     }
     if (strcmp(cfg->http.host, c->cfg->http.host) != 0 || cfg->http.port != c->cfg->http.port)
         ms_warn("deploy: http_options host and port cannot change while running; ignored");
@@ -215,8 +263,11 @@ int ms__deploy(controller_t *c, const char *text, size_t len, json_t **body)
     free(cfg->http.host);
     cfg->http.host = ms_strdup(c->cfg->http.host);
     cfg->http.port = c->cfg->http.port;
-    apply(c, cfg, &plan);
+    json_t *changed = json_array();
+    apply(c, cfg, &plan, changed);
     ms__plan_free(&plan);
+    c->deploys++;
+    record_deploy(c, changed, NULL);
     /* Everything now points into cfg: deployment entries, applications, policies and routes.
      * What was taken from the old config (names, specs, scripts, stopping deployments) was
      * copied, so the previous deploy's config can go. The file's stays with its caller. */

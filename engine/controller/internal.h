@@ -67,6 +67,10 @@ typedef struct dep_entry {
     json_t *actor_options; /* ray_actor_options in force (owned, may be NULL): a change rolls */
     json_t *process_json;  /* the process block in force (owned, NULL: Lua): a change rolls */
     int limit_logged;      /* a scaling decision was cut at max_replicas_total and logged */
+    /* The latest decision put in the autoscaling history: only changes are recorded. */
+    int history_have;
+    double history_raw;
+    char history_reason[340];
 } dep_entry_t;
 
 typedef struct app_entry {
@@ -115,6 +119,9 @@ typedef struct controller {
     /* Hot reload: one in flight at a time, its waiters, and those for the next one. */
     int reload_in_flight;
     struct reload_waiter *reload_running, *reload_waiting;
+    json_t *reload_before; /* the scripts as they were when the running reload began (history) */
+    uint64_t reloads;      /* reloads started, numbering their history entries */
+    uint64_t deploys;      /* deploys applied: the config's version in the reload history */
     ms__tick_stats_t tick_stats;
     ms_gpu_t *gpus; /* discovered at start (docs/gpu.md) */
     ms_gpu_pool_t *gpu_pool;
@@ -137,6 +144,12 @@ dep_entry_t *ms__control_find(controller_t *c, const char *app, const char *depl
 long long ms__control_replica_room(const controller_t *c, const dep_entry_t *e);
 /* The control loop's settings and tick durations, for status (new reference). */
 json_t *ms__control_status(const controller_t *c);
+/* Records an external scaling decision (the scale API, source "api", or a hook's tick, "tick")
+ * in the autoscaling history: `requested` asked, `applied` put in force, `previous` before;
+ * `why` NULL for "external scale", else what refused or cut it. */
+void ms__control_history_external(controller_t *c, const dep_entry_t *e, const char *source,
+                                  long long requested, long long applied, int previous,
+                                  const char *why);
 
 /* controller.c: settings of a planned deployment, and starting one. */
 typedef struct ms__settings {

@@ -16,6 +16,7 @@
 #include <strings.h>
 
 #include "deployment/deployment.h"
+#include "history/history.h"
 #include "link/link.h"
 #include "policy/policy.h"
 #include "router/router.h"
@@ -153,7 +154,15 @@ struct ms_deployment {
 static void dispatch(ms_deployment_t *d);
 static void reconcile(ms_deployment_t *d);
 static void hold_for_cold_start(ms_deployment_t *d);
-static void retire(ms_deployment_t *d, ms_replica_t *r);
+static void retire(ms_deployment_t *d, ms_replica_t *r, const char *why);
+
+/* A lifecycle event of replica r (NULL: one not started yet) into the engine's history. */
+static void lifecycle(const ms_deployment_t *d, const ms_replica_t *r, const char *event,
+                      const char *reason)
+{
+    ms_history_lifecycle(d->app_name, d->name, r ? r->replica_id : NULL, r ? r->id : NULL, event,
+                         reason);
+}
 
 /* ---- replica set --------------------------------------------------------------------------- */
 
@@ -331,6 +340,7 @@ static void on_replica_ready(ms_replica_t *r)
     ms_replica_poll_stats(r, MS_REPLICA_STATS_TIMEOUT_S);
     ms_info("replica %s: ready (%zu of %d running)", r->id, ms_deployment_running_replicas(d),
             d->target_replicas);
+    lifecycle(d, r, "running", NULL);
     reconcile(d); /* a rolling update retires an old replica now */
     dispatch(d);
 }
@@ -339,6 +349,9 @@ static void on_replica_failed(ms_replica_t *r, const char *error)
 {
     ms_deployment_t *d = r->owner;
     ms_error("replica %s: constructor failed: %s", r->id, error);
+    char why[600];
+    snprintf(why, sizeof why, "constructor failed: %s", error);
+    lifecycle(d, r, "failed", why);
     if (r->generation == d->generation) /* an old version's failure says nothing of the new */
         d->constructor_failures++;
     free(d->last_failure);
@@ -382,11 +395,19 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
     refile(d, r->slot);
     /* A replica we stopped exiting is routine; any other exit is worth a warning. */
     ms_log_level_t level = d->shutting_down || r->stop_requested ? MS_LOG_INFO : MS_LOG_WARN;
+    char how[64];
     if (term_signal)
-        ms_log(level, "replica %s: killed by signal %d", r->id, term_signal);
+        snprintf(how, sizeof how, "killed by signal %d", term_signal);
     else
-        ms_log(level, "replica %s: exited with status %d", r->id, (int)exit_status);
+        snprintf(how, sizeof how, "exited with status %d", (int)exit_status);
+    ms_log(level, "replica %s: %s", r->id, how);
     int deliberate = r->stop_requested;
+    /* A constructor failure was recorded when it was reported; its exit only ends it. */
+    int failure_recorded = r->last_error != NULL;
+    lifecycle(d, r, deliberate || d->shutting_down || failure_recorded ? "stopped" : "failed", how);
+    char replaced_id[24], replaced_tag[96];
+    snprintf(replaced_id, sizeof replaced_id, "%s", r->replica_id);
+    snprintf(replaced_tag, sizeof replaced_tag, "%s", r->id);
     ms_gpu_pool_release(d->gpu_pool, &r->gpu);
     ms_replica_free(r);
     if (d->shutting_down) {
@@ -405,6 +426,9 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
         delay_ms *= 2;
     if (delay_ms > 30000)
         delay_ms = 30000;
+    char why[96];
+    snprintf(why, sizeof why, "replacement starts in %llu ms", (unsigned long long)delay_ms);
+    ms_history_lifecycle(d->app_name, d->name, replaced_id, replaced_tag, "restarting", why);
     uv_timer_start(&d->restart_timer, on_restart_timer, delay_ms, 0);
 }
 
@@ -431,8 +455,11 @@ static void on_replica_unhealthy(ms_replica_t *r)
     ms_deployment_t *d = r->owner;
     ms_error("replica %s: unhealthy after %d failed health checks; replacing it", r->id,
              r->health_failures);
+    char why[64];
+    snprintf(why, sizeof why, "%d failed health checks", r->health_failures);
+    lifecycle(d, r, "unhealthy", why);
     d->stats.replica_failures++;
-    retire(d, r);
+    retire(d, r, "unhealthy: replaced");
     reconcile(d); /* the replacement starts now; the unhealthy one drains meanwhile */
 }
 
@@ -497,8 +524,9 @@ static ms_replica_t *pick_victim(const ms_deployment_t *d, int current_generatio
 }
 
 /* Out of routing at once (no new requests; those in flight finish), then a graceful stop. */
-static void retire(ms_deployment_t *d, ms_replica_t *r)
+static void retire(ms_deployment_t *d, ms_replica_t *r, const char *why)
 {
+    lifecycle(d, r, "draining", why);
     unroute(d, r->slot);
     ms_replica_stop(r, d->graceful_shutdown_timeout_s);
     refile(d, r->slot); /* no longer RUNNING */
@@ -516,7 +544,7 @@ static void retire_old_generation(ms_deployment_t *d)
         if (!is_live(r) || r->generation == d->generation)
             continue;
         if (r->state == MS_REPLICA_STARTING) {
-            retire(d, r);
+            retire(d, r, "rolling update: an old version still starting");
             continue;
         }
         old_running++;
@@ -526,7 +554,7 @@ static void retire_old_generation(ms_deployment_t *d)
         if (!r)
             break;
         ms_info("replica %s: replaced by the new version", r->id);
-        retire(d, r);
+        retire(d, r, "rolling update: replaced by the new version");
     }
 }
 
@@ -569,8 +597,10 @@ static int place_gpus(ms_deployment_t *d, ms_gpu_placement_t *out)
     char reason[MS_GPU_REASON_MAX];
     if (ms_gpu_pool_place(d->gpu_pool, &rq, out, reason) == 0)
         return 0;
-    if (strcmp(d->spawn_error, reason) != 0)
+    if (strcmp(d->spawn_error, reason) != 0) {
         ms_warn("deployment %s: a replica stays pending: %s", d->name, reason);
+        lifecycle(d, NULL, "pending", reason);
+    }
     snprintf(d->spawn_error, sizeof d->spawn_error, "%s", reason);
     return -1;
 }
@@ -608,7 +638,9 @@ static void reconcile(ms_deployment_t *d)
         if (!r)
             break;
         ms_info("replica %s: stopping (scaling %d -> %d)", r->id, live, d->target_replicas);
-        retire(d, r);
+        char why[64];
+        snprintf(why, sizeof why, "scale down %d -> %d", live, d->target_replicas);
+        retire(d, r, why);
     }
     for (; live < d->target_replicas && spawn_allowed(d); live++) {
         ms_gpu_placement_t gpu;
@@ -618,8 +650,13 @@ static void reconcile(ms_deployment_t *d)
             return;
         }
         int slot = free_slot(d);
+        char before[sizeof d->spawn_error];
+        memcpy(before, d->spawn_error, sizeof before);
         ms_replica_t *r = spawn_placed(d, &gpu);
         if (!r) {
+            /* Retried every second: a new reason is news, the same one again is not. */
+            if (strcmp(before, d->spawn_error) != 0)
+                lifecycle(d, NULL, "failed", d->spawn_error);
             ms_gpu_pool_release(d->gpu_pool, &gpu);
             d->consecutive_failures++;
             uv_timer_start(&d->restart_timer, on_restart_timer, 1000, 0);
@@ -633,6 +670,12 @@ static void reconcile(ms_deployment_t *d)
         r->generation = d->generation;
         r->settings_seq = d->settings_seq;
         d->slots[slot] = r;
+        char why[64];
+        if (d->consecutive_failures > 0)
+            snprintf(why, sizeof why, "replacing a lost replica (target %d)", d->target_replicas);
+        else
+            snprintf(why, sizeof why, "target %d", d->target_replicas);
+        lifecycle(d, r, "starting", why);
     }
     retire_old_generation(d);
 }
@@ -1311,8 +1354,11 @@ static ms_replica_t *choose(ms_deployment_t *d, call_t *c)
     size_t cap = (size_t)d->n_slots + 1;
     for (int attempt = 0; attempt <= IMMEDIATE_CHOICE_RETRIES; attempt++) {
         int ranks = ms_router_script_choose(d->script, &rr, idx, cap, ends, cap);
-        if (ranks < 0)
-            return least_loaded_available(d);
+        if (ranks < 0) {
+            ms_replica_t *r = least_loaded_available(d);
+            d->stats.fallbacks += r != NULL;
+            return r;
+        }
         if (ranks > 0 && (size_t)ends[ranks - 1] == cap && !d->warned_long_answer) {
             d->warned_long_answer = 1;
             ms_warn("deployment %s: the router listed more than %zu candidate entries (replicas "
@@ -1323,6 +1369,7 @@ static ms_replica_t *choose(ms_deployment_t *d, call_t *c)
         for (int k = 0; k < ranks; k++) {
             ms_replica_t *r = least_loaded(d, idx + start, ends[k] - start);
             if (r) {
+                d->stats.rank_served[k < 2 ? k : 2]++;
                 ms_router_script_on_routed(d->script, &rr, r->slot);
                 return r;
             }
@@ -1349,6 +1396,7 @@ static void dispatch(ms_deployment_t *d)
              * Ray Serve backs off, and sooner if a replica frees a slot. */
             uint64_t ms = BACKOFF_INITIAL_MS << (d->backoff_step < 5 ? d->backoff_step : 5);
             d->backoff_step++;
+            d->stats.backoffs++;
             uv_timer_start(&d->backoff_timer, on_backoff_timer,
                            ms > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : ms, 0);
             return;
@@ -1688,6 +1736,7 @@ void ms_deployment_shutdown(ms_deployment_t *d, void (*done)(void *), void *data
         ms_replica_t *r = d->slots[i];
         if (!r)
             continue;
+        lifecycle(d, r, "draining", "shutdown");
         unroute(d, r->slot);
         ms_replica_stop(r, d->graceful_shutdown_timeout_s);
         refile(d, r->slot);

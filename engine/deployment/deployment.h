@@ -126,6 +126,12 @@ typedef struct ms_deployment_stats {
     ms_histogram_t queue_wait;
     uint64_t replica_starts;
     uint64_t replica_failures;
+    /* Placements (a request, or a batch of them): by the rank of the router's answer that
+     * placed it (1, 2, 3 and beyond), by the engine's least-loaded choice after the router
+     * failed (fallbacks), and the times every ranked replica was full so dispatch backed off. */
+    uint64_t rank_served[3];
+    uint64_t fallbacks;
+    uint64_t backoffs;
 } ms_deployment_stats_t;
 const ms_deployment_stats_t *ms_deployment_stats(const ms_deployment_t *d);
 

@@ -711,6 +711,11 @@ const char *ms_policy_where(ms_policy_t *p, int i)
     return p->where;
 }
 
+uint64_t ms_policy_version(const ms_policy_t *p)
+{
+    return p->version;
+}
+
 uint64_t ms_policy_failures(const ms_policy_t *p)
 {
     return p->failures;

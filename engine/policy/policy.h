@@ -142,6 +142,8 @@ const char *ms_policy_where(ms_policy_t *p, int i);
 /* Counts a failure found by the kind (a bad answer). The message is made valid UTF-8. */
 void ms_policy_fail(ms_policy_t *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 uint64_t ms_policy_failures(const ms_policy_t *p);
+/* 1 at the first load, +1 at each committed reload. */
+uint64_t ms_policy_version(const ms_policy_t *p);
 const char *ms_policy_last_error(const ms_policy_t *p); /* "" if none */
 
 /* {"kind", "application", "deployment", "role", "path", "function", "builtin", "version",

@@ -156,8 +156,8 @@ static int cb_metrics(void *data, char **text)
     return s;
 }
 
-static const ms_admin_callbacks_t callbacks = {cb_status, cb_deploy, cb_shutdown,
-                                               cb_scale,  cb_reload, cb_metrics};
+static const ms_admin_callbacks_t callbacks = {cb_status, cb_deploy,  cb_shutdown, cb_scale,
+                                               cb_reload, cb_metrics, NULL};
 
 /* ---- a blocking raw HTTP client (driver thread) -----------------------------------------------
  */
