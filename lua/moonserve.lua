@@ -1155,6 +1155,147 @@ function M.multiplexed(opts, loader)
     return require("moonserve.multiplex").new(opts, loader)
 end
 
+-- ---- async tasks (docs/tasks.md) -----------------------------------------------------------
+
+-- serve.task_handler([name,] fn): a task handler of the class, run for each task of that name
+-- the deployment's task_queue delivers: fn(self, args...) (kwargs, when given, as one more
+-- table), its return value the task's result. Named after its field unless given a name.
+local TaskHandler = {}
+TaskHandler.__index = TaskHandler
+function M.task_handler(a, b)
+    local name, fn = a, b
+    if b == nil then
+        name, fn = nil, a
+    end
+    if type(fn) ~= "function" or (name ~= nil and (type(name) ~= "string" or name == "")) then
+        error("serve.task_handler: expects ([name,] function(self, ...))", 2)
+    end
+    return setmetatable({ name = name, fn = fn }, TaskHandler)
+end
+
+local TASK_STREAM_TYPE = "application/x-moonserve-task"
+local task_of = setmetatable({}, { __mode = "k" }) -- coroutine -> the task it runs
+
+local function task_line(kind, value)
+    core_stream_send(kind .. M.json.encode(value) .. "\n")
+end
+
+-- serve.task_progress(value): stored as the running task's progress (any JSON value), for status.
+function M.task_progress(value)
+    if not task_of[coroutine.running()] then
+        error("serve.task_progress: only inside a task handler", 2)
+    end
+    task_line("p", value == nil and M.json.null or value)
+end
+
+-- serve.get_task_context() -> {task_id =, name =, attempt =} inside a task handler, else nil.
+function M.get_task_context()
+    return task_of[coroutine.running()]
+end
+
+local function find_task_handler(cls, name)
+    for k, v in pairs(cls) do
+        if getmetatable(v) == TaskHandler and (v.name or tostring(k)) == name then
+            return v
+        end
+    end
+end
+
+-- A task the controller's consumer delivers: the answer is a stream of lines (kind + JSON):
+-- progress `p`, then `r` the result, `e` the handler's error or `u` unprocessable
+-- (docs/replica-protocol.md, "Task calls").
+local function run_task(self, req, name)
+    core_stream_start(200, { "Content-Type", TASK_STREAM_TYPE })
+    local handler = find_task_handler(getmetatable(self), name)
+    if not handler then
+        return task_line("u", string.format("deployment '%s' has no task handler '%s'",
+            M._context.deployment, name))
+    end
+    local ok, payload = pcall(M.json.decode, req.body)
+    if not ok or type(payload) ~= "table" or type(payload.args or {}) ~= "table" then
+        return task_line("u", "the task's payload is not {\"args\": [...], \"kwargs\": {...}}")
+    end
+    local args, n = payload.args or {}, #(payload.args or {})
+    if type(payload.kwargs) == "table" and next(payload.kwargs) ~= nil then
+        n = n + 1
+        args[n] = payload.kwargs
+    end
+    local co = coroutine.running()
+    task_of[co] = { task_id = req.headers["x-moonserve-task-id"], name = name,
+                    attempt = tonumber(req.headers["x-moonserve-task-attempt"]) }
+    local good, res = pcall(handler.fn, self, unpack(args, 1, n))
+    task_of[co] = nil
+    if not good then
+        M.log.warn("task %s (%s) failed: %s", tostring(req.headers["x-moonserve-task-id"]), name,
+            tostring(res))
+        return task_line("e", tostring(res))
+    end
+    local encoded, text = pcall(M.json.encode, res == nil and M.json.null or res)
+    if not encoded then
+        return task_line("e", "the result cannot be sent as JSON: " .. tostring(text))
+    end
+    core_stream_send("r" .. text .. "\n")
+end
+
+-- serve.tasks: producers from deployment code, through the controller (docs/tasks.md).
+M.tasks = {}
+
+local function tasks_call(method, path, body)
+    local headers = { "content-type", "application/json" }
+    local f = core_call("-", method, path, headers, body or "")
+    core_wait(f, 1)
+    local status, _, text = core_result(f)
+    if status == nil then
+        error("serve.tasks: the controller did not answer: " .. tostring(text), 3)
+    end
+    local ok, v = pcall(M.json.decode, text)
+    if status < 200 or status > 299 then
+        error(string.format("serve.tasks: %d: %s", status,
+            ok and type(v) == "table" and v.error or text), 3)
+    end
+    return v
+end
+
+local function queue_path(queue, who)
+    if type(queue) ~= "string" or not queue:match("^[%w_%-%.:]+$") then
+        error(who .. ": the queue name must be a string of letters, digits, '_', '-', '.', ':'", 3)
+    end
+    return "/-/tasks/" .. queue
+end
+
+local function task_id_path(queue, id, who)
+    if type(id) ~= "string" or not id:match("^[%w_%-]+$") then
+        error(who .. ": the task id must be a string of letters, digits, '-', '_'", 3)
+    end
+    return queue_path(queue, who) .. "/" .. id
+end
+
+-- serve.tasks.enqueue(queue, name, args[, kwargs]) -> task id
+function M.tasks.enqueue(queue, name, args, kwargs)
+    local path = queue_path(queue, "serve.tasks.enqueue")
+    if type(name) ~= "string" or name == "" then
+        error("serve.tasks.enqueue: the task name must be a non-empty string", 2)
+    end
+    local body = { name = name, args = M.json.array() }
+    for i, v in ipairs(args or {}) do
+        body.args[i] = v
+    end
+    if kwargs ~= nil then
+        body.kwargs = kwargs
+    end
+    return tasks_call("POST", path, M.json.encode(body)).task_id
+end
+
+-- serve.tasks.status(queue, id) -> {task_id, status, result, error, progress, attempts, ...}
+function M.tasks.status(queue, id)
+    return tasks_call("GET", task_id_path(queue, id, "serve.tasks.status"))
+end
+
+-- serve.tasks.cancel(queue, id) -> {task_id, status = "REVOKED"}
+function M.tasks.cancel(queue, id)
+    return tasks_call("POST", task_id_path(queue, id, "serve.tasks.cancel") .. "/cancel")
+end
+
 -- serve.sleep(seconds) suspends the calling request (other requests run meanwhile).
 function M.sleep(seconds)
     return core_sleep(tonumber(seconds) or error("serve.sleep expects a number of seconds", 2))
@@ -1434,9 +1575,10 @@ function M._instantiate(root, name, app)
     for i = 1, node.nargs do
         args[i] = convert(node.args[i])
     end
-    -- A batched method is named after its field unless its options name it.
+    -- A batched method or a task handler is named after its field unless it names itself.
     for k, v in pairs(node.class) do
-        if getmetatable(v) == Batched and not v.name then
+        local mt = getmetatable(v)
+        if (mt == Batched or mt == TaskHandler) and not v.name then
             v.name = tostring(k)
         end
     end
@@ -1525,6 +1667,10 @@ end
 function M._run_request(self, req)
     local co = coroutine.running()
     task_request[co], task_model[co] = req, nil
+    local task = req.headers["x-moonserve-task"]
+    if task then
+        return run_task(self, req, task)
+    end
     local method = req.headers["x-moonserve-method"]
     if method then
         return run_values_call(self, req, method)

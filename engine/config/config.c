@@ -343,6 +343,14 @@ static void dep_route_prefix(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_
                  "on the application");
 }
 
+static void dep_task_queue(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t *val)
+{
+    dep_build_t *db = obj;
+    if (!ms_cfg_want_mapping(c, key, val, true) || ms_cfg_is_null(val))
+        return;
+    db->dep->task_queue = ms_cfg_task_queue_yaml(c, val);
+}
+
 static const ms_cfg_field_t dep_fields[] = {
     {"name", dep_name, MS_FIELD_OK},
     {"num_replicas", dep_num_replicas, MS_FIELD_OK},
@@ -357,6 +365,7 @@ static const ms_cfg_field_t dep_fields[] = {
     {"request_router_config", dep_router, MS_FIELD_OK},
     {"ray_actor_options", dep_actor_options, MS_FIELD_OK}, /* warns of its own idle keys */
     {"process", dep_process, MS_FIELD_OK},                 /* ours */
+    {"task_queue", dep_task_queue, MS_FIELD_OK},           /* ours */
     {"logging_config", dep_logging, MS_FIELD_OK},
     {"placement_group_bundles", ms_cfg_later_mappings, MS_FIELD_LATER},
     {"placement_group_strategy", ms_cfg_later_pg_strategy, MS_FIELD_LATER},
@@ -1042,6 +1051,7 @@ static void app_free(ms_app_config_t *app)
         json_decref(app->deployments[i].process_json);
         ms_config_autoscaling_free(app->deployments[i].autoscaling);
         ms_cfg_router_free(app->deployments[i].router);
+        ms_cfg_task_queue_free(app->deployments[i].task_queue);
     }
     free(app->deployments);
     ms_config_lua_ref_free(app->autoscaling_policy);

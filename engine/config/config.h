@@ -96,6 +96,20 @@ typedef struct ms_router_config {
     double stats_timeout_s;            /* request_routing_stats_timeout_s */
 } ms_router_config_t;
 
+/* task_queue (ours): a deployment that consumes async tasks from Redis (docs/tasks.md). */
+typedef struct ms_task_queue_config {
+    char *queue_name;                    /* required: letters, digits, '_', '-', '.', ':' */
+    char *broker_url;                    /* required: redis://... or unix://... */
+    int max_retries;                     /* default 3: handler failures retried, then FAILURE */
+    double retry_backoff_s;              /* default 1: the first retry's delay, doubling */
+    double retry_backoff_max_s;          /* default 30: the longest delay */
+    char *failed_task_queue_name;        /* NULL: no dead-letter stream for failures */
+    char *unprocessable_task_queue_name; /* NULL: none for unknown names / bad payloads */
+    double visibility_timeout_s;         /* default 30: a held task is delivered again after */
+    double result_ttl_s;        /* default 86400: how long a finished task's status lives */
+    long long max_queue_length; /* 0 (default): unbounded; else submits past it get 503 */
+} ms_task_queue_config_t;
+
 /* process (ours): a deployment whose replicas are a user command speaking HTTP
  * (docs/process-replicas.md). Strings owned. */
 #define MS_DEFAULT_PROCESS_READY_TIMEOUT_S 60.0
@@ -188,6 +202,7 @@ typedef struct ms_deployment_config {
     ms_router_config_t *router;           /* owned; NULL when not set */
     ms_process_config_t *process;         /* owned; NULL when not set */
     json_t *process_json;                 /* the same as written, to compare on redeploy */
+    ms_task_queue_config_t *task_queue;   /* owned; NULL when not set (ours) */
     ms_logging_config_t logging;          /* its logging_config (fields it set) */
     ms_config_mark_t mark;                /* position of this entry */
 } ms_deployment_config_t;

@@ -195,6 +195,9 @@ char *jv_ref_dir(const char *file);
 ms_autoscaling_config_t *ms_cfg_autoscaling_yaml(ms_cfg_ctx_t *c, yaml_node_t *map,
                                                  int num_replicas_auto);
 ms_router_config_t *ms_cfg_router_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
+/* A deployment's task_queue block (config_tasks.c). */
+ms_task_queue_config_t *ms_cfg_task_queue_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
+void ms_cfg_task_queue_free(ms_task_queue_config_t *t);
 /* The process block of a deployment (config_process.c). */
 ms_process_config_t *ms_cfg_process_yaml(ms_cfg_ctx_t *c, yaml_node_t *map);
 /* applications[].autoscaling_policy into app->autoscaling_policy{,_kwargs,_dry_run}. */

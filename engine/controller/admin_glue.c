@@ -123,6 +123,8 @@ static json_t *deployment_json(const dep_entry_t *e)
     json_object_set_new(d, "router", router);
     if (e->autoscaler)
         json_object_set_new(d, "autoscaling", ms_autoscaler_status(e->autoscaler));
+    if (e->tasks)
+        json_object_set_new(d, "task_queue", ms_task_queue_info(e->tasks));
     return d;
 }
 

@@ -87,9 +87,23 @@ int ms__control_setup(controller_t *c, const plan_t *plan)
             p->router ? p->router->stats_timeout_s : MS_DEFAULT_ROUTING_STATS_TIMEOUT_S;
         if (p->autoscaling && e->stats_period_s > STATS_PERIOD_S)
             e->stats_period_s = STATS_PERIOD_S;
+        char *err = NULL;
+        if (p->task_queue) {
+            ms_task_queue_spec_t spec = {.cfg = p->task_queue,
+                                         .application = p->app->name,
+                                         .deployment = p->name,
+                                         .handle_socket = c->handle_socket,
+                                         .dep = e->dep,
+                                         .max_ongoing_requests = p->max_ongoing_requests};
+            e->tasks = ms_task_queue_new(c->loop, &spec, &err);
+            if (!e->tasks) {
+                ms_error("deployment %s: task_queue: %s", p->name, err ? err : "?");
+                free(err);
+                return -1;
+            }
+        }
         if (!p->autoscaling)
             continue;
-        char *err = NULL;
         e->autoscaler = ms_autoscaler_new(p->app->name, p->name, p->autoscaling, POLICY_BUDGET_US,
                                           POLICY_MEM_LIMIT, &err);
         if (!e->autoscaler) {
@@ -363,6 +377,9 @@ static void tick(controller_t *c)
         ms_deployment_poll_stats(c->deps[i].dep, c->deps[i].stats_period_s,
                                  c->deps[i].stats_timeout_s);
     for (size_t i = 0; i < c->n_deps; i++)
+        if (c->deps[i].tasks)
+            ms_task_queue_tick(c->deps[i].tasks);
+    for (size_t i = 0; i < c->n_deps; i++)
         if (c->deps[i].autoscaler)
             record_sample(&c->deps[i], now);
     for (size_t a = 0; a < c->n_apps; a++) {
@@ -468,6 +485,8 @@ void ms__control_release_policies(controller_t *c)
         if (c->deps[i].autoscaler)
             ms_autoscaler_free(c->deps[i].autoscaler);
         c->deps[i].autoscaler = NULL;
+        ms_task_queue_free(c->deps[i].tasks);
+        c->deps[i].tasks = NULL;
     }
     for (size_t i = 0; i < c->n_apps; i++) {
         if (c->apps[i].policy)

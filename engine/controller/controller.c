@@ -28,6 +28,19 @@ static double max_shutdown_timeout(const plan_t *plan)
     return t;
 }
 
+/* The task queue of that name among the running deployments (the ingress's /-/tasks/...). */
+static ms_task_queue_t *find_task_queue(void *data, const char *name, size_t len)
+{
+    controller_t *c = data;
+    for (size_t i = 0; i < c->n_deps; i++) {
+        ms_task_queue_t *q = c->deps[i].tasks;
+        if (q && strlen(ms_task_queue_name(q)) == len &&
+            memcmp(ms_task_queue_name(q), name, len) == 0)
+            return q;
+    }
+    return NULL;
+}
+
 static void close_handle(uv_handle_t *h)
 {
     if (!uv_is_closing(h))
@@ -481,6 +494,7 @@ int ms_controller_run(const ms_config_t *cfg, const char *exe_path)
     ms__remember_code((ms_config_t *)cfg);
     c.proxy = ms_ingress_new();
     ms_ingress_set_access_log(c.proxy, cfg->logging.access_log);
+    ms_ingress_set_task_lookup(c.proxy, find_task_queue, &c);
     c.deps = ms_calloc(plan.n ? plan.n : 1, sizeof *c.deps);
     if (make_run_dir(&c) != 0) {
         ms__plan_free(&plan);

@@ -74,6 +74,7 @@ static void merge_basic(planned_t *out, const ms_deployment_config_t *file, json
     if (!out->user_config_json)
         out->user_config_json = ms_strdup("null");
     out->router = file ? file->router : NULL;
+    out->task_queue = file ? file->task_queue : NULL;
 }
 
 static void own_autoscaling(planned_t *out, ms_autoscaling_config_t *a)

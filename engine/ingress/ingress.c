@@ -39,7 +39,40 @@ struct ms_ingress {
     int access_log;              /* for those: the top-level enable_access_log */
     int draining;
     ms_buf_t routes_json; /* /-/routes body, rebuilt when targets change */
+    ms_ingress_task_lookup_t task_lookup;
+    void *task_data;
 };
+
+void ms_ingress_set_task_lookup(ms_ingress_t *p, ms_ingress_task_lookup_t fn, void *data)
+{
+    p->task_lookup = fn;
+    p->task_data = data;
+}
+
+#define TASKS_PREFIX     "/-/tasks/"
+#define TASKS_PREFIX_LEN 9
+
+/* /-/tasks/QUEUE[/...]: answered by the queue; 1 when the path was one of those. */
+static int tasks_request(ms_ingress_t *p, ms_http_request_t *req)
+{
+    if (req->path_len < TASKS_PREFIX_LEN || memcmp(req->path, TASKS_PREFIX, TASKS_PREFIX_LEN) != 0)
+        return 0;
+    const char *name = req->path + TASKS_PREFIX_LEN;
+    size_t left = req->path_len - TASKS_PREFIX_LEN;
+    const char *slash = memchr(name, '/', left);
+    size_t len = slash ? (size_t)(slash - name) : left;
+    ms_task_queue_t *q = p->task_lookup ? p->task_lookup(p->task_data, name, len) : NULL;
+    if (!q) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "no task queue '%.*s' (docs/tasks.md)",
+                 (int)(len < 200 ? len : 200), name);
+        ms_http_respond_error(req, 404, msg);
+        return 1;
+    }
+    const char *rest = slash ? slash + 1 : name + len;
+    ms_task_queue_http(q, req, rest, (size_t)(req->path + req->path_len - rest));
+    return 1;
+}
 
 static void rebuild_routes_json(ms_ingress_t *p);
 
@@ -206,6 +239,8 @@ static void on_ingress_request(ms_http_request_t *req, void *data)
         ms_http_respond(req, 200, &json, 1, p->routes_json.data, p->routes_json.len);
         return;
     }
+    if (tasks_request(p, req))
+        return;
     const target_t *t = match_route(p, req->path, req->path_len);
     if (!t) {
         char msg[600];
@@ -224,6 +259,10 @@ static void on_ingress_request(ms_http_request_t *req, void *data)
      * it. */
     if (ms_http_request_header(req, "x-moonserve-method", NULL)) {
         ms_http_respond_error(req, 400, "X-Moonserve-Method is reserved for handle calls");
+        return;
+    }
+    if (ms_http_request_header(req, "x-moonserve-task", NULL)) {
+        ms_http_respond_error(req, 400, "X-Moonserve-Task is reserved for the task consumer");
         return;
     }
     ms_deployment_submit(t->dep, req);
@@ -275,6 +314,8 @@ static int ingress_stream_body(const ms_http_request_t *req, void *data)
 static void on_handle_request(ms_http_request_t *req, void *data)
 {
     ms_ingress_t *p = data;
+    if (tasks_request(p, req)) /* deployment code's serve.tasks.* */
+        return;
     size_t len = 0;
     const char *v = ms_http_request_header(req, "x-moonserve-target", &len);
     const char *slash = v ? memchr(v, '/', len) : NULL;
@@ -298,6 +339,7 @@ static void on_handle_request(ms_http_request_t *req, void *data)
 static void on_abort(ms_http_request_t *req, void *data)
 {
     (void)data;
+    ms_task_queue_abort(req);
     ms_deployment_abort(req);
 }
 

@@ -10,6 +10,7 @@
 
 #include "http/http.h"
 #include "deployment/deployment.h"
+#include "tasks/tasks.h"
 
 typedef struct ms_ingress ms_ingress_t;
 
@@ -31,6 +32,11 @@ void ms_ingress_set_draining(ms_ingress_t *p, int draining);
 /* The HTTP ingress's request metrics (docs/metrics.md), in the Prometheus text format: per
  * route, and for requests no route took (route ""). */
 void ms_ingress_metrics_text(const ms_ingress_t *p, ms_buf_t *b);
+
+/* The task queue named `name` (len bytes), or NULL: how /-/tasks/QUEUE/... finds its queue
+ * (docs/tasks.md, "Endpoints"), on the HTTP ingress and on the handle socket. */
+typedef ms_task_queue_t *(*ms_ingress_task_lookup_t)(void *data, const char *name, size_t len);
+void ms_ingress_set_task_lookup(ms_ingress_t *p, ms_ingress_task_lookup_t fn, void *data);
 
 /* Server configurations wired to the ingress; limits are filled by the caller. */
 ms_http_server_config_t ms_ingress_ingress_config(ms_ingress_t *p);

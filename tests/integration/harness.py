@@ -997,6 +997,89 @@ def assert_promtool_accepts(testcase, text):
     testcase.assertEqual((p.returncode, said), (0, ""), text[:3000])
 
 
+class RedisServer(object):
+    """A real redis-server on a free loopback port, in a temp folder, without persistence; stop()
+    and start() again keep the port, so clients can be seen coming back. `call()` is a minimal
+    RESP client for the tests' own reads (XLEN, XRANGE, HGETALL)."""
+
+    def __init__(self):
+        if not shutil.which("redis-server"):
+            raise unittest.SkipTest("redis-server is not installed (scripts/tools/bootstrap.sh)")
+        self.dir = tempfile.mkdtemp(prefix="moonserve-redis-")
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def url(self):
+        return "redis://127.0.0.1:%d/0" % self.port
+
+    def start(self, timeout=10):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        ok = wait_until(lambda: self._ping(), timeout)
+        if not ok:
+            raise AssertionError("redis-server did not answer on port %d" % self.port)
+        return self
+
+    def _ping(self):
+        try:
+            return self.call("PING") == "PONG"
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def call(self, *args):
+        """One command; the reply as Python values (bulk strings decoded as UTF-8)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            out = b"*%d\r\n" % len(args)
+            for a in args:
+                a = a if isinstance(a, bytes) else str(a).encode()
+                out += b"$%d\r\n%s\r\n" % (len(a), a)
+            s.sendall(out)
+            f = s.makefile("rb")
+            return self._read(f)
+
+    def _read(self, f):
+        line = f.readline()
+        if not line:
+            raise OSError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise AssertionError("redis error: " + rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = f.read(n + 2)[:-2]
+            return data.decode("utf-8", "replace")
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read(f) for _ in range(n)]
+        raise AssertionError("unexpected RESP reply %r" % line)
+
+
+def start_redis(testcase):
+    """A redis-server owned by one test (or class, from setUpClass with addClassCleanup)."""
+    r = RedisServer()
+    (testcase.addClassCleanup if isinstance(testcase, type) else testcase.addCleanup)(r.cleanup)
+    return r.start()
+
+
 def run_cli(*args, timeout=30):
     """Run the binary with args; returns (rc, stdout+stderr text)."""
     p = subprocess.run([BIN] + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -1,0 +1,277 @@
+"""Async tasks through a real redis-server (docs/tasks.md): the built-in endpoints submit, read
+and cancel; consumers run the deployment's task handlers; delivery is at least once.
+
+- submit -> 202 with an id; the handler runs; SUCCESS with its result, attempts and timestamps.
+- progress reported by a running handler is in its status.
+- a handler that keeps failing is retried max_retries times, then FAILURE, parked in the
+  failed-task stream; an unknown task name is FAILURE "unprocessable", parked in its stream.
+- cancel of a running task: REVOKED, and the handler stops (its progress stops moving); cancel
+  of an ended task is 409; unknown ids are 404.
+- deployment code submits and reads tasks (serve.tasks) through the controller.
+- a consumer replica killed mid-task: the task runs again and succeeds.
+- Redis down: submits and status answer 503 (JSON, request id); when Redis is back, both work
+  again without a restart.
+- clients may not send X-Moonserve-Task; bad task_queue config is a file:line:col error.
+"""
+
+import json
+import os
+import signal
+import unittest
+
+import harness
+from harness import run_cli, start_redis, wait_until
+
+TASKS_LUA = r'''
+local serve = require "moonserve"
+
+local Worker = serve.deployment { name = "Worker", max_ongoing_requests = 8 }
+Worker.add = serve.task_handler(function(self, a, b) return { sum = a + b } end)
+Worker.slow = serve.task_handler(function(self, steps)
+  for i = 1, steps do
+    serve.task_progress({ step = i, of = steps })
+    serve.sleep(0.05)
+  end
+  return "done " .. steps
+end)
+Worker.flaky = serve.task_handler(function(self) error("always fails", 0) end)
+Worker.ctx = serve.task_handler("context", function(self, x, kw)
+  local c = serve.get_task_context()
+  return { name = c.name, attempt = c.attempt, id = c.task_id, x = x, kw = kw }
+end)
+function Worker:__call() return "worker" end
+
+local Front = serve.deployment { name = "Front" }
+function Front:__call(req)
+  if req.path:find("submit") then
+    return { id = serve.tasks.enqueue("jobs", "add", { 20, 22 }) }
+  elseif req.path:find("status") then
+    return serve.tasks.status("jobs", req.query.id)
+  elseif req.path:find("bad") then
+    local ok, err = pcall(serve.tasks.status, "jobs", "nope")
+    return { ok = ok, err = tostring(err) }
+  end
+  return "front"
+end
+return { app = Front:bind(), worker = Worker:bind() }
+'''
+
+
+def apps(redis_url):
+    return [
+        {"name": "front", "route_prefix": "/front", "import_path": "tasks.lua:app"},
+        {"name": "work", "route_prefix": None, "import_path": "tasks.lua:worker",
+         "deployments": [{"name": "Worker", "task_queue": {
+             "queue_name": "jobs", "broker_url": redis_url, "max_retries": 2,
+             "retry_backoff_s": 0.05, "retry_backoff_max_s": 0.1,
+             "failed_task_queue_name": "jobs-failed",
+             "unprocessable_task_queue_name": "jobs-bad", "visibility_timeout_s": 2}}]},
+    ]
+
+
+class TasksTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.redis = start_redis(cls)
+        cls.server = harness.Server(apps(cls.redis.url), files={"tasks.lua": TASKS_LUA},
+                                    extra_config={"control_loop": {"interval_s": 0.05}})
+        cls.addClassCleanup(cls.server.cleanup)
+        cls.server.start()
+
+    def submit(self, name, args=None, kwargs=None, status=202):
+        body = {"name": name}
+        if args is not None:
+            body["args"] = args
+        if kwargs is not None:
+            body["kwargs"] = kwargs
+        r = self.server.request("POST", "/-/tasks/jobs", body=json.dumps(body).encode())
+        self.assertEqual(r.status, status, r)
+        return r.json().get("task_id") if status == 202 else r
+
+    def status(self, tid, code=200):
+        r = self.server.get("/-/tasks/jobs/" + tid)
+        self.assertEqual(r.status, code, r)
+        return r.json()
+
+    def wait_status(self, tid, want, timeout=20):
+        seen = []
+
+        def done():
+            st = self.status(tid)
+            seen.append(st)
+            return st["status"] in want and st
+        st = wait_until(done, timeout)
+        self.assertTrue(st, "task %s never reached %s: %r" % (tid, want, seen[-3:]))
+        return st
+
+    def test_submit_runs_to_success(self):
+        tid = self.submit("add", [2, 3])
+        self.assertRegex(tid, r"^[0-9a-f]{32}$")
+        st = self.wait_status(tid, ("SUCCESS",))
+        self.assertEqual(st["result"], {"sum": 5})
+        self.assertEqual(st["attempts"], 1)
+        self.assertEqual(st["name"], "add")
+        self.assertEqual(st["queue"], "jobs")
+        self.assertIsNone(st["error"])
+        self.assertLessEqual(st["created_at"], st["started_at"])
+        self.assertLessEqual(st["started_at"], st["finished_at"])
+
+    def test_handler_sees_its_context_and_kwargs(self):
+        tid = self.submit("context", ["x1"], {"k": 1})
+        st = self.wait_status(tid, ("SUCCESS",))
+        self.assertEqual(st["result"], {"name": "context", "attempt": 1, "id": tid, "x": "x1",
+                                        "kw": {"k": 1}})
+
+    def test_progress_is_reported(self):
+        tid = self.submit("slow", [12])
+        st = wait_until(lambda: (self.status(tid).get("progress") or {}).get("step", 0) >= 2
+                        and self.status(tid), 10)
+        self.assertTrue(st, self.status(tid))
+        self.assertEqual(st["progress"]["of"], 12)
+        self.assertIn(st["status"], ("STARTED", "SUCCESS"))
+        st = self.wait_status(tid, ("SUCCESS",))
+        self.assertEqual(st["result"], "done 12")
+        self.assertEqual(st["progress"], {"step": 12, "of": 12})
+
+    def test_failures_are_retried_then_parked(self):
+        tid = self.submit("flaky")
+        st = self.wait_status(tid, ("FAILURE",))
+        self.assertEqual(st["attempts"], 3)  # max_retries 2, plus the first
+        self.assertEqual(st["error"], "always fails")
+        parked = wait_until(lambda: [e for e in self.redis.call(
+            "XRANGE", "moonserve:queue:jobs-failed", "-", "+") if tid in e[1]], 5)
+        self.assertTrue(parked, "not in the failed-task stream")
+        fields = dict(zip(parked[0][1][::2], parked[0][1][1::2]))
+        self.assertEqual((fields["name"], fields["error"]), ("flaky", "always fails"))
+
+    def test_unknown_task_name_is_unprocessable(self):
+        tid = self.submit("nope", [1])
+        st = self.wait_status(tid, ("FAILURE",))
+        self.assertIn("unprocessable", st["error"])
+        self.assertIn("no task handler 'nope'", st["error"])
+        parked = wait_until(lambda: [e for e in self.redis.call(
+            "XRANGE", "moonserve:queue:jobs-bad", "-", "+") if tid in e[1]], 5)
+        self.assertTrue(parked, "not in the unprocessable stream")
+
+    def test_cancel_stops_a_running_task(self):
+        tid = self.submit("slow", [400])
+        wait_until(lambda: (self.status(tid).get("progress") or {}).get("step", 0) >= 2, 10)
+        r = self.server.request("POST", "/-/tasks/jobs/%s/cancel" % tid)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json(), {"task_id": tid, "status": "REVOKED"})
+        seen = []
+
+        def still():
+            a = self.status(tid)
+            seen.append(a)
+            return len(seen) > 3 and seen[-1]["progress"] == seen[-4]["progress"]
+        self.assertTrue(wait_until(still, 10, 0.1), seen[-4:])
+        self.assertEqual(seen[-1]["status"], "REVOKED")
+        self.assertLess(seen[-1]["progress"]["step"], 400)
+        again = self.server.request("POST", "/-/tasks/jobs/%s/cancel" % tid)
+        self.assertEqual(again.status, 409, again)
+        self.assertIn("REVOKED", again.json()["error"])
+
+    def test_unknown_ids_and_bad_requests(self):
+        self.assertIn("no task", self.status("0123abcd", 404)["error"])
+        r = self.server.request("POST", "/-/tasks/jobs/0123abcd/cancel")
+        self.assertEqual(r.status, 404, r)
+        for body, msg in ((b"not json", "not JSON"), (b"[1]", "JSON object"),
+                          (b'{"args": []}', "\"name\""), (b'{"name": "add", "args": 1}', "list"),
+                          (b'{"name": "add", "extra": 1}', "unknown field")):
+            r = self.server.request("POST", "/-/tasks/jobs", body=body)
+            self.assertEqual(r.status, 400, (body, r))
+            self.assertIn(msg, r.json()["error"])
+            self.assertTrue(r.json()["request_id"])
+        r = self.server.get("/-/tasks/nosuchqueue/abc")
+        self.assertEqual(r.status, 404, r)
+        r = self.server.get("/-/tasks/jobs")
+        self.assertEqual(r.status, 405, r)
+
+    def test_deployment_code_submits_and_reads(self):
+        tid = self.server.get("/front/submit").json()["id"]
+        st = wait_until(lambda: self.server.get("/front/status?id=" + tid).json()["status"]
+                        == "SUCCESS" and self.server.get("/front/status?id=" + tid).json(), 20)
+        self.assertTrue(st)
+        self.assertEqual(st["result"], {"sum": 42})
+        bad = self.server.get("/front/bad").json()
+        self.assertFalse(bad["ok"])
+        self.assertIn("404", bad["err"])
+
+    def test_clients_cannot_send_task_calls(self):
+        r = self.server.get("/front/x", headers={"X-Moonserve-Task": "add"})
+        self.assertEqual(r.status, 400, r)
+
+    def test_status_shows_the_queue(self):
+        dep = self.server.deployment_status("work", "Worker")
+        self.assertEqual(dep["task_queue"]["queue"], "jobs")
+        self.assertTrue(dep["task_queue"]["connected"])
+
+
+class ConsumerKilledTest(unittest.TestCase):
+    def test_task_runs_again_after_its_replica_is_killed(self):
+        redis = start_redis(self)
+        srv = harness.start_server(self, apps(redis.url), files={"tasks.lua": TASKS_LUA},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        r = srv.request("POST", "/-/tasks/jobs", body=b'{"name": "slow", "args": [40]}')
+        tid = r.json()["task_id"]
+
+        def started():
+            st = srv.get("/-/tasks/jobs/" + tid).json()
+            return (st.get("progress") or {}).get("step", 0) >= 2
+        self.assertTrue(wait_until(started, 10))
+        pids = [p for p in srv.replica_pids() if "Worker" in " ".join(harness.proc_cmdline(p))]
+        self.assertEqual(len(pids), 1, pids)
+        os.kill(pids[0], signal.SIGKILL)
+        st = wait_until(lambda: srv.get("/-/tasks/jobs/" + tid).json()["status"] == "SUCCESS"
+                        and srv.get("/-/tasks/jobs/" + tid).json(), 30)
+        self.assertTrue(st, srv.get("/-/tasks/jobs/" + tid).json())
+        self.assertEqual(st["result"], "done 40")
+        self.assertGreater(srv.deployment_status("work", "Worker")["task_queue"]["redelivered"],
+                           0)
+
+
+class RedisDownTest(unittest.TestCase):
+    def test_redis_down_is_503_and_recovers(self):
+        redis = start_redis(self)
+        srv = harness.start_server(self, apps(redis.url), files={"tasks.lua": TASKS_LUA},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        redis.stop()
+        r = srv.request("POST", "/-/tasks/jobs", body=b'{"name": "add", "args": [1, 1]}')
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("unavailable", r.json()["error"])
+        self.assertTrue(r.json()["request_id"])
+        self.assertEqual(srv.get("/-/tasks/jobs/abc").status, 503)
+        redis.start()
+
+        def submitted():
+            r = srv.request("POST", "/-/tasks/jobs", body=b'{"name": "add", "args": [1, 1]}')
+            return r.status == 202 and r.json()["task_id"]
+        tid = wait_until(submitted, 15, 0.1)
+        self.assertTrue(tid, "submits never worked again")
+        ok = wait_until(lambda: srv.get("/-/tasks/jobs/" + tid).json()["status"] == "SUCCESS",
+                        20)
+        self.assertTrue(ok, srv.get("/-/tasks/jobs/" + tid).json())
+
+
+class ConfigTest(unittest.TestCase):
+    def test_bad_task_queue_is_a_positioned_error(self):
+        d = self.enterContext(harness.tempfile.TemporaryDirectory())
+        with open(os.path.join(d, "tasks.lua"), "w") as f:
+            f.write(TASKS_LUA)
+        cfg = os.path.join(d, "c.yaml")
+        with open(cfg, "w") as f:
+            f.write("applications:\n  - name: work\n    route_prefix: null\n"
+                    "    import_path: tasks.lua:worker\n    deployments:\n"
+                    "      - name: Worker\n        task_queue:\n"
+                    "          broker_url: http://x\n          max_retries: -1\n")
+        rc, out = run_cli("check", cfg)
+        self.assertNotEqual(rc, 0, out)
+        self.assertRegex(out, r"c\.yaml:\d+:\d+: .*broker_url")
+        self.assertRegex(out, r"c\.yaml:\d+:\d+: .*max_retries")
+        self.assertRegex(out, r"c\.yaml:\d+:\d+: task_queue needs queue_name")
+
+
+if __name__ == "__main__":
+    harness.main()
