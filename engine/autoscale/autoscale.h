@@ -34,6 +34,7 @@ typedef struct ms_autoscale_sample {
     const char *const *replica_ids;
     const double *running_requests; /* requests in flight at each replica */
     double queued_requests;         /* requests waiting in the controller's queue */
+    double pending_tasks; /* tasks waiting in its task queue (Ray's total_pending_async_requests) */
     /* {replica_id: {metric: number}} from record_autoscaling_stats, or NULL. Borrowed. */
     json_t *custom_metrics;
 } ms_autoscale_sample_t;

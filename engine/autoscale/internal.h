@@ -27,8 +27,9 @@
 /* ---- window.c ------------------------------------------------------------------------------- */
 typedef struct as_sample {
     double t;
-    double total; /* queued + sum of running over replicas */
+    double total; /* queued + sum of running over replicas + pending tasks */
     double queued;
+    double pending; /* tasks waiting in the deployment's task queue */
     json_t *custom; /* {replica: {metric: number}} (own copy) or NULL */
 } as_sample_t;
 
@@ -46,6 +47,7 @@ typedef struct as_window {
 typedef struct as_agg {
     double total;  /* total_num_requests, per aggregation_function */
     double queued; /* total_queued_requests, same aggregation */
+    double pending; /* total_pending_async_requests, same aggregation */
 } as_agg_t;
 
 void as_window_record(as_window_t *w, const ms_autoscale_sample_t *s, double look_back_s);

@@ -249,7 +249,8 @@ void as_ctx_push(ms_policy_t *p, const ms_autoscaler_t *a, double now, int curre
     ms_policy_set_number(L, ctx, "target_num_replicas", current_target);
     ms_policy_set_number(L, ctx, "total_num_requests", agg->total);
     ms_policy_set_number(L, ctx, "total_queued_requests", agg->queued);
-    ms_policy_set_number(L, ctx, "total_running_requests", agg->total - agg->queued);
+    ms_policy_set_number(L, ctx, "total_running_requests", agg->total - agg->queued - agg->pending);
+    ms_policy_set_number(L, ctx, "total_pending_async_requests", agg->pending);
     ms_policy_set_number(L, ctx, "capacity_adjusted_min_replicas", a->cfg.min_replicas);
     ms_policy_set_number(L, ctx, "capacity_adjusted_max_replicas", a->cfg.max_replicas);
     set_opt(L, ctx, "last_scale_up_time", a->last_scale_up);

@@ -56,7 +56,8 @@ void as_window_record(as_window_t *w, const ms_autoscale_sample_t *s, double loo
     double running = 0;
     for (size_t i = 0; i < s->n_replicas; i++)
         running += s->running_requests[i];
-    as_sample_t smp = {s->now, s->queued_requests + running, s->queued_requests,
+    as_sample_t smp = {s->now, s->queued_requests + running + s->pending_tasks,
+                       s->queued_requests, s->pending_tasks,
                        s->custom_metrics ? json_deep_copy(s->custom_metrics) : NULL};
     push_sample(w, smp);
     set_ids(w, s);
@@ -146,18 +147,22 @@ static double series_value(const series_t *s, const char *fn)
 void as_window_aggregate(const as_window_t *w, double now, double look_back_s, const char *fn,
                          as_agg_t *out)
 {
-    series_t total, queued;
+    series_t total, queued, pending;
     series_init(&total, now - look_back_s);
     series_init(&queued, now - look_back_s);
+    series_init(&pending, now - look_back_s);
     for (size_t i = 0; i < w->len; i++) {
         const as_sample_t *smp = &w->s[w->head + i];
         series_add(&total, smp->t, smp->total);
         series_add(&queued, smp->t, smp->queued);
+        series_add(&pending, smp->t, smp->pending);
     }
     series_finish(&total, now);
     series_finish(&queued, now);
+    series_finish(&pending, now);
     out->total = series_value(&total, fn);
     out->queued = series_value(&queued, fn);
+    out->pending = series_value(&pending, fn);
 }
 
 /* ---- custom metrics ------------------------------------------------------------------------- */

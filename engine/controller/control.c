@@ -163,6 +163,9 @@ static void record_sample(dep_entry_t *e, double now)
         .replica_ids = ids,
         .running_requests = running,
         .queued_requests = (double)ms_deployment_queued(e->dep),
+        .pending_tasks = e->tasks && ms_task_queue_backlog(e->tasks) > 0
+                             ? (double)ms_task_queue_backlog(e->tasks)
+                             : 0,
         .custom_metrics = custom,
     };
     ms_autoscaler_record(e->autoscaler, &s);

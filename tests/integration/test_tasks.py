@@ -273,5 +273,31 @@ class ConfigTest(unittest.TestCase):
         self.assertRegex(out, r"c\.yaml:\d+:\d+: task_queue needs queue_name")
 
 
+class ScaleFromZeroTest(unittest.TestCase):
+    def test_backlog_scales_consumers_from_zero_and_back(self):
+        redis = start_redis(self)
+        a = apps(redis.url)
+        a[1]["deployments"][0]["autoscaling_config"] = {
+            "min_replicas": 0, "max_replicas": 2, "initial_replicas": 0,
+            "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 0.5,
+            "downscale_to_zero_delay_s": 0.5, "metrics_interval_s": 0.1,
+            "look_back_period_s": 0.5}
+        srv = harness.start_server(self, a, files={"tasks.lua": TASKS_LUA},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        self.assertEqual(srv.deployment_status("work", "Worker")["target_num_replicas"], 0)
+        ids = [srv.request("POST", "/-/tasks/jobs",
+                           body=b'{"name": "slow", "args": [6]}').json()["task_id"]
+               for _ in range(3)]
+        up = srv.wait_status("work", "Worker", lambda d: d.get("target_num_replicas", 0) >= 1,
+                             timeout=15, what="a consumer for the backlog")
+        self.assertLessEqual(up["target_num_replicas"], 2)
+        for tid in ids:
+            ok = wait_until(lambda: srv.get("/-/tasks/jobs/" + tid).json()["status"]
+                            == "SUCCESS", 30)
+            self.assertTrue(ok, srv.get("/-/tasks/jobs/" + tid).json())
+        srv.wait_status("work", "Worker", lambda d: d.get("target_num_replicas") == 0,
+                        timeout=20, what="back to zero once the queue is empty")
+
+
 if __name__ == "__main__":
     harness.main()

@@ -103,7 +103,7 @@ static void record(ms_autoscaler_t *a, double now, int running, double per_repli
     double reqs[8];
     for (int i = 0; i < 8; i++)
         reqs[i] = per_replica;
-    ms_autoscale_sample_t s = {now, running, (size_t)running, ids, reqs, queued, custom};
+    ms_autoscale_sample_t s = {now, running, (size_t)running, ids, reqs, queued, 0, custom};
     ms_autoscaler_record(a, &s);
 }
 
@@ -435,7 +435,7 @@ static int ray_decide(ms_autoscaler_t *a, double now, int current, double total,
         snprintf(names[i], sizeof names[i], "r%d", i);
         ids[i] = names[i];
     }
-    ms_autoscale_sample_t s = {now - 0.001, current, (size_t)current, ids, zero, total, NULL};
+    ms_autoscale_sample_t s = {now - 0.001, current, (size_t)current, ids, zero, total, 0, NULL};
     ms_autoscaler_record(a, &s);
     return decide(a, now, target, d);
 }

@@ -772,7 +772,7 @@ static void test_policy_in_the_autoscaler(void)
     if (a) {
         static const char *ids[] = {"r0", "r1"};
         static const double reqs[] = {5, 5};
-        ms_autoscale_sample_t s = {0, 2, 2, ids, reqs, 0, NULL};
+        ms_autoscale_sample_t s = {0, 2, 2, ids, reqs, 0, 0, NULL};
         ms_autoscaler_record(a, &s);
         ms_autoscale_decision_t d;
         ASSERT_INT_EQ(ms_autoscaler_decide(a, 1, 2, &d), 2);
