@@ -4,7 +4,9 @@
 #   share/moonserve/lua/        the engine's Lua runtime (found relative to bin/: ms_lua_dir)
 #   share/moonserve/scripts/    the router and policy library (scripts/routers, scripts/policies)
 #   share/moonserve/examples/   the example applications
-#   share/moonserve/dashboards/ the Grafana dashboard (and web/, once there is one)
+#   share/moonserve/dashboards/ the Grafana dashboard
+#   share/moonserve/web/dashboard/ the admin listener's web dashboard (found relative to bin/:
+#                               ms_dashboard_dir)
 #   share/doc/moonserve/        README.md and docs/
 #   etc/moonserve/              config.yaml and hello.lua (/etc/moonserve when the prefix is /usr)
 #   lib/systemd/system/moonserve.service
@@ -19,9 +21,7 @@ install(DIRECTORY ${CMAKE_SOURCE_DIR}/scripts/routers ${CMAKE_SOURCE_DIR}/script
 install(DIRECTORY ${CMAKE_SOURCE_DIR}/examples DESTINATION ${MS_DATA_DEST}
   PATTERN __pycache__ EXCLUDE PATTERN "*.pyc" EXCLUDE)
 install(DIRECTORY ${CMAKE_SOURCE_DIR}/dashboards DESTINATION ${MS_DATA_DEST})
-if(EXISTS ${CMAKE_SOURCE_DIR}/web)
-  install(DIRECTORY ${CMAKE_SOURCE_DIR}/web DESTINATION ${MS_DATA_DEST})
-endif()
+install(DIRECTORY ${CMAKE_SOURCE_DIR}/web DESTINATION ${MS_DATA_DEST})
 install(FILES ${CMAKE_SOURCE_DIR}/README.md DESTINATION ${CMAKE_INSTALL_DOCDIR})
 # docs/ keeps its name so the links in README.md still resolve.
 install(DIRECTORY ${CMAKE_SOURCE_DIR}/docs DESTINATION ${CMAKE_INSTALL_DOCDIR})

@@ -11,6 +11,7 @@
  *   POST /api/v1/reload                               hot reload of policy/router scripts
  *   GET  /api/v1/history                              decisions, reloads, replica lifecycle
  *   GET  /metrics                                     Prometheus text
+ *   GET  /dashboard/...                               the web dashboard's files (dashboard.c)
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -734,9 +735,22 @@ static void route_metrics(ms_admin_t *a, ms_http_request_t *req)
 static void on_request(ms_http_request_t *req, void *data)
 {
     ms_admin_t *a = data;
-    if (check_origin(a, req) != 0 || authenticate(a, req) != 0)
-        return;
     const char *path = req->path;
+    if (check_origin(a, req) != 0)
+        return;
+    /* The dashboard's files are public so the page can load and ask for the token; what it
+     * shows comes from the API below, which needs the token as ever. Host and Origin still
+     * apply: a rebound name must not get even the page. */
+    if (strcmp(path, "/dashboard") == 0 || strncmp(path, "/dashboard/", 11) == 0) {
+        if (ms_http_request_header_count(req, "authorization") > 1) {
+            ms_http_respond_error(req, 400, "more than one Authorization header");
+            return;
+        }
+        ms_admin_serve_dashboard(req);
+        return;
+    }
+    if (authenticate(a, req) != 0)
+        return;
     /* Ray's route has the trailing slash; accept it without one too, as curl users type it. */
     if (strcmp(path, APPS_PATH) == 0 || strcmp(path, "/api/serve/applications") == 0) {
         route_applications(a, req);

@@ -1,7 +1,8 @@
 /*
  * admin: the admin REST listener (default 127.0.0.1:8265). It authenticates (a bearer token,
  * compared in constant time, required whenever the listener is not on loopback), parses and
- * validates requests, and hands them to the controller through callbacks; every answer is JSON.
+ * validates requests, and hands them to the controller through callbacks; every answer is JSON
+ * except /metrics and the web dashboard's static files (dashboard.c).
  * It also refuses what a web page could make a browser send: a Host that is not the listener's
  * (DNS rebinding), a foreign Origin, and state-changing requests whose Content-Type a form or a
  * plain fetch can send without a CORS preflight. It owns no serving state of its own.
@@ -66,5 +67,16 @@ int ms_admin_port(ms_admin_t *a);
  * HOST (any port) or HOST:PORT, compared case-insensitively; "*" accepts any Host. Copied. */
 void ms_admin_allow_hosts(ms_admin_t *a, char *const *hosts, size_t n);
 void ms_admin_close(ms_admin_t *a);
+
+/* ---- the web dashboard's files (dashboard.c) ---------------------------------------------- */
+struct ms_http_request;
+/* Answers GET|HEAD /dashboard and /dashboard/NAME from ms_dashboard_dir(): 308 to /dashboard/,
+ * the file with its type, 400 for a name refused, 404 for a missing file or unknown type. */
+void ms_admin_serve_dashboard(struct ms_http_request *req);
+/* A name under /dashboard/ that may be served: [A-Za-z0-9._-] segments separated by '/', none
+ * empty or starting with '.', at most 128 bytes. */
+int ms_dashboard_name_ok(const char *name);
+/* The Content-Type for a file name by its extension, or NULL for one not served. */
+const char *ms_dashboard_content_type(const char *name);
 
 #endif

@@ -640,8 +640,14 @@ int ms_read_file(const char *path, ms_buf_t *out)
     return 0;
 }
 
-static char exe_lua_dir[PATH_MAX + 64];
-static pthread_once_t exe_lua_once = PTHREAD_ONCE_INIT;
+/* A folder of files installed with the engine, found like the Lua one (see ms_lua_dir). */
+typedef struct {
+    const char *env;       /* the override variable */
+    const char *installed; /* under PREFIX, for an installed tree */
+    const char *source;    /* under the source tree, for build/moonserve */
+    pthread_once_t once;
+    char path[PATH_MAX + 64];
+} data_dir_t;
 
 static int is_dir(const char *path)
 {
@@ -649,15 +655,15 @@ static int is_dir(const char *path)
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-/* Resolved once: the executable does not move while it runs, and reload prepares scripts off the
- * event loop, so the lookup must be safe from any thread. */
-static void find_exe_lua_dir(void)
+/* Resolved once per folder: the executable does not move while it runs, and reload prepares
+ * scripts off the event loop, so the lookup must be safe from any thread. */
+static void find_data_dir(data_dir_t *d)
 {
     char prefix[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", prefix, sizeof prefix - 1);
     if (n <= 0) {
-        /* No /proc: the working directory's lua/ is the only guess left. */
-        snprintf(exe_lua_dir, sizeof exe_lua_dir, "lua");
+        /* No /proc: the working directory's copy is the only guess left. */
+        snprintf(d->path, sizeof d->path, "%s", d->source);
         return;
     }
     prefix[n] = '\0';
@@ -669,20 +675,46 @@ static void find_exe_lua_dir(void)
         if (slash)
             *slash = '\0';
     }
-    char build[sizeof exe_lua_dir];
-    snprintf(exe_lua_dir, sizeof exe_lua_dir, "%s/share/moonserve/lua", prefix);
-    snprintf(build, sizeof build, "%s/lua", prefix);
-    if (!is_dir(exe_lua_dir) && is_dir(build))
-        memcpy(exe_lua_dir, build, sizeof build);
+    char build[sizeof d->path];
+    snprintf(d->path, sizeof d->path, "%s/%s", prefix, d->installed);
+    snprintf(build, sizeof build, "%s/%s", prefix, d->source);
+    if (!is_dir(d->path) && is_dir(build))
+        memcpy(d->path, build, sizeof build);
+}
+
+static const char *data_dir(data_dir_t *d, void (*find)(void))
+{
+    const char *env = getenv(d->env);
+    if (env && *env)
+        return env;
+    pthread_once(&d->once, find);
+    return d->path;
+}
+
+static data_dir_t lua_dir = {"MOONSERVE_LUA_DIR", "share/moonserve/lua", "lua", PTHREAD_ONCE_INIT,
+                             ""};
+static data_dir_t dashboard_dir = {"MOONSERVE_DASHBOARD_DIR", "share/moonserve/web/dashboard",
+                                   "web/dashboard", PTHREAD_ONCE_INIT, ""};
+
+/* pthread_once takes no argument: one finder per folder. */
+static void find_lua_dir(void)
+{
+    find_data_dir(&lua_dir);
+}
+
+static void find_dashboard_dir(void)
+{
+    find_data_dir(&dashboard_dir);
 }
 
 const char *ms_lua_dir(void)
 {
-    const char *env = getenv("MOONSERVE_LUA_DIR");
-    if (env && *env)
-        return env;
-    pthread_once(&exe_lua_once, find_exe_lua_dir);
-    return exe_lua_dir;
+    return data_dir(&lua_dir, find_lua_dir);
+}
+
+const char *ms_dashboard_dir(void)
+{
+    return data_dir(&dashboard_dir, find_dashboard_dir);
 }
 
 int ms_hex_digit(char c)

@@ -112,6 +112,11 @@ int ms_read_file(const char *path, ms_buf_t *out);
  * build/moonserve). When neither exists the first is returned, so errors name where it was
  * expected. No source path is compiled in (docs/install.md). Thread-safe; never NULL. */
 const char *ms_lua_dir(void);
+/* The web dashboard's static files (docs/dashboard.md), found the same way:
+ * $MOONSERVE_DASHBOARD_DIR when set and not empty; else <exe dir>/../share/moonserve/web/dashboard,
+ * then <exe dir>/../web/dashboard (the source tree's, for build/moonserve). Thread-safe; never
+ * NULL. */
+const char *ms_dashboard_dir(void);
 
 /* ---- text ---------------------------------------------------------------------------------- */
 /* Copies n bytes of s into out (cap bytes, NUL included) as valid UTF-8, for script and user text

@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config git python3
   libuv1-dev node-llhttp libluajit2-5.1-dev libjansson-dev libyaml-dev libhiredis-dev
-  libopenblas-dev redis-server wrk prometheus
+  libopenblas-dev redis-server wrk prometheus chromium
   python3-numpy python3-sklearn python3-torch
 )
 # Extra packages a caller asks for (the benchmark adds its peers: nginx and its Lua module,

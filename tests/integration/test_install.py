@@ -1,5 +1,6 @@
 """Install and package (docs/install.md). `cmake --install` of the build under test into a
-temporary prefix puts the binary, the Lua runtime, the router and policy library, the dashboard,
+temporary prefix puts the binary, the Lua runtime, the router and policy library, the dashboards
+(Grafana's and the web one, which the moved tree serves from its own share folder),
 the docs, the default config with its hello app and the systemd unit in their places. The tree is
 then moved to another folder and run from there, from an unrelated working directory, with
 MOONSERVE_LUA_DIR unset: `check` passes on the shipped config, `run` serves the hello app, the
@@ -39,9 +40,10 @@ def cmake_cache(name):
 
 
 def clean_env():
-    """The environment of an installed binary: no override of the Lua folder."""
+    """The environment of an installed binary: no override of the Lua or dashboard folder."""
     env = dict(os.environ)
     env.pop("MOONSERVE_LUA_DIR", None)
+    env.pop("MOONSERVE_DASHBOARD_DIR", None)
     env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
     env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
     return env
@@ -152,8 +154,10 @@ class InstallTest(unittest.TestCase):
         self.assertTrue(os.path.isfile(os.path.join(share, "dashboards", "grafana",
                                                     "moonserve.json")))
         self.assertTrue(os.path.isfile(os.path.join(share, "examples", "hello", "app.lua")))
+        # the web dashboard's files, file for file
         web = os.path.join(harness.SOURCE_DIR, "web")
-        self.assertEqual(os.path.isdir(os.path.join(share, "web")), os.path.isdir(web))
+        self.assertTrue(os.path.isfile(os.path.join(web, "dashboard", "index.html")))
+        self.assertEqual(tree_files(os.path.join(share, "web")), tree_files(web))
         doc = self.path("share", "doc", "moonserve")
         self.assertTrue(os.path.isfile(os.path.join(doc, "README.md")))
         self.assertEqual(tree_files(os.path.join(doc, "docs")),
@@ -223,6 +227,17 @@ class InstallTest(unittest.TestCase):
         self.assertIn("reload: %s/router.lua v2" % lua_dir, srv.stderr_text())
         self.assertEqual(srv.get("/?name=again").status, 200)
         self.assertNotIn(harness.SOURCE_DIR + "/lua", srv.stderr_text())
+        # the dashboard comes from the moved tree's share/moonserve/web/dashboard: a marker
+        # added there (and not in the source tree) is served
+        marker = self.path("share", "moonserve", "web", "dashboard", "install-marker.txt")
+        with open(marker, "w") as f:
+            f.write("moved tree")
+        self.addCleanup(os.unlink, marker)
+        r = srv.admin_request("GET", "/dashboard/install-marker.txt")
+        self.assertEqual((r.status, r.body), (200, b"moved tree"), r)
+        r = srv.admin_request("GET", "/dashboard/")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("content-type"), "text/html; charset=utf-8")
         srv.stop()  # SIGTERM: exit 0, no replica left, no sanitizer report
 
     def test_without_share_lua_nothing_falls_back(self):
@@ -287,6 +302,9 @@ class InstallTest(unittest.TestCase):
                   "./usr/share/moonserve/lua/router.lua", "./usr/share/moonserve/lua/autoscaling.lua",
                   "./usr/share/moonserve/scripts/routers/consistent_hash.lua",
                   "./usr/share/moonserve/dashboards/grafana/moonserve.json",
+                  "./usr/share/moonserve/web/dashboard/index.html",
+                  "./usr/share/moonserve/web/dashboard/dashboard.js",
+                  "./usr/share/moonserve/web/dashboard/dashboard.css",
                   "./usr/lib/systemd/system/moonserve.service", "./etc/moonserve/config.yaml",
                   "./etc/moonserve/hello.lua", "./usr/share/doc/moonserve/docs/install.md"):
             self.assertIn(p, paths)

@@ -17,6 +17,9 @@
  * controller's 412 passed through; Ray's message on 200); /metrics' content type. CLI: status,
  * deploy (YAML), scale (ok, 412, bad N), reload (ok and 422 with per-script lines), shutdown,
  * the token from --token and from the environment, 401 -> exit 4, connection refused -> exit 3.
+ * Dashboard: names refused (traversal, dotfiles, escapes, empty segments, too long) and types,
+ * files served from MOONSERVE_DASHBOARD_DIR without the token, 308, 404 for a missing file, an
+ * unknown type or a folder, 405.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -27,6 +30,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -885,9 +889,84 @@ static void test_allowed_hosts(void)
                    "Host: other.internal\r\nOrigin: http://evil.example\r\n", NULL, 403, "Origin");
 }
 
+/* ---- driver: the dashboard's files ----------------------------------------------------------- */
+
+static char dash_dir[64];
+
+static void write_text(const char *dir, const char *name, const char *text)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    ASSERT_TRUE(f != NULL);
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_dashboard(void)
+{
+    static const char *const good[] = {"index.html", "dashboard.js", "a-b_c.1.css", "img/x.png"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
+        ASSERT_TRUE(ms_dashboard_name_ok(good[i]));
+    static const char *const bad[] = {"",       "..",         "../x.js", "a/../x.js",  "/etc/x.js",
+                                      ".env",   "a/.git.css", "a//b.js", "a/",         "%2e%2e.js",
+                                      "a b.js", "a\\b.js",    "x.js?",   "\xc3\xa9.js"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ASSERT_TRUE(!ms_dashboard_name_ok(bad[i]));
+    char longname[200];
+    memset(longname, 'a', sizeof longname - 4);
+    memcpy(longname + sizeof longname - 4, ".js", 4);
+    ASSERT_TRUE(!ms_dashboard_name_ok(longname));
+    ASSERT_STR_EQ(ms_dashboard_content_type("index.html"), "text/html; charset=utf-8");
+    ASSERT_STR_EQ(ms_dashboard_content_type("x/dashboard.js"), "text/javascript; charset=utf-8");
+    ASSERT_STR_EQ(ms_dashboard_content_type("dashboard.css"), "text/css; charset=utf-8");
+    ASSERT_STR_EQ(ms_dashboard_content_type("i.svg"), "image/svg+xml");
+    ASSERT_TRUE(ms_dashboard_content_type("config.yaml") == NULL);
+    ASSERT_TRUE(ms_dashboard_content_type("index") == NULL);
+    ASSERT_TRUE(ms_dashboard_content_type("app.lua") == NULL);
+
+    reply_t r;
+    char h[256];
+    /* served without the token, which the rest still needs */
+    get(token_port, "/dashboard/", &r);
+    ASSERT_INT_EQ(r.status, 200);
+    ASSERT_STR_EQ(r.body, "<p>dash</p>");
+    ASSERT_STR_EQ(reply_header(&r, "Content-Type", h, sizeof h), "text/html; charset=utf-8");
+    ASSERT_STR_EQ(reply_header(&r, "Cache-Control", h, sizeof h), "no-cache");
+    reply_free(&r);
+    get(token_port, "/dashboard/app.js", &r);
+    ASSERT_INT_EQ(r.status, 200);
+    ASSERT_STR_EQ(reply_header(&r, "Content-Type", h, sizeof h), "text/javascript; charset=utf-8");
+    reply_free(&r);
+    get(token_port, "/dashboard", &r);
+    ASSERT_INT_EQ(r.status, 308);
+    ASSERT_STR_EQ(reply_header(&r, "Location", h, sizeof h), "/dashboard/");
+    reply_free(&r);
+    get(token_port, "/dashboard/secret.yaml", &r); /* present, but not a type we serve */
+    check_json_error(&r, 404);
+    reply_free(&r);
+    get(token_port, "/dashboard/gone.css", &r);
+    check_json_error(&r, 404);
+    reply_free(&r);
+    get(token_port, "/dashboard/../secret.yaml", &r);
+    check_json_error(&r, 400);
+    reply_free(&r);
+    get(token_port, "/dashboard/sub", &r); /* a folder, whatever its name says */
+    check_json_error(&r, 404);
+    reply_free(&r);
+    request(token_port, "POST", "/dashboard/", JSON_TYPE, "{}", &r);
+    ASSERT_INT_EQ(r.status, 405);
+    ASSERT_STR_EQ(reply_header(&r, "Allow", h, sizeof h), "GET, HEAD");
+    reply_free(&r);
+    get(token_port, "/dashboardx", &r);
+    ASSERT_INT_EQ(r.status, 401);
+    reply_free(&r);
+}
+
 static void *driver(void *arg)
 {
     (void)arg;
+    test_dashboard();
     test_cross_site();
     test_allowed_hosts();
     test_auth();
@@ -965,6 +1044,16 @@ static void test_start_rules(void)
 int main(void)
 {
     uv_loop_init(loop);
+    /* The dashboard's folder: read on every request, so set before the driver starts. */
+    snprintf(dash_dir, sizeof dash_dir, "/tmp/ms-test-dash-XXXXXX");
+    ASSERT_TRUE(mkdtemp(dash_dir) != NULL);
+    write_text(dash_dir, "index.html", "<p>dash</p>");
+    write_text(dash_dir, "app.js", "1;");
+    write_text(dash_dir, "secret.yaml", "token: x");
+    char sub[128];
+    snprintf(sub, sizeof sub, "%s/sub", dash_dir);
+    ASSERT_INT_EQ(mkdir(sub, 0700), 0);
+    setenv("MOONSERVE_DASHBOARD_DIR", dash_dir, 1);
     test_start_rules();
     char *err = NULL;
     ASSERT_INT_EQ(ms_admin_start(loop, "127.0.0.1", 0, NULL, &callbacks, NULL, &open_admin, &err),
@@ -998,5 +1087,12 @@ int main(void)
     ASSERT_INT_EQ(uv_loop_close(loop), 0);
     ASSERT_TRUE(!watchdog_fired);
     free(stub.text);
+    static const char *const files[] = {"index.html", "app.js", "secret.yaml", "sub"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char path[128];
+        snprintf(path, sizeof path, "%s/%s", dash_dir, files[i]);
+        remove(path);
+    }
+    rmdir(dash_dir);
     return TEST_DONE();
 }
