@@ -125,8 +125,19 @@ end
 
 -- Walks the bind graph from the root: returns the nodes in discovery order (root first) and a
 -- name -> node map. Two different nodes may not share a deployment name, and the ingress (the
--- root), which HTTP requests reach, must define __call (checked here so `moonserve check`
--- reports it without constructing anything); the others are reached through handles only.
+-- root), which HTTP requests reach, must define __call unless it only consumes tasks (checked
+-- here so `moonserve check` reports it without constructing anything); the others are reached
+-- through handles only.
+-- A task consumer's class (serve.task_handler fields) needs no __call: tasks reach it, not HTTP.
+local function has_task_handlers(cls)
+    for _, v in pairs(cls) do
+        if getmetatable(v) == M._TaskHandler then
+            return true
+        end
+    end
+    return false
+end
+
 local function collect(root)
     local order, by_name = {}, {}
     local function visit(node)
@@ -138,7 +149,7 @@ local function collect(root)
             error(string.format("deployment name '%s' is bound twice with different arguments", name), 0)
         end
         if node == root and type(node.class.__call) ~= "function"
-            and not class_info[node.class].options.process then
+            and not class_info[node.class].options.process and not has_task_handlers(node.class) then
             error(string.format("deployment '%s' has no __call method", name), 0)
         end
         by_name[name] = node
@@ -1162,6 +1173,7 @@ end
 -- table), its return value the task's result. Named after its field unless given a name.
 local TaskHandler = {}
 TaskHandler.__index = TaskHandler
+M._TaskHandler = TaskHandler
 function M.task_handler(a, b)
     local name, fn = a, b
     if b == nil then

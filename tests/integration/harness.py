@@ -1002,12 +1002,13 @@ class RedisServer(object):
     and start() again keep the port, so clients can be seen coming back. `call()` is a minimal
     RESP client for the tests' own reads (XLEN, XRANGE, HGETALL)."""
 
-    def __init__(self):
+    def __init__(self, durable=False):
         if not shutil.which("redis-server"):
             raise unittest.SkipTest("redis-server is not installed (scripts/tools/bootstrap.sh)")
         self.dir = tempfile.mkdtemp(prefix="moonserve-redis-")
         self.port = free_port()
         self.proc = None
+        self.durable = durable  # append-only file, fsync'd each write: a kill -9 loses nothing
 
     @property
     def url(self):
@@ -1016,7 +1017,8 @@ class RedisServer(object):
     def start(self, timeout=10):
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
+             "--appendonly", "yes" if self.durable else "no", "--appendfsync", "always",
+             "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         ok = wait_until(lambda: self._ping(), timeout)
         if not ok:
@@ -1073,9 +1075,9 @@ class RedisServer(object):
         raise AssertionError("unexpected RESP reply %r" % line)
 
 
-def start_redis(testcase):
+def start_redis(testcase, durable=False):
     """A redis-server owned by one test (or class, from setUpClass with addClassCleanup)."""
-    r = RedisServer()
+    r = RedisServer(durable)
     (testcase.addClassCleanup if isinstance(testcase, type) else testcase.addCleanup)(r.cleanup)
     return r.start()
 

@@ -299,5 +299,100 @@ class ScaleFromZeroTest(unittest.TestCase):
                         timeout=20, what="back to zero once the queue is empty")
 
 
+SQUARE_LUA = r'''
+local serve = require "moonserve"
+local Worker = serve.deployment { name = "Worker", max_ongoing_requests = 4 }
+Worker.square = serve.task_handler(function(self, n)
+  serve.sleep(0.1 + (n % 5) * 0.02)
+  return { n = n, square = n * n, by = serve.get_replica_context().replica_tag }
+end)
+return { worker = Worker:bind() }
+'''
+
+
+def square_apps(redis_url, replicas=2):
+    return [{"name": "work", "route_prefix": None, "import_path": "square.lua:worker",
+             "deployments": [{"name": "Worker", "num_replicas": replicas, "task_queue": {
+                 "queue_name": "squares", "broker_url": redis_url, "max_retries": 3,
+                 "retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2,
+                 "visibility_timeout_s": 1.5}}]}]
+
+
+class ManyTasksTest(unittest.TestCase):
+    """100 tasks, each checked for its own result, while things go wrong."""
+
+    def submit_all(self, srv, n):
+        ids = {}
+        for i in range(n):
+            r = srv.request("POST", "/-/tasks/squares",
+                            body=json.dumps({"name": "square", "args": [i]}).encode())
+            self.assertEqual(r.status, 202, r)
+            ids[r.json()["task_id"]] = i
+        return ids
+
+    def wait_all(self, get, ids, timeout):
+        """Every task SUCCESS with its own result; returns {id: status doc}."""
+        done = {}
+
+        def all_done():
+            for tid in ids:
+                if tid in done:
+                    continue
+                r = get(tid)
+                if r.status == 200 and r.json()["status"] == "SUCCESS":
+                    done[tid] = r.json()
+            return len(done) == len(ids)
+        self.assertTrue(wait_until(all_done, timeout, 0.2),
+                        "%d of %d tasks ended SUCCESS" % (len(done), len(ids)))
+        for tid, st in done.items():
+            n = ids[tid]
+            self.assertEqual((st["result"]["n"], st["result"]["square"]), (n, n * n), st)
+        return done
+
+    def test_consumers_killed_repeatedly(self):
+        redis = start_redis(self)
+        srv = harness.start_server(self, square_apps(redis.url), files={"square.lua": SQUARE_LUA},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        ids = self.submit_all(srv, 100)
+        killed = 0
+
+        def succeeded():
+            return srv.deployment_status("work", "Worker")["task_queue"]["succeeded"]
+        for _ in range(4):  # a consumer replica killed, four times, while the tasks run
+            self.assertTrue(wait_until(lambda: len(srv.replica_pids()) == 2, 10))
+            self.assertLess(succeeded(), 100, "the tasks ended before the kills")
+            pids = srv.replica_pids()
+            os.kill(pids[killed % len(pids)], signal.SIGKILL)
+            killed += 1
+        self.assertEqual(killed, 4)
+        self.wait_all(lambda t: srv.get("/-/tasks/squares/" + t), ids, 60)
+        self.assertEqual(redis.call("XLEN", "moonserve:queue:squares"), 0)
+        self.assertGreater(srv.deployment_status("work", "Worker")["task_queue"]["redelivered"],
+                           0, "no kill hit a running task")
+
+    def test_two_engines_share_one_queue(self):
+        redis = start_redis(self)
+        a = harness.start_server(self, square_apps(redis.url, 1), files={"square.lua": SQUARE_LUA},
+                                 extra_config={"control_loop": {"interval_s": 0.05}})
+        b = harness.start_server(self, square_apps(redis.url, 1), files={"square.lua": SQUARE_LUA},
+                                 extra_config={"control_loop": {"interval_s": 0.05}})
+        ids = self.submit_all(a, 100)
+        done = self.wait_all(lambda t: b.get("/-/tasks/squares/" + t), ids, 60)
+        started = [s.deployment_status("work", "Worker")["task_queue"]["started"] for s in (a, b)]
+        self.assertGreater(min(started), 0, "one engine took every task: %r" % started)
+        self.assertEqual(len(done), 100)
+
+    def test_redis_restarted_mid_run(self):
+        redis = start_redis(self, durable=True)
+        srv = harness.start_server(self, square_apps(redis.url), files={"square.lua": SQUARE_LUA},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        ids = self.submit_all(srv, 100)
+        wait_until(lambda: srv.deployment_status("work", "Worker")["task_queue"]["succeeded"]
+                   >= 10, 20)
+        redis.stop()
+        redis.start()
+        self.wait_all(lambda t: srv.get("/-/tasks/squares/" + t), ids, 60)
+
+
 if __name__ == "__main__":
     harness.main()
