@@ -394,5 +394,51 @@ class ManyTasksTest(unittest.TestCase):
         self.wait_all(lambda t: srv.get("/-/tasks/squares/" + t), ids, 60)
 
 
+class TranscribeExampleTest(unittest.TestCase):
+    """examples/async-transcribe against a test redis-server: submit through its ingress,
+    progress, the result; a broken job ends in the dead-letter queue; cancel."""
+
+    def test_example(self):
+        from test_examples_run import ExampleServer
+        redis = start_redis(self)
+
+        class Server(ExampleServer):
+            def _write_config(self):
+                super()._write_config()
+                with open(self.config_path) as f:
+                    text = f.read()
+                with open(self.config_path, "w") as f:
+                    f.write(text.replace("redis://127.0.0.1:6379/0", redis.url))
+        srv = Server("async-transcribe")
+        self.addCleanup(srv.cleanup)
+        srv.start()
+        r = srv.request("POST", "/jobs/transcribe", body=b'{"url": "s3://b/talk.wav"}')
+        self.assertEqual(r.status, 202, r)
+        tid = r.json()["task_id"]
+        prog = wait_until(lambda: (srv.get("/jobs/status/" + tid).json().get("progress")
+                                   or {}).get("chunks_done", 0) >= 1, 10)
+        self.assertTrue(prog, srv.get("/jobs/status/" + tid).json())
+        st = wait_until(lambda: srv.get("/jobs/status/" + tid).json()["status"] == "SUCCESS"
+                        and srv.get("/jobs/status/" + tid).json(), 20)
+        self.assertTrue(st)
+        self.assertEqual(st["result"]["text"], "chunk1 chunk2 chunk3 chunk4 chunk5")
+        bad = srv.request("POST", "/jobs/transcribe", body=b'{"url": "s3://b/broken.wav"}')
+        bid = bad.json()["task_id"]
+        st = wait_until(lambda: srv.get("/jobs/status/" + bid).json()["status"] == "FAILURE"
+                        and srv.get("/jobs/status/" + bid).json(), 20)
+        self.assertTrue(st)
+        self.assertEqual(st["attempts"], 3)
+        self.assertIn("cannot read audio", st["error"])
+        self.assertTrue(wait_until(lambda: redis.call("XLEN", "moonserve:queue:transcribe-failed")
+                                   == 1, 5))
+        self.assertEqual(srv.get("/jobs/status/0000").status, 404)
+        long = srv.request("POST", "/jobs/transcribe", body=b'{"url": "s3://b/long.wav"}')
+        lid = long.json()["task_id"]
+        c = srv.request("POST", "/jobs/cancel/" + lid)
+        self.assertEqual(c.status, 200, c)
+        self.assertEqual(srv.get("/jobs/status/" + lid).json()["status"], "REVOKED")
+        srv.stop()
+
+
 if __name__ == "__main__":
     harness.main()
