@@ -1059,6 +1059,7 @@ static void app_free(ms_app_config_t *app)
     ms_config_lua_ref_free(app->scale_hook);
     ms_config_lua_ref_free(app->scale_tick);
     json_decref(app->scale_hook_kwargs);
+    free(app->scale_redis_url);
 }
 
 void ms_config_free(ms_config_t *cfg)

@@ -227,6 +227,7 @@ typedef struct ms_app_config {
     ms_config_lua_ref_t *scale_tick;   /* external_scaler.tick: sets targets on a schedule */
     double scale_tick_interval_s;      /* external_scaler.tick_interval_s, > 0, default 1 */
     json_t *scale_hook_kwargs;         /* external_scaler.kwargs, owned; NULL when unset */
+    char *scale_redis_url;             /* external_scaler.redis_url: ctx.redis; NULL when unset */
     ms_logging_config_t logging;       /* its logging_config (fields it set) */
     ms_config_mark_t mark;             /* position of this application entry */
     ms_config_mark_t import_path_mark; /* position of the import_path value */

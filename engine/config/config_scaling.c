@@ -4,6 +4,7 @@
  * code options through the one validator of config_json.c.
  */
 #include "config/config_internal.h"
+#include "broker/broker.h"
 #include "core/core.h"
 
 #include <limits.h>
@@ -474,11 +475,25 @@ static void es_kwargs(jkv_t *kv, void *obj)
     jget_mapping(kv, &((ms_app_config_t *)obj)->scale_hook_kwargs);
 }
 
+static void es_redis(jkv_t *kv, void *obj)
+{
+    ms_app_config_t *app = obj;
+    const char *s = json_is_string(kv->val) ? json_string_value(kv->val) : NULL;
+    ms_broker_url_t url;
+    char err[300];
+    if (!s) {
+        jbad(kv, "a redis:// or unix:// URL");
+    } else if (ms_broker_parse_url(s, &url, err, sizeof err) != 0) {
+        jv_error(kv->v, kv->val_node, "redis_url: %s", err);
+    } else {
+        free(app->scale_redis_url);
+        app->scale_redis_url = ms_strdup(s);
+    }
+}
+
 static const jfield_t scaler_fields[] = {
-    {"hook", es_hook},
-    {"tick", es_tick},
-    {"tick_interval_s", es_tick_interval},
-    {"kwargs", es_kwargs},
+    {"hook", es_hook},     {"tick", es_tick},       {"tick_interval_s", es_tick_interval},
+    {"kwargs", es_kwargs}, {"redis_url", es_redis},
 };
 
 void ms_cfg_external_scaler_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *app)

@@ -58,6 +58,16 @@ static int setup_app_policies(controller_t *c)
             free(err);
             return -1;
         }
+        if (c->apps[i].scale_hook && app->scale_redis_url) {
+            c->apps[i].watch = ms_watch_new(c->loop, app->scale_redis_url, &err);
+            if (!c->apps[i].watch) {
+                ms_error("application %s: external_scaler.redis_url: %s", app->name,
+                         err ? err : "?");
+                free(err);
+                return -1;
+            }
+            ms_scale_hook_set_watch(c->apps[i].scale_hook, c->apps[i].watch);
+        }
         if (!app->autoscaling_policy)
             continue;
         c->apps[i].policy = ms_app_policy_new(
@@ -382,6 +392,9 @@ static void tick(controller_t *c)
     for (size_t i = 0; i < c->n_deps; i++)
         if (c->deps[i].tasks)
             ms_task_queue_tick(c->deps[i].tasks);
+    for (size_t a = 0; a < c->n_apps; a++)
+        if (c->apps[a].watch)
+            ms_watch_refresh(c->apps[a].watch);
     for (size_t i = 0; i < c->n_deps; i++)
         if (c->deps[i].autoscaler)
             record_sample(&c->deps[i], now);
@@ -496,6 +509,7 @@ void ms__control_release_policies(controller_t *c)
             ms_app_policy_free(c->apps[i].policy);
         if (c->apps[i].scale_hook)
             ms_scale_hook_free(c->apps[i].scale_hook);
+        ms_watch_free(c->apps[i].watch);
     }
     free(c->apps);
     c->apps = NULL;

@@ -79,6 +79,7 @@ typedef struct app_entry {
     const ms_app_config_t *cfg;
     ms_app_policy_t *policy;     /* application-level autoscaling policy, or NULL */
     ms_scale_hook_t *scale_hook; /* external_scaler hook and tick, or NULL */
+    ms_watch_t *watch;           /* external_scaler.redis_url's values (ctx.redis), or NULL */
 } app_entry_t;
 
 /* The control loop's own cost (control.c), shown in status: a tick's work grows with the

@@ -36,7 +36,22 @@ struct ms_scale_hook {
     int hfn, tfn;         /* the function's index in its script */
     double last_tick;     /* < 0: never */
     uint64_t accepted, clamped, refused, ticks;
+    ms_watch_t *watch; /* ctx.redis / req.redis when external_scaler.redis_url is set */
 };
+
+void ms_scale_hook_set_watch(ms_scale_hook_t *h, ms_watch_t *w)
+{
+    h->watch = w;
+}
+
+/* t.redis (raw, like every field C writes), when the application has a redis_url. */
+static void set_redis(ms_scale_hook_t *h, lua_State *L, int t)
+{
+    if (!h->watch)
+        return;
+    ms_watch_push(h->watch, L);
+    ms_policy_set_value(L, t, "redis");
+}
 
 static int same_file(const ms_config_lua_ref_t *a, const ms_config_lua_ref_t *b)
 {
@@ -236,6 +251,7 @@ ms_hook_verdict_t ms_scale_hook_judge(ms_scale_hook_t *h, const char *deployment
     ms_policy_set_number(L, req, "current_target", current_target);
     ms_policy_set_number(L, req, "running_replicas", running_replicas);
     ms_policy_set_number(L, req, "time", now);
+    set_redis(h, L, req);
     ms_policy_push_kwargs(h->hp); /* nil without kwargs */
     ms_hook_verdict_t v = MS_HOOK_ACCEPT;
     long long target = requested;
@@ -361,6 +377,7 @@ json_t *ms_scale_hook_tick(ms_scale_hook_t *h, double now, json_t *state)
     ms_policy_set_value(L, ctx, "deployments");
     lua_pushvalue(L, st);
     ms_policy_set_value(L, ctx, "state");
+    set_redis(h, L, ctx);
     lua_remove(L, st);
     ms_policy_push_kwargs(h->tp);
     json_t *out = NULL;

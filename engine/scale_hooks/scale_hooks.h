@@ -24,6 +24,7 @@
 #include <stddef.h>
 
 #include "config/config.h"
+#include "watch/watch.h"
 
 typedef struct ms_scale_hook ms_scale_hook_t;
 
@@ -47,6 +48,8 @@ ms_scale_hook_t *ms_scale_hook_new(const char *app, const ms_config_lua_ref_t *h
 ms_scale_hook_t *ms_scale_hook_from_config(const ms_app_config_t *app, double budget_us,
                                            size_t mem_limit, char **err);
 void ms_scale_hook_free(ms_scale_hook_t *h);
+/* Gives the hook and the tick ctx.redis (watch.h); w stays the caller's. */
+void ms_scale_hook_set_watch(ms_scale_hook_t *h, ms_watch_t *w);
 
 typedef enum { MS_HOOK_ACCEPT, MS_HOOK_CLAMP, MS_HOOK_REFUSE } ms_hook_verdict_t;
 

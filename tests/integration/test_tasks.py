@@ -136,7 +136,15 @@ class TasksTest(unittest.TestCase):
 
     def test_failures_are_retried_then_parked(self):
         tid = self.submit("flaky")
-        st = self.wait_status(tid, ("FAILURE",))
+        seen = set()
+
+        def failed():
+            st = self.status(tid)
+            seen.add(st["status"])
+            return st["status"] == "FAILURE" and st
+        st = wait_until(failed, 20, 0.01)
+        self.assertTrue(st, seen)
+        self.assertIn("RETRY", seen)
         self.assertEqual(st["attempts"], 3)  # max_retries 2, plus the first
         self.assertEqual(st["error"], "always fails")
         parked = wait_until(lambda: [e for e in self.redis.call(
@@ -438,6 +446,64 @@ class TranscribeExampleTest(unittest.TestCase):
         self.assertEqual(c.status, 200, c)
         self.assertEqual(srv.get("/jobs/status/" + lid).json()["status"], "REVOKED")
         srv.stop()
+
+
+REDIS_TICK = r'''
+local M = {}
+-- One replica per 3 jobs waiting in a list some other system fills, between 1 and 3; with the
+-- list empty, a "floor" key's value (a string) sets the count.
+function M.tick(ctx, kwargs)
+  local n = ctx.redis.len("jobs:waiting")
+  local floor = tonumber(ctx.redis.get("jobs:floor") or "1")
+  if n == nil then return nil end
+  return { Hello = math.max(floor, math.min(3, math.ceil(n / 3))) }
+end
+function M.too_many(ctx)
+  for i = 1, 70 do ctx.redis.len("k" .. i) end
+end
+return M
+'''
+
+
+class RedisSignalsTest(unittest.TestCase):
+    """An external-scaling tick reads a Redis list's length and a key through ctx.redis, which
+    answers at once with what the controller read last; the replica count follows the list."""
+
+    def test_tick_follows_a_redis_list(self):
+        redis = start_redis(self)
+        app = dict(harness.hello_app("sig", "/sig", {"num_replicas": 1}),
+                   external_scaler_enabled=True,
+                   external_scaler={"tick": "signals.lua:tick", "tick_interval_s": 0.1,
+                                    "redis_url": redis.url})
+        srv = harness.start_server(self, [app], files={"signals.lua": REDIS_TICK},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        for i in range(8):
+            redis.call("RPUSH", "jobs:waiting", "job%d" % i)
+        srv.wait_status("sig", "Hello", lambda d: d.get("target_num_replicas") == 3,
+                        timeout=10, what="3 replicas for 8 waiting jobs")
+        redis.call("SET", "jobs:floor", "2")
+        redis.call("DEL", "jobs:waiting")  # no key reads as length 0
+        srv.wait_status("sig", "Hello", lambda d: d.get("target_num_replicas") == 2,
+                        timeout=10, what="the floor's 2 replicas once the list is gone")
+        redis.call("DEL", "jobs:floor")
+        srv.wait_status("sig", "Hello", lambda d: d.get("target_num_replicas") == 1,
+                        timeout=10, what="1 replica without a floor")
+        status = srv.status()["applications"]["sig"]["external_scaler"]
+        self.assertEqual(status["tick"]["failures"], 0, status)
+
+    def test_too_many_keys_is_a_script_error(self):
+        redis = start_redis(self)
+        app = dict(harness.hello_app("sig2", "/sig2", {"num_replicas": 1}),
+                   external_scaler_enabled=True,
+                   external_scaler={"tick": "signals.lua:too_many", "tick_interval_s": 0.1,
+                                    "redis_url": redis.url})
+        srv = harness.start_server(self, [app], files={"signals.lua": REDIS_TICK},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        st = wait_until(lambda: srv.status()["applications"]["sig2"]["external_scaler"]["tick"]
+                        if srv.status()["applications"]["sig2"]["external_scaler"]["tick"]
+                        ["failures"] > 0 else None, 10)
+        self.assertTrue(st)
+        self.assertIn("more than 64 keys", st["last_error"])
 
 
 if __name__ == "__main__":
