@@ -102,7 +102,7 @@ typedef struct ms_task_queue_config {
     char *broker_url;                    /* required: redis://... or unix://... */
     int max_retries;                     /* default 3: handler failures retried, then FAILURE */
     double retry_backoff_s;              /* default 1: the first retry's delay, doubling */
-    double retry_backoff_max_s;          /* default 30: the longest delay */
+    double retry_backoff_max_s;          /* default 10: the longest delay */
     char *failed_task_queue_name;        /* NULL: no dead-letter stream for failures */
     char *unprocessable_task_queue_name; /* NULL: none for unknown names / bad payloads */
     double visibility_timeout_s;         /* default 30: a held task is delivered again after */

@@ -137,7 +137,7 @@ ms_task_queue_config_t *ms_cfg_task_queue_yaml(ms_cfg_ctx_t *c, yaml_node_t *map
     ms_task_queue_config_t *t = ms_calloc(1, sizeof *t);
     t->max_retries = 3;
     t->retry_backoff_s = 1;
-    t->retry_backoff_max_s = 30;
+    t->retry_backoff_max_s = 10;
     t->visibility_timeout_s = 30;
     t->result_ttl_s = 86400;
     uint64_t seen =

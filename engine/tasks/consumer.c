@@ -55,6 +55,8 @@ void tq_drop(running_t *r)
     r->dead = 1;
     if (r->inflight == 0)
         free_running(r);
+    if (!q->freeing)
+        tq_pull(q); /* a slot is free: the reads batch themselves (one at a time, COUNT = room) */
 }
 
 running_t *tq_find_running(ms_task_queue_t *q, const char *id)
