@@ -390,6 +390,21 @@ class ManyTasksTest(unittest.TestCase):
         self.assertGreater(min(started), 0, "one engine took every task: %r" % started)
         self.assertEqual(len(done), 100)
 
+    def test_a_dead_engines_tasks_are_claimed_by_another(self):
+        redis = start_redis(self)
+        a = harness.start_server(self, square_apps(redis.url, 2), files={"square.lua": SQUARE_LUA},
+                                 extra_config={"control_loop": {"interval_s": 0.05}})
+        ids = self.submit_all(a, 30)
+        self.assertTrue(wait_until(lambda: a.deployment_status("work", "Worker")["task_queue"]
+                                   ["running"] > 0, 10))
+        a.kill_all()  # kill -9: the controller and its replicas, tasks held and never acked
+        held = redis.call("XPENDING", "moonserve:queue:squares", "moonserve")[0]
+        self.assertGreater(held, 0, "the dead engine held no task")
+        b = harness.start_server(self, square_apps(redis.url, 2), files={"square.lua": SQUARE_LUA},
+                                 extra_config={"control_loop": {"interval_s": 0.05}})
+        self.wait_all(lambda t: b.get("/-/tasks/squares/" + t), ids, 60)
+        self.assertGreater(b.deployment_status("work", "Worker")["task_queue"]["redelivered"], 0)
+
     def test_redis_restarted_mid_run(self):
         redis = start_redis(self, durable=True)
         srv = harness.start_server(self, square_apps(redis.url), files={"square.lua": SQUARE_LUA},
