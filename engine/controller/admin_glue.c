@@ -919,6 +919,47 @@ static void custom_metrics(controller_t *c, char **dep_labels, ms_buf_t *b)
     json_decref(all);
 }
 
+/* Task queues (docs/tasks.md): their state from ms_task_queue_info, labelled by queue too (a
+ * name from the config: bounded). */
+static void task_metrics(controller_t *c, char **labels, ms_buf_t *b)
+{
+    static const char *const GAUGES[][3] = {
+        {"moonserve_task_queue_backlog", "backlog", "Tasks waiting in the queue, not taken yet."},
+        {"moonserve_task_queue_running", "running", "Tasks this engine runs now."},
+        {"moonserve_task_queue_connected", "connected", "1 while the queue's Redis is up."},
+    };
+    static const char *const OUTCOMES[] = {"submitted", "started",     "succeeded",     "failed",
+                                           "retried",   "redelivered", "unprocessable", "revoked"};
+    json_t **info = ms_calloc(c->n_deps + 1, sizeof *info);
+    for (size_t i = 0; i < c->n_deps; i++)
+        info[i] = c->deps[i].tasks ? ms_task_queue_info(c->deps[i].tasks) : NULL;
+    for (size_t g = 0; g < sizeof GAUGES / sizeof *GAUGES; g++) {
+        ms_metrics_family(b, GAUGES[g][0], "gauge", GAUGES[g][2]);
+        for (size_t i = 0; i < c->n_deps; i++) {
+            json_t *v = info[i] ? json_object_get(info[i], GAUGES[g][1]) : NULL;
+            if (v)
+                ms_buf_appendf(b, "%s{%s,queue=\"%s\"} %lld\n", GAUGES[g][0], labels[i],
+                               json_string_value(json_object_get(info[i], "queue")),
+                               json_is_boolean(v) ? (long long)json_is_true(v)
+                                                  : (long long)json_integer_value(v));
+        }
+    }
+    ms_metrics_family(b, "moonserve_task_queue_tasks_total", "counter",
+                      "Tasks by what happened to them (submitted here, started, succeeded, "
+                      "failed, retried, redelivered, unprocessable, revoked).");
+    for (size_t i = 0; i < c->n_deps; i++)
+        for (size_t k = 0; info[i] && k < sizeof OUTCOMES / sizeof *OUTCOMES; k++)
+            ms_buf_appendf(b,
+                           "moonserve_task_queue_tasks_total{%s,queue=\"%s\",outcome=\"%s\"} "
+                           "%lld\n",
+                           labels[i], json_string_value(json_object_get(info[i], "queue")),
+                           OUTCOMES[k],
+                           (long long)json_integer_value(json_object_get(info[i], OUTCOMES[k])));
+    for (size_t i = 0; i < c->n_deps; i++)
+        json_decref(info[i]);
+    free(info);
+}
+
 static void deployment_metrics(controller_t *c, ms_buf_t *b)
 {
     char **labels = ms_calloc(c->n_deps + 1, sizeof *labels);
@@ -941,6 +982,7 @@ static void deployment_metrics(controller_t *c, ms_buf_t *b)
     dep_counter(c, labels, b, "moonserve_deployment_replica_failures_total",
                 "Replicas lost unasked: crashes, constructor failures, unhealthy replacements.", 1);
     custom_metrics(c, labels, b);
+    task_metrics(c, labels, b);
     for (size_t i = 0; i < c->n_deps; i++)
         free(labels[i]);
     free(labels);

@@ -211,6 +211,24 @@ class TasksTest(unittest.TestCase):
         r = self.server.get("/front/x", headers={"X-Moonserve-Task": "add"})
         self.assertEqual(r.status, 400, r)
 
+    def test_metrics(self):
+        tid = self.submit("add", [1, 2])
+        self.wait_status(tid, ("SUCCESS",))
+        labels = 'application="work",deployment="Worker",queue="jobs"'
+        text = self.server.admin_request("GET", "/metrics").text
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("moonserve_task_queue"):
+                k, _, v = line.rpartition(" ")
+                samples[k] = float(v)
+        self.assertGreaterEqual(
+            samples['moonserve_task_queue_tasks_total{%s,outcome="succeeded"}' % labels], 1)
+        self.assertGreaterEqual(
+            samples['moonserve_task_queue_tasks_total{%s,outcome="submitted"}' % labels], 1)
+        self.assertEqual(samples['moonserve_task_queue_connected{%s}' % labels], 1)
+        self.assertIn('moonserve_task_queue_backlog{%s}' % labels, samples)
+        harness.assert_promtool_accepts(self, text)
+
     def test_status_shows_the_queue(self):
         dep = self.server.deployment_status("work", "Worker")
         self.assertEqual(dep["task_queue"]["queue"], "jobs")
