@@ -997,6 +997,36 @@ def assert_promtool_accepts(testcase, text):
     testcase.assertEqual((p.returncode, said), (0, ""), text[:3000])
 
 
+class SideEffect(object):
+    """A counter that a cancelled request's work (a grandchild, a stream's producer) bumps every
+    20 ms, read through `path`, whose answer is [before, after]: the counter, and the counter
+    again after a short window. The work has stopped once the two agree."""
+
+    def __init__(self, test, path, limit=500):
+        self.test, self.path, self.limit = test, path, limit
+
+    def count_twice(self):
+        r = self.test.server.get(self.path, timeout=10)
+        self.test.assertEqual(r.status, 200, r)
+        return r.json()
+
+    def wait_started(self):
+        self.test.assertTrue(wait_until(lambda: self.count_twice()[0] > 0, 10),
+                             "the work never started")
+
+    def assert_stops(self):
+        """The counter stays put over the window before the work could have ended by itself."""
+        seen = []
+
+        def stable():
+            a, b = self.count_twice()
+            seen.append((a, b))
+            return a == b
+        self.test.assertTrue(wait_until(stable, 8), "the work kept going: %r" % seen[-3:])
+        self.test.assertGreater(seen[-1][0], 0, "the work never started: %r" % seen)
+        self.test.assertLess(seen[-1][0], self.limit, "the work ran to its end: %r" % seen)
+
+
 class RedisServer(object):
     """A real redis-server on a free loopback port, in a temp folder, without persistence; stop()
     and start() again keep the port, so clients can be seen coming back. `call()` is a minimal
