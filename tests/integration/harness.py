@@ -863,10 +863,15 @@ class ServerTestCase(unittest.TestCase):
     ENV = None
 
     @classmethod
+    def make_server(cls):
+        """The shared server, not started (a subclass may serve something else: an example)."""
+        return Server(cls.APPLICATIONS, cls.HTTP_OPTIONS, cls.FILES,
+                      extra_config=cls.EXTRA_CONFIG, shutdown_timeout_s=cls.SHUTDOWN_TIMEOUT_S,
+                      env=cls.ENV)
+
+    @classmethod
     def setUpClass(cls):
-        cls.server = Server(cls.APPLICATIONS, cls.HTTP_OPTIONS, cls.FILES,
-                            extra_config=cls.EXTRA_CONFIG,
-                            shutdown_timeout_s=cls.SHUTDOWN_TIMEOUT_S, env=cls.ENV)
+        cls.server = cls.make_server()
         try:
             cls.server.start()
         except BaseException:

@@ -18,22 +18,12 @@ from harness import LoadGen, wait_until
 from test_examples_run import ExampleServer
 
 
-class ExampleCase(unittest.TestCase):
+class ExampleCase(harness.ServerTestCase):
     EXAMPLE = None
 
     @classmethod
-    def setUpClass(cls):
-        cls.server = ExampleServer(cls.EXAMPLE)
-        try:
-            cls.server.start()
-        except BaseException:
-            cls.server.cleanup()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-        cls.server.cleanup()
+    def make_server(cls):
+        return ExampleServer(cls.EXAMPLE)
 
     def ok(self, method, path, body=None, headers=None, timeout=20):
         r = self.server.request(method, path, body=body, headers=headers, timeout=timeout)

@@ -1,6 +1,7 @@
 """What the Python benchmark drivers share: free ports and running wrk."""
 
 import re
+import signal
 import socket
 import subprocess
 
@@ -32,3 +33,13 @@ def wrk(url, threads, conns, duration, warmup=0, script=None):
     rps = float(re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M).group(1))
     requests = int(re.search(r"^\s*(\d+) requests in", out, re.M).group(1))
     return rps, ms("50%"), ms("99%"), requests
+
+
+def stop(proc, timeout=60):
+    """SIGTERM (the engine drains), then SIGKILL if it has not exited within timeout s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

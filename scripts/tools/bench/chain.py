@@ -16,14 +16,13 @@ DURATION (5), WARMUP (1), THREADS (2). Exits non-zero only when a measurement fa
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-from benchlib import free_port, wrk
+from benchlib import free_port, stop, wrk
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 BIN = os.environ.get("BIN") or os.path.join(ROOT, "build", "moonserve")
@@ -135,12 +134,7 @@ def main():
                     print("bench chain: %d deployments, %d connections: %.0f req/s"
                           % (n, c, rps), file=sys.stderr)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 60)
             log.close()
     print("\nmoonserve chain bench: %s, %d CPUs, wrk %ds after %ds warm-up, loadavg at end: %s"
           % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.cpu_count(), DURATION,

@@ -29,7 +29,6 @@ import array
 import json
 import os
 import random
-import signal
 import struct
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import tempfile
 import time
 import urllib.request
 
-from benchlib import free_port, wrk
+from benchlib import free_port, stop, wrk
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 BIN = os.environ.get("BIN") or os.path.join(ROOT, "build", "moonserve")
@@ -230,12 +229,7 @@ def main():
                     print("bench digits: %s c=%d: %.0f req/s p50 %.2f ms p99 %.2f ms"
                           % ((system, c) + results[(system, c)]), file=sys.stderr)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc, 30)
                 log.close()
     print("\nmoonserve digits bench (model %s): %s, %d CPUs, %ds per run after %ds warm-up, "
           "adaptive target %g ms, loadavg at end: %s" % (

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 
-from benchlib import free_port, wrk
+from benchlib import free_port, stop, wrk
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 BIN = os.environ.get("BIN") or os.path.join(ROOT, "build", "moonserve")
@@ -115,8 +115,7 @@ def main():
             q = queue()
         finally:
             if proc:
-                proc.terminate()
-                proc.wait(30)
+                stop(proc, 30)
             redis.kill()
             redis.wait(10)
     print("redis-benchmark (50 clients): XADD %.0f/s, HSET %.0f/s" % (xadd, hset))
