@@ -164,6 +164,15 @@ def is_alive(pid, starttime=None):
     return st[1] not in ("Z", "X")
 
 
+def rss_mib(pid):
+    """The process's resident set (VmRSS of /proc/PID/status) in MiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise AssertionError("no VmRSS in /proc/%d/status" % pid)
+
+
 def wait_until(pred, timeout, interval=0.05):
     """Poll pred() until it returns a truthy value or timeout passes; returns the last value."""
     deadline = time.monotonic() + timeout

@@ -29,7 +29,7 @@ import urllib.parse
 import zlib
 
 import harness
-from harness import HTTPReader, LoadGen, build_request, run_threads, wait_until
+from harness import HTTPReader, LoadGen, build_request, rss_mib, run_threads, wait_until
 
 MIB = 1 << 20
 PIECE = 64 * 1024  # one serve.stream send, and one block of the whole body
@@ -125,15 +125,6 @@ def start_measured_server(testcase, deployment, attr="app"):
             del os.environ["ASAN_OPTIONS"]
         else:
             os.environ["ASAN_OPTIONS"] = saved
-
-
-def rss_mib(pid):
-    """The process's resident set (VmRSS of /proc/PID/status) in MiB."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise AssertionError("no VmRSS in /proc/%d/status" % pid)
 
 
 def peak_rss_mib(pid, seconds, above=None):
