@@ -105,6 +105,9 @@ void ms__begin_shutdown(controller_t *c, const char *why)
     ms_ingress_set_draining(c->proxy, 1);
     if (c->ingress)
         ms_http_server_stop_accepting(c->ingress);
+    for (size_t i = 0; i < c->n_deps; i++)
+        if (c->deps[i].tasks)
+            ms_task_queue_drain(c->deps[i].tasks);
     uv_timer_start(&c->drain_timer, on_drain_tick, 0, 20);
 }
 

@@ -519,7 +519,7 @@ static void on_read(void *data, ms_broker_status_t st, const redisReply *rep, co
 void tq_pull(ms_task_queue_t *q)
 {
     long room = tq_capacity(q);
-    if (q->reading || !q->group_ready || room <= 0 || !ms_broker_connected(q->blk))
+    if (q->draining || q->reading || !q->group_ready || room <= 0 || !ms_broker_connected(q->blk))
         return;
     char count[24], block[24];
     snprintf(count, sizeof count, "%ld", room);
@@ -548,7 +548,7 @@ static void on_claimed(void *data, ms_broker_status_t st, const redisReply *rep,
 void tq_claim(ms_task_queue_t *q)
 {
     long room = tq_capacity(q);
-    if (q->claiming || !q->group_ready || room <= 0 || !ms_broker_connected(q->cmd))
+    if (q->draining || q->claiming || !q->group_ready || room <= 0 || !ms_broker_connected(q->cmd))
         return;
     char idle[24], count[24];
     snprintf(idle, sizeof idle, "%lld", (long long)(q->cfg.visibility_timeout_s * 1000));

@@ -37,6 +37,7 @@ struct ms_task_queue {
     running_t *running;
     size_t n_running;
     int freeing;
+    int draining; /* shutting down: nothing more is pulled or claimed */
     uint64_t n_submitted, n_started, n_succeeded, n_failed, n_retried, n_redelivered,
         n_unprocessable, n_revoked;
 };

@@ -212,6 +212,11 @@ void ms_task_queue_free(ms_task_queue_t *q)
     free(q);
 }
 
+void ms_task_queue_drain(ms_task_queue_t *q)
+{
+    q->draining = 1;
+}
+
 const char *ms_task_queue_name(const ms_task_queue_t *q)
 {
     return q->cfg.queue_name;

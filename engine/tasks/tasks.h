@@ -46,6 +46,9 @@ const char *ms_task_queue_name(const ms_task_queue_t *q);
 /* Called every control-loop tick: pulls when there is room, claims tasks other consumers left
  * idle, renews the tasks it runs, and samples the backlog. */
 void ms_task_queue_tick(ms_task_queue_t *q);
+/* The engine is shutting down: take no more tasks; those running finish (and are acknowledged)
+ * while the deployment drains, or are delivered again later. */
+void ms_task_queue_drain(ms_task_queue_t *q);
 /* Tasks waiting in the queue (not yet taken), from the latest sample; -1 before the first. */
 long long ms_task_queue_backlog(const ms_task_queue_t *q);
 /* {queue, connected, backlog, running, submitted, succeeded, failed, retried, ...} for status. */

@@ -258,6 +258,22 @@ class ConsumerKilledTest(unittest.TestCase):
                            0)
 
 
+class ShutdownTest(unittest.TestCase):
+    def test_a_running_task_finishes_during_the_drain(self):
+        redis = start_redis(self)
+        srv = harness.start_server(self, apps(redis.url), files={"tasks.lua": TASKS_LUA},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        r = srv.request("POST", "/-/tasks/jobs", body=b'{"name": "slow", "args": [20]}')
+        tid = r.json()["task_id"]
+        self.assertTrue(wait_until(lambda: srv.get("/-/tasks/jobs/" + tid).json()["status"]
+                                   == "STARTED", 10))
+        srv.stop(sig=signal.SIGTERM, timeout=30)
+        task = dict(zip(*[iter(redis.call("HGETALL", "moonserve:task:" + tid))] * 2))
+        self.assertEqual(task["status"], "SUCCESS", task)
+        self.assertEqual(json.loads(task["result"]), "done 20")
+        self.assertEqual(redis.call("XLEN", "moonserve:queue:jobs"), 0, "not acknowledged")
+
+
 class RedisDownTest(unittest.TestCase):
     def test_redis_down_is_503_and_recovers(self):
         redis = start_redis(self)
