@@ -98,7 +98,14 @@ int ms__control_setup(controller_t *c, const plan_t *plan)
         if (p->autoscaling && e->stats_period_s > STATS_PERIOD_S)
             e->stats_period_s = STATS_PERIOD_S;
         char *err = NULL;
-        if (p->task_queue) {
+        /* A redeploy keeps a queue whose block did not change, with the tasks it runs. */
+        if (e->tasks && (!p->task_queue || !ms_task_queue_same(e->tasks, p->task_queue))) {
+            ms_task_queue_free(e->tasks);
+            e->tasks = NULL;
+        }
+        if (e->tasks) {
+            ms_task_queue_set_max_ongoing(e->tasks, p->max_ongoing_requests);
+        } else if (p->task_queue) {
             ms_task_queue_spec_t spec = {.cfg = p->task_queue,
                                          .application = p->app->name,
                                          .deployment = p->name,
@@ -501,8 +508,6 @@ void ms__control_release_policies(controller_t *c)
         if (c->deps[i].autoscaler)
             ms_autoscaler_free(c->deps[i].autoscaler);
         c->deps[i].autoscaler = NULL;
-        ms_task_queue_free(c->deps[i].tasks);
-        c->deps[i].tasks = NULL;
     }
     for (size_t i = 0; i < c->n_apps; i++) {
         if (c->apps[i].policy)
@@ -521,4 +526,8 @@ void ms__control_free(controller_t *c)
     if (!uv_is_closing((uv_handle_t *)&c->control_timer))
         uv_close((uv_handle_t *)&c->control_timer, NULL);
     ms__control_release_policies(c);
+    for (size_t i = 0; i < c->n_deps; i++) {
+        ms_task_queue_free(c->deps[i].tasks);
+        c->deps[i].tasks = NULL;
+    }
 }

@@ -146,6 +146,7 @@ static void retire_unkept(controller_t *c, const char *kept, json_t *changed)
         ms_info("deployment %s/%s: not in the new config; stopping it", c->deps[i].app->name,
                 c->deps[i].name);
         ms_deployment_shutdown(c->deps[i].dep, on_retired, c->deps[i].dep);
+        ms_task_queue_free(c->deps[i].tasks); /* what it runs is delivered again later */
         free(c->deps[i].name);
         json_decref(c->deps[i].actor_options);
         json_decref(c->deps[i].process_json);

@@ -212,6 +212,28 @@ void ms_task_queue_free(ms_task_queue_t *q)
     free(q);
 }
 
+static int same_str(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+int ms_task_queue_same(const ms_task_queue_t *q, const ms_task_queue_config_t *c)
+{
+    const ms_task_queue_config_t *m = &q->cfg;
+    return same_str(m->queue_name, c->queue_name) && same_str(m->broker_url, c->broker_url) &&
+           m->max_retries == c->max_retries && m->retry_backoff_s == c->retry_backoff_s &&
+           m->retry_backoff_max_s == c->retry_backoff_max_s &&
+           same_str(m->failed_task_queue_name, c->failed_task_queue_name) &&
+           same_str(m->unprocessable_task_queue_name, c->unprocessable_task_queue_name) &&
+           m->visibility_timeout_s == c->visibility_timeout_s &&
+           m->result_ttl_s == c->result_ttl_s && m->max_queue_length == c->max_queue_length;
+}
+
+void ms_task_queue_set_max_ongoing(ms_task_queue_t *q, int n)
+{
+    q->max_ongoing = n;
+}
+
 void ms_task_queue_drain(ms_task_queue_t *q)
 {
     q->draining = 1;

@@ -42,6 +42,10 @@ ms_task_queue_t *ms_task_queue_new(uv_loop_t *loop, const ms_task_queue_spec_t *
  * its connections. */
 void ms_task_queue_free(ms_task_queue_t *q);
 const char *ms_task_queue_name(const ms_task_queue_t *q);
+/* Whether the queue was made from a task_queue block equal to cfg (a redeploy keeps it then). */
+int ms_task_queue_same(const ms_task_queue_t *q, const ms_task_queue_config_t *cfg);
+/* The deployment's max_ongoing_requests changed (a redeploy in place). */
+void ms_task_queue_set_max_ongoing(ms_task_queue_t *q, int n);
 
 /* Called every control-loop tick: pulls when there is room, claims tasks other consumers left
  * idle, renews the tasks it runs, and samples the backlog. */

@@ -274,6 +274,37 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual(redis.call("XLEN", "moonserve:queue:jobs"), 0, "not acknowledged")
 
 
+class RedeployTest(unittest.TestCase):
+    def test_a_redeploy_keeps_an_unchanged_queue_and_its_running_tasks(self):
+        redis = start_redis(self)
+        srv = harness.start_server(self, apps(redis.url), files={"tasks.lua": TASKS_LUA},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        r = srv.request("POST", "/-/tasks/jobs", body=b'{"name": "slow", "args": [30]}')
+        tid = r.json()["task_id"]
+        self.assertTrue(wait_until(lambda: srv.get("/-/tasks/jobs/" + tid).json()["status"]
+                                   == "STARTED", 10))
+
+        def deploy(a):
+            cfg = {"http_options": srv.http_options,
+                   "admin": {"host": srv.host, "port": srv.admin_port},
+                   "control_loop": {"interval_s": 0.05}, "applications": a}
+            r = srv.admin_request("PUT", "/api/serve/applications/", body=cfg, timeout=30)
+            self.assertEqual(r.status, 200, r)
+        changed = apps(redis.url)
+        changed[0]["deployments"] = [{"name": "Front", "num_replicas": 2}]  # another deployment
+        deploy(changed)
+        st = wait_until(lambda: srv.get("/-/tasks/jobs/" + tid).json()["status"] == "SUCCESS"
+                        and srv.get("/-/tasks/jobs/" + tid).json(), 20)
+        self.assertTrue(st)
+        q = srv.deployment_status("work", "Worker")["task_queue"]
+        self.assertEqual((q["started"], q["redelivered"]), (1, 0), q)
+        # a changed task_queue block makes a new queue (its counters start again)
+        changed[1]["deployments"][0]["task_queue"]["max_retries"] = 5
+        deploy(changed)
+        self.assertTrue(wait_until(lambda: srv.deployment_status("work", "Worker")
+                                   ["task_queue"]["started"] == 0, 10))
+
+
 class RedisDownTest(unittest.TestCase):
     def test_redis_down_is_503_and_recovers(self):
         redis = start_redis(self)
