@@ -338,7 +338,11 @@ static void on_call_body(void *data, const char *p, size_t n)
 static void on_call_done(void *data)
 {
     running_t *r = data;
-    ms_http_client_close(r->client);
+    ms_task_queue_t *q = r->q;
+    if (q->n_pool < TQ_POOL_MAX && ms_http_client_idle(r->client))
+        q->pool[q->n_pool++] = r->client; /* kept for the next task */
+    else
+        ms_http_client_close(r->client);
     r->client = NULL;
     char msg[1200];
     if (r->status == 200 && r->outcome == 'r')
@@ -378,7 +382,16 @@ static void send_call(running_t *r)
                    q->target, r->id, r->name, r->id, r->attempt + 1, strlen(r->payload));
     r->status = 0;
     r->outcome = 0;
-    r->client = ms_http_client_connect(q->loop, q->handle_socket, NULL, 0);
+    r->client = NULL;
+    while (q->n_pool > 0 && !r->client) { /* one the peer closed meanwhile is not idle */
+        ms_http_client_t *c = q->pool[--q->n_pool];
+        if (ms_http_client_idle(c))
+            r->client = c;
+        else
+            ms_http_client_close(c);
+    }
+    if (!r->client)
+        r->client = ms_http_client_connect(q->loop, q->handle_socket, NULL, 0);
     if (ms_http_client_send(r->client, head.data, head.len, r->payload, strlen(r->payload),
                             &call_cbs, r) != 0) {
         ms_http_client_close(r->client);

@@ -14,6 +14,7 @@
 #define TQ_BLOCK_MS    1000 /* XREADGROUP BLOCK: how long one pull waits in Redis */
 #define TQ_SAMPLE_MS   500  /* backlog sampling period */
 #define TQ_REDELIVER_S 0.25 /* first delay before a task whose replica was lost runs again */
+#define TQ_POOL_MAX    64   /* idle handle-socket connections kept */
 
 typedef struct running running_t;
 
@@ -36,6 +37,8 @@ struct ms_task_queue {
     long long backlog, stream_len;
     running_t *running;
     size_t n_running;
+    ms_http_client_t *pool[TQ_POOL_MAX]; /* idle handle-socket connections, for the next calls */
+    int n_pool;
     int freeing;
     int draining; /* shutting down: nothing more is pulled or claimed */
     uint64_t n_submitted, n_started, n_succeeded, n_failed, n_retried, n_redelivered,

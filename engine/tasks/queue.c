@@ -198,6 +198,8 @@ void ms_task_queue_free(ms_task_queue_t *q)
     q->freeing = 1;
     while (q->running)
         tq_drop(q->running); /* unacknowledged: delivered again after the visibility timeout */
+    while (q->n_pool > 0)
+        ms_http_client_close(q->pool[--q->n_pool]);
     if (q->cmd)
         ms_broker_free(q->cmd); /* callbacks in flight get MS_BROKER_CLOSED now */
     if (q->blk)
