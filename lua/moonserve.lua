@@ -621,6 +621,7 @@ local HOP_HEADERS = {
     ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
     host = true, ["x-request-id"] = true, ["x-moonserve-target"] = true, ["keep-alive"] = true,
     ["x-moonserve-method"] = true, ["x-moonserve-timeout-ms"] = true, ["x-moonserve-stream"] = true,
+    ["x-moonserve-task"] = true, ["x-moonserve-task-id"] = true, ["x-moonserve-task-attempt"] = true,
 }
 
 -- A request forwarded as is, for a request object; for a process deployment also a string

@@ -108,6 +108,7 @@ typedef struct ms_task_queue_config {
     double visibility_timeout_s;         /* default 30: a held task is delivered again after */
     double result_ttl_s;        /* default 86400: how long a finished task's status lives */
     long long max_queue_length; /* 0 (default): unbounded; else submits past it get 503 */
+    double task_timeout_s;      /* -1 (default): none; else one attempt's time limit */
 } ms_task_queue_config_t;
 
 /* process (ours): a deployment whose replicas are a user command speaking HTTP

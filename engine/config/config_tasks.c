@@ -99,6 +99,11 @@ static void tq_ttl(jkv_t *kv, void *obj)
     jget_num(kv, 0, false, &((ms_task_queue_config_t *)obj)->result_ttl_s);
 }
 
+static void tq_timeout(jkv_t *kv, void *obj)
+{
+    jget_opt_num(kv, false, &((ms_task_queue_config_t *)obj)->task_timeout_s);
+}
+
 static void tq_max_len(jkv_t *kv, void *obj)
 {
     jget_int(kv, 0, 1000000000000LL, "an integer >= 0 (0: unbounded)",
@@ -117,6 +122,7 @@ static const jfield_t task_fields[] = {
     {"visibility_timeout_s", tq_visibility},
     {"result_ttl_s", tq_ttl},
     {"max_queue_length", tq_max_len},
+    {"task_timeout_s", tq_timeout},
 };
 
 void ms_cfg_task_queue_free(ms_task_queue_config_t *t)
@@ -140,6 +146,7 @@ ms_task_queue_config_t *ms_cfg_task_queue_yaml(ms_cfg_ctx_t *c, yaml_node_t *map
     t->retry_backoff_max_s = 10;
     t->visibility_timeout_s = 30;
     t->result_ttl_s = 86400;
+    t->task_timeout_s = -1;
     uint64_t seen =
         jv_walk(&v, NULL, map, "in task_queue", task_fields, MS_N_FIELDS(task_fields), t);
     if (!(seen & (1u << F_QUEUE)))

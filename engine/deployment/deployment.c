@@ -686,9 +686,14 @@ static void on_call_timeout(uv_timer_t *t);
 
 /* The hop's time limit in ms (UINT64_MAX: none): request_timeout_s, or what the deadline header
  * says is left when that is less. */
-static uint64_t hop_timeout_ms(const ms_deployment_t *d, int has_deadline, uint64_t left_ms)
+/* The hop's time limit: request_timeout_s (an HTTP setting: not for task calls, whose limit is
+ * their queue's task_timeout_s, sent as the deadline header) or the deadline, the sooner. */
+static uint64_t hop_timeout_ms(const ms_deployment_t *d, const ms_http_request_t *req,
+                               int has_deadline, uint64_t left_ms)
 {
-    uint64_t ms = d->request_timeout_s > 0 ? (uint64_t)(d->request_timeout_s * 1000.0) : UINT64_MAX;
+    int task = ms_http_request_header(req, "x-moonserve-task", NULL) != NULL;
+    uint64_t ms =
+        d->request_timeout_s > 0 && !task ? (uint64_t)(d->request_timeout_s * 1000.0) : UINT64_MAX;
     return has_deadline && left_ms < ms ? left_ms : ms;
 }
 
@@ -1636,7 +1641,7 @@ void ms_deployment_submit(ms_deployment_t *d, ms_http_request_t *req)
         ms_http_respond_error(req, 408, msg);
         return;
     }
-    call_t *c = call_acquire(d, req, hop_timeout_ms(d, has_deadline, left_ms));
+    call_t *c = call_acquire(d, req, hop_timeout_ms(d, req, has_deadline, left_ms));
     queue_push(d, c, 0);
     dispatch(d);
     if (c->state == CALL_QUEUED && ms_deployment_running_replicas(d) == 0)

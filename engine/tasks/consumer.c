@@ -9,6 +9,8 @@
 #include "tasks/internal.h"
 
 #include <math.h>
+
+#include "link/link.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -335,6 +337,21 @@ static void on_call_body(void *data, const char *p, size_t n)
     }
 }
 
+/* A call cut off without its last line: the attempt timed out when task_timeout_s had passed
+ * (the controller ends an answer already under way that way), else it did not run to an end. */
+static void cut_off(running_t *r, const char *why)
+{
+    ms_task_queue_t *q = r->q;
+    if (q->cfg.task_timeout_s >= 0 &&
+        uv_now(q->loop) - r->sent_ms >= (uint64_t)(q->cfg.task_timeout_s * 1000.0)) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "timed out after %gs (task_timeout_s)", q->cfg.task_timeout_s);
+        failed(r, msg);
+    } else {
+        redeliver(r, why);
+    }
+}
+
 static void on_call_done(void *data)
 {
     running_t *r = data;
@@ -352,7 +369,7 @@ static void on_call_done(void *data)
     else if (r->status == 200 && r->outcome == 'u')
         unprocessable(r, r->value);
     else if (r->status == 200)
-        redeliver(r, "the answer ended before its result");
+        cut_off(r, "the answer ended before its result");
     else if (answer_message(r, msg, sizeof msg), r->status == 408 || r->status == 500)
         failed(r, msg);
     else
@@ -364,7 +381,7 @@ static void on_call_error(void *data, ms_http_client_error_t err)
     running_t *r = data;
     ms_http_client_close(r->client);
     r->client = NULL;
-    redeliver(r, ms_http_client_error_text(err));
+    cut_off(r, ms_http_client_error_text(err));
 }
 
 static const ms_http_client_callbacks_t call_cbs = {on_call_head, on_call_body, on_call_done,
@@ -378,11 +395,16 @@ static void send_call(running_t *r)
                    "POST / HTTP/1.1\r\nHost: moonserve\r\nX-Moonserve-Target: %s\r\n"
                    "X-Request-ID: %s\r\nX-Moonserve-Task: %s\r\nX-Moonserve-Task-Id: %s\r\n"
                    "X-Moonserve-Task-Attempt: %d\r\nContent-Type: application/json\r\n"
-                   "Content-Length: %zu\r\n\r\n",
+                   "Content-Length: %zu\r\n",
                    q->target, r->id, r->name, r->id, r->attempt + 1, strlen(r->payload));
+    if (q->cfg.task_timeout_s >= 0) /* the only limit a task call has (not request_timeout_s) */
+        ms_buf_appendf(&head, MS_LINK_DEADLINE_HEADER ": %llu\r\n",
+                       (unsigned long long)(q->cfg.task_timeout_s * 1000.0 + 0.5));
+    ms_buf_append(&head, "\r\n", 2);
     r->status = 0;
     r->outcome = 0;
     r->client = NULL;
+    r->sent_ms = uv_now(q->loop);
     while (q->n_pool > 0 && !r->client) { /* one the peer closed meanwhile is not idle */
         ms_http_client_t *c = q->pool[--q->n_pool];
         if (ms_http_client_idle(c))

@@ -62,6 +62,7 @@ struct running {
     uv_timer_t *timer; /* a retry's backoff or a redelivery's delay */
     int ending;        /* its final commands are out: only their answer is awaited */
     int inflight;      /* commands sent for it whose answer has not come */
+    uint64_t sent_ms;  /* loop time the current call went out */
     int dead;          /* dropped: freed by the last answer */
 };
 

@@ -228,7 +228,8 @@ int ms_task_queue_same(const ms_task_queue_t *q, const ms_task_queue_config_t *c
            same_str(m->failed_task_queue_name, c->failed_task_queue_name) &&
            same_str(m->unprocessable_task_queue_name, c->unprocessable_task_queue_name) &&
            m->visibility_timeout_s == c->visibility_timeout_s &&
-           m->result_ttl_s == c->result_ttl_s && m->max_queue_length == c->max_queue_length;
+           m->result_ttl_s == c->result_ttl_s && m->max_queue_length == c->max_queue_length &&
+           m->task_timeout_s == c->task_timeout_s;
 }
 
 void ms_task_queue_set_max_ongoing(ms_task_queue_t *q, int n)

@@ -305,6 +305,36 @@ class RedeployTest(unittest.TestCase):
                                    ["task_queue"]["started"] == 0, 10))
 
 
+class TimeoutTest(unittest.TestCase):
+    """request_timeout_s is an HTTP limit: a task runs past it; its queue's task_timeout_s limits
+    each attempt instead (a timed-out attempt is a failed one)."""
+
+    def test_request_timeout_does_not_cut_tasks_but_task_timeout_does(self):
+        redis = start_redis(self)
+        a = apps(redis.url)
+        limited = json.loads(json.dumps(a[1]))
+        limited["name"] = "limited"
+        tq = limited["deployments"][0]["task_queue"]
+        tq.update({"queue_name": "short", "task_timeout_s": 0.3, "max_retries": 1,
+                   "failed_task_queue_name": None, "unprocessable_task_queue_name": None})
+        srv = harness.start_server(self, a + [limited], files={"tasks.lua": TASKS_LUA},
+                                   http_options={"request_timeout_s": 0.3},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        long = srv.request("POST", "/-/tasks/jobs", body=b'{"name": "slow", "args": [16]}')
+        cut = srv.request("POST", "/-/tasks/short", body=b'{"name": "slow", "args": [16]}')
+        tid, cid = long.json()["task_id"], cut.json()["task_id"]
+        st = wait_until(lambda: srv.get("/-/tasks/jobs/" + tid).json()["status"] == "SUCCESS"
+                        and srv.get("/-/tasks/jobs/" + tid).json(), 20)
+        self.assertTrue(st, srv.get("/-/tasks/jobs/" + tid).json())
+        self.assertEqual(st["result"], "done 16")
+        self.assertEqual(st["attempts"], 1)
+        ct = wait_until(lambda: srv.get("/-/tasks/short/" + cid).json()["status"] == "FAILURE"
+                        and srv.get("/-/tasks/short/" + cid).json(), 20)
+        self.assertTrue(ct, srv.get("/-/tasks/short/" + cid).json())
+        self.assertEqual(ct["attempts"], 2)
+        self.assertIn("timed out after 0.3s (task_timeout_s)", ct["error"])
+
+
 class RedisDownTest(unittest.TestCase):
     def test_redis_down_is_503_and_recovers(self):
         redis = start_redis(self)
