@@ -30,6 +30,7 @@ static void copy_config(ms_autoscaling_config_t *dst, const ms_autoscaling_confi
         ms_strdup(src->aggregation_function ? src->aggregation_function : "mean");
     dst->policy = ms_config_lua_ref_copy(src->policy);
     dst->policy_kwargs = src->policy_kwargs ? json_deep_copy(src->policy_kwargs) : NULL;
+    dst->redis_url = src->redis_url ? ms_strdup(src->redis_url) : NULL;
 }
 
 /* Effective factors: upscaling_factor or upscale_smoothing_factor or smoothing_factor. */
@@ -100,6 +101,7 @@ void ms_autoscaler_free(ms_autoscaler_t *a)
     free(a->cfg.aggregation_function);
     ms_config_lua_ref_free(a->cfg.policy);
     json_decref(a->cfg.policy_kwargs);
+    free(a->cfg.redis_url);
     free(a->app);
     free(a->deployment);
     free(a);
@@ -108,6 +110,11 @@ void ms_autoscaler_free(ms_autoscaler_t *a)
 int ms_autoscaler_initial_replicas(const ms_autoscaler_t *a)
 {
     return a->cfg.initial_replicas >= 0 ? a->cfg.initial_replicas : a->cfg.min_replicas;
+}
+
+void ms_autoscaler_set_watch(ms_autoscaler_t *a, ms_watch_t *w)
+{
+    a->watch = w;
 }
 
 void ms_autoscaler_set_gpus(ms_autoscaler_t *a, const ms_gpu_t *g)

@@ -22,6 +22,7 @@
 
 #include "config/config.h"
 #include "gpu/gpu.h"
+#include "watch/watch.h"
 
 typedef struct ms_autoscaler ms_autoscaler_t;
 typedef struct ms_app_policy ms_app_policy_t;
@@ -76,6 +77,9 @@ int ms_autoscaler_initial_replicas(const ms_autoscaler_t *a);
 
 /* The host's GPUs, for ctx.gpus (docs/gpu.md); NULL or none: the ctx has no GPU fields. */
 void ms_autoscaler_set_gpus(ms_autoscaler_t *a, const ms_gpu_t *g);
+/* Gives the policy ctx.redis (watch.h, from autoscaling_config.policy.redis_url); w stays the
+ * caller's. */
+void ms_autoscaler_set_watch(ms_autoscaler_t *a, ms_watch_t *w);
 /* The devices each running replica holds now (ids are replica tags), for ctx.replica_gpu_ids;
  * copied (ignored without GPUs). */
 void ms_autoscaler_set_replica_gpus(ms_autoscaler_t *a, size_t n, const char *const *ids,

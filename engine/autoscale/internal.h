@@ -45,8 +45,8 @@ typedef struct as_window {
 } as_window_t;
 
 typedef struct as_agg {
-    double total;  /* total_num_requests, per aggregation_function */
-    double queued; /* total_queued_requests, same aggregation */
+    double total;   /* total_num_requests, per aggregation_function */
+    double queued;  /* total_queued_requests, same aggregation */
     double pending; /* total_pending_async_requests, same aggregation */
 } as_agg_t;
 
@@ -99,6 +99,7 @@ struct ms_autoscaler {
     ms_policy_t *script;   /* its own policy: the user's or the built-in */
     int builtin;           /* script is the built-in */
     ms_policy_t *fallback; /* built-in, loaded on the first failure of a custom policy */
+    ms_watch_t *watch;     /* ctx.redis, or NULL */
 
     /* Delay state: direction (+1 up, -1 down, 0 none), the target the run started from, and the
      * time of its first decision (mirrored into policy_state.__decision_timestamp). */

@@ -257,6 +257,10 @@ void as_ctx_push(ms_policy_t *p, const ms_autoscaler_t *a, double now, int curre
     set_opt(L, ctx, "last_scale_down_time", a->last_scale_down);
     ms_policy_set_number(L, ctx, "current_time", now);
     fill_replicas(v, ctx, &a->win);
+    if (a->watch) {
+        ms_watch_push(a->watch, L);
+        ms_policy_set_value(L, ctx, "redis");
+    }
     as_window_push_aggregated(&a->win, L, now, a->cfg.look_back_period_s);
     ms_policy_set_value(L, ctx, "aggregated_metrics");
     ms_policy_set_nil(L, ctx, "raw_metrics"); /* rebuilt on first read (ctx_index) */

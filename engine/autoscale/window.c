@@ -56,8 +56,8 @@ void as_window_record(as_window_t *w, const ms_autoscale_sample_t *s, double loo
     double running = 0;
     for (size_t i = 0; i < s->n_replicas; i++)
         running += s->running_requests[i];
-    as_sample_t smp = {s->now, s->queued_requests + running + s->pending_tasks,
-                       s->queued_requests, s->pending_tasks,
+    as_sample_t smp = {s->now, s->queued_requests + running + s->pending_tasks, s->queued_requests,
+                       s->pending_tasks,
                        s->custom_metrics ? json_deep_copy(s->custom_metrics) : NULL};
     push_sample(w, smp);
     set_ids(w, s);

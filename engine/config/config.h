@@ -85,6 +85,7 @@ typedef struct ms_autoscaling_config {
     ms_config_lua_ref_t *policy; /* policy.policy_function; NULL = the built-in policy */
     json_t *policy_kwargs;       /* policy.policy_kwargs, owned; NULL when unset */
     int dry_run;                 /* policy.dry_run (ours): decide and record, never apply */
+    char *redis_url;             /* policy.redis_url (ours): ctx.redis; NULL when unset */
     ms_config_mark_t mark;
 } ms_autoscaling_config_t;
 

@@ -44,7 +44,8 @@ typedef struct policy_build {
     ms_config_lua_ref_t **ref;
     json_t **kwargs;
     int *dry_run;
-    bool builtin; /* policy_function named Ray's built-in policy */
+    bool builtin;     /* policy_function named Ray's built-in policy */
+    char **redis_url; /* NULL where the key is not accepted (application-level policies) */
 } policy_build_t;
 
 /* Ray's names of its one built-in policy (the second is what the first is bound to). Ray has no
@@ -73,10 +74,31 @@ static void pol_dry_run(jkv_t *kv, void *obj)
     jget_bool(kv, pb->dry_run);
 }
 
+static void pol_redis(jkv_t *kv, void *obj)
+{
+    policy_build_t *pb = obj;
+    const char *s = json_is_string(kv->val) ? json_string_value(kv->val) : NULL;
+    ms_broker_url_t url;
+    char err[300];
+    if (!pb->redis_url) {
+        jv_error(kv->v, kv->key_node,
+                 "redis_url is for deployment policies (autoscaling_config.policy) and "
+                 "external_scaler hooks");
+    } else if (!s) {
+        jbad(kv, "a redis:// or unix:// URL");
+    } else if (ms_broker_parse_url(s, &url, err, sizeof err) != 0) {
+        jv_error(kv->v, kv->val_node, "redis_url: %s", err);
+    } else {
+        free(*pb->redis_url);
+        *pb->redis_url = ms_strdup(s);
+    }
+}
+
 static const jfield_t policy_fields[] = {
     {"policy_function", pol_function},
     {"policy_kwargs", pol_kwargs},
     {"dry_run", pol_dry_run},
+    {"redis_url", pol_redis},
 };
 
 /* Walks a policy mapping; returns the fields seen, or 0 when the value is not a mapping. */
@@ -203,7 +225,7 @@ static void as_policy(jkv_t *kv, void *obj)
     ms_autoscaling_config_t *a = ((as_build_t *)obj)->a;
     if (json_is_null(kv->val))
         return; /* the built-in policy */
-    policy_build_t pb = {&a->policy, &a->policy_kwargs, &a->dry_run, false};
+    policy_build_t pb = {&a->policy, &a->policy_kwargs, &a->dry_run, false, &a->redis_url};
     walk_policy(kv, "in autoscaling_config.policy", &pb);
 }
 
@@ -281,6 +303,7 @@ void ms_config_autoscaling_free(ms_autoscaling_config_t *a)
     free(a->aggregation_function);
     ms_config_lua_ref_free(a->policy);
     json_decref(a->policy_kwargs);
+    free(a->redis_url);
     free(a);
 }
 
@@ -432,7 +455,7 @@ void ms_cfg_app_policy_yaml(ms_cfg_ctx_t *c, yaml_node_t *map, ms_app_config_t *
     size_t before = c->n_errors;
     jv_t v = {c, NULL, ms_cfg_mark(map)};
     policy_build_t pb = {&app->autoscaling_policy, &app->autoscaling_policy_kwargs,
-                         &app->autoscaling_policy_dry_run, false};
+                         &app->autoscaling_policy_dry_run, false, NULL};
     uint64_t seen = jv_walk(&v, NULL, map, "in autoscaling_policy", policy_fields,
                             MS_N_FIELDS(policy_fields), &pb);
     if (!(seen & 1)) {

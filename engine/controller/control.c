@@ -129,6 +129,16 @@ int ms__control_setup(controller_t *c, const plan_t *plan)
             return -1;
         }
         ms_autoscaler_set_gpus(e->autoscaler, c->gpus);
+        if (p->autoscaling->redis_url) {
+            e->watch = ms_watch_new(c->loop, p->autoscaling->redis_url, &err);
+            if (!e->watch) {
+                ms_error("deployment %s: autoscaling_config.policy.redis_url: %s", p->name,
+                         err ? err : "?");
+                free(err);
+                return -1;
+            }
+            ms_autoscaler_set_watch(e->autoscaler, e->watch);
+        }
         if (c->apps[e->app_index].policy && p->autoscaling->policy)
             ms_warn("application %s: its autoscaling_policy takes precedence over deployment "
                     "%s's own policy",
@@ -403,6 +413,9 @@ static void tick(controller_t *c)
         if (c->apps[a].watch)
             ms_watch_refresh(c->apps[a].watch);
     for (size_t i = 0; i < c->n_deps; i++)
+        if (c->deps[i].watch)
+            ms_watch_refresh(c->deps[i].watch);
+    for (size_t i = 0; i < c->n_deps; i++)
         if (c->deps[i].autoscaler)
             record_sample(&c->deps[i], now);
     for (size_t a = 0; a < c->n_apps; a++) {
@@ -508,6 +521,8 @@ void ms__control_release_policies(controller_t *c)
         if (c->deps[i].autoscaler)
             ms_autoscaler_free(c->deps[i].autoscaler);
         c->deps[i].autoscaler = NULL;
+        ms_watch_free(c->deps[i].watch);
+        c->deps[i].watch = NULL;
     }
     for (size_t i = 0; i < c->n_apps; i++) {
         if (c->apps[i].policy)

@@ -33,11 +33,11 @@ typedef struct planned {
     /* Autoscaling, from the file or from code (then owned), or NULL for a fixed count. */
     ms_autoscaling_config_t *autoscaling;
     int autoscaling_owned;
-    const ms_router_config_t *router; /* from the file; NULL = the built-in router */
+    const ms_router_config_t *router;         /* from the file; NULL = the built-in router */
     const ms_task_queue_config_t *task_queue; /* from the file; NULL: consumes no tasks */
-    ms_process_config_t *process;     /* owned; NULL: a Lua deployment */
-    json_t *process_json;             /* owned reference: what it was made from, for redeploys */
-    ms_logging_config_t logging;      /* the file's: top level, then application, then deployment */
+    ms_process_config_t *process;             /* owned; NULL: a Lua deployment */
+    json_t *process_json;        /* owned reference: what it was made from, for redeploys */
+    ms_logging_config_t logging; /* the file's: top level, then application, then deployment */
 } planned_t;
 
 typedef struct plan {
@@ -61,6 +61,7 @@ typedef struct dep_entry {
     size_t app_index;
     ms_autoscaler_t *autoscaler; /* NULL: fixed count (num_replicas or the external scaler) */
     ms_task_queue_t *tasks;      /* its task_queue's producer and consumer, or NULL */
+    ms_watch_t *watch;           /* its policy's redis_url values (ctx.redis), or NULL */
     double stats_seen;           /* newest replica stats already handed to the autoscaler */
     /* Replica stats polling: request_routing_stats_period_s / _timeout_s, and more often (every
      * STATS_PERIOD_S) for autoscaling deployments, whose custom metrics feed the policy. */

@@ -568,6 +568,12 @@ function M.tick(ctx, kwargs)
   if n == nil then return nil end
   return { Hello = math.max(floor, math.min(3, math.ceil(n / 3))) }
 end
+-- A deployment autoscaling policy: as many replicas as the list is long, 1 to 3.
+function M.policy(ctx)
+  local n = ctx.redis.len("policy:waiting")
+  if n == nil then return ctx.target_num_replicas, ctx.policy_state end
+  return math.max(1, math.min(3, n)), ctx.policy_state
+end
 function M.too_many(ctx)
   for i = 1, 70 do ctx.redis.len("k" .. i) end
 end
@@ -600,6 +606,24 @@ class RedisSignalsTest(unittest.TestCase):
                         timeout=10, what="1 replica without a floor")
         status = srv.status()["applications"]["sig"]["external_scaler"]
         self.assertEqual(status["tick"]["failures"], 0, status)
+
+    def test_autoscaling_policy_follows_a_redis_list(self):
+        redis = start_redis(self)
+        app = harness.hello_app("pol", "/pol", {"autoscaling_config": {
+            "min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
+            "upscale_delay_s": 0, "downscale_delay_s": 0, "metrics_interval_s": 0.1,
+            "look_back_period_s": 0.5,
+            "policy": {"policy_function": "signals.lua:policy", "redis_url": redis.url}}})
+        srv = harness.start_server(self, [app], files={"signals.lua": REDIS_TICK},
+                                   extra_config={"control_loop": {"interval_s": 0.05}})
+        redis.call("RPUSH", "policy:waiting", "a", "b")
+        srv.wait_status("pol", "Hello", lambda d: d.get("target_num_replicas") == 2, timeout=10,
+                        what="2 replicas for a list of 2")
+        redis.call("DEL", "policy:waiting")
+        srv.wait_status("pol", "Hello", lambda d: d.get("target_num_replicas") == 1, timeout=10,
+                        what="back to 1 for an empty list")
+        dep = srv.deployment_status("pol", "Hello")
+        self.assertEqual(dep["autoscaling"]["policy"]["failures"], 0, dep)
 
     def test_too_many_keys_is_a_script_error(self):
         redis = start_redis(self)
