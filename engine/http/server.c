@@ -80,6 +80,7 @@ struct conn {
     unsigned body_phase : 1;    /* head parsed, body still arriving */
     unsigned head_scan : 1;     /* between the request target and the blank line ending the head */
     unsigned scan_lf : 1;       /* the last head byte checked was LF */
+    unsigned scan_cr : 1;       /* ... was CR: the next must be LF */
     unsigned absolute : 1;      /* absolute-form target (http://host/path) */
     unsigned asterisk : 1;      /* OPTIONS * */
     unsigned streamed : 1;      /* the active request's body is pulled by the owner */
@@ -561,10 +562,16 @@ static int reject(conn_t *c, int status, const char *reason)
  * which nginx and RFC 9112 reject: peers that unfold differently would read another header
  * set. The parser only shows header names and values, so the bytes between them (the colon,
  * OWS, CRLF and any fold) are checked here, from `from` up to `to`, across reads. Stops at the
- * blank line that ends the head. */
+ * blank line that ends the head. A CR not followed by LF is refused too: llhttp 8.1 takes
+ * "\r" plus any byte as a line end (and can end the head there), where another parser would
+ * read on, so the next request would begin at different bytes for each (found by
+ * fuzz_http_request: the head's end, and with it what followed, depended on the reads). */
 static int scan_head(conn_t *c, const char *from, const char *to)
 {
     for (const char *q = from; q < to && c->head_scan; q++) {
+        if (c->scan_cr && *q != '\n')
+            return reject(c, 400, "malformed request: a CR not followed by LF in the head");
+        c->scan_cr = *q == '\r';
         if (c->scan_lf && (*q == ' ' || *q == '\t'))
             return reject(c, 400,
                           "malformed request: obs-fold (a header line starting with "
@@ -611,6 +618,7 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
     ms_buf_append(&c->target, at, n);
     c->head_scan = 1;
     c->scan_lf = 0;
+    c->scan_cr = 0;
     c->scan_from = at + n;
     return 0;
 }
