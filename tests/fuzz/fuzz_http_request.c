@@ -83,12 +83,22 @@ static void on_complete(const ms_http_request_t *req, int status, int disconnect
     ms_buf_appendf(&log_buf, "DONE %d%s\n", status, disconnected ? " disconnected" : "");
 }
 
+static char sock_dir[32];
+
+/* The socket and its folder go at exit, so replays leave nothing in /tmp. */
+static void cleanup(void)
+{
+    unlink(sock_path);
+    rmdir(sock_dir);
+}
+
 static void setup(void)
 {
-    char dir[] = "/tmp/fuzz_http_XXXXXX";
-    if (!mkdtemp(dir))
+    snprintf(sock_dir, sizeof sock_dir, "/tmp/fuzz_http_XXXXXX");
+    if (!mkdtemp(sock_dir))
         abort();
-    snprintf(sock_path, sizeof sock_path, "%s/s", dir);
+    snprintf(sock_path, sizeof sock_path, "%s/s", sock_dir);
+    atexit(cleanup);
     if (!getenv("FUZZ_HTTP_LOG"))
         ms_log_min_level = MS_LOG_ERROR; /* a refusal is logged at INFO: keep the run quiet */
     uv_loop_init(&loop);
