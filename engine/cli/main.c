@@ -92,8 +92,22 @@ static int cmd_run(const char *path)
     return rc;
 }
 
+/* Under ASan, LeakSanitizer asks this at exit. A replica process (`__replica`, `__exec`) is
+ * never leak-checked: LuaJIT keeps its own allocator and a replica exits without closing its
+ * VM, so every C block a Lua value holds would be reported. The controller follows
+ * ASAN_OPTIONS, which replicas inherit, so one setting checks the controller alone
+ * (scripts/tools/test.sh, docs/reliability.md "Fuzzing"). */
+static int is_replica_process;
+int __lsan_is_turned_off(void);
+int __lsan_is_turned_off(void)
+{
+    return is_replica_process;
+}
+
 int main(int argc, char **argv)
 {
+    is_replica_process =
+        argc >= 2 && (strcmp(argv[1], "__replica") == 0 || strcmp(argv[1], "__exec") == 0);
     /* Peers vanish (clients, replicas); their sockets must fail writes, not kill us. */
     /* The process replica shim runs the user's command: it keeps the default signal dispositions
      * a command expects, so it goes before anything below changes them. */

@@ -383,6 +383,9 @@ int ms_log_set_file(const char *dir, const char *name, long long max_bytes, int 
 
 void ms_log_flush(void)
 {
+    /* Nothing was ever buffered: no pointer arithmetic on NULL (UBSan, found by fuzz_config). */
+    if (!access_buf.data)
+        return;
     const char *p = access_buf.data, *end = p + access_buf.len;
     while (p < end) {
         /* Whole lines, up to ATOMIC_WRITE bytes at a time. */
