@@ -926,10 +926,11 @@ static void test_custom_failures(void)
         {"return { f = function(ctx)\n  while true do pcall(function() while true do end end) "
          "end\nend }\n",
          "budget exceeded"},
-        /* Big pieces reach the memory cap in a few steps, well inside the wall-clock budget
-         * even on a loaded machine (small ones could hit the budget first). */
+        /* One piece larger than the cap: refused before anything is allocated, so the memory
+         * limit is what stops it however slow the machine (a few 2 MB pieces could still run
+         * past the wall-clock budget first under the sanitizers on a loaded machine). */
         {"return { f = function(ctx)\n  local t = {}\n  for i = 1, 1e9 do t[i] = "
-         "string.rep('x', 2e6) .. i end\nend }\n",
+         "string.rep('x', 1e7) .. i end\nend }\n",
          "memory limit exceeded"},
         {"return { f = function(ctx) return 'many' end }\n", "as the target"},
         {"return { f = function(ctx) return 0/0 end }\n", "as the target"},
