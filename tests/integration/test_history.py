@@ -127,7 +127,10 @@ class HistoryTest(harness.ServerTestCase):
         # a quiet deployment does not fill the history tick after tick
         quiet_since = self.now()
         fixed = self.history("?kind=autoscaling&app=pol&since=%f" % quiet_since)
-        time.sleep(0.5)  # ten control ticks of a deployment whose policy always answers 1
+        # ten control ticks of a deployment whose policy always answers 1 (counted, not slept)
+        ticks = self.server.status()["control_loop"]["ticks"]
+        self.assertTrue(wait_until(
+            lambda: self.server.status()["control_loop"]["ticks"] >= ticks + 10, 10))
         later = self.history("?kind=autoscaling&app=pol&since=%f" % quiet_since)
         self.assertEqual(later, fixed)
 
