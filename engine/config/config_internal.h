@@ -169,6 +169,9 @@ void jget_opt_num(jkv_t *kv, bool inclusive, double *out);
 bool jget_bool(jkv_t *kv, int *out);
 /* A mapping, copied; null gives NULL. */
 void jget_mapping(jkv_t *kv, json_t **out);
+/* A Redis URL (redis://... or unix://..., broker.h) into *out (replacing it); a bad one is an
+ * error at the value naming the key. */
+void jget_redis_url(jkv_t *kv, char **out);
 /* A Lua reference resolved against the folder; true when it names one of Ray's built-ins (listed
  * in `builtin`, NULL-terminated), which leaves *out unchanged. */
 bool jget_ref(jkv_t *kv, const char *const *builtin, ms_config_lua_ref_t **out);

@@ -7,6 +7,7 @@
  * So a rule lives in one place whichever way the option arrives.
  */
 #include "config/config_internal.h"
+#include "broker/broker.h"
 #include "core/core.h"
 
 #include <limits.h>
@@ -151,6 +152,21 @@ void jget_mapping(jkv_t *kv, json_t **out)
     }
     json_decref(*out);
     *out = json_deep_copy(kv->val);
+}
+
+void jget_redis_url(jkv_t *kv, char **out)
+{
+    const char *s = json_is_string(kv->val) ? json_string_value(kv->val) : NULL;
+    ms_broker_url_t url;
+    char err[300];
+    if (!s) {
+        jbad(kv, "a redis:// or unix:// URL");
+    } else if (ms_broker_parse_url(s, &url, err, sizeof err) != 0) {
+        jv_error(kv->v, kv->val_node, "%s: %s", kv->key, err);
+    } else {
+        free(*out);
+        *out = ms_strdup(s);
+    }
 }
 
 /* Is `s` Ray's `module:attr` name `ray_name`, or its dotted spelling `module.attr`? Ray imports

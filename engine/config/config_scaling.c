@@ -4,7 +4,6 @@
  * code options through the one validator of config_json.c.
  */
 #include "config/config_internal.h"
-#include "broker/broker.h"
 #include "core/core.h"
 
 #include <limits.h>
@@ -77,21 +76,12 @@ static void pol_dry_run(jkv_t *kv, void *obj)
 static void pol_redis(jkv_t *kv, void *obj)
 {
     policy_build_t *pb = obj;
-    const char *s = json_is_string(kv->val) ? json_string_value(kv->val) : NULL;
-    ms_broker_url_t url;
-    char err[300];
-    if (!pb->redis_url) {
+    if (!pb->redis_url)
         jv_error(kv->v, kv->key_node,
                  "redis_url is for deployment policies (autoscaling_config.policy) and "
                  "external_scaler hooks");
-    } else if (!s) {
-        jbad(kv, "a redis:// or unix:// URL");
-    } else if (ms_broker_parse_url(s, &url, err, sizeof err) != 0) {
-        jv_error(kv->v, kv->val_node, "redis_url: %s", err);
-    } else {
-        free(*pb->redis_url);
-        *pb->redis_url = ms_strdup(s);
-    }
+    else
+        jget_redis_url(kv, pb->redis_url);
 }
 
 static const jfield_t policy_fields[] = {
@@ -500,18 +490,7 @@ static void es_kwargs(jkv_t *kv, void *obj)
 
 static void es_redis(jkv_t *kv, void *obj)
 {
-    ms_app_config_t *app = obj;
-    const char *s = json_is_string(kv->val) ? json_string_value(kv->val) : NULL;
-    ms_broker_url_t url;
-    char err[300];
-    if (!s) {
-        jbad(kv, "a redis:// or unix:// URL");
-    } else if (ms_broker_parse_url(s, &url, err, sizeof err) != 0) {
-        jv_error(kv->v, kv->val_node, "redis_url: %s", err);
-    } else {
-        free(app->scale_redis_url);
-        app->scale_redis_url = ms_strdup(s);
-    }
+    jget_redis_url(kv, &((ms_app_config_t *)obj)->scale_redis_url);
 }
 
 static const jfield_t scaler_fields[] = {

@@ -5,7 +5,6 @@
  */
 #include "config/config_internal.h"
 #include "core/core.h"
-#include "broker/broker.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -56,20 +55,7 @@ static void tq_unprocessable(jkv_t *kv, void *obj)
 
 static void tq_broker(jkv_t *kv, void *obj)
 {
-    ms_task_queue_config_t *t = obj;
-    const char *s = json_is_string(kv->val) ? json_string_value(kv->val) : NULL;
-    if (!s) {
-        jbad(kv, "a redis:// or unix:// URL");
-        return;
-    }
-    ms_broker_url_t url;
-    char err[300];
-    if (ms_broker_parse_url(s, &url, err, sizeof err) != 0) {
-        jv_error(kv->v, kv->val_node, "broker_url: %s", err);
-        return;
-    }
-    free(t->broker_url);
-    t->broker_url = ms_strdup(s);
+    jget_redis_url(kv, &((ms_task_queue_config_t *)obj)->broker_url);
 }
 
 static void tq_retries(jkv_t *kv, void *obj)
