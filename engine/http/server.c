@@ -626,7 +626,7 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     conn_t *c = conn_of_parser(p);
-    if (count_head_bytes(c, n) || scan_before_piece(c, at, n))
+    if (scan_before_piece(c, at, n) || count_head_bytes(c, n))
         return -1;
     c->name_len += n;
     if (!c->body_phase) /* trailers after a chunked body are counted but not kept */
@@ -660,7 +660,7 @@ static int on_header_value_complete(llhttp_t *p)
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     conn_t *c = conn_of_parser(p);
-    if (count_head_bytes(c, n) || scan_before_piece(c, at, n))
+    if (scan_before_piece(c, at, n) || count_head_bytes(c, n))
         return -1;
     if (!c->body_phase)
         ms__headers_add_value(&c->hc, at, n);
@@ -955,20 +955,25 @@ int llhttp__on_url(llhttp_t *s, const char *p, const char *endp);
 int llhttp__on_header_field(llhttp_t *s, const char *p, const char *endp);
 int llhttp__on_header_value(llhttp_t *s, const char *p, const char *endp);
 
-/* A parse error inside a target, name or value: llhttp drops the piece it had begun without
- * handing it over, while a read that ended inside it would have handed its first part over (and
- * counted it). Counting it here too makes the answer to a head both too large and malformed
- * (431 or 400) the same however the bytes were split across reads (found by fuzz_http_request). */
-static void count_unfinished_piece(conn_t *c)
+/* A head both too large and malformed gets the answer of whichever problem comes first in byte
+ * order, 431 or 400, so that it does not depend on how the bytes were split across reads (found
+ * by fuzz_http_request). The checks run in that order everywhere: the bytes before a piece are
+ * scanned before the piece is counted. On a parse error llhttp drops the piece it had begun
+ * without handing it over, where a read that ended inside it would have handed its first part
+ * over: the bytes before the piece are scanned and the piece counted up to the error here. */
+static void check_before_error(conn_t *c)
 {
     llhttp_t *p = &c->parser;
-    const char *from = p->_span_pos0, *to = llhttp_get_error_pos(p);
-    if (!from || !to || to < from ||
-        (p->_span_cb0 != (void *)llhttp__on_url &&
-         p->_span_cb0 != (void *)llhttp__on_header_field &&
-         p->_span_cb0 != (void *)llhttp__on_header_value))
+    const char *from = p->_span_pos0, *err = llhttp_get_error_pos(p);
+    int in_piece = from && err && err >= from &&
+                   (p->_span_cb0 == (void *)llhttp__on_url ||
+                    p->_span_cb0 == (void *)llhttp__on_header_field ||
+                    p->_span_cb0 == (void *)llhttp__on_header_value);
+    const char *scan_to = in_piece ? from + (err > from) : err;
+    if (c->head_scan && scan_to && scan_to > c->scan_from && scan_head(c, c->scan_from, scan_to))
         return;
-    count_head_bytes(c, (size_t)(to - from));
+    if (in_piece)
+        count_head_bytes(c, (size_t)(err - from));
 }
 
 /* Parses requests out of data until one is owed a response, the data ends, or the connection
@@ -998,7 +1003,7 @@ static size_t parse_region(conn_t *c, const char *data, size_t len)
             dispatch_request(c);
         } else {
             if (!c->error_status)
-                count_unfinished_piece(c);
+                check_before_error(c);
             int status = c->error_status ? c->error_status : 400;
             const char *msg = c->error_reason ? c->error_reason
                               : status == 431 ? "request header fields too large"

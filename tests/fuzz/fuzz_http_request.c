@@ -75,11 +75,6 @@ static void on_complete(const ms_http_request_t *req, int status, int disconnect
     (void)req;
     (void)elapsed_ns;
     (void)data;
-    /* A head both too large and malformed is refused either way, and which check sees it first
-     * (431 or 400) can depend on where a read ended (docs/reliability.md, "Fuzzing"): the log
-     * keeps the refusal, not which of the two it was. */
-    if (status == 431)
-        status = 400;
     ms_buf_appendf(&log_buf, "DONE %d%s\n", status, disconnected ? " disconnected" : "");
 }
 
