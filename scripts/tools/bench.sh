@@ -12,8 +12,9 @@
 #
 # Environment: DURATION (seconds per measurement, default 5), WARMUP (seconds, default 1),
 # CONNECTIONS (list, default "64 8"; ratios use 64), THREADS (wrk threads, default 2),
-# PINS (list of none|split, default "split none"; split: servers on CPU 1, wrk on CPU 0; PIN is
-# read when PINS is unset), SYSTEMS (default "moonserve nginx haproxy asgi"), REPLICAS (list,
+# PINS (list of none|split|contended, default "split none"; split: servers on CPU 1, wrk on
+# CPU 0; contended: as split, with a busy loop on CPU 1 competing with the servers during every
+# run, the stand-in for other work sharing their core; PIN is read when PINS is unset), SYSTEMS (default "moonserve nginx haproxy asgi"), REPLICAS (list,
 # default "1 2"), ROUNDS (default 1; with more, medians are reported too), SKIP_BUILD=1 to use
 # the existing build/moonserve, RELOAD_ROW (default 1: one more moonserve-1r run at the first
 # CONNECTIONS value while every policy script is hot-reloaded every 100 ms; 0 skips it),
@@ -50,13 +51,14 @@ moonserve="$root/build/moonserve"
 py=/usr/bin/python3
 
 for p in $PINS; do
-  case "$p" in none|split) ;; *) echo "bench: PINS entries must be none or split" >&2; exit 2 ;; esac
+  case "$p" in none|split|contended) ;;
+    *) echo "bench: PINS entries must be none, split or contended" >&2; exit 2 ;; esac
 done
 # set_pin PIN: the command prefixes for the servers and for wrk.
 set_pin() {
   case "$1" in
     none)  server_pin=(); wrk_pin=() ;;
-    split) server_pin=(taskset -c 1); wrk_pin=(taskset -c 0) ;;
+    split|contended) server_pin=(taskset -c 1); wrk_pin=(taskset -c 0) ;;
   esac
 }
 server_pin=(); wrk_pin=()
@@ -75,8 +77,10 @@ haproxy_bin="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
 tmp="$(mktemp -d /tmp/moonserve-bench.XXXXXX)"
 pids=()
+hog_pid=""
 cleanup() {
   local p
+  [ -z "$hog_pid" ] || kill "$hog_pid" 2>/dev/null || true
   for p in "${pids[@]}"; do
     kill -TERM "$p" 2>/dev/null || true
   done
@@ -180,6 +184,12 @@ measure() {
     echo "bench: $label: unexpected body '$body'" >&2; failed=1; return 1
   fi
   for c in $conns; do
+    local hog=""
+    if [ "$pin" = contended ]; then
+      taskset -c 1 sh -c 'while :; do :; done' &
+      hog=$!
+      hog_pid=$hog # the exit trap stops it if the run fails
+    fi
     if [ "$WARMUP" != 0 ]; then
       "${wrk_pin[@]}" wrk -t"$THREADS" -c"$c" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
     fi
@@ -188,9 +198,11 @@ measure() {
     mapfile -t procs < <(tree "$@")
     s0="$(steal_sample)"; t0="$(cpu_ticks "${procs[@]}")"
     if ! out="$("${wrk_pin[@]}" wrk -t"$THREADS" -c"$c" -d"${DURATION}s" --latency "$url" 2>&1)"; then
+      if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
       echo "$out" >&2; echo "bench: $label: wrk failed" >&2; failed=1; return 1
     fi
     s1="$(steal_sample)"; t1="$(cpu_ticks "${procs[@]}")"
+    if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
     local rps p50 p99 non2xx errs n steal cpu rss
     rps="$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")"
     p50="$(awk '$1 == "50%" {print $2}' <<<"$out")"
