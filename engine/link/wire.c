@@ -265,11 +265,18 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     lk_conn_t *c = h->data;
     (void)suggested;
     size_t want = READ_CHUNK;
-    /* Room for the whole frame being received, so a large one takes few reads. */
+    /* Room for the whole frame being received, so a large one takes few reads; but at most as
+     * much again as has arrived: a length in a header is not memory until its bytes come (a
+     * peer announcing 2 GiB and sending 12 bytes made this allocate 2 GiB at once; found by
+     * tests/fuzz/fuzz_link_server.c). The buffer still doubles, so a large frame takes
+     * O(log n) reallocations. */
     if (c->in.len >= LK_HEADER) {
         size_t total = LK_HEADER + (size_t)read_u32(c->in.data);
+        size_t most = c->in.len > READ_CHUNK ? c->in.len : READ_CHUNK;
         if (total > c->in.len + want)
             want = total - c->in.len;
+        if (want > most)
+            want = most;
     }
     ms_buf_reserve(&c->in, want);
     *buf = uv_buf_init(c->in.data + c->in.len, (unsigned)(c->in.cap - c->in.len - 1));
