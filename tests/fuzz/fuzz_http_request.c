@@ -9,7 +9,7 @@
  * method, target, path, query, headers and body, and each outcome on_complete reports (200, or
  * the status of a refusal: 400, 413, 431...).
  * Invariants: the log is the same whether the bytes came whole or split (no desync between
- * pipelined requests, no state lost across reads; 400 and 431 count as one refusal); a request
+ * pipelined requests, no state lost across reads, the same status for every refusal); a request
  * handed over stays within the limits (head bytes under max_header_bytes, body under
  * max_body_bytes); the server closes the connection after the client's end of input. Built as a
  * libFuzzer binary with -DMS_FUZZ=ON (clang), else linked with replay.c so ctest runs the corpus
