@@ -353,7 +353,7 @@ int as_finalize(ms_autoscaler_t *a, double now, int current_target, double raw, 
         .downscaling_factor = down_factor(&a->cfg),
     };
     if (failed)
-        snprintf(d.failure, sizeof d.failure, "%s", ms_policy_last_error(failed));
+        ms_copy_str(d.failure, sizeof d.failure, ms_policy_last_error(failed));
     snprintf(d.reason, sizeof d.reason, "%s%s%s%s", dry_run ? "dry_run: " : "", why,
              note ? "; " : "", note ? note : "");
     if (!dry_run && t > current_target)

@@ -223,7 +223,7 @@ static void start_connect(ms_broker_t *b);
 static void set_error(ms_broker_t *b, const char *why)
 {
     if (why != b->last_error)
-        snprintf(b->last_error, sizeof b->last_error, "%s", why);
+        ms_copy_str(b->last_error, sizeof b->last_error, why);
 }
 
 static uint64_t next_random(ms_broker_t *b)
@@ -355,7 +355,7 @@ static void connect_to(ms_broker_t *b, const char *ip)
     }
     if (ac->err) { /* a refused connect or a missing socket can fail right away */
         char why[160];
-        snprintf(why, sizeof why, "%s", ctx_error(ac, "connect failed"));
+        ms_copy_str(why, sizeof why, ctx_error(ac, "connect failed"));
         redisAsyncFree(ac);
         drop_connection(b, 0, MS_BROKER_LOST, why);
         return;

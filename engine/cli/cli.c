@@ -275,7 +275,7 @@ static int connect_to(cli_t *c, uint64_t deadline, char *why, size_t cap)
     }
     freeaddrinfo(res);
     if (fd < 0)
-        snprintf(why, cap, "%s", strerror(last_errno));
+        ms_copy_str(why, cap, strerror(last_errno));
     return fd;
 }
 
@@ -613,7 +613,7 @@ static int read_file(const char *path, ms_buf_t *out, char *why, size_t cap)
 {
     if (ms_read_file(path, out) == 0)
         return 0;
-    snprintf(why, cap, "%s", strerror(errno));
+    ms_copy_str(why, cap, strerror(errno));
     return -1;
 }
 

@@ -313,7 +313,7 @@ static void log_level(ms_cfg_ctx_t *c, void *obj, yaml_node_t *key, yaml_node_t 
     ms_logging_config_t *lc = obj;
     const char *ours = ray_level(val);
     if (ours) {
-        snprintf(lc->level, sizeof lc->level, "%s", ours);
+        ms_copy_str(lc->level, sizeof lc->level, ours);
         lc->set |= MS_LOG_SET_LEVEL;
         return;
     }

@@ -31,7 +31,7 @@ static const char *scalar_text(json_t *j, char *buf, size_t cap)
     else if (json_is_real(j))
         snprintf(buf, cap, "%.17g", json_real_value(j));
     else if (json_is_boolean(j))
-        snprintf(buf, cap, "%s", json_is_true(j) ? "true" : "false");
+        ms_copy_str(buf, cap, json_is_true(j) ? "true" : "false");
     else
         return NULL;
     return buf;

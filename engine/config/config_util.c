@@ -143,7 +143,7 @@ void ms_cfg_describe_json(const json_t *j, char *out, size_t size)
         else if (json_is_real(j))
             snprintf(num, sizeof(num), "%.15g", json_real_value(j));
         else
-            snprintf(num, sizeof(num), "%s", json_is_true(j) ? "true" : "false");
+            ms_copy_str(num, sizeof(num), json_is_true(j) ? "true" : "false");
         describe_text(num, out, size);
     }
 }

@@ -266,7 +266,7 @@ static void record_decision(dep_entry_t *e, const ms_autoscale_decision_t *d, in
     else if (cut)
         snprintf(reason, sizeof reason, "clamped to max_replicas_total");
     else
-        snprintf(reason, sizeof reason, "%s", d->outcome ? d->outcome : "policy");
+        ms_copy_str(reason, sizeof reason, d->outcome ? d->outcome : "policy");
     if (e->history_have && d->raw_target == e->history_raw && applied == d->previous_target &&
         strcmp(reason, e->history_reason) == 0)
         return;

@@ -162,7 +162,7 @@ void ms_buf_free(ms_buf_t *b)
 
 void ms_log_set_role(const char *role)
 {
-    snprintf(log_role, sizeof log_role, "%s", role);
+    ms_copy_str(log_role, sizeof log_role, role);
 }
 
 int ms_log_parse_level(const char *name, ms_log_level_t *out)
@@ -310,7 +310,7 @@ void ms_log_set_stderr(int on)
 static int make_dirs(const char *dir)
 {
     char path[LOG_PATH_MAX];
-    snprintf(path, sizeof path, "%s", dir);
+    ms_copy_str(path, sizeof path, dir);
     for (char *q = path + 1;; q++) {
         if (*q != '/' && *q != '\0')
             continue;
@@ -372,7 +372,7 @@ int ms_log_set_file(const char *dir, const char *name, long long max_bytes, int 
     if (log_file.fd >= 0)
         close(log_file.fd);
     log_file.fd = fd;
-    snprintf(log_file.path, sizeof log_file.path, "%s", fd >= 0 ? path : "");
+    ms_copy_str(log_file.path, sizeof log_file.path, fd >= 0 ? path : "");
     log_file.max_bytes = max_bytes;
     log_file.backups = backup_count;
     log_file.size = size;
@@ -580,6 +580,13 @@ static int utf8_cut_tail(const unsigned char *s, size_t n)
     return 1;
 }
 
+void ms_copy_str(char *out, size_t cap, const char *s)
+{
+    size_t n = s ? strnlen(s, cap - 1) : 0;
+    memmove(out, s ? s : "", n);
+    out[n] = '\0';
+}
+
 size_t ms_utf8_copy(char *out, size_t cap, const char *s, size_t n)
 {
     if (cap == 0)
@@ -666,7 +673,7 @@ static void find_data_dir(data_dir_t *d)
     ssize_t n = readlink("/proc/self/exe", prefix, sizeof prefix - 1);
     if (n <= 0) {
         /* No /proc: the working directory's copy is the only guess left. */
-        snprintf(d->path, sizeof d->path, "%s", d->source);
+        ms_copy_str(d->path, sizeof d->path, d->source);
         return;
     }
     prefix[n] = '\0';

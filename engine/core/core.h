@@ -125,6 +125,10 @@ const char *ms_dashboard_dir(void);
  * dropped, and when out is too small the copy ends before a character, never inside one. The
  * copy is never longer than s, so out may be s. Returns the length written. */
 size_t ms_utf8_copy(char *out, size_t cap, const char *s, size_t n);
+/* Copies s into out (cap > 0 bytes), cut to fit, always NUL-terminated; NULL copies as "". The
+ * bounded copy snprintf(out, cap, "%s", s) makes, without parsing a format: one of these runs
+ * on every request. */
+void ms_copy_str(char *out, size_t cap, const char *s);
 /* The value of one hex digit, either case; -1 for anything else (percent-decoding). */
 int ms_hex_digit(char c);
 

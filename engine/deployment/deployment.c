@@ -406,8 +406,8 @@ static void on_replica_exit(ms_replica_t *r, int64_t exit_status, int term_signa
     int failure_recorded = r->last_error != NULL;
     lifecycle(d, r, deliberate || d->shutting_down || failure_recorded ? "stopped" : "failed", how);
     char replaced_id[24], replaced_tag[96];
-    snprintf(replaced_id, sizeof replaced_id, "%s", r->replica_id);
-    snprintf(replaced_tag, sizeof replaced_tag, "%s", r->id);
+    ms_copy_str(replaced_id, sizeof replaced_id, r->replica_id);
+    ms_copy_str(replaced_tag, sizeof replaced_tag, r->id);
     ms_gpu_pool_release(d->gpu_pool, &r->gpu);
     ms_replica_free(r);
     if (d->shutting_down) {
@@ -601,7 +601,7 @@ static int place_gpus(ms_deployment_t *d, ms_gpu_placement_t *out)
         ms_warn("deployment %s: a replica stays pending: %s", d->name, reason);
         lifecycle(d, NULL, "pending", reason);
     }
-    snprintf(d->spawn_error, sizeof d->spawn_error, "%s", reason);
+    ms_copy_str(d->spawn_error, sizeof d->spawn_error, reason);
     return -1;
 }
 
@@ -1024,8 +1024,9 @@ static int is_route_prefix_header(const ms_http_header_t *h)
 
 /* The request as the link carries it; the header array is the call's, reused. A request from
  * the ingress tells the replica the route_prefix it matched (ingress routes match below it,
- * docs/lua-api.md); a client's own copy of that header is dropped. A handle call keeps the
- * header its caller forwarded. */
+ * docs/lua-api.md), unless it is "/", which is what no header means (one header fewer to copy,
+ * parse and intern on the commonest route); a client's own copy of that header is dropped. A handle
+ * call keeps the header its caller forwarded. */
 static ms_link_request_t link_request(call_t *c)
 {
     ms_http_request_t *req = c->req;
@@ -1038,7 +1039,7 @@ static ms_link_request_t link_request(call_t *c)
         if (forwardable(&req->headers[i]) &&
             !(req->route_prefix && is_route_prefix_header(&req->headers[i])))
             c->fwd[n++] = req->headers[i];
-    if (req->route_prefix)
+    if (req->route_prefix && strcmp(req->route_prefix, "/") != 0)
         c->fwd[n++] = (ms_http_header_t){MS_ROUTE_PREFIX_HEADER, MS_ROUTE_PREFIX_HEADER_LEN,
                                          req->route_prefix, strlen(req->route_prefix)};
     if (c->deadline_ms != UINT64_MAX) {
@@ -1065,7 +1066,7 @@ static ms_link_request_t link_request(call_t *c)
 static void note_sent(ms_deployment_t *d, const call_t *c, const ms_replica_t *r)
 {
     ms_histogram_observe(&d->stats.queue_wait, (double)(uv_now(d->loop) - c->queued_at_ms));
-    snprintf(c->req->served_by, sizeof c->req->served_by, "%s", r->id);
+    ms_copy_str(c->req->served_by, sizeof c->req->served_by, r->id);
 }
 
 static void send_call(ms_deployment_t *d, call_t *c, ms_replica_t *r)

@@ -136,7 +136,7 @@ static void *open_first(const char *const *names, char *why, size_t cap)
             return h;
         if (!why[0]) {
             const char *e = dlerror();
-            snprintf(why, cap, "%s", e ? e : *p);
+            ms_copy_str(why, cap, e ? e : *p);
         }
     }
     return NULL;

@@ -134,7 +134,7 @@ static int whole_blocker(const ms_gpu_pool_t *p, int i, const ms_gpu_request_t *
 
 static void set_reason(char reason[MS_GPU_REASON_MAX], ms_buf_t *b)
 {
-    snprintf(reason, MS_GPU_REASON_MAX, "%s", b->data);
+    ms_copy_str(reason, MS_GPU_REASON_MAX, b->data);
     ms_buf_free(b);
 }
 

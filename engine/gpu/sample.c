@@ -98,7 +98,7 @@ static void sample_fake(ms_gpu_t *g)
         if (ms_read_file(g->fake_metrics, &text) != 0) {
             /* No file yet is idle devices; any other failure is an error. */
             if (errno != ENOENT) {
-                snprintf(err, sizeof err, "%s", strerror(errno));
+                ms_copy_str(err, sizeof err, strerror(errno));
                 rc = -1;
             }
         } else {

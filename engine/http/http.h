@@ -20,6 +20,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+#include <strings.h>
 #include <uv.h>
 
 #include "core/core.h"
@@ -113,10 +115,36 @@ size_t ms_http_server_inflight(ms_http_server_t *srv);
  * all handles are closed. */
 void ms_http_server_close(ms_http_server_t *srv);
 
-/* Header lookup, case-insensitive. Returns NULL when absent; *len receives the value length. */
-const char *ms_http_request_header(const ms_http_request_t *req, const char *name, size_t *len);
+/* Whether h is the header called name, case-insensitive. */
+static inline int ms_http_header_is(const ms_http_header_t *h, const char *name)
+{
+    size_t n = strlen(name);
+    return h->name_len == n && strncasecmp(h->name, name, n) == 0;
+}
+/* Header lookup, case-insensitive. Returns NULL when absent; *len receives the value length.
+ * Inline so that a literal name's length is known at compile time: a request meets several of
+ * these lookups on its way through the controller. */
+static inline const char *ms_http_request_header(const ms_http_request_t *req, const char *name,
+                                                 size_t *len)
+{
+    for (size_t i = 0; i < req->n_headers; i++) {
+        const ms_http_header_t *h = &req->headers[i];
+        if (ms_http_header_is(h, name)) {
+            if (len)
+                *len = h->value_len;
+            return h->value;
+        }
+    }
+    return NULL;
+}
 /* How many times the header occurs, case-insensitive. */
-size_t ms_http_request_header_count(const ms_http_request_t *req, const char *name);
+static inline size_t ms_http_request_header_count(const ms_http_request_t *req, const char *name)
+{
+    size_t count = 0;
+    for (size_t i = 0; i < req->n_headers; i++)
+        count += ms_http_header_is(&req->headers[i], name);
+    return count;
+}
 
 /* Streamed request bodies (body_streamed = 1). Pieces are decoded (chunk framing removed) and
  * valid only during on_data; on_end follows the last one. Until a reader is set, and while it is

@@ -228,12 +228,6 @@ static void conn_write(conn_t *c, const uv_buf_t *bufs, unsigned n)
         on_conn_write_done(c, r);
 }
 
-static int header_is(const ms_http_header_t *h, const char *name)
-{
-    size_t n = strlen(name);
-    return h->name_len == n && strncasecmp(h->name, name, n) == 0;
-}
-
 /* Builds the status line and headers into c->out. content_length < 0 means a streamed body. */
 static void build_head(conn_t *c, int status, const ms_http_header_t *headers, size_t n_headers,
                        long long content_length)
@@ -249,8 +243,8 @@ static void build_head(conn_t *c, int status, const ms_http_header_t *headers, s
     for (size_t i = 0; i < n_headers; i++) {
         const ms_http_header_t *h = &headers[i];
         /* Framing and the request id are the server's business, whatever the owner passes. */
-        if (header_is(h, "content-length") || header_is(h, "transfer-encoding") ||
-            header_is(h, "connection") || header_is(h, "x-request-id"))
+        if (ms_http_header_is(h, "content-length") || ms_http_header_is(h, "transfer-encoding") ||
+            ms_http_header_is(h, "connection") || ms_http_header_is(h, "x-request-id"))
             continue;
         ms_buf_append(b, h->name, h->name_len);
         ms_buf_append(b, ": ", 2);
@@ -568,18 +562,29 @@ static int reject(conn_t *c, int status, const char *reason)
  * fuzz_http_request: the head's end, and with it what followed, depended on the reads). */
 static int scan_head(conn_t *c, const char *from, const char *to)
 {
-    for (const char *q = from; q < to && c->head_scan; q++) {
-        if (c->scan_cr && *q != '\n')
+    if (!c->head_scan)
+        return 0;
+    /* The state lives in locals while the loop runs: every head byte of every request comes
+     * through here. */
+    int cr = c->scan_cr, lf = c->scan_lf;
+    for (const char *q = from; q < to; q++) {
+        char ch = *q;
+        if (cr && ch != '\n')
             return reject(c, 400, "malformed request: a CR not followed by LF in the head");
-        c->scan_cr = *q == '\r';
-        if (c->scan_lf && (*q == ' ' || *q == '\t'))
+        if (lf && (ch == ' ' || ch == '\t'))
             return reject(c, 400,
                           "malformed request: obs-fold (a header line starting with "
                           "a space or tab) is not accepted");
-        if (c->scan_lf && (*q == '\r' || *q == '\n'))
+        int blank_line = lf && (ch == '\r' || ch == '\n');
+        cr = ch == '\r';
+        lf = ch == '\n';
+        if (blank_line) {
             c->head_scan = 0;
-        c->scan_lf = *q == '\n';
+            break;
+        }
     }
+    c->scan_cr = cr;
+    c->scan_lf = lf;
     return 0;
 }
 
@@ -837,7 +842,7 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
 static void take_authority(conn_t *c, const char *authority, size_t len)
 {
     for (size_t i = 0; i < c->hc.n; i++)
-        if (header_is(&c->hc.array[i], "host")) {
+        if (ms_http_header_is(&c->hc.array[i], "host")) {
             c->hc.array[i].value = authority;
             c->hc.array[i].value_len = len;
         }
@@ -1320,26 +1325,4 @@ void ms_http_server_close(ms_http_server_t *srv)
     while (srv->conns)
         conn_close(srv->conns);
     server_handle_closed(srv);
-}
-
-const char *ms_http_request_header(const ms_http_request_t *req, const char *name, size_t *len)
-{
-    size_t n = strlen(name);
-    for (size_t i = 0; i < req->n_headers; i++) {
-        const ms_http_header_t *h = &req->headers[i];
-        if (h->name_len == n && strncasecmp(h->name, name, n) == 0) {
-            if (len)
-                *len = h->value_len;
-            return h->value;
-        }
-    }
-    return NULL;
-}
-
-size_t ms_http_request_header_count(const ms_http_request_t *req, const char *name)
-{
-    size_t count = 0;
-    for (size_t i = 0; i < req->n_headers; i++)
-        count += header_is(&req->headers[i], name);
-    return count;
 }

@@ -674,7 +674,7 @@ static void note_failure(ms_policy_t *p, const char *clean)
     p->failures++;
     if (strcmp(p->last_error, clean) == 0)
         return; /* a script failing on every call must not flood the log */
-    snprintf(p->last_error, sizeof p->last_error, "%s", clean);
+    ms_copy_str(p->last_error, sizeof p->last_error, clean);
     ms_warn("%s %s v%llu failed, %s: %s", p->kind->name, p->file, (unsigned long long)p->version,
             p->kind->fallback ? p->kind->fallback : "the built-in takes over", clean);
 }
@@ -707,7 +707,7 @@ const char *ms_policy_where(ms_policy_t *p, int i)
     if (line > 0)
         snprintf(p->where, sizeof p->where, "%s:%d", p->file, line);
     else
-        snprintf(p->where, sizeof p->where, "%s", p->file);
+        ms_copy_str(p->where, sizeof p->where, p->file);
     return p->where;
 }
 
@@ -920,7 +920,7 @@ static int finish(uv_loop_t *loop, reload_entry_t *e, size_t n, json_t **scripts
             json_array_append_new(arr, entry_info(&e[i]));
             if (!e[i].next) {
                 p->reload_failures++;
-                snprintf(p->last_reload_error, sizeof p->last_reload_error, "%s", e[i].err);
+                ms_copy_str(p->last_reload_error, sizeof p->last_reload_error, e[i].err);
                 ms_warn("%s %s: reload failed, keeping version %llu: %s", p->kind->name, p->file,
                         (unsigned long long)p->version, e[i].err);
             }

@@ -226,7 +226,7 @@ static void on_batch_done(rt_task_t *bt, int ok)
                  run->n);
         ok = 0;
     } else if (!ok) {
-        snprintf(msg, sizeof msg, "%s", rt_vm_error_text(co, -1));
+        ms_copy_str(msg, sizeof msg, rt_vm_error_text(co, -1));
     }
     if (!ok)
         ms_warn("batch of %d for %s failed: %s", run->n, b->name, msg);
@@ -293,7 +293,7 @@ static void start_batch(rt_batcher_t *b)
     b->running++;
     rt_task_t *bt = rt_task_new(rt, "_run_batch", on_batch_done);
     bt->batch_ctx = run;
-    snprintf(bt->request_id, sizeof bt->request_id, "%s", run->callers[0]->request_id);
+    ms_copy_str(bt->request_id, sizeof bt->request_id, run->callers[0]->request_id);
     lua_State *co = bt->co;
     lua_rawgeti(co, LUA_REGISTRYINDEX, b->fn_ref);
     lua_rawgeti(co, LUA_REGISTRYINDEX, run->callers[0]->batch_self_ref);
@@ -412,7 +412,7 @@ int rt_l_batcher_new(lua_State *L)
     rt->batchers = b;
     b->set = set;
     b->adaptive_s = set.wait_s; /* the first learnt wait starts from the setting */
-    snprintf(b->name, sizeof b->name, "%s", name);
+    ms_copy_str(b->name, sizeof b->name, name);
     lua_pushvalue(L, 1);
     b->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     b->size_fn_ref = LUA_NOREF;

@@ -350,6 +350,25 @@ static void ctl_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 
 /* Pushes the request table: method, path, query_string, headers (lower-case names, repeats
  * joined with ", "), body, id. */
+/* Pushes s in lower case. A name may be as long as max_header_bytes allows (nginx takes them
+ * too), so it goes through the buffer's blocks: a whole block at a time, not one luaL_addchar
+ * per byte. */
+static void push_lower(lua_State *co, const char *s, size_t n)
+{
+    luaL_Buffer b;
+    luaL_buffinit(co, &b);
+    while (n > 0) {
+        char *out = luaL_prepbuffer(&b);
+        size_t k = n < LUAL_BUFFERSIZE ? n : LUAL_BUFFERSIZE;
+        for (size_t i = 0; i < k; i++)
+            out[i] = (char)(s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i]);
+        luaL_addsize(&b, k);
+        s += k;
+        n -= k;
+    }
+    luaL_pushresult(&b);
+}
+
 static void push_request(lua_State *co, const ms_http_request_t *req)
 {
     lua_createtable(co, 0, 8);
@@ -366,14 +385,7 @@ static void push_request(lua_State *co, const ms_http_request_t *req)
     lua_createtable(co, 0, (int)req->n_headers);
     for (size_t i = 0; i < req->n_headers; i++) {
         const ms_http_header_t *h = &req->headers[i];
-        /* A name may be as long as max_header_bytes allows (nginx takes them too): no cap. */
-        luaL_Buffer name;
-        luaL_buffinit(co, &name);
-        for (size_t k = 0; k < h->name_len; k++) {
-            char ch = h->name[k];
-            luaL_addchar(&name, (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch));
-        }
-        luaL_pushresult(&name);
+        push_lower(co, h->name, h->name_len);
         lua_pushvalue(co, -1);
         lua_rawget(co, -3);
         if (lua_isstring(co, -1)) {
@@ -482,7 +494,7 @@ static void on_request(ms_link_stream_t *s, void *data)
     }
     rt_task_t *t = rt_task_new(&R.rt, "_run_request", on_request_done);
     t->stream = s;
-    snprintf(t->request_id, sizeof t->request_id, "%s", s->req.request_id);
+    ms_copy_str(t->request_id, sizeof t->request_id, s->req.request_id);
     /* The controller enforces the deadline (it cancels the request when it passes); the task
      * keeps it to send what is left with each handle call. */
     uint64_t left_ms;

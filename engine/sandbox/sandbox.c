@@ -78,7 +78,7 @@ static int hook_abort(lua_State *L, const char *what)
     if (!msg)
         msg = lua_pushfstring(L, "%s: %s", sb->chunkname, what);
     if (!sb->abort_msg[0])
-        snprintf(sb->abort_msg, sizeof sb->abort_msg, "%s", msg);
+        ms_copy_str(sb->abort_msg, sizeof sb->abort_msg, msg);
     return lua_error(L);
 }
 
@@ -500,7 +500,7 @@ int ms_sandbox_load(ms_sandbox_t *sb, const char *buf, size_t len, const char *c
     }
     char name[512];
     snprintf(name, sizeof name, "@%s", chunkname);
-    snprintf(sb->chunkname, sizeof sb->chunkname, "%s", chunkname);
+    ms_copy_str(sb->chunkname, sizeof sb->chunkname, chunkname);
     if (luaL_loadbufferx(L, buf, len, name, "t") != 0) {
         const char *msg = lua_tostring(L, -1);
         set_err(sb, "%s", msg ? msg : "load failed");

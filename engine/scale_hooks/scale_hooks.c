@@ -223,7 +223,7 @@ static int read_verdict(ms_scale_hook_t *h, lua_State *L, int base, int current_
     if (verdict)
         snprintf(got, sizeof got, "\"%.40s\"", verdict);
     else
-        snprintf(got, sizeof got, "%s", luaL_typename(L, base + 1));
+        ms_copy_str(got, sizeof got, luaL_typename(L, base + 1));
     ms_policy_fail(p, "%s: %s answered %s (want \"accept\", \"clamp\" or \"refuse\")", f, fn, got);
     return -1;
 }

@@ -485,12 +485,12 @@ void tq_start_entry(ms_task_queue_t *q, const ms_broker_entry_t *e, int redelive
         return; /* running here already (a claim raced the renewal) */
     running_t *r = ms_calloc(1, sizeof *r);
     r->q = q;
-    snprintf(r->entry, sizeof r->entry, "%s", entry);
+    ms_copy_str(r->entry, sizeof r->entry, entry);
     char *id = field_string(e, "id"), *attempt = field_string(e, "attempt");
     r->name = field_string(e, "name");
     r->payload = field_string(e, "payload");
     r->attempt = attempt ? atoi(attempt) : 0;
-    snprintf(r->id, sizeof r->id, "%s", id_ok(id) ? id : "");
+    ms_copy_str(r->id, sizeof r->id, id_ok(id) ? id : "");
     free(id);
     free(attempt);
     r->next = q->running;

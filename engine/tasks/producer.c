@@ -259,7 +259,7 @@ static void on_hash(void *data, ms_broker_status_t st, const redisReply *r, cons
 static void status(ms_task_queue_t *q, ms_http_request_t *req, const char *id)
 {
     op_t *o = op_new(q, req);
-    snprintf(o->id, sizeof o->id, "%s", id);
+    ms_copy_str(o->id, sizeof o->id, id);
     char key[TQ_KEY_MAX];
     tq_task_key(key, sizeof key, id);
     const char *argv[] = {"HGETALL", key};
@@ -313,7 +313,7 @@ static void on_cancel_status(void *data, ms_broker_status_t st, const redisReply
 static void cancel(ms_task_queue_t *q, ms_http_request_t *req, const char *id)
 {
     op_t *o = op_new(q, req);
-    snprintf(o->id, sizeof o->id, "%s", id);
+    ms_copy_str(o->id, sizeof o->id, id);
     char key[TQ_KEY_MAX];
     tq_task_key(key, sizeof key, id);
     const char *argv[] = {"HGET", key, "status"};

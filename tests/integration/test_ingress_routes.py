@@ -9,7 +9,8 @@ dispatched by an ingress class, matched below the application's route_prefix.
   routes.abort, response types (json, text, html, a content type), a route's status, and a
   full serve.response passing through. Handlers may suspend (serve.sleep) and raise errors
   (500, as any handler's).
-- A client cannot forge X-Moonserve-Route-Prefix.
+- A client cannot forge X-Moonserve-Route-Prefix, below a prefix or at "/"; the replica gets the
+  header below a prefix and none at "/" (where a missing header means "/").
 - examples/ingress (POST /submit, GET /status/:task_id) goes from pending to done.
 """
 
@@ -58,11 +59,15 @@ app:get("/sleepy", function()
     return { slept = true }
 end)
 app:get("/", function() return { root = true } end)
+app:get("/prefix-header", function(self, req)
+    return { header = req.headers["x-moonserve-route-prefix"] or "absent" }
+end)
 
 return { app = Api:bind("t1") }
 '''
 
-APPS = [{"name": "api", "route_prefix": "/api", "import_path": "app.lua:app"}]
+APPS = [{"name": "api", "route_prefix": "/api", "import_path": "app.lua:app"},
+        {"name": "root", "route_prefix": "/", "import_path": "app.lua:app"}]
 
 
 class IngressRoutesTest(harness.ServerTestCase):
@@ -116,6 +121,16 @@ class IngressRoutesTest(harness.ServerTestCase):
     def test_forged_route_prefix_is_ignored(self):
         r = self.ok("GET", "/api/users/me", headers={"X-Moonserve-Route-Prefix": "/api/users"})
         self.assertEqual(r.json(), {"route": "me"})
+
+    def test_forged_route_prefix_is_dropped_at_root(self):
+        r = self.ok("GET", "/users/me", headers={"X-Moonserve-Route-Prefix": "/users"})
+        self.assertEqual(r.json(), {"route": "me"})
+        r = self.ok("GET", "/prefix-header", headers={"X-Moonserve-Route-Prefix": "/users"})
+        self.assertEqual(r.json(), {"header": "absent"})
+
+    def test_route_prefix_header_below_a_prefix_only(self):
+        self.assertEqual(self.ok("GET", "/api/prefix-header").json(), {"header": "/api"})
+        self.assertEqual(self.ok("GET", "/prefix-header").json(), {"header": "absent"})
 
     def test_head_on_get_route(self):
         r = self.server.request("HEAD", "/api/users/me")
