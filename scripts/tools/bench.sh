@@ -19,7 +19,9 @@
 # the existing build/moonserve, RELOAD_ROW (default 1: one more moonserve-1r run at the first
 # CONNECTIONS value while every policy script is hot-reloaded every 100 ms; 0 skips it),
 # INSTR (default 1; 0 skips the callgrind phase), INSTR_REQUESTS (default 20000),
-# INSTR_SYSTEMS (default "moonserve nginx haproxy"; add asgi for the Python pair, slow).
+# INSTR_SYSTEMS (default "moonserve nginx haproxy"; add asgi for the Python pair, slow),
+# INSTR_KEEP=DIR to keep the callgrind dumps there (for callgrind_annotate: the dump ending in
+# .1 holds the counted requests).
 #
 # Exits non-zero only when a measurement fails (a server does not come up, wrk fails, or a
 # response is not 2xx); never because of a ratio.
@@ -89,6 +91,7 @@ cleanup() {
     kill -KILL "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
   done
+  if [ -n "${INSTR_KEEP:-}" ] && [ -d "$tmp/cg" ]; then mkdir -p "$INSTR_KEEP" && cp "$tmp"/cg/* "$INSTR_KEEP"/; fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT
