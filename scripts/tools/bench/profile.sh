@@ -68,7 +68,9 @@ profile() {
 # moonserve, one replica
 cp "$here/noop.lua" "$tmp/noop.lua"
 port="$(free_port)"
-sed -e "s/@PORT@/$port/" -e "s/@REPLICAS@/1/" "$here/moonserve.yaml.in" > "$tmp/ms.yaml"
+admin="$(free_port)"
+sed -e "s/@PORT@/$port/" -e "s/@ADMIN_PORT@/$admin/" -e "s/@REPLICAS@/1/" \
+  "$here/moonserve.yaml.in" > "$tmp/ms.yaml"
 "$root/build/moonserve" run "$tmp/ms.yaml" > "$tmp/ms.log" 2>&1 &
 ctl=$!; pids+=("$ctl")
 wait_ok "http://127.0.0.1:$port/"
