@@ -167,13 +167,22 @@ rss_kib() {
   echo "$t"
 }
 
-# steal_sample: "steal total" jiffies over all CPUs (the aggregate cpu line of /proc/stat).
+# steal_sample: "steal total idle" jiffies over all CPUs (the aggregate cpu line of /proc/stat;
+# idle counts iowait too).
 steal_sample() {
-  awk '/^cpu / {print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat
+  awk '/^cpu / {print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6}' /proc/stat
+}
+# children_ticks: user + system ticks of this shell's waited-for children (fields 16 and 17 of
+# /proc/$$/stat), read with a builtin so that no child of its own is counted: around a wrk run,
+# the difference is wrk's CPU.
+children_ticks() {
+  local f
+  read -r -a f < "/proc/$$/stat"
+  echo $((f[15] + f[16]))
 }
 
 failed=0
-results=()   # "pin|label|connections|rps|p50|p99|errors|steal%|cpu us/request|rss MiB"
+results=()   # "pin|label|connections|rps|p50|p99|errors|steal%|cpu us/request|rss MiB|idle%|wrk us/request"
 pin=none
 hz="$(getconf CLK_TCK)"
 
@@ -197,16 +206,16 @@ measure() {
       "${wrk_pin[@]}" wrk -t"$THREADS" -c"$c" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
     fi
     echo "bench: [$pin] $label: wrk -t$THREADS -c$c -d${DURATION}s --latency $url" >&2
-    local procs s0 s1 t0 t1
+    local procs s0 s1 t0 t1 w0 w1
     mapfile -t procs < <(tree "$@")
-    s0="$(steal_sample)"; t0="$(cpu_ticks "${procs[@]}")"
+    s0="$(steal_sample)"; t0="$(cpu_ticks "${procs[@]}")"; w0="$(children_ticks)"
     if ! out="$("${wrk_pin[@]}" wrk -t"$THREADS" -c"$c" -d"${DURATION}s" --latency "$url" 2>&1)"; then
       if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
       echo "$out" >&2; echo "bench: $label: wrk failed" >&2; failed=1; return 1
     fi
-    s1="$(steal_sample)"; t1="$(cpu_ticks "${procs[@]}")"
+    w1="$(children_ticks)"; s1="$(steal_sample)"; t1="$(cpu_ticks "${procs[@]}")"
     if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
-    local rps p50 p99 non2xx errs n steal cpu rss
+    local rps p50 p99 non2xx errs n steal cpu rss idle wrk_cpu
     rps="$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")"
     p50="$(awk '$1 == "50%" {print $2}' <<<"$out")"
     p99="$(awk '$1 == "99%" {print $2}' <<<"$out")"
@@ -223,7 +232,10 @@ measure() {
       d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }')"
     cpu="$(awk -v t="$((t1 - t0))" -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
     rss="$(awk -v k="$(rss_kib "${procs[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')"
-    results+=("$pin|$label|$c|$rps|$(to_ms "$p50")|$(to_ms "$p99")|${errs:-none}|$steal|$cpu|$rss")
+    idle="$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+      d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[3] - x[3]) / d : 0) }')"
+    wrk_cpu="$(awk -v t="$((w1 - w0))" -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
+    results+=("$pin|$label|$c|$rps|$(to_ms "$p50")|$(to_ms "$p99")|${errs:-none}|$steal|$cpu|$rss|$idle|$wrk_cpu")
   done
 }
 
@@ -455,7 +467,7 @@ fi
 
 # --- report ----------------------------------------------------------------------------------
 # median PIN LABEL CONNS FIELD: the median over rounds of one column (4 = requests/s, 5 = p50,
-# 6 = p99, 8 = steal, 9 = CPU µs per request, 10 = RSS).
+# 6 = p99, 8 = steal, 9 = CPU µs per request, 10 = RSS, 11 = idle, 12 = wrk's CPU µs per request).
 median() {
   printf '%s\n' "${results[@]}" |
     awk -F'|' -v p="$1" -v l="$2" -v c="$3" -v f="$4" '$1 == p && $2 == l && $3 == c {print $f}' |
@@ -471,16 +483,17 @@ for s in $SYSTEMS; do
     labels+=("$s")
   fi
 done
-row_fmt='%-20s %5s %11.0f %9.3f %9.3f %7.1f %8.1f %8.1f  %s\n'
-head_fmt='%-20s %5s %11s %9s %9s %7s %8s %8s  %s\n'
+row_fmt='%-20s %5s %11.0f %9.3f %9.3f %7.1f %8.1f %8.1f %6.1f %8.1f  %s\n'
+head_fmt='%-20s %5s %11s %9s %9s %7s %8s %8s %6s %8s  %s\n'
 for pin in $PINS; do
   echo
   echo "moonserve bench: started ${pin_started[$pin]}, $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $THREADS wrk threads, $ROUNDS round(s), pinning: $pin, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-  printf "$head_fmt" system conns "requests/s" "p50 ms" "p99 ms" "steal%" "cpu us/r" "rss MiB" "socket errors"
+  printf "$head_fmt" system conns "requests/s" "p50 ms" "p99 ms" "steal%" "cpu us/r" "rss MiB" \
+    "idle%" "wrk us/r" "socket errors"
   for r in "${results[@]}"; do
-    IFS='|' read -r p label c rps p50 p99 errs steal cpu rss <<<"$r"
+    IFS='|' read -r p label c rps p50 p99 errs steal cpu rss idle wrk_cpu <<<"$r"
     [ "$p" = "$pin" ] || continue
-    printf "$row_fmt" "$label" "$c" "$rps" "$p50" "$p99" "$steal" "$cpu" "$rss" "$errs"
+    printf "$row_fmt" "$label" "$c" "$rps" "$p50" "$p99" "$steal" "$cpu" "$rss" "$idle" "$wrk_cpu" "$errs"
   done
   if [ "$ROUNDS" -gt 1 ]; then
     echo "median over $ROUNDS rounds:"
@@ -489,7 +502,8 @@ for pin in $PINS; do
         [ -n "$(median "$pin" "$l" "$c" 4)" ] || continue
         printf "$row_fmt" "$l" "$c" "$(median "$pin" "$l" "$c" 4)" "$(median "$pin" "$l" "$c" 5)" \
           "$(median "$pin" "$l" "$c" 6)" "$(median "$pin" "$l" "$c" 8)" \
-          "$(median "$pin" "$l" "$c" 9)" "$(median "$pin" "$l" "$c" 10)" ""
+          "$(median "$pin" "$l" "$c" 9)" "$(median "$pin" "$l" "$c" 10)" \
+          "$(median "$pin" "$l" "$c" 11)" "$(median "$pin" "$l" "$c" 12)" ""
       done
     done
   fi
