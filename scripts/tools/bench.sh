@@ -11,7 +11,8 @@
 # request count under valgrind's callgrind (perf's hardware counters are not available here).
 #
 # Environment: DURATION (seconds per measurement, default 5), WARMUP (seconds, default 1),
-# CONNECTIONS (list, default "64 8"; ratios use 64), THREADS (wrk threads, default 2),
+# CONNECTIONS (list, default "64 8"; ratios use 64), THREADS (wrk threads; default one per CPU
+# wrk may run on: 1 when pinned to CPU 0, 2 unpinned),
 # PINS (list of none|split|contended, default "split none"; split: servers on CPU 1, wrk on
 # CPU 0; contended: as split, with a busy loop on CPU 1 competing with the servers during every
 # run, the stand-in for other work sharing their core; PIN is read when PINS is unset), SYSTEMS (default "moonserve nginx haproxy asgi"), REPLICAS (list,
@@ -32,7 +33,7 @@ here="$root/scripts/tools/bench"
 DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-1}"
 CONNECTIONS="${CONNECTIONS:-64 8}"
-THREADS="${THREADS:-2}"
+THREADS="${THREADS:-}"
 PINS="${PINS:-${PIN:-split none}}"
 SYSTEMS="${SYSTEMS:-moonserve nginx haproxy asgi}"
 REPLICAS="${REPLICAS:-1 2}"
@@ -62,8 +63,19 @@ set_pin() {
     none)  server_pin=(); wrk_pin=() ;;
     split|contended) server_pin=(taskset -c 1); wrk_pin=(taskset -c 0) ;;
   esac
+  wrk_threads="$(threads_for "$1")"
 }
-server_pin=(); wrk_pin=()
+# threads_for PIN: wrk's threads under that pinning. More threads than the CPUs wrk has would
+# time-slice among themselves, and a response that arrives for a descheduled thread waits out
+# the other's slice: the latency measured would be wrk's own (two threads on CPU 0 put 3-4 ms
+# into the p99 of the fastest server, and none into a slower one that left wrk idle time).
+threads_for() {
+  if [ -n "$THREADS" ]; then echo "$THREADS"
+  elif [ "$1" = none ]; then nproc
+  else echo 1
+  fi
+}
+server_pin=(); wrk_pin=(); wrk_threads=1
 # Under callgrind a server is wrapped in valgrind; empty for the timed runs.
 wrap=()
 
@@ -203,13 +215,13 @@ measure() {
       hog_pid=$hog # the exit trap stops it if the run fails
     fi
     if [ "$WARMUP" != 0 ]; then
-      "${wrk_pin[@]}" wrk -t"$THREADS" -c"$c" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+      "${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$c" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
     fi
-    echo "bench: [$pin] $label: wrk -t$THREADS -c$c -d${DURATION}s --latency $url" >&2
+    echo "bench: [$pin] $label: wrk -t$wrk_threads -c$c -d${DURATION}s --latency $url" >&2
     local procs s0 s1 t0 t1 w0 w1
     mapfile -t procs < <(tree "$@")
     s0="$(steal_sample)"; t0="$(cpu_ticks "${procs[@]}")"; w0="$(children_ticks)"
-    if ! out="$("${wrk_pin[@]}" wrk -t"$THREADS" -c"$c" -d"${DURATION}s" --latency "$url" 2>&1)"; then
+    if ! out="$("${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$c" -d"${DURATION}s" --latency "$url" 2>&1)"; then
       if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
       echo "$out" >&2; echo "bench: $label: wrk failed" >&2; failed=1; return 1
     fi
@@ -487,7 +499,7 @@ row_fmt='%-20s %5s %11.0f %9.3f %9.3f %7.1f %8.1f %8.1f %6.1f %8.1f  %s\n'
 head_fmt='%-20s %5s %11s %9s %9s %7s %8s %8s %6s %8s  %s\n'
 for pin in $PINS; do
   echo
-  echo "moonserve bench: started ${pin_started[$pin]}, $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $THREADS wrk threads, $ROUNDS round(s), pinning: $pin, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "moonserve bench: started ${pin_started[$pin]}, $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $(threads_for "$pin") wrk thread(s), $ROUNDS round(s), pinning: $pin, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
   printf "$head_fmt" system conns "requests/s" "p50 ms" "p99 ms" "steal%" "cpu us/r" "rss MiB" \
     "idle%" "wrk us/r" "socket errors"
   for r in "${results[@]}"; do
