@@ -4,13 +4,15 @@
 # one replica and for the nginx proxy -> nginx+Lua backend pair, under the same wrk load as
 # bench.sh; with PERF_RECORD=1 it also samples the moonserve controller and replica with
 # `perf record -g` and prints their top symbols. Needs the release build and nginx (run bench.sh
-# once first). Environment: DURATION (default 5), CONNECTIONS (default 64), THREADS (default 2).
+# once first). Environment: DURATION (default 5), CONNECTIONS (default 64), THREADS (default 2),
+# REPLICAS (moonserve's replicas, default 1).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../../.." && pwd)"
 here="$root/scripts/tools/bench"
 DURATION="${DURATION:-5}"
 CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
+REPLICAS="${REPLICAS:-1}"
 moddir=/usr/lib/nginx/modules
 [ -f "$moddir/ngx_http_lua_module.so" ] || moddir=/usr/share/nginx/modules
 
@@ -65,18 +67,20 @@ profile() {
   done
 }
 
-# moonserve, one replica
+# moonserve, REPLICAS replicas
 cp "$here/noop.lua" "$tmp/noop.lua"
 port="$(free_port)"
 admin="$(free_port)"
-sed -e "s/@PORT@/$port/" -e "s/@ADMIN_PORT@/$admin/" -e "s/@REPLICAS@/1/" \
+sed -e "s/@PORT@/$port/" -e "s/@ADMIN_PORT@/$admin/" -e "s/@REPLICAS@/$REPLICAS/" \
   "$here/moonserve.yaml.in" > "$tmp/ms.yaml"
 "$root/build/moonserve" run "$tmp/ms.yaml" > "$tmp/ms.log" 2>&1 &
 ctl=$!; pids+=("$ctl")
 wait_ok "http://127.0.0.1:$port/"
-rep="$(pgrep -P "$ctl" | head -1)"
+for _ in $(seq 100); do [ "$(pgrep -c -P "$ctl")" -ge "$REPLICAS" ] && break; sleep 0.1; done
+mapfile -t reps < <(pgrep -P "$ctl")
+rep="${reps[0]}"
 wrk -t"$THREADS" -c"$CONNECTIONS" -d2s "http://127.0.0.1:$port/" >/dev/null
-profile moonserve-1r "http://127.0.0.1:$port/" "$ctl" "$rep"
+profile "moonserve-${REPLICAS}r" "http://127.0.0.1:$port/" "$ctl" "${reps[@]}"
 if [ "${PERF_RECORD:-0}" = 1 ]; then
   for p in "$ctl" "$rep"; do
     perf record -q -F 999 -g -p "$p" -o "$tmp/perf-$p.data" -- sleep "$((DURATION + 1))" 2>/dev/null &
