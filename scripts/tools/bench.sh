@@ -179,6 +179,18 @@ rss_kib() {
   echo "$t"
 }
 
+# ctxt_switches PID...: voluntary + involuntary context switches summed over the processes: how
+# often the servers sleep and wake (a server process waking for fewer requests at a time costs
+# more CPU per request).
+ctxt_switches() {
+  local p t=0 v
+  for p in "$@"; do
+    v="$(awk '/ctxt_switches:/ {s += $2} END {print s + 0}' "/proc/$p/status" 2>/dev/null)" || continue
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
 # steal_sample: "steal total idle" jiffies over all CPUs (the aggregate cpu line of /proc/stat;
 # idle counts iowait too).
 steal_sample() {
@@ -194,7 +206,7 @@ children_ticks() {
 }
 
 failed=0
-results=()   # "pin|label|connections|rps|p50|p99|errors|steal%|cpu us/request|rss MiB|idle%|wrk us/request"
+results=()   # "pin|label|connections|rps|p50|p99|errors|steal%|cpu us/request|rss MiB|idle%|wrk us/request|switches/request"
 pin=none
 hz="$(getconf CLK_TCK)"
 
@@ -218,16 +230,18 @@ measure() {
       "${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$c" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
     fi
     echo "bench: [$pin] $label: wrk -t$wrk_threads -c$c -d${DURATION}s --latency $url" >&2
-    local procs s0 s1 t0 t1 w0 w1
+    local procs s0 s1 t0 t1 w0 w1 x0 x1
     mapfile -t procs < <(tree "$@")
+    x0="$(ctxt_switches "${procs[@]}")"
     s0="$(steal_sample)"; t0="$(cpu_ticks "${procs[@]}")"; w0="$(children_ticks)"
     if ! out="$("${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$c" -d"${DURATION}s" --latency "$url" 2>&1)"; then
       if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
       echo "$out" >&2; echo "bench: $label: wrk failed" >&2; failed=1; return 1
     fi
     w1="$(children_ticks)"; s1="$(steal_sample)"; t1="$(cpu_ticks "${procs[@]}")"
+    x1="$(ctxt_switches "${procs[@]}")"
     if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
-    local rps p50 p99 non2xx errs n steal cpu rss idle wrk_cpu
+    local rps p50 p99 non2xx errs n steal cpu rss idle wrk_cpu switches
     rps="$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")"
     p50="$(awk '$1 == "50%" {print $2}' <<<"$out")"
     p99="$(awk '$1 == "99%" {print $2}' <<<"$out")"
@@ -247,7 +261,8 @@ measure() {
     idle="$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
       d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[3] - x[3]) / d : 0) }')"
     wrk_cpu="$(awk -v t="$((w1 - w0))" -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
-    results+=("$pin|$label|$c|$rps|$(to_ms "$p50")|$(to_ms "$p99")|${errs:-none}|$steal|$cpu|$rss|$idle|$wrk_cpu")
+    switches="$(awk -v x="$((x1 - x0))" -v n="$n" 'BEGIN { printf "%.3f", x / n }')"
+    results+=("$pin|$label|$c|$rps|$(to_ms "$p50")|$(to_ms "$p99")|${errs:-none}|$steal|$cpu|$rss|$idle|$wrk_cpu|$switches")
   done
 }
 
@@ -479,7 +494,8 @@ fi
 
 # --- report ----------------------------------------------------------------------------------
 # median PIN LABEL CONNS FIELD: the median over rounds of one column (4 = requests/s, 5 = p50,
-# 6 = p99, 8 = steal, 9 = CPU µs per request, 10 = RSS, 11 = idle, 12 = wrk's CPU µs per request).
+# 6 = p99, 8 = steal, 9 = CPU µs per request, 10 = RSS, 11 = idle, 12 = wrk's CPU µs per request,
+# 13 = the servers' context switches per request).
 median() {
   printf '%s\n' "${results[@]}" |
     awk -F'|' -v p="$1" -v l="$2" -v c="$3" -v f="$4" '$1 == p && $2 == l && $3 == c {print $f}' |
@@ -495,17 +511,18 @@ for s in $SYSTEMS; do
     labels+=("$s")
   fi
 done
-row_fmt='%-20s %5s %11.0f %9.3f %9.3f %7.1f %8.1f %8.1f %6.1f %8.1f  %s\n'
-head_fmt='%-20s %5s %11s %9s %9s %7s %8s %8s %6s %8s  %s\n'
+row_fmt='%-20s %5s %11.0f %9.3f %9.3f %7.1f %8.1f %8.1f %6.1f %8.1f %6.3f  %s\n'
+head_fmt='%-20s %5s %11s %9s %9s %7s %8s %8s %6s %8s %6s  %s\n'
 for pin in $PINS; do
   echo
   echo "moonserve bench: started ${pin_started[$pin]}, $(nproc) CPUs, ${DURATION}s per run after ${WARMUP}s warm-up, $(threads_for "$pin") wrk thread(s), $ROUNDS round(s), pinning: $pin, loadavg at end: $(cut -d' ' -f1-3 /proc/loadavg)"
   printf "$head_fmt" system conns "requests/s" "p50 ms" "p99 ms" "steal%" "cpu us/r" "rss MiB" \
-    "idle%" "wrk us/r" "socket errors"
+    "idle%" "wrk us/r" "csw/r" "socket errors"
   for r in "${results[@]}"; do
-    IFS='|' read -r p label c rps p50 p99 errs steal cpu rss idle wrk_cpu <<<"$r"
+    IFS='|' read -r p label c rps p50 p99 errs steal cpu rss idle wrk_cpu switches <<<"$r"
     [ "$p" = "$pin" ] || continue
-    printf "$row_fmt" "$label" "$c" "$rps" "$p50" "$p99" "$steal" "$cpu" "$rss" "$idle" "$wrk_cpu" "$errs"
+    printf "$row_fmt" "$label" "$c" "$rps" "$p50" "$p99" "$steal" "$cpu" "$rss" "$idle" "$wrk_cpu" \
+      "$switches" "$errs"
   done
   if [ "$ROUNDS" -gt 1 ]; then
     echo "median over $ROUNDS rounds:"
@@ -515,7 +532,8 @@ for pin in $PINS; do
         printf "$row_fmt" "$l" "$c" "$(median "$pin" "$l" "$c" 4)" "$(median "$pin" "$l" "$c" 5)" \
           "$(median "$pin" "$l" "$c" 6)" "$(median "$pin" "$l" "$c" 8)" \
           "$(median "$pin" "$l" "$c" 9)" "$(median "$pin" "$l" "$c" 10)" \
-          "$(median "$pin" "$l" "$c" 11)" "$(median "$pin" "$l" "$c" 12)" ""
+          "$(median "$pin" "$l" "$c" 11)" "$(median "$pin" "$l" "$c" 12)" \
+          "$(median "$pin" "$l" "$c" 13)" ""
       done
     done
   fi
