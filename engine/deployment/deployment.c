@@ -684,8 +684,9 @@ static void reconcile(ms_deployment_t *d)
 
 static void on_call_timeout(uv_timer_t *t);
 
-/* The hop's time limit in ms (UINT64_MAX: none): request_timeout_s (an HTTP setting: not for task calls, whose limit is
- * their queue's task_timeout_s, sent as the deadline header) or the deadline, the sooner. */
+/* The hop's time limit in ms (UINT64_MAX: none): request_timeout_s (an HTTP setting: not for task
+ * calls, whose limit is their queue's task_timeout_s, sent as the deadline header) or the deadline,
+ * the sooner. */
 static uint64_t hop_timeout_ms(const ms_deployment_t *d, const ms_http_request_t *req,
                                int has_deadline, uint64_t left_ms)
 {
