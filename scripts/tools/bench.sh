@@ -169,23 +169,15 @@ cpu_ticks() {
   echo "$t"
 }
 
-# rss_kib PID...: resident memory summed over the processes.
-rss_kib() {
-  local p t=0 v
+# status_sum PATTERN PID...: the values of the /proc/PID/status lines matching PATTERN, summed
+# over the processes: VmRSS (resident KiB), ctxt_switches (voluntary + involuntary context
+# switches: how often the servers sleep and wake; waking for fewer requests at a time costs more
+# CPU per request).
+status_sum() {
+  local pattern="$1" p t=0 v
+  shift
   for p in "$@"; do
-    v="$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null)" || continue
-    t=$((t + ${v:-0}))
-  done
-  echo "$t"
-}
-
-# ctxt_switches PID...: voluntary + involuntary context switches summed over the processes: how
-# often the servers sleep and wake (a server process waking for fewer requests at a time costs
-# more CPU per request).
-ctxt_switches() {
-  local p t=0 v
-  for p in "$@"; do
-    v="$(awk '/ctxt_switches:/ {s += $2} END {print s + 0}' "/proc/$p/status" 2>/dev/null)" || continue
+    v="$(awk -v re="$pattern" '$1 ~ re {s += $2} END {print s + 0}' "/proc/$p/status" 2>/dev/null)" || continue
     t=$((t + ${v:-0}))
   done
   echo "$t"
@@ -232,14 +224,14 @@ measure() {
     echo "bench: [$pin] $label: wrk -t$wrk_threads -c$c -d${DURATION}s --latency $url" >&2
     local procs s0 s1 t0 t1 w0 w1 x0 x1
     mapfile -t procs < <(tree "$@")
-    x0="$(ctxt_switches "${procs[@]}")"
+    x0="$(status_sum ctxt_switches: "${procs[@]}")"
     s0="$(steal_sample)"; t0="$(cpu_ticks "${procs[@]}")"; w0="$(children_ticks)"
     if ! out="$("${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$c" -d"${DURATION}s" --latency "$url" 2>&1)"; then
       if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
       echo "$out" >&2; echo "bench: $label: wrk failed" >&2; failed=1; return 1
     fi
     w1="$(children_ticks)"; s1="$(steal_sample)"; t1="$(cpu_ticks "${procs[@]}")"
-    x1="$(ctxt_switches "${procs[@]}")"
+    x1="$(status_sum ctxt_switches: "${procs[@]}")"
     if [ -n "$hog" ]; then kill "$hog"; wait "$hog" 2>/dev/null || true; hog_pid=""; fi
     local rps p50 p99 non2xx errs n steal cpu rss idle wrk_cpu switches
     rps="$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")"
@@ -257,7 +249,7 @@ measure() {
     steal="$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
       d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[1] - x[1]) / d : 0) }')"
     cpu="$(awk -v t="$((t1 - t0))" -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
-    rss="$(awk -v k="$(rss_kib "${procs[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')"
+    rss="$(awk -v k="$(status_sum ^VmRSS: "${procs[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')"
     idle="$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
       d = y[2] - x[2]; printf "%.1f", (d > 0 ? 100 * (y[3] - x[3]) / d : 0) }')"
     wrk_cpu="$(awk -v t="$((w1 - w0))" -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
