@@ -870,7 +870,7 @@ static int64_t head_length(const ms_http_header_t *headers, size_t n, size_t *at
 {
     for (size_t i = 0; i < n; i++) {
         const ms_http_header_t *h = &headers[i];
-        if (h->name_len != 14 || strncasecmp(h->name, "content-length", 14) != 0)
+        if (!ms_http_header_is(h, "content-length"))
             continue;
         int64_t v = 0;
         if (h->value_len == 0 || h->value_len > 18)
@@ -1010,15 +1010,14 @@ static int forwardable(const ms_http_header_t *h)
                                        "upgrade",           "expect",
                                        "proxy-connection",  "x-moonserve-timeout-ms"};
     for (size_t i = 0; i < sizeof skip / sizeof *skip; i++)
-        if (h->name_len == strlen(skip[i]) && strncasecmp(h->name, skip[i], h->name_len) == 0)
+        if (ms_http_header_is(h, skip[i]))
             return 0;
     return 1;
 }
 
 static int is_route_prefix_header(const ms_http_header_t *h)
 {
-    return h->name_len == MS_ROUTE_PREFIX_HEADER_LEN &&
-           strncasecmp(h->name, MS_ROUTE_PREFIX_HEADER, h->name_len) == 0;
+    return ms_http_header_is(h, MS_ROUTE_PREFIX_HEADER);
 }
 
 /* The request as the link carries it; the header array is the call's, reused. A request from

@@ -34,8 +34,7 @@ int ms_link_deadline(const ms_http_header_t *headers, size_t n, uint64_t *ms)
     int found = 0;
     for (size_t i = 0; i < n; i++) {
         const ms_http_header_t *h = &headers[i];
-        if (h->name_len != MS_LINK_DEADLINE_HEADER_LEN ||
-            strncasecmp(h->name, MS_LINK_DEADLINE_HEADER, h->name_len) != 0)
+        if (!ms_http_header_is(h, MS_LINK_DEADLINE_HEADER))
             continue;
         if (h->value_len == 0 || h->value_len > 12)
             return -1;

@@ -580,7 +580,7 @@ static const char *header_model_id(const ms_route_request_t *req, size_t *len)
     static const char name[] = "serve_multiplexed_model_id";
     for (size_t i = 0; i < req->n_headers; i++) {
         const ms_http_header_t *h = &req->headers[i];
-        if (h->name_len == sizeof name - 1 && strncasecmp(h->name, name, sizeof name - 1) == 0) {
+        if (ms_http_header_is(h, name)) {
             *len = h->value_len;
             return h->value;
         }

@@ -109,14 +109,14 @@ static int hop_by_hop(const ms_http_header_t *h)
                                        "te",           "trailer",         "upgrade",
                                        "x-request-id", "proxy-connection"};
     for (size_t i = 0; i < sizeof skip / sizeof *skip; i++)
-        if (h->name_len == strlen(skip[i]) && strncasecmp(h->name, skip[i], h->name_len) == 0)
+        if (ms_http_header_is(h, skip[i]))
             return 1;
     return 0;
 }
 
 static int is_content_length(const ms_http_header_t *h)
 {
-    return h->name_len == 14 && strncasecmp(h->name, "content-length", 14) == 0;
+    return ms_http_header_is(h, "content-length");
 }
 
 /* Keeps the end-to-end headers of a response, copied (they live only during on_head), and
